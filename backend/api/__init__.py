@@ -1,0 +1,19 @@
+"""HTTP doors onto the backend services. Each module has a `router`; this list mounts them.
+
+Add a router by adding one line to ROUTES; keep route logic in backend services, not here.
+"""
+from __future__ import annotations
+
+from importlib import import_module
+
+from fastapi import FastAPI
+
+# (module under backend.api, URL prefix)
+ROUTES: list[tuple[str, str]] = [
+    ("health", ""),
+]
+
+
+def register_routes(app: FastAPI) -> None:
+    for module, prefix in ROUTES:
+        app.include_router(import_module(f"backend.api.{module}").router, prefix=prefix)

@@ -1,0 +1,72 @@
+"""Application configuration: one dataclass, defaults here, overridable from the CLI and env.
+
+No hidden globals: `app.py` builds an AppConfig and hands it to every service it creates.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get("PLAYGROUND_HOME", "data")).resolve()
+
+
+@dataclass
+class AppConfig:
+    host: str = "127.0.0.1"
+    port: int = 7860
+    data_dir: Path = field(default_factory=default_data_dir)
+    # SQLAlchemy URL; default is a SQLite file inside the data directory.
+    database_url: str | None = None
+    # Registry name of the model loaded at start (the embedded default).
+    default_model: str = "smollm2-135m-instruct"
+    # "auto" picks cuda, then mps, then cpu.
+    device: str = "auto"
+    # torch intra-op threads; 0 keeps torch's default.
+    threads: int = 0
+    # Start the training worker process beside the server.
+    start_worker: bool = True
+    # Load the default model at start instead of on first use.
+    preload: bool = True
+
+    def __post_init__(self) -> None:
+        self.data_dir = Path(self.data_dir).resolve()
+        if self.database_url is None:
+            self.database_url = os.environ.get("DATABASE_URL") or f"sqlite:///{self.data_dir / 'playground.db'}"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.data_dir / "models"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.data_dir / "cache"
+
+    @property
+    def tokenizers_dir(self) -> Path:
+        return self.data_dir / "tokenizers"
+
+    def ensure_dirs(self) -> None:
+        for d in (self.data_dir, self.models_dir, self.cache_dir, self.tokenizers_dir):
+            d.mkdir(parents=True, exist_ok=True)
+
+    @classmethod
+    def add_cli_args(cls, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--host", default=cls.host)
+        parser.add_argument("--port", type=int, default=cls.port)
+        parser.add_argument("--data-dir", default=None, help="where the app writes everything (default ./data or $PLAYGROUND_HOME)")
+        parser.add_argument("--database-url", default=None, help="SQLAlchemy URL (default $DATABASE_URL or SQLite in the data dir)")
+        parser.add_argument("--model", dest="default_model", default=cls.default_model, help="registry name of the default model")
+        parser.add_argument("--device", default=cls.device, choices=["auto", "cpu", "cuda", "mps"])
+        parser.add_argument("--threads", type=int, default=cls.threads)
+        parser.add_argument("--no-worker", dest="start_worker", action="store_false", help="do not start the training worker")
+        parser.add_argument("--no-preload", dest="preload", action="store_false", help="load the default model on first use")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "AppConfig":
+        names = {f.name for f in fields(cls)}
+        kwargs = {k: v for k, v in vars(args).items() if k in names and v is not None}
+        return cls(**kwargs)
