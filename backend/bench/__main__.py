@@ -1,0 +1,20 @@
+"""python -m backend.bench NAME [options]: run one benchmark; its last line is one JSON object."""
+from __future__ import annotations
+
+import sys
+from importlib import import_module
+
+
+def main() -> None:
+    if len(sys.argv) < 2 or sys.argv[1].startswith("-"):
+        sys.exit("usage: python -m backend.bench NAME [options]   (NAME: decode, bpe, labels, pretrain, train, chat)")
+    name = sys.argv[1]
+    try:
+        module = import_module(f"backend.bench.{name}")
+    except ModuleNotFoundError:
+        sys.exit(f"no benchmark named {name!r}")
+    module.main(sys.argv[2:])
+
+
+if __name__ == "__main__":
+    main()

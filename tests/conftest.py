@@ -1,0 +1,86 @@
+"""Shared fixtures: a real server process on loopback, started the way a user starts it."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class LiveServer:
+    proc: subprocess.Popen
+    base_url: str
+    data_dir: Path
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash or the OOM killer would."""
+        self.proc.kill()
+        self.proc.wait()
+
+
+def start_server(data_dir: Path, *args: str, env: dict | None = None, timeout: float = 180) -> LiveServer:
+    """Start `python app.py` on a free loopback port and wait until /healthz answers."""
+    port = free_port()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    log_path = data_dir / f"server-{port}.log"
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    cmd = [sys.executable, str(ROOT / "app.py"), "--host", "127.0.0.1", "--port", str(port),
+           "--data-dir", str(data_dir), *args]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT)
+    server = LiveServer(proc, f"http://127.0.0.1:{port}", data_dir, log_path)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{server.log()[-4000:]}")
+        try:
+            if httpx.get(server.base_url + "/healthz", timeout=2).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    server.kill()
+    raise RuntimeError(f"server did not answer /healthz within {timeout}s:\n{server.log()[-4000:]}")
+
+
+@pytest.fixture
+def server_factory(tmp_path):
+    """Call with extra CLI args; every server started is stopped at teardown."""
+    started: list[LiveServer] = []
+
+    def make(*args: str, data_dir: Path | None = None, env: dict | None = None) -> LiveServer:
+        s = start_server(data_dir or tmp_path / "data", *args, env=env)
+        started.append(s)
+        return s
+
+    yield make
+    for s in started:
+        s.stop()
