@@ -6,6 +6,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+from contextlib import asynccontextmanager
+
+# Offline by default: no usage analytics calls from Gradio.
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import gradio as gr
 import uvicorn
@@ -19,11 +24,16 @@ from ui import build_ui
 
 def build_app(cfg: AppConfig) -> FastAPI:
     pg = Playground(cfg)
-    app = FastAPI(title="LLM Playground", version="0.1.0")
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        pg.start()
+        yield
+        pg.stop()
+
+    app = FastAPI(title="LLM Playground", version="0.1.0", lifespan=lifespan)
     app.state.pg = pg
     register_routes(app)
-    app.add_event_handler("startup", pg.start)
-    app.add_event_handler("shutdown", pg.stop)
     return gr.mount_gradio_app(app, build_ui(pg), path="/")
 
 
