@@ -31,19 +31,22 @@ class AppConfig:
     start_worker: bool = True
     # Load the default model at start instead of on first use.
     preload: bool = True
+    # Derived caches (the dequantized bundled model, converted tokenizers). Default: data_dir/cache;
+    # $PLAYGROUND_CACHE_DIR lets several data dirs (for example the test suite's) share one.
+    cache_dir: Path | None = None
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir).resolve()
+        if self.cache_dir is None:
+            env = os.environ.get("PLAYGROUND_CACHE_DIR")
+            self.cache_dir = Path(env) if env else self.data_dir / "cache"
+        self.cache_dir = Path(self.cache_dir).resolve()
         if self.database_url is None:
             self.database_url = os.environ.get("DATABASE_URL") or f"sqlite:///{self.data_dir / 'playground.db'}"
 
     @property
     def models_dir(self) -> Path:
         return self.data_dir / "models"
-
-    @property
-    def cache_dir(self) -> Path:
-        return self.data_dir / "cache"
 
     @property
     def tokenizers_dir(self) -> Path:

@@ -84,3 +84,8 @@ def server_factory(tmp_path):
     yield make
     for s in started:
         s.stop()
+
+
+# Derived caches (the dequantized bundled model, converted tokenizers) are shared by every test's data
+# dir, and kept between runs in the ignored ./data folder, so the bundled model is dequantized once.
+os.environ.setdefault("PLAYGROUND_CACHE_DIR", str(ROOT / "data" / "test-cache"))
