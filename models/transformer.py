@@ -210,6 +210,34 @@ class Transformer(nn.Module):
                 p.copy_(torch.randn(p.shape, generator=g) * std)
         return self
 
+    @classmethod
+    def from_state_dict(cls, cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> "Transformer":
+        """Build a model whose parameters are the given tensors (HF Llama names), without a random init.
+
+        Constructing on the meta device skips allocating and initialising 100M+ throwaway weights,
+        which is most of the load time otherwise. `lm_head.weight` may be absent when embeddings are tied.
+        """
+        with torch.device("meta"):
+            model = cls(cfg)
+        expected = set(model.state_dict().keys())
+        if cfg.tie_embeddings:
+            expected.discard("lm_head.weight")
+            sd = {k: v for k, v in sd.items() if k != "lm_head.weight"}
+        missing, unexpected = expected - sd.keys(), sd.keys() - expected
+        if missing or unexpected:
+            raise ValueError(f"checkpoint does not match the model config: missing {sorted(missing)[:5]}, "
+                             f"unexpected {sorted(unexpected)[:5]}")
+        dtype = sd["model.embed_tokens.weight"].dtype
+        try:
+            model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=False, assign=True)
+        except RuntimeError as e:  # shape mismatches
+            raise ValueError(f"checkpoint does not match the model config: {e}") from None
+        if cfg.tie_embeddings:
+            model.lm_head.weight = model.model.embed_tokens.weight
+        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        model.rope_cos, model.rope_sin = cos, sin
+        return model
+
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
