@@ -96,6 +96,7 @@ def save_hf_dir(model: Transformer, path: Path, extra: dict | None = None) -> Pa
     if model.cfg.tie_embeddings:
         sd.pop("lm_head.weight", None)
     save_file(sd, str(path / "model.safetensors"), metadata={"format": "pt"})
+    (path / "model.safetensors").chmod(0o644)  # safetensors creates it 0600
     (path / "config.json").write_text(json.dumps(hf_config(model.cfg, model.dtype), indent=2) + "\n")
     (path / PLAYGROUND_FILE).write_text(json.dumps(extra or {}, indent=2, default=str) + "\n")
     return path
