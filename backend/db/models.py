@@ -1,0 +1,152 @@
+"""ORM models: users and their sessions, guidelines, SFT demonstrations, ranking sets, snapshots.
+
+Portable SQLAlchemy 2 types only (JSON, DateTime, Text...) so the same schema runs on SQLite and
+PostgreSQL. A schema change here needs a new migration in `backend/db/migrations/versions/`.
+"""
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+ROLES = ("admin", "operator", "annotator", "learner")
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class User(Base):
+    __tablename__ = "users"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    role: Mapped[str] = mapped_column(String(16))
+    password_hash: Mapped[str] = mapped_column(String(255))
+    # sha256 hex of a random 32-byte key: a fast hash is enough for a key nobody can guess.
+    api_key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class LoginSession(Base):
+    """A browser login; the cookie holds the token, the table only its sha256."""
+    __tablename__ = "login_sessions"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class Guideline(Base):
+    """Every saved version of the guidelines; the newest row is the current text."""
+    __tablename__ = "guidelines"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    text: Mapped[str] = mapped_column(Text)
+    user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class SFTPrompt(Base):
+    """A prompt queued for demonstrations (the annotator writes the ideal reply)."""
+    __tablename__ = "sft_prompts"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    system: Mapped[str] = mapped_column(Text, default="")
+    prompt: Mapped[str] = mapped_column(Text)
+    created_by: Mapped[int | None] = mapped_column(ForeignKey("users.id"), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class SFTDemo(Base):
+    """One annotator's demonstration. `messages` is the working copy; submitted versions live in SFTVersion."""
+    __tablename__ = "sft_demos"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    prompt_id: Mapped[int | None] = mapped_column(ForeignKey("sft_prompts.id"), nullable=True, index=True)
+    status: Mapped[str] = mapped_column(String(16), default="draft")  # draft | submitted | skipped
+    messages: Mapped[list] = mapped_column(JSON, default=list)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    versions: Mapped[list["SFTVersion"]] = relationship(back_populates="demo", order_by="SFTVersion.version")
+
+
+class SFTVersion(Base):
+    """An immutable submitted version of a demonstration."""
+    __tablename__ = "sft_versions"
+    __table_args__ = (UniqueConstraint("demo_id", "version"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    demo_id: Mapped[int] = mapped_column(ForeignKey("sft_demos.id", ondelete="CASCADE"), index=True)
+    version: Mapped[int] = mapped_column(Integer)
+    messages: Mapped[list] = mapped_column(JSON)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    demo: Mapped[SFTDemo] = relationship(back_populates="versions")
+
+
+class RankingSet(Base):
+    __tablename__ = "ranking_sets"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    model: Mapped[str] = mapped_column(String(200), default="")
+    temperature: Mapped[float] = mapped_column(Float, default=1.0)
+    k: Mapped[int] = mapped_column(Integer)
+    annotators_per_item: Mapped[int] = mapped_column(Integer, default=1)
+    created_by: Mapped[int | None] = mapped_column(ForeignKey("users.id"), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    items: Mapped[list["RankingItem"]] = relationship(back_populates="set", order_by="RankingItem.position")
+
+
+class RankingItem(Base):
+    __tablename__ = "ranking_items"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    set_id: Mapped[int] = mapped_column(ForeignKey("ranking_sets.id", ondelete="CASCADE"), index=True)
+    position: Mapped[int] = mapped_column(Integer)
+    prompt: Mapped[str] = mapped_column(Text)
+    set: Mapped[RankingSet] = relationship(back_populates="items")
+    candidates: Mapped[list["Candidate"]] = relationship(back_populates="item", order_by="Candidate.position")
+
+
+class Candidate(Base):
+    __tablename__ = "candidates"
+    __table_args__ = (UniqueConstraint("item_id", "position"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    item_id: Mapped[int] = mapped_column(ForeignKey("ranking_items.id", ondelete="CASCADE"), index=True)
+    position: Mapped[int] = mapped_column(Integer)  # order shown to annotators
+    text: Mapped[str] = mapped_column(Text)
+    source: Mapped[str] = mapped_column(String(200), default="")  # model name, or "supplied"
+    item: Mapped[RankingItem] = relationship(back_populates="candidates")
+
+
+class Ranking(Base):
+    """One annotator's ranking of one item: `order` lists candidate ids best to worst.
+    Revisiting updates the row and bumps `revision`; skipped rows have an empty order."""
+    __tablename__ = "rankings"
+    __table_args__ = (UniqueConstraint("item_id", "user_id"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    item_id: Mapped[int] = mapped_column(ForeignKey("ranking_items.id", ondelete="CASCADE"), index=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    order: Mapped[list] = mapped_column(JSON, default=list)
+    all_bad: Mapped[bool] = mapped_column(Boolean, default=False)
+    skipped: Mapped[bool] = mapped_column(Boolean, default=False)
+    revision: Mapped[int] = mapped_column(Integer, default=1)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Snapshot(Base):
+    """An immutable dataset file under data_dir/snapshots/, named by the sha256 of its bytes."""
+    __tablename__ = "snapshots"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    kind: Mapped[str] = mapped_column(String(32))  # sft | preferences | rankings
+    content_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    path: Mapped[str] = mapped_column(Text)
+    rows: Mapped[int] = mapped_column(Integer)
+    meta: Mapped[dict] = mapped_column(JSON, default=dict)
+    created_by: Mapped[int | None] = mapped_column(ForeignKey("users.id"), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

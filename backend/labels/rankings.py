@@ -1,0 +1,155 @@
+"""Ranking sets: prompts x K candidates, a queue that hands each annotator the next item, submissions.
+
+A ranking orders candidate ids best to worst. Each (item, annotator) has one row; revisiting changes
+it and bumps its revision. An item is done when `annotators_per_item` people ranked it (skips don't count).
+"""
+from __future__ import annotations
+
+from sqlalchemy import and_, exists, func, select
+from sqlalchemy.orm import aliased
+
+from backend.db import Database
+from backend.db.models import Candidate, Ranking, RankingItem, RankingSet, User, utcnow
+from backend.users import CurrentUser
+
+K_MIN, K_MAX = 4, 9  # candidates sampled per prompt
+MAX_PROMPT = 20_000
+
+
+def create_set(db: Database, user: CurrentUser, name: str, prompts: list[str], candidates: list[list[str]],
+               model: str = "", temperature: float = 1.0, annotators_per_item: int = 1,
+               min_k: int = K_MIN) -> dict:
+    """Store a set from prompts and their candidate texts (sampled by the caller or supplied).
+
+    Validates everything before writing; one transaction, so a bad set leaves nothing behind.
+    """
+    name = (name or "").strip()
+    if not name or len(name) > 200:
+        raise ValueError("name must be 1-200 characters")
+    prompts = [p.strip() for p in prompts if p and p.strip()]
+    if not prompts:
+        raise ValueError("prompts: give at least one prompt")
+    if len(candidates) != len(prompts):
+        raise ValueError(f"candidates: need one list per prompt ({len(prompts)}), got {len(candidates)}")
+    if not 1 <= int(annotators_per_item) <= 100:
+        raise ValueError("annotators_per_item must be 1-100")
+    k = len(candidates[0])
+    for i, (p, cands) in enumerate(zip(prompts, candidates)):
+        if len(p) > MAX_PROMPT:
+            raise ValueError(f"prompts[{i}] is longer than {MAX_PROMPT} characters")
+        if len(cands) != k or not min_k <= k <= K_MAX:
+            raise ValueError(f"candidates[{i}]: every prompt needs the same number of candidates, {min_k}-{K_MAX} (got {len(cands)})")
+        if any(not isinstance(c, str) for c in cands):
+            raise ValueError(f"candidates[{i}]: candidates must be strings")
+    with db.session() as s:
+        rs = RankingSet(name=name, model=model, temperature=float(temperature), k=k,
+                        annotators_per_item=int(annotators_per_item), created_by=user.id)
+        s.add(rs)
+        s.flush()
+        for pos, (p, cands) in enumerate(zip(prompts, candidates)):
+            item = RankingItem(set_id=rs.id, position=pos, prompt=p)
+            s.add(item)
+            s.flush()
+            s.add_all(Candidate(item_id=item.id, position=j, text=c, source=model or "supplied") for j, c in enumerate(cands))
+        return {"id": rs.id, "name": rs.name, "k": k, "items": len(prompts), "model": model,
+                "temperature": rs.temperature, "annotators_per_item": rs.annotators_per_item}
+
+
+def create_set_from_model(db: Database, engines, user: CurrentUser, name: str, prompts: list[str], model: str,
+                          k: int, temperature: float, annotators_per_item: int = 1, max_tokens: int = 200) -> dict:
+    from backend.labels.candidates import sample_candidates
+    if not K_MIN <= int(k) <= K_MAX:
+        raise ValueError(f"k must be {K_MIN}-{K_MAX}")
+    if not 0.0 <= float(temperature) <= 2.0:
+        raise ValueError("temperature must be 0-2")
+    prompts = [p.strip() for p in prompts if p and p.strip()]
+    cands = [sample_candidates(engines, model, p, int(k), float(temperature), max_tokens) for p in prompts]
+    return create_set(db, user, name, prompts, cands, model=model, temperature=temperature,
+                      annotators_per_item=annotators_per_item)
+
+
+def list_sets(db: Database) -> list[dict]:
+    with db.read() as s:
+        counts = dict(s.execute(select(RankingItem.set_id, func.count()).group_by(RankingItem.set_id)).all())
+        return [{"id": r.id, "name": r.name, "model": r.model, "temperature": r.temperature, "k": r.k,
+                 "annotators_per_item": r.annotators_per_item, "items": counts.get(r.id, 0),
+                 "created_at": r.created_at.isoformat()}
+                for r in s.scalars(select(RankingSet).order_by(RankingSet.id))]
+
+
+def _item_payload(s, item: RankingItem, user: CurrentUser) -> dict:
+    mine = s.scalar(select(Ranking).where(Ranking.item_id == item.id, Ranking.user_id == user.id))
+    return {"item_id": item.id, "set_id": item.set_id, "set_name": item.set.name, "position": item.position,
+            "prompt": item.prompt,
+            "candidates": [{"id": c.id, "position": c.position, "text": c.text} for c in item.candidates],
+            "my_ranking": None if mine is None else {"order": mine.order, "all_bad": mine.all_bad,
+                                                      "skipped": mine.skipped, "revision": mine.revision}}
+
+
+def next_item(db: Database, user: CurrentUser, set_id: int | None = None) -> dict | None:
+    """The first item this user has not ranked or skipped that still needs rankers; None when done."""
+    with db.read() as s:
+        ranked = func.count(Ranking.id).filter(Ranking.skipped.is_(False))
+        r2 = aliased(Ranking)  # its own alias, or the subquery would correlate to the outer join
+        mine = exists().where(and_(r2.item_id == RankingItem.id, r2.user_id == user.id))
+        q = (select(RankingItem).join(RankingSet).outerjoin(Ranking, Ranking.item_id == RankingItem.id)
+             .where(~mine).group_by(RankingItem.id, RankingSet.id, RankingSet.annotators_per_item)
+             .having(ranked < RankingSet.annotators_per_item)
+             .order_by(RankingItem.set_id, RankingItem.position).limit(1))
+        if set_id is not None:
+            q = q.where(RankingItem.set_id == set_id)
+        item = s.scalar(q)
+        return None if item is None else _item_payload(s, item, user)
+
+
+def get_item(db: Database, user: CurrentUser, item_id: int) -> dict:
+    with db.read() as s:
+        item = s.get(RankingItem, item_id)
+        if item is None:
+            raise LookupError(f"no ranking item {item_id}")
+        return _item_payload(s, item, user)
+
+
+def submit(db: Database, user: CurrentUser, item_id: int, order: list[int] | None = None,
+           all_bad: bool = False, skipped: bool = False) -> dict:
+    """Store (or revise) this user's ranking of one item. `order`: candidate ids, best first, each once."""
+    order = [int(x) for x in (order or [])]
+    with db.session() as s:
+        ids = s.scalars(select(Candidate.id).where(Candidate.item_id == item_id)).all()
+        if not ids:
+            raise LookupError(f"no ranking item {item_id}")
+        if skipped:
+            order, all_bad = [], False
+        elif sorted(order) != sorted(ids):
+            if not (all_bad and not order):
+                raise ValueError(f"order must list each of the item's candidate ids {sorted(ids)} exactly once")
+        row = s.scalar(select(Ranking).where(Ranking.item_id == item_id, Ranking.user_id == user.id))
+        if row is None:
+            row = Ranking(item_id=item_id, user_id=user.id, order=order, all_bad=bool(all_bad), skipped=bool(skipped))
+            s.add(row)
+        else:
+            row.order, row.all_bad, row.skipped = order, bool(all_bad), bool(skipped)
+            row.revision += 1
+            row.updated_at = utcnow()
+        s.flush()
+        return {"ranking_id": row.id, "item_id": item_id, "revision": row.revision, "skipped": row.skipped}
+
+
+def my_rankings(db: Database, user: CurrentUser, set_id: int | None = None) -> list[dict]:
+    with db.read() as s:
+        q = select(Ranking, RankingItem).join(RankingItem).where(Ranking.user_id == user.id).order_by(Ranking.updated_at.desc())
+        if set_id is not None:
+            q = q.where(RankingItem.set_id == set_id)
+        return [{"item_id": it.id, "set_id": it.set_id, "prompt": it.prompt[:200], "order": r.order,
+                 "all_bad": r.all_bad, "skipped": r.skipped, "revision": r.revision,
+                 "updated_at": r.updated_at.isoformat()} for r, it in s.execute(q)]
+
+
+def rankings_for_set(s, set_id: int | None = None) -> list[tuple[RankingItem, Ranking, str]]:
+    """(item, ranking, annotator name) for every non-skipped full ranking; used by agreement and exports."""
+    q = (select(RankingItem, Ranking, User.name).join(Ranking, Ranking.item_id == RankingItem.id)
+         .join(User, User.id == Ranking.user_id).where(Ranking.skipped.is_(False))
+         .order_by(RankingItem.set_id, RankingItem.position, Ranking.user_id))
+    if set_id is not None:
+        q = q.where(RankingItem.set_id == set_id)
+    return [(it, r, name) for it, r, name in s.execute(q) if r.order]
