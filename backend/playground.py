@@ -16,6 +16,9 @@ class Playground:
     def __init__(self, cfg: AppConfig):
         cfg.ensure_dirs()
         self.cfg = cfg
+        from backend.db import Database
+        self.db = Database(cfg.database_url)
+        self.db.migrate()  # every start brings the schema to the newest migration
 
     def start(self) -> None:
         """Called once when the server starts (after the app is built)."""

@@ -11,6 +11,9 @@ from fastapi import FastAPI
 # (module under backend.api, URL prefix)
 ROUTES: list[tuple[str, str]] = [
     ("health", ""),
+    ("tokenize", ""),
+    ("auth", ""),
+    ("labels", ""),
 ]
 
 
