@@ -1,0 +1,82 @@
+"""EnginePool: one Engine per model name, loaded lazily through the registry and kept while used.
+
+All engines share one single-flight guard: on a small machine two models decoding at once only slow
+each other down, so requests for any model queue in arrival order.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import OrderedDict
+
+import torch
+
+from backend.engine import Engine, SingleFlight
+from models.device import pick_device
+
+log = logging.getLogger(__name__)
+
+
+def engine_dtype(device: torch.device) -> torch.dtype:
+    """Inference dtype. CPU: float32 unless PLAYGROUND_DTYPE says otherwise. On this project's CPUs
+    (AMX/avx512_bf16) bf16 matmuls at batch 1 measured slower than float32 (backend/bench/decode.py)."""
+    forced = os.environ.get("PLAYGROUND_DTYPE")
+    if forced:
+        return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+                "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[forced]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "mps":
+        return torch.float16
+    return torch.float32
+
+
+class EnginePool:
+    def __init__(self, registry, cfg, max_loaded: int = 3):
+        self.registry = registry
+        self.cfg = cfg
+        self.max_loaded = max_loaded
+        self.guard = SingleFlight()
+        self.device = pick_device(cfg.device)
+        self.dtype = engine_dtype(self.device)
+        self._engines: OrderedDict[str, Engine] = OrderedDict()
+        self._lock = threading.Lock()
+        self._loading: dict[str, threading.Lock] = {}
+        self.load_seconds: dict[str, float] = {}
+
+    def loaded(self) -> list[str]:
+        return list(self._engines)
+
+    def get(self, name: str) -> Engine:
+        """The engine for a registry name (UnknownModel, a ValueError, when there is none)."""
+        with self._lock:
+            eng = self._engines.get(name)
+            if eng is not None:
+                self._engines.move_to_end(name)
+                return eng
+            load_lock = self._loading.setdefault(name, threading.Lock())
+        with load_lock:  # one load per name; other callers wait for it
+            with self._lock:
+                if name in self._engines:
+                    return self._engines[name]
+            spec = self.registry.get(name)
+            t0 = time.perf_counter()
+            model = self.registry.load(name, device=self.device, dtype=self.dtype)
+            from models.tokenizers import get_encoding
+            enc = get_encoding(spec.tokenizer, self.cfg.data_dir)
+            eng = Engine(spec, model, enc, guard=self.guard)
+            self.load_seconds[name] = time.perf_counter() - t0
+            log.info("loaded model %s (%s, %s) in %.2fs", name, self.device, self.dtype, self.load_seconds[name])
+            with self._lock:
+                self._engines[name] = eng
+                while len(self._engines) > self.max_loaded:
+                    old, _ = self._engines.popitem(last=False)
+                    log.info("unloaded model %s", old)
+            return eng
+
+    def unload(self, name: str) -> None:
+        """Forget a loaded engine (e.g. after the model was overwritten on disk); the next get reloads."""
+        with self._lock:
+            self._engines.pop(name, None)

@@ -1,0 +1,103 @@
+"""The one sampling function: logits -> next tokens, used by the UI, the API and the trainers.
+
+`filtered_probs` is the only place the next-token distribution is shaped (temperature, top-k,
+top-p). Randomness always comes from a `torch.Generator` owned by the request, never from the global
+RNG, so a request with a seed is reproducible whatever else the process is doing.
+
+Log-probs (`token_logprobs`) are taken from the model's raw distribution (log-softmax of the logits at
+temperature 1, no top-k/top-p), as the OpenAI API reports them: they score what the model believes,
+independent of how the token happened to be picked.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 1.0        # 0 = greedy (argmax)
+    top_k: int = 0                  # 0 = no top-k cut
+    top_p: float = 1.0              # nucleus mass in (0, 1]; 1 = no cut
+    max_tokens: int = 256           # new tokens at most
+    seed: int | None = None         # None = fresh randomness per request
+    stop: list[str] = field(default_factory=list)           # strings that end a sample (cut from the text)
+    stop_token_ids: list[int] = field(default_factory=list)  # tokens that end a sample (not in the output)
+    logprobs: int | None = None     # None = no log-probs; k >= 0 = sampled token's log-prob + top-k alternatives
+
+    def validate(self) -> "SamplingParams":
+        """Raise ValueError naming the field when a value is out of range."""
+        if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0, got {self.top_k!r}")
+        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 0:
+            raise ValueError(f"max_tokens must be an integer >= 0, got {self.max_tokens!r}")
+        if self.logprobs is not None and (not isinstance(self.logprobs, int) or self.logprobs < 0):
+            raise ValueError(f"logprobs must be an integer >= 0, got {self.logprobs!r}")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise ValueError("stop must be a list of non-empty strings")
+        return self
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
+    """A private RNG for one request: seeded when asked, else from OS entropy."""
+    g = torch.Generator(device=device)
+    if seed is None:
+        g.seed()
+    else:
+        g.manual_seed(int(seed) & 0xFFFF_FFFF_FFFF_FFFF)
+    return g
+
+
+def filtered_probs(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """logits [..., V] -> probabilities [..., V] (float32) after temperature, top-k and top-p.
+
+    temperature 0 means greedy: all the mass on the argmax (first index on ties).
+    """
+    logits = logits.float()
+    if temperature == 0:
+        probs = torch.zeros_like(logits)
+        probs.scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
+        return probs
+    logits = logits / temperature
+    V = logits.shape[-1]
+    if 0 < top_k < V:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+        cum = sorted_probs.cumsum(-1)
+        # Drop a token when the mass before it already reaches top_p (the top token always stays).
+        drop_sorted = (cum - sorted_probs) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter_(-1, order, drop_sorted)
+        probs = probs.masked_fill(drop, 0.0)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
+    """logits [B, V] -> next token ids [B] (long). Greedy skips building the distribution."""
+    if params.temperature == 0:
+        return logits.argmax(-1)
+    probs = filtered_probs(logits, params.temperature, params.top_k, params.top_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Raw-distribution log-probs: (chosen [B], top-k values [B, k], top-k ids [B, k])."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logp.gather(-1, tokens[:, None]).squeeze(-1)
+    if k > 0:
+        top = torch.topk(logp, min(k, logp.shape[-1]), dim=-1)
+        return chosen, top.values, top.indices
+    empty = logp.new_empty(logp.shape[0], 0)
+    return chosen, empty, empty.long()
