@@ -19,12 +19,27 @@ class Playground:
         from backend.db import Database
         self.db = Database(cfg.database_url)
         self.db.migrate()  # every start brings the schema to the newest migration
+        from backend.model_pool import EnginePool
+        from models.registry import ModelRegistry
+        if cfg.threads > 0:
+            import torch
+            torch.set_num_threads(cfg.threads)
+        self.registry = ModelRegistry(cfg)
+        self.engines = EnginePool(self.registry, cfg)
+        self.model_error: str | None = None
 
     def start(self) -> None:
         """Called once when the server starts (after the app is built)."""
+        if self.cfg.preload:
+            try:
+                self.engines.get(self.cfg.default_model)
+            except Exception as e:  # the UI and other models still work; /healthz says what failed
+                self.model_error = f"{type(e).__name__}: {e}"
+                log.exception("could not load the default model %s", self.cfg.default_model)
 
     def stop(self) -> None:
         """Called once when the server stops."""
 
     def health(self) -> dict:
-        return {"status": "ok"}
+        return {"status": "ok", "default_model": self.cfg.default_model, "loaded_models": self.engines.loaded(),
+                "model_error": self.model_error}

@@ -14,6 +14,8 @@ ROUTES: list[tuple[str, str]] = [
     ("tokenize", ""),
     ("auth", ""),
     ("labels", ""),
+    ("openai_api", ""),
+    ("models_api", ""),
 ]
 
 
