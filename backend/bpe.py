@@ -255,11 +255,11 @@ def length_curve(text: str, ranks: dict[bytes, int], pattern: str, sizes: list[i
     """Tokens per 1000 characters of `text` at each vocabulary size. BPE training is greedy, so the
     tokenizer of size v is exactly the first v ranks of a bigger one: one training gives the whole curve."""
     top = len(ranks)
-    if sizes is None:
-        sizes, v = [256], 512
+    if sizes is None:  # 256, then steps of about sqrt(2) up to the full vocabulary
+        sizes, v = [256], 256 * 2 ** 0.5
         while v < top:
-            sizes.append(v)
-            v *= 2
+            sizes.append(int(round(v / 16) * 16))
+            v *= 2 ** 0.5
         sizes.append(top)
     sample = text[:sample_chars]
     pat = resolve_pattern(pattern)

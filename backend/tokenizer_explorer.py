@@ -26,8 +26,52 @@ PALETTE = ["#fde68a", "#bfdbfe", "#bbf7d0", "#fecaca", "#ddd6fe", "#fed7aa", "#a
 WHITESPACE_MARKS = {" ": "·", "\t": "→", "\n": "↵\n", "\r": "␍"}
 
 
+# Presets from the Deep Dive (DEMOS 1-4, 13): (label, text, what to notice). Counts quoted are cl100k_base.
+PRESETS: list[tuple[str, str, str]] = [
+    ("hello world", "hello world",
+     "cl100k_base: 2 tokens, 15339 'hello' and 1917 ' world'. The space belongs to the start of the second token."),
+    ("helloworld", "helloworld",
+     "Drop the space and the split changes completely: 'h' + 'elloworld', two ids you have not seen before."),
+    ("hello  world (two spaces)", "hello  world",
+     "The extra space becomes a token of its own, 220 (' '); ' world' keeps its space."),
+    ("HELLO WORLD", "HELLO WORLD",
+     "3 tokens: 'HEL' 'LO' ' WORLD'. Case matters: capitals are rarer in training text, so they are cut finer."),
+    ("ubiquitous", "ubiquitous",
+     "3 tokens ('ub', 'iqu', 'itous'): the model never sees the letters, only these chunks."),
+    ("strawberry", "strawberry",
+     "3 tokens ('str', 'aw', 'berry'); inside a sentence ' strawberry' (with its space) is a single token. Either "
+     "way the model sees no letters, so 'how many r's?' asks about something it cannot see."),
+    ("177 dots", "." * 177,
+     "177 dots are a handful of long tokens (64 + 64 + 32 + 8 + 9 dots): the model cannot count them by looking."),
+    ("9.11 vs 9.9", "Which is bigger, 9.11 or 9.9?",
+     "'9.11' is '9' '.' '11' and '9.9' is '9' '.' '9': compared token by token, 11 looks bigger than 9."),
+    ("Emily's apples", "Emily buys 3 apples and 2 oranges. Each orange costs $2. The total cost of all the fruit is $13. "
+     "What is the cost of each apple?",
+     "A model does a fixed amount of computation per token: an answer needs tokens to think in, so spread the work "
+     "over many tokens (DEMOS 13). Numbers up to 3 digits are single tokens here."),
+    ("emoji and accents", "👨‍👩‍👧 naïve café 你好",
+     "One family emoji is one grapheme but many tokens (red outline); '~' in the ids marks tokens holding part of a "
+     "UTF-8 character. Compare the count with the number of characters."),
+]
+
+CHAT_PRESET: list[dict] = [
+    {"role": "system", "content": "You are a helpful assistant."},
+    {"role": "user", "content": "What is 2+2?"},
+    {"role": "assistant", "content": "2+2 = 4."},
+    {"role": "user", "content": "And times 3?"},
+]
+CHAT_NOTE = ("The conversation becomes one token sequence: every message is wrapped in special tokens "
+             "(<|im_start|>role … <|im_end|>). Shaded tokens (green underline) are the assistant's, the only ones that "
+             "get training loss. The blue-outlined tail is the generation prompt the server appends before sampling: "
+             "the model continues from there.")
+
+
 class TextError(ValueError):
     """The text cannot be tokenized (too long, lone surrogate); the message names the problem."""
+
+
+class TextTooLong(TextError):
+    pass
 
 
 # ---------------------------------------------------------------------------------------------- encodings
@@ -65,7 +109,7 @@ def check_text(text, field_name: str = "text", limit: int = MAX_TEXT_CHARS) -> s
     if not isinstance(text, str):
         raise TextError(f"{field_name} must be a string")
     if len(text) > limit:
-        raise TextError(f"{field_name} is {len(text):,} characters; the limit is {limit:,}")
+        raise TextTooLong(f"{field_name} is {len(text):,} characters; the limit is {limit:,}")
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
@@ -310,6 +354,26 @@ def compare(enc_a: tiktoken.Encoding, enc_b: tiktoken.Encoding, text: str) -> di
     return {"a": {"encoding": enc_a.name, "count": len(a)}, "b": {"encoding": enc_b.name, "count": len(b)},
             "difference": diff,
             "summary": f"{enc_a.name}: {len(a)} tokens · {enc_b.name}: {len(b)} tokens · difference {diff:+d} ({pct})"}
+
+
+def chat_view(messages: list[dict], enc: tiktoken.Encoding, add_generation_prompt: bool = True) -> dict:
+    """A conversation through the app's chat format (models.chat_format.render_chat): ids, loss mask,
+    text with special tokens, and which trailing tokens are the generation prompt the server appends."""
+    from models.chat_format import render_chat
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("messages must be a non-empty list of {role, content}")
+    full = render_chat(messages, enc, add_generation_prompt=add_generation_prompt)
+    gen_from = None
+    if add_generation_prompt:
+        base = render_chat(messages, enc, add_generation_prompt=False)
+        if list(full.ids[:len(base.ids)]) == list(base.ids) and len(full.ids) > len(base.ids):
+            gen_from = len(base.ids)
+    tokens = tokens_from_ids(enc, list(full.ids))
+    text = b"".join(t.bytes for t in tokens).decode("utf-8", errors="replace")
+    gen_text = "".join(t.text for t in tokens[gen_from:]) if gen_from is not None else ""
+    return {"encoding": enc.name, "count": len(tokens), "ids": list(full.ids), "mask": list(full.mask),
+            "text": text, "loss_tokens": int(sum(full.mask)), "generation_prompt_from": gen_from,
+            "generation_prompt": gen_text, "tokens": [t.to_dict() for t in tokens]}
 
 
 # ------------------------------------------------------------------------------------------------- HTML
