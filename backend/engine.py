@@ -144,6 +144,50 @@ def _grow_cache(cache, new_len: int) -> None:
     cache.max_len = new_len
 
 
+async def aiterate(iterator, cancel: threading.Event | None = None):
+    """Iterate a blocking generator (engine events, stream_text) in a thread, yielding on the event loop.
+
+    When the consumer stops (client gone, task cancelled), `cancel` is set and the generator closed,
+    which frees the engine's single-flight slot at the next decode step.
+    """
+    import asyncio
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+    cancel = cancel or threading.Event()
+
+    def put(item):
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+        except RuntimeError:
+            pass  # the loop is gone (server shutting down)
+
+    def work():
+        try:
+            for item in iterator:
+                put(("item", item))
+                if cancel.is_set():
+                    break
+        except BaseException as e:  # noqa: BLE001 - re-raised on the loop side
+            put(("error", e))
+        finally:
+            close = getattr(iterator, "close", None)
+            if close is not None:
+                close()
+            put(("end", None))
+
+    threading.Thread(target=work, daemon=True, name="engine-stream").start()
+    try:
+        while True:
+            kind, item = await queue.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise item
+            yield item
+    finally:
+        cancel.set()
+
+
 class Engine:
     def __init__(self, spec, model, enc, guard: SingleFlight | None = None):
         self.spec = spec
@@ -333,6 +377,23 @@ class Engine:
         if not params.stop_token_ids:
             params.stop_token_ids = self.default_stop_ids()
         return self.complete(self.chat_prompt(messages), params, n, cancel)
+
+    def stream_text(self, prompt: str, params: SamplingParams, chat: bool = False,
+                    cancel: threading.Event | None = None) -> Iterator[str]:
+        """The growing answer text for one prompt (a user message when chat=True): what a UI shows."""
+        if chat:
+            ids = self.chat_prompt([{"role": "user", "content": prompt}])
+        else:
+            ids = self.encode(prompt) or [self.enc.eot_token]
+        if not params.stop_token_ids:
+            params.stop_token_ids = self.default_stop_ids()
+        params.max_tokens = min(params.max_tokens, max(0, self.context_length - len(ids)))
+        text = ""
+        for ev in self.generate([ids], params, 1, cancel):
+            if ev.text:
+                text += ev.text
+                yield text
+        yield text
 
     def prompt_logprobs(self, prompt_ids: list[int], k: int = 0) -> list[tuple[float | None, list[tuple[int, float]]]]:
         """Raw log-prob of each prompt token given the ones before it (the first has none), with top-k."""

@@ -9,6 +9,7 @@ import gradio as gr
 
 # (module under ui, tab label) in the order a learner meets them.
 TABS: list[tuple[str, str]] = [
+    ("completion", "Generate"),
     ("tokenizer", "Tokenizer"),
 ]
 

@@ -20,6 +20,7 @@ import uuid
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from backend.engine import aiterate
 from backend.sampling import SamplingParams
 
 router = APIRouter(tags=["openai"])
@@ -197,42 +198,6 @@ async def run_blocking(request: Request, fn):
         cancel.set()
 
 
-async def stream_events(events, cancel: threading.Event):
-    """Iterate a (blocking) engine event generator in a thread; yield its events on the loop."""
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue = asyncio.Queue()
-
-    def put(item):
-        try:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
-        except RuntimeError:
-            pass
-
-    def work():
-        try:
-            for ev in events:
-                put(("event", ev))
-                if cancel.is_set():
-                    break
-        except BaseException as e:  # noqa: BLE001
-            put(("error", e))
-        finally:
-            events.close()  # frees the single-flight slot if we stopped early
-            put(("end", None))
-
-    threading.Thread(target=work, daemon=True, name="generate-stream").start()
-    try:
-        while True:
-            kind, item = await queue.get()
-            if kind == "end":
-                return
-            if kind == "error":
-                raise item
-            yield item
-    finally:
-        cancel.set()
-
-
 def sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
@@ -379,7 +344,7 @@ async def completions(request: Request):
                 for i in range(len(prompts) * n):
                     echoes[i] = prompt_texts[i // n]
             counts = [0] * (len(prompts) * n)
-            async for ev in stream_events(events, cancel):
+            async for ev in aiterate(events, cancel):
                 text = echoes.pop(ev.index, "") + ev.text
                 lp = None
                 if k is not None and ev.token_id is not None:
@@ -490,7 +455,7 @@ async def chat_completions(request: Request):
                 yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                               "finish_reason": None}])
             count = 0
-            async for ev in stream_events(events, cancel):
+            async for ev in aiterate(events, cancel):
                 lp = None
                 if ev.token_id is not None:
                     count += 1
