@@ -9,8 +9,8 @@ import gradio as gr
 
 # (module under ui, tab label) in the order a learner meets them.
 TABS: list[tuple[str, str]] = [
+    ("tokenizer", "Tokenizer"),  # first: learners start here (issue 3)
     ("completion", "Generate"),
-    ("tokenizer", "Tokenizer"),
 ]
 
 
