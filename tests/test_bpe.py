@@ -129,3 +129,11 @@ def test_uploaded_files(tmp_path):
         corpora.load_corpus([tmp_path / "latin1.txt"])
     with pytest.raises(ValueError, match="lone surrogate"):
         corpora.load_corpus(text="a\udc80")
+
+
+def test_bench_runs_at_toy_size(capsys):
+    from backend.bench import bpe as bench
+    bench.main(["--chars", "20000", "--vocab", "300", "--repeat", "1", "--step-merges", "10", "--naive-merges", "2"])
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last["bench"] == "bpe" and last["identical_merges"] is True
+    assert {r["unit"] for r in last["results"]} == {"s", "ms"}
