@@ -467,12 +467,13 @@ def _tip_text(toks: list[Token], enc, mask, indices) -> str:
 
 def render_presplit_html(chunks: list[dict], show_whitespace: bool = True) -> str:
     spans = []
-    for i, c in enumerate(chunks):
+    for i, c in enumerate(chunks[:MAX_RENDER_TOKENS]):
         body = _escape_ws(c["text"]) if show_whitespace else html.escape(c["text"])
         cls = "tok special" if c["special"] else "tok"
         spans.append(f'<span class="{cls}" style="background:{PALETTE[i % len(PALETTE)]}">{body}</span>')
     return (f'<div class="tokviz"><div class="chunks">{"".join(spans)}</div>'
-            f'<div class="note">{len(chunks):,} pre-split chunks: BPE merges happen only inside a chunk.</div></div>')
+            f'<div class="note">{len(chunks):,} pre-split chunks{" (the first " + format(MAX_RENDER_TOKENS, ",") + " shown)" if len(chunks) > MAX_RENDER_TOKENS else ""}: '
+            'BPE merges happen only inside a chunk.</div></div>')
 
 
 def counts_markdown(c: dict) -> str:

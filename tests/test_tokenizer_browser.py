@@ -92,3 +92,22 @@ def test_preset_fills_text_and_says_what_to_notice(page):
     assert "cannot count" in page.locator("#tok-note").inner_text()
     assert page.locator("#tok-text textarea").input_value() == "." * 177
     assert re.search(r"177 characters", page.locator("#tok-counts").inner_text())
+
+
+def test_bpe_step_mode_shows_merges_and_recolours_the_sample(page):
+    page.get_by_role("tab", name="Train your own BPE").click()
+    page.get_by_role("radio", name="pasted text").check()
+    page.locator("#bpe-pasted textarea").fill("the cat the hat the bat " * 50)
+    page.click("#bpe-start")
+    page.wait_for_function("() => document.querySelector('#bpe-info').innerText.includes('Ready')", timeout=30_000)
+    before = page.locator("#bpe-sample [data-ids]").count()
+    assert before == len("The tokenizer turns text into tokens: bytes first, then the most frequent pairs merge.")
+    for n in (1, 2, 3):
+        page.click("#bpe-step")
+        page.wait_for_function("n => document.querySelector('#bpe-info').innerText.startsWith(n + ' merges')",
+                               arg=n, timeout=30_000)
+    rows = page.locator("#bpe-merges").inner_text()
+    assert "256" in rows and "258" in rows
+    # " the" pieces ("th", "he", " t") merged first: the sample needs fewer tokens now
+    page.wait_for_function(f"() => document.querySelectorAll('#bpe-sample [data-ids]').length < {before}",
+                           timeout=30_000)
