@@ -25,6 +25,7 @@ from typing import Iterator
 
 import torch
 
+from backend.decode_step import DecodeStep
 from backend.sampling import SamplingParams, make_generator, sample, token_logprobs
 
 
@@ -194,6 +195,7 @@ class Engine:
         self.model = model.eval()
         self.enc = enc
         self.guard = guard or SingleFlight()
+        self.step = DecodeStep(self.model)  # the per-token forward used while decoding
         self.context_length = min(int(getattr(spec, "context_length", 0) or model.cfg.max_seq_len), model.cfg.max_seq_len)
         self._token_bytes: dict[int, bytes] = {}
 
@@ -341,7 +343,7 @@ class Engine:
                 active = [active[r] for r in keep]
             if cache.pos + 1 > cache.max_len:
                 _grow_cache(cache, min(full, 2 * cache.max_len))
-            logits = self.model(tokens[:, None], cache, last_only=True)[:, -1]
+            logits = self.step(tokens, cache)
 
     # -- whole answers ---------------------------------------------------------------------------
     def collect(self, events: Iterator[TokenEvent], rows: int, prompt_tokens: list[int],

@@ -93,14 +93,13 @@ def test_greedy_with_kv_cache_matches_full_recompute(engine, enc):
 def test_n_samples_share_one_prefill(engine, enc):
     prompt = enc.encode("Once upon a time there was")
     shapes = []
-    hook = engine.model.model.embed_tokens.register_forward_hook(lambda m, inp, out: shapes.append(tuple(inp[0].shape)))
+    hook = engine.model.register_forward_hook(lambda m, args, out: shapes.append(tuple(args[0].shape)))
     try:
         outs = engine.complete(prompt, SamplingParams(temperature=1.0, max_tokens=6, seed=3), n=4)
     finally:
         hook.remove()
-    assert shapes[0] == (1, len(prompt))            # one prefill, batch 1
-    assert all(s == (4, 1) for s in shapes[1:])     # then 4 rows decode one token at a time
-    assert len(shapes) == 6                          # the last token needs no forward pass
+    assert shapes == [(1, len(prompt))]  # one full forward: the batch-1 prefill (decoding runs DecodeStep)
+    assert all(len(c.token_ids) == 6 for c in outs)
     assert len({tuple(c.token_ids) for c in outs}) > 1  # the samples differ
     assert [c.index for c in outs] == [0, 1, 2, 3]
 
@@ -262,3 +261,22 @@ def test_concurrent_requests_queue_without_mixing_results(engine, enc):
     for t in threads:
         t.join(30)
     assert results == solo
+
+
+def test_decode_step_matches_the_model_forward(enc):
+    from backend.decode_step import DecodeStep
+    model = random_model(enc.n_vocab, seed=5)
+    step = DecodeStep(model)
+    prompts = [[5, 6, 7, 8, 9], [10, 11]]
+    pad = torch.tensor([0, 3])
+    idx = torch.tensor([prompts[0], [0, 0, 0] + prompts[1]])
+    with torch.inference_mode():
+        ref_cache, fast_cache = model.new_cache(2, 16, pad=pad), model.new_cache(2, 16, pad=pad.clone())
+        model(idx, ref_cache)
+        model(idx, fast_cache)
+        tokens = torch.tensor([12, 13])
+        for _ in range(4):
+            ref = model(tokens[:, None], ref_cache, last_only=True)[:, -1]
+            fast = step(tokens, fast_cache)
+            assert torch.allclose(ref, fast, atol=1e-4, rtol=1e-4)
+            tokens = fast.argmax(-1)

@@ -1,0 +1,88 @@
+"""A lean forward for decoding: one new token per row, reusing the model's weights and its KVCache.
+
+`Transformer.forward` is general (training, prefill, masks for any T). Decoding calls it once per token,
+and at T=1 per-op overhead is a large share of the step on a CPU. This step does the same math with
+fewer ops:
+- q, k, v come from one matmul, gate and up from one (the model's weights are re-bound as row views
+  of the fused tensors, so nothing is stored twice);
+- RoPE rotates q and k together;
+- grouped-query attention needs no `repeat_interleave` of the cache: the `rep` query heads that
+  share a KV head become `rep` query rows of one SDPA call against that head's keys.
+tests/test_engine.py checks its logits against `Transformer.forward`.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+class DecodeStep:
+    def __init__(self, model):
+        cfg = model.cfg
+        self.model = model
+        self.H, self.K, self.hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.rep = self.H // self.K
+        self.dim, self.eps = cfg.dim, cfg.norm_eps
+        self.layers = []
+        with torch.no_grad():
+            for blk in model.model.layers:
+                a, m = blk.self_attn, blk.mlp
+                wqkv = self._fuse([a.q_proj, a.k_proj, a.v_proj])
+                wgu = self._fuse([m.gate_proj, m.up_proj])
+                self.layers.append((blk.input_layernorm.weight, wqkv, a.o_proj.weight,
+                                    blk.post_attention_layernorm.weight, wgu, m.down_proj.weight))
+
+    @staticmethod
+    def _fuse(linears: list[nn.Linear]) -> torch.Tensor:
+        """Concatenate weights row-wise and make each Linear's weight a view into the result."""
+        fused = torch.cat([l.weight.detach() for l in linears], dim=0).contiguous()
+        start = 0
+        for l in linears:
+            rows = l.weight.shape[0]
+            l.weight = nn.Parameter(fused[start:start + rows], requires_grad=False)
+            start += rows
+        return fused
+
+    def __call__(self, tokens: torch.Tensor, cache) -> torch.Tensor:
+        """tokens [B] at slot cache.pos -> logits [B, V]; the cache advances by one."""
+        model, H, K, hd, rep = self.model, self.H, self.K, self.hd, self.rep
+        B = tokens.shape[0]
+        pos = cache.pos
+        if pos + 1 > model.cfg.max_seq_len:
+            raise ValueError(f"sequence of {pos + 1} tokens exceeds the context length {model.cfg.max_seq_len}")
+        dtype = model.dtype
+        x = model.model.embed_tokens.weight[tokens]  # [B, dim]
+        mask = None
+        if cache.pad is None:
+            cos = model.rope_cos[pos].to(dtype)  # [hd], broadcast over rows and heads
+            sin = model.rope_sin[pos].to(dtype)
+        else:
+            p = (pos - cache.pad).clamp_min(0)
+            cos = model.rope_cos[p].to(dtype)[:, None, :]  # [B, 1, hd]
+            sin = model.rope_sin[p].to(dtype)[:, None, :]
+            keys = torch.arange(pos + 1, device=tokens.device)
+            mask = (keys[None, :] >= cache.pad[:, None])[:, None, None, :]  # [B, 1, 1, S]
+        qk_cols = (H + K) * hd
+        for i, (ln1, wqkv, wo, ln2, wgu, wdown) in enumerate(self.layers):
+            h = F.rms_norm(x, (self.dim,), ln1, self.eps)
+            qkv = F.linear(h, wqkv)
+            qk = qkv[:, :qk_cols].view(B, H + K, hd)
+            qk = qk * cos + _rotate_half(qk) * sin
+            cache.k[i][:, :, pos] = qk[:, H:]
+            cache.v[i][:, :, pos] = qkv[:, qk_cols:].view(B, K, hd)
+            q = qk[:, :H].reshape(B, K, rep, hd)
+            y = F.scaled_dot_product_attention(q, cache.k[i][:, :, :pos + 1], cache.v[i][:, :, :pos + 1],
+                                               attn_mask=mask)
+            x = x + F.linear(y.reshape(B, H * hd), wo)
+            h = F.rms_norm(x, (self.dim,), ln2, self.eps)
+            g, u = F.linear(h, wgu).chunk(2, dim=-1)
+            x = x + F.linear(F.silu(g) * u, wdown)
+        cache.pos += 1
+        x = F.rms_norm(x, (self.dim,), model.model.norm.weight, self.eps)
+        return F.linear(x, model.lm_head.weight)
