@@ -1,0 +1,199 @@
+"""Labeling REST on a real server (python app.py on loopback) over a real SQLite file:
+roles on every route, concurrent submissions, no acknowledged write lost to SIGKILL."""
+from __future__ import annotations
+
+import re
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+from argon2 import PasswordHasher
+from fastapi.routing import APIRoute
+from sqlalchemy import select
+
+from backend import users
+from backend.api import auth as auth_api, labels as labels_api
+from backend.auth import current_user
+from backend.db import Database
+from backend.db.models import Ranking
+from backend.labels import rankings as rk
+from tests.conftest import start_server
+
+ROLES = ["learner", "annotator", "operator", "admin"]
+PUBLIC = {("POST", "/api/login"), ("POST", "/api/logout")}
+
+
+def make_users(db: Database, names_roles) -> dict:
+    """name -> (CurrentUser, password, api key); cheap argon2 parameters keep the suite fast."""
+    users._hasher = PasswordHasher(time_cost=1, memory_cost=1024)
+    try:
+        return {n: users.add_user(db, n, r) for n, r in names_roles}
+    finally:
+        users._hasher = PasswordHasher()
+
+
+def auth(key: str) -> dict:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def required_role(route: APIRoute) -> str | None:
+    for dep in route.dependant.dependencies:
+        if getattr(dep.call, "required_role", None):
+            return dep.call.required_role
+        if dep.call is current_user:
+            return "learner"
+    return None
+
+
+ALL_ROUTES = [(m, r.path, required_role(r)) for router in (auth_api.router, labels_api.router)
+              for r in router.routes if isinstance(r, APIRoute) for m in sorted(r.methods)]
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory):
+    data = tmp_path_factory.mktemp("labels_api") / "data"
+    data.mkdir()
+    db = Database(f"sqlite:///{data / 'playground.db'}")
+    db.migrate()
+    people = make_users(db, [(r, r) for r in ROLES] + [("ann2", "annotator")])
+    server = start_server(data, "--no-preload", "--no-worker")
+    yield server, db, people
+    server.stop()
+    db.close()
+
+
+def test_every_labeling_route_declares_a_role():
+    unguarded = [(m, p) for m, p, role in ALL_ROUTES if role is None and (m, p) not in PUBLIC]
+    assert unguarded == []
+    assert len(ALL_ROUTES) > 25
+
+
+@pytest.mark.parametrize("method,path,role", ALL_ROUTES, ids=[f"{m} {p}" for m, p, _ in ALL_ROUTES])
+def test_roles_are_enforced_on_every_route(live, method, path, role):
+    server, db, people = live
+    if role is None:
+        return  # login / logout are for everybody
+    url = server.base_url + re.sub(r"\{[^}]+\}", "999999", path)
+    body = {"json": {}} if method in ("POST", "PUT") else {}
+    with httpx.Client(timeout=30) as c:
+        assert c.request(method, url, **body).status_code == 401
+        assert c.request(method, url, headers=auth("pk_not_a_key"), **body).status_code == 401
+        for name in ROLES:
+            got = c.request(method, url, headers=auth(people[name][2]), **body).status_code
+            allowed = users.ROLE_RANK[name] >= users.ROLE_RANK[role]
+            assert (got != 403) if allowed else (got == 403), f"{name} got {got} on {method} {path} (needs {role})"
+            assert got < 500
+
+
+def test_browser_login_sets_an_httponly_cookie_and_logout_ends_it(live):
+    server, db, people = live
+    with httpx.Client(base_url=server.base_url, timeout=30) as c:
+        assert c.post("/api/login", json={"name": "annotator", "password": "wrong"}).status_code == 401
+        r = c.post("/api/login", json={"name": "annotator", "password": people["annotator"][1]})
+        assert r.status_code == 200 and "httponly" in r.headers["set-cookie"].lower()
+        assert c.get("/api/me").json()["role"] == "annotator"
+        assert c.get("/api/rankings/next").status_code == 200
+        assert c.post("/api/ranking-sets", json={"name": "x", "prompts": ["p"], "candidates": [["a"] * 4]}).status_code == 403
+        c.post("/api/logout")
+        assert c.get("/api/me").status_code == 401
+
+
+def test_bad_input_gets_a_clear_4xx(live):
+    server, db, people = live
+    op = auth(people["operator"][2])
+    with httpx.Client(base_url=server.base_url, timeout=30) as c:
+        r = c.post("/api/ranking-sets", headers=op, json={"name": "x", "prompts": ["p"], "candidates": [["a", "b"]]})
+        assert r.status_code == 422 and "4-9" in r.text
+        r = c.post("/api/imports/preferences", headers=op, content=b'{"prompt": "p"}\nnot json\n')
+        assert r.status_code == 422
+        assert [e["line"] for e in r.json()["detail"]["errors"]] == [1, 2]
+        assert c.post("/api/imports/nonsense", headers=op, content=b"{}").status_code == 422
+        assert c.get("/api/exports/nonsense", headers=op).status_code == 422
+        r = c.post("/api/ranking-sets", headers=op, json={"name": "x", "prompts": ["p"], "model": "no-such-model"})
+        assert 400 <= r.status_code < 500
+
+
+def test_label_text_comes_back_verbatim(live):
+    server, db, people = live
+    nasty = '<script>window.__pwned=1</script><img src=x onerror="window.__pwned=2">'
+    op, ann = auth(people["operator"][2]), auth(people["ann2"][2])
+    with httpx.Client(base_url=server.base_url, timeout=30) as c:
+        s = c.post("/api/ranking-sets", headers=op, json={"name": nasty, "prompts": [nasty],
+                                                          "candidates": [[nasty, "b", "c", "d"]]}).json()
+        item = c.get("/api/rankings/next", headers=ann, params={"set_id": s["id"]}).json()
+        assert item["prompt"] == nasty and item["candidates"][0]["text"] == nasty
+
+
+def test_concurrent_submissions_from_many_clients_are_all_stored(live):
+    server, db, people = live
+    crowd = make_users(db, [(f"crowd{i}", "annotator") for i in range(24)])
+    op = people["operator"][0]
+    s = rk.create_set(db, op, "crowd", [f"prompt {i}" for i in range(5)],
+                      [[f"c{i}{j}" for j in range(4)] for i in range(5)], annotators_per_item=len(crowd))
+
+    def annotate(name):
+        key = crowd[name][2]
+        done = 0
+        with httpx.Client(base_url=server.base_url, timeout=60, headers=auth(key)) as c:
+            while True:
+                item = c.get("/api/rankings/next", params={"set_id": s["id"]}).json()
+                if item.get("done"):
+                    return done
+                order = [x["id"] for x in item["candidates"]][::-1]
+                r = c.post(f"/api/rankings/items/{item['item_id']}", json={"order": order})
+                assert r.status_code == 200, r.text
+                done += 1
+
+    with ThreadPoolExecutor(len(crowd)) as pool:
+        counts = list(pool.map(annotate, crowd))
+    assert counts == [5] * len(crowd)
+    with db.read() as sess:
+        rows = sess.scalars(select(Ranking).where(Ranking.user_id.in_([u.id for u, _, _ in crowd.values()]))).all()
+    assert len(rows) == 5 * len(crowd)
+    assert all(len(r.order) == 4 for r in rows)
+
+
+def test_sigkill_mid_submissions_loses_no_acknowledged_write(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    db = Database(f"sqlite:///{data / 'playground.db'}")
+    db.migrate()
+    people = make_users(db, [("op", "operator")] + [(f"a{i}", "annotator") for i in range(8)])
+    s = rk.create_set(db, people["op"][0], "kill", [f"p{i}" for i in range(400)],
+                      [[f"c{i}{j}" for j in range(4)] for i in range(400)], annotators_per_item=8)
+    server = start_server(data, "--no-preload", "--no-worker")
+    acked: list[tuple[int, int, list]] = []
+    lock, enough = threading.Lock(), threading.Event()
+
+    def annotate(name):
+        user, _, key = people[name]
+        with httpx.Client(base_url=server.base_url, timeout=30, headers=auth(key)) as c:
+            while True:
+                try:
+                    item = c.get("/api/rankings/next", params={"set_id": s["id"]}).json()
+                    order = [x["id"] for x in item["candidates"]]
+                    r = c.post(f"/api/rankings/items/{item['item_id']}", json={"order": order})
+                except httpx.HTTPError:
+                    return  # the server is gone
+                if r.status_code == 200:
+                    with lock:
+                        acked.append((user.id, item["item_id"], order))
+                        if len(acked) >= 120:
+                            enough.set()
+
+    threads = [threading.Thread(target=annotate, args=(f"a{i}",)) for i in range(8)]
+    for t in threads:
+        t.start()
+    assert enough.wait(120), "submissions did not get going"
+    server.kill()  # SIGKILL while the clients are still submitting
+    for t in threads:
+        t.join(60)
+    with lock:
+        acknowledged = list(acked)
+    db.close()
+    db = Database(f"sqlite:///{data / 'playground.db'}")
+    with db.read() as sess:
+        stored = {(r.user_id, r.item_id): r.order for r in sess.scalars(select(Ranking))}
+    missing = [(u, i) for u, i, o in acknowledged if stored.get((u, i)) != o]
+    assert len(acknowledged) >= 120 and missing == []
