@@ -13,6 +13,7 @@ Names:
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import json
 import os
@@ -35,16 +36,23 @@ CHAT_SPECIALS = ("<|im_start|>", "<|im_end|>", "<|im_sep|>")
 KNOWN_CHAT_IDS = {"cl100k_base": {"<|im_start|>": 100264, "<|im_end|>": 100265, "<|im_sep|>": 100266}}
 CHATML_SUFFIX = "+chatml"
 
-# Standard tiktoken encodings and the files tiktoken reads for them (from tiktoken_ext/openai_public.py).
-# We only check that these are already cached; tiktoken itself loads and hash-verifies them.
+# Standard tiktoken encodings: the files tiktoken reads for them and their sha256 (from
+# tiktoken_ext/openai_public.py). We only use files already in tiktoken's cache, checked here first, so
+# tiktoken never falls back to downloading (it re-fetches a file whose hash does not match).
 _OPENAI = "https://openaipublic.blob.core.windows.net"
+_R50K = (f"{_OPENAI}/encodings/r50k_base.tiktoken", "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930")
+_P50K = (f"{_OPENAI}/encodings/p50k_base.tiktoken", "94b5ca7dff4d00767bc256fdd1b27e5b17361d7b8a5f968547f9f23eb70d2069")
+_O200K = (f"{_OPENAI}/encodings/o200k_base.tiktoken", "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d")
+_CL100K = (f"{_OPENAI}/encodings/cl100k_base.tiktoken", "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7")
 STANDARD_FILES = {
-    "gpt2": [f"{_OPENAI}/gpt-2/encodings/main/vocab.bpe", f"{_OPENAI}/gpt-2/encodings/main/encoder.json"],
-    "r50k_base": [f"{_OPENAI}/encodings/r50k_base.tiktoken"],
-    "p50k_base": [f"{_OPENAI}/encodings/p50k_base.tiktoken"],
-    "p50k_edit": [f"{_OPENAI}/encodings/p50k_base.tiktoken"],
-    "o200k_base": [f"{_OPENAI}/encodings/o200k_base.tiktoken"],
-    "o200k_harmony": [f"{_OPENAI}/encodings/o200k_base.tiktoken"],
+    "gpt2": [(f"{_OPENAI}/gpt-2/encodings/main/vocab.bpe", "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"),
+             (f"{_OPENAI}/gpt-2/encodings/main/encoder.json", "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783")],
+    "r50k_base": [_R50K],
+    "p50k_base": [_P50K],
+    "p50k_edit": [_P50K],
+    "o200k_base": [_O200K],
+    "o200k_harmony": [_O200K],
+    "cl100k_base": [_CL100K],  # get_encoding serves it from the wheel; here so tiktoken's own path can be tested
 }
 BUILTIN_NAMES = ("cl100k_base", "smollm2")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -241,10 +249,29 @@ def tiktoken_cache_dir() -> Path | None:
     return Path(d) if d else None
 
 
-def _missing_standard_files(name: str) -> list[str]:
+def _cached_file(url: str) -> Path | None:
     cache = tiktoken_cache_dir()
-    return [url for url in STANDARD_FILES[name]
-            if cache is None or not (cache / hashlib.sha1(url.encode()).hexdigest()).exists()]
+    return cache / hashlib.sha1(url.encode()).hexdigest() if cache is not None else None
+
+
+@functools.lru_cache(maxsize=64)
+def _hash_ok(path: str, mtime_ns: int, size: int, sha256: str) -> bool:
+    # keyed by mtime and size, so list_encodings re-hashes a multi-MB file only when it changes
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest() == sha256
+
+
+def _file_ok(url: str, sha256: str) -> bool:
+    path = _cached_file(url)
+    try:
+        st = path.stat() if path is not None else None
+    except OSError:
+        return False
+    return st is not None and _hash_ok(str(path), st.st_mtime_ns, st.st_size, sha256)
+
+
+def _missing_standard_files(name: str) -> list[str]:
+    """URLs of the files `name` needs that are not in tiktoken's cache with the right hash."""
+    return [url for url, sha in STANDARD_FILES[name] if not _file_ok(url, sha)]
 
 
 def _build_standard(name: str) -> tiktoken.Encoding:
@@ -252,14 +279,11 @@ def _build_standard(name: str) -> tiktoken.Encoding:
     if missing:
         raise EncodingFileMissing(
             f"encoding {name!r} needs {', '.join(missing)} in tiktoken's cache ({tiktoken_cache_dir()}); "
-            "the file is missing and this machine is offline, so it cannot be downloaded. Copy it there "
-            "(named by the sha1 of its URL) or set TIKTOKEN_CACHE_DIR to a cache that has it.")
+            "the file is missing (or damaged: wrong sha256) and this machine is offline, so it cannot be "
+            "downloaded. Copy it there (named by the sha1 of its URL) or set TIKTOKEN_CACHE_DIR to a cache that has it.")
     from tiktoken_ext import openai_public
 
-    try:
-        return tiktoken.Encoding(**openai_public.ENCODING_CONSTRUCTORS[name]())
-    except Exception as e:  # a damaged cached file makes tiktoken try to download it again
-        raise EncodingFileMissing(f"encoding {name!r}: the cached file could not be used offline ({e})") from e
+    return tiktoken.Encoding(**openai_public.ENCODING_CONSTRUCTORS[name]())
 
 
 # ---------------------------------------------------------------- chat tokens
@@ -315,24 +339,25 @@ _CACHE = _EncodingCache()
 
 def list_encodings(data_dir: Path | None = None) -> list[str]:
     """Names get_encoding can build right now: built-ins, cached standard ones, then trained ones."""
-    standard = [n for n in STANDARD_FILES if not _missing_standard_files(n)]
+    data_dir = Path(data_dir) if data_dir is not None else None
+    standard = [n for n in STANDARD_FILES if n not in BUILTIN_NAMES and not _missing_standard_files(n)]
     return [*BUILTIN_NAMES, *standard, *_trained_names(data_dir)]
 
 
 def get_encoding(name: str, data_dir: Path | None = None) -> tiktoken.Encoding:
     if not isinstance(name, str) or not name:
         raise UnknownEncoding(f"encoding name must be a non-empty string, got {name!r}")
+    data_dir = Path(data_dir) if data_dir is not None else None
     if name.endswith(CHATML_SUFFIX):
-        base = name[: -len(CHATML_SUFFIX)]
-        return _CACHE.get(name, data_dir, lambda: with_chat_tokens(get_encoding(base, data_dir)))
+        base = get_encoding(name[: -len(CHATML_SUFFIX)], data_dir)
+        # keyed by the base object, so a re-saved trained base gives a fresh extension
+        return _CACHE.get(name, data_dir, lambda: with_chat_tokens(base), stamp=id(base))
     if name == "cl100k_base":
         return _CACHE.get(name, None, _build_cl100k)
     if name == "smollm2":
         return _CACHE.get(name, None, lambda: _build_smollm2(data_dir))
     if name in STANDARD_FILES:
-        if _missing_standard_files(name):
-            _build_standard(name)  # raises the clear "missing file, offline" error
-        return _CACHE.get(name, None, lambda: _build_standard(name))
+        return _CACHE.get(name, None, lambda: _build_standard(name))  # raises the clear offline error
     if data_dir is not None and _NAME_RE.match(name):
         ranks_path, meta_path = _trained_paths(name, data_dir)
         if ranks_path.exists() and meta_path.exists():
