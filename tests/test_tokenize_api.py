@@ -105,3 +105,22 @@ def test_bpe_curve(client):
     values = [p["tokens_per_1000_chars"] for p in body["curve"]]
     assert body["curve"][0]["vocab_size"] == 256 and body["curve"][-1]["vocab_size"] == 1024
     assert values == sorted(values, reverse=True)
+
+
+def test_chat_view_renders_through_the_chat_format(client):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"},
+                {"role": "assistant", "content": "4"}, {"role": "user", "content": "And times 3?"}]
+    body = client.post("/api/tokenize/chat", json={"messages": messages, "encoding": "smollm2"}).json()
+    assert body["text"].startswith("<|im_start|>system\nBe brief.<|im_end|>\n")
+    assert body["generation_prompt"] == "<|im_start|>assistant\n"
+    assert body["text"].endswith("<|im_start|>assistant\n") and body["count"] == len(body["ids"])
+    trained = "".join(t["text"] for t, m in zip(body["tokens"], body["mask"]) if m)
+    assert trained == "4<|im_end|>"  # only the assistant's answer and its end token get loss
+    plain = client.post("/api/tokenize/chat", json={"messages": messages, "encoding": "smollm2",
+                                                    "add_generation_prompt": False}).json()
+    assert plain["count"] < body["count"] and plain["generation_prompt"] == ""
+    # cl100k_base has no ChatML tokens: the chat view uses cl100k_base+chatml, GPT-4's <|im_start|> is 100264
+    gpt4 = client.post("/api/tokenize/chat", json={"messages": messages, "encoding": "cl100k_base"}).json()
+    assert gpt4["ids"][0] == 100264 and gpt4["encoding"] == "cl100k_base+chatml"
+    bad = client.post("/api/tokenize/chat", json={"messages": [{"role": "wizard", "content": "x"}]})
+    assert bad.status_code == 422 and "role" in bad.json()["detail"]

@@ -111,3 +111,14 @@ def test_bpe_step_mode_shows_merges_and_recolours_the_sample(page):
     # " the" pieces ("th", "he", " t") merged first: the sample needs fewer tokens now
     page.wait_for_function(f"() => document.querySelectorAll('#bpe-sample [data-ids]').length < {before}",
                            timeout=30_000)
+
+
+def test_chat_view_shows_specials_mask_and_generation_prompt(page):
+    page.get_by_role("tab", name="Chat format").click()
+    page.wait_for_function("() => /tokens for the whole conversation/.test("
+                           "document.querySelector('#tok-chat-counts')?.innerText || '')", timeout=60_000)
+    chunks = page.locator("#tok-chat-chunks .chunks")
+    assert "<|im_start|>" in chunks.inner_text()
+    assert page.locator("#tok-chat-chunks .tok.special").count() >= 8  # 4 messages + generation prompt
+    assert page.locator("#tok-chat-chunks .tok.masked").count() >= 2  # the assistant's answer
+    assert page.locator("#tok-chat-chunks .tok.genprompt").count() >= 2  # <|im_start|> assistant \n

@@ -118,7 +118,7 @@ def _chat_tab(data_dir: Path, encoding_choices, tab) -> None:
     def render(rows, name, gen_prompt, show_ws):
         messages = [{"role": str(r[0]).strip(), "content": str(r[1])} for r in _rows(rows) if str(r[0]).strip()]
         try:
-            enc = tx.get_encoding(name, data_dir)
+            enc = tx.chat_encoding(name, data_dir)
             v = tx.chat_view(messages, enc, gen_prompt)
         except (ValueError, KeyError) as e:
             return _error(e), "", ""

@@ -115,7 +115,10 @@ def presplit(req: TokenizeRequest, request: Request) -> dict:
 
 @router.post("/api/tokenize/chat")
 def chat(req: ChatRequest, request: Request) -> dict:
-    enc = _encoding(request, req.encoding)
+    try:
+        enc = tx.chat_encoding(req.encoding, _data_dir(request))
+    except ValueError as e:
+        raise HTTPException(404, str(e)) from None
     for i, m in enumerate(req.messages):
         _text(str(m.get("content", "")), f"messages[{i}].content")
     try:
