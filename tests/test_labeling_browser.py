@@ -1,0 +1,94 @@
+"""The labeling screen in headless Chromium against a real server: sign in as an annotator, rank four
+candidates with the keyboard, submit, see the next item, and find the row in the database."""
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import select
+
+from backend.db import Database
+from backend.db.models import Ranking
+from backend.labels import rankings as rk
+from tests.conftest import start_server
+from tests.test_labels_api import make_users
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+NASTY = '<img src=x onerror="window.__pwned=1"><script>window.__pwned=2</script><b>bold?</b>'
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    data = tmp_path_factory.mktemp("labeling_browser") / "data"
+    data.mkdir()
+    db = Database(f"sqlite:///{data / 'playground.db'}")
+    db.migrate()
+    people = make_users(db, [("ann", "annotator"), ("eve", "annotator"), ("op", "operator")])
+    jokes = rk.create_set(db, people["op"][0], "pelicans",
+                          ["Write a joke about pelicans", "Write a haiku about the ocean"],
+                          [[f"joke {j + 1}" for j in range(4)], [f"haiku {j + 1}" for j in range(4)]])
+    nasty = rk.create_set(db, people["op"][0], "escaping", [NASTY], [[NASTY, "two", "three", "four"]])
+    server = start_server(data, "--no-preload", "--no-worker")
+    yield server, db, people, jokes, nasty
+    server.stop()
+    db.close()
+
+
+@pytest.fixture
+def page():
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        pg = browser.new_page()
+        yield pg
+        browser.close()
+
+
+def sign_in(page, server, name, password):
+    page.goto(server.base_url + "/")
+    page.get_by_role("tab", name="Labeling").click()
+    form = page.locator(".pg-login-form")
+    form.locator("input[name=name]").fill(name)
+    form.locator("input[name=password]").fill(password)
+    form.get_by_role("button", name="Log in").click()
+    page.locator(".pg-whoami").wait_for(timeout=30_000)
+
+
+def test_annotator_ranks_with_the_keyboard_and_the_row_is_stored(site, page):
+    server, db, people, jokes, _ = site
+    sign_in(page, server, "ann", people["ann"][1])
+    page.locator(".pg-set").select_option(str(jokes["id"]))
+    rank = page.locator(".pg-rank")
+    page.locator(".pg-cand").nth(3).wait_for(timeout=30_000)
+    assert page.locator(".pg-prompt").inner_text() == "Write a joke about pelicans"
+    first_item = int(rank.get_attribute("data-item-id"))
+    for key in "3142":
+        page.keyboard.press(key)
+    assert page.locator(".pg-cand .pg-text").all_inner_texts() == ["joke 3", "joke 1", "joke 4", "joke 2"]
+    page.keyboard.press("ArrowDown")  # the last one pressed (joke 2) is selected and already last: no move
+    page.keyboard.press("ArrowUp")    # joke 2 moves above joke 4
+    assert page.locator(".pg-cand .pg-text").all_inner_texts() == ["joke 3", "joke 1", "joke 2", "joke 4"]
+    page.keyboard.press("Enter")
+    page.wait_for_function("id => document.querySelector('.pg-rank').dataset.itemId !== String(id)", arg=first_item,
+                           timeout=30_000)
+    assert page.locator(".pg-prompt").inner_text() == "Write a haiku about the ocean"
+    assert "Saved" in page.locator(".pg-status").inner_text() or "Item" in page.locator(".pg-status").inner_text()
+    with db.read() as s:
+        row = s.scalar(select(Ranking).where(Ranking.item_id == first_item, Ranking.user_id == people["ann"][0].id))
+        item = rk.get_item(db, people["ann"][0], first_item)
+    by_text = {c["text"]: c["id"] for c in item["candidates"]}
+    assert row is not None and row.order == [by_text[t] for t in ["joke 3", "joke 1", "joke 2", "joke 4"]]
+
+
+def test_label_html_is_shown_as_text_never_run(site, page):
+    server, db, people, _, nasty = site
+    sign_in(page, server, "eve", people["eve"][1])
+    page.locator(".pg-set").select_option(str(nasty["id"]))
+    page.locator(".pg-cand").nth(3).wait_for(timeout=30_000)
+    assert page.locator(".pg-prompt").inner_text() == NASTY
+    assert page.locator(".pg-cand .pg-text").first.inner_text() == NASTY
+    assert page.locator(".pg-rank img, .pg-rank script, .pg-rank b").count() == 0
+    assert page.evaluate("window.__pwned === undefined")
+    page.locator(".pg-guide-btn").click()
+    assert "Helpful" in page.locator(".pg-guide").inner_text()  # guidelines one click away

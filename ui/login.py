@@ -1,0 +1,60 @@
+"""Sign-in strip for the labeling screens. The browser posts to /api/login, which sets an HttpOnly
+session cookie; Gradio handlers and the ranking widget are then recognised by that cookie."""
+from __future__ import annotations
+
+import gradio as gr
+
+from backend.auth import user_from_request
+
+SKELETON = '<div class="pg-login" style="display:flex;gap:.5em;align-items:center;flex-wrap:wrap"></div>'
+
+# Runs in the browser once the block mounts. Text goes in with textContent, never innerHTML.
+JS = r"""
+const box = element.querySelector('.pg-login');
+function el(tag, attrs, text) {
+  const e = document.createElement(tag);
+  Object.entries(attrs || {}).forEach(([k, v]) => e.setAttribute(k, v));
+  if (text !== undefined) e.textContent = text;
+  return e;
+}
+async function refresh() {
+  const r = await fetch('/api/me', {credentials: 'same-origin'});
+  box.replaceChildren();
+  if (r.ok) {
+    const me = await r.json();
+    const out = el('button', {'class': 'pg-logout', type: 'button'}, 'Log out');
+    out.onclick = async () => { await fetch('/api/logout', {method: 'POST', credentials: 'same-origin'});
+                                window.dispatchEvent(new Event('pg-auth')); refresh(); };
+    box.append(el('span', {'class': 'pg-whoami'}, 'Signed in as ' + me.name + ' (' + me.role + ')'), out);
+    return;
+  }
+  const form = el('form', {'class': 'pg-login-form', style: 'display:flex;gap:.5em;align-items:center'});
+  const name = el('input', {name: 'name', placeholder: 'name', autocomplete: 'username', 'aria-label': 'name'});
+  const pw = el('input', {name: 'password', type: 'password', placeholder: 'password', autocomplete: 'current-password', 'aria-label': 'password'});
+  const msg = el('span', {'class': 'pg-login-msg'});
+  form.append(name, pw, el('button', {type: 'submit'}, 'Log in'), msg);
+  form.onsubmit = async (ev) => {
+    ev.preventDefault();
+    const r = await fetch('/api/login', {method: 'POST', credentials: 'same-origin',
+      headers: {'Content-Type': 'application/json'}, body: JSON.stringify({name: name.value, password: pw.value})});
+    if (r.ok) { window.dispatchEvent(new Event('pg-auth')); refresh(); }
+    else { msg.textContent = 'Wrong name or password.'; }
+  };
+  box.append(form);
+}
+refresh();
+"""
+
+
+def build_login() -> gr.HTML:
+    return gr.HTML(SKELETON, js_on_load=JS, elem_classes=["pg-login-block"])
+
+
+def request_user(pg, request: gr.Request | None, role: str):
+    """The signed-in user of a Gradio event, checked for `role`; raises gr.Error otherwise."""
+    user = user_from_request(pg, request.headers, request.cookies) if request is not None else None
+    if user is None:
+        raise gr.Error("Log in first (top of this tab).")
+    if not user.can(role):
+        raise gr.Error(f"This needs the {role} role; you are {user.role}.")
+    return user

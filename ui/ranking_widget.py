@@ -1,0 +1,179 @@
+"""The ranking screen's interactive list: a gr.HTML block whose script talks to the REST API
+(/api/rankings/...) with the session cookie. Ordering logic is only presentation; queueing,
+validation and storage live in backend/labels/rankings.py.
+
+Keys: press candidate numbers best to worst (3, 1, 4, 2), or select one and move it with the arrow
+keys; drag works too; Enter submits. Candidate and prompt text are set with textContent (never HTML).
+"""
+from __future__ import annotations
+
+import gradio as gr
+
+SKELETON = """
+<div class="pg-rank" tabindex="0">
+  <div class="pg-bar">
+    <label>Set <select class="pg-set"><option value="">all sets</option></select></label>
+    <button type="button" class="pg-guide-btn">Guidelines</button>
+    <button type="button" class="pg-prev">Previous</button>
+    <span class="pg-status" role="status"></span>
+  </div>
+  <pre class="pg-guide" hidden></pre>
+  <div class="pg-prompt-label">Prompt</div>
+  <div class="pg-prompt"></div>
+  <div class="pg-hint">Best first. Press candidate numbers best to worst, or select one and move it with the arrow keys, or drag. Enter submits.</div>
+  <ol class="pg-cands"></ol>
+  <div class="pg-actions">
+    <label><input type="checkbox" class="pg-allbad"> All are bad</label>
+    <button type="button" class="pg-skip">Skip</button>
+    <button type="button" class="pg-submit">Submit (Enter)</button>
+  </div>
+</div>
+"""
+
+CSS = """
+.pg-rank { outline: none; }
+.pg-bar, .pg-actions { display: flex; gap: .75em; align-items: center; margin: .5em 0; flex-wrap: wrap; }
+.pg-prompt { white-space: pre-wrap; padding: .6em; border-radius: 6px; background: var(--block-background-fill, #f6f6f6); }
+.pg-prompt-label, .pg-hint { font-size: .85em; opacity: .75; margin-top: .5em; }
+.pg-cands { list-style: none; padding: 0; }
+.pg-cand { display: flex; gap: .75em; padding: .6em; margin: .35em 0; border: 1px solid #ccc; border-radius: 6px; cursor: grab; }
+.pg-cand.pg-sel { border: 2px solid #f97316; }
+.pg-rankno { font-weight: bold; min-width: 2.2em; }
+.pg-badge { display: inline-block; min-width: 1.6em; text-align: center; border-radius: 4px; background: #334155; color: white; }
+.pg-text { white-space: pre-wrap; flex: 1; }
+.pg-guide { white-space: pre-wrap; max-height: 24em; overflow: auto; border: 1px solid #ccc; padding: .6em; }
+"""
+
+JS = r"""
+const root = element.querySelector('.pg-rank');
+const $ = (s) => root.querySelector(s);
+let item = null, order = [], sel = 0, placed = 0;
+const history = [];
+
+async function api(method, url, body) {
+  const opts = {method, credentials: 'same-origin', headers: {}};
+  if (body !== undefined) { opts.headers['Content-Type'] = 'application/json'; opts.body = JSON.stringify(body); }
+  const r = await fetch(url, opts);
+  let data = null;
+  try { data = await r.json(); } catch (e) {}
+  if (!r.ok) {
+    const d = data && data.detail;
+    throw new Error(typeof d === 'string' ? d : (d ? JSON.stringify(d) : r.status + ' ' + r.statusText));
+  }
+  return data;
+}
+function status(msg) { $('.pg-status').textContent = msg; }
+
+function render() {
+  const list = $('.pg-cands');
+  list.replaceChildren();
+  $('.pg-prompt').textContent = item ? item.prompt : '';
+  root.dataset.itemId = item ? String(item.item_id) : '';
+  if (!item) return;
+  order.forEach((cid, rank) => {
+    const c = item.candidates.find((x) => x.id === cid);
+    const li = document.createElement('li');
+    li.className = 'pg-cand' + (rank === sel ? ' pg-sel' : '');
+    li.draggable = true;
+    li.dataset.cid = String(cid);
+    const no = document.createElement('span'); no.className = 'pg-rankno'; no.textContent = '#' + (rank + 1);
+    const badge = document.createElement('span'); badge.className = 'pg-badge'; badge.textContent = String(c.position + 1);
+    const text = document.createElement('div'); text.className = 'pg-text'; text.textContent = c.text;
+    li.append(no, badge, text);
+    li.addEventListener('click', () => { sel = rank; render(); });
+    li.addEventListener('dragstart', (e) => { e.dataTransfer.setData('text/plain', String(rank)); });
+    li.addEventListener('dragover', (e) => e.preventDefault());
+    li.addEventListener('drop', (e) => { e.preventDefault(); move(Number(e.dataTransfer.getData('text/plain')), rank); });
+    list.append(li);
+  });
+}
+function move(from, to) {
+  if (to < 0 || to >= order.length || from === to) return;
+  const [x] = order.splice(from, 1);
+  order.splice(to, 0, x);
+  sel = to;
+  render();
+}
+function show(next) {
+  item = next;
+  const mine = item && item.my_ranking;
+  order = item ? (mine && mine.order.length ? mine.order.slice() : item.candidates.map((c) => c.id)) : [];
+  $('.pg-allbad').checked = !!(mine && mine.all_bad);
+  sel = 0; placed = 0;
+  render();
+}
+async function loadNext() {
+  try {
+    const set = $('.pg-set').value;
+    const next = await api('GET', '/api/rankings/next' + (set ? '?set_id=' + encodeURIComponent(set) : ''));
+    if (next.done) { show(null); status('Nothing left to rank. Thank you!'); return; }
+    show(next);
+    status('Item ' + (next.position + 1) + ' of "' + next.set_name + '"');
+    root.focus({preventScroll: true});
+  } catch (e) { show(null); status(e.message); }
+}
+async function loadSets() {
+  try {
+    const sets = await api('GET', '/api/ranking-sets');
+    const pick = $('.pg-set');
+    const keep = pick.value;
+    pick.replaceChildren(new Option('all sets', ''));
+    sets.forEach((s) => pick.append(new Option(s.name + ' (' + s.items + ' items, K=' + s.k + ')', String(s.id))));
+    pick.value = keep;
+  } catch (e) {}
+}
+async function submit(skipped) {
+  if (!item) return;
+  const body = skipped ? {skipped: true} : {order: order, all_bad: $('.pg-allbad').checked};
+  try {
+    const res = await api('POST', '/api/rankings/items/' + item.item_id, body);
+    history.push(item.item_id);
+    status((skipped ? 'Skipped' : 'Saved (revision ' + res.revision + ')') + '. Loading the next item...');
+    await loadNext();
+    root.dataset.saved = String(Number(root.dataset.saved || 0) + 1);
+  } catch (e) { status('Not saved: ' + e.message); }
+}
+async function start() {
+  const me = await fetch('/api/me', {credentials: 'same-origin'});
+  if (!me.ok) { show(null); status('Log in above to start ranking.'); return; }
+  await loadSets();
+  await loadNext();
+}
+
+$('.pg-submit').onclick = () => submit(false);
+$('.pg-skip').onclick = () => submit(true);
+$('.pg-set').onchange = () => loadNext();
+$('.pg-prev').onclick = async () => {
+  const id = history.pop();
+  if (id === undefined) { status('No earlier item in this session.'); return; }
+  try { show(await api('GET', '/api/rankings/items/' + id)); status('Revisiting an item you submitted; Enter saves the change.'); }
+  catch (e) { status(e.message); }
+};
+$('.pg-guide-btn').onclick = async () => {
+  const g = $('.pg-guide');
+  if (g.hidden) { try { g.textContent = (await api('GET', '/api/guidelines')).text; } catch (e) { g.textContent = e.message; } }
+  g.hidden = !g.hidden;
+};
+document.addEventListener('keydown', (e) => {
+  if (!item || root.offsetParent === null) return;  // not on screen
+  const t = e.target;
+  if (t && (t.isContentEditable || ['INPUT', 'TEXTAREA', 'SELECT'].includes(t.tagName))) return;
+  if (/^[1-9]$/.test(e.key)) {
+    const cid = (item.candidates.find((c) => c.position === Number(e.key) - 1) || {}).id;
+    if (cid === undefined) return;
+    if (placed >= order.length) placed = 0;
+    move(order.indexOf(cid), placed);
+    sel = order.indexOf(cid); placed += 1; render();
+  } else if (e.key === 'ArrowUp') { move(sel, sel - 1); }
+  else if (e.key === 'ArrowDown') { move(sel, sel + 1); }
+  else if (e.key === 'Enter') { submit(false); }
+  else return;
+  e.preventDefault();
+});
+window.addEventListener('pg-auth', start);
+start();
+"""
+
+
+def build_ranking_widget() -> gr.HTML:
+    return gr.HTML(SKELETON, css_template=CSS, js_on_load=JS, elem_classes=["pg-rank-block"])
