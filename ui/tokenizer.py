@@ -210,7 +210,11 @@ def _bpe_tab(data_dir: Path, encoding_choices, encoding_dropdowns) -> None:
 
     gr.Markdown("Train a byte-level BPE on a corpus. **Step** shows the first merges one at a time (the pair, its "
                 "count, the new id) and re-colours the sample; **Train** runs rustbpe to the full vocabulary, saves a "
-                "tiktoken encoding and draws the trade-off: a bigger vocabulary means shorter sequences.")
+                "tiktoken encoding and draws the trade-off: a bigger vocabulary means shorter sequences.\n\n"
+                "**What to notice:** the text starts as UTF-8 bytes, 256 symbols. The most frequent adjacent pair "
+                "becomes symbol 256 (with split pattern *none* on English prose it is a pair like 'e' + ' ' or "
+                "'t' + 'h'; on code, runs of spaces), then the next, and so on: every merge adds one symbol to the "
+                "vocabulary and removes as many tokens from the corpus as the pair's count.")
     with gr.Row():
         source = gr.Radio(corpora.list_corpora() + ["pasted text", "uploaded files"], value="python-docs",
                           label="Corpus", elem_id="bpe-source")
