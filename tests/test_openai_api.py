@@ -237,3 +237,28 @@ def test_concurrent_requests_are_served_fairly(client):
     for t in threads:
         t.join(60)
     assert results == solo
+
+
+@pytest.mark.slow
+def test_bundled_smollm2_answers_through_the_openai_client(tmp_path):
+    """The real bundled model, preloaded at start, answers a greedy chat and streams the same text."""
+    s = start_server(tmp_path / "data", "--no-worker")
+    try:
+        health = httpx.get(s.base_url + "/healthz").json()
+        assert health["loaded_models"] == ["smollm2-135m-instruct"]
+        client = openai.OpenAI(base_url=s.base_url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        msgs = [{"role": "user", "content": "What is the capital of France?"}]
+        r = client.chat.completions.create(model="smollm2-135m-instruct", messages=msgs, temperature=0,
+                                           max_tokens=40)
+        answer = r.choices[0].message.content
+        assert "Paris" in answer  # SmolLM2-135M-Instruct says: "The capital of France is Paris."
+        assert r.choices[0].finish_reason == "stop" and "<|im_end|>" not in answer
+        parts = [c.choices[0].delta.content or "" for c in client.chat.completions.create(
+            model="smollm2-135m-instruct", messages=msgs, temperature=0, max_tokens=40, stream=True) if c.choices]
+        assert "".join(parts) == answer
+        c = client.completions.create(model="smollm2-135m-instruct", prompt="The capital of France is",
+                                      max_tokens=3, temperature=0, logprobs=2)
+        assert c.choices[0].text.startswith(" Paris")
+        assert c.choices[0].logprobs.tokens[0] == " Paris"
+    finally:
+        s.stop()
