@@ -1,0 +1,99 @@
+"""python -m backend.train KIND [options]: run one training job in the foreground.
+
+    python -m backend.train pretrain --preset cpu-5min --corpus python-docs --max-seconds 300
+    python -m backend.train pretrain --config run.yaml --resume
+
+Options given on the command line override the YAML file. Events print as they come (one line each);
+Ctrl-C stops at the end of the current step, keeps a checkpoint and registers the model.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from backend.config import AppConfig
+
+
+def _pretrain_parser(sub) -> None:
+    p = sub.add_parser("pretrain", help="pretrain a GPT from scratch on a corpus")
+    p.add_argument("--config", help="YAML file of PretrainConfig fields")
+    p.add_argument("--preset", help="model size (models/presets.py): tiny, cpu-5min, cpu-1h, gpu-d12, gpu-smollm2-135m")
+    p.add_argument("--corpus", nargs="+", help="python-docs, python-stdlib, files (.txt .md .jsonl .parquet), hf:NAME")
+    p.add_argument("--tokenizer", help="auto (a BPE trained on the corpus), cl100k_base, smollm2, or a trained BPE name")
+    p.add_argument("--name", help="run and model name")
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--max-seconds", type=float)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--seq-len", type=int)
+    p.add_argument("--grad-accum", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"])
+    p.add_argument("--device")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--eval-every", type=int)
+    p.add_argument("--sample-every", type=int)
+    p.add_argument("--checkpoint-every", type=int)
+    p.add_argument("--resume", action="store_true", default=None, help="continue the run's latest checkpoint")
+    p.add_argument("--fresh", action="store_true", default=None, help="delete a run of the same name first")
+    p.add_argument("--no-register", dest="register", action="store_false", default=None)
+    p.add_argument("--data-dir", help="the app's data directory (default ./data or $PLAYGROUND_HOME)")
+
+
+def _load_yaml(path: str | None) -> dict:
+    if not path:
+        return {}
+    import yaml
+    try:
+        d = yaml.safe_load(Path(path).read_text()) or {}
+    except OSError as e:
+        sys.exit(f"--config: cannot read {path}: {e.strerror}")
+    except yaml.YAMLError as e:
+        sys.exit(f"--config: {path} is not valid YAML: {e}")
+    if not isinstance(d, dict):
+        sys.exit(f"--config: {path} must hold a mapping of config fields")
+    return d
+
+
+def _print_event(ev: dict) -> None:
+    if "sample" in ev:
+        print(f"--- sample at step {ev['step']}: {ev['prompt']!r} ->\n{ev['sample']}\n---", flush=True)
+    elif "lr" in ev:
+        bpb = f"  val_bpb {ev['val_bpb']:.4f}" if "val_bpb" in ev else ""
+        print(f"step {ev['step']:6d}  loss {ev['loss']:.4f}{bpb}  lr {ev['lr']:.2e}  "
+              f"{ev['tokens_per_s']:,.0f} tok/s  mfu {100 * ev['mfu']:.2f}%  {ev['elapsed']:.0f}s", flush=True)
+    else:
+        print(json.dumps(ev), flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m backend.train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="kind", required=True, metavar="KIND")
+    _pretrain_parser(sub)
+    args = parser.parse_args(argv)
+
+    if args.kind == "pretrain":
+        from backend.train.pretrain import PretrainConfig, pretrain
+        fields = _load_yaml(args.config)
+        fields.update({k: v for k, v in vars(args).items()
+                       if v is not None and k not in ("kind", "config", "data_dir")})
+        app = AppConfig(data_dir=args.data_dir) if args.data_dir else AppConfig()
+        stop = threading.Event()
+        signal.signal(signal.SIGINT, lambda *_: (stop.set(), print("stopping after this step...", flush=True)))
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        try:
+            cfg = PretrainConfig.from_dict(fields)
+            result = pretrain(cfg, app, on_event=_print_event, stop=stop)
+        except (ValueError, FileNotFoundError) as e:
+            sys.exit(f"error: {e}")
+        print(f"done ({result.reason}) at step {result.step}: loss {result.loss}, val bpb {result.val_bpb}; "
+              f"checkpoint {result.checkpoint}; model {result.model!r}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
