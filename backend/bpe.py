@@ -174,6 +174,39 @@ class BPETrainer:
         return build_encoding(name, self.ranks(), self.pattern, specials=specials)
 
 
+class StepSessions:
+    """Live step-mode trainers by key, the few most recent only (a trainer on 1 MB holds tens of MB
+    of Python objects). The UI keeps just the key in its session state: Gradio deep-copies state values on
+    every event to detect changes, which would cost more than the merge itself."""
+
+    def __init__(self, max_sessions: int = 4):
+        import threading
+        from collections import OrderedDict
+        self.max_sessions = max_sessions
+        self._trainers: OrderedDict[str, BPETrainer] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def start(self, text: str, pattern: str) -> str:
+        import uuid
+        trainer = BPETrainer(text, pattern)
+        key = uuid.uuid4().hex
+        with self._lock:
+            self._trainers[key] = trainer
+            while len(self._trainers) > self.max_sessions:
+                self._trainers.popitem(last=False)
+        return key
+
+    def get(self, key: str | None) -> BPETrainer | None:
+        with self._lock:
+            trainer = self._trainers.get(key) if key else None
+            if trainer is not None:
+                self._trainers.move_to_end(key)
+            return trainer
+
+
+STEP_SESSIONS = StepSessions()
+
+
 def train_naive(text: str, vocab_size: int, pattern: str = "gpt4") -> list[Merge]:
     """The textbook trainer: recount every pair of every chunk after each merge (the baseline)."""
     chunks = chunk_counts(text, pattern)

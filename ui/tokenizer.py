@@ -170,16 +170,18 @@ def _bpe_tab(data_dir: Path, encoding_choices, encoding_dropdowns) -> None:
 
     def start(source, pasted, files, max_chars, preset, custom, sample, show_ws=True):
         try:
-            trainer = bpe.BPETrainer(corpus(source, pasted, files, int(max_chars)), pattern_of(preset, custom))
+            key = bpe.STEP_SESSIONS.start(corpus(source, pasted, files, int(max_chars)), pattern_of(preset, custom))
         except ValueError as e:
             return None, _error(e), [], ""
+        trainer = bpe.STEP_SESSIONS.get(key)
         info = (f"Ready: {sum(len(w) * c for w, c in zip(trainer.words, trainer.weights)):,} bytes in "
                 f"{len(trainer.words):,} distinct chunks. Press Step: the most frequent adjacent pair becomes token 256.")
-        return trainer, info, [], _recolour(trainer, sample, show_ws)
+        return key, info, [], _recolour(trainer, sample, show_ws)
 
-    def step(trainer, n, sample, show_ws, table):
+    def step(key, n, sample, show_ws, table):
+        trainer = bpe.STEP_SESSIONS.get(key)
         if trainer is None:
-            return trainer, "Press Start first.", table, ""
+            return key, "Press Start first (step mode keeps only the few most recent sessions).", table, ""
         rows = list(_rows(table))
         for _ in range(n):
             m = trainer.step()
@@ -189,7 +191,7 @@ def _bpe_tab(data_dir: Path, encoding_choices, encoding_dropdowns) -> None:
                          tx.visible_whitespace(bpe._show(m.left) + " + " + bpe._show(m.right)),
                          tx.visible_whitespace(bpe._show(m.bytes)), m.count])
         info = f"{len(trainer.merges)} merges · vocabulary {trainer.vocab_size}"
-        return trainer, info, rows, _recolour(trainer, sample, show_ws)
+        return key, info, rows, _recolour(trainer, sample, show_ws)
 
     def train(source, pasted, files, max_chars, preset, custom, vocab_size, name):
         try:
@@ -225,7 +227,7 @@ def _bpe_tab(data_dir: Path, encoding_choices, encoding_dropdowns) -> None:
     with gr.Row():
         preset = gr.Dropdown(list(bpe.SPLIT_PATTERNS) + ["custom"], value="gpt4", label="Split pattern")
         custom = gr.Textbox(label="Custom split regex", placeholder=r"\w+|\s+|[^\w\s]+")
-    trainer = gr.State(None)
+    trainer = gr.State(None)  # the key of this session's trainer in bpe.STEP_SESSIONS
     with gr.Row():
         start_btn = gr.Button("Start / reset step mode", elem_id="bpe-start")
         step1 = gr.Button("Step", variant="primary", elem_id="bpe-step")
@@ -237,9 +239,13 @@ def _bpe_tab(data_dir: Path, encoding_choices, encoding_dropdowns) -> None:
     sample_html = gr.HTML("", css_template=tx.CSS, elem_id="bpe-sample")
     corpus_inputs = [source, pasted, files, max_chars, preset, custom]
     start_btn.click(start, corpus_inputs + [sample], [trainer, step_info, merges, sample_html])
-    step1.click(lambda t, s, m: step(t, 1, s, True, m), [trainer, sample, merges], [trainer, step_info, merges, sample_html])
-    step10.click(lambda t, s, m: step(t, 10, s, True, m), [trainer, sample, merges], [trainer, step_info, merges, sample_html])
-    sample.change(lambda t, s: _recolour(t, s, True), [trainer, sample], sample_html, show_progress="hidden")
+    # one queue for both step buttons: a trainer must not be stepped by two events at once
+    step1.click(lambda t, s, m: step(t, 1, s, True, m), [trainer, sample, merges],
+                [trainer, step_info, merges, sample_html], concurrency_id="bpe-step")
+    step10.click(lambda t, s, m: step(t, 10, s, True, m), [trainer, sample, merges],
+                 [trainer, step_info, merges, sample_html], concurrency_id="bpe-step")
+    sample.change(lambda k, s: _recolour(bpe.STEP_SESSIONS.get(k), s, True), [trainer, sample], sample_html,
+                  show_progress="hidden")
 
     with gr.Row():
         vocab_size = gr.Number(4096, label="Vocabulary size (merges + 256)", precision=0, minimum=257,
