@@ -5,8 +5,7 @@ it and bumps its revision. An item is done when `annotators_per_item` people ran
 """
 from __future__ import annotations
 
-from sqlalchemy import and_, exists, func, select
-from sqlalchemy.orm import aliased
+from sqlalchemy import exists, func, select
 
 from backend.db import Database
 from backend.db.models import Candidate, Ranking, RankingItem, RankingSet, User, utcnow
@@ -89,12 +88,12 @@ def _item_payload(s, item: RankingItem, user: CurrentUser) -> dict:
 def next_item(db: Database, user: CurrentUser, set_id: int | None = None) -> dict | None:
     """The first item this user has not ranked or skipped that still needs rankers; None when done."""
     with db.read() as s:
-        ranked = func.count(Ranking.id).filter(Ranking.skipped.is_(False))
-        r2 = aliased(Ranking)  # its own alias, or the subquery would correlate to the outer join
-        mine = exists().where(and_(r2.item_id == RankingItem.id, r2.user_id == user.id))
-        q = (select(RankingItem).join(RankingSet).outerjoin(Ranking, Ranking.item_id == RankingItem.id)
-             .where(~mine).group_by(RankingItem.id, RankingSet.id, RankingSet.annotators_per_item)
-             .having(ranked < RankingSet.annotators_per_item)
+        # Correlated subqueries stop at the first item that qualifies (indexes on rankings.item_id),
+        # instead of counting rankings for every item of every set.
+        mine = exists().where(Ranking.item_id == RankingItem.id, Ranking.user_id == user.id)
+        ranked = (select(func.count()).where(Ranking.item_id == RankingItem.id, Ranking.skipped.is_(False))
+                  .correlate(RankingItem).scalar_subquery())
+        q = (select(RankingItem).join(RankingSet).where(~mine, ranked < RankingSet.annotators_per_item)
              .order_by(RankingItem.set_id, RankingItem.position).limit(1))
         if set_id is not None:
             q = q.where(RankingItem.set_id == set_id)
