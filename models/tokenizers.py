@@ -160,7 +160,10 @@ def _build_smollm2(data_dir: Path | None) -> tiktoken.Encoding:
     if data_dir is not None:
         meta = {"source": str(gguf_path), "model_vocab_size": len(tokens),
                 "note": "ids >= model_vocab_size are bytes the original vocabulary lacks (HF drops them)"}
-        _write_encoding_files(ranks_path, meta_path, enc, meta)
+        try:
+            _write_encoding_files(ranks_path, meta_path, enc, meta)
+        except OSError:
+            pass  # a read-only data dir only costs the next process another GGUF read
     return enc
 
 
@@ -190,16 +193,18 @@ def _write_encoding_files(ranks_path: Path, meta_path: Path, enc: tiktoken.Encod
 
 
 def _read_encoding_files(ranks_path: Path, meta_path: Path, name: str) -> tiktoken.Encoding:
+    """Load a rank file + its JSON; anything malformed is a ValueError naming the file."""
     data = ranks_path.read_bytes()
     try:
         doc = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{meta_path} is not valid JSON: {e}") from e
-    if doc.get("sha256") and hashlib.sha256(data).hexdigest() != doc["sha256"]:
-        raise ValueError(f"{ranks_path} does not match the hash recorded in {meta_path.name}")
-    ranks = {base64.b64decode(tok): int(rank) for tok, rank in (line.split() for line in data.splitlines() if line)}
-    return tiktoken.Encoding(name, pat_str=doc["pat_str"], mergeable_ranks=ranks,
-                             special_tokens={k: int(v) for k, v in doc.get("special_tokens", {}).items()})
+        if doc.get("sha256") and hashlib.sha256(data).hexdigest() != doc["sha256"]:
+            raise ValueError("the rank file does not match the sha256 recorded in its .json (damaged or half-written)")
+        ranks = {base64.b64decode(tok, validate=True): int(rank)
+                 for tok, rank in (line.split() for line in data.splitlines() if line)}
+        specials = {str(k): int(v) for k, v in doc.get("special_tokens", {}).items()}
+        return tiktoken.Encoding(name, pat_str=doc["pat_str"], mergeable_ranks=ranks, special_tokens=specials)
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"encoding {name!r} in {ranks_path.parent} cannot be loaded: {e!r}") from e
 
 
 def _trained_paths(name: str, data_dir: Path) -> tuple[Path, Path]:

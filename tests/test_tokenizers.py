@@ -56,8 +56,9 @@ def test_cl100k_deep_dive_facts():
     assert pieces("9.11") == ["9", ".", "11"]
 
 
-def test_cl100k_is_built_offline_from_the_wheel(offline_tiktoken):
+def test_cl100k_is_built_offline_from_the_wheel(offline_tiktoken, monkeypatch):
     _, fetched = offline_tiktoken
+    monkeypatch.setattr(tiktoken, "get_encoding", lambda name: pytest.fail("tiktoken.get_encoding would download"))
     enc = T._build_cl100k()  # not through the cache: build it again with the network cut
     assert enc.encode("hello world") == [15339, 1917]
     assert enc.n_vocab == 100277 and "<|endoftext|>" in enc.special_tokens_set
@@ -222,7 +223,10 @@ def test_trained_encoding_round_trip(tmp_path, monkeypatch):
 def test_trained_encoding_damaged_file_is_refused(tmp_path):
     path = save_encoding(tiny_encoding([b"ab"]), "broken", tmp_path)
     path.write_bytes(path.read_bytes()[:-20])
-    with pytest.raises(ValueError, match="hash"):
+    with pytest.raises(ValueError, match="sha256"):
+        get_encoding("broken", tmp_path)
+    (tmp_path / "tokenizers" / "broken.json").write_text("{}")  # no sha256, no pat_str
+    with pytest.raises(ValueError, match="broken"):
         get_encoding("broken", tmp_path)
 
 
