@@ -99,7 +99,8 @@ def encode_pieces(pieces: list[Piece], enc: tiktoken.Encoding) -> RenderedChat:
             i += 1
             continue
         # One run of plain text up to the next special, encoded at once; trainable byte spans inside it
-        # mark every token that overlaps them.
+        # mark every token that overlaps them (a token straddling the header's "\n" and an answer that
+        # opens with whitespace, like "\n  " before a digit, is trained: the answer is in it).
         run, spans, pos = [], [], 0
         while i < len(pieces) and not pieces[i].special:
             b = pieces[i].text.encode("utf-8")

@@ -28,7 +28,9 @@ import tiktoken
 # (llama.cpp calls it "smollm": split on \p{N} first, then the GPT-2 regex on each piece). One tiktoken
 # regex reproduces it: every number character is its own piece (`\p{N}` instead of ` ?\p{N}+`, so a
 # space never attaches to a digit), and a whitespace run before a digit is the end of a piece, so GPT-2's
-# `\s+(?!\S)` must take all of it: the lookahead treats a digit like the end of the text.
+# `\s+(?!\S)` must take all of it: the lookahead treats a digit like the end of the text. The last
+# alternative `\s` stands for GPT-2's `\s+`: it only ever matches one whitespace char before a letter.
+# Checked against HF `tokenizers` on code, prose, CJK, emoji, combining marks and fuzz (tests/test_tokenizers.py).
 SMOLLM2_PAT_STR = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s"""
 
 CHAT_SPECIALS = ("<|im_start|>", "<|im_end|>", "<|im_sep|>")
