@@ -1,0 +1,179 @@
+"""python -m backend.bench decode [--threads 2] [--tokens 128] [--samples 8] [--sample-tokens 64] [--repeat 3]
+
+Who is who, measured in one run with the same prompt, the same thread count and the same model weights:
+- single-stream decode, greedy: OUR engine (backend.engine, KV cache + DecodeStep) vs Hugging Face
+  transformers `generate` with LlamaForCausalLM (float32) loaded from the HF-layout cache directory the
+  registry writes for the bundled model. Both generate exactly --tokens new tokens (end-of-text ignored);
+  the rate is new tokens / wall time of the whole call (prefill included, the prompt is ~40 tokens).
+- N samples x T tokens of one prompt (temperature 1): our shared prefill + batched decode vs transformers
+  `generate(do_sample=True, num_return_sequences=N)`.
+- load time of the bundled model into an engine (weights + tokenizer): cold = a fresh cache directory
+  (GGUF dequantization and tokenizer conversion included), warm = a new process reading the cache.
+- llama.cpp on the same GGUF is the stretch peer; it is reported only when `llama_cpp` is importable.
+Timings are the median of --repeat runs after a warm-up run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+PROMPT = [{"role": "user", "content": "Write a short story about a robot who learns to paint."}]
+
+
+def _median_time(fn, repeat: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _warm_load_seconds(data_dir: Path, cache_dir: Path, model: str, threads: int) -> float:
+    """Time EnginePool.get in a fresh process (imports excluded): what a restart of the app pays."""
+    code = (
+        "import time, torch\n"
+        f"torch.set_num_threads({threads})\n"
+        "from backend.config import AppConfig\nfrom backend.model_pool import EnginePool\n"
+        "from models.registry import ModelRegistry\n"
+        f"cfg = AppConfig(data_dir={str(data_dir)!r}, cache_dir={str(cache_dir)!r})\n"
+        "t0 = time.perf_counter()\n"
+        f"EnginePool(ModelRegistry(cfg), cfg).get({model!r})\n"
+        "print(time.perf_counter() - t0)\n")
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def result(metric, unit, ours, peer, peer_name, goal, higher_is_better=True, **extra) -> dict:
+    ratio = None
+    if peer is not None and ours:
+        ratio = round(ours / peer if higher_is_better else peer / ours, 2)
+    return {"metric": metric, "unit": unit, "ours": None if ours is None else round(ours, 2),
+            "peer": None if peer is None else round(peer, 2), "peer_name": peer_name, "ratio": ratio,
+            "goal_ratio": goal, **extra}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m backend.bench decode", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tokens", type=int, default=128, help="new tokens in the single-stream run")
+    ap.add_argument("--samples", type=int, default=8)
+    ap.add_argument("--sample-tokens", type=int, default=64)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--data-dir", default=None, help="where the bundled model's cache lives (default: a temp dir)")
+    ap.add_argument("--skip-peer", action="store_true", help="only our numbers (no transformers run)")
+    ap.add_argument("--skip-load", action="store_true", help="skip the cold/warm load timing")
+    args = ap.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    from backend.config import AppConfig
+    from backend.model_pool import EnginePool
+    from backend.sampling import SamplingParams
+    from models.registry import ModelRegistry
+
+    tmp = tempfile.TemporaryDirectory(prefix="bench-decode-")
+    data_dir = Path(args.data_dir or tmp.name)
+    cold_cache = Path(tmp.name) / "cold-cache"
+    results = []
+
+    # -- load times ------------------------------------------------------------------------------
+    cache_dir = Path(tmp.name) / "cache" if args.data_dir is None else None
+    if not args.skip_load and args.model == "smollm2-135m-instruct":
+        cfg = AppConfig(data_dir=data_dir, cache_dir=cold_cache)
+        t0 = time.perf_counter()
+        EnginePool(ModelRegistry(cfg), cfg).get(args.model)
+        cold = time.perf_counter() - t0
+        warm = _warm_load_seconds(data_dir, cold_cache, args.model, args.threads)
+        cache_dir = cold_cache
+        print(f"load {args.model}: cold {cold:.2f} s (GGUF dequantization + tokenizer conversion), warm {warm:.2f} s")
+        results.append(result("load time cold (fresh cache)", "s", cold, None, "no peer: one-time conversion",
+                              None, higher_is_better=False))
+        results.append(result("load time warm (new process, cached)", "s", warm, None,
+                              "no peer; goal: warm <= 3 s", None, higher_is_better=False, goal_seconds=3.0))
+    cfg = AppConfig(data_dir=data_dir, cache_dir=cache_dir) if cache_dir else AppConfig(data_dir=data_dir)
+    pool = EnginePool(ModelRegistry(cfg), cfg)
+    engine = pool.get(args.model)
+    prompt = engine.chat_prompt(PROMPT) if engine.spec.chat_format else engine.encode(PROMPT[0]["content"])
+    print(f"model {args.model} on {engine.device} ({pool.dtype}), {args.threads} threads, prompt {len(prompt)} tokens")
+
+    # -- ours ------------------------------------------------------------------------------------
+    greedy = SamplingParams(temperature=0, max_tokens=args.tokens)  # no stop tokens: exactly --tokens
+    ours_text = engine.complete(prompt, greedy)[0]
+    t = _median_time(lambda: engine.complete(prompt, greedy), args.repeat)
+    ours_single = args.tokens / t
+    print(f"ours single-stream greedy: {ours_single:.1f} tok/s ({args.tokens} tokens in {t:.2f} s)")
+    sampled = SamplingParams(temperature=1.0, max_tokens=args.sample_tokens, seed=0)
+    t = _median_time(lambda: engine.complete(prompt, sampled, n=args.samples), args.repeat)
+    ours_batch = args.samples * args.sample_tokens / t
+    print(f"ours {args.samples} x {args.sample_tokens} sampled: {ours_batch:.1f} tok/s ({t:.2f} s)")
+
+    # -- transformers ----------------------------------------------------------------------------
+    hf_single = hf_batch = None
+    hf_name = "transformers generate (fp32)"
+    same_greedy = None
+    if args.skip_peer:
+        hf_name = "skipped (--skip-peer)"
+    else:
+        try:
+            from transformers import LlamaForCausalLM
+        except ImportError:
+            hf_name = "transformers not installed"
+        else:
+            hf_dir = (cfg.cache_dir / args.model) if engine.spec.kind == "bundled" else engine.spec.path
+            hf = LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+            ids = torch.tensor([prompt])
+            attn = torch.ones_like(ids)
+            common = dict(attention_mask=attn, min_new_tokens=args.tokens, max_new_tokens=args.tokens,
+                          pad_token_id=0)
+
+            def hf_greedy():
+                with torch.inference_mode():
+                    return hf.generate(ids, do_sample=False, **common)
+
+            hf_tokens = hf_greedy()[0, len(prompt):].tolist()
+            same_greedy = hf_tokens == ours_text.token_ids
+            t = _median_time(hf_greedy, args.repeat)
+            hf_single = args.tokens / t
+            print(f"transformers single-stream greedy: {hf_single:.1f} tok/s; same tokens as ours: {same_greedy}")
+
+            def hf_sampled():
+                with torch.inference_mode():
+                    return hf.generate(ids, attention_mask=attn, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                                       num_return_sequences=args.samples, min_new_tokens=args.sample_tokens,
+                                       max_new_tokens=args.sample_tokens, pad_token_id=0)
+
+            t = _median_time(hf_sampled, args.repeat)
+            hf_batch = args.samples * args.sample_tokens / t
+            print(f"transformers {args.samples} x {args.sample_tokens} sampled: {hf_batch:.1f} tok/s")
+
+    results.append(result("single-stream decode (greedy)", "tok/s", ours_single, hf_single, hf_name, 2.0,
+                          same_greedy_tokens=same_greedy))
+    results.append(result(f"{args.samples} samples x {args.sample_tokens} tokens", "tok/s", ours_batch, hf_batch,
+                          hf_name.replace("(fp32)", "batched (fp32)"), 3.0))
+    try:
+        import llama_cpp  # noqa: F401
+        llama_name = "llama.cpp present but not wired into this bench"
+    except ImportError:
+        llama_name = "llama.cpp (llama-cpp-python) not installed here; stretch goal: within 2x of it"
+    results.append(result("single-stream decode vs llama.cpp", "tok/s", ours_single, None, llama_name, 0.5))
+
+    print(json.dumps({"bench": "decode", "device": str(engine.device), "threads": args.threads,
+                      "torch": torch.__version__.split("+")[0], "dtype": str(pool.dtype).replace("torch.", ""),
+                      "results": results}))
+
+
+if __name__ == "__main__":
+    main()
