@@ -265,8 +265,10 @@ def check_name(name: str) -> str:
     return name
 
 
-def train_and_register(text: str, vocab_size: int, pattern: str, name: str, data_dir: Path) -> dict:
-    """Full training with rustbpe; the encoding is saved under data_dir and listed by list_encodings()."""
+def train_and_register(text: str, vocab_size: int, pattern: str, name: str, data_dir: Path,
+                       source: str = "text") -> dict:
+    """Full training with rustbpe; the encoding is saved under data_dir and listed by list_encodings().
+    `source` (e.g. "python-docs") is recorded with it, beside the pattern, vocabulary and corpus size."""
     from models.tokenizers import list_encodings, save_encoding
     check_name(name)
     if name in list_encodings(data_dir):
@@ -276,7 +278,9 @@ def train_and_register(text: str, vocab_size: int, pattern: str, name: str, data
     ranks = train_rustbpe(text, vocab_size, pattern)
     seconds = time.perf_counter() - t0
     enc = build_encoding(name, ranks, pattern)
-    path = save_encoding(enc, name, Path(data_dir))
+    meta = {"trainer": "rustbpe", "source": source, "corpus_chars": len(text), "pattern": pattern,
+            "vocab_size": vocab_size, "special_tokens": SPECIAL_TOKENS, "seconds": round(seconds, 3)}
+    path = save_encoding(enc, name, Path(data_dir), meta=meta)
     sample = text[:200_000]
     n = len(enc.encode_ordinary(sample))
     return {"name": name, "path": str(path), "vocab_size": enc.n_vocab, "merges": len(ranks) - 256,

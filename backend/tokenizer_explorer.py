@@ -468,5 +468,6 @@ def render_presplit_html(chunks: list[dict], show_whitespace: bool = True) -> st
 
 
 def counts_markdown(c: dict) -> str:
-    return (f"**{c['tokens']:,} tokens** · {c['chars']:,} characters · {c['bytes']:,} UTF-8 bytes · "
+    graphemes = f" ({c['graphemes']:,} graphemes)" if c.get("graphemes", c["chars"]) != c["chars"] else ""
+    return (f"**{c['tokens']:,} tokens** · {c['chars']:,} characters{graphemes} · {c['bytes']:,} UTF-8 bytes · "
             f"{c['chars_per_token']} characters/token")

@@ -74,6 +74,8 @@ def test_train_and_register_makes_a_loadable_encoding(tmp_path, docs):
     assert "docs-1k" in tx.list_encodings(tmp_path)
     enc = tx.get_encoding("docs-1k", tmp_path)
     assert out["merges"] == 1024 - 256 and enc.n_vocab == 1024 + len(bpe.SPECIAL_TOKENS)
+    meta = json.loads((tmp_path / "tokenizers" / "docs-1k.json").read_text())["meta"]
+    assert meta["trainer"] == "rustbpe" and meta["pattern"] == "gpt4" and meta["corpus_chars"] == len(docs)
     assert enc.decode(enc.encode("def f(x):\n    return x")) == "def f(x):\n    return x"
     assert enc.encode("<|endoftext|>", allowed_special="all") == [1024]
     assert out["tokens_per_1000_chars"] < 400  # far fewer tokens than bytes on its own corpus
@@ -137,3 +139,13 @@ def test_bench_runs_at_toy_size(capsys):
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert last["bench"] == "bpe" and last["identical_merges"] is True
     assert {r["unit"] for r in last["results"]} == {"s", "ms"}
+
+
+def test_step_sessions_keep_the_most_recent_trainers():
+    sessions = bpe.StepSessions(max_sessions=2)
+    a = sessions.start("aa bb aa", "gpt4")
+    b = sessions.start("cc dd cc", "gpt4")
+    assert sessions.get(a).step().pair == (97, 97)  # using a makes it the most recent
+    c = sessions.start("ee ff", "gpt4")
+    assert sessions.get(b) is None and sessions.get(a) is not None and sessions.get(c) is not None
+    assert sessions.get(a).vocab_size == 257 and sessions.get(None) is None

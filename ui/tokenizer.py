@@ -197,7 +197,8 @@ def _bpe_tab(data_dir: Path, encoding_choices, encoding_dropdowns) -> None:
         try:
             text = corpus(source, pasted, files, int(max_chars))
             pattern = pattern_of(preset, custom)
-            result = bpe.train_and_register(text, int(vocab_size), pattern, (name or "").strip(), data_dir)
+            result = bpe.train_and_register(text, int(vocab_size), pattern, (name or "").strip(), data_dir,
+                                            source=source)
             enc = tx.get_encoding(result["name"], data_dir)
             curve = bpe.length_curve(text, enc._mergeable_ranks, pattern)
         except ValueError as e:

@@ -166,7 +166,8 @@ def bpe_steps(req: StepsRequest) -> dict:
 def bpe_train(req: TrainRequest, request: Request) -> dict:
     text = _corpus(req)
     try:
-        return bpe.train_and_register(text, req.vocab_size, req.pattern, req.name, _data_dir(request))
+        return bpe.train_and_register(text, req.vocab_size, req.pattern, req.name, _data_dir(request),
+                                      source=req.corpus or "pasted text")
     except ValueError as e:
         raise _bad(e) from None
 
