@@ -154,6 +154,7 @@ class DraftBody(BaseModel):
     model: str
     messages: list[dict]
     temperature: float = Field(0.7, ge=0.0, le=2.0)
+    max_tokens: int = Field(300, ge=1, le=2048)
 
 
 @router.post("/sft/prompts")
@@ -200,7 +201,8 @@ def update_demo(demo_id: int, body: DemoBody, request: Request, user: CurrentUse
 @router.post("/sft/draft")
 def draft_with_model(body: DraftBody, request: Request, user: CurrentUser = Depends(annotator)) -> dict:
     with service_errors():
-        return {"messages": sft.draft_with_model(getattr(_pg(request), 'engines', None), body.model, body.messages, body.temperature)}
+        return {"messages": sft.draft_with_model(getattr(_pg(request), 'engines', None), body.model, body.messages, body.temperature,
+                                                  body.max_tokens)}
 
 
 # ---- data out, data in ----------------------------------------------------------------------

@@ -115,7 +115,7 @@ def list_mine(db: Database, user: CurrentUser) -> list[dict]:
                 for d in demos]
 
 
-def draft_with_model(engines, model: str, messages: list, temperature: float = 0.7) -> list[dict]:
+def draft_with_model(engines, model: str, messages: list, temperature: float = 0.7, max_tokens: int = 300) -> list[dict]:
     """Fill the last (empty) assistant turn with the model's reply, remembering it as `model_draft`."""
     from backend.labels.candidates import draft_reply
     from backend.labels.messages import flatten
@@ -124,6 +124,6 @@ def draft_with_model(engines, model: str, messages: list, temperature: float = 0
         clean = clean[:-1]
     if not clean or clean[-1]["role"] not in ("user", "tool"):
         raise ValueError("the conversation must end with a user turn (or an empty assistant turn) to draft a reply")
-    text = draft_reply(engines, model, flatten(clean), temperature)
+    text = draft_reply(engines, model, flatten(clean), temperature, max_tokens)
     clean.append({"role": "assistant", "content": text, "model_draft": text, "origin": "model"})
     return clean
