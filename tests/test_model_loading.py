@@ -73,6 +73,16 @@ def write_gguf(model: Transformer, path: Path, qtype=None) -> Path:
     return path
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread: these models are small, and on a shared 2-core machine two threads that
+    busy-wait on each other ran the real model's decode 10x slower than one (measured)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def ids(n, vocab, seed=0):
     return torch.randint(0, vocab, (2, n), generator=torch.Generator().manual_seed(seed))
 
@@ -251,6 +261,8 @@ def smollm2_pair(tmp_path_factory):
     from models.gguf_file import find_smollm2_gguf
     from models.registry import ModelRegistry
     torch.manual_seed(0)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
     cfg = AppConfig(data_dir=tmp_path_factory.mktemp("data"))  # shares the suite's cache dir (conftest)
     t0 = time.perf_counter()
     ours = ModelRegistry(cfg).load("smollm2-135m-instruct", device="cpu", dtype=torch.float32)
@@ -263,6 +275,7 @@ def smollm2_pair(tmp_path_factory):
     from models.tokenizers import get_encoding
     enc = get_encoding("smollm2")
     prompt_ids = [enc.encode(p, allowed_special="all") for p in PROMPTS]
+    torch.set_num_threads(before)
     return ours, ref, prompt_ids, load_s
 
 
