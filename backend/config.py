@@ -9,6 +9,8 @@ import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from models.cache import cache_dir_for
+
 
 def default_data_dir() -> Path:
     return Path(os.environ.get("PLAYGROUND_HOME", "data")).resolve()
@@ -31,16 +33,12 @@ class AppConfig:
     start_worker: bool = True
     # Load the default model at start instead of on first use.
     preload: bool = True
-    # Derived caches (the dequantized bundled model, converted tokenizers). Default: data_dir/cache;
-    # $PLAYGROUND_CACHE_DIR lets several data dirs (for example the test suite's) share one.
+    # Derived caches (the dequantized bundled model, converted tokenizers): see models/cache.py.
     cache_dir: Path | None = None
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir).resolve()
-        if self.cache_dir is None:
-            env = os.environ.get("PLAYGROUND_CACHE_DIR")
-            self.cache_dir = Path(env) if env else self.data_dir / "cache"
-        self.cache_dir = Path(self.cache_dir).resolve()
+        self.cache_dir = Path(self.cache_dir).resolve() if self.cache_dir else cache_dir_for(self.data_dir)
         if self.database_url is None:
             self.database_url = os.environ.get("DATABASE_URL") or f"sqlite:///{self.data_dir / 'playground.db'}"
 

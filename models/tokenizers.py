@@ -24,6 +24,8 @@ from pathlib import Path
 
 import tiktoken
 
+from models.cache import cache_dir_for
+
 # The HF pre-tokenizer of SmolLM2 is Sequence[Digits(individual_digits=True), ByteLevel(use_regex=True)]
 # (llama.cpp calls it "smollm": split on \p{N} first, then the GPT-2 regex on each piece). One tiktoken
 # regex reproduces it: every number character is its own piece (`\p{N}` instead of ` ?\p{N}+`, so a
@@ -141,7 +143,7 @@ def convert_gguf_bpe(tokens: list[str], merges: list[str], token_types: list[int
 def _smollm2_cache_paths(gguf_path: Path, data_dir: Path) -> tuple[Path, Path]:
     st = gguf_path.stat()
     key = hashlib.sha1(f"{gguf_path.resolve()}:{st.st_size}:{st.st_mtime_ns}:{SMOLLM2_PAT_STR}".encode()).hexdigest()[:16]
-    base = data_dir / "cache" / "tokenizers" / f"smollm2-{key}"
+    base = cache_dir_for(data_dir) / "tokenizers" / f"smollm2-{key}"
     return base.with_suffix(".tiktoken"), base.with_suffix(".json")
 
 
