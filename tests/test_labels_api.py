@@ -1,5 +1,6 @@
 """Labeling REST on a real server (python app.py on loopback) over a real SQLite file:
-roles on every route, concurrent submissions, no acknowledged write lost to SIGKILL."""
+roles on every route, concurrent submissions, no acknowledged write lost to SIGKILL; candidates and
+SFT drafts from a real engine (a tiny registered model; one slow test with the bundled SmolLM2)."""
 from __future__ import annotations
 
 import re
@@ -19,6 +20,7 @@ from backend.db import Database
 from backend.db.models import Ranking
 from backend.labels import rankings as rk
 from tests.conftest import start_server
+from tests.helpers import register_tiny_model
 
 ROLES = ["learner", "annotator", "operator", "admin"]
 PUBLIC = {("POST", "/api/login"), ("POST", "/api/logout")}
@@ -53,11 +55,11 @@ ALL_ROUTES = [(m, r.path, required_role(r)) for router in (auth_api.router, labe
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):
     data = tmp_path_factory.mktemp("labels_api") / "data"
-    data.mkdir()
+    register_tiny_model(data, "tiny", tokenizer="cl100k_base+chatml")  # a real engine, fast
     db = Database(f"sqlite:///{data / 'playground.db'}")
     db.migrate()
-    people = make_users(db, [(r, r) for r in ROLES] + [("ann2", "annotator")])
-    server = start_server(data, "--no-preload", "--no-worker")
+    people = make_users(db, [(r, r) for r in ROLES] + [("ann2", "annotator"), ("op", "operator"), ("ann", "annotator")])
+    server = start_server(data, "--model", "tiny", "--no-preload", "--no-worker")
     yield server, db, people
     server.stop()
     db.close()
@@ -197,3 +199,50 @@ def test_sigkill_mid_submissions_loses_no_acknowledged_write(tmp_path):
         stored = {(r.user_id, r.item_id): r.order for r in sess.scalars(select(Ranking))}
     missing = [(u, i) for u, i, o in acknowledged if stored.get((u, i)) != o]
     assert len(acknowledged) >= 120 and missing == []
+
+
+# ---- model candidates and drafts --------------------------------------------------------------
+
+def test_operator_samples_k_candidates_from_a_model(live):
+    server, db, people = live
+    with httpx.Client(base_url=server.base_url, timeout=120) as c:
+        r = c.post("/api/ranking-sets", headers=auth(people["op"][2]),
+                   json={"name": "tiny jokes", "prompts": ["Write a joke about pelicans", "Say hi"], "model": "tiny",
+                         "k": 5, "temperature": 1.0, "max_tokens": 8})
+        assert r.status_code == 200, r.text
+        assert r.json()["k"] == 5 and r.json()["items"] == 2 and r.json()["model"] == "tiny"
+        item = c.get("/api/rankings/next", headers=auth(people["ann"][2]), params={"set_id": r.json()["id"]}).json()
+        assert item["prompt"] == "Write a joke about pelicans" and len(item["candidates"]) == 5
+        assert all(isinstance(x["text"], str) for x in item["candidates"])
+        bad = c.post("/api/ranking-sets", headers=auth(people["op"][2]),
+                     json={"name": "x", "prompts": ["p"], "model": "tiny", "k": 12})
+        assert bad.status_code == 422 and "k must be" in bad.text
+
+
+def test_draft_with_model_marks_the_reply_as_the_models(live):
+    server, db, people = live
+    with httpx.Client(base_url=server.base_url, timeout=120) as c:
+        r = c.post("/api/sft/draft", headers=auth(people["ann"][2]),
+                   json={"model": "tiny", "max_tokens": 8,
+                         "messages": [{"role": "user", "content": "Who built you?"}, {"role": "assistant", "content": ""}]})
+        assert r.status_code == 200, r.text
+        last = r.json()["messages"][-1]
+        assert last["role"] == "assistant" and last["origin"] == "model" and last["model_draft"] == last["content"]
+        edited = r.json()["messages"][:-1] + [{**last, "content": last["content"] + " (fixed by a person)"}]
+        saved = c.post("/api/sft/demos", headers=auth(people["ann"][2]), json={"messages": edited, "submit": True})
+        assert saved.status_code == 200 and saved.json()["messages"][-1]["origin"] == "model_edited"
+
+
+@pytest.mark.slow
+def test_pelican_jokes_from_the_bundled_model(live):
+    server, db, people = live
+    with httpx.Client(base_url=server.base_url, timeout=600) as c:
+        r = c.post("/api/ranking-sets", headers=auth(people["op"][2]),
+                   json={"name": "pelicans", "prompts": ["Write a joke about pelicans"], "model": "smollm2-135m-instruct",
+                         "k": 4, "temperature": 0.9, "max_tokens": 48})
+        assert r.status_code == 200, r.text
+        item = c.get("/api/rankings/next", headers=auth(people["ann"][2]), params={"set_id": r.json()["id"]}).json()
+    texts = [x["text"] for x in item["candidates"]]
+    assert len(texts) == 4 and all(t.strip() for t in texts)
+    assert len(set(texts)) >= 3  # sampled at temperature 0.9: different jokes
+    assert any("pelican" in t.lower() for t in texts)
