@@ -68,8 +68,10 @@ class RMSNorm(nn.Module):
 
 
 def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
-    t = torch.arange(max_len, dtype=torch.float64)
+    # Always computed on the CPU (also inside a `torch.device("meta")` context, where arange would
+    # import torch._dynamo); the module's .to(device) moves the tables.
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device="cpu") / head_dim))
+    t = torch.arange(max_len, dtype=torch.float64, device="cpu")
     freqs = torch.outer(t, inv_freq)
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos().float(), emb.sin().float()
@@ -176,7 +178,12 @@ class Inner(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        # nn.Embedding's default init (normal_), skipped on the meta device (Transformer.from_state_dict),
+        # where normal_ goes through torch's reference ops and imports torch._dynamo (~5 s).
+        weight = torch.empty(cfg.vocab_size, cfg.dim)
+        if not weight.is_meta:
+            nn.init.normal_(weight)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim, _weight=weight)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
 
@@ -232,8 +239,6 @@ class Transformer(nn.Module):
             raise ValueError(f"checkpoint does not match the model config: {e}") from None
         if cfg.tie_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
-        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
-        model.rope_cos, model.rope_sin = cos, sin
         return model
 
     def num_params(self) -> int:
