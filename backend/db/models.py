@@ -150,3 +150,44 @@ class Snapshot(Base):
     meta: Mapped[dict] = mapped_column(JSON, default=dict)
     created_by: Mapped[int | None] = mapped_column(ForeignKey("users.id"), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Job(Base):
+    """A training job: queued -> running -> succeeded | failed | cancelled (backend/jobs/).
+
+    A worker claims a queued row by compare-and-set (UPDATE ... WHERE state='queued'), then owns it
+    while `worker` and `attempt` match; `heartbeat` (unix seconds) going stale means the worker died.
+    """
+    __tablename__ = "jobs"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    kind: Mapped[str] = mapped_column(String(32))  # pretrain | sft | reward | rlhf | grpo | dpo
+    name: Mapped[str] = mapped_column(String(200), default="")  # run (and model) name
+    state: Mapped[str] = mapped_column(String(16), default="queued", index=True)
+    config: Mapped[dict] = mapped_column(JSON, default=dict)
+    snapshot_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)  # the input dataset snapshot
+    parent_model: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    device: Mapped[str | None] = mapped_column(String(32), nullable=True)  # None: any worker may run it
+    created_by: Mapped[int | None] = mapped_column(ForeignKey("users.id"), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    worker: Mapped[str | None] = mapped_column(String(200), nullable=True)  # host:pid of the running worker
+    attempt: Mapped[int] = mapped_column(Integer, default=0)  # claims so far; > 1 means a resume
+    heartbeat: Mapped[float | None] = mapped_column(Float, nullable=True)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    step: Mapped[int] = mapped_column(Integer, default=0)
+    checkpoint: Mapped[str | None] = mapped_column(Text, nullable=True)
+    model: Mapped[str | None] = mapped_column(String(200), nullable=True)  # the registered model
+    summary: Mapped[dict] = mapped_column(JSON, default=dict)  # last loss, val_bpb, tokens/s, mfu...
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class JobEvent(Base):
+    """What a job reported, in order: kind metric (one per step), sample, checkpoint, log (a text line)."""
+    __tablename__ = "job_events"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    step: Mapped[int] = mapped_column(Integer, default=0)
+    data: Mapped[dict] = mapped_column(JSON, default=dict)
+    created_at: Mapped[float] = mapped_column(Float)
