@@ -9,6 +9,11 @@ fewer ops:
 - grouped-query attention needs no `repeat_interleave` of the cache: the `rep` query heads that
   share a KV head become `rep` query rows of one SDPA call against that head's keys.
 tests/test_engine.py checks its logits against `Transformer.forward`.
+
+quant="int8" (opt-in) runs every decode matmul with int8 weights (symmetric, one scale per output row)
+through fbgemm's dynamic-quantized linear: a quarter of the float32 bytes per token, which is what a
+memory-bound batch-1 decode pays for. Prefill keeps the float weights. Greedy text can drift from the
+float32 model after a few dozen tokens; float32 stays the default.
 """
 from __future__ import annotations
 
@@ -22,8 +27,32 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
 
 
+def _int8_linear(w: torch.Tensor):
+    """y = x @ w.T with w quantized to int8 per output row (fbgemm dynamic linear: x is quantized per call)."""
+    w = w.detach().float()
+    scales = (w.abs().amax(dim=1) / 127.0).clamp_min(1e-12).double()
+    qw = torch.quantize_per_channel(w, scales, torch.zeros(w.shape[0], dtype=torch.long), 0, torch.qint8)
+    packed = torch.ops.quantized.linear_prepack(qw, None)
+    return lambda x: torch.ops.quantized.linear_dynamic(x, packed, True)
+
+
+def _float_linear(w: torch.Tensor):
+    return lambda x: F.linear(x, w)
+
+
+def quant_supported() -> bool:
+    return "fbgemm" in torch.backends.quantized.supported_engines
+
+
 class DecodeStep:
-    def __init__(self, model):
+    def __init__(self, model, quant: str | None = None):
+        if quant not in (None, "int8"):
+            raise ValueError(f"quant must be None or 'int8', not {quant!r}")
+        if quant == "int8" and (model.device.type != "cpu" or not quant_supported()):
+            raise ValueError("int8 decoding needs a CPU with fbgemm")
+        if quant == "int8" and model.dtype != torch.float32:
+            raise ValueError("int8 decoding quantizes a float32 model")
+        self.quant = quant
         cfg = model.cfg
         self.model = model
         self.H, self.K, self.hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
@@ -35,8 +64,10 @@ class DecodeStep:
                 a, m = blk.self_attn, blk.mlp
                 wqkv = self._fuse([a.q_proj, a.k_proj, a.v_proj])
                 wgu = self._fuse([m.gate_proj, m.up_proj])
-                self.layers.append((blk.input_layernorm.weight, wqkv, a.o_proj.weight,
-                                    blk.post_attention_layernorm.weight, wgu, m.down_proj.weight))
+                lin = _int8_linear if quant == "int8" else _float_linear
+                self.layers.append((blk.input_layernorm.weight, lin(wqkv), lin(a.o_proj.weight),
+                                    blk.post_attention_layernorm.weight, lin(wgu), lin(m.down_proj.weight)))
+            self.lm_head = (_int8_linear if quant == "int8" else _float_linear)(model.lm_head.weight)
 
     @staticmethod
     def _fuse(linears: list[nn.Linear]) -> torch.Tensor:
@@ -71,7 +102,7 @@ class DecodeStep:
         qk_cols = (H + K) * hd
         for i, (ln1, wqkv, wo, ln2, wgu, wdown) in enumerate(self.layers):
             h = F.rms_norm(x, (self.dim,), ln1, self.eps)
-            qkv = F.linear(h, wqkv)
+            qkv = wqkv(h)
             qk = qkv[:, :qk_cols].view(B, H + K, hd)
             qk = qk * cos + _rotate_half(qk) * sin
             cache.k[i][:, :, pos] = qk[:, H:]
@@ -79,10 +110,10 @@ class DecodeStep:
             q = qk[:, :H].reshape(B, K, rep, hd)
             y = F.scaled_dot_product_attention(q, cache.k[i][:, :, :pos + 1], cache.v[i][:, :, :pos + 1],
                                                attn_mask=mask)
-            x = x + F.linear(y.reshape(B, H * hd), wo)
+            x = x + wo(y.reshape(B, H * hd))
             h = F.rms_norm(x, (self.dim,), ln2, self.eps)
-            g, u = F.linear(h, wgu).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(g) * u, wdown)
+            g, u = wgu(h).chunk(2, dim=-1)
+            x = x + wdown(F.silu(g) * u)
         cache.pos += 1
         x = F.rms_norm(x, (self.dim,), model.model.norm.weight, self.eps)
-        return F.linear(x, model.lm_head.weight)
+        return self.lm_head(x)

@@ -190,12 +190,12 @@ async def aiterate(iterator, cancel: threading.Event | None = None):
 
 
 class Engine:
-    def __init__(self, spec, model, enc, guard: SingleFlight | None = None):
+    def __init__(self, spec, model, enc, guard: SingleFlight | None = None, quant: str | None = None):
         self.spec = spec
         self.model = model.eval()
         self.enc = enc
         self.guard = guard or SingleFlight()
-        self.step = DecodeStep(self.model)  # the per-token forward used while decoding
+        self.step = DecodeStep(self.model, quant)  # the per-token forward used while decoding
         self.context_length = min(int(getattr(spec, "context_length", 0) or model.cfg.max_seq_len), model.cfg.max_seq_len)
         self._token_bytes: dict[int, bytes] = {}
 

@@ -33,14 +33,27 @@ def engine_dtype(device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+def engine_quant(device: torch.device) -> str | None:
+    """Decode-time weight quantization: PLAYGROUND_QUANT=int8 opts in (CPU only); default none (float)."""
+    q = os.environ.get("PLAYGROUND_QUANT", "").strip().lower() or None
+    if q in (None, "none", "fp32", "float32"):
+        return None
+    if q != "int8":
+        raise ValueError(f"PLAYGROUND_QUANT must be 'int8' or 'none', not {q!r}")
+    return q if device.type == "cpu" else None
+
+
 class EnginePool:
-    def __init__(self, registry, cfg, max_loaded: int = 3):
+    def __init__(self, registry, cfg, max_loaded: int = 3, quant: str | None = "env"):
         self.registry = registry
         self.cfg = cfg
         self.max_loaded = max_loaded
         self.guard = SingleFlight()
         self.device = pick_device(cfg.device)
         self.dtype = engine_dtype(self.device)
+        self.quant = engine_quant(self.device) if quant == "env" else quant
+        if self.quant:
+            self.dtype = torch.float32  # int8 decoding quantizes float32 weights
         self._engines: OrderedDict[str, Engine] = OrderedDict()
         self._lock = threading.Lock()
         self._loading: dict[str, threading.Lock] = {}
@@ -66,9 +79,10 @@ class EnginePool:
             model = self.registry.load(name, device=self.device, dtype=self.dtype)
             from models.tokenizers import get_encoding
             enc = get_encoding(spec.tokenizer, self.cfg.data_dir)
-            eng = Engine(spec, model, enc, guard=self.guard)
+            eng = Engine(spec, model, enc, guard=self.guard, quant=self.quant)
             self.load_seconds[name] = time.perf_counter() - t0
-            log.info("loaded model %s (%s, %s) in %.2fs", name, self.device, self.dtype, self.load_seconds[name])
+            log.info("loaded model %s (%s, %s%s) in %.2fs", name, self.device, self.dtype,
+                     ", int8 decode" if self.quant else "", self.load_seconds[name])
             with self._lock:
                 self._engines[name] = eng
                 while len(self._engines) > self.max_loaded:

@@ -280,3 +280,18 @@ def test_decode_step_matches_the_model_forward(enc):
             fast = step(tokens, fast_cache)
             assert torch.allclose(ref, fast, atol=1e-4, rtol=1e-4)
             tokens = fast.argmax(-1)
+
+
+def test_int8_decode_stays_close_to_float(enc):
+    from backend.decode_step import DecodeStep, quant_supported
+    if not quant_supported():
+        pytest.skip("no fbgemm on this CPU")
+    model = random_model(enc.n_vocab, seed=6)
+    ref, q8 = DecodeStep(model), DecodeStep(model, quant="int8")
+    with torch.inference_mode():
+        a, b = model.new_cache(1, 8), model.new_cache(1, 8)
+        model(torch.tensor([[1, 2, 3]]), a)
+        model(torch.tensor([[1, 2, 3]]), b)
+        la, lb = ref(torch.tensor([4]), a), q8(torch.tensor([4]), b)
+    assert torch.nn.functional.cosine_similarity(la, lb).item() > 0.99
+    assert not torch.equal(la, lb)  # it really ran the int8 path

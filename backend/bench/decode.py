@@ -9,6 +9,8 @@ Who is who, measured in one run with the same prompt, the same thread count and 
   `generate(do_sample=True, num_return_sequences=N)`.
 - load time of the bundled model into an engine (weights + tokenizer): cold = a fresh cache directory
   (GGUF dequantization and tokenizer conversion included), warm = a new process reading the cache.
+- our variants: fp32 (default, exact to the reference) and int8 (opt-in PLAYGROUND_QUANT=int8: decode
+  matmuls with int8 weights through fbgemm).
 - llama.cpp on the same GGUF is the stretch peer; it is reported only when `llama_cpp` is importable.
 Timings are the median of --repeat runs after a warm-up run.
 """
@@ -75,6 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--data-dir", default=None, help="where the bundled model's cache lives (default: a temp dir)")
     ap.add_argument("--skip-peer", action="store_true", help="only our numbers (no transformers run)")
+    ap.add_argument("--variants", default="fp32,int8", help="our engine variants: fp32 and/or int8 (decode weights)")
     ap.add_argument("--skip-load", action="store_true", help="skip the cold/warm load timing")
     args = ap.parse_args(argv)
 
@@ -104,21 +107,24 @@ def main(argv: list[str] | None = None) -> None:
         results.append(result("load time warm (new process, cached)", "s", warm, None,
                               "no peer; goal: warm <= 3 s", None, higher_is_better=False, goal_seconds=3.0))
     cfg = AppConfig(data_dir=data_dir, cache_dir=cache_dir) if cache_dir else AppConfig(data_dir=data_dir)
-    pool = EnginePool(ModelRegistry(cfg), cfg)
-    engine = pool.get(args.model)
-    prompt = engine.chat_prompt(PROMPT) if engine.spec.chat_format else engine.encode(PROMPT[0]["content"])
-    print(f"model {args.model} on {engine.device} ({pool.dtype}), {args.threads} threads, prompt {len(prompt)} tokens")
-
-    # -- ours ------------------------------------------------------------------------------------
-    greedy = SamplingParams(temperature=0, max_tokens=args.tokens)  # no stop tokens: exactly --tokens
-    ours_text = engine.complete(prompt, greedy)[0]
-    t = _median_time(lambda: engine.complete(prompt, greedy), args.repeat)
-    ours_single = args.tokens / t
-    print(f"ours single-stream greedy: {ours_single:.1f} tok/s ({args.tokens} tokens in {t:.2f} s)")
-    sampled = SamplingParams(temperature=1.0, max_tokens=args.sample_tokens, seed=0)
-    t = _median_time(lambda: engine.complete(prompt, sampled, n=args.samples), args.repeat)
-    ours_batch = args.samples * args.sample_tokens / t
-    print(f"ours {args.samples} x {args.sample_tokens} sampled: {ours_batch:.1f} tok/s ({t:.2f} s)")
+    ours = {}  # variant -> (single tok/s, batch tok/s, greedy token ids)
+    for variant in args.variants.split(","):
+        pool = EnginePool(ModelRegistry(cfg), cfg, quant=None if variant == "fp32" else variant)
+        engine = pool.get(args.model)
+        prompt = engine.chat_prompt(PROMPT) if engine.spec.chat_format else engine.encode(PROMPT[0]["content"])
+        print(f"ours [{variant}]: {args.model} on {engine.device} ({pool.dtype}), {args.threads} threads, "
+              f"prompt {len(prompt)} tokens")
+        greedy = SamplingParams(temperature=0, max_tokens=args.tokens)  # no stop tokens: exactly --tokens
+        ids = engine.complete(prompt, greedy)[0].token_ids
+        t = _median_time(lambda: engine.complete(prompt, greedy), args.repeat)
+        single = args.tokens / t
+        print(f"ours [{variant}] single-stream greedy: {single:.1f} tok/s ({args.tokens} tokens in {t:.2f} s)")
+        sampled = SamplingParams(temperature=1.0, max_tokens=args.sample_tokens, seed=0)
+        t = _median_time(lambda: engine.complete(prompt, sampled, n=args.samples), args.repeat)
+        batch = args.samples * args.sample_tokens / t
+        print(f"ours [{variant}] {args.samples} x {args.sample_tokens} sampled: {batch:.1f} tok/s ({t:.2f} s)")
+        ours[variant] = (single, batch, ids)
+        del pool, engine
 
     # -- transformers ----------------------------------------------------------------------------
     hf_single = hf_batch = None
@@ -132,7 +138,8 @@ def main(argv: list[str] | None = None) -> None:
         except ImportError:
             hf_name = "transformers not installed"
         else:
-            hf_dir = (cfg.cache_dir / args.model) if engine.spec.kind == "bundled" else engine.spec.path
+            spec = ModelRegistry(cfg).get(args.model)
+            hf_dir = (cfg.cache_dir / args.model) if spec.kind == "bundled" else spec.path
             hf = LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
             ids = torch.tensor([prompt])
             attn = torch.ones_like(ids)
@@ -144,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
                     return hf.generate(ids, do_sample=False, **common)
 
             hf_tokens = hf_greedy()[0, len(prompt):].tolist()
-            same_greedy = hf_tokens == ours_text.token_ids
+            same_greedy = {v: hf_tokens == o[2] for v, o in ours.items()}
             t = _median_time(hf_greedy, args.repeat)
             hf_single = args.tokens / t
             print(f"transformers single-stream greedy: {hf_single:.1f} tok/s; same tokens as ours: {same_greedy}")
@@ -159,20 +166,23 @@ def main(argv: list[str] | None = None) -> None:
             hf_batch = args.samples * args.sample_tokens / t
             print(f"transformers {args.samples} x {args.sample_tokens} sampled: {hf_batch:.1f} tok/s")
 
-    results.append(result("single-stream decode (greedy)", "tok/s", ours_single, hf_single, hf_name, 2.0,
-                          same_greedy_tokens=same_greedy))
-    results.append(result(f"{args.samples} samples x {args.sample_tokens} tokens", "tok/s", ours_batch, hf_batch,
-                          hf_name.replace("(fp32)", "batched (fp32)"), 3.0))
+    for variant, (single, batch, _) in ours.items():
+        tag = "" if variant == "fp32" else f" [{variant} weights]"
+        results.append(result(f"single-stream decode (greedy){tag}", "tok/s", single, hf_single, hf_name, 2.0,
+                              same_greedy_tokens=None if same_greedy is None else same_greedy[variant]))
+        results.append(result(f"{args.samples} samples x {args.sample_tokens} tokens{tag}", "tok/s", batch, hf_batch,
+                              hf_name.replace("(fp32)", "batched (fp32)"), 3.0))
+    best_single = max(o[0] for o in ours.values())
     try:
         import llama_cpp  # noqa: F401
         llama_name = "llama.cpp present but not wired into this bench"
     except ImportError:
         llama_name = "llama.cpp (llama-cpp-python) not installed here; stretch goal: within 2x of it"
-    results.append(result("single-stream decode vs llama.cpp", "tok/s", ours_single, None, llama_name, 0.5))
+    results.append(result("single-stream decode (best variant) vs llama.cpp", "tok/s", best_single, None,
+                          llama_name, 0.5))
 
-    print(json.dumps({"bench": "decode", "device": str(engine.device), "threads": args.threads,
-                      "torch": torch.__version__.split("+")[0], "dtype": str(pool.dtype).replace("torch.", ""),
-                      "results": results}))
+    print(json.dumps({"bench": "decode", "device": "cpu" if not torch.cuda.is_available() else "cuda",
+                      "threads": args.threads, "torch": torch.__version__.split("+")[0], "results": results}))
 
 
 if __name__ == "__main__":
