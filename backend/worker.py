@@ -1,0 +1,212 @@
+"""The training worker: takes queued jobs from the database and runs them, one at a time.
+
+    python -m backend.worker --data-dir DIR [--once] [--device cpu|cuda:0|mps] [--threads N]
+
+Start one per device (app.py starts one unless --no-worker); several may share one database. While
+a job runs, a heartbeat thread writes its events (metrics, samples, log lines) to the database twice
+a second, beats the job's heart, and turns a user's cancel into the trainer's stop flag (the trainer
+stops after the current step and keeps a checkpoint). A worker that dies leaves a stale heartbeat;
+the next worker to poll marks that job failed, and resuming it continues from its last checkpoint.
+SIGTERM/SIGINT: stop the current job at a checkpoint, hand it back to the queue, exit.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import threading
+import time
+import traceback
+
+from backend.config import AppConfig
+from backend.db import Database
+from backend.jobs import queue
+from backend.jobs.kinds import JobContext, get_trainer, parse_config
+
+log = logging.getLogger("backend.worker")
+FLUSH_EVERY = 0.5      # seconds between database writes of buffered events (and heartbeats)
+STEP_LOG_EVERY = 5.0   # seconds between "step N: loss ..." lines in the job's log
+
+
+def describe_event(ev: dict) -> str | None:
+    """A log line for the events worth one (metrics have their own table and curves)."""
+    if "start" in ev:
+        params = f"{ev['params']:,} parameters" if "params" in ev else ""
+        return (f"{'resumed' if ev.get('resumed') else 'started'} run {ev['start']} at step {ev.get('step', 0)}: "
+                f"{params}, {ev.get('device', '?')}, {ev.get('precision', '')}, tokenizer {ev.get('tokenizer', '?')}")
+    if "checkpoint" in ev:
+        return f"step {ev['step']}: checkpoint {ev['checkpoint']}"
+    if "done" in ev:
+        return f"step {ev['step']}: finished ({ev['done']}); model {ev.get('model')!r}"
+    if "error" in ev:
+        return f"step {ev.get('step', '?')}: {ev['error']}"
+    if "val_bpb" in ev:
+        return f"step {ev['step']}: validation bits per byte {ev['val_bpb']:.4f}"
+    return None
+
+
+def step_line(ev: dict) -> str:
+    parts = [f"step {ev['step']}: loss {ev['loss']:.4f}"]
+    if "tokens_per_s" in ev:
+        parts.append(f"{ev['tokens_per_s']:,.0f} tok/s")
+    if "mfu" in ev:
+        parts.append(f"MFU {100 * ev['mfu']:.2f}%")
+    return ", ".join(parts)
+
+
+class Worker:
+    def __init__(self, app: AppConfig, db: Database, device: str, stale_after: float = queue.STALE_AFTER,
+                 poll: float = 1.0):
+        self.app, self.db, self.device = app, db, device
+        self.stale_after, self.poll = stale_after, poll
+        self.id = queue.worker_id()
+        self.shutdown = threading.Event()
+        self._stop: threading.Event | None = None  # the running job's stop flag
+
+    def request_shutdown(self, *_):
+        self.shutdown.set()
+        if self._stop is not None:
+            self._stop.set()
+
+    def run(self, once: bool = False) -> int:
+        """Poll the queue until shut down; `once`: run at most one job. Returns the number of jobs run."""
+        done = 0
+        log.info("worker %s on %s polling %s", self.id, self.device, self.app.data_dir)
+        while not self.shutdown.is_set():
+            for job_id in queue.reap_stale(self.db, self.stale_after):
+                log.warning("job %s: its worker died; marked failed (resumable)", job_id)
+            job = queue.claim_next(self.db, self.id, self.device)
+            if job is not None:
+                self.run_job(job)
+                done += 1
+            if once:
+                break
+            if job is None:
+                self.shutdown.wait(self.poll)
+        return done
+
+    def run_job(self, job: dict) -> str:
+        job_id, attempt = job["id"], job["attempt"]
+        stop = self._stop = threading.Event()
+        if self.shutdown.is_set():
+            stop.set()
+        buffer: list[dict] = []
+        lock = threading.Lock()
+        last_step_log = [0.0]
+        lost = threading.Event()
+        finished = threading.Event()
+        cancelled = threading.Event()
+
+        def emit(ev: dict) -> None:
+            now = time.time()
+            out = [{**ev, "_time": now}]
+            line = describe_event(ev) if "log" not in ev else None
+            if line is None and "loss" in ev and now - last_step_log[0] >= STEP_LOG_EVERY:
+                line, last_step_log[0] = step_line(ev), now
+            if line:
+                out.append({"log": line, "step": ev.get("step", 0), "_time": now})
+            with lock:
+                buffer.extend(out)
+
+        def flush() -> None:
+            with lock:
+                batch = buffer[:]
+                del buffer[:]
+            if batch and not queue.append_events(self.db, job_id, self.id, attempt, batch):
+                lost.set()
+
+        def beat() -> None:
+            while not finished.wait(FLUSH_EVERY):
+                try:
+                    flush()
+                    status = queue.heartbeat(self.db, job_id, self.id, attempt)
+                except Exception:  # a busy or restarting database: try again next beat
+                    log.exception("job %s: heartbeat failed", job_id)
+                    continue
+                if status == "cancel" and not cancelled.is_set():
+                    cancelled.set()
+                    stop.set()
+                    emit({"log": "cancel received: stopping after this step", "step": 0})
+                elif status == "lost":
+                    lost.set()
+                    stop.set()
+
+        beater = threading.Thread(target=beat, name=f"job-{job_id}-heartbeat", daemon=True)
+        beater.start()
+        log.info("job %s (%s %s) attempt %s started", job_id, job["kind"], job["name"], attempt)
+        state, error, outcome = "failed", None, None
+        try:
+            trainer = get_trainer(job["kind"])
+            cfg = parse_config(job["kind"], job["config"], self.app)
+            ctx = JobContext(self.app, emit, stop, job_id=job_id, resume=job["checkpoint"] is not None,
+                             device=self.device, snapshot_hash=job["snapshot_hash"], parent_model=job["parent_model"])
+            outcome = trainer.run(cfg, ctx)
+            if outcome.reason == "stopped" and not cancelled.is_set() and self.shutdown.is_set():
+                state = "queued"  # the worker is shutting down: the next one continues from the checkpoint
+                emit({"log": "worker shutting down: job handed back to the queue", "step": outcome.step})
+            else:
+                state = "cancelled" if outcome.reason == "stopped" else "succeeded"
+        except Exception as e:
+            error = f"{type(e).__name__}: {e}"
+            for line in traceback.format_exc().rstrip().splitlines()[-12:]:
+                emit({"log": line, "step": 0})
+            log.warning("job %s failed: %s", job_id, error)
+        finally:
+            finished.set()
+            beater.join()
+            self._stop = None
+        try:
+            flush()
+        except Exception:
+            log.exception("job %s: could not store its last events", job_id)
+        if lost.is_set():
+            log.warning("job %s is no longer this worker's (declared dead meanwhile?): not recording its end", job_id)
+            return "lost"
+        queue.finish_job(self.db, job_id, self.id, attempt, state, error=error,
+                         model=outcome.model if outcome else None,
+                         checkpoint=outcome.checkpoint if outcome else None,
+                         step=outcome.step if outcome else None)
+        log.info("job %s %s", job_id, state)
+        return state
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m backend.worker", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", default=None, help="the app's data directory (default ./data or $PLAYGROUND_HOME)")
+    p.add_argument("--database-url", default=None, help="SQLAlchemy URL (default $DATABASE_URL or SQLite in the data dir)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps: this worker runs jobs on it")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--once", action="store_true", help="run at most one queued job, then exit")
+    p.add_argument("--poll", type=float, default=1.0, help="seconds between looks at an empty queue")
+    p.add_argument("--stale-after", type=float, default=queue.STALE_AFTER,
+                   help="seconds without a heartbeat after which a running job's worker is taken for dead")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    kw = {"device": args.device}
+    if args.data_dir:
+        kw["data_dir"] = args.data_dir
+    if args.database_url:
+        kw["database_url"] = args.database_url
+    app = AppConfig(**kw, threads=args.threads)
+    app.ensure_dirs()
+    import torch
+
+    from models.device import pick_device
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    device = str(pick_device(args.device))
+    db = Database(app.database_url)
+    db.migrate()
+    worker = Worker(app, db, device, stale_after=args.stale_after, poll=args.poll)
+    signal.signal(signal.SIGTERM, worker.request_shutdown)
+    signal.signal(signal.SIGINT, worker.request_shutdown)
+    try:
+        worker.run(once=args.once)
+    finally:
+        db.close()
+
+
+if __name__ == "__main__":
+    main()
