@@ -92,3 +92,44 @@ def test_label_html_is_shown_as_text_never_run(site, page):
     assert page.evaluate("window.__pwned === undefined")
     page.locator(".pg-guide-btn").click()
     assert "Helpful" in page.locator(".pg-guide").inner_text()  # guidelines one click away
+
+
+def test_annotator_writes_a_demonstration_in_the_sft_editor(site, page):
+    server, db, people, _, _ = site
+    from backend.db.models import SFTVersion
+    from backend.labels import sft
+    sft.add_prompts(db, people["op"][0], ["Who built you?"])
+    sign_in(page, server, "ann", people["ann"][1])
+    page.get_by_role("tab", name="Write demos").click()
+    page.get_by_role("button", name="Next prompt").click()
+    editor = page.locator(".cm-content").first
+    editor.wait_for(timeout=30_000)
+    page.wait_for_function("() => document.querySelector('.cm-content').innerText.includes('Who built you?')",
+                           timeout=30_000)
+    editor.click()
+    page.keyboard.press("Control+A")
+    page.keyboard.insert_text('[{"role": "user", "content": "Who built you?"}, '
+                              '{"role": "assistant", "content": "The <b>Playground</b> team built me."}]')
+    page.get_by_role("button", name="Submit", exact=True).click()
+    page.get_by_text("1 submitted version(s)").wait_for(timeout=30_000)
+    with db.read() as s:
+        [v] = s.scalars(select(SFTVersion).where(SFTVersion.user_id == people["ann"][0].id)).all()
+    assert v.messages[-1] == {"role": "assistant", "content": "The <b>Playground</b> team built me.", "origin": "human"}
+
+
+def test_operator_sees_progress_and_an_annotator_is_refused(site, page):
+    server, db, people, jokes, _ = site
+    sign_in(page, server, "ann", people["ann"][1])
+    page.get_by_role("tab", name="Operator").click()
+    page.get_by_label("Set id").fill(str(jokes["id"]))
+    page.get_by_role("button", name="Progress").click()
+    page.get_by_text("needs the operator role").first.wait_for(timeout=30_000)
+    page.locator(".pg-logout").click()
+    page.locator(".pg-login-form").wait_for(timeout=30_000)
+    form = page.locator(".pg-login-form")
+    form.locator("input[name=name]").fill("op")
+    form.locator("input[name=password]").fill(people["op"][1])
+    form.get_by_role("button", name="Log in").click()
+    page.locator(".pg-whoami").wait_for(timeout=30_000)
+    page.get_by_role("button", name="Progress").click()
+    page.get_by_text("rankings_needed").first.wait_for(timeout=30_000)

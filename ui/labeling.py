@@ -3,6 +3,7 @@ watch agreement and progress. Every button calls a backend.labels service; roles
 (via the session cookie of the Gradio request), never only by hiding a control."""
 from __future__ import annotations
 
+import functools
 import json
 import tempfile
 
@@ -23,7 +24,9 @@ def _model_names(pg) -> list[str]:
 
 
 def _errors_to_gr(fn):
-    """Service errors become a visible message instead of a stack trace."""
+    """Service errors become a visible message instead of a stack trace. (functools.wraps keeps the
+    signature, which Gradio reads to pass `request: gr.Request`.)"""
+    @functools.wraps(fn)
     def wrapped(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
@@ -126,9 +129,15 @@ def build_sft(pg) -> None:
         user = request_user(pg, request, "annotator")
         return show(sft.get(pg.db, user, int(demo_id)), st)
 
+    def save_draft(text, st, request: gr.Request):
+        return save(text, st, False, request)
+
+    def submit(text, st, request: gr.Request):
+        return save(text, st, True, request)
+
     load_btn.click(load_next, [state], [convo, preview, state, info])
-    save_btn.click(lambda t, s, r: save(t, s, False, r), [convo, state], [convo, preview, state, info])
-    submit_btn.click(lambda t, s, r: save(t, s, True, r), [convo, state], [convo, preview, state, info])
+    save_btn.click(save_draft, [convo, state], [convo, preview, state, info])
+    submit_btn.click(submit, [convo, state], [convo, preview, state, info])
     skip_btn.click(skip, [state], [convo, preview, state, info])
     draft_btn.click(draft, [convo, model, temp, state], [convo, preview])
     add_user.click(append_user, [convo, user_turn], [convo, preview, user_turn])
