@@ -246,6 +246,44 @@ def build_guidelines(pg) -> None:
     save.click(do_save, [editor], [text])
 
 
+def build_admin(pg) -> None:
+    from backend import users
+    from backend.db.models import ROLES
+    gr.Markdown("Admins add people here (or with `python -m backend.users add NAME --role ROLE`). "
+                "The password and API key are shown once.")
+    with gr.Row():
+        name = gr.Textbox(label="Name")
+        role = gr.Dropdown(list(ROLES), value="annotator", label="Role")
+        add = gr.Button("Add user", variant="primary")
+        disable = gr.Button("Disable user")
+    secrets_out = gr.JSON(label="New credentials (shown once)")
+    table = gr.JSON(label="Users")
+    refresh = gr.Button("List users", size="sm")
+
+    @_errors_to_gr
+    def do_add(name, role, request: gr.Request):
+        request_user(pg, request, "admin")
+        u, password, api_key = users.add_user(pg.db, name, role)
+        return {"name": u.name, "role": u.role, "password": password, "api_key": api_key}, users.list_users(pg.db)
+
+    @_errors_to_gr
+    def do_disable(name, request: gr.Request):
+        me = request_user(pg, request, "admin")
+        if name.strip() == me.name:
+            raise gr.Error("You cannot disable yourself.")
+        users.set_active(pg.db, name.strip(), False)
+        return users.list_users(pg.db)
+
+    @_errors_to_gr
+    def do_list(request: gr.Request):
+        request_user(pg, request, "admin")
+        return users.list_users(pg.db)
+
+    add.click(do_add, [name, role], [secrets_out, table])
+    disable.click(do_disable, [name], [table])
+    refresh.click(do_list, None, [table])
+
+
 def build(pg) -> None:
     build_login()
     with gr.Tabs():
@@ -257,3 +295,5 @@ def build(pg) -> None:
             build_operator(pg)
         with gr.Tab("Guidelines", id="guidelines"):
             build_guidelines(pg)
+        with gr.Tab("Users", id="users"):
+            build_admin(pg)
