@@ -248,12 +248,15 @@ class CallCgroups:
                 break  # one v2 directory carries both controllers (if pids.max was writable, so is memory.max)
 
     def hit_memory_limit(self) -> bool:
+        """Did the kernel's OOM killer act in the call's memory cgroup (v1 memory.oom_control, v2 memory.events)?"""
         if self.memory_dir is None:
             return False
-        for fname, check in (("memory.failcnt", lambda t: int(t) > 0), ("memory.events", lambda t: " 0" not in
-                             next((l for l in t.splitlines() if l.startswith("oom_kill ")), "oom_kill 0"))):
+        for fname in ("memory.oom_control", "memory.events"):
             try:
-                return check((self.memory_dir / fname).read_text().strip())
+                for line in (self.memory_dir / fname).read_text().splitlines():
+                    key, _, value = line.partition(" ")
+                    if key == "oom_kill" and int(value) > 0:
+                        return True
             except (OSError, ValueError):
                 continue
         return False
@@ -349,8 +352,9 @@ def run_python(code: str, limits: SandboxLimits | None = None) -> SandboxResult:
             out, err, timed_out, capped = _collect(proc, limits, t0)
         finally:
             _kill_tree(proc)
-            cgroups.kill_all_and_remove()
             proc.wait()
+            hit_memory_limit = cgroups.hit_memory_limit()  # read before the cgroup goes
+            cgroups.kill_all_and_remove()
         duration = time.monotonic() - t0
     rc = proc.returncode
     exit_code = 128 - rc if rc is not None and rc < 0 else rc  # killed outright (our SIGKILL): report like a shell
@@ -364,7 +368,7 @@ def run_python(code: str, limits: SandboxLimits | None = None) -> SandboxResult:
     elif exit_code == 128 + signal.SIGXCPU:
         killed_reason = f"cpu time limit ({limits.cpu_s} s)"
     elif exit_code == 128 + signal.SIGKILL:
-        killed_reason = "memory limit (cgroup)" if cgroups.hit_memory_limit() else "killed (SIGKILL)"
+        killed_reason = "memory limit (cgroup)" if hit_memory_limit else "killed (SIGKILL)"
     elif exit_code == 128 + signal.SIGXFSZ:
         killed_reason = "file size limit"
     return SandboxResult(stdout=out.decode("utf-8", errors="replace"), stderr=err.decode("utf-8", errors="replace"),
