@@ -191,3 +191,15 @@ class JobEvent(Base):
     step: Mapped[int] = mapped_column(Integer, default=0)
     data: Mapped[dict] = mapped_column(JSON, default=dict)
     created_at: Mapped[float] = mapped_column(Float)
+
+
+class Document(Base):
+    """A document of the search tool (backend.tools.search). Its full-text index (SQLite: the FTS5 table
+    documents_fts, kept in step by triggers; PostgreSQL: a GIN tsvector index) is made by migration 0003."""
+    __tablename__ = "documents"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    title: Mapped[str] = mapped_column(String(500))
+    text: Mapped[str] = mapped_column(Text)
+    source: Mapped[str] = mapped_column(String(200), index=True)  # "user", "python-docs", "knowledge", ...
+    created_by: Mapped[int | None] = mapped_column(ForeignKey("users.id"), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
