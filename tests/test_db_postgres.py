@@ -1,0 +1,113 @@
+"""The same store on PostgreSQL: a throwaway cluster (initdb in a temp dir, Unix socket only) when the
+PostgreSQL server binaries and the psycopg driver are installed; skipped, saying why, otherwise.
+Set PLAYGROUND_TEST_POSTGRES_URL to use an existing server instead."""
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import subprocess
+import tempfile
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from argon2 import PasswordHasher
+
+from backend import users
+from backend.db import Database
+from backend.db.models import Base
+from backend.labels import agreement, exchange, progress, rankings as rk, sft, snapshots
+
+psycopg = pytest.importorskip("psycopg", reason="psycopg not installed")
+
+
+def _as_postgres(cmd: list[str]) -> list[str]:
+    # The server refuses to run as root; run it as the `postgres` system user then.
+    return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
+
+
+@pytest.fixture(scope="module")
+def pg_server(tmp_path_factory):
+    url = os.environ.get("PLAYGROUND_TEST_POSTGRES_URL")
+    if url:
+        yield url
+        return
+    bins = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    if not bins or (os.geteuid() == 0 and not shutil.which("runuser")):
+        pytest.skip("PostgreSQL server binaries not installed (apt-get install postgresql)")
+    bindir = os.path.dirname(bins[-1])
+    # Not under pytest's tmp dir: that is private to root, and the server runs as `postgres`.
+    root = Path(tempfile.mkdtemp(prefix="playground-pg-"))
+    if os.geteuid() == 0:
+        shutil.chown(root, "postgres")
+    data = root / "data"
+    subprocess.run(_as_postgres([f"{bindir}/initdb", "-D", str(data), "-A", "trust", "-U", "pg"]),
+                   check=True, capture_output=True)
+    subprocess.run(_as_postgres([f"{bindir}/pg_ctl", "-D", str(data), "-l", str(root / "log"), "-w", "-o",
+                                 f"-p 55432 -k {root} -c listen_addresses=''", "start"]), check=True, capture_output=True)
+    try:
+        yield f"postgresql+psycopg://pg@/postgres?host={root}&port=55432"
+    finally:
+        subprocess.run(_as_postgres([f"{bindir}/pg_ctl", "-D", str(data), "-m", "immediate", "-w", "stop"]),
+                       capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def db(pg_server):
+    """A fresh database on the server for each test."""
+    name = "t_" + uuid.uuid4().hex[:12]
+    admin = Database(pg_server)
+    with admin.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
+        c.exec_driver_sql(f"CREATE DATABASE {name}")
+    admin.close()
+    d = Database(pg_server.replace("/postgres?", f"/{name}?"))
+    d.migrate()
+    yield d
+    d.close()
+
+
+@pytest.fixture
+def people(db, monkeypatch):
+    monkeypatch.setattr(users, "_hasher", PasswordHasher(time_cost=1, memory_cost=1024))
+    return {n: users.add_user(db, n, r)[0] for n, r in [("op", "operator")] + [(f"a{i}", "annotator") for i in range(12)]}
+
+
+def test_migrations_build_the_models_schema_on_postgres(db):
+    with db.engine.connect() as conn:
+        ctx = MigrationContext.configure(conn, opts={"include_object": lambda o, n, t, r, c: t != "table" or n in Base.metadata.tables})
+        diff = [d for d in compare_metadata(ctx, Base.metadata) if not (isinstance(d, tuple) and d[0] == "remove_index")]
+    assert diff == []
+
+
+def test_label_services_on_postgres(db, people, tmp_path):
+    s = rk.create_set(db, people["op"], "pg", ["Write a joke about pelicans", "p2"],
+                      [[f"c{j}" for j in range(4)]] * 2, annotators_per_item=12)
+
+    def annotate(name):
+        u = people[name]
+        n = 0
+        while (item := rk.next_item(db, u, s["id"])) is not None:
+            rk.submit(db, u, item["item_id"], [c["id"] for c in item["candidates"]][::-1])
+            n += 1
+        return n
+
+    with ThreadPoolExecutor(12) as pool:
+        assert list(pool.map(annotate, [f"a{i}" for i in range(12)])) == [2] * 12
+    assert progress.set_progress(db, s["id"])["items_done"] == 2
+    assert agreement.set_agreement(db, s["id"], "ranked_pairs")["mean_pairwise_tau"] == 1.0
+    assert len(exchange.export(db, "preferences", s["id"])) == 2 * 12 * 6
+    d = sft.save(db, people["a0"], [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}], submit=True)
+    sft.save(db, people["a0"], [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello!"}],
+             demo_id=d["demo_id"], submit=True)
+    assert len(sft.get(db, people["a0"], d["demo_id"])["history"]) == 2
+    with pytest.raises(exchange.ImportRefused):
+        exchange.import_jsonl(db, people["op"], "rankings",
+                              '{"prompt": "p", "candidates": ["a", "b"], "ranking": [1, 0]}\n{"prompt": ""}\n')
+    assert len(rk.list_sets(db)) == 1  # nothing partly imported
+    snap = snapshots.create_snapshot(db, tmp_path, people["op"], "sft")
+    assert snapshots.read_snapshot(db, snap["hash"]) == exchange.export(db, "sft")
