@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from backend.engine import aiterate
 from backend.sampling import SamplingParams
+from models.registry import UnknownModel
 
 router = APIRouter(tags=["openai"])
 
@@ -140,14 +141,17 @@ def sampling_params(body: dict, max_tokens: int, stop_ids: list[int], logprobs: 
                           stop=get_stop(body), stop_token_ids=stop_ids, logprobs=logprobs)
 
 
-def get_engine(request: Request, body: dict):
+async def get_engine(request: Request, body: dict):
     name = body.get("model")
     if not isinstance(name, str) or not name:
         raise APIError(400, "model is required (a model name from /v1/models)", "model")
-    try:
-        return request.app.state.pg.engines.get(name)
-    except ValueError as e:  # UnknownModel
+    try:  # loading a model takes seconds: off the event loop
+        return await asyncio.to_thread(request.app.state.pg.engines.get, name)
+    except UnknownModel as e:
         raise APIError(404, str(e), "model", code="model_not_found")
+    except Exception as e:  # noqa: BLE001 - a model on disk that does not load is the server's problem
+        raise APIError(503, f"model {name!r} could not be loaded: {e}", "model", type="server_error",
+                       code="model_load_failed")
 
 
 def resolve_max_tokens(body: dict, engine, prompt_len: int, default: int | None, names: tuple[str, ...],
@@ -313,7 +317,7 @@ def echo_logprobs(engine, prompt_ids, k):
 @handle_errors
 async def completions(request: Request):
     body = await read_body(request)
-    engine = get_engine(request, body)
+    engine = await get_engine(request, body)
     prompts, prompt_texts = parse_prompts(body, engine)
     n = get_int(body, "n", 1, 1, MAX_N)
     best_of = get_int(body, "best_of", None, 1, MAX_N)
@@ -422,7 +426,7 @@ def chat_logprobs(engine, token_id: int, lp: float, top) -> dict:
 @handle_errors
 async def chat_completions(request: Request):
     body = await read_body(request)
-    engine = get_engine(request, body)
+    engine = await get_engine(request, body)
     messages = parse_messages(body)
     if not getattr(engine.spec, "chat_format", None):
         raise APIError(400, f"model {engine.name!r} is a base model without a chat format; "
