@@ -27,9 +27,13 @@ class Playground:
         self.registry = ModelRegistry(cfg)
         self.engines = EnginePool(self.registry, cfg)
         self.model_error: str | None = None
+        self.worker = None  # the training worker process (backend/worker.py); the server itself never trains
 
     def start(self) -> None:
         """Called once when the server starts (after the app is built)."""
+        if self.cfg.start_worker:
+            from backend.worker import spawn_worker
+            self.worker = spawn_worker(self.cfg)
         if self.cfg.preload:
             try:
                 self.engines.get(self.cfg.default_model)
@@ -39,6 +43,9 @@ class Playground:
 
     def stop(self) -> None:
         """Called once when the server stops."""
+        if self.worker is not None:
+            from backend.worker import stop_worker
+            stop_worker(self.worker)
 
     def health(self) -> dict:
         return {"status": "ok", "default_model": self.cfg.default_model, "loaded_models": self.engines.loaded(),

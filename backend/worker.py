@@ -13,10 +13,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 import traceback
+from pathlib import Path
 
 from backend.config import AppConfig
 from backend.db import Database
@@ -170,6 +174,43 @@ class Worker:
         return state
 
 
+def spawn_worker(app: AppConfig) -> subprocess.Popen:
+    """Start `python -m backend.worker` for this app's data directory and database (app.py does this).
+
+    The database URL goes through the environment (it may hold a password; argv is world-readable).
+    The worker exits by itself when this process goes away (--exit-with-parent).
+    """
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "DATABASE_URL": app.database_url, "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH", "")) if p)}
+    cmd = [sys.executable, "-m", "backend.worker", "--data-dir", str(app.data_dir), "--device", app.device,
+           "--threads", str(app.threads), "--exit-with-parent", str(os.getpid())]
+    return subprocess.Popen(cmd, cwd=root, env=env)
+
+
+def stop_worker(proc: subprocess.Popen | None, timeout: float = 30.0) -> None:
+    """SIGTERM: the running job stops at a checkpoint and goes back to the queue; SIGKILL after `timeout`."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        log.warning("worker %s did not stop within %ss: killing it", proc.pid, timeout)
+        proc.kill()
+        proc.wait()
+
+
+def _watch_parent(parent: int, worker: Worker) -> None:
+    """Shut down when the process that started us is gone (killed servers must not leave workers behind)."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    log.warning("parent process %s is gone: shutting down", parent)
+    worker.request_shutdown()
+    time.sleep(60.0)
+    os._exit(1)  # the job did not stop in time
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m backend.worker", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -181,6 +222,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--poll", type=float, default=1.0, help="seconds between looks at an empty queue")
     p.add_argument("--stale-after", type=float, default=queue.STALE_AFTER,
                    help="seconds without a heartbeat after which a running job's worker is taken for dead")
+    p.add_argument("--exit-with-parent", type=int, default=None, metavar="PID", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -202,6 +244,8 @@ def main(argv: list[str] | None = None) -> None:
     worker = Worker(app, db, device, stale_after=args.stale_after, poll=args.poll)
     signal.signal(signal.SIGTERM, worker.request_shutdown)
     signal.signal(signal.SIGINT, worker.request_shutdown)
+    if args.exit_with_parent:
+        threading.Thread(target=_watch_parent, args=(args.exit_with_parent, worker), daemon=True).start()
     try:
         worker.run(once=args.once)
     finally:

@@ -1,0 +1,238 @@
+"""Training tab: start a job (pretraining now; the other kinds as their trainers land), watch its loss and
+validation bits-per-byte curves grow, read samples with their step numbers, tokens/s and MFU, the
+log tail; cancel and resume. Layout and wiring only: every button calls backend.jobs.queue, the same
+service the REST API (/api/jobs) and the CLI use, and the worker process does the training."""
+from __future__ import annotations
+
+import html
+import json
+import re
+import shutil
+from pathlib import Path
+
+import gradio as gr
+import pandas as pd
+
+from backend.auth import user_from_request
+from backend.jobs import kinds, queue
+from ui.login import build_login, request_user
+
+MAX_PLOT_POINTS = 2000
+JOB_COLUMNS = ["id", "kind", "name", "state", "step", "loss", "val bpb", "model", "by"]
+
+
+def _empty_state() -> dict:
+    return {"job": None, "after": 0, "loss": [], "bpb": [], "samples": [], "log": [], "sig": None, "choices": None}
+
+
+def _plot(points: list, y: str) -> pd.DataFrame:
+    if len(points) > MAX_PLOT_POINTS:  # keep the browser fast on long runs: every k-th point, and the last
+        k = -(-len(points) // MAX_PLOT_POINTS)
+        points = points[::k] + ([points[-1]] if (len(points) - 1) % k else [])
+    return pd.DataFrame(points, columns=["step", y]) if points else pd.DataFrame({"step": [], y: []})
+
+
+def _fmt(x, spec: str) -> str:
+    return format(x, spec) if isinstance(x, (int, float)) else "–"
+
+
+def _stats(job: dict) -> str:
+    s = job["summary"]
+    state = job["state"] + (" (cancel requested)" if job["cancel_requested"] and job["state"] == "running" else "")
+    if job["state"] == "running" and job["heartbeat_age"] and job["heartbeat_age"] > 15:
+        state += f" (no heartbeat for {job['heartbeat_age']:.0f}s)"
+    parts = [f"**Job {job['id']}** `{job['name']}` · **{state}** · step **{job['step']}**",
+             f"loss {_fmt(s.get('loss'), '.4f')}", f"val bpb {_fmt(s.get('val_bpb'), '.4f')}",
+             f"{_fmt(s.get('tokens_per_s'), ',.0f')} tokens/s", f"MFU {_fmt(100 * s['mfu'] if 'mfu' in s else None, '.2f')}%"]
+    if s.get("params"):
+        parts.append(f"{s['params']:,} parameters on {s.get('device', '?')}")
+    if job["model"]:
+        parts.append(f"model **{job['model']}** (in the Generate tab's list)")
+    if job["error"]:
+        parts.append(f"\n\n⚠ {job['error']}")
+    return " · ".join(parts)
+
+
+def _samples_html(samples: list[dict]) -> str:
+    if not samples:
+        return '<div class="pg-samples"><i>Samples appear here every few steps, each with its step number.</i></div>'
+    rows = []
+    for s in reversed(samples[-20:]):  # newest first
+        rows.append(f'<div class="pg-sample" data-step="{int(s["step"])}"><b>step {int(s["step"])}</b>'
+                    f'<pre style="white-space:pre-wrap;margin:.2em 0 .6em 0"><span style="opacity:.6">'
+                    f'{html.escape(s.get("prompt", ""))}</span>{html.escape(s["sample"])}</pre></div>')
+    return '<div class="pg-samples">' + "".join(rows) + "</div>"
+
+
+def _jobs_table(jobs: list[dict]) -> pd.DataFrame:
+    rows = [[j["id"], j["kind"], j["name"], j["state"], j["step"], _fmt(j["summary"].get("loss"), ".4f"),
+             _fmt(j["summary"].get("val_bpb"), ".4f"), j["model"] or "", j["created_by"] or ""] for j in jobs]
+    return pd.DataFrame(rows, columns=JOB_COLUMNS)
+
+
+def _save_uploads(pg, files) -> list[str]:
+    """Uploaded corpus files go to data_dir/corpora/ (the worker reads them from there)."""
+    out = []
+    folder = pg.cfg.data_dir / "corpora"
+    for f in files or []:
+        src = Path(f if isinstance(f, str) else f.name)
+        if src.suffix.lower() not in (".txt", ".md", ".jsonl", ".parquet"):
+            raise ValueError(f"corpus: {src.name} is not a .txt, .md, .jsonl or .parquet file")
+        folder.mkdir(parents=True, exist_ok=True)
+        dest = folder / re.sub(r"[^A-Za-z0-9._-]+", "-", src.name)
+        shutil.copyfile(src, dest)
+        out.append(str(dest))
+    return out
+
+
+def build(pg) -> None:
+    from backend.corpora import list_corpora
+    from models.presets import PRESETS
+    from models.tokenizers import list_encodings
+
+    gr.Markdown("Start a training run and watch it learn: the loss falls from ln(vocabulary) as the model "
+                "stops guessing uniformly, the held-out **bits per byte** say how well it compresses text it "
+                "never trained on, and the samples go from gibberish to local coherence. The run ends in a "
+                "checkpoint registered as a model you can sample from in the Generate tab. Operators and "
+                "admins start and cancel runs; everyone signed in can watch.")
+    build_login()
+    with gr.Row():
+        kind = gr.Dropdown(kinds.kinds(), value="pretrain", label="Kind", scale=1, elem_id="train-kind")
+        preset = gr.Dropdown([(f"{n}: {p.description}", n) for n, p in PRESETS.items()], value="cpu-5min",
+                             label="Model size (preset)", scale=3, elem_id="train-preset")
+        corpus = gr.Dropdown(list_corpora(), value=["python-docs"], multiselect=True, label="Corpus", scale=2,
+                             elem_id="train-corpus")
+        tokenizer = gr.Dropdown(["auto", *list_encodings(pg.cfg.data_dir)], value="auto", allow_custom_value=True,
+                                label="Tokenizer (auto: a BPE trained on the corpus)", scale=2, elem_id="train-tokenizer")
+    with gr.Row():
+        max_seconds = gr.Number(300, label="Max seconds", precision=0, minimum=0, elem_id="train-max-seconds")
+        max_steps = gr.Number(0, label="Max steps (0: no limit)", precision=0, minimum=0, elem_id="train-max-steps")
+        sample_every = gr.Number(25, label="Sample every N steps", precision=0, minimum=1, elem_id="train-sample-every")
+        eval_every = gr.Number(25, label="Validate every N steps", precision=0, minimum=1, elem_id="train-eval-every")
+    with gr.Accordion("More settings", open=False):
+        with gr.Row():
+            name = gr.Textbox(label="Run / model name (empty: automatic)", elem_id="train-name")
+            max_chars = gr.Number(0, label="Use only the first N corpus characters (0: all)", precision=0, minimum=0,
+                                  elem_id="train-max-chars")
+        uploads = gr.File(label="Add corpus files (.txt .md .jsonl .parquet)", file_count="multiple")
+        extra = gr.Code(value="{}", language="json", label="Other config fields (JSON), e.g. {\"lr\": 0.002}",
+                        elem_id="train-extra")
+        fields_md = gr.Markdown(", ".join(f"`{f['name']}`" for f in kinds.config_fields("pretrain")))
+    start = gr.Button("Start training", variant="primary", elem_id="train-start")
+    status = gr.Markdown(elem_id="train-status")
+
+    gr.Markdown("### Watch a job")
+    with gr.Row():
+        job_pick = gr.Dropdown([], value=None, label="Job", scale=4, elem_id="train-job")
+        cancel = gr.Button("Cancel", variant="stop", scale=1, elem_id="train-cancel")
+        resume = gr.Button("Resume", scale=1, elem_id="train-resume")
+    stats = gr.Markdown(elem_id="train-stats")
+    with gr.Row():
+        loss_plot = gr.LinePlot(_plot([], "loss"), x="step", y="loss", title="Training loss (nats per token)",
+                                elem_id="train-loss-plot")
+        bpb_plot = gr.LinePlot(_plot([], "val_bpb"), x="step", y="val_bpb", title="Validation bits per byte",
+                               elem_id="train-bpb-plot")
+    curve_info = gr.Markdown(elem_id="train-curve-info")
+    with gr.Row():
+        with gr.Column(scale=3):
+            samples = gr.HTML(_samples_html([]), label="Samples", elem_id="train-samples")
+        with gr.Column(scale=2):
+            log_box = gr.Textbox(label="Log (newest last)", lines=12, max_lines=12, interactive=False,
+                                 autoscroll=True, elem_id="train-log")
+    jobs_table = gr.Dataframe(pd.DataFrame(columns=JOB_COLUMNS), label="All jobs (newest first)",
+                              interactive=False, elem_id="train-jobs")
+    state = gr.State(_empty_state())
+    timer = gr.Timer(1.0)
+
+    kind.change(lambda k: ", ".join(f"`{f['name']}`" for f in kinds.config_fields(k)), kind, fields_md)
+
+    def start_job(k, pre, corp, tok, secs, steps, s_every, e_every, nm, chars, files, extra_json, st,
+                  request: gr.Request):
+        user = request_user(pg, request, "operator")
+        try:
+            config = json.loads(extra_json or "{}")
+        except json.JSONDecodeError as e:
+            raise gr.Error(f"Other config fields are not valid JSON: {e.msg}")
+        if not isinstance(config, dict):
+            raise gr.Error("Other config fields: give a JSON object such as {\"lr\": 0.002}")
+        try:
+            if k == "pretrain":
+                form = {"preset": pre, "corpus": list(corp or []) + _save_uploads(pg, files), "tokenizer": tok,
+                        "max_seconds": float(secs or 0), "max_steps": int(steps or 0),
+                        "sample_every": int(s_every or 1), "eval_every": int(e_every or 1)}
+                if (nm or "").strip():
+                    form["name"] = nm.strip()
+                if chars:
+                    form["max_corpus_chars"] = int(chars)
+                config = {**form, **config}
+            job = queue.create_job(pg.db, pg.cfg, user, k, config)
+        except (ValueError, LookupError) as e:
+            raise gr.Error(str(e))
+        st = {**_empty_state(), "job": job["id"]}
+        note = f"Queued job **{job['id']}** (`{job['name']}`); the worker picks it up within a second or two."
+        return note, st, gr.update(choices=[(f"#{job['id']} {job['name']} ({job['state']})", job["id"])],
+                                   value=job["id"])
+
+    start.click(start_job, [kind, preset, corpus, tokenizer, max_seconds, max_steps, sample_every, eval_every,
+                            name, max_chars, uploads, extra, state], [status, state, job_pick])
+
+    def act(fn, job_id, request: gr.Request):
+        user = request_user(pg, request, "operator")
+        if not job_id:
+            raise gr.Error("Pick a job first.")
+        try:
+            job = fn(job_id, user)
+        except (ValueError, LookupError) as e:
+            raise gr.Error(str(e))
+        return f"Job {job['id']} is now **{job['state']}**" + (" (stopping after this step)" if job["cancel_requested"] else "")
+
+    def cancel_job(job_id, request: gr.Request):
+        return act(lambda i, u: queue.cancel_job(pg.db, i, u), job_id, request)
+
+    def resume_job(job_id, request: gr.Request):
+        return act(lambda i, u: queue.resume_job(pg.db, pg.cfg, i, u), job_id, request)
+
+    cancel.click(cancel_job, job_pick, status)
+    resume.click(resume_job, job_pick, status)
+
+    def tick(st, selected, request: gr.Request):
+        skip = gr.skip()
+        user = user_from_request(pg, request.headers, request.cookies) if request is not None else None
+        if user is None:
+            return st, skip, skip, "Log in (above) to start or watch training jobs.", skip, skip, skip, skip, skip
+        jobs = queue.list_jobs(pg.db, 100)
+        sig = [(j["id"], j["state"], j["step"]) for j in jobs]
+        table = _jobs_table(jobs) if sig != st["sig"] else skip
+        choices = [(f"#{j['id']} {j['name']} ({j['state']})", j["id"]) for j in jobs]
+        pick = gr.update(choices=choices) if choices != st["choices"] else skip
+        st = {**st, "sig": sig, "choices": choices}
+        job_id = selected or st["job"] or (jobs[0]["id"] if jobs else None)
+        if job_id is None:
+            return st, table, pick, "No jobs yet: start one above.", skip, skip, skip, skip, skip
+        if job_id != st["job"]:
+            st = {**_empty_state(), "sig": sig, "choices": choices, "job": job_id}
+            if not selected:
+                pick = gr.update(choices=choices, value=job_id)
+        try:
+            d = queue.job_detail(pg.db, job_id, st["after"])
+        except LookupError:
+            return {**st, "job": None}, table, pick, f"No job {job_id}.", skip, skip, skip, skip, skip
+        if d["reset"]:
+            st = {**st, "after": 0, "loss": [], "bpb": [], "samples": [], "log": []}
+        new_metrics = d["metrics"]
+        loss = st["loss"] + [[m["step"], m["loss"]] for m in new_metrics if "loss" in m]
+        bpb = st["bpb"] + [[m["step"], m["val_bpb"]] for m in new_metrics if "val_bpb" in m]
+        smp = (st["samples"] + [{"step": s["step"], "prompt": s.get("prompt", ""), "sample": s["sample"]}
+                                for s in d["samples"]])[-20:]
+        log = (st["log"] + [f"[step {e['step']}] {e['text']}" for e in d["log"]])[-queue.LOG_TAIL:]
+        changed = bool(new_metrics or d["samples"] or d["log"] or d["reset"] or st["after"] == 0)
+        st = {**st, "after": d["last_event_id"], "loss": loss, "bpb": bpb, "samples": smp, "log": log}
+        if not changed:
+            return st, table, pick, _stats(d), skip, skip, skip, skip, skip
+        info = (f"loss curve: {len(loss)} points" + (f" (steps {loss[0][0]}–{loss[-1][0]})" if loss else "")
+                + f" · validation: {len(bpb)} points")
+        return (st, table, pick, _stats(d), _plot(loss, "loss"), _plot(bpb, "val_bpb"), _samples_html(smp),
+                "\n".join(log), info)
+
+    timer.tick(tick, [state, job_pick], [state, jobs_table, job_pick, stats, loss_plot, bpb_plot, samples, log_box,
+                                         curve_info], show_progress="hidden")
