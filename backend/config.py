@@ -35,6 +35,8 @@ class AppConfig:
     preload: bool = True
     # Derived caches (the dequantized bundled model, converted tokenizers): see models/cache.py.
     cache_dir: Path | None = None
+    # SearxNG-style web search (GET {url}/search?q=...&format=json) for the search tool; None: local index only.
+    web_search_url: str | None = field(default_factory=lambda: os.environ.get("PLAYGROUND_WEB_SEARCH_URL") or None)
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir).resolve()
@@ -65,6 +67,7 @@ class AppConfig:
         parser.add_argument("--threads", type=int, default=cls.threads)
         parser.add_argument("--no-worker", dest="start_worker", action="store_false", help="do not start the training worker")
         parser.add_argument("--no-preload", dest="preload", action="store_false", help="load the default model on first use")
+        parser.add_argument("--web-search-url", default=None, help="SearxNG-style search endpoint for the search tool (default $PLAYGROUND_WEB_SEARCH_URL)")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "AppConfig":

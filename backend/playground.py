@@ -27,6 +27,9 @@ class Playground:
         self.registry = ModelRegistry(cfg)
         self.engines = EnginePool(self.registry, cfg)
         self.model_error: str | None = None
+        from backend.tools import PythonTool, SearchIndex
+        self.search = SearchIndex(self.db, web_url=cfg.web_search_url)  # the search tool's index (+ web)
+        self.sandbox = PythonTool()  # the Python tool: runs code in backend.tools.sandbox
         self.worker = None  # the training worker process (backend/worker.py); the server itself never trains
 
     def start(self) -> None:

@@ -16,6 +16,7 @@ ROUTES: list[tuple[str, str]] = [
     ("labels", ""),
     ("openai_api", ""),
     ("models_api", ""),
+    ("tools", ""),
     ("jobs", ""),
 ]
 
