@@ -55,10 +55,21 @@ def sign_in(page, server, name, password):
     page.locator(".pg-whoami").wait_for(timeout=30_000)
 
 
+def settled(page):
+    """Wait until the ranking widget has no load in flight."""
+    page.wait_for_function("() => document.querySelector('.pg-rank').dataset.busy === '0'", timeout=30_000)
+
+
+def pick_set(page, set_id):
+    settled(page)
+    page.locator(".pg-set").select_option(str(set_id))
+    settled(page)
+
+
 def test_annotator_ranks_with_the_keyboard_and_the_row_is_stored(site, page):
     server, db, people, jokes, _ = site
     sign_in(page, server, "ann", people["ann"][1])
-    page.locator(".pg-set").select_option(str(jokes["id"]))
+    pick_set(page, jokes["id"])
     rank = page.locator(".pg-rank")
     page.locator(".pg-cand").nth(3).wait_for(timeout=30_000)
     assert page.locator(".pg-prompt").inner_text() == "Write a joke about pelicans"
@@ -84,7 +95,7 @@ def test_annotator_ranks_with_the_keyboard_and_the_row_is_stored(site, page):
 def test_label_html_is_shown_as_text_never_run(site, page):
     server, db, people, _, nasty = site
     sign_in(page, server, "eve", people["eve"][1])
-    page.locator(".pg-set").select_option(str(nasty["id"]))
+    pick_set(page, nasty["id"])
     page.locator(".pg-cand").nth(3).wait_for(timeout=30_000)
     assert page.locator(".pg-prompt").inner_text() == NASTY
     assert page.locator(".pg-cand .pg-text").first.inner_text() == NASTY
@@ -133,3 +144,26 @@ def test_operator_sees_progress_and_an_annotator_is_refused(site, page):
     page.locator(".pg-whoami").wait_for(timeout=30_000)
     page.get_by_role("button", name="Progress").click()
     page.get_by_text("rankings_needed").first.wait_for(timeout=30_000)
+
+
+def test_annotator_revisits_and_changes_a_submission(site, page):
+    server, db, people, jokes, _ = site
+    user = people["ann"][0]
+    done = [r for r in rk.my_rankings(db, user, jokes["id"]) if not r["skipped"]]
+    assert done, "runs after the keyboard test has stored a ranking"
+    item_id = done[-1]["item_id"]
+    sign_in(page, server, "ann", people["ann"][1])
+    settled(page)
+    page.wait_for_function(f"() => [...document.querySelectorAll('.pg-mine option')].some(o => o.value === '{item_id}')",
+                           timeout=30_000)
+    page.locator(".pg-mine").select_option(str(item_id))
+    page.wait_for_function(f"() => document.querySelector('.pg-rank').dataset.itemId === '{item_id}'", timeout=30_000)
+    settled(page)
+    assert page.locator(".pg-cand .pg-text").all_inner_texts() == ["joke 3", "joke 1", "joke 2", "joke 4"]
+    for key in "1234":
+        page.keyboard.press(key)
+    page.keyboard.press("Enter")
+    page.wait_for_function(f"() => document.querySelector('.pg-rank').dataset.itemId !== '{item_id}'", timeout=30_000)
+    mine = rk.get_item(db, user, item_id)
+    assert mine["my_ranking"]["revision"] == 2
+    assert mine["my_ranking"]["order"] == [c["id"] for c in mine["candidates"]]

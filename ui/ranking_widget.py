@@ -15,6 +15,7 @@ SKELETON = """
     <label>Set <select class="pg-set"><option value="">all sets</option></select></label>
     <button type="button" class="pg-guide-btn">Guidelines</button>
     <button type="button" class="pg-prev">Previous</button>
+    <select class="pg-mine" aria-label="revisit one of my rankings"><option value="">revisit my rankings...</option></select>
     <span class="pg-status" role="status"></span>
   </div>
   <pre class="pg-guide" hidden></pre>
@@ -102,15 +103,33 @@ function show(next) {
   sel = 0; placed = 0;
   render();
 }
-async function loadNext() {
+// Loads can overlap (sign-in, set picker, revisit); only the newest one may change the screen, and
+// data-busy tells scripts (and tests) when the widget has settled.
+let loadSeq = 0;
+async function load(fetchItem, describe) {
+  const seq = ++loadSeq;
+  root.dataset.busy = '1';
   try {
-    const set = $('.pg-set').value;
-    const next = await api('GET', '/api/rankings/next' + (set ? '?set_id=' + encodeURIComponent(set) : ''));
-    if (next.done) { show(null); status('Nothing left to rank. Thank you!'); return; }
+    const next = await fetchItem();
+    if (seq !== loadSeq) return;
+    if (!next || next.done) { show(null); status('Nothing left to rank. Thank you!'); return; }
     show(next);
-    status('Item ' + (next.position + 1) + ' of "' + next.set_name + '"');
+    status(describe(next));
     root.focus({preventScroll: true});
-  } catch (e) { show(null); status(e.message); }
+  } catch (e) {
+    if (seq === loadSeq) { show(null); status(e.message); }
+  } finally {
+    if (seq === loadSeq) root.dataset.busy = '0';
+  }
+}
+function loadNext() {
+  const set = $('.pg-set').value;
+  return load(() => api('GET', '/api/rankings/next' + (set ? '?set_id=' + encodeURIComponent(set) : '')),
+              (next) => 'Item ' + (next.position + 1) + ' of "' + next.set_name + '"');
+}
+function revisit(id) {
+  return load(() => api('GET', '/api/rankings/items/' + id),
+              () => 'Revisiting an item you submitted; Enter saves the change.');
 }
 async function loadSets() {
   try {
@@ -122,12 +141,22 @@ async function loadSets() {
     pick.value = keep;
   } catch (e) {}
 }
+async function loadMine() {
+  try {
+    const mine = await api('GET', '/api/rankings/mine');
+    const pick = $('.pg-mine');
+    pick.replaceChildren(new Option('revisit my rankings...', ''));
+    mine.slice(0, 50).forEach((r) => pick.append(new Option(
+      (r.skipped ? '[skipped] ' : r.all_bad ? '[all bad] ' : '') + r.prompt.slice(0, 60) + ' (rev ' + r.revision + ')', String(r.item_id))));
+  } catch (e) {}
+}
 async function submit(skipped) {
   if (!item) return;
   const body = skipped ? {skipped: true} : {order: order, all_bad: $('.pg-allbad').checked};
   try {
     const res = await api('POST', '/api/rankings/items/' + item.item_id, body);
     history.push(item.item_id);
+    loadMine();
     status((skipped ? 'Skipped' : 'Saved (revision ' + res.revision + ')') + '. Loading the next item...');
     await loadNext();
     root.dataset.saved = String(Number(root.dataset.saved || 0) + 1);
@@ -135,19 +164,23 @@ async function submit(skipped) {
 }
 async function start() {
   const me = await fetch('/api/me', {credentials: 'same-origin'});
-  if (!me.ok) { show(null); status('Log in above to start ranking.'); return; }
+  if (!me.ok) { loadSeq++; root.dataset.busy = '0'; show(null); status('Log in above to start ranking.'); return; }
   await loadSets();
   await loadNext();
+  loadMine();
 }
 
 $('.pg-submit').onclick = () => submit(false);
 $('.pg-skip').onclick = () => submit(true);
 $('.pg-set').onchange = () => loadNext();
+$('.pg-mine').onchange = async () => {
+  const id = $('.pg-mine').value;
+  if (id) revisit(id);
+};
 $('.pg-prev').onclick = async () => {
   const id = history.pop();
   if (id === undefined) { status('No earlier item in this session.'); return; }
-  try { show(await api('GET', '/api/rankings/items/' + id)); status('Revisiting an item you submitted; Enter saves the change.'); }
-  catch (e) { status(e.message); }
+  revisit(id);
 };
 $('.pg-guide-btn').onclick = async () => {
   const g = $('.pg-guide');
