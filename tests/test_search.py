@@ -165,3 +165,43 @@ def test_no_endpoint_configured(index):
     assert index.search_tool("pelican", 1) == {"results": index.search("pelican", 1), "source": "local", "note": None}
     with pytest.raises(WebSearchUnavailable, match="no web-search endpoint is configured"):
         index.search_tool("pelican", 1, source="web")
+
+
+# ---- the same index on PostgreSQL (tsvector + ts_rank), when a throwaway server can run here ----------
+
+try:
+    import psycopg  # noqa: F401
+    from tests.test_db_postgres import pg_server  # noqa: F401  (the module-scoped throwaway cluster fixture)
+    HAVE_PSYCOPG = True
+except ImportError:
+    HAVE_PSYCOPG = False
+
+
+@pytest.mark.skipif(not HAVE_PSYCOPG, reason="psycopg not installed")
+def test_search_on_postgres(pg_server):
+    import uuid
+    name = "s_" + uuid.uuid4().hex[:12]
+    admin = Database(pg_server)
+    with admin.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
+        c.exec_driver_sql(f"CREATE DATABASE {name}")
+    admin.close()
+    db = Database(pg_server.replace("/postgres?", f"/{name}?"))
+    db.migrate()
+    try:
+        ix = SearchIndex(db)
+        ix._builtin_checked = True
+        ix.add_documents(CORPUS, source="test")
+        assert titles(ix.search("pelican beak", 3))[0] == "Pelicans"
+        assert titles(ix.search("how do birds migrate in winter?", 3))[0] == "Bird migration"
+        r = ix.search("sourdough", 5)
+        assert titles(r) == ["Sourdough bread"] and r[0]["score"] > 0 and "wild yeast" in r[0]["snippet"]
+        for query in ['"pelican', "-pelican", "pelican*", "NEAR(pelican bird)", "pelican & | ! <->", "pelican:*"]:
+            assert "Pelicans" in titles(ix.search(query, 5)), query
+        assert ix.search("'; DROP TABLE documents; --", 5) == [] and len(ix.list_documents()) == len(CORPUS)
+        assert ix.search("***", 5) == []
+        doc = ix.add_document("Axolotl", "The axolotl regrows its limbs.")
+        assert titles(ix.search("axolotl", 3)) == ["Axolotl"]
+        ix.remove_document(doc["id"])
+        assert ix.search("axolotl", 3) == []
+    finally:
+        db.close()
