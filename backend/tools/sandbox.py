@@ -9,7 +9,7 @@ How (strongest first; `SandboxResult.guard` lists what was active for that call)
 - Mount namespace: an empty root with read-only binds of /usr (and the /bin, /lib... symlinks) and the
   Python installation (under /root/.pyenv here, which is otherwise mode 0700); a fresh /proc showing only
   the sandbox's processes, a minimal /dev, and a size-limited tmpfs at /tmp as the empty working
-  directory. The data directory (database with password hashes and API keys, checkpoints), the project
+  directory (it and a /dev/shm of the same size are the only writable places; the rest is read-only). The data directory (database with password hashes and API keys, checkpoints), the project
   tree, /root, /etc and /home do not exist in there. The code arrives as a read-only /sandbox/main.py.
 - Network namespace: only its own loopback; nothing outside (not even the server on 127.0.0.1) is reachable.
 - PID namespace: when the code's main process exits, the kernel kills every process left in the namespace,
@@ -162,9 +162,12 @@ def bwrap_args(limits: SandboxLimits, userns: bool, code_fd: int) -> list[str]:
     args += _root_binds()
     if not str(prefix).startswith("/usr/"):
         args += ["--ro-bind", str(prefix), str(prefix)]
-    args += ["--proc", "/proc", "--dev", "/dev",
+    # Writable: only the size-limited tmpfs at /tmp and /dev/shm; the root tmpfs and /dev are remounted
+    # read-only, so nothing else can fill memory with files.
+    args += ["--proc", "/proc", "--dev", "/dev", "--remount-ro", "/dev",
+             "--size", str(limits.tmp_mb << 20), "--tmpfs", "/dev/shm",
              "--size", str(limits.tmp_mb << 20), "--tmpfs", WORKDIR,
-             "--ro-bind-data", str(code_fd), CODE_PATH,
+             "--ro-bind-data", str(code_fd), CODE_PATH, "--remount-ro", "/",
              "--chdir", WORKDIR, str(exe), "-I", "-S", CODE_PATH]
     return args
 
