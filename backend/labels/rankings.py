@@ -6,6 +6,7 @@ it and bumps its revision. An item is done when `annotators_per_item` people ran
 from __future__ import annotations
 
 from sqlalchemy import exists, func, select
+from sqlalchemy.orm import contains_eager, joinedload, selectinload
 
 from backend.db import Database
 from backend.db.models import Candidate, Ranking, RankingItem, RankingSet, User, utcnow
@@ -93,7 +94,8 @@ def next_item(db: Database, user: CurrentUser, set_id: int | None = None) -> dic
         mine = exists().where(Ranking.item_id == RankingItem.id, Ranking.user_id == user.id)
         ranked = (select(func.count()).where(Ranking.item_id == RankingItem.id, Ranking.skipped.is_(False))
                   .correlate(RankingItem).scalar_subquery())
-        q = (select(RankingItem).join(RankingSet).where(~mine, ranked < RankingSet.annotators_per_item)
+        q = (select(RankingItem).join(RankingSet).options(contains_eager(RankingItem.set), selectinload(RankingItem.candidates))
+             .where(~mine, ranked < RankingSet.annotators_per_item)
              .order_by(RankingItem.set_id, RankingItem.position).limit(1))
         if set_id is not None:
             q = q.where(RankingItem.set_id == set_id)
@@ -103,7 +105,7 @@ def next_item(db: Database, user: CurrentUser, set_id: int | None = None) -> dic
 
 def get_item(db: Database, user: CurrentUser, item_id: int) -> dict:
     with db.read() as s:
-        item = s.get(RankingItem, item_id)
+        item = s.get(RankingItem, item_id, options=[joinedload(RankingItem.set), selectinload(RankingItem.candidates)])
         if item is None:
             raise LookupError(f"no ranking item {item_id}")
         return _item_payload(s, item, user)
