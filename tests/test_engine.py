@@ -295,3 +295,19 @@ def test_int8_decode_stays_close_to_float(enc):
         la, lb = ref(torch.tensor([4]), a), q8(torch.tensor([4]), b)
     assert torch.nn.functional.cosine_similarity(la, lb).item() > 0.99
     assert not torch.equal(la, lb)  # it really ran the int8 path
+
+
+@pytest.mark.slow
+def test_decode_bench_runs_at_toy_size(capsys):
+    """`python -m backend.bench decode` keeps working; its last line is the JSON result (no timing asserted)."""
+    import json
+
+    from backend.bench import decode
+    decode.main(["--skip-load", "--skip-peer", "--tokens", "3", "--samples", "2", "--sample-tokens", "2",
+                 "--repeat", "1", "--threads", "1"])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    out = json.loads(last)
+    assert out["bench"] == "decode"
+    metrics = [r["metric"] for r in out["results"]]
+    assert "single-stream decode (greedy)" in metrics and "2 samples x 2 tokens [int8 weights]" in metrics
+    assert all(r["ours"] > 0 for r in out["results"] if r["unit"] == "tok/s")
