@@ -284,3 +284,13 @@ def test_without_isolation_it_refuses_unless_allowed(monkeypatch):
                    SandboxLimits(**{**LIMITS.__dict__, "allow_unisolated": True}))
     assert r.stdout.startswith("True") and "DATABASE_URL" not in r.stdout
     assert "UNISOLATED: network and files reachable" in r.guard
+
+
+def test_bench_chat_sandbox_part_runs_at_toy_size(capsys):
+    import json
+    from backend.bench import chat
+    chat.main(["--parts", "sandbox", "--calls", "2"])
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    row = last["results"][0]
+    assert last["bench"] == "chat" and row["unit"] == "ms" and row["ours"] > 0 and row["peer"] > 0
+    assert row["overhead_ms"] == pytest.approx(row["ours"] - row["peer"], abs=0.02) and "pid-ns" in row["guard"]
