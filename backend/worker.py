@@ -142,7 +142,7 @@ class Worker:
         try:
             trainer = get_trainer(job["kind"])
             cfg = parse_config(job["kind"], job["config"], self.app)
-            ctx = JobContext(self.app, emit, stop, job_id=job_id, resume=job["checkpoint"] is not None,
+            ctx = JobContext(self.app, emit, stop, job_id=job_id, resume=attempt > 1,
                              device=self.device, snapshot_hash=job["snapshot_hash"], parent_model=job["parent_model"])
             outcome = trainer.run(cfg, ctx)
             if outcome.reason == "stopped" and not cancelled.is_set() and self.shutdown.is_set():

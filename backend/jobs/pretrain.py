@@ -41,6 +41,21 @@ def default_name(cfg: PretrainConfig, job_id: int) -> str:
     return base + suffix
 
 
+def add_lineage(app: AppConfig, model: str, extra: dict) -> None:
+    """Record the job in a registered model's lineage (playground.json, rewritten atomically)."""
+    import json
+    import os
+
+    from models.hf_checkpoint import PLAYGROUND_FILE, read_extra
+
+    d = app.models_dir / model
+    meta = read_extra(d)
+    meta["lineage"] = {**meta.get("lineage", {}), **extra}
+    tmp = d / f".{PLAYGROUND_FILE}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(meta, indent=2, default=str) + "\n")
+    os.replace(tmp, d / PLAYGROUND_FILE)
+
+
 @trainer("pretrain", PretrainConfig, "pretrain a GPT from scratch on a corpus (next-token prediction)",
          check=check, default_name=default_name)
 def run(cfg: PretrainConfig, ctx: JobContext) -> Outcome:
@@ -56,5 +71,7 @@ def run(cfg: PretrainConfig, ctx: JobContext) -> Outcome:
             ctx.log(f"resuming from {latest_checkpoint(run_dir).name}")
     cfg = dataclasses.replace(cfg, **changes)
     r = pretrain(cfg, ctx.app, on_event=ctx.emit, stop=ctx.stop)
+    if r.model and ctx.job_id is not None:
+        add_lineage(ctx.app, r.model, {"job_id": ctx.job_id})
     return Outcome(reason=r.reason, step=r.step, checkpoint=str(r.checkpoint), model=r.model,
                    summary={"loss": r.loss, "val_bpb": r.val_bpb})

@@ -44,6 +44,29 @@ def _pretrain_parser(sub) -> None:
     p.add_argument("--data-dir", help="the app's data directory (default ./data or $PLAYGROUND_HOME)")
 
 
+def _registered_parsers(sub) -> None:
+    """Every other trainer kind registered in backend/jobs/kinds.py: its config from a YAML file."""
+    from backend.jobs.kinds import get_trainer, kinds
+    for kind in kinds():
+        if kind == "pretrain":
+            continue
+        p = sub.add_parser(kind, help=get_trainer(kind).description)
+        p.add_argument("--config", required=True, help=f"YAML file of {kind} config fields")
+        p.add_argument("--resume", action="store_true", help="continue the run's latest checkpoint")
+        p.add_argument("--data-dir", help="the app's data directory (default ./data or $PLAYGROUND_HOME)")
+
+
+def _run_registered(args, stop: threading.Event) -> None:
+    from backend.jobs.kinds import JobContext, get_trainer, parse_config
+    app = AppConfig(data_dir=args.data_dir) if args.data_dir else AppConfig()
+    try:
+        cfg = parse_config(args.kind, _load_yaml(args.config), app)
+        out = get_trainer(args.kind).run(cfg, JobContext(app, emit=_print_event, stop=stop, resume=args.resume))
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    print(f"done ({out.reason}) at step {out.step}; checkpoint {out.checkpoint}; model {out.model!r}", flush=True)
+
+
 def _load_yaml(path: str | None) -> dict:
     if not path:
         return {}
@@ -75,10 +98,11 @@ def main(argv: list[str] | None = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="kind", required=True, metavar="KIND")
     _pretrain_parser(sub)
+    _registered_parsers(sub)
     args = parser.parse_args(argv)
 
     if args.kind == "pretrain":
-        from backend.train.pretrain import PretrainConfig, pretrain
+        from backend.train.pretrain import pretrain
         fields = _load_yaml(args.config)
         fields.update({k: v for k, v in vars(args).items()
                        if v is not None and k not in ("kind", "config", "data_dir")})
@@ -87,12 +111,18 @@ def main(argv: list[str] | None = None) -> None:
         signal.signal(signal.SIGINT, lambda *_: (stop.set(), print("stopping after this step...", flush=True)))
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
         try:
-            cfg = PretrainConfig.from_dict(fields)
+            from backend.jobs.kinds import parse_config
+            cfg = parse_config("pretrain", fields, app)  # unknown keys and wrong types name the key
             result = pretrain(cfg, app, on_event=_print_event, stop=stop)
         except (ValueError, FileNotFoundError) as e:
             sys.exit(f"error: {e}")
         print(f"done ({result.reason}) at step {result.step}: loss {result.loss}, val bpb {result.val_bpb}; "
               f"checkpoint {result.checkpoint}; model {result.model!r}", flush=True)
+    else:
+        stop = threading.Event()
+        signal.signal(signal.SIGINT, lambda *_: (stop.set(), print("stopping after this step...", flush=True)))
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        _run_registered(args, stop)
 
 
 if __name__ == "__main__":
