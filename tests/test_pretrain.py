@@ -18,7 +18,7 @@ from backend.config import AppConfig
 from backend.corpora import load_corpus
 from backend.train.data import TokenData, corpus_text, token_byte_lengths
 from backend.train.pretrain import PretrainConfig, evaluate_bpb, latest_checkpoint, pretrain
-from backend.train.regurgitation import TrainIndex, longest_copied_span, measure_regurgitation
+from backend.train.regurgitation import TrainIndex, longest_copied_span, measure_for_model
 from models.hf_checkpoint import load_hf_dir
 from models.registry import ModelRegistry
 from models.transformer import ModelConfig, Transformer
@@ -177,14 +177,14 @@ def test_a_model_trained_on_one_passage_recites_it(app, tmp_path):
                "Complex is better than complicated. Flat is better than nested. Sparse is better than dense. ")
     path = tmp_path / "zen.txt"
     path.write_text(passage * 60)
-    r = pretrain(tiny(str(path), max_steps=60, lr=1e-2, bpe_vocab_size=300, register=False, name="zen"), app)
-    from models.tokenizers import get_encoding
-    enc = get_encoding(json.loads((r.run_dir / "config.json").read_text())["tokenizer"], app.data_dir)
-    data = TokenData.build(passage * 60, enc, "zen", app.cache_dir)
-    report = measure_regurgitation(r.transformer, enc, data.train, n_samples=2, prompt_tokens=8, max_new_tokens=24,
-                                   temperature=0.0)
+    r = pretrain(tiny(str(path), max_steps=60, lr=1e-2, bpe_vocab_size=300, name="zen"), app)
+    # The service behind the regurgitation button: the registered model on its own training text.
+    report = measure_for_model(app, "zen", n_samples=2, prompt_tokens=8, max_new_tokens=24, temperature=0.0)
     assert report["longest"]["tokens"] == 24, report  # greedy decoding recites the memorised passage
     assert report["longest"]["text"] in passage * 2
+    assert all(s["completion"] == s["true_continuation"] for s in report["samples"])
+    with pytest.raises(ValueError, match="unknown model"):
+        measure_for_model(app, "nope")
 
 
 def test_corpus_sources_and_their_errors(tmp_path, monkeypatch):
@@ -242,3 +242,13 @@ def test_cli_runs_from_a_yaml_config_with_flags_overriding_it(tmp_path, corpus):
     from backend.train.__main__ import main
     with pytest.raises(SystemExit, match="unknown preset 'huge'"):
         main(["pretrain", "--preset", "huge", "--max-steps", "1", "--data-dir", str(tmp_path / "data")])
+
+
+def test_bench_runs_at_toy_size(capsys):
+    from backend.bench.pretrain import main
+    main(["--preset", "tiny", "--steps", "2", "--warmup", "1", "--repeats", "1", "--threads", "1", "--no-hf"])
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    first = report["results"][0]
+    assert report["bench"] == "pretrain" and first["unit"] == "tok/s"
+    assert first["ours"] > 0 and first["peer"] > 0 and first["ratio"] == pytest.approx(first["ours"] / first["peer"], rel=0.01)
+    assert report["results"][2]["peer"] is None and "skipped" in report["results"][2]["peer_name"]

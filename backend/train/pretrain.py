@@ -47,7 +47,7 @@ class PretrainConfig:
     # rustbpe) on the corpus's training split. Small models want a small vocabulary: with cl100k_base's
     # 100k tokens the embedding and output layer would be most of the parameters and of the compute.
     tokenizer: str = "auto"
-    bpe_vocab_size: int = 4096
+    bpe_vocab_size: int | None = None  # default: the preset's
     name: str | None = None           # run and model name; default <preset>-<corpus>-<tokenizer>
     max_steps: int = 0                # 0: no step limit (then max_seconds must be set)
     max_seconds: float = 0.0          # wall-clock budget of this invocation; 0: none
@@ -57,8 +57,10 @@ class PretrainConfig:
     lr: float | None = None           # peak learning rate (default: the preset's)
     min_lr_frac: float = 0.1          # the schedule ends at lr * min_lr_frac
     warmup_steps: int = 20
-    schedule: str = "cosine"          # "cosine", or "linear" (constant, then a linear warmdown)
-    warmdown_frac: float = 0.3        # "linear": the last fraction of the run decays to min_lr
+    # "linear": constant, then a linear warmdown over the last warmdown_frac (nanochat's choice; it suits
+    # time-limited runs: the rate stays high while the model learns most); or "cosine".
+    schedule: str = "linear"
+    warmdown_frac: float = 0.3
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0            # max global grad norm; 0 turns clipping off
@@ -115,6 +117,9 @@ class PretrainConfig:
         if self.resume and self.fresh:
             raise ValueError("resume and fresh contradict each other")
 
+    def vocab_for_auto(self) -> int:
+        return self.bpe_vocab_size or get_preset(self.preset).bpe_vocab_size
+
     def corpus_slug(self) -> str:
         corpus = "+".join(Path(c).stem if not c.startswith("hf:") else c[3:].split("/")[-1] for c in self.corpus)
         return re.sub(r"[^a-z0-9._-]+", "-", corpus.lower()).strip("-")[:40]
@@ -122,7 +127,7 @@ class PretrainConfig:
     def run_name(self, tokenizer: str) -> str:
         if self.name:
             return self.name
-        tok = f"bpe{self.bpe_vocab_size}" if self.tokenizer == "auto" else tokenizer
+        tok = f"bpe{self.vocab_for_auto()}" if self.tokenizer == "auto" else tokenizer
         slug = re.sub(r"[^a-z0-9._-]+", "-", f"{self.preset}-{self.corpus_slug()}-{tok}".lower()).strip("-")
         return slug[:64]
 
@@ -141,12 +146,18 @@ class PretrainResult:
 
 
 # -- precision ----------------------------------------------------------------------------------
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for plain fp32.
+# Below this width, bf16 autocast does not pay on a CPU: the casts cost what AMX saves (measured below).
+CPU_BF16_MIN_DIM = 256
 
-    "auto": bf16 on CUDA (when supported) and on CPUs with AMX (measured on this machine's Xeon:
-    AMX bf16 matmuls beat fp32 AVX-512 by ~1.5-2x for the cpu presets, see the module's report in
-    backend/bench/pretrain.py); fp32 elsewhere (mps autocast is patchy, old CPUs emulate bf16).
+
+def autocast_dtype(precision: str, device: torch.device, dim: int = CPU_BF16_MIN_DIM) -> torch.dtype | None:
+    """The autocast dtype for a model of width `dim`, or None for plain fp32.
+
+    "auto": bf16 on CUDA when supported; on a CPU with AMX only for dim >= 256. Measured on this
+    machine's 2-core Xeon (AMX bf16), one training step fp32 vs bf16 autocast, best of 4-12 under load:
+    cpu-1h (dim 256) 400 vs 578 tok/s (bf16 1.44x faster); cpu-5min (dim 128) 1029 vs 1112 tok/s with
+    1 thread and 2214 vs 2090 with 2: a tie, so small models stay fp32 (same speed, exact numerics).
+    fp32 elsewhere (mps autocast is patchy; CPUs without AMX emulate bf16 slowly).
     """
     if precision == "fp32":
         return None
@@ -154,7 +165,7 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
         return torch.bfloat16
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    if device.type == "cpu":
+    if device.type == "cpu" and dim >= CPU_BF16_MIN_DIM:
         from backend.train.metrics import _cpu_flags
         return torch.bfloat16 if "amx_bf16" in _cpu_flags() else None
     return None
@@ -303,9 +314,10 @@ def resolve_tokenizer(cfg: PretrainConfig, text: str, data_dir: Path) -> str:
 
     train_text, _ = split_text(text, cfg.val_fraction)
     digest = hashlib.sha256(train_text.encode("utf-8", "surrogatepass")).hexdigest()[:8]
-    name = f"bpe{cfg.bpe_vocab_size}-{cfg.corpus_slug()[:30]}-{digest}"
+    vocab = cfg.vocab_for_auto()
+    name = f"bpe{vocab}-{cfg.corpus_slug()[:30]}-{digest}"
     if name not in list_encodings(data_dir):
-        train_and_register(train_text, cfg.bpe_vocab_size, "gpt4", name, data_dir)
+        train_and_register(train_text, vocab, "gpt4", name, data_dir)
     return name
 
 
@@ -365,10 +377,11 @@ def pretrain(cfg: PretrainConfig, app: AppConfig, on_event: Callable[[dict], Non
     _atomic_write_text(run_dir / "config.json", json.dumps({**asdict(cfg), "name": name, "tokenizer": tokenizer, "batch_size": B,
                                                               "seq_len": T, "lr": peak_lr}, indent=2))
 
-    amp = autocast_dtype(cfg.precision, device)
+    amp = autocast_dtype(cfg.precision, device, model.cfg.dim)
     fpt = flops_per_token(model.cfg, T)
     peak, peak_note = peak_flops(device, amp or torch.float32)
     lineage = {"kind": "pretrain", "preset": cfg.preset, "corpus": list(cfg.corpus), "corpus_hash": data.corpus_hash,
+               "max_corpus_chars": cfg.max_corpus_chars, "val_fraction": cfg.val_fraction,
                "tokenizer": tokenizer, "train_tokens": int(data.n_train), "run": name}
     prompt_ids = (enc.encode_ordinary(cfg.sample_prompt) if cfg.sample_prompt
                   else data.val[:8].astype("int64").tolist())
@@ -402,7 +415,8 @@ def pretrain(cfg: PretrainConfig, app: AppConfig, on_event: Callable[[dict], Non
     def evaluate() -> float:
         return evaluate_bpb(model, data, T, B, cfg.eval_tokens, token_bytes, amp)
 
-    events({"step": step, "start": name, "params": model.num_params(), "flops_per_token": fpt,
+    events({"step": step, "start": name, "preset": cfg.preset, "tokenizer": tokenizer, "vocab_size": enc.n_vocab,
+            "params": model.num_params(), "flops_per_token": fpt,
             "peak_flops": peak, "peak_flops_source": peak_note, "precision": str(amp or torch.float32),
             "device": str(device), "batch_tokens": B * T * cfg.grad_accum, "train_tokens": int(data.n_train),
             "val_tokens": int(len(data.val)), "resumed": state is not None})

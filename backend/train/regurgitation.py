@@ -128,3 +128,29 @@ def measure_regurgitation(model: Transformer, enc: tiktoken.Encoding, train_toke
     longest = max(samples, key=lambda s: s["span"]["tokens"])
     return {"samples": samples, "longest": longest["span"], "train_tokens": int(len(train_tokens)),
             "temperature": temperature}
+
+
+def measure_for_model(app, model_name: str, **kwargs) -> dict:
+    """measure_regurgitation for a registered model pretrained here, on its own training split.
+
+    The training text is rebuilt from the lineage the trainer recorded (corpus sources, character limit,
+    held-out fraction) and checked against the recorded corpus hash.
+    """
+    from backend.train.data import TokenData, corpus_text
+    from models.registry import ModelRegistry
+    from models.tokenizers import get_encoding
+
+    registry = ModelRegistry(app)
+    spec = registry.get(model_name)
+    lin = spec.lineage
+    if lin.get("kind") != "pretrain" or "corpus" not in lin:
+        raise ValueError(f"model {model_name!r} was not pretrained here: its training text is unknown")
+    enc = get_encoding(spec.tokenizer, app.data_dir)
+    text = corpus_text(lin["corpus"], lin.get("max_corpus_chars"))
+    data = TokenData.build(text, enc, spec.tokenizer, app.cache_dir, lin.get("val_fraction", 0.05))
+    if data.corpus_hash != lin.get("corpus_hash"):
+        raise ValueError(f"the corpus of {model_name!r} has changed since training (hash {data.corpus_hash} "
+                         f"!= {lin.get('corpus_hash')}); cannot compare with its training text")
+    model = registry.load(model_name, dtype=torch.float32)
+    report = measure_regurgitation(model, enc, data.train, **kwargs)
+    return {**report, "model": model_name}

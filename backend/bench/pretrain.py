@@ -1,0 +1,132 @@
+"""python -m backend.bench pretrain [--preset cpu-5min] [--steps 20] [--repeats 3] [--threads 2] [--precision auto]
+
+Training throughput of our pretraining loop (backend.train.pretrain: the real function the CLI and
+the worker run, real corpus batches from the memmap, events and metrics included) beside a plain
+reference loop written with stock torch: the same Transformer, the same batch size, sequence length
+and precision, `torch.optim.AdamW` with its defaults, random token batches, nothing else. A second
+peer, when transformers is installed, is Hugging Face's LlamaForCausalLM of the same shape in the same
+plain loop. Runs alternate and each side keeps its best repeat (the machine is shared).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from backend.config import AppConfig
+from backend.train.metrics import flops_per_token, peak_flops
+from backend.train.pretrain import PretrainConfig, autocast_dtype, pretrain
+from models.presets import get_preset, preset_config
+from models.transformer import Transformer
+
+
+def ours(preset: str, steps: int, warmup: int, precision: str, data_dir: Path) -> tuple[float, int]:
+    """(tokens/s over the timed steps, vocabulary size) of a real pretrain() run."""
+    events: list[dict] = []
+    cfg = PretrainConfig(preset=preset, corpus=["python-docs"], tokenizer="auto", max_steps=warmup + steps,
+                         precision=precision, eval_every=10**9, sample_every=10**9, checkpoint_every=10**9,
+                         register=False, fresh=True, name="bench")
+    pretrain(cfg, AppConfig(data_dir=data_dir), on_event=events.append)
+    start = next(e for e in events if "start" in e)
+    timed = [e for e in events if "lr" in e and e["step"] > warmup]
+    seconds = sum(start["batch_tokens"] / e["tokens_per_s"] for e in timed)
+    return start["batch_tokens"] * len(timed) / seconds, start["vocab_size"]
+
+
+def plain_loop(model: torch.nn.Module, vocab: int, B: int, T: int, steps: int, warmup: int,
+               amp: torch.dtype | None, hf: bool = False) -> float:
+    """The textbook loop: forward, cross-entropy, backward, clip, AdamW step. Returns tokens/s."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
+    g = torch.Generator().manual_seed(0)
+    ctx = (lambda: torch.autocast("cpu", dtype=amp)) if amp is not None else contextlib.nullcontext
+    t0 = None
+    for i in range(warmup + steps):
+        if i == warmup:
+            t0 = time.perf_counter()
+        x = torch.randint(0, vocab, (B, T + 1), generator=g)
+        with ctx():
+            logits = model(x[:, :-1]).logits if hf else model(x[:, :-1])
+        loss = F.cross_entropy(logits.float().reshape(-1, vocab), x[:, 1:].reshape(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return B * T * steps / (time.perf_counter() - t0)
+
+
+def hf_model(cfg):
+    try:
+        from transformers import LlamaConfig, LlamaForCausalLM
+    except ImportError:
+        return None
+    from models.hf_checkpoint import hf_config
+    d = hf_config(cfg)
+    d.pop("architectures", None)
+    d.pop("model_type", None)
+    d.pop("torch_dtype", None)
+    return LlamaForCausalLM(LlamaConfig(**d, attn_implementation="sdpa")).train()
+
+
+def main(argv: list[str]) -> None:
+    ap = argparse.ArgumentParser(prog="python -m backend.bench pretrain")
+    ap.add_argument("--preset", default="cpu-5min")
+    ap.add_argument("--steps", type=int, default=20, help="timed optimizer steps per repeat")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+    ap.add_argument("--no-hf", action="store_true", help="skip the Hugging Face transformers peer")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device = torch.device("cpu")
+    amp = autocast_dtype(args.precision, device, get_preset(args.preset).model.dim)
+    prec = "bf16 autocast" if amp is not None else "fp32"
+    preset = get_preset(args.preset)
+    B, T = preset.batch_size, preset.seq_len
+
+    with tempfile.TemporaryDirectory() as tmp:
+        data_dir = Path(tmp)
+        best_ours, best_ref, best_hf = 0.0, 0.0, 0.0
+        vocab = None
+        hf_note = "transformers LlamaForCausalLM, plain loop"
+        for r in range(args.repeats):
+            tps, vocab = ours(args.preset, args.steps, args.warmup, args.precision, data_dir)
+            best_ours = max(best_ours, tps)
+            cfg = preset_config(args.preset, vocab)
+            ref = Transformer(cfg).init_weights(0).train()
+            best_ref = max(best_ref, plain_loop(ref, vocab, B, T, args.steps, args.warmup, amp))
+            hf = None if args.no_hf else hf_model(cfg)
+            if hf is not None:
+                best_hf = max(best_hf, plain_loop(hf, vocab, B, T, args.steps, args.warmup, amp, hf=True))
+            else:
+                hf_note = "skipped (--no-hf)" if args.no_hf else "transformers not installed"
+            print(f"repeat {r + 1}: ours {tps:,.0f} tok/s | plain torch loop {best_ref:,.0f} (best so far) | "
+                  f"HF Llama {best_hf:,.0f} (best so far)", flush=True)
+
+    fpt = flops_per_token(cfg, T)
+    peak, note = peak_flops(device, amp or torch.float32)
+    print(f"{args.preset}: {cfg.num_params():,} params, vocab {vocab}, batch {B}x{T}, {prec}, "
+          f"{args.threads} threads; {fpt / 1e6:.1f} MFLOPs/token; peak {peak / 1e12:.2f} TFLOP/s ({note})")
+    for label, tps in (("ours", best_ours), ("plain torch loop", best_ref), ("HF LlamaForCausalLM", best_hf)):
+        if tps:
+            print(f"  {label:22s} {tps:9,.0f} tok/s   MFU {100 * fpt * tps / peak:.3f}%")
+    results = [
+        {"metric": f"{args.preset} training throughput ({prec})", "unit": "tok/s", "ours": round(best_ours, 1),
+         "peer": round(best_ref, 1), "peer_name": f"plain stock-torch loop, same Transformer ({prec}, AdamW defaults)",
+         "ratio": round(best_ours / best_ref, 3), "goal_ratio": None},
+        {"metric": f"{args.preset} MFU ({prec})", "unit": "fraction of stated peak",
+         "ours": round(fpt * best_ours / peak, 6), "peer": round(fpt * best_ref / peak, 6),
+         "peer_name": f"plain stock-torch loop; peak {note}", "ratio": round(best_ours / best_ref, 3),
+         "goal_ratio": None},
+        {"metric": f"{args.preset} training throughput vs HF ({prec})", "unit": "tok/s", "ours": round(best_ours, 1),
+         "peer": round(best_hf, 1) if best_hf else None, "peer_name": hf_note,
+         "ratio": round(best_ours / best_hf, 3) if best_hf else None, "goal_ratio": None},
+    ]
+    print(json.dumps({"bench": "pretrain", "device": "cpu", "threads": args.threads, "torch": torch.__version__.split("+")[0],
+                      "results": results}))
