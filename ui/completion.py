@@ -28,16 +28,16 @@ def build(pg) -> None:
         refresh = gr.Button("↻ models", scale=0, size="sm")
     prompt = gr.Textbox(label="Prompt", value=EXAMPLE, lines=4, elem_id="gen-prompt")
     with gr.Row():
-        temperature = gr.Slider(0, 2, value=0.8, step=0.05, label="Temperature (0 = greedy)")
+        temperature = gr.Slider(0, 2, value=0.8, step=0.05, label="Temperature (0 = greedy)", elem_id="gen-temperature")
         top_p = gr.Slider(0.01, 1, value=0.95, step=0.01, label="Top-p")
         top_k = gr.Slider(0, 200, value=0, step=1, label="Top-k (0 = off)")
-        max_tokens = gr.Slider(1, 1024, value=128, step=1, label="Max new tokens")
+        max_tokens = gr.Slider(1, 4096, value=128, step=1, label="Max new tokens", elem_id="gen-max-tokens")
     with gr.Row():
         seed = gr.Textbox(label="Seed", placeholder="empty = random; a number reproduces the sample")
         stop = gr.Textbox(label="Stop strings (one per line)", lines=1)
     with gr.Row():
         run = gr.Button("Generate", variant="primary", elem_id="gen-run")
-        halt = gr.Button("Stop", variant="stop")
+        halt = gr.Button("Stop", variant="stop", elem_id="gen-stop")
     output = gr.Textbox(label="Completion", lines=10, interactive=False, elem_id="gen-output")
     status = gr.Markdown(elem_id="gen-status")
 
