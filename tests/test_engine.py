@@ -311,3 +311,15 @@ def test_decode_bench_runs_at_toy_size(capsys):
     metrics = [r["metric"] for r in out["results"]]
     assert "single-stream decode (greedy)" in metrics and "2 samples x 2 tokens [int8 weights]" in metrics
     assert all(r["ours"] > 0 for r in out["results"] if r["unit"] == "tok/s")
+
+
+def test_rows_that_finish_early_leave_the_batch_and_the_rest_continue(enc):
+    eot = enc.eot_token
+    pieces = [b"One", b" two", b" three", b" four", b" five", b" six", enc.decode_single_token_bytes(eot)]
+    model, ids = chain_model(enc, pieces)
+    eng = Engine(Spec(), model, enc)
+    # Row 0 starts near the end of the chain (stops after two tokens), row 1 at its start; left padding differs.
+    prompts = [[ids[0], ids[1], ids[2], ids[3], ids[4]], [ids[0]]]
+    out = eng.complete_batch(prompts, SamplingParams(temperature=0, max_tokens=10, stop_token_ids=[eot]), n=2)
+    assert [c.text for c in out] == [" six", " six", " two three four five six", " two three four five six"]
+    assert all(c.finish_reason == "stop" for c in out)
