@@ -81,19 +81,6 @@ class PretrainConfig:
     fresh: bool = False               # delete an existing run of the same name first
     register: bool = True             # register the final checkpoint as a base model
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "PretrainConfig":
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown pretrain config field(s): {', '.join(unknown)}; known: {', '.join(sorted(names))}")
-        d = dict(d)
-        if isinstance(d.get("corpus"), str):
-            d["corpus"] = [d["corpus"]]
-        if "betas" in d:
-            d["betas"] = tuple(d["betas"])
-        return cls(**d)
-
     def validate(self) -> None:
         get_preset(self.preset)
         if self.max_steps < 0 or self.max_seconds < 0:
