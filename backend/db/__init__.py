@@ -9,7 +9,8 @@ with BEGIN IMMEDIATE so concurrent writers queue on the busy timeout instead of 
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
+import threading
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Iterator
 
@@ -63,14 +64,19 @@ class Database:
         self.engine = create_engine(url, **kwargs)
         if self.is_sqlite:
             _sqlite_setup(self.engine)
+        self._write_lock = threading.RLock() if self.is_sqlite else nullcontext()
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._read_sessions = sessionmaker(self.engine.execution_options(readonly=True), expire_on_commit=False)
 
     @contextmanager
     def session(self) -> Iterator[Session]:
         """A write transaction: committed when the block ends, rolled back if it raises."""
-        with self._sessions.begin() as s:
-            yield s
+        # SQLite has one writer at a time. Threads of this process queue on a mutex and are woken the
+        # moment it is free; without it they would poll SQLite's busy handler, which sleeps up to
+        # 100 ms between tries and makes the latency tail long. Other processes still meet the busy timeout.
+        with self._write_lock:
+            with self._sessions.begin() as s:
+                yield s
 
     @contextmanager
     def read(self) -> Iterator[Session]:
