@@ -20,7 +20,7 @@ from __future__ import annotations
 import codecs
 import threading
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterator
 
 import torch
@@ -37,6 +37,7 @@ class TokenEvent:
     logprob: float | None = None                 # raw-distribution log-prob of token_id
     top_logprobs: list[tuple[int, float]] | None = None   # top alternatives (id, log-prob), best first
     finish_reason: str | None = None             # "stop" | "length" on the last event of a sample
+    stop_token_id: int | None = None             # the stop token that ended the sample (not part of it)
 
 
 @dataclass
@@ -324,7 +325,7 @@ class Engine:
                 top = list(zip(top_i[r], top_v[r])) if k is not None else None
                 st = streams[idx]
                 if tok in stop_ids:
-                    yield TokenEvent(idx, None, st.finish(), finish_reason="stop")
+                    yield TokenEvent(idx, None, st.finish(), finish_reason="stop", stop_token_id=tok)
                     continue
                 text = st.feed(self.token_bytes(tok))
                 if st.stopped:
@@ -362,6 +363,7 @@ class Engine:
                     c.top_logprobs.append(ev.top_logprobs or [])
             if ev.finish_reason:
                 c.finish_reason = ev.finish_reason
+                c.stop_token_id = ev.stop_token_id
         return out
 
     def complete_batch(self, prompts: list[list[int]], params: SamplingParams, n: int = 1,
@@ -377,7 +379,7 @@ class Engine:
     def chat(self, messages: list[dict], params: SamplingParams, n: int = 1,
              cancel: threading.Event | None = None) -> list[Completion]:
         if not params.stop_token_ids:
-            params.stop_token_ids = self.default_stop_ids()
+            params = replace(params, stop_token_ids=self.default_stop_ids())
         return self.complete(self.chat_prompt(messages), params, n, cancel)
 
     def stream_text(self, prompt: str, params: SamplingParams, chat: bool = False,
@@ -387,9 +389,8 @@ class Engine:
             ids = self.chat_prompt([{"role": "user", "content": prompt}])
         else:
             ids = self.encode(prompt) or [self.enc.eot_token]
-        if not params.stop_token_ids:
-            params.stop_token_ids = self.default_stop_ids()
-        params.max_tokens = min(params.max_tokens, max(0, self.context_length - len(ids)))
+        params = replace(params, stop_token_ids=params.stop_token_ids or self.default_stop_ids(),
+                         max_tokens=min(params.max_tokens, max(0, self.context_length - len(ids))))
         text = ""
         for ev in self.generate([ids], params, 1, cancel):
             if ev.text:

@@ -171,7 +171,7 @@ def test_stop_token_ends_the_sample_and_is_not_in_it(enc):
     [c] = eng.complete(ids[:1], SamplingParams(temperature=0, max_tokens=10, stop_token_ids=[eot]))
     assert c.text == " there friend"
     assert c.token_ids == ids[1:3]
-    assert c.finish_reason == "stop"
+    assert (c.finish_reason, c.stop_token_id) == ("stop", eot)
 
 
 def test_multibyte_characters_split_across_tokens_stream_whole(enc):
