@@ -368,10 +368,12 @@ def run_python(code: str, limits: SandboxLimits | None = None) -> SandboxResult:
         killed_reason = f"output limit ({limits.max_output_bytes} bytes)"
     elif exit_code in LAUNCH_FAILED:
         killed_reason = LAUNCH_FAILED[exit_code]
+    elif exit_code and hit_memory_limit:  # the OOM killer may pick any process of the tree, bwrap's init too
+        killed_reason = "memory limit (cgroup)"
     elif exit_code == 128 + signal.SIGXCPU:
         killed_reason = f"cpu time limit ({limits.cpu_s} s)"
     elif exit_code == 128 + signal.SIGKILL:
-        killed_reason = "memory limit (cgroup)" if hit_memory_limit else "killed (SIGKILL)"
+        killed_reason = "killed (SIGKILL)"
     elif exit_code == 128 + signal.SIGXFSZ:
         killed_reason = "file size limit"
     return SandboxResult(stdout=out.decode("utf-8", errors="replace"), stderr=err.decode("utf-8", errors="replace"),
