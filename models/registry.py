@@ -177,6 +177,32 @@ class ModelRegistry:
         return self.register(name, model, tokenizer, chat_format, {"source": str(source), "revision": revision},
                              description or f"imported from {source}", kind="hf")
 
+    def export(self, name: str, dest: Path) -> Path:
+        """A self-contained Hugging Face directory at `dest` (which must not exist yet): config.json,
+        model.safetensors, tokenizer.json + tokenizer_config.json (chat template for chat models),
+        playground.json. transformers, vLLM and llama.cpp's convert_hf_to_gguf.py read it."""
+        from models.hf_tokenizer import write_hf_tokenizer
+        from models.tokenizers import get_encoding
+        spec = self.get(name)
+        dest = Path(dest)
+        if dest.exists():
+            raise ValueError(f"export destination {dest} already exists")
+        if spec.kind == "bundled":
+            model = self.load(name, device="cpu", dtype=torch.float32)
+        else:
+            _, model = load_hf_dir(spec.path)  # keeps the stored dtype
+        enc = get_encoding(spec.tokenizer, self.cfg.data_dir)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+        tmp.chmod(0o755)
+        try:
+            save_hf_dir(model, tmp, {**spec.to_dict(), "exported_from": name})
+            write_hf_tokenizer(enc, tmp, spec.chat_format, spec.context_length, model.cfg.vocab_size)
+            os.replace(tmp, dest)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return dest
+
     def delete(self, name: str) -> None:
         spec = self.get(name)
         if spec.kind == "bundled":

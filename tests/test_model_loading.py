@@ -328,3 +328,26 @@ def test_smollm2_bf16_and_metadata(smollm2_pair):
         (ours.cfg.n_heads, ours.cfg.n_kv_heads, ours.cfg.tie_embeddings)
     assert abs(rc.rms_norm_eps - ours.cfg.norm_eps) < 1e-9
     assert rc.rope_parameters["rope_theta"] == ours.cfg.rope_theta
+
+
+# ------------------------------------------------------------ tokenizer.json for exports
+@pytest.mark.slow
+@pytest.mark.parametrize("name,max_id", [("cl100k_base", None), ("smollm2", 49152)])
+def test_exported_tokenizer_json_gives_our_ids(name, max_id):
+    """HF `tokenizers` reading our tokenizer.json encodes a varied corpus to the same ids as the Encoding."""
+    import random
+    import sysconfig
+    from tokenizers import Tokenizer
+    from models.hf_tokenizer import tokenizer_json
+    from models.tokenizers import get_encoding
+    enc = get_encoding(name)
+    hf = Tokenizer.from_str(json.dumps(tokenizer_json(enc, max_id)))
+    texts = ["Hello world! It's 2024; we'll see 3.14159 and 1,000,000 items.", "a   1", "x\t\t2", "end   \n\n  42",
+             "emoji 😀👍🏽 👩‍👩‍👧 🇫🇷", "日本語のテキストと中文和한국어", "combining: e\u0301 n\u0303 a\u0308\u0301",
+             "it's I'll we've THEY'RE don't", " \n \r\n  \t 9", "trailing   ", "<|im_start|>user\nhi<|im_end|>\n"]
+    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
+    texts += [p.read_text(errors="replace") for p in random.Random(1).sample(files, 10)]
+    for text in texts:
+        want = enc.encode(text, allowed_special="all")
+        assert hf.encode(text, add_special_tokens=False).ids == want, text[:60]
+        assert hf.decode(want, skip_special_tokens=False) == text

@@ -140,3 +140,45 @@ def test_register_tiny_model_covers_the_tokenizer_vocabulary(cfg):
     eot = enc.encode("<|endoftext|>", allowed_special="all")
     with torch.no_grad():
         assert model(torch.tensor([enc.encode("hello world") + eot])).shape[-1] == model.cfg.vocab_size
+
+
+
+def small_bpe(data_dir, name="small-bpe"):
+    """cl100k_base's first 3000 ranks (a valid BPE on its own) saved as an app tokenizer, plus ChatML specials."""
+    import tiktoken
+    from models.tokenizers import get_encoding, save_encoding
+    base = get_encoding("cl100k_base")
+    enc = tiktoken.Encoding(name, pat_str=base._pat_str,
+                            mergeable_ranks={t: r for t, r in base._mergeable_ranks.items() if r < 3000},
+                            special_tokens={"<|endoftext|>": 3000, "<|im_start|>": 3001, "<|im_end|>": 3002})
+    save_encoding(enc, name, data_dir)
+    return enc
+
+
+@torch.no_grad()
+def test_export_is_a_complete_hf_directory_transformers_reads(cfg, tmp_path):
+    """Weights, config and tokenizer (with the chat template) in one directory: transformers loads the
+    model with the same logits, and its tokenizer gives the same ids as ours."""
+    transformers = pytest.importorskip("transformers")
+    enc = small_bpe(cfg.data_dir)
+    reg = ModelRegistry(cfg)
+    reg.register("tiny-export", make_tiny_model(3003, seed=4), tokenizer="small-bpe", chat_format="chatml",
+                 lineage={})
+    out = reg.export("tiny-export", tmp_path / "export")
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= {p.name for p in out.iterdir()}
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(out))
+    for text in ["def greet(name):\n    return f'Hello, {name}!'  # 2024 👋 naïve 日本語  \n\n", "x  =   1,000,000"]:
+        assert hf_tok(text, add_special_tokens=False)["input_ids"] == enc.encode(text)
+    # the exported chat template renders what our chat format renders, id for id
+    from models.chat_format import render_chat
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "2+2?"}]
+    text = hf_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ours_chat = render_chat(messages, enc, add_generation_prompt=True)
+    assert text == ours_chat.text
+    assert hf_tok(text, add_special_tokens=False)["input_ids"] == ours_chat.ids
+    ref = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    ours = reg.load("tiny-export", device="cpu", dtype=torch.float32)
+    x = torch.tensor([enc.encode("hello there, general kenobi")])
+    torch.testing.assert_close(ref(x).logits, ours(x), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="already exists"):
+        reg.export("tiny-export", out)
