@@ -294,3 +294,19 @@ def test_bench_chat_sandbox_part_runs_at_toy_size(capsys):
     row = last["results"][0]
     assert last["bench"] == "chat" and row["unit"] == "ms" and row["ours"] > 0 and row["peer"] > 0
     assert row["overhead_ms"] == pytest.approx(row["ours"] - row["peer"], abs=0.02) and "pid-ns" in row["guard"]
+
+
+def test_a_flood_of_calls_is_refused_beyond_the_queue():
+    from concurrent.futures import ThreadPoolExecutor
+    from backend.tools.sandbox import SandboxBusy
+    tool = PythonTool(SandboxLimits(**{**LIMITS.__dict__, "wall_s": 5}), max_concurrent=1, max_queue=1)
+    with ThreadPoolExecutor(2) as pool:
+        slow = [pool.submit(tool.run, "import time; time.sleep(1); print('slow')") for _ in range(2)]
+        deadline = time.monotonic() + 10
+        while tool.in_flight < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)  # poll until one runs and one waits
+        assert tool.in_flight == 2
+        with pytest.raises(SandboxBusy, match="1 running, 1 waiting"):
+            tool.run("print('third')")
+        assert [f.result().stdout for f in slow] == ["slow\n", "slow\n"]
+    assert tool.in_flight == 0 and tool.run("print('again')").stdout == "again\n"

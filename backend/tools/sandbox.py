@@ -440,27 +440,39 @@ class SandboxBusy(RuntimeError):
 
 
 class PythonTool:
-    """The Python tool as a service: default limits and at most `max_concurrent` runs at once (2 CPU cores)."""
+    """The Python tool as a service: default limits, at most `max_concurrent` runs at once (2 CPU cores) and
+    at most `max_queue` callers waiting for a slot; more fail at once with SandboxBusy, so a flood of calls
+    cannot tie up the server's worker threads."""
 
-    def __init__(self, limits: SandboxLimits | None = None, max_concurrent: int = 2):
+    def __init__(self, limits: SandboxLimits | None = None, max_concurrent: int = 2, max_queue: int = 4):
         self.limits = limits or SandboxLimits()
         self.limits.check()
-        self.max_concurrent = max_concurrent
+        self.max_concurrent, self.max_queue = max_concurrent, max_queue
         self._slots = threading.BoundedSemaphore(max_concurrent)
+        self._lock = threading.Lock()
+        self.in_flight = 0  # running + waiting
 
     def run(self, code: str) -> SandboxResult:
         if not isinstance(code, str) or not code.strip():
             raise ValueError("code is empty")
         if len(code) > self.limits.max_code_chars:
             raise ValueError(f"code is {len(code)} characters; the limit is {self.limits.max_code_chars}")
-        if not self._slots.acquire(timeout=self.limits.wall_s):
-            raise SandboxBusy(f"all {self.max_concurrent} sandbox slots are busy; try again")
+        with self._lock:
+            if self.in_flight >= self.max_concurrent + self.max_queue:
+                raise SandboxBusy(f"the sandbox is busy ({self.max_concurrent} running, {self.max_queue} waiting); try again")
+            self.in_flight += 1
         try:
-            return run_python(code, self.limits)
+            if not self._slots.acquire(timeout=self.limits.wall_s):
+                raise SandboxBusy(f"all {self.max_concurrent} sandbox slots stayed busy for {self.limits.wall_s:g} s; try again")
+            try:
+                return run_python(code, self.limits)
+            finally:
+                self._slots.release()
         finally:
-            self._slots.release()
+            with self._lock:
+                self.in_flight -= 1
 
     def describe(self) -> dict:
         iso = isolation()
         return {"isolated": iso["bwrap"], "user_namespace": iso["userns"], "why": iso["why"],
-                "limits": asdict(self.limits), "max_concurrent": self.max_concurrent}
+                "limits": asdict(self.limits), "max_concurrent": self.max_concurrent, "max_queue": self.max_queue}
