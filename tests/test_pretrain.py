@@ -133,6 +133,14 @@ def test_stop_flag_stops_within_one_step_and_keeps_the_checkpoint(app, corpus):
     assert ModelRegistry(app).get(r.model).lineage["steps"] == 3
 
 
+def test_gradient_accumulation_matches_one_big_batch(app, corpus):
+    # 2 micro-batches of 4 draw the same 8 windows as one batch of 8; the averaged gradient is the same.
+    big = pretrain(tiny(corpus, max_steps=3, batch_size=8, name="big", register=False), app)
+    acc = pretrain(tiny(corpus, max_steps=3, batch_size=4, grad_accum=2, name="acc", register=False), app)
+    for p, q in zip(big.transformer.parameters(), acc.transformer.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+
+
 def byte_encoding() -> tiktoken.Encoding:
     """Every byte is one token (ids 0-255), plus one special token that carries no text."""
     return tiktoken.Encoding(name="bytes", pat_str=r"[\s\S]", mergeable_ranks={bytes([i]): i for i in range(256)},
