@@ -116,9 +116,12 @@ def authenticate_password(db: Database, name: str, password: str) -> CurrentUser
 
 
 def user_for_api_key(db: Database, api_key: str) -> CurrentUser | None:
-    with db.read() as s:
-        u = s.scalar(select(User).where(User.api_key_hash == sha256(api_key), User.active.is_(True)))
-        return _current(u) if u else None
+    # Runs on every REST request: Core, not ORM.
+    U = User.__table__
+    with db.read_conn() as conn:
+        row = conn.execute(select(U.c.id, U.c.name, U.c.role)
+                           .where(U.c.api_key_hash == sha256(api_key), U.c.active.is_(True))).first()
+    return CurrentUser(row.id, row.name, row.role) if row else None
 
 
 def start_session(db: Database, user: CurrentUser) -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Iterator
 
 from sqlalchemy import create_engine, event
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from backend.db.models import Base  # noqa: F401  (re-exported for callers)
@@ -66,7 +66,8 @@ class Database:
             _sqlite_setup(self.engine)
         self._write_lock = threading.RLock() if self.is_sqlite else nullcontext()
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
-        self._read_sessions = sessionmaker(self.engine.execution_options(readonly=True), expire_on_commit=False)
+        self._read_engine = self.engine.execution_options(readonly=True)
+        self._read_sessions = sessionmaker(self._read_engine, expire_on_commit=False)
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -83,6 +84,18 @@ class Database:
         """A read-only transaction (on SQLite: does not take the write lock)."""
         with self._read_sessions() as s:
             yield s
+
+    # Core connections for hot paths (the ranking queue, API-key checks), where ORM overhead dominates.
+    @contextmanager
+    def write_conn(self) -> Iterator[Connection]:
+        with self._write_lock:
+            with self.engine.begin() as conn:
+                yield conn
+
+    @contextmanager
+    def read_conn(self) -> Iterator[Connection]:
+        with self._read_engine.connect() as conn:
+            yield conn
 
     def migrate(self) -> str:
         """Upgrade the schema to the newest migration; returns the revision now in place."""

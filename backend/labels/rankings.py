@@ -5,8 +5,7 @@ it and bumps its revision. An item is done when `annotators_per_item` people ran
 """
 from __future__ import annotations
 
-from sqlalchemy import exists, func, select
-from sqlalchemy.orm import contains_eager, joinedload, selectinload
+from sqlalchemy import exists, func, insert, select, update
 
 from backend.db import Database
 from backend.db.models import Candidate, Ranking, RankingItem, RankingSet, User, utcnow
@@ -77,46 +76,53 @@ def list_sets(db: Database) -> list[dict]:
                 for r in s.scalars(select(RankingSet).order_by(RankingSet.id))]
 
 
-def _item_payload(s, item: RankingItem, user: CurrentUser) -> dict:
-    mine = s.scalar(select(Ranking).where(Ranking.item_id == item.id, Ranking.user_id == user.id))
-    return {"item_id": item.id, "set_id": item.set_id, "set_name": item.set.name, "position": item.position,
+# Tables for the hot paths below (Core, not ORM: these run on every annotator click).
+I, S, C, R = RankingItem.__table__, RankingSet.__table__, Candidate.__table__, Ranking.__table__
+
+
+def _item_payload(conn, item, user: CurrentUser) -> dict:
+    cands = conn.execute(select(C.c.id, C.c.position, C.c.text).where(C.c.item_id == item.id).order_by(C.c.position)).all()
+    mine = conn.execute(select(R.c.order, R.c.all_bad, R.c.skipped, R.c.revision)
+                        .where(R.c.item_id == item.id, R.c.user_id == user.id)).first()
+    return {"item_id": item.id, "set_id": item.set_id, "set_name": item.name, "position": item.position,
             "prompt": item.prompt,
-            "candidates": [{"id": c.id, "position": c.position, "text": c.text} for c in item.candidates],
+            "candidates": [{"id": c.id, "position": c.position, "text": c.text} for c in cands],
             "my_ranking": None if mine is None else {"order": mine.order, "all_bad": mine.all_bad,
                                                       "skipped": mine.skipped, "revision": mine.revision}}
 
 
+def _items_query():
+    return select(I.c.id, I.c.set_id, I.c.position, I.c.prompt, S.c.name, S.c.annotators_per_item).join(S, S.c.id == I.c.set_id)
+
+
 def next_item(db: Database, user: CurrentUser, set_id: int | None = None) -> dict | None:
     """The first item this user has not ranked or skipped that still needs rankers; None when done."""
-    with db.read() as s:
-        # Correlated subqueries stop at the first item that qualifies (indexes on rankings.item_id),
-        # instead of counting rankings for every item of every set.
-        mine = exists().where(Ranking.item_id == RankingItem.id, Ranking.user_id == user.id)
-        ranked = (select(func.count()).where(Ranking.item_id == RankingItem.id, Ranking.skipped.is_(False))
-                  .correlate(RankingItem).scalar_subquery())
-        q = (select(RankingItem).join(RankingSet).options(contains_eager(RankingItem.set), selectinload(RankingItem.candidates))
-             .where(~mine, ranked < RankingSet.annotators_per_item)
-             .order_by(RankingItem.set_id, RankingItem.position).limit(1))
-        if set_id is not None:
-            q = q.where(RankingItem.set_id == set_id)
-        item = s.scalar(q)
-        return None if item is None else _item_payload(s, item, user)
+    # Correlated subqueries stop at the first item that qualifies (indexes on rankings.item_id),
+    # instead of counting rankings for every item of every set.
+    mine = exists().where(R.c.item_id == I.c.id, R.c.user_id == user.id)
+    ranked = select(func.count()).where(R.c.item_id == I.c.id, R.c.skipped.is_(False)).correlate(I).scalar_subquery()
+    q = _items_query().where(~mine, ranked < S.c.annotators_per_item).order_by(I.c.set_id, I.c.position).limit(1)
+    if set_id is not None:
+        q = q.where(I.c.set_id == set_id)
+    with db.read_conn() as conn:
+        item = conn.execute(q).first()
+        return None if item is None else _item_payload(conn, item, user)
 
 
 def get_item(db: Database, user: CurrentUser, item_id: int) -> dict:
-    with db.read() as s:
-        item = s.get(RankingItem, item_id, options=[joinedload(RankingItem.set), selectinload(RankingItem.candidates)])
+    with db.read_conn() as conn:
+        item = conn.execute(_items_query().where(I.c.id == item_id)).first()
         if item is None:
             raise LookupError(f"no ranking item {item_id}")
-        return _item_payload(s, item, user)
+        return _item_payload(conn, item, user)
 
 
 def submit(db: Database, user: CurrentUser, item_id: int, order: list[int] | None = None,
            all_bad: bool = False, skipped: bool = False) -> dict:
     """Store (or revise) this user's ranking of one item. `order`: candidate ids, best first, each once."""
     order = [int(x) for x in (order or [])]
-    with db.session() as s:
-        ids = s.scalars(select(Candidate.id).where(Candidate.item_id == item_id)).all()
+    with db.write_conn() as conn:
+        ids = conn.execute(select(C.c.id).where(C.c.item_id == item_id)).scalars().all()
         if not ids:
             raise LookupError(f"no ranking item {item_id}")
         if skipped:
@@ -124,16 +130,16 @@ def submit(db: Database, user: CurrentUser, item_id: int, order: list[int] | Non
         elif sorted(order) != sorted(ids):
             if not (all_bad and not order):
                 raise ValueError(f"order must list each of the item's candidate ids {sorted(ids)} exactly once")
-        row = s.scalar(select(Ranking).where(Ranking.item_id == item_id, Ranking.user_id == user.id))
+        values = {"order": order, "all_bad": bool(all_bad), "skipped": bool(skipped), "updated_at": utcnow()}
+        row = conn.execute(select(R.c.id, R.c.revision).where(R.c.item_id == item_id, R.c.user_id == user.id)).first()
         if row is None:
-            row = Ranking(item_id=item_id, user_id=user.id, order=order, all_bad=bool(all_bad), skipped=bool(skipped))
-            s.add(row)
+            revision = 1
+            rid = conn.execute(insert(R).values(item_id=item_id, user_id=user.id, revision=1,
+                                                created_at=values["updated_at"], **values)).inserted_primary_key[0]
         else:
-            row.order, row.all_bad, row.skipped = order, bool(all_bad), bool(skipped)
-            row.revision += 1
-            row.updated_at = utcnow()
-        s.flush()
-        return {"ranking_id": row.id, "item_id": item_id, "revision": row.revision, "skipped": row.skipped}
+            rid, revision = row.id, row.revision + 1
+            conn.execute(update(R).where(R.c.id == rid).values(revision=revision, **values))
+        return {"ranking_id": rid, "item_id": item_id, "revision": revision, "skipped": bool(skipped)}
 
 
 def my_rankings(db: Database, user: CurrentUser, set_id: int | None = None) -> list[dict]:
