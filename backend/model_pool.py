@@ -44,13 +44,13 @@ def engine_quant(device: torch.device) -> str | None:
 
 
 class EnginePool:
-    def __init__(self, registry, cfg, max_loaded: int = 3, quant: str | None = "env"):
+    def __init__(self, registry, cfg, max_loaded: int = 3, quant: str | None = "env", dtype: torch.dtype | None = None):
         self.registry = registry
         self.cfg = cfg
         self.max_loaded = max_loaded
         self.guard = SingleFlight()
         self.device = pick_device(cfg.device)
-        self.dtype = engine_dtype(self.device)
+        self.dtype = dtype or engine_dtype(self.device)
         self.quant = engine_quant(self.device) if quant == "env" else quant
         if self.quant:
             self.dtype = torch.float32  # int8 decoding quantizes float32 weights

@@ -9,8 +9,8 @@ Who is who, measured in one run with the same prompt, the same thread count and 
   `generate(do_sample=True, num_return_sequences=N)`.
 - load time of the bundled model into an engine (weights + tokenizer): cold = a fresh cache directory
   (GGUF dequantization and tokenizer conversion included), warm = a new process reading the cache.
-- our variants: fp32 (default, exact to the reference) and int8 (opt-in PLAYGROUND_QUANT=int8: decode
-  matmuls with int8 weights through fbgemm).
+- our variants: fp32 (the default engine, exact to the reference), bf16 weights (PLAYGROUND_DTYPE=bf16) and
+  int8 (opt-in PLAYGROUND_QUANT=int8: decode matmuls with int8 weights through fbgemm).
 - llama.cpp on the same GGUF is the stretch peer; it is reported only when `llama_cpp` is importable.
 Timings are the median of --repeat runs after a warm-up run.
 """
@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--data-dir", default=None, help="where the bundled model's cache lives (default: a temp dir)")
     ap.add_argument("--skip-peer", action="store_true", help="only our numbers (no transformers run)")
-    ap.add_argument("--variants", default="fp32,int8", help="our engine variants: fp32 and/or int8 (decode weights)")
+    ap.add_argument("--variants", default="fp32,bf16,int8",
+                    help="our engine variants: fp32 (default engine), bf16 weights, int8 decode weights")
     ap.add_argument("--skip-load", action="store_true", help="skip the cold/warm load timing")
     args = ap.parse_args(argv)
 
@@ -109,7 +110,10 @@ def main(argv: list[str] | None = None) -> None:
     cfg = AppConfig(data_dir=data_dir, cache_dir=cache_dir) if cache_dir else AppConfig(data_dir=data_dir)
     ours = {}  # variant -> (single tok/s, batch tok/s, greedy token ids)
     for variant in args.variants.split(","):
-        pool = EnginePool(ModelRegistry(cfg), cfg, quant=None if variant == "fp32" else variant)
+        if variant not in ("fp32", "bf16", "int8"):
+            raise SystemExit(f"unknown variant {variant!r} (fp32, bf16, int8)")
+        pool = EnginePool(ModelRegistry(cfg), cfg, quant="int8" if variant == "int8" else None,
+                          dtype=torch.bfloat16 if variant == "bf16" else torch.float32)
         engine = pool.get(args.model)
         prompt = engine.chat_prompt(PROMPT) if engine.spec.chat_format else engine.encode(PROMPT[0]["content"])
         print(f"ours [{variant}]: {args.model} on {engine.device} ({pool.dtype}), {args.threads} threads, "
@@ -167,7 +171,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"transformers {args.samples} x {args.sample_tokens} sampled: {hf_batch:.1f} tok/s")
 
     for variant, (single, batch, _) in ours.items():
-        tag = "" if variant == "fp32" else f" [{variant} weights]"
+        tag = "" if variant == "fp32" else f" [{variant} weights]"  # fp32 is the app's default engine
         results.append(result(f"single-stream decode (greedy){tag}", "tok/s", single, hf_single, hf_name, 2.0,
                               same_greedy_tokens=None if same_greedy is None else same_greedy[variant]))
         results.append(result(f"{args.samples} samples x {args.sample_tokens} tokens{tag}", "tok/s", batch, hf_batch,
