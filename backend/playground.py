@@ -52,4 +52,6 @@ class Playground:
 
     def health(self) -> dict:
         return {"status": "ok", "default_model": self.cfg.default_model, "loaded_models": self.engines.loaded(),
-                "model_error": self.model_error}
+                "model_error": self.model_error,
+                "worker": None if self.worker is None else (
+                    "running" if self.worker.poll() is None else f"exited with code {self.worker.returncode}")}

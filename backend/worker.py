@@ -77,7 +77,7 @@ class Worker:
         done = 0
         log.info("worker %s on %s polling %s", self.id, self.device, self.app.data_dir)
         while not self.shutdown.is_set():
-            for job_id in queue.reap_stale(self.db, self.stale_after):
+            for job_id in queue.reap_stale(self.db, self.stale_after, me=self.id):
                 log.warning("job %s: its worker died; marked failed (resumable)", job_id)
             job = queue.claim_next(self.db, self.id, self.device)
             if job is not None:

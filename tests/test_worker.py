@@ -169,6 +169,31 @@ def test_two_workers_never_run_the_same_job(env, workers):
         stop(w)
 
 
+def test_a_worker_told_to_stop_hands_its_job_back_and_the_next_one_continues(env):
+    app, db = env
+    job = queue.create_job(db, app, None, "pretrain", tiny_config(max_seconds=300, checkpoint_every=1000))
+    proc = start_worker(app)
+    try:
+        wait_for(lambda: queue.get_job(db, job["id"])["step"] >= 5, 120, "5 training steps")
+        proc.terminate()  # what app.py does when the server shuts down
+        assert proc.wait(30) == 0
+    finally:
+        stop(proc)
+    back = queue.get_job(db, job["id"])
+    assert back["state"] == "queued" and back["attempt"] == 1
+    step = back["step"]
+    assert Path(back["checkpoint"]).name == f"ckpt-{step:07d}"
+    proc = start_worker(app)
+    try:
+        wait_for(lambda: queue.get_job(db, job["id"])["step"] > step + 3, 120, "the next worker to continue")
+        queue.cancel_job(db, job["id"])
+        wait_for(lambda: queue.get_job(db, job["id"])["state"] == "cancelled", 30, "the job to stop")
+    finally:
+        stop(proc)
+    assert queue.get_job(db, job["id"])["attempt"] == 2
+    assert loss_steps(db, job["id"]) == list(range(1, queue.get_job(db, job["id"])["step"] + 1))
+
+
 def test_claim_is_a_compare_and_set_one_winner_among_racing_workers(env):
     app, db = env
     job = queue.create_job(db, app, None, "pretrain", tiny_config(max_steps=1))

@@ -8,6 +8,7 @@ import html
 import json
 import re
 import shutil
+import time
 from pathlib import Path
 
 import gradio as gr
@@ -61,7 +62,7 @@ def _samples_html(samples: list[dict]) -> str:
         rows.append(f'<div class="pg-sample" data-step="{int(s["step"])}"><b>step {int(s["step"])}</b>'
                     f'<pre style="white-space:pre-wrap;margin:.2em 0 .6em 0"><span style="opacity:.6">'
                     f'{html.escape(s.get("prompt", ""))}</span>{html.escape(s["sample"])}</pre></div>')
-    return '<div class="pg-samples">' + "".join(rows) + "</div>"
+    return '<div class="pg-samples" style="max-height:32em;overflow-y:auto">' + "".join(rows) + "</div>"
 
 
 def _jobs_table(jobs: list[dict]) -> pd.DataFrame:
@@ -137,8 +138,8 @@ def build(pg) -> None:
         with gr.Column(scale=3):
             samples = gr.HTML(_samples_html([]), label="Samples", elem_id="train-samples")
         with gr.Column(scale=2):
-            log_box = gr.Textbox(label="Log (newest last)", lines=12, max_lines=12, interactive=False,
-                                 autoscroll=True, elem_id="train-log")
+            log_box = gr.Textbox(label="Log (newest first)", lines=14, max_lines=14, interactive=False,
+                                 autoscroll=False, elem_id="train-log")
     jobs_table = gr.Dataframe(pd.DataFrame(columns=JOB_COLUMNS), label="All jobs (newest first)",
                               interactive=False, elem_id="train-jobs")
     state = gr.State(_empty_state())
@@ -224,7 +225,8 @@ def build(pg) -> None:
         bpb = st["bpb"] + [[m["step"], m["val_bpb"]] for m in new_metrics if "val_bpb" in m]
         smp = (st["samples"] + [{"step": s["step"], "prompt": s.get("prompt", ""), "sample": s["sample"]}
                                 for s in d["samples"]])[-20:]
-        log = (st["log"] + [f"[step {e['step']}] {e['text']}" for e in d["log"]])[-queue.LOG_TAIL:]
+        log = (st["log"] + [f"{time.strftime('%H:%M:%S', time.localtime(e['time']))}  {e['text']}"
+                            for e in d["log"]])[-queue.LOG_TAIL:]
         changed = bool(new_metrics or d["samples"] or d["log"] or d["reset"] or st["after"] == 0)
         st = {**st, "after": d["last_event_id"], "loss": loss, "bpb": bpb, "samples": smp, "log": log}
         if not changed:
@@ -232,7 +234,7 @@ def build(pg) -> None:
         info = (f"loss curve: {len(loss)} points" + (f" (steps {loss[0][0]}–{loss[-1][0]})" if loss else "")
                 + f" · validation: {len(bpb)} points")
         return (st, table, pick, _stats(d), _plot(loss, "loss"), _plot(bpb, "val_bpb"), _samples_html(smp),
-                "\n".join(log), info)
+                "\n".join(reversed(log)), info)
 
     timer.tick(tick, [state, job_pick], [state, jobs_table, job_pick, stats, loss_plot, bpb_plot, samples, log_box,
                                          curve_info], show_progress="hidden")

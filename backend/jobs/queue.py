@@ -296,17 +296,18 @@ def finish_job(db: Database, job_id: int, worker: str, attempt: int, state: str,
         return s.execute(update(Job).where(*_owned(job_id, worker, attempt)).values(**values)).rowcount == 1
 
 
-def reap_stale(db: Database, stale_after: float = STALE_AFTER) -> list[int]:
+def reap_stale(db: Database, stale_after: float = STALE_AFTER, me: str | None = None) -> list[int]:
     """Mark failed (resumable) every running job whose worker died: no heartbeat for `stale_after`
-    seconds, or a worker process on this host that no longer exists. Returns their ids."""
+    seconds, or a worker process on this host that no longer exists, or one that had the id of the
+    caller `me` (a restarted worker given the dead one's pid, as in a restarted container). Returns their ids."""
     now = time.time()
     host = socket.gethostname()
     with db.read() as s:
         running = s.execute(select(Job.id, Job.worker, Job.attempt, Job.heartbeat).where(Job.state == "running")).all()
     reaped = []
     for job_id, worker, attempt, beat in running:
-        dead_pid = False
-        if worker and worker.rsplit(":", 1)[0] == host:
+        dead_pid = worker is not None and worker == me
+        if not dead_pid and worker and worker.rsplit(":", 1)[0] == host:
             try:
                 os.kill(int(worker.rsplit(":", 1)[1]), 0)
             except ProcessLookupError:

@@ -107,12 +107,15 @@ def main(argv: list[str] | None = None) -> None:
         fields.update({k: v for k, v in vars(args).items()
                        if v is not None and k not in ("kind", "config", "data_dir")})
         app = AppConfig(data_dir=args.data_dir) if args.data_dir else AppConfig()
+        from backend.jobs.kinds import parse_config
+        try:
+            cfg = parse_config("pretrain", fields, app)  # unknown keys and wrong types name the key
+        except ValueError as e:
+            sys.exit(f"error: {e}")
         stop = threading.Event()
         signal.signal(signal.SIGINT, lambda *_: (stop.set(), print("stopping after this step...", flush=True)))
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
         try:
-            from backend.jobs.kinds import parse_config
-            cfg = parse_config("pretrain", fields, app)  # unknown keys and wrong types name the key
             result = pretrain(cfg, app, on_event=_print_event, stop=stop)
         except (ValueError, FileNotFoundError) as e:
             sys.exit(f"error: {e}")
