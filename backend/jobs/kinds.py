@@ -13,6 +13,7 @@ the key, then calls the dataclass's own `validate()` if it has one.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import threading
 import types
 import typing
@@ -21,6 +22,8 @@ from importlib import import_module
 from typing import Any, Callable
 
 from backend.config import AppConfig
+
+log = logging.getLogger(__name__)
 
 # Modules that register trainers with @trainer, imported on first lookup (one line per module).
 TRAINER_MODULES: list[str] = [
@@ -81,11 +84,20 @@ def trainer(kind: str, config_cls: type, description: str = "", check=None, defa
     return register
 
 
+_broken: dict[str, str] = {}  # module -> why it could not be imported
+
+
 def _load() -> None:
+    """Import the trainer modules once. One that fails to import is logged and named in errors about
+    unknown kinds; it does not take the other kinds down with it."""
     global _loaded
     if not _loaded:
         for module in TRAINER_MODULES:
-            import_module(module)
+            try:
+                import_module(module)
+            except Exception as e:
+                _broken[module] = f"{type(e).__name__}: {e}"
+                log.exception("trainer module %s could not be imported", module)
         _loaded = True
 
 
@@ -97,7 +109,8 @@ def kinds() -> list[str]:
 def get_trainer(kind: str) -> Trainer:
     _load()
     if kind not in _TRAINERS:
-        raise UnknownKind(f"kind: unknown training kind {kind!r}; kinds: {', '.join(_TRAINERS)}")
+        broken = "".join(f"; {m} failed to import ({why})" for m, why in _broken.items())
+        raise UnknownKind(f"kind: unknown training kind {kind!r}; kinds: {', '.join(_TRAINERS)}{broken}")
     return _TRAINERS[kind]
 
 
