@@ -1,13 +1,13 @@
 """A lean forward for decoding: one new token per row, reusing the model's weights and its KVCache.
 
 `Transformer.forward` is general (training, prefill, masks for any T). Decoding calls it once per token,
-and at T=1 per-op overhead is a large share of the step on a CPU. This step does the same math with
-fewer ops:
-- q, k, v come from one matmul, gate and up from one (the model's weights are re-bound as row views
-  of the fused tensors, so nothing is stored twice);
-- RoPE rotates q and k together;
+and at T=1 per-op overhead is a visible share of the step on a CPU. This step does the same math with
+fewer ops and no mask building:
+- RoPE rotates q and k together, from precomputed tables, with no per-step mask unless rows are padded;
 - grouped-query attention needs no `repeat_interleave` of the cache: the `rep` query heads that
   share a KV head become `rep` query rows of one SDPA call against that head's keys.
+Fusing q/k/v and gate/up into single matmuls was tried: no measurable gain per token (the step is
+memory-bound), while concatenating the weights cost seconds of load time, so the weights stay as loaded.
 tests/test_engine.py checks its logits against `Transformer.forward`.
 
 quant="int8" (opt-in) runs every decode matmul with int8 weights (symmetric, one scale per output row)
@@ -58,27 +58,15 @@ class DecodeStep:
         self.H, self.K, self.hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.rep = self.H // self.K
         self.dim, self.eps = cfg.dim, cfg.norm_eps
+        lin = _int8_linear if quant == "int8" else _float_linear
         self.layers = []
         with torch.no_grad():
             for blk in model.model.layers:
                 a, m = blk.self_attn, blk.mlp
-                wqkv = self._fuse([a.q_proj, a.k_proj, a.v_proj])
-                wgu = self._fuse([m.gate_proj, m.up_proj])
-                lin = _int8_linear if quant == "int8" else _float_linear
-                self.layers.append((blk.input_layernorm.weight, lin(wqkv), lin(a.o_proj.weight),
-                                    blk.post_attention_layernorm.weight, lin(wgu), lin(m.down_proj.weight)))
-            self.lm_head = (_int8_linear if quant == "int8" else _float_linear)(model.lm_head.weight)
-
-    @staticmethod
-    def _fuse(linears: list[nn.Linear]) -> torch.Tensor:
-        """Concatenate weights row-wise and make each Linear's weight a view into the result."""
-        fused = torch.cat([l.weight.detach() for l in linears], dim=0).contiguous()
-        start = 0
-        for l in linears:
-            rows = l.weight.shape[0]
-            l.weight = nn.Parameter(fused[start:start + rows], requires_grad=False)
-            start += rows
-        return fused
+                self.layers.append((blk.input_layernorm.weight, lin(a.q_proj.weight), lin(a.k_proj.weight),
+                                    lin(a.v_proj.weight), lin(a.o_proj.weight), blk.post_attention_layernorm.weight,
+                                    lin(m.gate_proj.weight), lin(m.up_proj.weight), lin(m.down_proj.weight)))
+            self.lm_head = lin(model.lm_head.weight)
 
     def __call__(self, tokens: torch.Tensor, cache) -> torch.Tensor:
         """tokens [B] at slot cache.pos -> logits [B, V]; the cache advances by one."""
@@ -99,21 +87,18 @@ class DecodeStep:
             sin = model.rope_sin[p].to(dtype)[:, None, :]
             keys = torch.arange(pos + 1, device=tokens.device)
             mask = (keys[None, :] >= cache.pad[:, None])[:, None, None, :]  # [B, 1, 1, S]
-        qk_cols = (H + K) * hd
-        for i, (ln1, wqkv, wo, ln2, wgu, wdown) in enumerate(self.layers):
+        for i, (ln1, wq, wk, wv, wo, ln2, wg, wu, wd) in enumerate(self.layers):
             h = F.rms_norm(x, (self.dim,), ln1, self.eps)
-            qkv = wqkv(h)
-            qk = qkv[:, :qk_cols].view(B, H + K, hd)
-            qk = qk * cos + _rotate_half(qk) * sin
+            qk = torch.cat([wq(h).view(B, H, hd), wk(h).view(B, K, hd)], dim=1)
+            qk = qk * cos + _rotate_half(qk) * sin  # RoPE on q and k at once
             cache.k[i][:, :, pos] = qk[:, H:]
-            cache.v[i][:, :, pos] = qkv[:, qk_cols:].view(B, K, hd)
+            cache.v[i][:, :, pos] = wv(h).view(B, K, hd)
             q = qk[:, :H].reshape(B, K, rep, hd)
             y = F.scaled_dot_product_attention(q, cache.k[i][:, :, :pos + 1], cache.v[i][:, :, :pos + 1],
                                                attn_mask=mask)
             x = x + wo(y.reshape(B, H * hd))
             h = F.rms_norm(x, (self.dim,), ln2, self.eps)
-            g, u = wgu(h).chunk(2, dim=-1)
-            x = x + wdown(F.silu(g) * u)
+            x = x + wd(F.silu(wg(h)) * wu(h))
         cache.pos += 1
         x = F.rms_norm(x, (self.dim,), model.model.norm.weight, self.eps)
         return self.lm_head(x)
