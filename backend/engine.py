@@ -240,6 +240,8 @@ class Engine:
 
     def chat_prompt(self, messages: list[dict]) -> list[int]:
         from models.chat_format import render_chat
+        if not getattr(self.spec, "chat_format", None):
+            raise ValueError(f"model {self.name!r} is a base model without a chat format; complete text instead")
         return list(render_chat(messages, self.enc, add_generation_prompt=True).ids)
 
     def check_fits(self, prompt_len: int, max_tokens: int) -> None:

@@ -323,3 +323,18 @@ def test_rows_that_finish_early_leave_the_batch_and_the_rest_continue(enc):
     out = eng.complete_batch(prompts, SamplingParams(temperature=0, max_tokens=10, stop_token_ids=[eot]), n=2)
     assert [c.text for c in out] == [" six", " six", " two three four five six", " two three four five six"]
     assert all(c.finish_reason == "stop" for c in out)
+
+
+def test_chat_renders_chatml_and_stops_at_im_end():
+    from models.chat_format import render_chat
+    from models.tokenizers import get_encoding
+    enc = get_encoding("cl100k_base+chatml")
+    messages = [{"role": "user", "content": "Capital of France?"}]
+    last = render_chat(messages, enc, add_generation_prompt=True).ids[-1]
+    im_end = enc.encode_single_token("<|im_end|>")
+    answer = [enc.encode_single_token(t) for t in (b"Paris", b".")]
+    model = bigram_model(enc.max_token_value + 1, {last: answer[0], answer[0]: answer[1], answer[1]: im_end})
+    [c] = Engine(Spec(chat_format="chatml"), model, enc).chat(messages, SamplingParams(temperature=0, max_tokens=8))
+    assert (c.text, c.finish_reason, c.stop_token_id) == ("Paris.", "stop", im_end)
+    with pytest.raises(ValueError, match="base model"):
+        Engine(Spec(chat_format=None), model, enc).chat(messages, SamplingParams(max_tokens=8))
