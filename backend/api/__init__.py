@@ -18,6 +18,7 @@ ROUTES: list[tuple[str, str]] = [
     ("models_api", ""),
     ("tools", ""),
     ("jobs", ""),
+    ("completion", ""),
 ]
 
 
