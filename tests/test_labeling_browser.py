@@ -103,6 +103,9 @@ def test_label_html_is_shown_as_text_never_run(site, page):
     assert page.evaluate("window.__pwned === undefined")
     page.locator(".pg-guide-btn").click()
     assert "Helpful" in page.locator(".pg-guide").inner_text()  # guidelines one click away
+    # Drag the last candidate onto the first place.
+    page.locator(".pg-cand").nth(3).drag_to(page.locator(".pg-cand").nth(0))
+    assert page.locator(".pg-cand .pg-text").all_inner_texts() == ["four", NASTY, "two", "three"]
 
 
 def test_annotator_writes_a_demonstration_in_the_sft_editor(site, page):

@@ -42,6 +42,8 @@ def _chat_preview(messages: list[dict]) -> list[dict]:
 def build_sft(pg) -> None:
     gr.Markdown("Write the ideal assistant reply. **Draft with model** gives you a first version to fix; "
                 "the record keeps what the model wrote. Submit keeps every version; Save draft lets you come back.")
+    with gr.Accordion("Guidelines", open=False):
+        gr.Markdown(lambda: guidelines.get_guidelines(pg.db))
     state = gr.State({"demo_id": None, "prompt_id": None})
     with gr.Row():
         load_btn = gr.Button("Next prompt")
