@@ -9,6 +9,8 @@ Names:
   tiktoken's cache (TIKTOKEN_CACHE_DIR, DATA_GYM_CACHE_DIR, or <tmp>/data-gym-cache): this machine is offline.
 - "<name>+chatml": <name> with the ChatML special tokens added (see `with_chat_tokens`), for models
   trained from scratch that later learn to chat.
+- "<name>+tools": ChatML plus <think> </think> <tool_call> </tool_call> <tool_output> </tool_output>
+  (models.chat_format.with_tool_tokens), for models fine-tuned to think and call tools.
 """
 from __future__ import annotations
 
@@ -357,6 +359,10 @@ def get_encoding(name: str, data_dir: Path | None = None) -> tiktoken.Encoding:
     if not isinstance(name, str) or not name:
         raise UnknownEncoding(f"encoding name must be a non-empty string, got {name!r}")
     data_dir = Path(data_dir) if data_dir is not None else None
+    if name.endswith("+tools"):  # ChatML + thinking/tool-call tags (models.chat_format.with_tool_tokens)
+        from models.chat_format import with_tool_tokens
+        base = get_encoding(name[: -len("+tools")], data_dir)
+        return _CACHE.get(name, data_dir, lambda: with_tool_tokens(base), stamp=id(base))
     if name.endswith(CHATML_SUFFIX):
         base = get_encoding(name[: -len(CHATML_SUFFIX)], data_dir)
         # keyed by the base object, so a re-saved trained base gives a fresh extension

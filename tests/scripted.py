@@ -1,0 +1,54 @@
+"""A scripted chat model for tool-loop tests: a real Transformer (a bigram table, cf. tests/test_engine.py)
+over a tiny byte-level encoding whose extra special tokens are whole script lines, so the model "writes"
+a tool call, a thought or an answer one token each, deterministically, at any temperature."""
+from __future__ import annotations
+
+import tiktoken
+import torch
+
+from models.chat_format import with_tool_tokens
+from models.tokenizers import with_chat_tokens
+from models.transformer import ModelConfig, Transformer
+
+
+def byte_encoding(name: str = "bytes") -> tiktoken.Encoding:
+    return tiktoken.Encoding(name, pat_str=r"""\S+|\s+""", mergeable_ranks={bytes([b]): b for b in range(256)},
+                             special_tokens={"<|endoftext|>": 256})
+
+
+def script_encoding(lines: list[str], tools: bool = True, name: str = "scripted") -> tiktoken.Encoding:
+    """Bytes + ChatML (+ the six tool tags when `tools`) + one special token per script line."""
+    base = with_tool_tokens(byte_encoding(name)) if tools else with_chat_tokens(byte_encoding(name))
+    specials = dict(base._special_tokens)
+    for line in lines:
+        if line not in specials:
+            specials[line] = max(specials.values()) + 1
+    return tiktoken.Encoding(base.name, pat_str=base._pat_str, mergeable_ranks=base._mergeable_ranks,
+                             special_tokens=specials)
+
+
+def tok(enc: tiktoken.Encoding, text: str) -> int:
+    """A special token's id, or the id of a one-byte token."""
+    if text in enc.special_tokens_set:
+        return enc.encode_single_token(text)
+    [t] = enc.encode_ordinary(text)
+    return t
+
+
+def scripted_model(enc: tiktoken.Encoding, chain: dict[str, str], dim: int = 64, max_seq_len: int = 2048) -> Transformer:
+    """After the token for key a, the model predicts the token for chain[a] with probability ~1."""
+    pairs = {tok(enc, a): tok(enc, b) for a, b in chain.items()}
+    assert len(pairs) <= dim
+    cfg = ModelConfig(vocab_size=enc.max_token_value + 1, dim=dim, n_layers=1, n_heads=4, n_kv_heads=2,
+                      hidden_dim=32, max_seq_len=max_seq_len, tie_embeddings=False)
+    model = Transformer(cfg).init_weights(0)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.model.embed_tokens.weight.zero_()
+        model.lm_head.weight.zero_()
+        for slot, (a, b) in enumerate(pairs.items()):
+            model.model.embed_tokens.weight[a, slot] = 1.0
+            model.lm_head.weight[b, slot] = 10.0
+    return model.eval()
