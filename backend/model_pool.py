@@ -62,24 +62,49 @@ class EnginePool:
     def loaded(self) -> list[str]:
         return list(self._engines)
 
-    def get(self, name: str) -> Engine:
-        """The engine for a registry name (UnknownModel, a ValueError, when there is none)."""
+    @staticmethod
+    def _stamp(spec) -> tuple | None:
+        """Identity of a model directory on disk: re-registering a name (overwrite) replaces the directory."""
+        if spec.kind == "bundled" or spec.path is None:
+            return None
+        try:
+            st = spec.path.stat()
+        except OSError:
+            return ("gone",)
+        return (st.st_ino, st.st_mtime_ns)
+
+    def _current(self, name: str) -> Engine | None:
         with self._lock:
             eng = self._engines.get(name)
-            if eng is not None:
-                self._engines.move_to_end(name)
-                return eng
+            if eng is None:
+                return None
+            if self._stamp(eng.spec) != eng.disk_stamp:  # overwritten or deleted since it was loaded
+                self._engines.pop(name, None)
+                return None
+            self._engines.move_to_end(name)
+            return eng
+
+    def get(self, name: str) -> Engine:
+        """The engine for a registry name (UnknownModel, a ValueError, when there is none).
+
+        A model re-registered under the same name since it was loaded is loaded again."""
+        eng = self._current(name)
+        if eng is not None:
+            return eng
+        with self._lock:
             load_lock = self._loading.setdefault(name, threading.Lock())
         with load_lock:  # one load per name; other callers wait for it
-            with self._lock:
-                if name in self._engines:
-                    return self._engines[name]
+            eng = self._current(name)
+            if eng is not None:
+                return eng
             spec = self.registry.get(name)
+            stamp = self._stamp(spec)
             t0 = time.perf_counter()
             model = self.registry.load(name, device=self.device, dtype=self.dtype)
             from models.tokenizers import get_encoding
             enc = get_encoding(spec.tokenizer, self.cfg.data_dir)
             eng = Engine(spec, model, enc, guard=self.guard, quant=self.quant)
+            eng.disk_stamp = stamp
             self.load_seconds[name] = time.perf_counter() - t0
             log.info("loaded model %s (%s, %s%s) in %.2fs", name, self.device, self.dtype,
                      ", int8 decode" if self.quant else "", self.load_seconds[name])

@@ -338,3 +338,27 @@ def test_chat_renders_chatml_and_stops_at_im_end():
     assert (c.text, c.finish_reason, c.stop_token_id) == ("Paris.", "stop", im_end)
     with pytest.raises(ValueError, match="base model"):
         Engine(Spec(chat_format=None), model, enc).chat(messages, SamplingParams(max_tokens=8))
+
+
+def test_pool_reloads_a_model_registered_again_under_its_name(tmp_path):
+    from backend.config import AppConfig
+    from backend.model_pool import EnginePool
+    from models.registry import ModelRegistry, UnknownModel
+    from tests.helpers import register_tiny_model
+
+    cfg = AppConfig(data_dir=tmp_path / "data")
+    register_tiny_model(cfg.data_dir, "m", seed=1)
+    pool = EnginePool(ModelRegistry(cfg), cfg, quant=None)
+    first = pool.get("m")
+    assert pool.get("m") is first  # cached while unchanged
+    prompt = first.encode("hello")
+    params = SamplingParams(temperature=1.0, seed=0, max_tokens=8)
+    before = first.complete(prompt, params)[0].token_ids
+    register_tiny_model(cfg.data_dir, "m", seed=2)  # a retrained model under the same name
+    second = pool.get("m")
+    assert second is not first
+    assert second.complete(prompt, params)[0].token_ids != before
+    ModelRegistry(cfg).delete("m")
+    with pytest.raises(UnknownModel):
+        pool.get("m")
+    assert "m" not in pool.loaded()
