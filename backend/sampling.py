@@ -67,7 +67,8 @@ def filtered_probs(logits: torch.Tensor, temperature: float, top_k: int = 0, top
         probs = torch.zeros_like(logits)
         probs.scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
         return probs
-    logits = logits / temperature
+    if temperature != 1.0:
+        logits = logits / temperature
     V = logits.shape[-1]
     if 0 < top_k < V:
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
