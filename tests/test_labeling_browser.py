@@ -116,19 +116,16 @@ def test_annotator_writes_a_demonstration_in_the_sft_editor(site, page):
     sign_in(page, server, "ann", people["ann"][1])
     page.get_by_role("tab", name="Write demos").click()
     page.get_by_role("button", name="Next prompt").click()
-    editor = page.locator(".cm-content").first
-    editor.wait_for(timeout=30_000)
-    page.wait_for_function("() => document.querySelector('.cm-content').innerText.includes('Who built you?')",
-                           timeout=30_000)
-    editor.click()
-    page.keyboard.press("Control+A")
-    page.keyboard.insert_text('[{"role": "user", "content": "Who built you?"}, '
-                              '{"role": "assistant", "content": "The <b>Playground</b> team built me."}]')
+    page.get_by_text("status **new**").or_(page.get_by_text("status new")).first.wait_for(timeout=30_000)
+    page.locator("#sft-reply textarea").fill("The <b>Playground</b> team built me.")
+    page.get_by_label("Thinking (optional").fill("Answer from the system prompt.")
     page.get_by_role("button", name="Submit", exact=True).click()
     page.get_by_text("1 submitted version(s)").wait_for(timeout=30_000)
     with db.read() as s:
         [v] = s.scalars(select(SFTVersion).where(SFTVersion.user_id == people["ann"][0].id)).all()
-    assert v.messages[-1] == {"role": "assistant", "content": "The <b>Playground</b> team built me.", "origin": "human"}
+    assert v.messages[0] == {"role": "user", "content": "Who built you?"}
+    assert v.messages[-1] == {"role": "assistant", "content": "The <b>Playground</b> team built me.",
+                              "thinking": "Answer from the system prompt.", "origin": "human"}
 
 
 def test_operator_sees_progress_and_an_annotator_is_refused(site, page):

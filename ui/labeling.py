@@ -51,11 +51,12 @@ def build_sft(pg) -> None:
         refresh_mine = gr.Button("Refresh list", size="sm")
     with gr.Row():
         with gr.Column(scale=3):
-            convo = gr.Code(label="Conversation (structured messages; assistant turns may have thinking and tool_calls)",
-                            language="json", value="[]", interactive=True, lines=16)
-            with gr.Row():
-                user_turn = gr.Textbox(label="Next user turn", scale=4)
-                add_user = gr.Button("Add user turn", scale=1)
+            gr.Markdown("**The assistant turn you are writing** (the last one of the conversation)")
+            reply = gr.Textbox(label="Reply", lines=6, elem_id="sft-reply")
+            thinking = gr.Textbox(label="Thinking (optional: working shown before the answer)", lines=3)
+            tools = gr.Dataframe(headers=["tool", "input", "output"], datatype=["str", "str", "str"], type="array",
+                                 column_count=3, row_count=1, interactive=True,
+                                 label="Tool calls (tool = search or python; input = query or code; output = what it returned)")
             with gr.Row():
                 model = gr.Dropdown(_model_names(pg), value=pg.cfg.default_model, label="Model", scale=2)
                 temp = gr.Slider(0, 1.5, value=0.7, step=0.05, label="Temperature", scale=2)
@@ -65,34 +66,78 @@ def build_sft(pg) -> None:
                 submit_btn = gr.Button("Submit", variant="primary")
                 skip_btn = gr.Button("Skip")
             info = gr.Markdown()
+            with gr.Row():
+                user_turn = gr.Textbox(label="Continue: next user turn (multi-turn)", scale=4)
+                add_user = gr.Button("Add user turn", scale=1)
+            with gr.Accordion("Whole conversation (JSON: system prompt, earlier turns; editable)", open=False):
+                convo = gr.Code(language="json", value="[]", interactive=True, lines=14)
         with gr.Column(scale=2):
-            preview = gr.Chatbot(label="Preview (as exported)", height=420)
+            preview = gr.Chatbot(label="Preview (as exported)", height=480)
+    panel = [reply, thinking, tools]
 
     def parse(text):
         try:
-            return json.loads(text or "[]")
+            msgs = json.loads(text or "[]")
         except json.JSONDecodeError as e:
             raise gr.Error(f"The conversation is not valid JSON: {e.msg} at line {e.lineno}")
+        if not isinstance(msgs, list):
+            raise gr.Error("The conversation must be a JSON list of messages.")
+        return msgs
 
-    def show(payload, st, note=""):
+    def merge(text, reply, thinking, tool_rows) -> list[dict]:
+        """The conversation with the panel written into its last assistant turn."""
+        msgs = parse(text)
+        last = msgs[-1] if msgs and isinstance(msgs[-1], dict) and msgs[-1].get("role") == "assistant" else None
+        turn = dict(last) if last else {"role": "assistant"}
+        calls = [{"tool": (r[0] or "").strip(), "input": r[1] or "", "output": r[2] or ""}
+                 for r in (tool_rows or []) if len(r) >= 3 and any((c or "").strip() for c in r)]
+        turn["content"] = reply or ""
+        turn.pop("origin", None)  # the service works it out from model_draft
+        for key, value in (("thinking", thinking), ("tool_calls", calls)):
+            if value:
+                turn[key] = value
+            else:
+                turn.pop(key, None)
+        if last is not None:
+            msgs[-1] = turn
+        elif reply or thinking or calls:
+            msgs.append(turn)
+        return msgs
+
+    def split(msgs):
+        last = msgs[-1] if msgs and msgs[-1].get("role") == "assistant" else {}
+        rows = [[c["tool"], c["input"], c["output"]] for c in last.get("tool_calls", [])] or [["", "", ""]]
+        return [last.get("content", ""), last.get("thinking", ""), rows]
+
+    def render(msgs):
+        return [json.dumps(msgs, indent=2, ensure_ascii=False), _chat_preview(msgs), *split(msgs)]
+
+    def show(payload, note=""):
         st = {"demo_id": payload.get("demo_id"), "prompt_id": payload.get("prompt_id")}
-        msgs = payload["messages"]
-        status = f"Demo {st['demo_id'] or '(new)'} · status **{payload.get('status')}** · {payload.get('versions', 0)} submitted version(s). {note}"
-        return json.dumps(msgs, indent=2, ensure_ascii=False), _chat_preview(msgs), st, status
+        status = (f"Demo {st['demo_id'] or '(new)'} · status **{payload.get('status')}** · "
+                  f"{payload.get('versions', 0)} submitted version(s). {note}")
+        return [*render(payload["messages"]), st, status]
 
     @_errors_to_gr
     def load_next(st, request: gr.Request):
         user = request_user(pg, request, "annotator")
         nxt = sft.next_prompt(pg.db, user)
         if nxt is None:
-            return "[]", [], st, "No prompts waiting. An operator adds them under Operator."
-        return show(nxt, st)
+            return [*render([]), st, "No prompts waiting. An operator adds them under Operator."]
+        return show(nxt)
 
     @_errors_to_gr
-    def save(text, st, submit, request: gr.Request):
+    def save(text, reply, thinking, tool_rows, st, submit, request):
         user = request_user(pg, request, "annotator")
-        out = sft.save(pg.db, user, parse(text), demo_id=st.get("demo_id"), prompt_id=st.get("prompt_id"), submit=submit)
-        return show(out, st, "Submitted." if submit else "Draft saved.")
+        out = sft.save(pg.db, user, merge(text, reply, thinking, tool_rows), demo_id=st.get("demo_id"),
+                       prompt_id=st.get("prompt_id"), submit=submit)
+        return show(out, "Submitted." if submit else "Draft saved.")
+
+    def save_draft(text, reply, thinking, tool_rows, st, request: gr.Request):
+        return save(text, reply, thinking, tool_rows, st, False, request)
+
+    def submit(text, reply, thinking, tool_rows, st, request: gr.Request):
+        return save(text, reply, thinking, tool_rows, st, True, request)
 
     @_errors_to_gr
     def skip(st, request: gr.Request):
@@ -103,20 +148,23 @@ def build_sft(pg) -> None:
         return load_next({}, request)
 
     @_errors_to_gr
-    def draft(text, model_name, temperature, st, request: gr.Request):
+    def draft(text, model_name, temperature, request: gr.Request):
         request_user(pg, request, "annotator")
-        msgs = sft.draft_with_model(getattr(pg, "engines", None), model_name, parse(text), temperature)
-        return json.dumps(msgs, indent=2, ensure_ascii=False), _chat_preview(msgs)
+        msgs = parse(text)
+        if msgs and isinstance(msgs[-1], dict) and msgs[-1].get("role") == "assistant":
+            msgs = msgs[:-1]  # drafting again replaces the turn being written
+        return render(sft.draft_with_model(getattr(pg, "engines", None), model_name, msgs, temperature))
 
     @_errors_to_gr
-    def append_user(text, turn):
-        msgs = parse(text)
+    def append_user(text, reply, thinking, tool_rows, turn):
         if not turn.strip():
             raise gr.Error("Write the user turn first.")
-        if msgs and msgs[-1]["role"] == "assistant" and not msgs[-1].get("content", "").strip():
-            msgs = msgs[:-1]
+        msgs = merge(text, reply, thinking, tool_rows)
+        if msgs and msgs[-1]["role"] == "assistant" and not msgs[-1].get("content", "").strip() \
+                and not msgs[-1].get("tool_calls"):
+            raise gr.Error("Write the assistant reply before the next user turn.")
         msgs += [{"role": "user", "content": turn}, {"role": "assistant", "content": ""}]
-        return json.dumps(msgs, indent=2, ensure_ascii=False), _chat_preview(msgs), ""
+        return [*render(msgs), ""]
 
     @_errors_to_gr
     def list_mine(request: gr.Request):
@@ -127,24 +175,26 @@ def build_sft(pg) -> None:
     @_errors_to_gr
     def open_demo(demo_id, st, request: gr.Request):
         if demo_id is None:
-            return gr.skip(), gr.skip(), st, gr.skip()
+            return [gr.skip()] * 5 + [st, gr.skip()]
         user = request_user(pg, request, "annotator")
-        return show(sft.get(pg.db, user, int(demo_id)), st)
+        return show(sft.get(pg.db, user, int(demo_id)))
 
-    def save_draft(text, st, request: gr.Request):
-        return save(text, st, False, request)
+    def sync_preview(text):
+        try:
+            return _chat_preview(json.loads(text or "[]")), *split(json.loads(text or "[]"))
+        except (json.JSONDecodeError, AttributeError, KeyError, TypeError):
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip()
 
-    def submit(text, st, request: gr.Request):
-        return save(text, st, True, request)
-
-    load_btn.click(load_next, [state], [convo, preview, state, info])
-    save_btn.click(save_draft, [convo, state], [convo, preview, state, info])
-    submit_btn.click(submit, [convo, state], [convo, preview, state, info])
-    skip_btn.click(skip, [state], [convo, preview, state, info])
-    draft_btn.click(draft, [convo, model, temp, state], [convo, preview])
-    add_user.click(append_user, [convo, user_turn], [convo, preview, user_turn])
+    shown = [convo, preview, *panel, state, info]
+    load_btn.click(load_next, [state], shown)
+    save_btn.click(save_draft, [convo, *panel, state], shown)
+    submit_btn.click(submit, [convo, *panel, state], shown)
+    skip_btn.click(skip, [state], shown)
+    draft_btn.click(draft, [convo, model, temp], [convo, preview, *panel])
+    add_user.click(append_user, [convo, *panel, user_turn], [convo, preview, *panel, user_turn])
     refresh_mine.click(list_mine, None, [mine])
-    mine.change(open_demo, [mine, state], [convo, preview, state, info])
+    mine.change(open_demo, [mine, state], shown)
+    convo.blur(sync_preview, [convo], [preview, *panel])
 
 
 def build_operator(pg) -> None:
