@@ -52,3 +52,19 @@ def scripted_model(enc: tiktoken.Encoding, chain: dict[str, str], dim: int = 64,
             model.model.embed_tokens.weight[a, slot] = 1.0
             model.lm_head.weight[b, slot] = 10.0
     return model.eval()
+
+
+def register_scripted(data_dir, name: str, lines: list[str], chain: dict[str, str], tools: bool = True):
+    """Save the script's encoding (as trained encoding `name`) and register the scripted model as chat model `name`."""
+    from pathlib import Path
+
+    from backend.config import AppConfig
+    from models.registry import ModelRegistry
+    from models.tokenizers import save_encoding
+
+    enc = script_encoding(lines, tools=tools, name=name)
+    save_encoding(enc, name, Path(data_dir))
+    model = scripted_model(enc, chain)
+    return ModelRegistry(AppConfig(data_dir=Path(data_dir))).register(
+        name, model, tokenizer=name, chat_format="chatml", lineage={"origin": "tests.scripted"},
+        description="scripted tool-calling model for tests", overwrite=True)

@@ -431,6 +431,10 @@ async def chat_completions(request: Request):
     if not getattr(engine.spec, "chat_format", None):
         raise APIError(400, f"model {engine.name!r} is a base model without a chat format; "
                             "use /v1/completions", "model")
+    from backend.api import tool_chat
+    if tool_chat.wants_tools(body):  # the server's own tools and thinking (backend/api/tool_chat.py)
+        import sys
+        return await tool_chat.tool_chat_completion(request, body, engine, messages, sys.modules[__name__])
     n = get_int(body, "n", 1, 1, MAX_N)
     want_lp = get_bool(body, "logprobs", False)
     top = get_int(body, "top_logprobs", None, 0, MAX_LOGPROBS)
