@@ -84,7 +84,7 @@ def serve_peer(port: int, db_path: str) -> None:
 
 # ---- load ------------------------------------------------------------------------------------------
 
-async def run_ours(base: str, keys: list[str], set_id: int, rounds: int) -> tuple[list[float], list[tuple], float]:
+async def run_ours(base: str, keys: list[str], set_id: int, rounds: int, think: float = 0.0) -> tuple[list[float], list[tuple], float]:
     latencies, acked = [], []
 
     async def annotator(key: str):
@@ -99,13 +99,14 @@ async def run_ours(base: str, keys: list[str], set_id: int, rounds: int) -> tupl
                 latencies.append(time.perf_counter() - t)
                 if r.status_code == 200:
                     acked.append((key, item["item_id"], order))
+                await asyncio.sleep(think)
 
     t0 = time.perf_counter()
     await asyncio.gather(*(annotator(k) for k in keys))
     return latencies, acked, time.perf_counter() - t0
 
 
-async def run_peer(base: str, n: int, rounds: int) -> tuple[list[float], int, float]:
+async def run_peer(base: str, n: int, rounds: int, think: float = 0.0) -> tuple[list[float], int, float]:
     latencies, acked = [], 0
 
     async def annotator(i: int):
@@ -116,6 +117,7 @@ async def run_peer(base: str, n: int, rounds: int) -> tuple[list[float], int, fl
                 r = await c.post("/submit", json={"user": f"a{i}", "item": j, "order": [4, 3, 2, 1]})
                 latencies.append(time.perf_counter() - t)
                 acked += r.status_code == 200
+                await asyncio.sleep(think)
 
     t0 = time.perf_counter()
     await asyncio.gather(*(annotator(i) for i in range(n)))
@@ -128,6 +130,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--annotators", type=int, default=50)
     p.add_argument("--rounds", type=int, default=20, help="rankings each annotator submits")
     p.add_argument("--k", type=int, default=4)
+    p.add_argument("--think-ms", type=float, default=0.0,
+                   help="pause after each submission (0: every annotator submits back to back, a stress test)")
     p.add_argument("--serve-peer", nargs=2, metavar=("PORT", "DB"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.serve_peer:
@@ -173,10 +177,11 @@ def main(argv: list[str] | None = None) -> None:
         warm_key = users.add_user(db, "warmup", "annotator")[2]
         asyncio.run(run_ours(base, [warm_key], s["id"], 3))
 
-        lat, acked, wall = asyncio.run(run_ours(base, keys, s["id"], rounds))
+        think = args.think_ms / 1000
+        lat, acked, wall = asyncio.run(run_ours(base, keys, s["id"], rounds, think))
         print(f"ours: {len(acked)} rankings in {wall:.2f}s = {len(acked) / wall:.1f}/s; "
               f"p50 {percentile(lat, 50) * 1e3:.1f} ms, p99 {percentile(lat, 99) * 1e3:.1f} ms", flush=True)
-        plat, packed, pwall = asyncio.run(run_peer(peer_base, n, rounds))
+        plat, packed, pwall = asyncio.run(run_peer(peer_base, n, rounds, think))
         print(f"peer: {packed} inserts in {pwall:.2f}s = {packed / pwall:.1f}/s; "
               f"p50 {percentile(plat, 50) * 1e3:.1f} ms, p99 {percentile(plat, 99) * 1e3:.1f} ms", flush=True)
     finally:
@@ -200,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch
     p99, pp99 = percentile(lat, 99) * 1e3, percentile(plat, 99) * 1e3
     print(json.dumps({"bench": "labels", "device": "cpu", "threads": torch.get_num_threads(), "torch": torch.__version__,
-                      "annotators": n, "rounds": rounds, "results": [
+                      "annotators": n, "rounds": rounds, "think_ms": args.think_ms, "results": [
         {"metric": f"submit p99 latency, {n} annotators", "unit": "ms", "ours": round(p99, 1), "peer": round(pp99, 1),
          "peer_name": "minimal FastAPI endpoint, one plain sqlite3 INSERT", "ratio": round(pp99 / p99, 3),
          "goal": 250.0, "goal_met": p99 <= 250.0},
