@@ -76,7 +76,10 @@ def set_agreement(db: Database, set_id: int, method: str = "borda") -> dict:
     if method not in CONSENSUS:
         raise ValueError(f"method must be one of {', '.join(CONSENSUS)}")
     consensus_of = CONSENSUS[method]
+    from backend.db.models import RankingSet
     with db.read() as s:
+        if s.get(RankingSet, set_id) is None:
+            raise LookupError(f"no ranking set {set_id}")
         rows = rankings_for_set(s, set_id)
         by_item: dict = defaultdict(list)
         prompts = {}
