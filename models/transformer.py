@@ -257,12 +257,19 @@ class Transformer(nn.Module):
 
     # -- forward ------------------------------------------------------------------------------
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None, return_hidden: bool = False,
-                last_only: bool = False) -> torch.Tensor:
+                last_only: bool = False, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         """idx [B, T] -> logits [B, T, V] (or [B, 1, V] with last_only; hidden [B, T, dim] with return_hidden).
 
         With a cache, idx continues the sequence at slot `cache.pos`, and the cache advances by T.
+        doc_ids [B, T] (training only, no cache): several documents packed in one row. A token attends
+        only to earlier tokens of its own document (block-diagonal causal mask) and RoPE positions
+        restart at 0 where a document starts, so a packed row computes what separate rows would.
         """
         B, T = idx.shape
+        if doc_ids is not None:
+            if cache is not None:
+                raise ValueError("doc_ids (packed documents) cannot be combined with a KV cache")
+            return self._forward_packed(idx, doc_ids, return_hidden, last_only)
         start = cache.pos if cache is not None else 0
         pad = cache.pad if cache is not None else None
         if start + T > self.cfg.max_seq_len:
@@ -294,6 +301,27 @@ class Transformer(nn.Module):
             x = block(x, cos, sin, mask, cache, i, is_causal)
         if cache is not None:
             cache.pos += T
+        x = self.model.norm(x)
+        if return_hidden:
+            return x
+        if last_only:
+            x = x[:, -1:, :]
+        return self.lm_head(x)
+
+    def _forward_packed(self, idx, doc_ids, return_hidden, last_only):
+        B, T = idx.shape
+        if T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {T} tokens exceeds the context length {self.cfg.max_seq_len}")
+        t = torch.arange(T, device=idx.device).expand(B, T)
+        starts = torch.ones_like(doc_ids, dtype=torch.bool)
+        starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+        pos = t - torch.cummax(torch.where(starts, t, torch.zeros_like(t)), dim=1).values  # offset in its document
+        cos, sin = self.rope_cos[pos][:, None].to(self.dtype), self.rope_sin[pos][:, None].to(self.dtype)
+        same = doc_ids[:, :, None] == doc_ids[:, None, :]
+        mask = (same & torch.ones(T, T, dtype=torch.bool, device=idx.device).tril())[:, None]  # [B, 1, T, T]
+        x = self.model.embed_tokens(idx)
+        for i, block in enumerate(self.model.layers):
+            x = block(x, cos, sin, mask, None, i, False)
         x = self.model.norm(x)
         if return_hidden:
             return x

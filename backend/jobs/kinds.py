@@ -28,6 +28,10 @@ log = logging.getLogger(__name__)
 # Modules that register trainers with @trainer, imported on first lookup (one line per module).
 TRAINER_MODULES: list[str] = [
     "backend.jobs.pretrain",
+    "backend.train.sft",
+    "backend.train.reward",
+    "backend.train.dpo",
+    "backend.train.grpo",
 ]
 
 

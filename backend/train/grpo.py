@@ -1,0 +1,266 @@
+"""GRPO with verifiable rewards (DeepSeekMath, Shao et al. 2024; used for DeepSeek-R1-Zero and R1).
+
+Each step, for each of prompts_per_step problems:
+  1. sample a group of G = group_size answers with THE sampler (backend.engine.Engine over a copy of the
+     policy in eval mode, no grad; temperature 1.0);
+  2. reward each by rule: accuracy (1 if the final answer is exactly right, backend/datasets/verifiable.py)
+     + format_weight * format (1 if the reply is "<think>...</think> answer", R1-Zero's template);
+  3. advantage A_i = (r_i - mean(r)) / (std(r) + 1e-4) within the group: no value network;
+  4. loss per token t of answer i (a differentiable forward of the policy):
+        -min(ratio * A_i, clip(ratio, 1 - eps, 1 + eps) * A_i) + beta * KL_t
+     ratio = pi / pi_old (pi_old = the policy that sampled: one update per batch, as TRL's default
+     num_iterations=1, so ratio = 1 in value and the clip matters only with several updates);
+     KL_t = exp(ref - logp) - (ref - logp) - 1 (the unbiased "k3" estimator, DeepSeekMath eq. 4) to the
+     frozen parent; averaged over each answer's tokens, then over answers (DeepSeekMath's GRPO loss).
+
+Defaults and where they come from: group_size 8 (TRL GRPOConfig num_generations=8; DeepSeekMath used 64),
+clip eps 0.2 (DeepSeekMath, TRL epsilon=0.2), beta 0.04 (DeepSeekMath and TRL's default before v0.19;
+TRL now defaults to 0.0), temperature 1.0 (TRL), lr 5e-6 (TRL uses 1e-6 for long runs; our runs are a few
+hundred steps). Curves (R1 figures 2 and 3): held-out accuracy (greedy) every eval_every steps and
+the mean response length of each step's samples.
+
+The same loop serves RLHF (backend/train/rlhf.py): only the reward function and the prompts differ.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import random
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from backend.jobs.kinds import JobContext, Outcome, trainer
+from backend.train.common import (FineTuneConfig, FineTuneRun, amp_for, check_finite, check_parent, completion_logprobs,
+                                  default_name_for, load_parent, make_opt)
+
+THINK_SYSTEM = ("A conversation between User and Assistant. The user asks a question, and the Assistant solves it. "
+                "The assistant first thinks about the reasoning process in the mind and then provides the user "
+                "with the answer. The reasoning process is enclosed within <think> </think>, followed by the "
+                "answer, i.e., <think> reasoning process here </think> The answer is 42.")  # R1-Zero's template, in chat form
+PLAIN_SYSTEM = "You are a helpful assistant. Solve the problem and end with 'The answer is N.'"
+
+
+@dataclass
+class PolicyConfig(FineTuneConfig):
+    """What GRPO and RLHF share."""
+    lr: float = 5e-6
+    max_steps: int = 50
+    group_size: int = 8            # G answers per prompt (TRL num_generations)
+    prompts_per_step: int = 2
+    max_new_tokens: int = 96
+    temperature: float = 1.0
+    clip_eps: float = 0.2
+    beta: float = 0.04             # KL to the reference (0 turns it off)
+    eval_every: int = 10
+    n_heldout: int = 32
+    eval_tokens: int = 96
+
+    def validate(self) -> None:
+        super().validate()
+        if self.group_size < 2:
+            raise ValueError("group_size: at least 2 (advantages are relative to the group)")
+        if self.prompts_per_step < 1 or self.max_new_tokens < 1 or self.n_heldout < 1:
+            raise ValueError("prompts_per_step, max_new_tokens and n_heldout must be at least 1")
+        if self.beta < 0 or not 0 < self.clip_eps < 1 or not self.temperature > 0:
+            raise ValueError("beta must be >= 0, clip_eps in (0, 1), temperature > 0")
+
+
+@dataclass
+class GRPOConfig(PolicyConfig):
+    kinds: list[str] = dataclasses.field(default_factory=lambda: ["apples"])  # verifiable problem kinds
+    scale: str = "small"            # numbers up to 10 ("small") or 200 ("large")
+    think: bool = True              # R1-Zero's <think> template and a format reward
+    format_weight: float = 0.5      # reward = accuracy + format_weight * format
+    n_train: int = 2000             # bundled training problems (seed) ; held-out ones use another seed
+
+    def validate(self) -> None:
+        super().validate()
+        from backend.datasets.verifiable import GENERATORS
+        bad = [k for k in self.kinds if k not in GENERATORS and k != "gsm8k"]
+        if bad or not self.kinds:
+            raise ValueError(f"kinds: unknown problem kind {bad[0] if bad else None!r}; kinds: {', '.join(GENERATORS)}, gsm8k")
+        if self.scale not in ("small", "large"):
+            raise ValueError("scale: 'small' or 'large'")
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(r - group mean) / (group std + 1e-4), groups of group_size consecutive rewards."""
+    r = rewards.view(-1, group_size)
+    return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-4)).view(-1)
+
+
+def grpo_loss(logp, old_logp, ref_logp, mask, adv, clip_eps: float, beta: float):
+    """(loss, mean KL per token). All [N, L] but adv [N]."""
+    ratio = torch.exp(logp - old_logp)
+    a = adv[:, None]
+    surrogate = torch.min(ratio * a, torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * a)
+    d = ref_logp - logp
+    kl = torch.exp(d) - d - 1
+    per_token = -surrogate + beta * kl
+    per_seq = (per_token * mask).sum(1) / mask.sum(1).clamp_min(1)
+    return per_seq.mean(), float((kl.detach() * mask).sum() / mask.sum().clamp_min(1))
+
+
+def rollout_engine(policy, spec, enc):
+    """THE sampler over a frozen copy of the policy (the Engine fuses weights for decoding, so it gets its own)."""
+    from backend.engine import Engine
+    return Engine(spec, copy.deepcopy(policy).eval().requires_grad_(False), enc)
+
+
+def sample_groups(engine, prompts: list[list[int]], n: int, max_tokens: int, temperature: float, seed: int):
+    """Completions of each prompt (n each, prompt-major); each completion's tokens include its stop token."""
+    from backend.sampling import SamplingParams
+    from models.chat_format import stop_token_ids
+    params = SamplingParams(temperature=temperature, max_tokens=max_tokens, seed=seed,
+                            stop_token_ids=stop_token_ids(engine.enc))
+    comps = engine.complete_batch(prompts, params, n=n)
+    out = []
+    for c in comps:
+        ids = list(c.token_ids) + ([c.stop_token_id] if c.stop_token_id is not None else [])
+        out.append((c.text, ids or [stop_token_ids(engine.enc)[0]]))
+    return out
+
+
+def policy_optimization(kind: str, cfg: PolicyConfig, ctx: JobContext, train_prompts: list, heldout: list,
+                        render: Callable, reward_fn: Callable, evaluate: Callable, describe: str) -> Outcome:
+    """The loop GRPO and RLHF share.
+
+    render(item) -> chat messages; reward_fn(items, texts) -> (rewards tensor, metrics dict);
+    evaluate(engine, heldout) -> (metrics dict with "held_out_accuracy" or other numbers, a sample (prompt, text)).
+    """
+    from backend.train.pretrain import amp_context  # noqa: F401  (completion_logprobs uses it)
+    from models.chat_format import render_chat
+    run = FineTuneRun(kind, cfg, ctx)
+    try:
+        torch.manual_seed(cfg.seed)
+        parent, enc, spec = load_parent(run.app, cfg.parent_model, run.device)
+        ref = copy.deepcopy(parent).eval().requires_grad_(False)
+        policy = run.model_to_train(lambda: parent).to(run.device).train()
+        spec = dataclasses.replace(spec, name=run.name)
+        opt = make_opt(policy, cfg, run.device)
+        state = run.restore(opt)
+        amp = amp_for(cfg, run.device, policy.cfg.dim)
+        prompt_ids = lambda item: render_chat(render(item), enc, add_generation_prompt=True).ids  # noqa: E731
+        run.emit({"step": run.step, "start": run.name, "kind": kind, "parent_model": cfg.parent_model,
+                  "group_size": cfg.group_size, "beta": cfg.beta, "clip_eps": cfg.clip_eps, "lr": cfg.lr,
+                  "train_prompts": len(train_prompts), "held_out": len(heldout), "device": str(run.device),
+                  "resumed": state is not None})
+
+        def do_eval():
+            metrics, (p, text) = evaluate(rollout_engine(policy, spec, enc), heldout, prompt_ids)
+            run.emit({"step": run.step, "prompt": p, "sample": text})
+            return metrics
+
+        summary = {}
+        if state is None:
+            summary = do_eval()
+            run.emit({"step": 0, **summary, "accuracy": summary.get("held_out_accuracy", 0.0)})
+        rng = random.Random(cfg.seed + run.step)
+        reason = None
+        while not (reason := run.should_stop()):
+            t0 = time.perf_counter()
+            items = rng.sample(train_prompts, min(cfg.prompts_per_step, len(train_prompts)))
+            prompts = [prompt_ids(it) for it in items]
+            engine = rollout_engine(policy, spec, enc)
+            samples = sample_groups(engine, prompts, cfg.group_size, cfg.max_new_tokens, cfg.temperature,
+                                    seed=cfg.seed * 100003 + run.step)
+            del engine
+            t_sample = time.perf_counter() - t0
+            group_items = [it for it in items for _ in range(cfg.group_size)]
+            rewards, rmetrics = reward_fn(group_items, [t for t, _ in samples])
+            adv = group_advantages(rewards, cfg.group_size).to(run.device)
+            P = [p for p in prompts for _ in range(cfg.group_size)]
+            C = [ids for _, ids in samples]
+            lr = run.lr()
+            for g in opt.param_groups:
+                g["lr"] = lr
+            logp, mask = completion_logprobs(policy, P, C, amp)
+            with torch.no_grad():
+                ref_logp, _ = completion_logprobs(ref, P, C, amp)  # also with beta 0: the KL curve is shown
+            loss, kl = grpo_loss(logp, logp.detach(), ref_logp, mask, adv, cfg.clip_eps, cfg.beta)
+            loss.backward()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            run.step += 1
+            check_finite(loss.item(), run.step)
+            ev = {"step": run.step, "loss": round(loss.item(), 6), "lr": lr, "reward": round(float(rewards.mean()), 4),
+                  "kl": round(kl, 6), "response_length": round(sum(len(c) for c in C) / len(C), 2),
+                  "sample_s": round(t_sample, 2), "step_s": round(time.perf_counter() - t0, 2),
+                  "elapsed": round(run.elapsed(), 2), **rmetrics}
+            if run.step % cfg.eval_every == 0:
+                summary = do_eval()
+                ev.update(summary)
+                if "held_out_accuracy" in summary:
+                    ev["accuracy"] = summary["held_out_accuracy"]
+            run.emit(ev)
+            if run.step % cfg.checkpoint_every == 0:
+                run.checkpoint(policy, opt, spec.tokenizer)
+        if run.step % cfg.eval_every and run.step > 0:
+            summary = do_eval()
+            run.emit({"step": run.step, **summary, "accuracy": summary.get("held_out_accuracy", 0.0)})
+        if run.last_ckpt is None or not run.last_ckpt.name.endswith(f"{run.step:07d}"):
+            run.checkpoint(policy, opt, spec.tokenizer)
+        name = run.register(policy, spec.tokenizer, f"{describe} ({run.step} steps)", {"beta": cfg.beta, **summary})
+        run.emit({"step": run.step, "done": reason, "model": name, **summary})
+        return Outcome(reason, run.step, str(run.last_ckpt), name, summary)
+    except BaseException as e:
+        run.emit({"step": run.step, "error": f"{type(e).__name__}: {e}"})
+        raise
+    finally:
+        run.close()
+
+
+# -- GRPO with verifiable rewards ---------------------------------------------------------------------
+def grpo_problems(cfg: GRPOConfig, app, snapshot_hash):
+    from backend.datasets import load_rows
+    from backend.datasets.verifiable import Problem, gsm8k, problems
+    if "gsm8k" in cfg.kinds:
+        return gsm8k("train"), gsm8k("test")[:cfg.n_heldout]
+    if cfg.dataset == "bundled":
+        return (problems(cfg.n_train, seed=cfg.seed, kinds=cfg.kinds, scale=cfg.scale),
+                problems(cfg.n_heldout, seed=cfg.seed + 99991, kinds=cfg.kinds, scale=cfg.scale))
+    rows = load_rows(cfg.dataset, app, snapshot_hash, lambda: [])
+    try:
+        probs = [Problem(r["question"], str(r["answer"]), r.get("kind", "custom")) for r in rows]
+    except (KeyError, TypeError):
+        raise ValueError("dataset: GRPO rows need 'question' and 'answer'") from None
+    n = max(1, len(probs) // 10)
+    return probs[n:], probs[:n]
+
+
+def run_grpo(cfg: GRPOConfig, ctx: JobContext) -> Outcome:
+    from backend.datasets.verifiable import format_ok
+    train, heldout = grpo_problems(cfg, ctx.app, ctx.snapshot_hash)
+    system = THINK_SYSTEM if cfg.think else PLAIN_SYSTEM
+
+    def render(p):
+        return [{"role": "system", "content": system}, {"role": "user", "content": p.question}]
+
+    def reward_fn(items, texts):
+        acc = torch.tensor([float(p.check(t)) for p, t in zip(items, texts)])
+        fmt = torch.tensor([float(format_ok(t)) for t in texts]) if cfg.think else torch.zeros(len(texts))
+        return acc + cfg.format_weight * fmt, {"train_accuracy": round(float(acc.mean()), 4),
+                                               "format_reward": round(float(fmt.mean()), 4)}
+
+    def evaluate(engine, problems, prompt_ids):
+        from backend.sampling import SamplingParams
+        from models.chat_format import stop_token_ids
+        params = SamplingParams(temperature=0.0, max_tokens=cfg.eval_tokens, stop_token_ids=stop_token_ids(engine.enc))
+        comps = engine.complete_batch([prompt_ids(p) for p in problems], params)
+        right = [p.check(c.text) for p, c in zip(problems, comps)]
+        return ({"held_out_accuracy": round(sum(right) / len(right), 4),
+                 "held_out_format": round(sum(format_ok(c.text) for c in comps) / len(comps), 4),
+                 "held_out_length": round(sum(len(c.token_ids) for c in comps) / len(comps), 2)},
+                (problems[0].question, comps[0].text))
+
+    return policy_optimization("grpo", cfg, ctx, train, heldout, render, reward_fn, evaluate,
+                               f"GRPO of {cfg.parent_model} on {'+'.join(cfg.kinds)} problems")
+
+
+trainer("grpo", GRPOConfig, "GRPO with verifiable rewards (accuracy + format), group-normalised advantages, KL to the parent",
+        check=check_parent, default_name=default_name_for("grpo"))(run_grpo)

@@ -1,0 +1,207 @@
+"""Supervised fine-tuning: next-token prediction on conversations, loss on the assistant's tokens only.
+
+    python -m backend.train sft --config sft.yaml        # or a job from the Training tab / POST /api/jobs
+
+The same algorithm as pretraining on a different dataset (DEMOS.md 9). Each conversation is rendered by
+models.chat_format.render_chat, whose mask marks the assistant's tokens (thinking, tool calls and the
+answer; never the prompt, the system prompt or tool outputs). Several conversations are packed into one
+row of seq_len tokens; they do not see each other: block-diagonal causal attention with RoPE positions
+restarting at each conversation (Transformer.forward(doc_ids=...)), so a packed row gives exactly the
+loss of separate rows (tests/test_trainers.py checks it).
+
+New special tokens (tool_tokens=True): the encoding becomes "<tokenizer>+tools" (models.chat_format.
+with_tool_tokens: <think> </think> <tool_call> </tool_call> <tool_output> </tool_output>) and the
+embedding grows to match, new rows initialised to the mean of the old ones (common.resize_vocab). The
+model is registered under that tokenizer name, so the engine and chat load it with the new tokens.
+
+Data: dataset "bundled" = the tool-use conversations of backend/datasets/tool_use.py (n_examples of them,
+mix of arithmetic/counting/spelling by python call, search calls, identity); "snapshot" = the job's SFT
+snapshot ({"messages": [...]} rows); or a .jsonl file of such rows. Full fine-tune, or LoRA (lora_rank > 0).
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+from backend.jobs.kinds import JobContext, Outcome, trainer
+from backend.train.common import (FineTuneConfig, FineTuneRun, amp_for, check_finite, check_parent, default_name_for,
+                                  extend_for_tokens, load_parent, make_opt, masked_ce, pack_examples)
+
+
+@dataclass
+class SFTConfig(FineTuneConfig):
+    lr: float = 5e-5
+    max_steps: int = 200
+    seq_len: int = 512            # tokens per packed row (a longer conversation is cut)
+    pack: bool = True             # several conversations per row (block-diagonal attention)
+    tool_tokens: bool = True      # add the thinking/tool special tokens (tokenizer "<name>+tools")
+    n_examples: int = 600         # size of the bundled set
+    val_fraction: float = 0.1     # held-out conversations for the validation loss
+    lora_rank: int = 0            # 0: full fine-tune; >0: LoRA adapters of this rank (backend/train/lora.py)
+    lora_alpha: float = 16.0
+
+    def validate(self) -> None:
+        super().validate()
+        if self.seq_len < 16:
+            raise ValueError("seq_len: must be at least 16")
+        if not 0 <= self.val_fraction < 1:
+            raise ValueError("val_fraction: must be in [0, 1)")
+        if self.n_examples < 2 or self.lora_rank < 0:
+            raise ValueError("n_examples must be at least 2 and lora_rank not negative")
+
+
+def bundled_rows(cfg: SFTConfig) -> list[dict]:
+    from backend.datasets.tool_use import conversations
+    return conversations(cfg.n_examples, seed=cfg.seed)
+
+
+def render_rows(rows: list[dict], enc) -> list[tuple[list[int], list[int]]]:
+    from models.chat_format import render_chat
+    out = []
+    for i, r in enumerate(rows):
+        msgs = r.get("messages") if isinstance(r, dict) else None
+        if not isinstance(msgs, list):
+            raise ValueError(f"dataset row {i}: expected {{\"messages\": [...]}}")
+        try:
+            rc = render_chat(msgs, enc)
+        except ValueError as e:
+            raise ValueError(f"dataset row {i}: {e}") from None
+        if sum(rc.mask) == 0:
+            continue  # nothing to learn (no assistant turn)
+        out.append((rc.ids, rc.mask))
+    if not out:
+        raise ValueError("dataset: no conversation has an assistant turn to learn from")
+    return out
+
+
+def sft_tokenizer(tokenizer: str, enc, tool_tokens: bool, data_dir=None):
+    """(name, encoding) the fine-tuned model uses: the parent's, or its "+tools" (or "+chatml") extension."""
+    from models.chat_format import TOOLS_SUFFIX, has_tool_tokens
+    from models.tokenizers import get_encoding, with_chat_tokens
+    if tool_tokens and not has_tool_tokens(enc):
+        return tokenizer + TOOLS_SUFFIX, get_encoding(tokenizer + TOOLS_SUFFIX, data_dir)
+    if with_chat_tokens(enc) is not enc:
+        return tokenizer + "+chatml", get_encoding(tokenizer + "+chatml", data_dir)
+    return tokenizer, enc
+
+
+@torch.no_grad()
+def eval_loss(model, batches, amp, device) -> float:
+    from backend.train.pretrain import amp_context
+    was = model.training
+    model.eval()
+    tot, n = 0.0, 0
+    for x, y, d in batches:
+        with amp_context(device, amp):
+            logits = model(x.to(device), doc_ids=d.to(device))
+        k = int((y != -100).sum())
+        tot += float(masked_ce(logits, y.to(device))) * k
+        n += k
+    model.train(was)
+    return tot / max(n, 1)
+
+
+def run_sft(cfg: SFTConfig, ctx: JobContext) -> Outcome:
+    from backend.datasets import load_rows
+    from backend.train.pretrain import amp_context
+    run = FineTuneRun("sft", cfg, ctx)
+    try:
+        torch.manual_seed(cfg.seed)
+        parent, enc, spec = load_parent(run.app, cfg.parent_model, run.device)
+        tok_name, enc = sft_tokenizer(spec.tokenizer, enc, cfg.tool_tokens, run.app.data_dir)
+        model = run.model_to_train(lambda: extend_for_tokens(parent, enc)).to(run.device).train()
+        del parent
+        lora = None
+        if cfg.lora_rank:
+            from backend.train.lora import add_lora
+            lora = add_lora(model, cfg.lora_rank, cfg.lora_alpha, seed=cfg.seed)
+        rows = load_rows(cfg.dataset, run.app, ctx.snapshot_hash, lambda: bundled_rows(cfg))
+        docs = render_rows(rows, enc)
+        random.Random(cfg.seed).shuffle(docs)
+        n_val = int(len(docs) * cfg.val_fraction)
+        val, train = docs[:n_val], docs[n_val:]
+        val_batches = [pack_examples(val[i:i + cfg.batch_size], cfg.seq_len, cfg.pack)
+                       for i in range(0, min(len(val), 8 * cfg.batch_size), cfg.batch_size)]
+        opt = make_opt(lora if lora is not None else model, cfg, run.device)
+        state = run.restore(opt)
+        amp = amp_for(cfg, run.device, model.cfg.dim)
+        order_rng = random.Random(cfg.seed + run.step)
+        run.emit({"step": run.step, "start": run.name, "kind": "sft", "parent_model": cfg.parent_model,
+                  "tokenizer": tok_name, "vocab_size": model.cfg.vocab_size, "params": model.num_params(),
+                  "conversations": len(train), "held_out": len(val), "device": str(run.device),
+                  "precision": str(amp or torch.float32), "packing": "block-diagonal" if cfg.pack else "one per row",
+                  "lora_rank": cfg.lora_rank, "resumed": state is not None})
+        if val_batches and state is None:
+            run.emit({"step": 0, "val_loss": round(eval_loss(model, val_batches, amp, run.device), 5)})
+        pos, order = 0, list(range(len(train)))
+        order_rng.shuffle(order)
+        last_loss = None
+        import time
+        reason = None
+        while not (reason := run.should_stop()):
+            t0 = time.perf_counter()
+            # Take conversations until the batch holds batch_size rows' worth of tokens.
+            picked, tokens = [], 0
+            while tokens < cfg.batch_size * cfg.seq_len and len(picked) < 64 * cfg.batch_size:
+                if pos >= len(order):
+                    order_rng.shuffle(order)
+                    pos = 0
+                ex = train[order[pos]]
+                pos += 1
+                picked.append(ex)
+                tokens += min(len(ex[0]), cfg.seq_len + 1) - 1
+                if not cfg.pack and len(picked) >= cfg.batch_size:
+                    break
+            x, y, d = pack_examples(picked, cfg.seq_len, cfg.pack)
+            if cfg.pack:
+                x, y, d = x[:cfg.batch_size], y[:cfg.batch_size], d[:cfg.batch_size]
+            lr = run.lr()
+            for g in opt.param_groups:
+                g["lr"] = lr
+            with amp_context(run.device, amp):
+                logits = model(x.to(run.device), doc_ids=d.to(run.device))
+            loss = masked_ce(logits, y.to(run.device))
+            loss.backward()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            run.step += 1
+            last_loss = loss.item()
+            check_finite(last_loss, run.step)
+            dt = time.perf_counter() - t0
+            ntok = int((d >= 0).sum())
+            ev = {"step": run.step, "loss": round(last_loss, 5), "lr": lr, "tokens_per_s": round(ntok / dt, 1),
+                  "trained_tokens": int((y != -100).sum()), "elapsed": round(run.elapsed(), 2)}
+            if val_batches and run.step % cfg.eval_every == 0:
+                ev["val_loss"] = round(eval_loss(model, val_batches, amp, run.device), 5)
+            run.emit(ev)
+            if run.step % cfg.checkpoint_every == 0:
+                run.checkpoint(_merged(model, lora), opt, tok_name)
+        final = _merged(model, lora)
+        if run.last_ckpt is None or not run.last_ckpt.name.endswith(f"{run.step:07d}"):
+            run.checkpoint(final, opt, tok_name)
+        name = run.register(final, tok_name, f"SFT of {cfg.parent_model} on {cfg.dataset} data "
+                            f"({run.step} steps{', LoRA r=%d' % cfg.lora_rank if cfg.lora_rank else ''})",
+                            {"tokenizer": tok_name, "lora_rank": cfg.lora_rank})
+        run.emit({"step": run.step, "done": reason, "model": name, "final_loss": last_loss})
+        return Outcome(reason, run.step, str(run.last_ckpt), name, {"loss": last_loss})
+    except BaseException as e:
+        run.emit({"step": run.step, "error": f"{type(e).__name__}: {e}"})
+        raise
+    finally:
+        run.close()
+
+
+def _merged(model, lora):
+    """The model to save: with LoRA, a copy with the adapters folded into the weights."""
+    if lora is None:
+        return model
+    from backend.train.lora import merged_copy
+    return merged_copy(model)
+
+
+trainer("sft", SFTConfig, "supervised fine-tuning on conversations (loss on assistant tokens only)",
+        check=check_parent, default_name=default_name_for("sft"))(run_sft)

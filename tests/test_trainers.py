@@ -1,0 +1,262 @@
+"""Post-training trainers (sft, reward, dpo, grpo) on tiny models with a byte-level tokenizer: what must hold
+(loss falls, the mask excludes prompt tokens, packed rows equal separate rows, the embedding grows and
+the model still loads, pairs per prompt, group-normalised advantages, KL zero at step 0, the reward
+model learns the hidden rule), and every kind runs as a job through the worker with lineage."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import tiktoken
+import torch
+
+from backend.config import AppConfig
+from backend.jobs.kinds import JobContext, get_trainer, parse_config
+from backend.train.common import IGNORE, completion_logprobs, masked_ce, pack_examples, resize_vocab
+from models.registry import ModelRegistry
+from models.tokenizers import get_encoding, save_encoding
+from tests.helpers import make_tiny_model
+
+torch.set_num_threads(1)
+
+
+def byte_encoding() -> tiktoken.Encoding:
+    """256 byte tokens and no merges: a vocabulary small enough that tiny models train in seconds."""
+    return tiktoken.Encoding("bytes", pat_str=r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+""",
+                             mergeable_ranks={bytes([i]): i for i in range(256)}, special_tokens={})
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory) -> AppConfig:
+    data = tmp_path_factory.mktemp("trainers") / "data"
+    app = AppConfig(data_dir=data)
+    app.ensure_dirs()
+    save_encoding(byte_encoding(), "bytes", data)
+    enc = get_encoding("bytes+chatml", data)
+    model = make_tiny_model(enc.max_token_value + 1, dim=64, n_layers=2, max_seq_len=1024)
+    ModelRegistry(app).register("tiny", model, "bytes+chatml", "chatml", {"origin": "test"})
+    return app
+
+
+def run_kind(app, kind: str, events: list | None = None, **config):
+    cfg = parse_config(kind, {"parent_model": "tiny", "threads": 1, **config}, app)
+    return get_trainer(kind).run(cfg, JobContext(app, emit=(events.append if events is not None else (lambda e: None))))
+
+
+def losses(events):
+    return [e["loss"] for e in events if "loss" in e and "lr" in e]
+
+
+# -- SFT ---------------------------------------------------------------------------------------------
+def test_packed_rows_give_the_same_loss_as_separate_rows(app):
+    from models.chat_format import render_chat
+    enc = get_encoding("bytes+chatml", app.data_dir)
+    model = ModelRegistry(app).load("tiny", dtype=torch.float32)
+    docs = [render_chat([{"role": "user", "content": q}, {"role": "assistant", "content": a}], enc, default_system=None)
+            for q, a in [("hi", "hello there"), ("What is 2+2?", "4."), ("Spell cat", "c-a-t")]]
+    ex = [(d.ids, d.mask) for d in docs]
+    x, y, d = pack_examples(ex, 256, pack=True)
+    assert x.shape[0] == 1  # all three in one row
+    xs, ys, ds = pack_examples(ex, 256, pack=False)
+    assert xs.shape[0] == 3
+    with torch.no_grad():
+        packed = masked_ce(model(x, doc_ids=d), y)
+        separate = masked_ce(model(xs, doc_ids=ds), ys)
+        # and the plain causal forward of each conversation alone (no doc_ids machinery at all)
+        nll = sum(float(torch.nn.functional.cross_entropy(model(torch.tensor([i[:-1]]))[0], torch.tensor(
+            [t if m else IGNORE for t, m in zip(i[1:], k[1:])]), ignore_index=IGNORE, reduction="sum")) for i, k in ex)
+    n = int((y != IGNORE).sum())
+    assert torch.allclose(packed, separate, atol=1e-5)
+    assert math.isclose(float(packed), nll / n, rel_tol=1e-4)
+
+
+def test_the_mask_excludes_prompt_tokens(app):
+    from models.chat_format import render_chat
+    enc = get_encoding("bytes+chatml", app.data_dir)
+    model = ModelRegistry(app).load("tiny", dtype=torch.float32)
+    msgs = [{"role": "user", "content": "How many r in strawberry?"}, {"role": "assistant", "content": "Three."}]
+    rc = render_chat(msgs, enc)
+    x, y, d = pack_examples([(rc.ids, rc.mask)], 256)
+    trained = enc.decode([int(t) for t in y[0] if t != IGNORE])
+    assert trained == "Three.<|im_end|>"  # only the answer and its closing token
+    with torch.no_grad():
+        logits = model(x, doc_ids=d)
+        base = masked_ce(logits, y)
+        # Whatever the model predicts at prompt positions does not change the loss...
+        scrambled = logits.clone()
+        scrambled[y == IGNORE] = torch.randn_like(scrambled[y == IGNORE]) * 10
+        assert torch.equal(masked_ce(scrambled, y), base)
+        # ...while a prediction at an answer position does.
+        first = int((y[0] != IGNORE).nonzero()[0])
+        scrambled[0, first] = torch.randn_like(scrambled[0, first]) * 10
+        assert not torch.equal(masked_ce(scrambled, y), base)
+
+
+def test_embedding_resize_keeps_old_rows_and_the_model_loads_through_the_registry(app):
+    model = make_tiny_model(300, dim=32, n_layers=1, hidden_dim=64, n_heads=2, n_kv_heads=1)
+    old = model.model.embed_tokens.weight.detach().clone()
+    resize_vocab(model, 309)
+    w = model.model.embed_tokens.weight
+    assert w.shape == (309, 32) and model.lm_head.weight is w and model.cfg.vocab_size == 309
+    assert torch.equal(w[:300], old)
+    assert torch.allclose(w[300:], old.mean(0).expand(9, -1))
+    assert model(torch.tensor([[1, 305]])).shape == (1, 2, 309)
+
+
+def test_sft_loss_falls_registers_the_tools_tokenizer_and_lineage(app):
+    events: list = []
+    out = run_kind(app, "sft", events, max_steps=30, lr=3e-3, warmup_steps=2, batch_size=2, seq_len=256,
+                   n_examples=40, eval_every=15, name="sft-test")
+    ls = losses(events)
+    assert len(ls) == 30 and sum(ls[-5:]) / 5 < sum(ls[:5]) / 5 - 0.5
+    reg = ModelRegistry(app)
+    spec = reg.get(out.model)
+    assert spec.tokenizer == "bytes+chatml+tools" and spec.lineage["parent_model"] == "tiny"
+    enc = get_encoding(spec.tokenizer, app.data_dir)
+    model = reg.load(out.model)
+    assert model.cfg.vocab_size == enc.max_token_value + 1 > reg.load("tiny").cfg.vocab_size
+    assert "<tool_call>" in enc.special_tokens_set
+    start = next(e for e in events if "start" in e)
+    assert start["packing"] == "block-diagonal"
+
+
+def test_sft_with_lora_keeps_the_parent_weights_until_merged(app):
+    from backend.train.lora import add_lora, merged_copy
+    model = make_tiny_model(300, dim=32, n_layers=1, hidden_dim=64, n_heads=2, n_kv_heads=1).train()
+    x = torch.tensor([[1, 2, 3, 4]])
+    before = model(x).detach()
+    lora = add_lora(model, rank=4, train_embeddings=False)
+    assert torch.allclose(model(x), before)  # B = 0: step 0 is the parent
+    opt = torch.optim.SGD(lora.parameters(), lr=0.5)
+    model(x).pow(2).mean().backward()
+    opt.step()
+    after = model(x).detach()
+    assert not torch.allclose(after, before)
+    assert torch.allclose(merged_copy(model)(x), after, atol=1e-5)
+
+
+# -- reward model --------------------------------------------------------------------------------------
+def test_pairs_are_all_k_choose_2_of_each_prompt():
+    from backend.datasets.preferences import rankings, rule_key
+    from backend.labels.exchange import preference_pairs
+    from backend.train.reward import group_rankings, pairs_of
+    rows = rankings(5, seed=1, k=4)
+    for r in rows:
+        best_first = [r["candidates"][i] for i in r["ranking"]]
+        assert best_first == sorted(r["candidates"], key=rule_key)
+    items = group_rankings(rows)
+    assert [len(pairs_of(it)[1]) for it in items] == [6] * 5  # 4 choose 2
+    # Pair rows (the preferences export) group back per prompt with exactly their pairs.
+    pair_rows = preference_pairs(rows[:1])
+    grouped = group_rankings(pair_rows)
+    assert len(grouped) == 1 and len(pairs_of(grouped[0])[1]) == 6
+
+
+def test_reward_model_learns_the_hidden_rule(app):
+    from backend.train.reward import load_reward_model
+    events: list = []
+    out = run_kind(app, "reward", events, max_steps=60, lr=2e-3, warmup_steps=2, batch_size=4, n_examples=120,
+                   eval_every=30, max_len=128, name="rm-test")
+    acc = [e["held_out_accuracy"] for e in events if "held_out_accuracy" in e and "done" not in e]
+    assert acc[0] == 0.0  # zero head: every pair ties
+    assert acc[-1] >= 0.65, acc  # chance is 0.5 (the 70% goal is measured on SmolLM2: python -m backend.bench train)
+    rm = load_reward_model(ModelRegistry(app), out.model)
+    assert round(out.summary["held_out_accuracy"], 4) == acc[-1]
+    from backend.train.reward import encode_answer
+    enc = get_encoding("bytes+chatml", app.data_dir)
+    s = rm([encode_answer(enc, "Tell me a joke.", "A pelican sang.", 128), encode_answer(enc, "Tell me a joke.", "A seagull sang.", 128)])
+    assert s.shape == (2,)
+
+
+# -- DPO -----------------------------------------------------------------------------------------------
+def test_dpo_starts_at_log2_and_its_loss_falls(app):
+    events: list = []
+    run_kind(app, "dpo", events, max_steps=25, lr=2e-3, warmup_steps=1, batch_size=4, n_examples=40,
+             eval_every=25, max_len=128, name="dpo-test")
+    ls = losses(events)
+    assert math.isclose(ls[0], math.log(2), rel_tol=1e-4)  # policy == reference at step 0
+    assert sum(ls[-5:]) / 5 < ls[0] - 0.1
+
+
+# -- GRPO ----------------------------------------------------------------------------------------------
+def test_advantages_are_group_normalised():
+    from backend.train.grpo import group_advantages
+    r = torch.tensor([1.0, 0.0, 0.0, 1.5, 3.0, 3.0, 2.0, 0.0])
+    a = group_advantages(r, 4).view(2, 4)
+    assert torch.allclose(a.mean(1), torch.zeros(2), atol=1e-6)
+    assert torch.allclose(a.std(1), torch.ones(2), atol=1e-3)
+    assert torch.equal(group_advantages(torch.ones(4), 4), torch.zeros(4))  # all equal: no signal
+
+
+def test_grpo_kl_is_zero_at_step_0_and_curves_are_reported(app):
+    events: list = []
+    out = run_kind(app, "grpo", events, max_steps=2, group_size=4, prompts_per_step=2, max_new_tokens=12,
+                   eval_every=2, n_heldout=4, eval_tokens=8, lr=1e-3, name="grpo-test")
+    steps = [e for e in events if "loss" in e]
+    assert len(steps) == 2 and steps[0]["kl"] == 0.0
+    assert all(e["response_length"] > 0 for e in steps)
+    evals = [e for e in events if "held_out_accuracy" in e]
+    assert evals[0]["step"] == 0 and evals[-1]["step"] == 2
+    assert ModelRegistry(app).get(out.model).lineage["kind"] == "grpo"
+
+
+def test_verifiable_checker_and_format_reward():
+    from backend.datasets.verifiable import format_ok, problems
+    ps = problems(30, seed=3, kinds=["apples", "count", "spell"])
+    for p in ps:
+        assert p.check(f"<think>{p.solution}</think> The answer is {p.answer}.")
+        assert not p.check("<think>hmm</think> I do not know.")
+    assert format_ok("<think>3+4=7</think> The answer is 7.")
+    assert not format_ok("The answer is 7.") and not format_ok("<think>unclosed")
+    with pytest.raises(ValueError, match="kinds"):
+        problems(3, kinds=["poems"])
+
+
+def test_gsm8k_offline_is_a_clear_error_and_online_parses(monkeypatch):
+    import urllib.error
+
+    from backend.datasets import verifiable
+
+    def offline(url, timeout=30.0):
+        raise urllib.error.URLError("no network")
+    monkeypatch.setattr(verifiable, "fetch_text", offline)
+    with pytest.raises(verifiable.DatasetUnavailable, match="GSM8K needs the network"):
+        verifiable.gsm8k("test")
+    line = '{"question": "Tom has 3 apples and buys 4. How many?", "answer": "3 + 4 = <<3+4=7>>7\\n#### 7"}\n'
+    monkeypatch.setattr(verifiable, "fetch_text", lambda url, timeout=30.0: line * 2)
+    ps = verifiable.gsm8k("train")
+    assert len(ps) == 2 and ps[0].answer == "7" and ps[0].check("so 7 in total")
+
+
+def test_bundled_tool_use_conversations_render_with_tool_tokens(app):
+    from backend.datasets.tool_use import conversations
+    from backend.labels.messages import validate_messages
+    from models.chat_format import render_chat
+    convs = conversations(60, seed=0)
+    enc = get_encoding("bytes+chatml+tools", app.data_dir)
+    kinds = set()
+    for c in convs:
+        validate_messages(c["messages"])  # the labeling store's structured shape
+        rc = render_chat(c["messages"], enc)
+        calls = c["messages"][-1].get("tool_calls") or []
+        for call in calls:
+            kinds.add(call["tool"])
+            assert call["output"] in rc.text
+        if not calls:
+            kinds.add("identity")
+    assert kinds == {"python", "search", "identity"}
+    arith = next(c for c in convs if "print(" in str(c) and "*" in str(c))
+    call = arith["messages"][-1]["tool_calls"][0]
+    assert str(eval(call["input"][6:-1])) == call["output"].strip()  # the tool output is the true result
+
+
+def test_bad_configs_name_the_field(app):
+    with pytest.raises(ValueError, match="group_size"):
+        parse_config("grpo", {"group_size": 1})
+    with pytest.raises(ValueError, match="parent_model"):
+        parse_config("sft", {"parent_model": "no-such-model"}, app)
+    with pytest.raises(ValueError, match="beta"):
+        parse_config("dpo", {"beta": 0})
+    with pytest.raises(ValueError, match="unknown sft config key 'epochs'"):
+        parse_config("sft", {"epochs": 3})
