@@ -164,7 +164,9 @@ def pack_examples(examples: list[tuple[list[int], list[int]]], seq_len: int, pac
 
 
 def masked_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over the targets that are not IGNORE."""
+    """Mean cross-entropy over the targets that are not IGNORE (0 when there are none)."""
+    if not (targets != IGNORE).any():
+        return logits.sum() * 0.0
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE)
 
 

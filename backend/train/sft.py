@@ -57,7 +57,8 @@ def bundled_rows(cfg: SFTConfig) -> list[dict]:
     return conversations(cfg.n_examples, seed=cfg.seed)
 
 
-def render_rows(rows: list[dict], enc) -> list[tuple[list[int], list[int]]]:
+def render_rows(rows: list[dict], enc, seq_len: int | None = None) -> list[tuple[list[int], list[int]]]:
+    """Rendered (ids, mask) of each conversation that has assistant tokens within its first seq_len + 1."""
     from models.chat_format import render_chat
     out = []
     for i, r in enumerate(rows):
@@ -68,11 +69,12 @@ def render_rows(rows: list[dict], enc) -> list[tuple[list[int], list[int]]]:
             rc = render_chat(msgs, enc)
         except ValueError as e:
             raise ValueError(f"dataset row {i}: {e}") from None
-        if sum(rc.mask) == 0:
-            continue  # nothing to learn (no assistant turn)
+        if sum(rc.mask[1:(seq_len + 1) if seq_len else None]) == 0:
+            continue  # nothing to learn (no assistant turn, or it starts after the cut)
         out.append((rc.ids, rc.mask))
     if not out:
-        raise ValueError("dataset: no conversation has an assistant turn to learn from")
+        raise ValueError("dataset: no conversation has an assistant turn to learn from"
+                         + (f" within seq_len={seq_len} tokens" if seq_len else ""))
     return out
 
 
@@ -118,7 +120,9 @@ def run_sft(cfg: SFTConfig, ctx: JobContext) -> Outcome:
             from backend.train.lora import add_lora
             lora = add_lora(model, cfg.lora_rank, cfg.lora_alpha, seed=cfg.seed)
         rows = load_rows(cfg.dataset, run.app, ctx.snapshot_hash, lambda: bundled_rows(cfg))
-        docs = render_rows(rows, enc)
+        docs = render_rows(rows, enc, cfg.seq_len)
+        if len(docs) < len(rows):
+            run.log(f"{len(rows) - len(docs)} of {len(rows)} conversations left out: no assistant tokens within seq_len")
         random.Random(cfg.seed).shuffle(docs)
         n_val = int(len(docs) * cfg.val_fraction)
         val, train = docs[:n_val], docs[n_val:]
