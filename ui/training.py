@@ -13,6 +13,7 @@ from pathlib import Path
 
 import gradio as gr
 import pandas as pd
+from gradio.context import Context
 
 from backend.auth import user_from_request
 from backend.jobs import kinds, queue
@@ -71,6 +72,12 @@ def _jobs_table(jobs: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=JOB_COLUMNS)
 
 
+def _snapshot_choices(pg) -> list[tuple[str, str]]:
+    from backend.labels.snapshots import list_snapshots
+    return [("none", "")] + [(f"{x['name']} · {x['kind']} · {x['rows']} rows · {x['hash'][:12]}", x["hash"])
+                             for x in reversed(list_snapshots(pg.db))]
+
+
 def _save_uploads(pg, files) -> list[str]:
     """Uploaded corpus files go to data_dir/corpora/ (the worker reads them from there)."""
     out = []
@@ -115,6 +122,10 @@ def build(pg) -> None:
             name = gr.Textbox(label="Run / model name (empty: automatic)", elem_id="train-name")
             max_chars = gr.Number(0, label="Use only the first N corpus characters (0: all)", precision=0, minimum=0,
                                   elem_id="train-max-chars")
+        with gr.Row():
+            snapshot = gr.Dropdown(_snapshot_choices(pg), value="", scale=4, elem_id="train-snapshot",
+                                   label="Input dataset snapshot (for the trainers that read labels: sft, reward, dpo...)")
+            snap_refresh = gr.Button("↻ snapshots", scale=0, size="sm")
         uploads = gr.File(label="Add corpus files (.txt .md .jsonl .parquet)", file_count="multiple")
         extra = gr.Code(value="{}", language="json", label="Other config fields (JSON), e.g. {\"lr\": 0.002}",
                         elem_id="train-extra")
@@ -143,11 +154,22 @@ def build(pg) -> None:
     jobs_table = gr.Dataframe(pd.DataFrame(columns=JOB_COLUMNS), label="All jobs (newest first)",
                               interactive=False, elem_id="train-jobs")
     state = gr.State(_empty_state())
+    # Poll once a second; the poll reads the database only while this tab is shown (an annotator's page
+    # on the Labeling tab should not read the job tables every second).
+    here = Context.block if isinstance(Context.block, gr.Tab) else None
+    shown = gr.State(here is None)
     timer = gr.Timer(1.0)
+    if here is not None and isinstance(here.parent, gr.Tabs):
+        def on_tab(evt: gr.SelectData) -> bool:
+            return evt.value == here.label
+
+        here.parent.select(on_tab, None, shown, show_progress="hidden")
 
     kind.change(lambda k: ", ".join(f"`{f['name']}`" for f in kinds.config_fields(k)), kind, fields_md)
 
-    def start_job(k, pre, corp, tok, secs, steps, s_every, e_every, nm, chars, files, extra_json, st,
+    snap_refresh.click(lambda: gr.update(choices=_snapshot_choices(pg)), None, snapshot)
+
+    def start_job(k, pre, corp, tok, secs, steps, s_every, e_every, nm, chars, snap, files, extra_json, st,
                   request: gr.Request):
         user = request_user(pg, request, "operator")
         try:
@@ -166,16 +188,19 @@ def build(pg) -> None:
                 if chars:
                     form["max_corpus_chars"] = int(chars)
                 config = {**form, **config}
-            job = queue.create_job(pg.db, pg.cfg, user, k, config)
+            job = queue.create_job(pg.db, pg.cfg, user, k, config, snapshot=snap or None)
         except (ValueError, LookupError) as e:
             raise gr.Error(str(e))
         st = {**_empty_state(), "job": job["id"]}
         note = f"Queued job **{job['id']}** (`{job['name']}`); the worker picks it up within a second or two."
+        if pg.worker is None or pg.worker.poll() is not None:
+            note += (" This server runs no worker (`--no-worker`, or it exited): start one with "
+                     "`python -m backend.worker --data-dir DIR`.")
         return note, st, gr.update(choices=[(f"#{job['id']} {job['name']} ({job['state']})", job["id"])],
                                    value=job["id"])
 
     start.click(start_job, [kind, preset, corpus, tokenizer, max_seconds, max_steps, sample_every, eval_every,
-                            name, max_chars, uploads, extra, state], [status, state, job_pick])
+                            name, max_chars, snapshot, uploads, extra, state], [status, state, job_pick])
 
     def act(fn, job_id, request: gr.Request):
         user = request_user(pg, request, "operator")
@@ -196,8 +221,10 @@ def build(pg) -> None:
     cancel.click(cancel_job, job_pick, status)
     resume.click(resume_job, job_pick, status)
 
-    def tick(st, selected, request: gr.Request):
+    def tick(st, selected, visible, request: gr.Request):
         skip = gr.skip()
+        if not visible:
+            return (skip,) * 9
         user = user_from_request(pg, request.headers, request.cookies) if request is not None else None
         if user is None:
             return st, skip, skip, "Log in (above) to start or watch training jobs.", skip, skip, skip, skip, skip
@@ -236,5 +263,5 @@ def build(pg) -> None:
         return (st, table, pick, _stats(d), _plot(loss, "loss"), _plot(bpb, "val_bpb"), _samples_html(smp),
                 "\n".join(reversed(log)), info)
 
-    timer.tick(tick, [state, job_pick], [state, jobs_table, job_pick, stats, loss_plot, bpb_plot, samples, log_box,
+    timer.tick(tick, [state, job_pick, shown], [state, jobs_table, job_pick, stats, loss_plot, bpb_plot, samples, log_box,
                                          curve_info], show_progress="hidden")
