@@ -11,6 +11,7 @@ import gradio as gr
 TABS: list[tuple[str, str]] = [
     ("tokenizer", "Tokenizer"),  # first: learners start here (issue 3)
     ("completion", "Generate"),
+    ("chat", "Chat"),  # system prompts, tools, thinking (issue 7)
     ("training", "Training"),
     ("labeling", "Labeling"),
 ]
