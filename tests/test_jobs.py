@@ -147,3 +147,20 @@ def test_cli_yaml_config_with_a_bad_key_names_it(tmp_path, yaml_text, named):
     with pytest.raises(SystemExit) as e:
         main(["pretrain", "--config", str(f), "--data-dir", str(tmp_path / "data")])
     assert named in str(e.value.code) and str(e.value.code).startswith("error: ")
+
+
+def test_jobs_cli_queues_lists_and_refuses_a_bad_config_by_name(tmp_path, capsys):
+    from backend.jobs.__main__ import main
+    good, bad = tmp_path / "good.yaml", tmp_path / "bad.yaml"
+    good.write_text("preset: tiny\ncorpus: python-docs\nmax_steps: 5\n")
+    bad.write_text("preset: tiny\nmax_steps: 5\nwarmup: 3\n")
+    data = ["--data-dir", str(tmp_path / "data")]
+    with pytest.raises(SystemExit) as e:
+        main([*data, "submit", "pretrain", "--config", str(bad)])
+    assert "warmup" in str(e.value.code)
+    main([*data, "submit", "pretrain", "--config", str(good)])
+    main([*data, "list"])
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 2 and all("queued" in line and "pretrain" in line for line in out)
+    main([*data, "cancel", "1"])
+    assert "cancelled" in capsys.readouterr().out
