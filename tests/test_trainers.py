@@ -201,6 +201,23 @@ def test_grpo_kl_is_zero_at_step_0_and_curves_are_reported(app):
     assert ModelRegistry(app).get(out.model).lineage["kind"] == "grpo"
 
 
+def test_rlhf_optimises_the_reward_model_score_with_kl_and_the_hacking_preset_drops_it(app):
+    from backend.train.reward import HEAD_FILE
+    assert (ModelRegistry(app).get("rm-test").path / HEAD_FILE).exists()  # from the reward model test
+    events: list = []
+    out = run_kind(app, "rlhf", events, reward_model="rm-test", max_steps=2, group_size=3, prompts_per_step=2,
+                   max_new_tokens=10, eval_every=2, n_heldout=2, lr=1e-3, name="rlhf-test")
+    steps = [e for e in events if "loss" in e]
+    assert steps[0]["kl"] == 0.0 and all("rm_score" in e and "reward" in e for e in steps)
+    assert [e["step"] for e in events if "held_out_rm_score" in e][:1] == [0]
+    assert ModelRegistry(app).get(out.model).lineage["reward_model"] == "rm-test"
+    hack = parse_config("rlhf", {"parent_model": "tiny", "reward_model": "rm-test", "preset": "reward-hacking"}, app)
+    from backend.train.rlhf import PRESETS
+    assert PRESETS[hack.preset]["beta"] == 0.0
+    with pytest.raises(ValueError, match="reward_model"):
+        parse_config("rlhf", {"parent_model": "tiny", "reward_model": "tiny"}, app)
+
+
 def test_verifiable_checker_and_format_reward():
     from backend.datasets.verifiable import format_ok, problems
     ps = problems(30, seed=3, kinds=["apples", "count", "spell"])

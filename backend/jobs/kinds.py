@@ -32,6 +32,7 @@ TRAINER_MODULES: list[str] = [
     "backend.train.reward",
     "backend.train.dpo",
     "backend.train.grpo",
+    "backend.train.rlhf",
 ]
 
 

@@ -1,0 +1,112 @@
+"""RLHF: optimise the policy against a reward model, with a KL penalty to the reference (DEMOS.md 16-17).
+
+The same loop as GRPO (backend/train/grpo.py: sampling through the Engine, group-relative advantages,
+clipped objective, k3 KL to the frozen parent), with the reward model's score of (prompt, answer) as the
+reward instead of a rule ("GRPO with the reward model as reward"). Curves per step: the mean RM score
+("reward"), the KL to the reference, the mean response length; every eval_every steps a held-out check
+on prompts the RM never saw: the RM score of greedy answers, and two things the RM does not measure
+directly: how often answers follow the hidden rule the annotators used (they mention pelicans,
+backend/datasets/preferences.py) and the share of distinct words (it drops when text degenerates
+into "the the the").
+
+preset "reward-hacking": no KL (beta 0), a higher learning rate and many steps: the RM score keeps
+rising while the samples collapse into whatever the RM over-rewards. That is why RLHF is run briefly
+and stopped (the Deep Dive's point; DEMOS.md 17).
+"""
+from __future__ import annotations
+
+import dataclasses
+import random
+import re
+from dataclasses import dataclass
+
+import torch
+
+from backend.jobs.kinds import JobContext, Outcome, trainer
+from backend.train.common import check_parent, default_name_for
+from backend.train.grpo import PolicyConfig, policy_optimization
+
+PRESETS = {
+    "default": {},
+    "reward-hacking": {"beta": 0.0, "lr": 3e-5, "max_steps": 300},
+}
+HELD_OUT_PROMPTS = ["Write a joke about the harbour.", "Say something cheerful.", "Describe a windy afternoon.",
+                    "Write one sentence about lunch.", "What is a good name for a cat?", "Tell me about the weather."]
+
+
+@dataclass
+class RLHFConfig(PolicyConfig):
+    reward_model: str = ""          # a registered reward model (a "reward" job's model)
+    preset: str = "default"         # "default" or "reward-hacking" (beta 0, lr 3e-5, 300 steps)
+    max_new_tokens: int = 48
+    n_heldout: int = 6
+
+    def validate(self) -> None:
+        super().validate()
+        if self.preset not in PRESETS:
+            raise ValueError(f"preset: one of {', '.join(PRESETS)}, not {self.preset!r}")
+        if not self.reward_model:
+            raise ValueError("reward_model: name the registered reward model to optimise against")
+
+
+def check(cfg: RLHFConfig, app) -> None:
+    check_parent(cfg, app)
+    from models.registry import ModelRegistry
+    from backend.train.reward import HEAD_FILE
+    try:
+        spec = ModelRegistry(app).get(cfg.reward_model)
+    except ValueError as e:
+        raise ValueError(f"reward_model: {e}") from None
+    if spec.path is None or not (spec.path / HEAD_FILE).exists():
+        raise ValueError(f"reward_model: {cfg.reward_model!r} is not a reward model (train one with a reward job)")
+
+
+def distinct_ratio(texts: list[str]) -> float:
+    words = [w for t in texts for w in re.findall(r"\w+", t.lower())]
+    return len(set(words)) / len(words) if words else 0.0
+
+
+def run_rlhf(cfg: RLHFConfig, ctx: JobContext) -> Outcome:
+    from backend.datasets.preferences import PROMPTS, mentions_pelican
+    from backend.train.reward import encode_answer, load_reward_model
+    from models.registry import ModelRegistry
+    from models.tokenizers import get_encoding
+    cfg = dataclasses.replace(cfg, **PRESETS[cfg.preset])
+    reg = ModelRegistry(ctx.app)
+    rm = load_reward_model(reg, cfg.reward_model, device=ctx.device if ctx.device and cfg.device == "auto" else None)
+    rm_enc = get_encoding(reg.get(cfg.reward_model).tokenizer, ctx.app.data_dir)
+    max_len = 256
+
+    @torch.no_grad()
+    def scores(prompts, texts):
+        return rm([encode_answer(rm_enc, p, t, max_len) for p, t in zip(prompts, texts)]).float().cpu()
+
+    def render(prompt):
+        return [{"role": "user", "content": prompt}]
+
+    def reward_fn(items, texts):
+        s = scores(items, texts)
+        return s, {"rm_score": round(float(s.mean()), 4)}
+
+    def evaluate(engine, prompts, prompt_ids):
+        from backend.sampling import SamplingParams
+        from models.chat_format import stop_token_ids
+        params = SamplingParams(temperature=0.0, max_tokens=cfg.max_new_tokens, stop_token_ids=stop_token_ids(engine.enc))
+        texts = [c.text for c in engine.complete_batch([prompt_ids(p) for p in prompts], params)]
+        return ({"held_out_rm_score": round(float(scores(prompts, texts).mean()), 4),
+                 "held_out_rule_rate": round(sum(map(mentions_pelican, texts)) / len(texts), 4),
+                 "held_out_distinct_words": round(distinct_ratio(texts), 4)}, (prompts[0], texts[0]))
+
+    held = (HELD_OUT_PROMPTS * (cfg.n_heldout // len(HELD_OUT_PROMPTS) + 1))[:cfg.n_heldout]
+    train = list(PROMPTS)
+    random.Random(cfg.seed).shuffle(train)
+    out = policy_optimization("rlhf", cfg, ctx, train, held, render, reward_fn, evaluate,
+                              f"RLHF of {cfg.parent_model} against {cfg.reward_model} (preset {cfg.preset}, beta {cfg.beta})")
+    if out.model:
+        from backend.jobs.pretrain import add_lineage
+        add_lineage(ctx.app, out.model, {"reward_model": cfg.reward_model, "preset": cfg.preset})
+    return out
+
+
+trainer("rlhf", RLHFConfig, "RLHF: the policy against a reward model with a KL penalty (GRPO with the RM as reward)",
+        check=check, default_name=default_name_for("rlhf"))(run_rlhf)
