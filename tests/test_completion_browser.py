@@ -1,5 +1,6 @@
-"""The Generate tab in headless Chromium against a real server: the streamed text is the engine's, and Stop
-frees the engine."""
+"""The Generate tab in headless Chromium against a real server: the streamed text is the engine's, tokens are
+shaded and clickable, an alternative branches the completion, step mode shows the distribution and the coin
+flip, a text gets a perplexity, and Stop frees the engine."""
 from __future__ import annotations
 
 import time
@@ -14,6 +15,7 @@ pytestmark = pytest.mark.browser
 
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
+PROMPT = "Once upon a time"
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +28,8 @@ def server(tmp_path_factory):
     s.stop()
 
 
-@pytest.fixture
-def page(server):
+@pytest.fixture(scope="module")
+def page(server):  # one browser page for the module: loading the Gradio page costs seconds on a busy machine
     with playwright_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1300, "height": 1400})
@@ -44,21 +46,89 @@ def set_number(page, elem_id: str, value) -> None:
     box.press("Enter")
 
 
-def test_greedy_completion_streams_the_engines_text(page, server):
-    prompt = "Once upon a time"
-    page.locator("#gen-prompt textarea").fill(prompt)
+def token_texts(page) -> list[str]:
+    return page.evaluate("() => [...document.querySelectorAll('#gen-tokens .pg-tok')].map(s => s.textContent)")
+
+
+def greedy_completion(page, n: int) -> None:
+    page.locator("#gen-prompt textarea").fill(PROMPT)
     set_number(page, "gen-temperature", 0)
-    set_number(page, "gen-max-tokens", 20)
+    set_number(page, "gen-max-tokens", n)
     page.locator("#gen-run").click()
-    page.wait_for_function("() => (document.querySelector('#gen-status')?.innerText || '').includes('done')",
+    wait_done_with(page, n)
+
+
+def wait_done_with(page, n_tokens: int) -> None:
+    page.wait_for_function("(n) => (document.querySelector('#gen-status')?.innerText || '').startsWith('done')"
+                           " && document.querySelectorAll('#gen-tokens .pg-tok').length === n", arg=n_tokens,
                            timeout=60_000)
+
+
+def test_greedy_completion_streams_the_engines_text(page, server):
+    greedy_completion(page, 20)
     shown = page.locator("#gen-output textarea").input_value()
     api = httpx.post(server.base_url + "/v1/completions", timeout=60,
-                     json={"model": "tiny8k", "prompt": prompt, "max_tokens": 20, "temperature": 0}).json()
+                     json={"model": "tiny8k", "prompt": PROMPT, "max_tokens": 20, "temperature": 0}).json()
     assert shown == api["choices"][0]["text"] and len(shown) > 0
+    # the token view holds the same text, one shaded span per token
+    spans = page.locator("#gen-tokens .pg-tok")
+    assert spans.count() == 20
+    assert page.evaluate("() => [...document.querySelectorAll('#gen-tokens .pg-tok')].map(s => s.textContent).join('')") == shown
+    assert "hsla(" in (spans.first.get_attribute("style") or "")
+
+
+def test_click_a_token_shows_alternatives_and_an_alternative_branches(page, server):
+    greedy_completion(page, 8)
+    before = token_texts(page)
+    page.locator("#gen-tokens .pg-tok").nth(2).click()
+    page.wait_for_selector("#gen-alts .pg-alt")
+    alts = page.locator("#gen-alts .pg-alt")
+    assert alts.count() == 10
+    assert "%" in alts.first.inner_text()
+    assert "pg-chosen" in (alts.first.get_attribute("class") or "")  # greedy picked the most likely token
+    alt_id = int(alts.nth(1).get_attribute("data-alt"))
+    alts.nth(1).click()
+    page.wait_for_function("(id) => document.querySelectorAll('#gen-tokens .pg-tok').length === 8 && (document."
+                           "querySelector('#gen-status')?.innerText || '').startsWith('done') && document.querySelector("
+                           "'#gen-alts .pg-chosen')?.dataset.alt === String(id)", arg=alt_id, timeout=60_000)
+    after = token_texts(page)
+    assert after[:2] == before[:2]
+    # the API's branch from the same prefix with the same token gives the same text as the page
+    gen = httpx.post(server.base_url + "/api/completion/generate", timeout=60,
+                     json={"model": "tiny8k", "prompt": PROMPT, "temperature": 0, "max_tokens": 2}).json()
+    prefix = gen["prompt_ids"] + [t["id"] for t in gen["tokens"]]
+    branch = httpx.post(server.base_url + "/api/completion/branch", timeout=60,
+                        json={"model": "tiny8k", "prefix_ids": prefix, "token_id": alt_id, "temperature": 0,
+                              "max_tokens": 6}).json()
+    assert branch["tokens"][0]["id"] == alt_id
+    assert page.locator("#gen-output textarea").input_value() == gen["text"] + branch["text"]
+    assert after[2:] == [t["text"] for t in branch["tokens"]]
+
+
+def test_step_mode_shows_the_distribution_and_the_coin_flip(page):
+    page.locator("#gen-prompt textarea").fill("One step at a time")  # a new prompt: step starts afresh
+    page.locator("#gen-seed input, #gen-seed textarea").first.fill("5")
+    page.locator("#gen-step").click()
+    page.wait_for_selector("#gen-dist #gen-coin")
+    rows = page.locator("#gen-dist table tr")
+    assert rows.count() == 21  # header + 20 tokens
+    assert page.locator("#gen-dist .pg-picked").count() <= 1
+    u = float(page.locator("#gen-coin").inner_text())
+    assert 0 <= u < 1
+    page.locator("#gen-step").click()
+    page.wait_for_function("() => document.querySelectorAll('#gen-tokens .pg-tok').length === 2", timeout=60_000)
+
+
+def test_score_a_text_gives_its_perplexity(page):
+    page.get_by_text("Score a text").click()
+    page.locator("#gen-score-text textarea").fill("The quick brown fox")
+    page.locator("#gen-score-run").click()
+    page.wait_for_selector("#gen-score")
+    assert "perplexity" in page.locator("#gen-score").inner_text()
 
 
 def test_stop_halts_generation_and_frees_the_engine(page, server):
+    page.locator("#gen-prompt textarea").fill(PROMPT)
     set_number(page, "gen-max-tokens", 4096)  # tens of seconds of tokens, far longer than this test waits
     page.locator("#gen-run").click()
     page.wait_for_function("() => (document.querySelector('#gen-output textarea')?.value || '').length > 20",
