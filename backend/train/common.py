@@ -170,6 +170,18 @@ def masked_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE)
 
 
+def masked_lm_loss(model: Transformer, x: torch.Tensor, y: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """masked_ce(model(x), y) computed only where it counts: the output layer runs on the positions that
+    have a target. In SFT most tokens are prompt (no loss), and the [tokens x vocabulary] logits are the
+    biggest tensor of a small model's step, so this skips most of that work and memory."""
+    keep = y != IGNORE
+    if not keep.any():
+        return model.lm_head.weight.sum() * 0.0
+    h = model(x, doc_ids=doc_ids, return_hidden=True)
+    logits = model.lm_head(h[keep])
+    return F.cross_entropy(logits.float(), y[keep])
+
+
 def token_logprobs_of(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """log p(target) per position without materialising a second [B, T, V] tensor (log_softmax)."""
     logits = logits.float()

@@ -27,7 +27,7 @@ import torch
 
 from backend.jobs.kinds import JobContext, Outcome, trainer
 from backend.train.common import (FineTuneConfig, FineTuneRun, amp_for, check_finite, check_parent, default_name_for,
-                                  extend_for_tokens, load_parent, make_opt, masked_ce, pack_examples)
+                                  extend_for_tokens, load_parent, make_opt, masked_lm_loss, pack_examples)
 
 
 @dataclass
@@ -97,9 +97,9 @@ def eval_loss(model, batches, amp, device) -> float:
     tot, n = 0.0, 0
     for x, y, d in batches:
         with amp_context(device, amp):
-            logits = model(x.to(device), doc_ids=d.to(device))
+            loss = masked_lm_loss(model, x.to(device), y.to(device), d.to(device))
         k = int((y != -100).sum())
-        tot += float(masked_ce(logits, y.to(device))) * k
+        tot += float(loss) * k
         n += k
     model.train(was)
     return tot / max(n, 1)
@@ -165,8 +165,7 @@ def run_sft(cfg: SFTConfig, ctx: JobContext) -> Outcome:
             for g in opt.param_groups:
                 g["lr"] = lr
             with amp_context(run.device, amp):
-                logits = model(x.to(run.device), doc_ids=d.to(run.device))
-            loss = masked_ce(logits, y.to(run.device))
+                loss = masked_lm_loss(model, x.to(run.device), y.to(run.device), d.to(run.device))
             loss.backward()
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
