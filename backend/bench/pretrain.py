@@ -5,13 +5,14 @@ the worker run, real corpus batches from the memmap, events and metrics included
 reference loop written with stock torch: the same Transformer, the same batch size, sequence length
 and precision, `torch.optim.AdamW` with its defaults, random token batches, nothing else. A second
 peer, when transformers is installed, is Hugging Face's LlamaForCausalLM of the same shape in the same
-plain loop. Runs alternate and each side keeps its best repeat (the machine is shared).
+plain loop. Runs alternate; each side reports tokens/s at its median step time (the machine is shared).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import json
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -26,29 +27,27 @@ from models.presets import get_preset, preset_config
 from models.transformer import Transformer
 
 
-def ours(preset: str, steps: int, warmup: int, precision: str, data_dir: Path) -> tuple[float, int]:
-    """(tokens/s over the timed steps, vocabulary size) of a real pretrain() run."""
+def ours(preset: str, steps: int, warmup: int, precision: str, data_dir: Path) -> tuple[list[float], int]:
+    """(seconds of each timed step, vocabulary size) of a real pretrain() run."""
     events: list[dict] = []
     cfg = PretrainConfig(preset=preset, corpus=["python-docs"], tokenizer="auto", max_steps=warmup + steps,
                          precision=precision, eval_every=10**9, sample_every=10**9, checkpoint_every=10**9,
                          register=False, fresh=True, name="bench")
     pretrain(cfg, AppConfig(data_dir=data_dir), on_event=events.append)
     start = next(e for e in events if "start" in e)
-    timed = [e for e in events if "lr" in e and e["step"] > warmup]
-    seconds = sum(start["batch_tokens"] / e["tokens_per_s"] for e in timed)
-    return start["batch_tokens"] * len(timed) / seconds, start["vocab_size"]
+    return [start["batch_tokens"] / e["tokens_per_s"] for e in events if "lr" in e and e["step"] > warmup], \
+        start["vocab_size"]
 
 
 def plain_loop(model: torch.nn.Module, vocab: int, B: int, T: int, steps: int, warmup: int,
-               amp: torch.dtype | None, hf: bool = False) -> float:
-    """The textbook loop: forward, cross-entropy, backward, clip, AdamW step. Returns tokens/s."""
+               amp: torch.dtype | None, hf: bool = False) -> list[float]:
+    """The textbook loop: forward, cross-entropy, backward, clip, AdamW step. Returns each timed step's seconds."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
     g = torch.Generator().manual_seed(0)
     ctx = (lambda: torch.autocast("cpu", dtype=amp)) if amp is not None else contextlib.nullcontext
-    t0 = None
+    times = []
     for i in range(warmup + steps):
-        if i == warmup:
-            t0 = time.perf_counter()
+        t0 = time.perf_counter()
         x = torch.randint(0, vocab, (B, T + 1), generator=g)
         with ctx():
             logits = model(x[:, :-1]).logits if hf else model(x[:, :-1])
@@ -57,7 +56,14 @@ def plain_loop(model: torch.nn.Module, vocab: int, B: int, T: int, steps: int, w
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-    return B * T * steps / (time.perf_counter() - t0)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def rate(step_times: list[float], tokens_per_step: int) -> float:
+    """Tokens/s at the median step time: robust to the spikes other processes cause on a shared machine."""
+    return tokens_per_step / statistics.median(step_times) if step_times else 0.0
 
 
 def hf_model(cfg):
@@ -92,22 +98,21 @@ def main(argv: list[str]) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = Path(tmp)
-        best_ours, best_ref, best_hf = 0.0, 0.0, 0.0
-        vocab = None
+        t_ours, t_ref, t_hf = [], [], []
         hf_note = "transformers LlamaForCausalLM, plain loop"
-        for r in range(args.repeats):
-            tps, vocab = ours(args.preset, args.steps, args.warmup, args.precision, data_dir)
-            best_ours = max(best_ours, tps)
+        for r in range(args.repeats):  # alternate, so a busy spell of the machine hits every side
+            times, vocab = ours(args.preset, args.steps, args.warmup, args.precision, data_dir)
+            t_ours += times
             cfg = preset_config(args.preset, vocab)
-            ref = Transformer(cfg).init_weights(0).train()
-            best_ref = max(best_ref, plain_loop(ref, vocab, B, T, args.steps, args.warmup, amp))
+            t_ref += plain_loop(Transformer(cfg).init_weights(0).train(), vocab, B, T, args.steps, args.warmup, amp)
             hf = None if args.no_hf else hf_model(cfg)
             if hf is not None:
-                best_hf = max(best_hf, plain_loop(hf, vocab, B, T, args.steps, args.warmup, amp, hf=True))
+                t_hf += plain_loop(hf, vocab, B, T, args.steps, args.warmup, amp, hf=True)
             else:
                 hf_note = "skipped (--no-hf)" if args.no_hf else "transformers not installed"
-            print(f"repeat {r + 1}: ours {tps:,.0f} tok/s | plain torch loop {best_ref:,.0f} (best so far) | "
-                  f"HF Llama {best_hf:,.0f} (best so far)", flush=True)
+            print(f"repeat {r + 1}: median so far: ours {rate(t_ours, B * T):,.0f} tok/s | plain torch loop "
+                  f"{rate(t_ref, B * T):,.0f} | HF Llama {rate(t_hf, B * T):,.0f}", flush=True)
+        best_ours, best_ref, best_hf = rate(t_ours, B * T), rate(t_ref, B * T), rate(t_hf, B * T)
 
     fpt = flops_per_token(cfg, T)
     peak, note = peak_flops(device, amp or torch.float32)

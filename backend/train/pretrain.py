@@ -308,6 +308,13 @@ def resolve_tokenizer(cfg: PretrainConfig, text: str, data_dir: Path) -> str:
     return name
 
 
+def default_prompt(enc, data: TokenData) -> str:
+    """The opening words of the held-out text (text the model never trains on), cut at a space."""
+    text = enc.decode(data.val[:32].astype("int64").tolist())
+    cut = text.rfind(" ", 0, 40)
+    return text[:cut] if cut > 0 else text[:40]
+
+
 def pretrain(cfg: PretrainConfig, app: AppConfig, on_event: Callable[[dict], None] | None = None,
              stop: threading.Event | None = None) -> PretrainResult:
     cfg.validate()
@@ -370,8 +377,7 @@ def pretrain(cfg: PretrainConfig, app: AppConfig, on_event: Callable[[dict], Non
     lineage = {"kind": "pretrain", "preset": cfg.preset, "corpus": list(cfg.corpus), "corpus_hash": data.corpus_hash,
                "max_corpus_chars": cfg.max_corpus_chars, "val_fraction": cfg.val_fraction,
                "tokenizer": tokenizer, "train_tokens": int(data.n_train), "run": name}
-    prompt_ids = (enc.encode_ordinary(cfg.sample_prompt) if cfg.sample_prompt
-                  else data.val[:8].astype("int64").tolist())
+    prompt_ids = enc.encode_ordinary(cfg.sample_prompt or default_prompt(enc, data))
     sample_gen_seed = cfg.seed + 1
 
     events = _Events(run_dir / "metrics.jsonl", on_event)
