@@ -102,7 +102,9 @@ def test_label_html_is_shown_as_text_never_run(site, page):
     assert page.locator(".pg-rank img, .pg-rank script, .pg-rank b").count() == 0
     assert page.evaluate("window.__pwned === undefined")
     page.locator(".pg-guide-btn").click()
-    assert "Helpful" in page.locator(".pg-guide").inner_text()  # guidelines one click away
+    # Guidelines one click away (fetched when opened).
+    page.wait_for_function("() => document.querySelector('.pg-guide').textContent.includes('Helpful')", timeout=30_000)
+    assert page.locator(".pg-guide").is_visible()
     # Drag the last candidate onto the first place.
     page.locator(".pg-cand").nth(3).drag_to(page.locator(".pg-cand").nth(0))
     assert page.locator(".pg-cand .pg-text").all_inner_texts() == ["four", NASTY, "two", "three"]
