@@ -212,6 +212,21 @@ def build_operator(pg) -> None:
     create = gr.Button("Sample candidates and create set", variant="primary")
     created = gr.JSON(label="Created")
 
+    gr.Markdown("### Queue prompts for demonstrations (Write demos)")
+    with gr.Row():
+        sft_prompts = gr.Textbox(label="Prompts, one per line", lines=3, scale=3)
+        sft_system = gr.Textbox(label="System prompt (optional)", lines=3, scale=2)
+    sft_btn = gr.Button("Queue for demonstrations")
+    sft_out = gr.Markdown()
+
+    @_errors_to_gr
+    def queue_sft(text, system, request: gr.Request):
+        user = request_user(pg, request, "operator")
+        ids = sft.add_prompts(pg.db, user, text.splitlines(), system)
+        return f"Queued {len(ids)} prompt(s)."
+
+    sft_btn.click(queue_sft, [sft_prompts, sft_system], [sft_out])
+
     gr.Markdown("### Progress and agreement")
     with gr.Row():
         set_id = gr.Number(label="Set id", precision=0)
