@@ -121,6 +121,9 @@ def test_sft_loss_falls_registers_the_tools_tokenizer_and_lineage(app):
     assert "<tool_call>" in enc.special_tokens_set
     start = next(e for e in events if "start" in e)
     assert start["packing"] == "block-diagonal"
+    check = next(e for e in events if "tool_call_wellformed" in e)  # held-out protocol check at the end
+    assert check["tool_questions"] > 0 and 0 <= check["tool_call_wellformed"] <= 1
+    assert spec.lineage["tool_call_wellformed"] == check["tool_call_wellformed"]
 
 
 def test_sft_with_lora_keeps_the_parent_weights_until_merged(app):

@@ -39,6 +39,7 @@ class SFTConfig(FineTuneConfig):
     tool_tokens: bool = True      # add the thinking/tool special tokens (tokenizer "<name>+tools")
     n_examples: int = 600         # size of the bundled set
     val_fraction: float = 0.1     # held-out conversations for the validation loss
+    protocol_check: int = 20      # bundled data: held-out tool questions checked for a well-formed call at the end
     lora_rank: int = 0            # 0: full fine-tune; >0: LoRA adapters of this rank (backend/train/lora.py)
     lora_alpha: float = 16.0
 
@@ -87,6 +88,51 @@ def sft_tokenizer(tokenizer: str, enc, tool_tokens: bool, data_dir=None):
     if with_chat_tokens(enc) is not enc:
         return tokenizer + "+chatml", get_encoding(tokenizer + "+chatml", data_dir)
     return tokenizer, enc
+
+
+def protocol_check(model, enc, tokenizer: str, n: int, seed: int) -> dict:
+    """Held-out bundled questions (another seed), answered greedily through the Engine: the share whose
+    reply opens with a well-formed call of the right tool (<tool_call>{"name": tool, "arguments": {...}}
+    closed by </tool_call>), and for identity questions the share naming the assistant."""
+    import copy
+    import json
+
+    from backend.datasets.tool_use import ASSISTANT_NAME, conversations
+    from backend.engine import Engine
+    from backend.sampling import SamplingParams
+    from models.chat_format import END_TOOL_CALL, TOOL_CALL, has_tool_tokens, stop_token_ids
+    from models.registry import ModelSpec
+    if not has_tool_tokens(enc):
+        return {}
+    spec = ModelSpec("sft-check", "trained", None, tokenizer, "chatml", model.cfg.max_seq_len)
+    engine = Engine(spec, copy.deepcopy(model).eval().requires_grad_(False), enc)
+    end_call = enc.encode_single_token(END_TOOL_CALL)
+    params = SamplingParams(temperature=0.0, max_tokens=64, stop_token_ids=stop_token_ids(enc) + [end_call])
+    ok = calls = ident = ident_ok = 0
+    for conv in conversations(n, seed=seed + 7919):
+        msgs = conv["messages"]
+        want = msgs[-1].get("tool_calls") or []
+        c = engine.complete(render_chat_prompt(msgs[:-1], enc), params)[0]
+        if want:
+            calls += 1
+            try:
+                call = json.loads(c.text.removeprefix(TOOL_CALL)) if c.text.startswith(TOOL_CALL) else None
+            except json.JSONDecodeError:
+                call = None
+            ok += int(c.stop_token_id == end_call and isinstance(call, dict) and call.get("name") == want[0]["tool"]
+                      and isinstance(call.get("arguments"), dict))
+        else:
+            ident += 1
+            ident_ok += int(ASSISTANT_NAME in c.text)
+    out = {"tool_call_wellformed": round(ok / calls, 4) if calls else None, "tool_questions": calls}
+    if ident:
+        out.update(identity_correct=round(ident_ok / ident, 4), identity_questions=ident)
+    return out
+
+
+def render_chat_prompt(messages, enc) -> list[int]:
+    from models.chat_format import render_chat
+    return render_chat(messages, enc, add_generation_prompt=True).ids
 
 
 @torch.no_grad()
@@ -186,11 +232,16 @@ def run_sft(cfg: SFTConfig, ctx: JobContext) -> Outcome:
         final = _merged(model, lora)
         if run.last_ckpt is None or not run.last_ckpt.name.endswith(f"{run.step:07d}"):
             run.checkpoint(final, opt, tok_name)
+        check = {}
+        if cfg.protocol_check and cfg.dataset == "bundled":
+            check = protocol_check(final, enc, tok_name, cfg.protocol_check, cfg.seed)
+            if check:
+                run.emit({"step": run.step, **check, "accuracy": check["tool_call_wellformed"]})
         name = run.register(final, tok_name, f"SFT of {cfg.parent_model} on {cfg.dataset} data "
                             f"({run.step} steps{', LoRA r=%d' % cfg.lora_rank if cfg.lora_rank else ''})",
-                            {"tokenizer": tok_name, "lora_rank": cfg.lora_rank})
-        run.emit({"step": run.step, "done": reason, "model": name, "final_loss": last_loss})
-        return Outcome(reason, run.step, str(run.last_ckpt), name, {"loss": last_loss})
+                            {"tokenizer": tok_name, "lora_rank": cfg.lora_rank, **check})
+        run.emit({"step": run.step, "done": reason, "model": name, "final_loss": last_loss, **check})
+        return Outcome(reason, run.step, str(run.last_ckpt), name, {"loss": last_loss, **check})
     except BaseException as e:
         run.emit({"step": run.step, "error": f"{type(e).__name__}: {e}"})
         raise
