@@ -30,6 +30,15 @@ def percentile(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))] if xs else float("nan")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (Linux /proc): a load-independent cost per request."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return float("nan")
+
+
 def free_port() -> int:
     import socket
     with socket.socket() as s:
@@ -178,12 +187,18 @@ def main(argv: list[str] | None = None) -> None:
         asyncio.run(run_ours(base, [warm_key], s["id"], 3))
 
         think = args.think_ms / 1000
+        cpu0 = cpu_seconds(ours.pid)
         lat, acked, wall = asyncio.run(run_ours(base, keys, s["id"], rounds, think))
+        cpu_ours = (cpu_seconds(ours.pid) - cpu0) / max(1, len(acked)) * 1e3
         print(f"ours: {len(acked)} rankings in {wall:.2f}s = {len(acked) / wall:.1f}/s; "
-              f"p50 {percentile(lat, 50) * 1e3:.1f} ms, p99 {percentile(lat, 99) * 1e3:.1f} ms", flush=True)
+              f"p50 {percentile(lat, 50) * 1e3:.1f} ms, p99 {percentile(lat, 99) * 1e3:.1f} ms; "
+              f"server CPU {cpu_ours:.2f} ms per ranking (next + submit)", flush=True)
+        cpu0 = cpu_seconds(peer.pid)
         plat, packed, pwall = asyncio.run(run_peer(peer_base, n, rounds, think))
+        cpu_peer = (cpu_seconds(peer.pid) - cpu0) / max(1, packed) * 1e3
         print(f"peer: {packed} inserts in {pwall:.2f}s = {packed / pwall:.1f}/s; "
-              f"p50 {percentile(plat, 50) * 1e3:.1f} ms, p99 {percentile(plat, 99) * 1e3:.1f} ms", flush=True)
+              f"p50 {percentile(plat, 50) * 1e3:.1f} ms, p99 {percentile(plat, 99) * 1e3:.1f} ms; "
+              f"server CPU {cpu_peer:.2f} ms per insert", flush=True)
     finally:
         for proc in (ours, peer):
             proc.terminate()
@@ -215,6 +230,9 @@ def main(argv: list[str] | None = None) -> None:
         {"metric": "throughput (ours: next + submit per ranking)", "unit": "rankings/s", "ours": round(len(acked) / wall, 1),
          "peer": round(packed / pwall, 1), "peer_name": "minimal FastAPI endpoint, one plain sqlite3 INSERT",
          "ratio": round((len(acked) / wall) / (packed / pwall), 3)},
+        {"metric": "server CPU per ranking (ours: next + submit)", "unit": "ms", "ours": round(cpu_ours, 2),
+         "peer": round(cpu_peer, 2), "peer_name": "minimal FastAPI endpoint, one plain sqlite3 INSERT",
+         "ratio": round(cpu_peer / cpu_ours, 3)},
         {"metric": "rows lost", "unit": "rows", "ours": lost, "peer": peer_lost,
          "peer_name": "minimal FastAPI endpoint, one plain sqlite3 INSERT", "ratio": None, "goal": 0},
     ]}))
