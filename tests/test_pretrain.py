@@ -206,22 +206,28 @@ def test_corpus_sources_and_their_errors(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="neither a built-in corpus"):
         corpus_text(["no-such-corpus"])
 
-    # Hugging Face datasets: the network call replaced at its edge.
+    # Hugging Face datasets: the network calls replaced at their edge.
     import datasets
+    import huggingface_hub
     calls = []
 
     def fake_load(name, split, streaming):
         calls.append((name, split, streaming))
         return iter([{"text": "row one"}, {"text": "row two"}])
     monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info", lambda self, name, timeout: calls.append(name))
     assert corpus_text(["hf:someone/tiny:validation"]) == "row one\n\nrow two"
-    assert calls == [("someone/tiny", "validation", True)]
+    assert calls == ["someone/tiny", ("someone/tiny", "validation", True)]
 
-    def offline(*a, **k):
-        raise ConnectionError("Couldn't reach 'someone/tiny' on the Hub (LocalEntryNotFoundError)")
-    monkeypatch.setattr(datasets, "load_dataset", offline)
-    with pytest.raises(ValueError, match="cannot load Hugging Face dataset 'someone/tiny'.*offline"):
+    def offline(self, name, timeout):
+        raise ConnectionError("[Errno -2] Name or service not known")
+    monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info", offline)
+    with pytest.raises(ValueError, match="cannot load Hugging Face dataset 'someone/tiny': the Hub is not reachable"):
         corpus_text(["hf:someone/tiny"])
+    monkeypatch.undo()
+    # And for real: this machine is offline, a CI machine may not be; either way a clear error, at once.
+    with pytest.raises(ValueError, match="Hugging Face dataset 'llm-playground/no-such-dataset-1f3a'.*(not reachable|no such)"):
+        corpus_text(["hf:llm-playground/no-such-dataset-1f3a"])
 
 
 def test_bad_configs_are_refused_with_the_field_named(app, corpus):

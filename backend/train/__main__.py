@@ -23,6 +23,7 @@ def _pretrain_parser(sub) -> None:
     p.add_argument("--config", help="YAML file of PretrainConfig fields")
     p.add_argument("--preset", help="model size (models/presets.py): tiny, cpu-5min, cpu-1h, gpu-d12, gpu-smollm2-135m")
     p.add_argument("--corpus", nargs="+", help="python-docs, python-stdlib, files (.txt .md .jsonl .parquet), hf:NAME")
+    p.add_argument("--max-corpus-chars", type=int, help="use only the first N characters of the corpus")
     p.add_argument("--tokenizer", help="auto (a BPE trained on the corpus), cl100k_base, smollm2, or a trained BPE name")
     p.add_argument("--name", help="run and model name")
     p.add_argument("--max-steps", type=int)

@@ -93,6 +93,7 @@ def hf_dataset_text(spec: str, max_chars: int | None = None) -> str:
         import datasets
     except ImportError:
         raise ValueError("Hugging Face datasets need the `datasets` package (pip install datasets)") from None
+    hub_probe(name)
     try:
         rows = datasets.load_dataset(name, split=split or "train", streaming=True)
         docs, total = [], 0
@@ -116,6 +117,19 @@ def hf_dataset_text(spec: str, max_chars: int | None = None) -> str:
     return "\n\n".join(docs)
 
 
+def hub_probe(name: str) -> None:
+    """Ask the Hub about the dataset once, with a short timeout: offline, `datasets` would retry for a minute."""
+    import huggingface_hub
+    from huggingface_hub.errors import RepositoryNotFoundError
+    try:
+        huggingface_hub.HfApi().dataset_info(name, timeout=10)
+    except RepositoryNotFoundError:
+        raise ValueError(f"Hugging Face dataset {name!r}: no such dataset (or it is private/gated)") from None
+    except Exception as e:  # connection errors, offline mode
+        raise ValueError(f"cannot load Hugging Face dataset {name!r}: the Hub is not reachable (offline?): "
+                         f"{type(e).__name__}: {e}") from None
+
+
 def split_text(text: str, val_fraction: float) -> tuple[str, str]:
     """(train, val): the last val_fraction of the characters, moved forward to a paragraph break."""
     if not 0 < val_fraction < 1:
@@ -130,16 +144,16 @@ def split_text(text: str, val_fraction: float) -> tuple[str, str]:
 # -- tokens -------------------------------------------------------------------------------------
 def encoding_fingerprint(enc: tiktoken.Encoding) -> str:
     """A short hash of the vocabulary itself, so a BPE retrained under the same name is not confused."""
-    h = hashlib.sha256(enc._pat_str.encode())
+    h = hashlib.sha256(enc._pat_str.encode())  # the split pattern has no public accessor
     for b in enc.token_byte_values():
         h.update(len(b).to_bytes(2, "little") + b)
-    h.update(json.dumps(sorted(enc._special_tokens.items())).encode())
+    h.update(json.dumps(sorted((t, enc.encode_single_token(t)) for t in enc.special_tokens_set)).encode())
     return h.hexdigest()[:12]
 
 
 def token_byte_lengths(enc: tiktoken.Encoding) -> np.ndarray:
     """UTF-8 byte length of every token id; 0 for special tokens and unused ids (they carry no text)."""
-    specials = set(enc._special_tokens.values())
+    specials = {enc.encode_single_token(t) for t in enc.special_tokens_set}
     out = np.zeros(enc.n_vocab, dtype=np.int32)
     for i in range(enc.n_vocab):
         if i in specials:
