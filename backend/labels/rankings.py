@@ -98,15 +98,24 @@ def _items_query():
 def next_item(db: Database, user: CurrentUser, set_id: int | None = None) -> dict | None:
     """The first item this user has not ranked or skipped that still needs rankers; None when done."""
     # Correlated subqueries stop at the first item that qualifies (indexes on rankings.item_id),
-    # instead of counting rankings for every item of every set.
+    # instead of counting rankings for every item of every set. One round trip: the item joined
+    # with its candidates; the user has no ranking of it yet by construction.
     mine = exists().where(R.c.item_id == I.c.id, R.c.user_id == user.id)
     ranked = select(func.count()).where(R.c.item_id == I.c.id, R.c.skipped.is_(False)).correlate(I).scalar_subquery()
-    q = _items_query().where(~mine, ranked < S.c.annotators_per_item).order_by(I.c.set_id, I.c.position).limit(1)
+    first = select(I.c.id).join(S, S.c.id == I.c.set_id).where(~mine, ranked < S.c.annotators_per_item)
     if set_id is not None:
-        q = q.where(I.c.set_id == set_id)
+        first = first.where(I.c.set_id == set_id)
+    first = first.order_by(I.c.set_id, I.c.position).limit(1).scalar_subquery()
+    q = (select(I.c.id, I.c.set_id, I.c.position, I.c.prompt, S.c.name, C.c.id.label("cid"),
+                C.c.position.label("cpos"), C.c.text).join(S, S.c.id == I.c.set_id).join(C, C.c.item_id == I.c.id)
+         .where(I.c.id == first).order_by(C.c.position))
     with db.read_conn() as conn:
-        item = conn.execute(q).first()
-        return None if item is None else _item_payload(conn, item, user)
+        rows = conn.execute(q).all()
+    if not rows:
+        return None
+    it = rows[0]
+    return {"item_id": it.id, "set_id": it.set_id, "set_name": it.name, "position": it.position, "prompt": it.prompt,
+            "candidates": [{"id": r.cid, "position": r.cpos, "text": r.text} for r in rows], "my_ranking": None}
 
 
 def get_item(db: Database, user: CurrentUser, item_id: int) -> dict:
