@@ -126,6 +126,25 @@ def test_sft_loss_falls_registers_the_tools_tokenizer_and_lineage(app):
     assert spec.lineage["tool_call_wellformed"] == check["tool_call_wellformed"]
 
 
+def test_a_stopped_sft_run_keeps_a_checkpoint_and_resume_continues_the_step_count(app):
+    import threading
+    stop = threading.Event()
+    events: list = []
+
+    def emit(e):
+        events.append(e)
+        if e.get("step") == 3 and "loss" in e:
+            stop.set()
+    cfg = parse_config("sft", {"parent_model": "tiny", "threads": 1, "max_steps": 6, "batch_size": 2, "seq_len": 256,
+                               "n_examples": 20, "lr": 1e-3, "name": "sft-resume", "protocol_check": 0}, app)
+    out = get_trainer("sft").run(cfg, JobContext(app, emit=emit, stop=stop))
+    assert (out.reason, out.step) == ("stopped", 3) and out.checkpoint.endswith("ckpt-0000003")
+    events.clear()
+    out = get_trainer("sft").run(cfg, JobContext(app, emit=events.append, resume=True))
+    assert out.reason == "max_steps" and [e["step"] for e in events if "loss" in e] == [4, 5, 6]
+    assert next(e for e in events if "start" in e)["resumed"] is True
+
+
 def test_sft_with_lora_keeps_the_parent_weights_until_merged(app):
     from backend.train.lora import add_lora, merged_copy
     model = make_tiny_model(300, dim=32, n_layers=1, hidden_dim=64, n_heads=2, n_kv_heads=1).train()
