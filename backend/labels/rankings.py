@@ -140,15 +140,36 @@ def submit(db: Database, user: CurrentUser, item_id: int, order: list[int] | Non
             if not (all_bad and not order):
                 raise ValueError(f"order must list each of the item's candidate ids {sorted(ids)} exactly once")
         values = {"order": order, "all_bad": bool(all_bad), "skipped": bool(skipped), "updated_at": utcnow()}
-        row = conn.execute(select(R.c.id, R.c.revision).where(R.c.item_id == item_id, R.c.user_id == user.id)).first()
-        if row is None:
-            revision = 1
-            rid = conn.execute(insert(R).values(item_id=item_id, user_id=user.id, revision=1,
-                                                created_at=values["updated_at"], **values)).inserted_primary_key[0]
+        upsert = _upsert_insert(conn)
+        if upsert is not None:
+            # One statement, and no unique-key race when the same person submits twice at once.
+            stmt = (upsert(R).values(item_id=item_id, user_id=user.id, revision=1, created_at=values["updated_at"], **values)
+                    .on_conflict_do_update(index_elements=[R.c.item_id, R.c.user_id],
+                                           set_={**values, "revision": R.c.revision + 1})
+                    .returning(R.c.id, R.c.revision))
+            rid, revision = conn.execute(stmt).one()
         else:
-            rid, revision = row.id, row.revision + 1
-            conn.execute(update(R).where(R.c.id == rid).values(revision=revision, **values))
+            row = conn.execute(select(R.c.id, R.c.revision).where(R.c.item_id == item_id, R.c.user_id == user.id)).first()
+            if row is None:
+                revision = 1
+                rid = conn.execute(insert(R).values(item_id=item_id, user_id=user.id, revision=1,
+                                                    created_at=values["updated_at"], **values)).inserted_primary_key[0]
+            else:
+                rid, revision = row.id, row.revision + 1
+                conn.execute(update(R).where(R.c.id == rid).values(revision=revision, **values))
         return {"ranking_id": rid, "item_id": item_id, "revision": revision, "skipped": bool(skipped)}
+
+
+def _upsert_insert(conn):
+    """The dialect's INSERT ... ON CONFLICT construct (SQLite >= 3.35, PostgreSQL), else None."""
+    name = conn.dialect.name
+    if name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+        return pg_insert
+    if name == "sqlite" and conn.dialect.dbapi.sqlite_version_info >= (3, 35):
+        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+        return sqlite_insert
+    return None
 
 
 def my_rankings(db: Database, user: CurrentUser, set_id: int | None = None) -> list[dict]:
