@@ -29,7 +29,9 @@ PRESETS: dict[str, Preset] = {
     "tiny": Preset(ModelConfig(vocab_size=0, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=96,
                                max_seq_len=256, rope_theta=10000.0),
                    seq_len=32, batch_size=8, lr=1e-2, description="2 layers, dim 32: for tests", bpe_vocab_size=512),
-    # This 2-core CPU: clear progress in about 5 minutes (loss falls from ln(V) to locally coherent text).
+    # This 2-core CPU: clear progress in about 5 minutes. Measured on python-docs, 1 thread of a shared
+    # machine: 349 steps in 300 s, loss 6.93 -> 3.41, held-out bits/byte 3.36 -> 1.79; samples go from byte
+    # soup to docs-like fragments ("the "except" clause", "__format__(self, other"). 600 steps: loss 2.77.
     "cpu-5min": Preset(ModelConfig(vocab_size=0, dim=128, n_layers=3, n_heads=4, n_kv_heads=4, hidden_dim=320,
                                    max_seq_len=1024, rope_theta=10000.0),
                        seq_len=128, batch_size=16, lr=5e-3, bpe_vocab_size=1024,

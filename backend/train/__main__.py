@@ -107,6 +107,9 @@ def main(argv: list[str] | None = None) -> None:
         fields = _load_yaml(args.config)
         fields.update({k: v for k, v in vars(args).items()
                        if v is not None and k not in ("kind", "config", "data_dir")})
+        if not fields.get("max_steps") and not fields.get("max_seconds"):
+            fields["max_seconds"] = 300.0  # a run needs an end; from the shell, default to five minutes
+            print("no --max-steps or --max-seconds given: training for 300 seconds", flush=True)
         app = AppConfig(data_dir=args.data_dir) if args.data_dir else AppConfig()
         from backend.jobs.kinds import parse_config
         try:
