@@ -20,11 +20,29 @@ from backend.jobs import kinds, queue
 from ui.login import build_login, request_user
 
 MAX_PLOT_POINTS = 2000
-JOB_COLUMNS = ["id", "kind", "name", "state", "step", "loss", "val bpb", "model", "by"]
+JOB_COLUMNS = ["id", "kind", "name", "state", "step", "loss", "model", "by"]
+# The second curve shows the first of these a job reports (any other number it reports can be picked).
+PREFERRED_CURVES = ("val_bpb", "held_out_accuracy", "accuracy", "val_loss", "reward", "kl", "response_length")
+CURVE_TITLES = {"loss": "Training loss (nats per token)", "val_bpb": "Validation bits per byte",
+                "held_out_accuracy": "Held-out accuracy", "val_loss": "Validation loss", "kl": "KL to the reference",
+                "response_length": "Mean response length (tokens)", "reward": "Mean reward"}
+NOT_CURVES = {"step", "elapsed", "time", "id"}
 
 
 def _empty_state() -> dict:
-    return {"job": None, "after": 0, "loss": [], "bpb": [], "samples": [], "log": [], "sig": None, "choices": None}
+    return {"job": None, "after": 0, "series": {}, "samples": [], "log": [], "sig": None, "choices": None,
+            "curves": None}
+
+
+def _second_curve(series: dict, picked: str | None) -> str | None:
+    if picked in series:
+        return picked
+    return next((k for k in PREFERRED_CURVES if k in series), next((k for k in series if k != "loss"), None))
+
+
+def _curve_plot(series: dict, key: str | None):
+    points = series.get(key, []) if key else []
+    return gr.LinePlot(_plot(points, "value"), title=CURVE_TITLES.get(key, key or ""), y_title=key or "")
 
 
 def _plot(points: list, y: str) -> pd.DataFrame:
@@ -44,8 +62,13 @@ def _stats(job: dict) -> str:
     if job["state"] == "running" and job["heartbeat_age"] and job["heartbeat_age"] > 15:
         state += f" (no heartbeat for {job['heartbeat_age']:.0f}s)"
     parts = [f"**Job {job['id']}** `{job['name']}` · **{state}** · step **{job['step']}**",
-             f"loss {_fmt(s.get('loss'), '.4f')}", f"val bpb {_fmt(s.get('val_bpb'), '.4f')}",
-             f"{_fmt(s.get('tokens_per_s'), ',.0f')} tokens/s", f"MFU {_fmt(100 * s['mfu'] if 'mfu' in s else None, '.2f')}%"]
+             f"loss {_fmt(s.get('loss'), '.4f')}"]
+    if job["kind"] == "pretrain" or "val_bpb" in s:
+        parts.append(f"val bpb {_fmt(s.get('val_bpb'), '.4f')}")
+    for key in ("held_out_accuracy", "val_loss", "reward", "kl"):
+        if key in s:
+            parts.append(f"{key.replace('_', ' ')} {_fmt(s[key], '.4f')}")
+    parts += [f"{_fmt(s.get('tokens_per_s'), ',.0f')} tokens/s", f"MFU {_fmt(100 * s['mfu'] if 'mfu' in s else None, '.2f')}%"]
     if s.get("params"):
         parts.append(f"{s['params']:,} parameters on {s.get('device', '?')}")
     if job["model"]:
@@ -68,7 +91,7 @@ def _samples_html(samples: list[dict]) -> str:
 
 def _jobs_table(jobs: list[dict]) -> pd.DataFrame:
     rows = [[j["id"], j["kind"], j["name"], j["state"], j["step"], _fmt(j["summary"].get("loss"), ".4f"),
-             _fmt(j["summary"].get("val_bpb"), ".4f"), j["model"] or "", j["created_by"] or ""] for j in jobs]
+             j["model"] or "", j["created_by"] or ""] for j in jobs]
     return pd.DataFrame(rows, columns=JOB_COLUMNS)
 
 
@@ -142,8 +165,11 @@ def build(pg) -> None:
     with gr.Row():
         loss_plot = gr.LinePlot(_plot([], "loss"), x="step", y="loss", title="Training loss (nats per token)",
                                 elem_id="train-loss-plot")
-        bpb_plot = gr.LinePlot(_plot([], "val_bpb"), x="step", y="val_bpb", title="Validation bits per byte",
-                               elem_id="train-bpb-plot")
+        with gr.Column():
+            curve = gr.Dropdown(["val_bpb"], value="val_bpb", label="Second curve", allow_custom_value=True,
+                                elem_id="train-curve")
+            bpb_plot = gr.LinePlot(_plot([], "value"), x="step", y="value", title=CURVE_TITLES["val_bpb"],
+                                   y_title="val_bpb", elem_id="train-bpb-plot")
     curve_info = gr.Markdown(elem_id="train-curve-info")
     with gr.Row():
         with gr.Column(scale=3):
@@ -221,13 +247,13 @@ def build(pg) -> None:
     cancel.click(cancel_job, job_pick, status)
     resume.click(resume_job, job_pick, status)
 
-    def tick(st, selected, visible, request: gr.Request):
+    def tick(st, selected, picked, visible, request: gr.Request):
         skip = gr.skip()
         if not visible:
-            return (skip,) * 9
+            return (skip,) * 10
         user = user_from_request(pg, request.headers, request.cookies) if request is not None else None
         if user is None:
-            return st, skip, skip, "Log in (above) to start or watch training jobs.", skip, skip, skip, skip, skip
+            return st, skip, skip, "Log in (above) to start or watch training jobs.", skip, skip, skip, skip, skip, skip
         jobs = queue.list_jobs(pg.db, 100)
         sig = [(j["id"], j["state"], j["step"]) for j in jobs]
         table = _jobs_table(jobs) if sig != st["sig"] else skip
@@ -236,7 +262,7 @@ def build(pg) -> None:
         st = {**st, "sig": sig, "choices": choices}
         job_id = selected or st["job"] or (jobs[0]["id"] if jobs else None)
         if job_id is None:
-            return st, table, pick, "No jobs yet: start one above.", skip, skip, skip, skip, skip
+            return st, table, pick, "No jobs yet: start one above.", skip, skip, skip, skip, skip, skip
         if job_id != st["job"]:
             st = {**_empty_state(), "sig": sig, "choices": choices, "job": job_id}
             if not selected:
@@ -244,24 +270,33 @@ def build(pg) -> None:
         try:
             d = queue.job_detail(pg.db, job_id, st["after"])
         except LookupError:
-            return {**st, "job": None}, table, pick, f"No job {job_id}.", skip, skip, skip, skip, skip
+            return {**st, "job": None}, table, pick, f"No job {job_id}.", skip, skip, skip, skip, skip, skip
         if d["reset"]:
-            st = {**st, "after": 0, "loss": [], "bpb": [], "samples": [], "log": []}
+            st = {**st, "after": 0, "series": {}, "samples": [], "log": []}
         new_metrics = d["metrics"]
-        loss = st["loss"] + [[m["step"], m["loss"]] for m in new_metrics if "loss" in m]
-        bpb = st["bpb"] + [[m["step"], m["val_bpb"]] for m in new_metrics if "val_bpb" in m]
+        series = {k: list(v) for k, v in st["series"].items()}
+        for m in new_metrics:
+            for k, v in m.items():
+                if k not in NOT_CURVES and isinstance(v, (int, float)) and not isinstance(v, bool):
+                    series.setdefault(k, []).append([m["step"], v])
+        loss = series.get("loss", [])
+        keys = sorted((k for k in series if k != "loss"),
+                      key=lambda k: (PREFERRED_CURVES.index(k) if k in PREFERRED_CURVES else len(PREFERRED_CURVES), k))
+        second = _second_curve(series, picked)
+        curve_pick = gr.update(choices=keys, value=second) if keys != st["curves"] else skip
         smp = (st["samples"] + [{"step": s["step"], "prompt": s.get("prompt", ""), "sample": s["sample"]}
                                 for s in d["samples"]])[-20:]
         log = (st["log"] + [f"{time.strftime('%H:%M:%S', time.localtime(e['time']))}  {e['text']}"
                             for e in d["log"]])[-queue.LOG_TAIL:]
         changed = bool(new_metrics or d["samples"] or d["log"] or d["reset"] or st["after"] == 0)
-        st = {**st, "after": d["last_event_id"], "loss": loss, "bpb": bpb, "samples": smp, "log": log}
+        st = {**st, "after": d["last_event_id"], "series": series, "samples": smp, "log": log, "curves": keys}
         if not changed:
-            return st, table, pick, _stats(d), skip, skip, skip, skip, skip
+            return st, table, pick, _stats(d), skip, skip, skip, skip, skip, curve_pick
         info = (f"loss curve: {len(loss)} points" + (f" (steps {loss[0][0]}–{loss[-1][0]})" if loss else "")
-                + f" · validation: {len(bpb)} points")
-        return (st, table, pick, _stats(d), _plot(loss, "loss"), _plot(bpb, "val_bpb"), _samples_html(smp),
-                "\n".join(reversed(log)), info)
+                + (f" · {second}: {len(series.get(second, []))} points" if second else ""))
+        return (st, table, pick, _stats(d), _plot(loss, "loss"), _curve_plot(series, second), _samples_html(smp),
+                "\n".join(reversed(log)), info, curve_pick)
 
-    timer.tick(tick, [state, job_pick, shown], [state, jobs_table, job_pick, stats, loss_plot, bpb_plot, samples, log_box,
-                                         curve_info], show_progress="hidden")
+    timer.tick(tick, [state, job_pick, curve, shown], [state, jobs_table, job_pick, stats, loss_plot, bpb_plot, samples,
+                                                       log_box, curve_info, curve], show_progress="hidden")
+    curve.input(lambda st, key: _curve_plot(st["series"], _second_curve(st["series"], key)), [state, curve], bpb_plot)

@@ -235,9 +235,15 @@ def classify(event: dict) -> str:
         return "sample"
     if "checkpoint" in event:
         return "checkpoint"
-    if "loss" in event or "val_bpb" in event or "reward" in event or "accuracy" in event:
-        return "metric"
+    if any(k in event for k in ("start", "done", "error")):
+        return "info"
+    if any(_number(v) for k, v in event.items() if k != "step"):
+        return "metric"  # any number but the step: loss, val_bpb, accuracy, reward, kl...
     return "info"
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def append_events(db: Database, job_id: int, worker: str, attempt: int, events: list[dict]) -> bool:
@@ -264,9 +270,9 @@ def append_events(db: Database, job_id: int, worker: str, attempt: int, events: 
             data = {"text": ev["log"]} if kind == "log" else {k: v for k, v in ev.items() if k != "_time"}
             s.add(JobEvent(job_id=job_id, kind=kind, step=step, created_at=at, data=data))
             if kind == "metric":
-                job.step = max(step, job.step) if "loss" in ev else job.step
-                summary.update({k: ev[k] for k in ("step", "loss", "val_bpb", "lr", "tokens_per_s", "mfu", "elapsed")
-                                if k in ev})
+                job.step = max(step, job.step)
+                summary.update({k: v for k, v in ev.items() if _number(v) and k != "_time"})
+                summary["step"] = job.step
             elif kind == "checkpoint":
                 job.checkpoint = ev["checkpoint"]
             elif kind == "info" and "start" in ev:
