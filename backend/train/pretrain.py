@@ -412,11 +412,15 @@ def pretrain(cfg: PretrainConfig, app: AppConfig, on_event: Callable[[dict], Non
             "params": model.num_params(), "flops_per_token": fpt,
             "peak_flops": peak, "peak_flops_source": peak_note, "precision": str(amp or torch.float32),
             "device": str(device), "batch_tokens": B * T * cfg.grad_accum, "train_tokens": int(data.n_train),
-            "val_tokens": int(len(data.val)), "resumed": state is not None})
+            "val_tokens": int(len(data.val)), "resumed": state is not None,
+            "setup_seconds": round(time.monotonic() - t_start, 2)})
     if state is None:
         last_bpb = evaluate()
         events({"step": 0, "val_bpb": round(last_bpb, 5)})
         sample()
+    # The time budget (and `elapsed`) counts training, not the setup above: reading and tokenizing a
+    # corpus, training a BPE, or the first evaluation must not eat a short run's minutes.
+    t_start = time.monotonic()
     reason = None
     last_ckpt = ckpt
     try:
