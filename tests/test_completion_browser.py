@@ -73,7 +73,7 @@ def test_greedy_completion_streams_the_engines_text(page, server):
     # the token view holds the same text, one shaded span per token
     spans = page.locator("#gen-tokens .pg-tok")
     assert spans.count() == 20
-    assert page.evaluate("() => [...document.querySelectorAll('#gen-tokens .pg-tok')].map(s => s.textContent).join('')") == shown
+    assert page.evaluate("() => [...document.querySelectorAll('#gen-tokens .pg-tok')].map(s => s.textContent).join('')").replace("↵", "") == shown
     assert "hsla(" in (spans.first.get_attribute("style") or "")
 
 
@@ -125,6 +125,25 @@ def test_score_a_text_gives_its_perplexity(page):
     page.locator("#gen-score-run").click()
     page.wait_for_selector("#gen-score")
     assert "perplexity" in page.locator("#gen-score").inner_text()
+
+
+def test_prompt_text_is_shown_as_text_never_as_markup(page):
+    prompt = "<b>bold</b> <img src=x onerror=alert(1)> ${1+1} {{value}}"
+    page.locator("#gen-prompt textarea").fill(prompt)
+    set_number(page, "gen-max-tokens", 3)
+    page.locator("#gen-run").click()
+    wait_done_with(page, 3)
+    assert page.locator("#gen-tokens b, #gen-tokens img").count() == 0
+    assert page.locator("#gen-tokens .pg-prompt").text_content() == prompt
+
+
+def test_resample_draws_a_new_seed_and_shows_it(page):
+    set_number(page, "gen-temperature", 1)
+    before = page.locator("#gen-seed textarea, #gen-seed input").first.input_value()
+    page.locator("#gen-resample").click()
+    page.wait_for_function("(old) => { const s = document.querySelector('#gen-seed textarea, #gen-seed input').value;"
+                           " return s !== old && /^[0-9]+$/.test(s) && (document.querySelector('#gen-status')"
+                           "?.innerText || '').includes('seed ' + s); }", arg=before, timeout=60_000)
 
 
 def test_stop_halts_generation_and_frees_the_engine(page, server):

@@ -42,6 +42,7 @@ element.addEventListener('click', (e) => {
 CSS = """
 .pg-tokens {white-space: pre-wrap; font-family: var(--font-mono); line-height: 1.9; font-size: 0.95em}
 .pg-tokens .pg-prompt {opacity: .55}
+.pg-nl {opacity: .45}
 .pg-tok {cursor: pointer; border-radius: 3px; padding: 1px 0; box-shadow: inset 0 0 0 1px rgba(0,0,0,.08)}
 .pg-tok:hover {outline: 2px solid #4a6cf7}
 .pg-tok.pg-sel {outline: 2px solid #1d3bd1}
@@ -67,13 +68,18 @@ def _visible(text: str) -> str:
 
 
 def _pct(p: float) -> str:
-    return f"{100 * p:.3g}%" if p >= 0.001 else f"{100 * p:.1e}%"
+    return f"{100 * p:.3g}%"
 
 
 LEGEND = ('<div style="font-size:.85em;opacity:.8;margin-top:.4em">shade = probability the model gave the token '
           '(temperature 1): <span style="' + _shade(0.02) + '">&nbsp;2%&nbsp;</span> '
           '<span style="' + _shade(0.3) + '">&nbsp;30%&nbsp;</span> <span style="' + _shade(0.95) + '">&nbsp;95%&nbsp;</span>'
           ' · click a token for its alternatives</div>')
+
+
+def _token_markup(text: str) -> str:
+    """Escaped token text; a newline gets a visible mark so a newline token can be seen and clicked."""
+    return html.escape(text).replace("\n", '<span class="pg-nl">↵</span>\n') if text else "∅"
 
 
 def tokens_html(state: dict) -> str:
@@ -84,7 +90,7 @@ def tokens_html(state: dict) -> str:
     for i, t in enumerate(state.get("tokens", [])):
         cls = "pg-tok pg-sel" if i == sel else "pg-tok"
         parts.append(f'<span class="{cls}" data-i="{i}" style="{_shade(t["prob"])}" '
-                     f'title="p = {_pct(t["prob"])}">{html.escape(t["text"])}</span>')
+                     f'title="p = {_pct(t["prob"])}">{_token_markup(t["text"])}</span>')
     return '<div class="pg-tokens" id="gen-token-view">' + "".join(parts) + "</div>" + LEGEND
 
 
