@@ -165,33 +165,31 @@ def test_two_workers_never_run_the_same_job(env, workers):
         starts = [e for e in queue.job_events(db, i, kinds=("log",)) if "started by worker" in e["text"]]
         assert len(starts) == 1 and queue.get_job(db, i)["attempt"] == 1
         assert loss_steps(db, i) == list(range(1, 7))
+
+
+def test_a_worker_told_to_stop_hands_its_job_back_and_another_continues(env, workers):
+    app, db = env
+    assert len(workers) == 2  # both still running from the test before
+    job = queue.create_job(db, app, None, "pretrain", tiny_config(max_seconds=300, checkpoint_every=1000))
+    owner = wait_for(lambda: (j := queue.get_job(db, job["id"]))["step"] >= 5 and j["worker"], 120, "5 training steps")
+    proc = next(p for p in workers if owner.endswith(f":{p.pid}"))
+    workers.remove(proc)
+    proc.terminate()  # what app.py does when the server shuts down
+    assert proc.wait(30) == 0
+    handed = wait_for(lambda: [e for e in queue.job_events(db, job["id"], kinds=("log",)) if "handed back" in e["text"]],
+                      30, "the job to be handed back")
+    step = handed[0]["step"]
+    ckpt = app.data_dir / "runs" / "pretrain" / job["name"] / f"ckpt-{step:07d}"
+    assert (ckpt / "trainer.pt").exists()  # stopped at a checkpoint of its last step
+    # The other worker takes the job again and continues from that checkpoint.
+    wait_for(lambda: (j := queue.get_job(db, job["id"]))["attempt"] == 2 and j["step"] > step + 3, 120,
+             "the other worker to continue")
+    queue.cancel_job(db, job["id"])
+    wait_for(lambda: queue.get_job(db, job["id"])["state"] == "cancelled", 30, "the job to stop")
+    assert loss_steps(db, job["id"]) == list(range(1, queue.get_job(db, job["id"])["step"] + 1))
     for w in workers:
         stop(w)
-
-
-def test_a_worker_told_to_stop_hands_its_job_back_and_the_next_one_continues(env):
-    app, db = env
-    job = queue.create_job(db, app, None, "pretrain", tiny_config(max_seconds=300, checkpoint_every=1000))
-    proc = start_worker(app)
-    try:
-        wait_for(lambda: queue.get_job(db, job["id"])["step"] >= 5, 120, "5 training steps")
-        proc.terminate()  # what app.py does when the server shuts down
-        assert proc.wait(30) == 0
-    finally:
-        stop(proc)
-    back = queue.get_job(db, job["id"])
-    assert back["state"] == "queued" and back["attempt"] == 1
-    step = back["step"]
-    assert Path(back["checkpoint"]).name == f"ckpt-{step:07d}"
-    proc = start_worker(app)
-    try:
-        wait_for(lambda: queue.get_job(db, job["id"])["step"] > step + 3, 120, "the next worker to continue")
-        queue.cancel_job(db, job["id"])
-        wait_for(lambda: queue.get_job(db, job["id"])["state"] == "cancelled", 30, "the job to stop")
-    finally:
-        stop(proc)
-    assert queue.get_job(db, job["id"])["attempt"] == 2
-    assert loss_steps(db, job["id"]) == list(range(1, queue.get_job(db, job["id"])["step"] + 1))
+    workers.clear()
 
 
 def test_claim_is_a_compare_and_set_one_winner_among_racing_workers(env):
