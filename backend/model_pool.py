@@ -21,7 +21,8 @@ log = logging.getLogger(__name__)
 
 def engine_dtype(device: torch.device) -> torch.dtype:
     """Inference dtype. CPU: float32 unless PLAYGROUND_DTYPE says otherwise. On this project's CPUs
-    (AMX/avx512_bf16) bf16 matmuls at batch 1 measured slower than float32 (backend/bench/decode.py)."""
+    (AMX/avx512_bf16) bf16 weights measured slower than float32 for single-stream decoding and faster
+    for 8 samples at once (backend/bench/decode.py); float32 also keeps outputs exact to the reference."""
     forced = os.environ.get("PLAYGROUND_DTYPE")
     if forced:
         return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
