@@ -145,7 +145,9 @@ def test_operator_sees_progress_and_an_annotator_is_refused(site, page):
     form.get_by_role("button", name="Log in").click()
     page.locator(".pg-whoami").wait_for(timeout=30_000)
     page.get_by_role("button", name="Progress").click()
-    page.get_by_text("rankings_needed").first.wait_for(timeout=30_000)
+    page.get_by_text("rankings needed").first.wait_for(timeout=30_000)
+    page.get_by_role("button", name="Agreement").click()
+    page.get_by_text("Mean pairwise Kendall").first.wait_for(timeout=30_000)
 
 
 def test_annotator_revisits_and_changes_a_submission(site, page):

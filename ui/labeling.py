@@ -233,7 +233,9 @@ def build_operator(pg) -> None:
         method = gr.Radio(["borda", "ranked_pairs"], value="borda", label="Consensus")
         prog_btn = gr.Button("Progress")
         agree_btn = gr.Button("Agreement")
-    report = gr.JSON(label="Report")
+    summary = gr.Markdown()
+    table = gr.Dataframe(label="Per annotator", interactive=False)
+    items_table = gr.Dataframe(label="Per item", interactive=False)
 
     gr.Markdown("### Data out, data in")
     with gr.Row():
@@ -259,12 +261,24 @@ def build_operator(pg) -> None:
     @_errors_to_gr
     def show_progress(set_id, request: gr.Request):
         request_user(pg, request, "operator")
-        return progress.set_progress(pg.db, int(set_id or 0))
+        p = progress.set_progress(pg.db, int(set_id or 0))
+        text = (f"**{p['name']}**: {p['items_done']} of {p['items']} items done "
+                f"({p['annotators_per_item']} annotator(s) per item; {p['rankings_needed']} rankings needed).")
+        rows = [[a["name"], a["ranked"], a["skipped"], a["all_bad"], a["last_activity"]] for a in p["annotators"]]
+        return (text, gr.update(value=rows, headers=["annotator", "ranked", "skipped", "all bad", "last activity"]),
+                gr.update(value=[], headers=["-"]))
 
     @_errors_to_gr
     def show_agreement(set_id, method, request: gr.Request):
         request_user(pg, request, "operator")
-        return agreement.set_agreement(pg.db, int(set_id or 0), method)
+        a = agreement.set_agreement(pg.db, int(set_id or 0), method)
+        text = (f"Mean pairwise Kendall's tau over items: **{a['mean_pairwise_tau']}** (1 = same order, 0 = unrelated, "
+                f"-1 = reversed); consensus by {a['method']}, each annotator compared with the others' consensus.")
+        people = [[n, v["items"], v["tau_vs_consensus"]] for n, v in a["annotators"].items()]
+        items = [[it["item_id"], it["prompt"][:80], it["annotators"], it["mean_pairwise_tau"], str(it["consensus"])]
+                 for it in a["items"]]
+        return (text, gr.update(value=people, headers=["annotator", "items", "tau vs consensus"]),
+                gr.update(value=items, headers=["item", "prompt", "annotators", "mean pairwise tau", "consensus (candidate ids)"]))
 
     @_errors_to_gr
     def do_export(kind, set_id, request: gr.Request):
@@ -291,8 +305,8 @@ def build_operator(pg) -> None:
             return {"refused": True, "errors": [{"line": n, "reason": r} for n, r in e.errors]}
 
     create.click(create_set, [name, model, prompts, examples, k, temp, per_item, upload], [created])
-    prog_btn.click(show_progress, [set_id], [report])
-    agree_btn.click(show_agreement, [set_id, method], [report])
+    prog_btn.click(show_progress, [set_id], [summary, table, items_table])
+    agree_btn.click(show_agreement, [set_id, method], [summary, table, items_table])
     export_btn.click(do_export, [kind, set_id], [exported])
     snap_btn.click(do_snapshot, [kind, set_id], [io_out])
     imp_btn.click(do_import, [kind, imp], [io_out])
