@@ -161,6 +161,9 @@ def build(pg) -> None:
         job_pick = gr.Dropdown([], value=None, label="Job", scale=4, elem_id="train-job")
         cancel = gr.Button("Cancel", variant="stop", scale=1, elem_id="train-cancel")
         resume = gr.Button("Resume", scale=1, elem_id="train-resume")
+    gr.Markdown("Cancel stops after the current step and keeps a checkpoint (registered as a model too); Resume "
+                "continues from the last checkpoint with the job's settings: a time-limited run gets its time budget "
+                "again, the step count goes on.")
     stats = gr.Markdown(elem_id="train-stats")
     with gr.Row():
         loss_plot = gr.LinePlot(_plot([], "loss"), x="step", y="loss", title="Training loss (nats per token)",
