@@ -183,6 +183,8 @@ def spawn_worker(app: AppConfig) -> subprocess.Popen:
     root = Path(__file__).resolve().parent.parent
     env = {**os.environ, "DATABASE_URL": app.database_url, "PYTHONUNBUFFERED": "1",
            "PYTHONPATH": os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH", "")) if p)}
+    # The worker shares the CPU with the server: idle OpenMP threads should sleep, not spin (README).
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     cmd = [sys.executable, "-m", "backend.worker", "--data-dir", str(app.data_dir), "--device", app.device,
            "--threads", str(app.threads), "--exit-with-parent", str(os.getpid())]
     return subprocess.Popen(cmd, cwd=root, env=env)
