@@ -160,6 +160,19 @@ def test_sft_with_lora_keeps_the_parent_weights_until_merged(app):
     assert torch.allclose(merged_copy(model)(x), after, atol=1e-5)
 
 
+def test_sft_job_with_lora_registers_a_merged_model(app):
+    events: list = []
+    out = run_kind(app, "sft", events, max_steps=4, lr=3e-3, batch_size=2, seq_len=256, n_examples=20,
+                   lora_rank=4, protocol_check=0, name="sft-lora")
+    assert next(e for e in events if "start" in e)["lora_rank"] == 4
+    assert all(math.isfinite(x) for x in losses(events))
+    reg = ModelRegistry(app)
+    merged, parent = reg.load(out.model), reg.load("tiny")
+    layer = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(merged.state_dict()[layer], parent.state_dict()[layer])  # adapters folded in
+    assert reg.get(out.model).lineage["lora_rank"] == 4
+
+
 # -- reward model --------------------------------------------------------------------------------------
 def test_pairs_are_all_k_choose_2_of_each_prompt():
     from backend.datasets.preferences import rankings, rule_key
