@@ -86,6 +86,8 @@ def _load_yaml(path: str | None) -> dict:
 def _print_event(ev: dict) -> None:
     if "sample" in ev:
         print(f"--- sample at step {ev['step']}: {ev['prompt']!r} ->\n{ev['sample']}\n---", flush=True)
+    elif "lr" in ev and not {"loss", "tokens_per_s", "mfu", "elapsed"} <= ev.keys():
+        print(json.dumps(ev), flush=True)  # post-training kinds log their own step fields
     elif "lr" in ev:
         bpb = f"  val_bpb {ev['val_bpb']:.4f}" if "val_bpb" in ev else ""
         print(f"step {ev['step']:6d}  loss {ev['loss']:.4f}{bpb}  lr {ev['lr']:.2e}  "

@@ -145,7 +145,7 @@ def policy_optimization(kind: str, cfg: PolicyConfig, ctx: JobContext, train_pro
         amp = amp_for(cfg, run.device, policy.cfg.dim)
         prompt_ids = lambda item: render_chat(render(item), enc, add_generation_prompt=True).ids  # noqa: E731
         run.emit({"step": run.step, "start": run.name, "kind": kind, "parent_model": cfg.parent_model,
-                  "group_size": cfg.group_size, "beta": cfg.beta, "clip_eps": cfg.clip_eps, "lr": cfg.lr,
+                  "group_size": cfg.group_size, "beta": cfg.beta, "clip_eps": cfg.clip_eps, "peak_lr": cfg.lr,
                   "train_prompts": len(train_prompts), "held_out": len(heldout), "device": str(run.device),
                   "resumed": state is not None})
 
