@@ -116,8 +116,13 @@ class Worker:
             with lock:
                 batch = buffer[:]
                 del buffer[:]
-            if batch and not queue.append_events(self.db, job_id, self.id, attempt, batch):
-                lost.set()
+            try:
+                if batch and not queue.append_events(self.db, job_id, self.id, attempt, batch):
+                    lost.set()
+            except Exception:
+                with lock:  # keep them for the next try, in order
+                    buffer[:0] = batch
+                raise
 
         def beat() -> None:
             while not finished.wait(FLUSH_EVERY):
