@@ -1,12 +1,17 @@
-"""python -m backend.bench chat [--parts sandbox] [--calls 30]
+"""python -m backend.bench chat [--parts sandbox,http] [--calls 30] [--runs 5] [--tokens 64] [--threads 2]
 
 Parts (each a function returning result rows; the last line of output is one JSON object with all rows):
 - sandbox: start-up overhead of one Python tool call. Ours: `run_python(code)` (bwrap namespaces, per-call
   cgroups, rlimits, pipes read with caps, full teardown). Peer: a plain `subprocess.run([python, "-I", "-S",
   "-c", code])` of the same interpreter, in the same run, same code. Both warmed up, then interleaved call by
   call so machine load hits both alike; medians reported. The overhead (ours - peer) is what isolation costs.
-- (time to first token and tokens/s of the chat through the HTTP API: added with the chat tab, as
-  another entry of PARTS.)
+- http: time to first token and decode tokens/s of a chat answer through the HTTP API with the bundled model.
+  Ours: a real server (`python app.py`, its own process, same --threads) streamed through the official
+  `openai` client (SSE, /v1/chat/completions, greedy, a fixed prompt). Peer: the same model in an Engine
+  in this process, `Engine.generate` on the same rendered prompt, streamed through `aiterate` (a worker
+  thread, as the server decodes) but with no HTTP, SSE, JSON or client. The difference is what that layer costs. Runs alternate between the two; medians reported.
+  Time to first token includes the prompt's prefill on both sides; tokens/s counts tokens after the
+  first one over the time after the first one.
 """
 from __future__ import annotations
 
@@ -61,7 +66,127 @@ def bench_sandbox(args) -> list[dict]:
              "guard": guard}]
 
 
-PARTS = {"sandbox": bench_sandbox}
+CHAT_PROMPT = [{"role": "user", "content": "Write a short story about a robot who learns to paint."}]
+
+
+def _start_server(data_dir, cache_dir, threads: int):
+    import os
+    import socket
+    import sys
+    from pathlib import Path
+
+    import httpx
+    root = Path(__file__).resolve().parents[2]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(Path(data_dir) / "server.log", "wb")
+    proc = subprocess.Popen([sys.executable, str(root / "app.py"), "--host", "127.0.0.1", "--port", str(port),
+                             "--data-dir", str(data_dir), "--no-worker", "--threads", str(threads)],
+                            cwd=root, env={**os.environ, "PLAYGROUND_CACHE_DIR": str(cache_dir)},
+                            stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}; see {data_dir}/server.log")
+        try:
+            if httpx.get(url + "/healthz", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    proc.kill()
+    raise RuntimeError("server did not start within 300 s")
+
+
+def bench_http(args) -> list[dict]:
+    import os
+    import tempfile
+    from pathlib import Path
+
+    import asyncio
+
+    import openai
+    import torch
+
+    from backend.config import AppConfig
+    from backend.engine import aiterate
+    from backend.model_pool import EnginePool
+    from backend.sampling import SamplingParams
+    from models.registry import BUNDLED_NAME, ModelRegistry
+
+    torch.set_num_threads(args.threads)
+    root = Path(__file__).resolve().parents[2]
+    cache = Path(os.environ.get("PLAYGROUND_CACHE_DIR") or root / "data" / "cache")
+    tmp = tempfile.TemporaryDirectory(prefix="bench-chat-")
+    proc, url = _start_server(tmp.name, cache, args.threads)
+    try:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=300)
+        cfg = AppConfig(data_dir=Path(tmp.name) / "inproc", cache_dir=cache, threads=args.threads)
+        cfg.ensure_dirs()
+        engine = EnginePool(ModelRegistry(cfg), cfg).get(BUNDLED_NAME)
+        prompt = engine.chat_prompt(CHAT_PROMPT)
+        params = SamplingParams(temperature=0, max_tokens=args.tokens, stop_token_ids=engine.default_stop_ids())
+
+        def ours() -> tuple[float, float, int]:
+            t0 = time.perf_counter()
+            first = None
+            n = 0
+            stream = client.chat.completions.create(model=BUNDLED_NAME, messages=CHAT_PROMPT, max_tokens=args.tokens,
+                                                    temperature=0, stream=True, stream_options={"include_usage": True})
+            for ch in stream:
+                if ch.choices and ch.choices[0].delta.content and first is None:
+                    first = time.perf_counter()
+                if ch.usage is not None:
+                    n = ch.usage.completion_tokens
+            end = time.perf_counter()
+            return first - t0, (n - 1) / (end - first), n
+
+        async def consume(t0: float) -> tuple[float, float, int]:
+            first, n = None, 0
+            async for ev in aiterate(engine.generate([prompt], params)):
+                if ev.token_id is not None:
+                    n += 1
+                if ev.text and first is None:
+                    first = time.perf_counter()
+            end = time.perf_counter()
+            return first - t0, (n - 1) / (end - first), n
+
+        def peer() -> tuple[float, float, int]:
+            # Decoding runs in a worker thread through aiterate, exactly as the server runs it, so the only
+            # difference left is HTTP + SSE + JSON + the client. (Measured: under CPU contention a decode
+            # loop on the main thread with 2 torch threads ran several times slower than in a worker thread.)
+            return asyncio.run(consume(time.perf_counter()))
+
+        ours(), peer()  # warm up both
+        a, b = [], []
+        for i in range(args.runs):
+            a.append(ours())
+            b.append(peer())
+            print(f"  run {i + 1}/{args.runs}: HTTP ttft {a[-1][0] * 1e3:.0f} ms, {a[-1][1]:.1f} tok/s ({a[-1][2]} tokens) | "
+                  f"in-process ttft {b[-1][0] * 1e3:.0f} ms, {b[-1][1]:.1f} tok/s ({b[-1][2]} tokens)", flush=True)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        tmp.cleanup()
+    ttft_o, ttft_p = (statistics.median(x[0] for x in v) * 1e3 for v in (a, b))
+    rate_o, rate_p = (statistics.median(x[1] for x in v) for v in (a, b))
+    print(f"time to first token: HTTP {ttft_o:.0f} ms vs in-process {ttft_p:.0f} ms (HTTP/SSE adds {ttft_o - ttft_p:.0f} ms); "
+          f"decode: HTTP {rate_o:.1f} tok/s vs in-process {rate_p:.1f} tok/s")
+    common = {"peer_name": "Engine.generate in-process via aiterate (same model, prompt, threads; no HTTP)", "goal_ratio": None,
+              "runs": args.runs, "max_tokens": args.tokens, "prompt_tokens": len(prompt), "model": BUNDLED_NAME}
+    return [{"metric": "chat time to first token (HTTP SSE, openai client)", "unit": "ms", "ours": round(ttft_o, 1),
+             "peer": round(ttft_p, 1), "ratio": round(ttft_p / ttft_o, 3), "overhead_ms": round(ttft_o - ttft_p, 1), **common},
+            {"metric": "chat decode rate (HTTP SSE, openai client)", "unit": "tok/s", "ours": round(rate_o, 2),
+             "peer": round(rate_p, 2), "ratio": round(rate_o / rate_p, 3), **common}]
+
+
+PARTS = {"sandbox": bench_sandbox, "http": bench_http}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -69,6 +194,9 @@ def main(argv: list[str] | None = None) -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated: {', '.join(PARTS)}")
     p.add_argument("--calls", type=int, default=30, help="sandbox calls per side")
+    p.add_argument("--runs", type=int, default=5, help="chat answers per side (http part)")
+    p.add_argument("--tokens", type=int, default=64, help="max tokens per chat answer (http part)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads, for the server and the in-process engine")
     args = p.parse_args(argv)
     parts = [x.strip() for x in args.parts.split(",") if x.strip()]
     unknown = [x for x in parts if x not in PARTS]
