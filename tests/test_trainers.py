@@ -261,6 +261,8 @@ def test_verifiable_checker_and_format_reward():
     for p in ps:
         assert p.check(f"<think>{p.solution}</think> The answer is {p.answer}.")
         assert not p.check("<think>hmm</think> I do not know.")
+        assert p.check(f"Let me see. The answer is {p.answer}.")
+        assert not p.check(f"{p.question} {p.solution}")  # numbers in the text, no stated answer
     assert format_ok("<think>3+4=7</think> The answer is 7.")
     assert not format_ok("The answer is 7.") and not format_ok("<think>unclosed")
     with pytest.raises(ValueError, match="kinds"):
@@ -280,7 +282,7 @@ def test_gsm8k_offline_is_a_clear_error_and_online_parses(monkeypatch):
     line = '{"question": "Tom has 3 apples and buys 4. How many?", "answer": "3 + 4 = <<3+4=7>>7\\n#### 7"}\n'
     monkeypatch.setattr(verifiable, "fetch_text", lambda url, timeout=30.0: line * 2)
     ps = verifiable.gsm8k("train")
-    assert len(ps) == 2 and ps[0].answer == "7" and ps[0].check("so 7 in total")
+    assert len(ps) == 2 and ps[0].answer == "7" and ps[0].check("3 + 4 = 7. The answer is 7.")
 
 
 def test_bundled_tool_use_conversations_render_with_tool_tokens(app):

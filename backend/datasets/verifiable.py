@@ -12,8 +12,8 @@ Kinds:
   spell   every n-th letter of a word ("ubiquitous", every third letter: "iio")
 
 The checker reads the final answer: inside <answer>...</answer> when present, else the text after
-</think> when present, else the whole reply; numbers compare as the last number in it, words as the
-last word (letters only, case-insensitive). gsm8k(split) fetches GSM8K when online.
+</think>, else what follows the last "the answer is" / "answer:"; numbers compare as the last number in
+it, words as the last word (letters only, case-insensitive). A reply that states no answer is wrong. gsm8k(split) fetches GSM8K when online.
 """
 from __future__ import annotations
 
@@ -47,17 +47,25 @@ class Problem:
         return asdict(self)
 
 
-def final_part(reply: str) -> str:
+ANSWER_IS = re.compile(r"answer\s*(?:is|:)\s*\**\$?\s*(-?\d[\d,]*(?:\.\d+)?|[A-Za-z]+)", re.I)
+
+
+def final_part(reply: str) -> str | None:
+    """Where the final answer is: inside <answer>...</answer>, after </think>, or after "the answer is";
+    None when the reply states no answer (a truncated or rambling reply earns no accuracy reward)."""
     m = re.search(r"<answer>(.*?)</answer>", reply, re.S)
     if m:
         return m.group(1)
     if "</think>" in reply:
         return reply.rsplit("</think>", 1)[1]
-    return reply
+    hits = ANSWER_IS.findall(reply)
+    return hits[-1] if hits else None
 
 
 def extract_answer(reply: str, numeric: bool) -> str | None:
     part = final_part(reply)
+    if part is None:
+        return None
     if numeric:
         nums = re.findall(r"-?\d[\d,]*(?:\.\d+)?", part)
         if not nums:
