@@ -285,6 +285,19 @@ def test_gsm8k_offline_is_a_clear_error_and_online_parses(monkeypatch):
     assert len(ps) == 2 and ps[0].answer == "7" and ps[0].check("3 + 4 = 7. The answer is 7.")
 
 
+def test_bundled_reasoning_set_renders_thinking_with_the_think_tokens(app):
+    from backend.datasets.verifiable import format_ok
+    from backend.train.sft import reasoning_rows
+    from models.chat_format import render_chat
+    enc = get_encoding("bytes+chatml+tools", app.data_dir)
+    row = reasoning_rows(3, seed=0)[0]
+    rc = render_chat(row["messages"], enc)
+    think = enc.encode_single_token("<think>")
+    assert think in rc.ids and rc.mask[rc.ids.index(think)] == 1  # thinking is trained
+    answer = rc.text.split("<|im_start|>assistant\n")[1].split("<|im_end|>")[0]
+    assert format_ok(answer)  # exactly the format GRPO rewards
+
+
 def test_bundled_tool_use_conversations_render_with_tool_tokens(app):
     from backend.datasets.tool_use import conversations
     from backend.labels.messages import validate_messages

@@ -37,6 +37,7 @@ class SFTConfig(FineTuneConfig):
     seq_len: int = 512            # tokens per packed row (a longer conversation is cut)
     pack: bool = True             # several conversations per row (block-diagonal attention)
     tool_tokens: bool = True      # add the thinking/tool special tokens (tokenizer "<name>+tools")
+    bundled: str = "tool-use"     # the bundled set: "tool-use", or "reasoning" (<think> worked solutions: SFT before GRPO)
     n_examples: int = 600         # size of the bundled set
     val_fraction: float = 0.1     # held-out conversations for the validation loss
     protocol_check: int = 20      # bundled data: held-out tool questions checked for a well-formed call at the end
@@ -49,13 +50,27 @@ class SFTConfig(FineTuneConfig):
             raise ValueError("seq_len: must be at least 16")
         if not 0 <= self.val_fraction < 1:
             raise ValueError("val_fraction: must be in [0, 1)")
+        if self.bundled not in ("tool-use", "reasoning"):
+            raise ValueError(f"bundled: 'tool-use' or 'reasoning', not {self.bundled!r}")
         if self.n_examples < 2 or self.lora_rank < 0:
             raise ValueError("n_examples must be at least 2 and lora_rank not negative")
 
 
 def bundled_rows(cfg: SFTConfig) -> list[dict]:
+    if cfg.bundled == "reasoning":
+        return reasoning_rows(cfg.n_examples, cfg.seed)
     from backend.datasets.tool_use import conversations
     return conversations(cfg.n_examples, seed=cfg.seed)
+
+
+def reasoning_rows(n: int, seed: int) -> list[dict]:
+    """Verifiable problems answered in R1's format: the worked steps as thinking, then "The answer is N."
+    (the cold-start SFT of DeepSeek-R1 before its RL; GRPO's prompts use the same system prompt)."""
+    from backend.datasets.verifiable import problems
+    from backend.train.grpo import THINK_SYSTEM
+    return [{"messages": [{"role": "system", "content": THINK_SYSTEM}, {"role": "user", "content": p.question},
+                          {"role": "assistant", "thinking": p.solution, "content": f"The answer is {p.answer}."}]}
+            for p in problems(n, seed=seed + 1, kinds=("apples", "count", "spell"))]
 
 
 def render_rows(rows: list[dict], enc, seq_len: int | None = None) -> list[tuple[list[int], list[int]]]:
@@ -233,7 +248,7 @@ def run_sft(cfg: SFTConfig, ctx: JobContext) -> Outcome:
         if run.last_ckpt is None or not run.last_ckpt.name.endswith(f"{run.step:07d}"):
             run.checkpoint(final, opt, tok_name)
         check = {}
-        if cfg.protocol_check and cfg.dataset == "bundled":
+        if cfg.protocol_check and cfg.dataset == "bundled" and cfg.bundled == "tool-use":
             check = protocol_check(final, enc, tok_name, cfg.protocol_check, cfg.seed)
             if check:
                 run.emit({"step": run.step, **check, "accuracy": check["tool_call_wellformed"]})
