@@ -165,21 +165,29 @@ def stream_tokens(engine, prompt_ids: list[int], params: SamplingParams, top: in
     yield {"finish_reason": finish}
 
 
-def _collect(engine, prompt_ids: list[int], tokens: Iterator[dict]) -> dict:
+def completion_text(engine, tokens: list[dict], stop: list[str]) -> str:
+    """The text of generated tokens as the engine returns it: a matched stop string and what follows are cut
+    (the token view still shows the whole token that completed it)."""
+    text = engine.enc.decode([t["id"] for t in tokens])
+    cuts = [i for s in stop if s and (i := text.find(s)) >= 0]
+    return text[:min(cuts)] if cuts else text
+
+
+def _collect(engine, prompt_ids: list[int], tokens: Iterator[dict], stop: list[str]) -> dict:
     out = {"prompt_ids": list(prompt_ids), "tokens": [], "finish_reason": "length"}
     for t in tokens:
         if "finish_reason" in t:
             out["finish_reason"] = t["finish_reason"]
         else:
             out["tokens"].append(t)
-    out["text"] = engine.enc.decode([t["id"] for t in out["tokens"]])
+    out["text"] = completion_text(engine, out["tokens"], stop)
     return out
 
 
 def generate_tokens(engine, prompt_ids: list[int], params: SamplingParams, top: int = TOP_ALTERNATIVES,
                     cancel: threading.Event | None = None) -> dict:
     """A whole completion: {prompt_ids, tokens: [...], text, finish_reason}."""
-    return _collect(engine, prompt_ids, stream_tokens(engine, prompt_ids, params, top, cancel))
+    return _collect(engine, prompt_ids, stream_tokens(engine, prompt_ids, params, top, cancel), params.stop)
 
 
 def chosen_token(engine, prefix_ids: list[int], token_id: int, top: int = TOP_ALTERNATIVES) -> dict:
@@ -212,7 +220,8 @@ def continue_from(engine, prefix_ids: list[int], token_id: int, params: Sampling
                   top: int = TOP_ALTERNATIVES, cancel: threading.Event | None = None) -> dict:
     """Branch as a whole: {prompt_ids: prefix_ids, tokens: [chosen, *continuation], text, finish_reason}.
     params.max_tokens counts the chosen token."""
-    return _collect(engine, prefix_ids, stream_continue_from(engine, prefix_ids, token_id, params, top, cancel))
+    return _collect(engine, prefix_ids, stream_continue_from(engine, prefix_ids, token_id, params, top, cancel),
+                    params.stop)
 
 
 def score_text(engine, text: str, top: int = 5) -> dict:

@@ -71,11 +71,12 @@ French:"""
 def presets() -> list[CompletionPreset]:
     return [
         CompletionPreset(
-            "What is 2+2? (a document, not a question)", "What is 2+2?",
-            notice="A base model is a document simulator: it continues the text as the internet would, often with "
-                   "more questions, a quiz or a forum thread, rather than answering. Resample to see different documents.",
-            shortfall="SmolLM2-135M-Instruct was post-trained to answer, so it may reply '4' — that is post-training "
-                      "showing through. A base model trained here continues in the style of its corpus instead.",
+            "What is 2+2? (a document, not a question)", "What is 2+2?\n",
+            notice="A base model is a document simulator: it continues the text as the internet would (a worked "
+                   "answer, a quiz, more questions), not as a conversation. Resample to see different documents.",
+            shortfall="SmolLM2-135M-Instruct is post-trained: delete the final newline and press Step, and its most "
+                      "likely next token (about 48%) is `<|im_end|>`, the end of a user turn. A base model pretrained "
+                      "here just continues in the style of its corpus (it never learned arithmetic).",
             temperature=0.9, max_tokens=60),
         CompletionPreset(
             "Top 10 landmarks in Paris (knowledge from the parameters)",
@@ -85,7 +86,7 @@ def presets() -> list[CompletionPreset]:
                    "else the model considered.",
             shortfall="135M parameters remember far less than 405B: expect repeats and invented places after the "
                       "first few; the 405B model in the lecture listed ten real landmarks.",
-            temperature=0.7, max_tokens=150),
+            temperature=0.7, max_tokens=150, seed=1),
         CompletionPreset(
             "Regurgitation: a passage from the training text", training_passage(),
             notice="Text a model saw many times in training can be recited verbatim. Pick a model pretrained in the "
@@ -105,8 +106,9 @@ def presets() -> list[CompletionPreset]:
             "Few-shot translation (in-context learning)", TRANSLATION_PAIRS,
             notice="No instructions, only examples: the pattern in the context window makes a base model do the task "
                    "(in-context learning). The stop string ends it at the end of the line.",
-            shortfall="The lecture's 405B model translated English to Korean; at 135M even French is shaky, and the "
-                      "pattern (one French line) is what it learns most reliably.",
+            shortfall="The lecture's 405B model translated English to Korean; at 135M the format is learned (one "
+                      "French line, then stop) but not the meaning: SmolLM2-135M-Instruct answers 'Bonjour' here, "
+                      "copying an earlier example. Click that token to see what else it considered.",
             temperature=0.0, max_tokens=30, stop=["\n"]),
         CompletionPreset(
             "An assistant from a base model (web-page conversation)", WEB_PAGE_CONVERSATION,

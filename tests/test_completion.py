@@ -188,3 +188,12 @@ def test_score_text_perplexity_is_exp_mean_nll(engine):
 def test_bad_input_is_a_value_error_naming_the_problem(engine, call, message):
     with pytest.raises(ValueError, match=message):
         call(engine)
+
+
+def test_a_stop_string_ends_the_text_where_it_matched(engine):
+    ids = engine.encode(PROMPT)
+    free = svc.generate_tokens(engine, ids, SamplingParams(temperature=0, max_tokens=12))
+    stop = free["text"][3:5]  # a string the greedy continuation is known to contain
+    out = svc.generate_tokens(engine, ids, SamplingParams(temperature=0, max_tokens=12, stop=[stop]))
+    assert out["finish_reason"] == "stop" and out["text"] == free["text"][:free["text"].find(stop)]
+    assert out["text"] == engine.complete(ids, SamplingParams(temperature=0, max_tokens=12, stop=[stop]))[0].text

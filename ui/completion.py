@@ -302,7 +302,7 @@ def build(pg) -> None:
     async def _engine(name):
         return await asyncio.to_thread(pg.engines.get, name)  # may load the model the first time
 
-    async def _stream(engine, tokens_iter, st, cancel, streaming):
+    async def _stream(engine, tokens_iter, st, cancel, streaming, stop):
         """Consume a token stream into st, yielding (view, alts, output, status, state) as it grows."""
         last = 0.0
         finish = "length"
@@ -316,7 +316,7 @@ def build(pg) -> None:
                 last = time.monotonic()
                 yield (tokens_html(st), gr.skip(), engine.enc.decode([t["id"] for t in st["tokens"]]),
                        "generating…", st)
-        text = engine.enc.decode([t["id"] for t in st["tokens"]])
+        text = svc.completion_text(engine, st["tokens"], stop)
         yield (tokens_html(st), alternatives_html(st), text,
                f"done · {engine.name} · {len(st['tokens'])} tokens · stopped by {finish}"
                + (f" · seed {st['seed']}" if st.get("seed") is not None else ""), st)
@@ -335,7 +335,7 @@ def build(pg) -> None:
               "tokens": [], "selected": None, "seed": params.seed, "params": [temperature, top_p, top_k, max_tokens, seed, stop]}
         yield tokens_html(st), alternatives_html(st), "", "generating…", st
         try:
-            async for out in _stream(engine, it, st, cancel, streaming):
+            async for out in _stream(engine, it, st, cancel, streaming, params.stop):
                 yield out
         except ValueError as e:
             yield tokens_html(st), gr.skip(), gr.skip(), _err(e), st
@@ -372,7 +372,7 @@ def build(pg) -> None:
         st["selected"] = sel  # keep the branch point selected: its alternatives now show the chosen token
         yield tokens_html(st), gr.skip(), gr.skip(), f"branching at token {sel + 1}…", st
         try:
-            async for out in _stream(engine, it, st, cancel, streaming):
+            async for out in _stream(engine, it, st, cancel, streaming, params.stop):
                 yield out
         except ValueError as e:
             yield tokens_html(st), gr.skip(), gr.skip(), _err(e), st
