@@ -11,27 +11,17 @@ A bad config is a 422 whose detail names the key.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
 
-from fastapi import APIRouter, Body, Depends, HTTPException, Query, Request
+from fastapi import APIRouter, Body, Depends, Query, Request
 from pydantic import BaseModel, ConfigDict
 
+from backend.api.errors import service_errors
 from backend.auth import require
 from backend.jobs import kinds, queue
 from backend.users import CurrentUser
 
 router = APIRouter(prefix="/api", tags=["jobs"])
 operator, learner = require("operator"), require("learner")
-
-
-@contextmanager
-def service_errors():
-    try:
-        yield
-    except ValueError as e:
-        raise HTTPException(422, str(e))
-    except LookupError as e:
-        raise HTTPException(404, str(e).strip("'\""))
 
 
 class NewJob(BaseModel):

@@ -2,13 +2,13 @@
 imports, snapshots, guidelines. Every route names the least role it admits (backend.auth.require)."""
 from __future__ import annotations
 
-from contextlib import contextmanager
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, Field
 
+from backend.api.errors import service_errors
 from backend.auth import require
 from backend.labels import agreement, exchange, guidelines, progress, rankings, sft, snapshots
 from backend.labels.candidates import EXAMPLE_PROMPTS
@@ -16,21 +16,6 @@ from backend.users import CurrentUser
 
 router = APIRouter(prefix="/api", tags=["labels"])
 annotator, operator, admin, learner = require("annotator"), require("operator"), require("admin"), require("learner")
-
-
-@contextmanager
-def service_errors():
-    """Service exceptions to HTTP: bad input 422, missing 404, not yours 403."""
-    try:
-        yield
-    except exchange.ImportRefused as e:
-        raise HTTPException(422, {"message": str(e), "errors": [{"line": n, "reason": r} for n, r in e.errors]})
-    except ValueError as e:
-        raise HTTPException(422, str(e))
-    except LookupError as e:
-        raise HTTPException(404, str(e).strip("'\""))
-    except PermissionError as e:
-        raise HTTPException(403, str(e))
 
 
 def _pg(request: Request):

@@ -185,7 +185,8 @@ async def run_blocking(request: Request, fn):
             loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(res))
         except BaseException as e:  # noqa: BLE001 - handed to the awaiting request
             try:
-                loop.call_soon_threadsafe(lambda: fut.done() or fut.set_exception(e))
+                # bind e now: Python unbinds the except variable when the block ends
+                loop.call_soon_threadsafe(lambda err=e: fut.done() or fut.set_exception(err))
             except RuntimeError:
                 pass  # loop closed (server shutting down)
 

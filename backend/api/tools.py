@@ -15,11 +15,11 @@ unavailable 503. The sandbox runs on a worker thread, so the server keeps answer
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
 
 from fastapi import APIRouter, Depends, HTTPException, Request
 from pydantic import BaseModel, Field
 
+from backend.api.errors import service_errors
 from backend.auth import require
 from backend.tools.sandbox import SandboxBusy, SandboxUnavailable
 from backend.tools.search import MAX_K, MAX_QUERY_CHARS, MAX_TEXT_CHARS, MAX_TITLE_CHARS, WebSearchUnavailable, format_results
@@ -29,16 +29,8 @@ router = APIRouter(prefix="/api", tags=["tools"])
 learner, operator = require("learner"), require("operator")
 
 
-@contextmanager
 def tool_errors():
-    try:
-        yield
-    except ValueError as e:
-        raise HTTPException(422, str(e))
-    except LookupError as e:
-        raise HTTPException(404, str(e).strip("'\""))
-    except (SandboxUnavailable, SandboxBusy, WebSearchUnavailable) as e:
-        raise HTTPException(503, str(e))
+    return service_errors(unavailable=(SandboxUnavailable, SandboxBusy, WebSearchUnavailable))
 
 
 class NewDocument(BaseModel):

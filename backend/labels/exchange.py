@@ -33,6 +33,9 @@ class ImportRefused(ValueError):
         shown = "; ".join(f"line {n}: {why}" for n, why in errors[:10])
         super().__init__(f"import refused, nothing imported ({len(errors)} bad line(s)): {shown}")
 
+    def http_detail(self) -> dict:
+        return {"message": str(self), "errors": [{"line": n, "reason": r} for n, r in self.errors]}
+
 
 def _dumps(row: dict) -> str:
     return json.dumps(row, ensure_ascii=False, sort_keys=True)
