@@ -21,6 +21,8 @@ PROMPT = "Once upon a time"
 def data_dir(tmp_path_factory):
     data = tmp_path_factory.mktemp("complapi") / "data"
     register_tiny_model(data, "tiny", tokenizer="cl100k_base", chat_format=None, max_seq_len=256)
+    register_tiny_model(data, "broken", tokenizer="cl100k_base", chat_format=None, max_seq_len=256)
+    (data / "models" / "broken" / "model.safetensors").write_bytes(b"not weights")  # a damaged checkpoint
     return data
 
 
@@ -136,6 +138,7 @@ def test_presets_are_listed_with_what_to_notice(client):
 
 @pytest.mark.parametrize("path,payload,status,field", [
     ("/api/completion/distribution", {"model": "nope", "prompt": "x"}, 404, "nope"),
+    ("/api/completion/generate", {"model": "broken", "prompt": "x"}, 503, "could not be loaded"),
     ("/api/completion/distribution", {"model": "tiny", "prompt": "x", "top_p": 0}, 422, "top_p"),
     ("/api/completion/distribution", {"model": "tiny", "prompt": "x", "temperature": -1}, 422, "temperature"),
     ("/api/completion/distribution", {"model": "tiny"}, 422, "prompt"),
@@ -148,7 +151,7 @@ def test_presets_are_listed_with_what_to_notice(client):
     ("/api/completion/score", {"model": "tiny", "text": "a"}, 422, "2 tokens"),
     ("/api/completion/score", {"model": "tiny"}, 422, "text"),
 ])
-def test_bad_requests_get_a_4xx_naming_the_field(client, path, payload, status, field):
+def test_bad_requests_get_an_error_naming_the_field(client, path, payload, status, field):
     r = client.post(path, json=payload)
     assert r.status_code == status, r.text
     assert field in r.text

@@ -85,6 +85,8 @@ def _engine(request: Request, name: str):
         return request.app.state.pg.engines.get(name)
     except UnknownModel as e:
         raise HTTPException(404, str(e)) from None
+    except Exception as e:  # noqa: BLE001 - a model on disk that does not load is the server's problem, said plainly
+        raise HTTPException(503, f"model {name!r} could not be loaded: {e}") from None
 
 
 def _params(req, max_tokens: int = 1) -> SamplingParams:
