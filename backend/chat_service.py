@@ -54,14 +54,17 @@ class DemoPreset:
     system: str = "Plain assistant"    # a SYSTEM_PRESETS key
     tools: list[str] = field(default_factory=list)
     prefix: str = ""                   # scripted start of the assistant turn (a forced tool call)
+    lead_in: str = ""                  # scripted text after the forced call's output
     samples: int = 1                   # > 1: ask several times and compare (no tools)
     max_tokens: int = 200
     temperature: float = 0.7
 
 
 FORCED = ("SmolLM2-135M was never fine-tuned to call tools, so this preset writes the call for it (a scripted "
-          "start of its turn, marked *forced*); the tool really runs, its output really goes into the context, "
-          "and the model continues from there.")
+          "start of its turn, marked *forced*) and a few words after the output, since a model that never saw a "
+          "tool output tends to end its turn right there; the tool really runs, its output really goes into the "
+          "context, and the model continues from there.")
+PYTHON_LEAD_IN = "The Python tool printed the result above, so the answer is"
 
 DEMOS = [
     DemoPreset("10 · Who is Orson Kovats? (5 samples)", "Who is Orson Kovats?", samples=5, temperature=1.0,
@@ -69,7 +72,7 @@ DEMOS = [
                     "imitates how answers about real people sound. The mitigation in the lecture is to probe what a "
                     "model knows this way and add \"I don't know\" examples to SFT, then give it tools."),
     DemoPreset("10 · Orson Kovats with search (forced call)", "Who is Orson Kovats?", tools=["search"],
-               prefix=search_call("Orson Kovats"),
+               prefix=search_call("Orson Kovats"), lead_in="According to the search results,",
                note="The search finds no document about him, and that result sits in the context window (working "
                     "memory). A model trained on tool use would now say it does not know; a 135M model often "
                     "invents anyway, which is why \"I don't know\" has to be taught. " + FORCED),
@@ -98,12 +101,13 @@ DEMOS = [
                     "states the answer first is worse than one that reasons first. (135M still slips often.)"),
     DemoPreset("13 · Emily's apples, with code (forced call)", EMILY, tools=["python"],
                prefix=python_call("oranges = 2 * 2\napples_total = 13 - oranges\nprint(apples_total / 3)"),
+               lead_in=PYTHON_LEAD_IN,
                note="\"Use code\": the arithmetic runs in Python and the model only has to read off the result. " + FORCED),
     DemoPreset("13 · Count 177 dots (no tools)", "How many dots are here?\n" + DOTS, temperature=0.0,
                note="The dots are a handful of long tokens, not 177 separate symbols: counting them in the head is "
                     "hopeless (see the tokens view). The right answer is 177."),
     DemoPreset("13 · Count 177 dots (Python tool, forced call)", "How many dots are here?\n" + DOTS,
-               tools=["python"], prefix=python_call(f"print(len({DOTS!r}))"),
+               tools=["python"], prefix=python_call(f"print(len({DOTS!r}))"), lead_in=PYTHON_LEAD_IN,
                note="Copying the dots into code and letting Python count works, because copying is easy for a "
                     "model and counting is not. " + FORCED),
     DemoPreset("13 · Every third letter of 'ubiquitous' (no tools)",
@@ -111,7 +115,7 @@ DEMOS = [
                note="The model sees 'ubiquitous' as a few tokens, not letters. The right answer is 'uqts'."),
     DemoPreset("13 · Every third letter of 'ubiquitous' (Python tool, forced call)",
                "Print every third character of the word 'ubiquitous', starting with the first one.",
-               tools=["python"], prefix=python_call("print('ubiquitous'[::3])"),
+               tools=["python"], prefix=python_call("print('ubiquitous'[::3])"), lead_in=PYTHON_LEAD_IN,
                note="Python works on characters, so the answer is exact. " + FORCED),
 ]
 DEMO_BY_TITLE = {d.title: d for d in DEMOS}
@@ -127,7 +131,7 @@ def full_messages(system: str, conversation: list[dict]) -> list[dict]:
 
 
 def turn_events(pg, model: str, system: str, conversation: list[dict], params: SamplingParams, tools: list[str],
-                max_calls: int, cancel: threading.Event | None = None, prefix: str = ""):
+                max_calls: int, cancel: threading.Event | None = None, prefix: str = "", lead_in: str = ""):
     """One assistant turn after `conversation` (whose last message is the user's): tool_loop events."""
     if not conversation or conversation[-1]["role"] != "user":
         raise ValueError("the conversation must end with a user message")
@@ -135,7 +139,7 @@ def turn_events(pg, model: str, system: str, conversation: list[dict], params: S
     if not engine.spec.chat_format:
         raise ValueError(f"model {model!r} is a base model without a chat format; use the Generate tab")
     return run_turn(engine, full_messages(system, conversation), params, Tools.from_playground(pg, tools),
-                    max_calls, cancel, prefix)
+                    max_calls, cancel, prefix, lead_in)
 
 
 def sample_answers(pg, model: str, system: str, conversation: list[dict], params: SamplingParams, n: int) -> list[str]:

@@ -239,11 +239,13 @@ def label_message(m: dict) -> dict:
 
 
 def run_turn(engine, messages: list[dict], params: SamplingParams, tools: Tools, max_calls: int = MAX_CALLS,
-             cancel: threading.Event | None = None, prefix: str = "") -> Iterator[ChatEvent]:
+             cancel: threading.Event | None = None, prefix: str = "", lead_in: str = "") -> Iterator[ChatEvent]:
     """One assistant turn with thinking and tool calls, as events (see the module docstring).
 
     `prefix`: text the assistant turn starts with, as if the model had written it (a scripted or
-    "forced" tool call for models not tuned to call tools); it streams like generated text."""
+    "forced" tool call for models not tuned to call tools); it streams like generated text.
+    `lead_in`: scripted text placed after a forced call's output (e.g. "So the answer is"), for a model
+    that has never seen a tool output and would otherwise just end its turn there."""
     params.validate()
     enc = engine.enc
     if not isinstance(max_calls, int) or max_calls < 0:
@@ -334,6 +336,8 @@ def run_turn(engine, messages: list[dict], params: SamplingParams, tools: Tools,
         steps.append(step)
         split.add_output(output)
         yield ChatEvent("tool_end", step=dict(step))
+        if step["forced"] and lead_in:
+            yield from events(split.feed(lead_in, final=True))
         if cancel is not None and cancel.is_set():
             finish = "cancelled"
             break

@@ -23,7 +23,7 @@ def test_presets_are_well_formed(demo):
         split.feed(demo.prefix, final=True)
         assert split.pending_call
         tool, _ = parse_call(split.call_text(), demo.tools)
-        assert "forced" in demo.title and "SmolLM2-135M was never fine-tuned to call tools" in demo.note
+        assert "forced" in demo.title and "SmolLM2-135M was never fine-tuned to call tools" in demo.note and demo.lead_in
 
 
 def test_forced_calls_compute_the_right_answers():

@@ -175,7 +175,8 @@ def build(pg) -> None:
         return SamplingParams(temperature=float(temperature), top_p=float(top_p), max_tokens=int(max_tokens),
                               seed=int(seed) if seed else None)
 
-    async def respond(conv_now, name, system_text, tool_names, calls, temperature, top_p, max_tokens_, seed_, prefix=""):
+    async def respond(conv_now, name, system_text, tool_names, calls, temperature, top_p, max_tokens_, seed_, prefix="",
+                      lead_in=""):
         """Stream one assistant turn after conv_now (ending with a user message)."""
         shown, idx = display(conv_now)
         try:
@@ -184,7 +185,7 @@ def build(pg) -> None:
                 raise ValueError("no chat model is registered")
             cancel = threading.Event()
             events = await asyncio.to_thread(cs.turn_events, pg, name, system_text, conv_now, p, list(tool_names or []),
-                                             int(calls), cancel, prefix)
+                                             int(calls), cancel, prefix, lead_in)
         except ValueError as e:
             yield shown, conv_now, idx, f"⚠ {html.escape(str(e))}", gr.skip()
             return
@@ -240,7 +241,8 @@ def build(pg) -> None:
             return
         c = conv_now[:-1]
         tools_now = sorted(set(tool_names or []) | {"python"})
-        async for out in respond(c, name, system_text, tools_now, *rest, prefix=cs.python_call(code)):
+        async for out in respond(c, name, system_text, tools_now, *rest, prefix=cs.python_call(code),
+                                 lead_in=cs.PYTHON_LEAD_IN):
             yield out
 
     async def on_edit(conv_now, idx, name, system_text, tool_names, calls, temperature, top_p, max_tokens_, seed_,
@@ -275,7 +277,7 @@ def build(pg) -> None:
             yield shown, c, idx, "done", gr.skip(), text
             return
         async for out in respond(c, name, system_text, tool_names, calls, temperature, top_p, max_tokens_, seed_,
-                                 prefix=d.prefix):
+                                 prefix=d.prefix, lead_in=d.lead_in):
             yield (*out, "")
 
     def sample_text(name, system_text, c, temperature, top_p, max_tokens_, seed_, n) -> str:
