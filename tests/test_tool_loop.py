@@ -140,12 +140,14 @@ def test_call_limit_per_turn(python_tool):
 
 
 def test_forced_call_from_a_prefix_runs_before_the_model_writes(python_tool):
-    answer = "So it is 42."
-    eng = engine_for([answer], {">": answer, answer: "<|im_end|>"}, tools=False)
+    answer = " it is 42."
+    eng = engine_for([answer], {":": answer, answer: "<|im_end|>"}, tools=False)
     prefix = f"<tool_call>{CALL}</tool_call>"
-    r = collect_turn(run_turn(eng, USER, SamplingParams(max_tokens=10), Tools(python=python_tool), prefix=prefix))
+    r = collect_turn(run_turn(eng, USER, SamplingParams(max_tokens=10), Tools(python=python_tool), prefix=prefix,
+                              lead_in="So:"))  # the scripted lead-in after the output; the model goes on from ":"
     assert [(s["output"], s["forced"]) for s in r.steps] == [("42", True)]
-    assert r.message["content"] == answer and r.completion_tokens == 1
+    assert r.message["content"] == "So: it is 42." and r.completion_tokens == 1
+    assert eng.enc.decode(r.context_ids).endswith("<tool_output>42</tool_output>So: it is 42.<|im_end|>\n")
 
 
 def test_cancel_ends_the_turn(python_tool):
