@@ -63,7 +63,7 @@ class DemoPreset:
 FORCED = ("SmolLM2-135M was never fine-tuned to call tools, so this preset writes the call for it (a scripted "
           "start of its turn, marked *forced*) and a few words after the output, since a model that never saw a "
           "tool output tends to end its turn right there; the tool really runs, its output really goes into the "
-          "context, and the model continues from there.")
+          "context, and the model continues from there (a 135M model may still copy the result wrongly).")
 PYTHON_LEAD_IN = "The Python tool printed the result above, so the answer is"
 
 DEMOS = [
