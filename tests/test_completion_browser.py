@@ -62,6 +62,9 @@ def wait_done_with(page, n_tokens: int) -> None:
     page.wait_for_function("(n) => (document.querySelector('#gen-status')?.innerText || '').startsWith('done')"
                            " && document.querySelectorAll('#gen-tokens .pg-tok').length === n", arg=n_tokens,
                            timeout=60_000)
+    page.wait_for_function(  # the plain-text box has caught up with the token view (no stop strings here)
+        "() => document.querySelector('#gen-output textarea').value === [...document.querySelectorAll("
+        "'#gen-tokens .pg-tok')].map(s => s.textContent).join('').replaceAll('↵', '')", timeout=60_000)
 
 
 def test_greedy_completion_streams_the_engines_text(page, server):
@@ -91,6 +94,7 @@ def test_click_a_token_shows_alternatives_and_an_alternative_branches(page, serv
     page.wait_for_function("(id) => document.querySelectorAll('#gen-tokens .pg-tok').length === 8 && (document."
                            "querySelector('#gen-status')?.innerText || '').startsWith('done') && document.querySelector("
                            "'#gen-alts .pg-chosen')?.dataset.alt === String(id)", arg=alt_id, timeout=60_000)
+    wait_done_with(page, 8)
     after = token_texts(page)
     assert after[:2] == before[:2]
     # the API's branch from the same prefix with the same token gives the same text as the page
@@ -144,6 +148,26 @@ def test_resample_draws_a_new_seed_and_shows_it(page):
     page.wait_for_function("(old) => { const s = document.querySelector('#gen-seed textarea, #gen-seed input').value;"
                            " return s !== old && /^[0-9]+$/.test(s) && (document.querySelector('#gen-status')"
                            "?.innerText || '').includes('seed ' + s); }", arg=before, timeout=60_000)
+
+
+def test_greedy_gives_the_same_output_every_time(page, server):
+    prompt = "Greedy decoding"
+    api = httpx.post(server.base_url + "/v1/completions", timeout=60,
+                     json={"model": "tiny8k", "prompt": prompt, "max_tokens": 12, "temperature": 0}).json()
+    greedy_text = api["choices"][0]["text"]
+    page.locator("#gen-prompt textarea").fill(prompt)
+    set_number(page, "gen-max-tokens", 12)
+    shows = ("(want) => { const out = document.querySelector('#gen-output textarea').value;"
+             " return (document.querySelector('#gen-status')?.innerText || '').startsWith('done')"
+             " && document.querySelectorAll('#gen-tokens .pg-tok').length === 12 && WANT; }")
+    for _ in range(2):
+        # a hot sample in between, so the page visibly changes before each greedy run
+        set_number(page, "gen-temperature", 1.5)
+        page.locator("#gen-run").click()
+        page.wait_for_function(shows.replace("WANT", "out.length > 0 && out !== want"), arg=greedy_text, timeout=60_000)
+        page.locator("#gen-greedy").click()
+        page.wait_for_function(shows.replace("WANT", "out === want"), arg=greedy_text, timeout=60_000)
+        assert page.locator("#gen-temperature input[type=number]").input_value() == "0"
 
 
 def test_stop_halts_generation_and_frees_the_engine(page, server):
