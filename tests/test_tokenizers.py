@@ -176,6 +176,7 @@ def test_smollm2_special_tokens_and_bytes_the_vocabulary_lacks(smollm2, referenc
 def test_smollm2_conversion_is_cached_in_the_data_dir(tmp_path, smollm2, gguf_vocab, monkeypatch):
     # The GGUF was read once for this module already; hand get_encoding that same reading.
     reads = []
+    monkeypatch.delenv("PLAYGROUND_CACHE_DIR", raising=False)  # the suite shares one cache; this test wants its own
     monkeypatch.setattr(T, "read_gguf_vocab", lambda path: reads.append(path) or gguf_vocab)
     T._CACHE.forget("smollm2", None)
     first = get_encoding("smollm2", tmp_path)
