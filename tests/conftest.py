@@ -89,3 +89,13 @@ def server_factory(tmp_path):
 # Derived caches (the dequantized bundled model, converted tokenizers) are shared by every test's data
 # dir, and kept between runs in the ignored ./data folder, so the bundled model is dequantized once.
 os.environ.setdefault("PLAYGROUND_CACHE_DIR", str(ROOT / "data" / "test-cache"))
+
+
+# Browser tests drive Debian's chromium (apt) through the playwright package; never `playwright install`.
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
+
+
+def launch_chromium(playwright):
+    """A headless Debian chromium for a playwright session."""
+    return playwright.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)

@@ -6,12 +6,11 @@ from __future__ import annotations
 import pytest
 
 from tests.scripted import register_scripted
+from tests.conftest import launch_chromium
 
 playwright_api = pytest.importorskip("playwright.sync_api")
 pytestmark = pytest.mark.browser
 
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
 THOUGHT = "I should look this up."
 CALL = '{"name":"search","arguments":{"query":"FineWeb dataset"}}'
 ANSWER = ["FineWeb is", " a pretraining", " dataset", " of web text."]
@@ -34,7 +33,7 @@ def server(tmp_path_factory):
 @pytest.fixture
 def page(server):
     with playwright_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        browser = launch_chromium(p)
         page = browser.new_page(viewport={"width": 1400, "height": 1600})
         page.goto(server.base_url + "/")
         page.get_by_role("tab", name="Chat", exact=True).click()

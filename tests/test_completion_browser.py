@@ -9,12 +9,11 @@ import httpx
 import pytest
 
 from tests.helpers import register_tiny_model
+from tests.conftest import launch_chromium
 
 playwright_api = pytest.importorskip("playwright.sync_api")
 pytestmark = pytest.mark.browser
 
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
 PROMPT = "Once upon a time"
 
 
@@ -31,7 +30,7 @@ def server(tmp_path_factory):
 @pytest.fixture(scope="module")
 def page(server):  # one browser page for the module: loading the Gradio page costs seconds on a busy machine
     with playwright_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        browser = launch_chromium(p)
         page = browser.new_page(viewport={"width": 1300, "height": 1400})
         page.goto(server.base_url + "/")
         page.get_by_role("tab", name="Generate", exact=True).click()

@@ -8,13 +8,11 @@ from sqlalchemy import select
 from backend.db import Database
 from backend.db.models import Ranking
 from backend.labels import rankings as rk
-from tests.conftest import start_server
+from tests.conftest import launch_chromium, start_server
 from tests.test_labels_api import make_users
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
 NASTY = '<img src=x onerror="window.__pwned=1"><script>window.__pwned=2</script><b>bold?</b>'
 
 
@@ -39,7 +37,7 @@ def site(tmp_path_factory):
 def page():
     sync_api = pytest.importorskip("playwright.sync_api")
     with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        browser = launch_chromium(p)
         pg = browser.new_page()
         yield pg
         browser.close()

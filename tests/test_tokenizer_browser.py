@@ -6,11 +6,10 @@ import re
 
 import httpx
 import pytest
+from tests.conftest import launch_chromium
 
 playwright_api = pytest.importorskip("playwright.sync_api")
 
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
 TEXT = "Which is bigger, 9.11 or 9.9? <b>not bold</b> ${1+1} {{value}}"
 
 
@@ -36,7 +35,7 @@ def server(tmp_path_factory):
 @pytest.fixture(scope="module")
 def browser():
     with playwright_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        b = launch_chromium(p)
         yield b
         b.close()
 

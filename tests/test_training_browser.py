@@ -10,13 +10,11 @@ import httpx
 import pytest
 
 from backend.db import Database
-from tests.conftest import start_server
+from tests.conftest import launch_chromium, start_server
 from tests.test_labels_api import make_users
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +34,7 @@ def site(tmp_path_factory):
 def page():
     sync_api = pytest.importorskip("playwright.sync_api")
     with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        browser = launch_chromium(p)
         pg = browser.new_page()
         yield pg
         browser.close()
