@@ -51,3 +51,23 @@ def register_tiny_model(data_dir: Path, name: str = "tiny", tokenizer: str = "cl
     return registry.register(name, model, tokenizer=tokenizer, chat_format=chat_format,
                              lineage={"origin": "tests.helpers.register_tiny_model", "seed": seed},
                              description="tiny random model for tests", overwrite=True)
+
+
+def bigram_model(vocab: int, next_token: dict[int, int], dim: int = 64, max_seq_len: int = 256) -> Transformer:
+    """A real Transformer whose weights make it a deterministic bigram table: after token a, it predicts
+    next_token[a] with logit ~80 (probability 1 in float32). Blocks write nothing to the residual
+    stream (o_proj and down_proj are zero), token a embeds to a one-hot slot, lm_head maps the slot to b."""
+    assert len(next_token) <= dim
+    cfg = ModelConfig(vocab_size=vocab, dim=dim, n_layers=1, n_heads=4, n_kv_heads=2, hidden_dim=32,
+                      max_seq_len=max_seq_len, tie_embeddings=False)
+    model = Transformer(cfg).init_weights(0)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.model.embed_tokens.weight.zero_()
+        model.lm_head.weight.zero_()
+        for slot, (a, b) in enumerate(next_token.items()):
+            model.model.embed_tokens.weight[a, slot] = 1.0
+            model.lm_head.weight[b, slot] = 10.0
+    return model.eval()

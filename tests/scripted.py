@@ -4,11 +4,11 @@ a tool call, a thought or an answer one token each, deterministically, at any te
 from __future__ import annotations
 
 import tiktoken
-import torch
 
 from models.chat_format import with_tool_tokens
 from models.tokenizers import with_chat_tokens
-from models.transformer import ModelConfig, Transformer
+from models.transformer import Transformer
+from tests.helpers import bigram_model
 
 
 def byte_encoding(name: str = "bytes") -> tiktoken.Encoding:
@@ -38,20 +38,7 @@ def tok(enc: tiktoken.Encoding, text: str) -> int:
 def scripted_model(enc: tiktoken.Encoding, chain: dict[str, str], dim: int = 64, max_seq_len: int = 2048) -> Transformer:
     """After the token for key a, the model predicts the token for chain[a] with probability ~1."""
     pairs = {tok(enc, a): tok(enc, b) for a, b in chain.items()}
-    assert len(pairs) <= dim
-    cfg = ModelConfig(vocab_size=enc.max_token_value + 1, dim=dim, n_layers=1, n_heads=4, n_kv_heads=2,
-                      hidden_dim=32, max_seq_len=max_seq_len, tie_embeddings=False)
-    model = Transformer(cfg).init_weights(0)
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.self_attn.o_proj.weight.zero_()
-            layer.mlp.down_proj.weight.zero_()
-        model.model.embed_tokens.weight.zero_()
-        model.lm_head.weight.zero_()
-        for slot, (a, b) in enumerate(pairs.items()):
-            model.model.embed_tokens.weight[a, slot] = 1.0
-            model.lm_head.weight[b, slot] = 10.0
-    return model.eval()
+    return bigram_model(enc.max_token_value + 1, pairs, dim=dim, max_seq_len=max_seq_len)
 
 
 def register_scripted(data_dir, name: str, lines: list[str], chain: dict[str, str], tools: bool = True):

