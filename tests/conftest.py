@@ -99,3 +99,13 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
 def launch_chromium(playwright):
     """A headless Debian chromium for a playwright session."""
     return playwright.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+
+
+@pytest.fixture
+def page():
+    """A fresh headless page (modules that share one page across tests define their own `page`)."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as p:
+        browser = launch_chromium(p)
+        yield browser.new_page()
+        browser.close()

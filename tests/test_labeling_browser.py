@@ -8,7 +8,7 @@ from sqlalchemy import select
 from backend.db import Database
 from backend.db.models import Ranking
 from backend.labels import rankings as rk
-from tests.conftest import launch_chromium, start_server
+from tests.conftest import start_server
 from tests.test_labels_api import make_users
 
 pytestmark = pytest.mark.browser
@@ -31,16 +31,6 @@ def site(tmp_path_factory):
     yield server, db, people, jokes, nasty
     server.stop()
     db.close()
-
-
-@pytest.fixture
-def page():
-    sync_api = pytest.importorskip("playwright.sync_api")
-    with sync_api.sync_playwright() as p:
-        browser = launch_chromium(p)
-        pg = browser.new_page()
-        yield pg
-        browser.close()
 
 
 def sign_in(page, server, name, password):

@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from backend.db import Database
-from tests.conftest import launch_chromium, start_server
+from tests.conftest import start_server
 from tests.test_labels_api import make_users
 
 pytestmark = pytest.mark.browser
@@ -28,16 +28,6 @@ def site(tmp_path_factory):
     yield server, db, people
     server.stop()
     db.close()
-
-
-@pytest.fixture
-def page():
-    sync_api = pytest.importorskip("playwright.sync_api")
-    with sync_api.sync_playwright() as p:
-        browser = launch_chromium(p)
-        pg = browser.new_page()
-        yield pg
-        browser.close()
 
 
 def curve_points(page) -> int:
