@@ -341,10 +341,8 @@ def compare(enc_a: tiktoken.Encoding, enc_b: tiktoken.Encoding, text: str) -> di
 def chat_encoding(name: str, data_dir: Path | None = None) -> tiktoken.Encoding:
     """The encoding for the chat view: `name` itself when it has the ChatML tokens, else `name+chatml`
     (the same vocabulary with <|im_start|>, <|im_end|>, <|im_sep|> added; GPT-4's ids for cl100k_base)."""
-    enc = get_encoding(name, data_dir)
-    if {"<|im_start|>", "<|im_end|>"} <= enc.special_tokens_set:
-        return enc
-    return get_encoding(name + "+chatml", data_dir)
+    from models.tokenizers import chat_encoding_name
+    return get_encoding(chat_encoding_name(name, data_dir), data_dir)
 
 
 def chat_view(messages: list[dict], enc: tiktoken.Encoding, add_generation_prompt: bool = True) -> dict:

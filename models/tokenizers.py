@@ -379,3 +379,10 @@ def get_encoding(name: str, data_dir: Path | None = None) -> tiktoken.Encoding:
             stamp = meta_path.stat().st_mtime_ns
             return _CACHE.get(name, data_dir, lambda: _read_encoding_files(ranks_path, meta_path, name), stamp)
     raise UnknownEncoding(f"unknown encoding {name!r}; available: {', '.join(list_encodings(data_dir))}")
+
+
+def chat_encoding_name(name: str, data_dir: Path | str | None = None) -> str:
+    """`name` when its encoding has the ChatML tokens, else `name+chatml` (the same vocabulary with
+    <|im_start|>, <|im_end|>, <|im_sep|> added): the one rule for "an encoding a chat can render with"."""
+    enc = get_encoding(name, data_dir)
+    return name if {"<|im_start|>", "<|im_end|>"} <= enc.special_tokens_set else name + "+chatml"

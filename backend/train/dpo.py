@@ -102,8 +102,8 @@ def run_dpo(cfg: DPOConfig, ctx: JobContext) -> Outcome:
     try:
         torch.manual_seed(cfg.seed)
         parent, enc, spec = load_parent(run.app, cfg.parent_model, run.device)
-        from models.tokenizers import get_encoding, with_chat_tokens
-        tok_name = spec.tokenizer if with_chat_tokens(enc) is enc else spec.tokenizer + "+chatml"
+        from models.tokenizers import chat_encoding_name, get_encoding
+        tok_name = chat_encoding_name(spec.tokenizer, run.app.data_dir)
         enc = get_encoding(tok_name, run.app.data_dir)
         parent = extend_for_tokens(parent, enc)
         ref = copy.deepcopy(parent).eval().requires_grad_(False)  # the frozen reference: the parent

@@ -166,8 +166,8 @@ def run_reward(cfg: RewardConfig, ctx: JobContext) -> Outcome:
     try:
         torch.manual_seed(cfg.seed)
         parent, enc, spec = load_parent(run.app, cfg.parent_model, run.device)
-        from models.tokenizers import get_encoding, with_chat_tokens
-        tok_name = spec.tokenizer if with_chat_tokens(enc) is enc else spec.tokenizer + "+chatml"
+        from models.tokenizers import chat_encoding_name, get_encoding
+        tok_name = chat_encoding_name(spec.tokenizer, run.app.data_dir)
         enc = get_encoding(tok_name, run.app.data_dir)
         from backend.train.common import extend_for_tokens
         backbone = run.model_to_train(lambda: extend_for_tokens(parent, enc)).to(run.device)
