@@ -57,9 +57,8 @@ def pg_server(tmp_path_factory):
         shutil.rmtree(root, ignore_errors=True)
 
 
-@pytest.fixture
-def db(pg_server):
-    """A fresh database on the server for each test."""
+def fresh_database(pg_server: str) -> Database:
+    """A new, migrated database on the throwaway server."""
     name = "t_" + uuid.uuid4().hex[:12]
     admin = Database(pg_server)
     with admin.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
@@ -67,6 +66,13 @@ def db(pg_server):
     admin.close()
     d = Database(pg_server.replace("/postgres?", f"/{name}?"))
     d.migrate()
+    return d
+
+
+@pytest.fixture
+def db(pg_server):
+    """A fresh database on the server for each test."""
+    d = fresh_database(pg_server)
     yield d
     d.close()
 

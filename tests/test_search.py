@@ -171,7 +171,7 @@ def test_no_endpoint_configured(index):
 
 try:
     import psycopg  # noqa: F401
-    from tests.test_db_postgres import pg_server  # noqa: F401  (the module-scoped throwaway cluster fixture)
+    from tests.test_db_postgres import fresh_database, pg_server  # noqa: F401  (pg_server: the throwaway cluster fixture)
     HAVE_PSYCOPG = True
 except ImportError:
     HAVE_PSYCOPG = False
@@ -179,14 +179,7 @@ except ImportError:
 
 @pytest.mark.skipif(not HAVE_PSYCOPG, reason="psycopg not installed")
 def test_search_on_postgres(pg_server):
-    import uuid
-    name = "s_" + uuid.uuid4().hex[:12]
-    admin = Database(pg_server)
-    with admin.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
-        c.exec_driver_sql(f"CREATE DATABASE {name}")
-    admin.close()
-    db = Database(pg_server.replace("/postgres?", f"/{name}?"))
-    db.migrate()
+    db = fresh_database(pg_server)
     try:
         ix = SearchIndex(db)
         ix._builtin_checked = True
