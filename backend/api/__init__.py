@@ -19,6 +19,7 @@ ROUTES: list[tuple[str, str]] = [
     ("tools", ""),
     ("jobs", ""),
     ("completion", ""),
+    ("arena", ""),
 ]
 
 

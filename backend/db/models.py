@@ -203,3 +203,30 @@ class Document(Base):
     source: Mapped[str] = mapped_column(String(200), index=True)  # "user", "python-docs", "knowledge", ...
     created_by: Mapped[int | None] = mapped_column(ForeignKey("users.id"), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ArenaBattle(Base):
+    """One blind side-by-side battle (backend.arena): a prompt answered by two models. The names stay hidden
+    from the voter until the battle's vote exists. status: answering -> ready (both answers in) | failed."""
+    __tablename__ = "arena_battles"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    prompt: Mapped[str] = mapped_column(Text)
+    model_a: Mapped[str] = mapped_column(String(200))
+    model_b: Mapped[str] = mapped_column(String(200))
+    answer_a: Mapped[str | None] = mapped_column(Text, nullable=True)
+    answer_b: Mapped[str | None] = mapped_column(Text, nullable=True)
+    params: Mapped[dict] = mapped_column(JSON, default=dict)  # temperature, top_p, max_tokens, seed
+    status: Mapped[str] = mapped_column(String(16), default="answering")
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ArenaVote(Base):
+    """The one vote of a battle (unique battle_id): winner a | b | tie | both_bad."""
+    __tablename__ = "arena_votes"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    battle_id: Mapped[int] = mapped_column(ForeignKey("arena_battles.id", ondelete="CASCADE"), unique=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    winner: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
