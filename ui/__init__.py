@@ -14,6 +14,7 @@ TABS: list[tuple[str, str]] = [
     ("chat", "Chat"),  # system prompts, tools, thinking (issue 7)
     ("training", "Training"),
     ("labeling", "Labeling"),
+    ("arena", "Arena"),  # blind side-by-side votes become a leaderboard (DEMOS 18)
 ]
 
 

@@ -1,0 +1,135 @@
+"""Arena tab (DEMOS 18): a prompt, two anonymous answers side by side, a vote, the names revealed, and the
+leaderboard the votes make. Layout and wiring only: backend.arena does the work."""
+from __future__ import annotations
+
+import asyncio
+import html
+import threading
+
+import gradio as gr
+
+from backend import chat_service as cs
+from backend.arena import battles as arena
+from backend.engine import aiterate
+from ui.chat import _md
+from ui.login import build_login, request_user
+
+INTRO = ("**Comparing models the way LM Arena does.** Two models, drawn at random, answer your prompt; you see "
+         "only \"Model A\" and \"Model B\". Vote for the better answer (or a tie, or both bad) and the names are "
+         "revealed. Every vote goes into the leaderboard below: a Bradley-Terry model fitted on all votes (ties "
+         "count half), with 95% bootstrap intervals, and online Elo beside it for comparison. **What to notice:** "
+         "with a handful of votes the intervals are wide and overlap, so the ranks are ties; Elo changes with the "
+         "order of the votes, Bradley-Terry does not. Open-ended prompts with no checkable answer (a joke about "
+         "pelicans) are what people-vote arenas are for. Sign in to vote (any account).")
+
+VOTES = [("a", "👈 A is better"), ("b", "👉 B is better"), ("tie", "🤝 Tie"), ("both_bad", "👎 Both are bad")]
+VOTE_WORDS = dict(VOTES)
+BOARD_HEADERS = ["Rank (UB)", "Model", "Bradley-Terry", "95% CI", "Online Elo", "Battles", "Wins", "Losses", "Ties",
+                 "Win rate"]
+
+
+def board_rows(board: dict) -> list[list]:
+    return [[r["rank"], r["model"], round(r["rating"]), f"{r['ci_low']:.0f} – {r['ci_high']:.0f}", round(r["elo"]),
+             r["battles"], r["wins"], r["losses"], r["ties"], f"{r['win_rate']:.0%}"] for r in board["rows"]]
+
+
+def matrix_value(board: dict) -> dict:
+    wr = board["win_rate"]
+    rows = [[m] + ["—" if r is None else f"{r:.0%} of {n}" for r, n in zip(rates, games)]
+            for m, rates, games in zip(wr["models"], wr["rate"], wr["battles"])]
+    return {"headers": ["row vs column"] + wr["models"], "data": rows or [["(no votes yet)"]]}
+
+
+def tables(pg) -> tuple[list[list], dict]:
+    board = arena.leaderboard(pg.db)
+    return board_rows(board), matrix_value(board)
+
+
+def build(pg) -> None:
+    gr.Markdown(INTRO)
+    build_login()
+    battle_id = gr.State(None)
+    with gr.Row():
+        draw = gr.Dropdown(cs.chat_models(pg.registry), value=[], multiselect=True, scale=4, elem_id="arena-models",
+                           label="Models in the draw (empty = every chat model; two are drawn at random)")
+        refresh = gr.Button("↻ models", scale=0, size="sm")
+    with gr.Accordion("Sampling (the same for both models)", open=False):
+        with gr.Row():
+            temperature = gr.Slider(0, 2, value=0.7, step=0.05, label="Temperature (0 = greedy)")
+            max_tokens = gr.Slider(1, arena.MAX_TOKENS, value=256, step=1, label="Max new tokens per answer")
+            seed = gr.Number(None, precision=0, label="Seed (empty = random)")
+    sample = gr.Dropdown(arena.SAMPLE_PROMPTS, value=None, label="Sample prompts", elem_id="arena-sample")
+    with gr.Row():
+        prompt = gr.Textbox(placeholder="Ask both models something", show_label=False, scale=5, elem_id="arena-prompt")
+        go = gr.Button("⚔ Battle", variant="primary", scale=1, elem_id="arena-battle")
+    with gr.Row(equal_height=True):
+        with gr.Column():
+            gr.Markdown("### Model A")
+            answer_a = gr.Markdown(elem_id="arena-answer-a")
+        with gr.Column():
+            gr.Markdown("### Model B")
+            answer_b = gr.Markdown(elem_id="arena-answer-b")
+    with gr.Row():
+        buttons = [gr.Button(label, interactive=False, elem_id=f"arena-vote-{w}") for w, label in VOTES]
+    status = gr.Markdown(elem_id="arena-status")
+    gr.Markdown("### Leaderboard")
+    board = gr.Dataframe(lambda: board_rows(arena.leaderboard(pg.db)), headers=BOARD_HEADERS, interactive=False, elem_id="arena-leaderboard")
+    gr.Markdown("Win rate of the row model against the column model (ties count half), and how many battles.")
+    matrix = gr.Dataframe(lambda: matrix_value(arena.leaderboard(pg.db, bootstrap=0)), interactive=False, elem_id="arena-winrate")
+    show = gr.Button("↻ Refresh leaderboard", size="sm", elem_id="arena-refresh")
+
+    def locked(v=False):
+        return [gr.update(interactive=v) for _ in buttons]
+
+    async def on_battle(text, models, temperature_, max_tokens_, seed_, request: gr.Request):
+        try:
+            user = request_user(pg, request, "learner")
+            params = arena.sampling_params(float(temperature_), 0.95, int(max_tokens_),
+                                           None if seed_ is None else int(seed_))
+            battle = await asyncio.to_thread(arena.start_battle, pg, user, text, list(models or []), params)
+        except ValueError as e:
+            yield None, "", "", f"⚠ {html.escape(str(e))}", *locked()
+            return
+        shown = {"a": "", "b": ""}
+        cancel = threading.Event()
+        yield battle["id"], "", "", "Model A is answering…", *locked()
+        try:
+            async for side, delta in aiterate(arena.answer_events(pg, user, battle["id"], cancel), cancel):
+                shown[side] += delta
+                yield (battle["id"], _md(shown["a"]), _md(shown["b"]),
+                       f"Model {side.upper()} is answering…", *locked())
+        except Exception as e:  # noqa: BLE001 - the battle is marked failed; say why
+            yield battle["id"], _md(shown["a"]), _md(shown["b"]), f"⚠ {html.escape(str(e))}", *locked()
+            return
+        done = await asyncio.to_thread(arena.get_battle, pg, user, battle["id"])
+        if done["status"] != "ready":
+            yield battle["id"], _md(shown["a"]), _md(shown["b"]), "Stopped before both answers were in.", *locked()
+            return
+        yield (battle["id"], _md(done["answer_a"]) or "(empty answer)", _md(done["answer_b"]) or "(empty answer)",
+               "Which answer is better? The names appear after your vote.", *locked(True))
+
+    def on_vote(winner, bid, request: gr.Request):
+        try:
+            user = request_user(pg, request, "learner")
+            if bid is None:
+                raise ValueError("start a battle first")
+            b = arena.vote(pg, user, bid, winner)
+        except (ValueError, LookupError, PermissionError) as e:
+            return f"⚠ {html.escape(str(e))}", *locked(), gr.skip(), gr.skip()
+        reveal = (f"**Model A was {html.escape(b['model_a'])}, Model B was {html.escape(b['model_b'])}.** "
+                  f"You voted: {VOTE_WORDS[winner]}. Battle #{b['id']} is in the leaderboard.")
+        return reveal, *locked(), *tables(pg)
+
+    def voter(winner):
+        def handler(bid, request: gr.Request):
+            return on_vote(winner, bid, request)
+        return handler
+
+    outs = [battle_id, answer_a, answer_b, status, *buttons]
+    go.click(on_battle, [prompt, draw, temperature, max_tokens, seed], outs)
+    prompt.submit(on_battle, [prompt, draw, temperature, max_tokens, seed], outs)
+    for (winner, _), button in zip(VOTES, buttons):
+        button.click(voter(winner), [battle_id], [status, *buttons, board, matrix])
+    sample.change(lambda s: s or gr.skip(), [sample], [prompt])
+    show.click(lambda: tables(pg), None, [board, matrix])
+    refresh.click(lambda: gr.update(choices=cs.chat_models(pg.registry)), None, draw)
