@@ -123,6 +123,14 @@ def test_bad_battles_and_votes_say_what_is_wrong(pg):
         arena.vote(pg, ann, 999_999, "a")
 
 
+def test_a_fresh_install_says_why_there_is_no_battle_yet(tmp_path):
+    pg = Playground(AppConfig(data_dir=tmp_path / "data", start_worker=False, preload=False))
+    ann = make_users(pg.db, [("ann", "learner")])["ann"][0]
+    with pytest.raises(ValueError, match="needs two chat models and only smollm2-135m-instruct is registered; fine-tune"):
+        arena.start_battle(pg, ann, "hi")
+    pg.db.close()
+
+
 def test_votes_in_the_database_make_the_leaderboard(tmp_path):
     data = tmp_path / "data"
     for name, line in LINES.items():

@@ -54,6 +54,9 @@ def check_models(pg, models: list[str] | None) -> list[str]:
     """The draw: `models` if given (each must be a registered chat model), else every chat model."""
     chat = chat_service.chat_models(pg.registry)
     if not models:
+        if len(chat) < 2:  # a fresh install has only the bundled SmolLM2
+            raise ValueError(f"the arena needs two chat models and only {', '.join(chat) or 'none'} is registered; "
+                             "fine-tune one in the Training tab (SFT, DPO, RLHF, GRPO) and it joins the draw")
         return chat
     for name in models:
         if name not in chat:
