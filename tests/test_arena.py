@@ -12,7 +12,6 @@ import httpx
 import pytest
 from fastapi.routing import APIRoute
 
-from backend import users
 from backend.api import arena as arena_api
 from backend.arena import battles as arena
 from backend.config import AppConfig

@@ -49,7 +49,7 @@ def text_of(page, elem_id: str) -> str:
 
 
 def test_battle_vote_reveal_and_leaderboard(site, page):
-    server, people = site
+    _, people = site
     form = page.locator(".pg-login-form:visible")
     form.locator("input[name=name]").fill("ann")
     form.locator("input[name=password]").fill(people["ann"][1])

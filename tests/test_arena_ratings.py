@@ -44,7 +44,7 @@ def test_a_model_that_always_wins_ranks_first_and_stays_finite():
     votes = [("champ", "y", "a"), ("z", "champ", "b"), ("y", "z", "a"), ("z", "y", "tie"), ("champ", "z", "a")]
     board = leaderboard(votes, bootstrap=50)
     rows = board["rows"]
-    assert [r["model"] for r in rows][0] == "champ"
+    assert rows[0]["model"] == "champ"
     assert all(math.isfinite(r["rating"]) for r in rows)
     assert rows[0]["wins"] == 3 and rows[0]["losses"] == 0 and rows[0]["win_rate"] == 1.0
     assert board["votes"] == 5

@@ -106,7 +106,7 @@ def answer_events(pg, user, battle_id: int, cancel: threading.Event | None = Non
                 pg.engines.get(model)
             except ValueError:  # unknown model (deleted since the battle started)
                 raise
-            except Exception as e:  # noqa: BLE001 - a model on disk that does not load: say which, plainly
+            except Exception as e:  # a model on disk that does not load: say which, plainly
                 raise ModelUnavailable(f"model {side.upper()} could not be loaded: {type(e).__name__}") from e
             result = None
             for ev in chat_service.turn_events(pg, model, "", conversation, params, [], 0, cancel):
