@@ -10,10 +10,18 @@ Fusing q/k/v and gate/up into single matmuls was tried: no measurable gain per t
 memory-bound), while concatenating the weights cost seconds of load time, so the weights stay as loaded.
 tests/test_engine.py checks its logits against `Transformer.forward`.
 
-quant="int8" (opt-in) runs every decode matmul with int8 weights (symmetric, one scale per output row)
-through fbgemm's dynamic-quantized linear: a quarter of the float32 bytes per token, which is what a
-memory-bound batch-1 decode pays for. Prefill keeps the float weights. Greedy text can drift from the
-float32 model after a few dozen tokens; float32 stays the default.
+Decoding at batch 1 is memory-bound: float32 weights are ~540 MB read per token for SmolLM2-135M.
+Two opt-in weight formats cut that (prefill keeps the float weights either way):
+- quant="gguf": the GGUF file's own blocks (models.gguf_loader.QuantBlocks), as llama.cpp runs them.
+  Q4_1 matrices (w = q * d + m per block of 32) go through torch's CPU int4 kernel
+  (`_weight_int4pack_mm_for_cpu`, whose dequant is (q - 8) * scale + zero, so scale = d and
+  zero = m + 8 d), which is fast only with bfloat16 activations and scales. A Q8_0 matrix (the tied
+  lm_head) is split exactly into two 4-bit halves, q = 16 * hi + lo, laid side by side along K so one
+  int4 call sums both. The only losses are bf16 roundings (activations, scales, matmul outputs); the
+  residual stream, RoPE, attention and the KV cache stay float32. ~1/8 of the float32 bytes per token.
+  Agreement with the float32 step is measured by `python -m backend.bench decode` and tested.
+- quant="int8": any float32 model, weights re-quantized to int8 (one scale per output row) through
+  fbgemm's dynamic-quantized linear. Greedy text drifts from float32 after a few dozen tokens.
 """
 from __future__ import annotations
 
@@ -40,33 +48,82 @@ def _float_linear(w: torch.Tensor):
     return lambda x: F.linear(x, w)
 
 
+def _int4_mm(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor):
+    """x [B, K] -> bf16 [B, N] with w[n, k] = (q[n, k] - 8) * scale[n, k // 32] + zero[n, k // 32], q in 0..15."""
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 2)
+    scales_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)  # [K/32, N, 2]
+    return lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), packed, 32, scales_zeros)
+
+
+def _gguf_linear(blocks, w: torch.Tensor):
+    """A decode linear on a GGUF matrix's own blocks (bf16 out); float32 when the kernel cannot take it."""
+    N, K = w.shape
+    if blocks is None or N % 16 or K % 32:  # the kernel tiles N by 16..64 and K by the 32-wide blocks
+        return lambda x: F.linear(x.to(w.dtype), w)
+    d = blocks.d.float()
+    if blocks.kind == "Q4_1":
+        return _int4_mm(blocks.q, d, blocks.m.float() + 8 * d)
+    # Q8_0: q in -128..127 = 16 * hi + lo, lo = q & 15 in 0..15, hi in -8..7; w = 16 d hi + d lo.
+    q = blocks.q.to(torch.int32)
+    lo = q & 15
+    hi = (q - lo) // 16
+    mm = _int4_mm(torch.cat([lo, hi + 8], dim=1), torch.cat([d, 16 * d], dim=1),
+                  torch.cat([8 * d, torch.zeros_like(d)], dim=1))
+    return lambda x: mm(torch.cat([x, x], dim=-1))
+
+
 def quant_supported() -> bool:
     return "fbgemm" in torch.backends.quantized.supported_engines
 
 
+def gguf_supported(device: torch.device) -> bool:
+    """The int4 kernel runs on CPUs only; elsewhere a GGUF model decodes with its float weights."""
+    return device.type == "cpu" and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+
+
 class DecodeStep:
-    def __init__(self, model, quant: str | None = None):
-        if quant not in (None, "int8"):
-            raise ValueError(f"quant must be None or 'int8', not {quant!r}")
+    def __init__(self, model, quant: str | None = None, blocks: dict | None = None):
+        """quant None (the model's own weights), "int8", or "gguf" with `blocks`: the GGUF's quantized
+        matrices by HF weight name (models.gguf_loader.load_gguf_blocks) for this model's weights."""
+        if quant not in (None, "int8", "gguf"):
+            raise ValueError(f"quant must be None, 'int8' or 'gguf', not {quant!r}")
         if quant == "int8" and (model.device.type != "cpu" or not quant_supported()):
             raise ValueError("int8 decoding needs a CPU with fbgemm")
-        if quant == "int8" and model.dtype != torch.float32:
-            raise ValueError("int8 decoding quantizes a float32 model")
+        if quant == "gguf" and not gguf_supported(model.device):
+            raise ValueError(f"gguf decoding runs on the CPU's int4 kernel, not on {model.device.type}")
+        if quant == "gguf" and not blocks:
+            raise ValueError("gguf decoding needs the model's GGUF blocks (models.gguf_loader.load_gguf_blocks)")
+        if quant is not None and model.dtype != torch.float32:
+            raise ValueError(f"{quant} decoding runs beside a float32 model, not {model.dtype}")
         self.quant = quant
         cfg = model.cfg
         self.model = model
         self.H, self.K, self.hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.rep = self.H // self.K
         self.dim, self.eps = cfg.dim, cfg.norm_eps
-        lin = _int8_linear if quant == "int8" else _float_linear
+        # bf16 activations into the int4 kernel (the cast is shared by the matmuls reading the same input)
+        self.act_dtype = torch.bfloat16 if quant == "gguf" else None
+
+        def lin(name: str, w: torch.Tensor):
+            if quant == "gguf":
+                if name in blocks:
+                    _check_blocks(name, blocks[name], w)
+                return _gguf_linear(blocks.get(name), w)
+            return _int8_linear(w) if quant == "int8" else _float_linear(w)
+
         self.layers = []
         with torch.no_grad():
-            for blk in model.model.layers:
+            for i, blk in enumerate(model.model.layers):
                 a, m = blk.self_attn, blk.mlp
-                self.layers.append((blk.input_layernorm.weight, lin(a.q_proj.weight), lin(a.k_proj.weight),
-                                    lin(a.v_proj.weight), lin(a.o_proj.weight), blk.post_attention_layernorm.weight,
-                                    lin(m.gate_proj.weight), lin(m.up_proj.weight), lin(m.down_proj.weight)))
-            self.lm_head = lin(model.lm_head.weight)
+                p = f"model.layers.{i}."
+                self.layers.append((
+                    blk.input_layernorm.weight, lin(p + "self_attn.q_proj.weight", a.q_proj.weight),
+                    lin(p + "self_attn.k_proj.weight", a.k_proj.weight), lin(p + "self_attn.v_proj.weight", a.v_proj.weight),
+                    lin(p + "self_attn.o_proj.weight", a.o_proj.weight), blk.post_attention_layernorm.weight,
+                    lin(p + "mlp.gate_proj.weight", m.gate_proj.weight), lin(p + "mlp.up_proj.weight", m.up_proj.weight),
+                    lin(p + "mlp.down_proj.weight", m.down_proj.weight)))
+            head = "model.embed_tokens.weight" if cfg.tie_embeddings else "lm_head.weight"
+            self.lm_head = lin(head, model.lm_head.weight)
 
     def __call__(self, tokens: torch.Tensor, cache) -> torch.Tensor:
         """tokens [B] at slot cache.pos -> logits [B, V]; the cache advances by one."""
@@ -87,8 +144,9 @@ class DecodeStep:
             sin = model.rope_sin[p].to(dtype)[:, None, :]
             keys = torch.arange(pos + 1, device=tokens.device)
             mask = (keys[None, :] >= cache.pad[:, None])[:, None, None, :]  # [B, 1, 1, S]
+        act = self.act_dtype or dtype
         for i, (ln1, wq, wk, wv, wo, ln2, wg, wu, wd) in enumerate(self.layers):
-            h = F.rms_norm(x, (self.dim,), ln1, self.eps)
+            h = F.rms_norm(x, (self.dim,), ln1, self.eps).to(act)
             qk = torch.cat([wq(h).view(B, H, hd), wk(h).view(B, K, hd)], dim=1)
             qk = qk * cos + _rotate_half(qk) * sin  # RoPE on q and k at once
             cache.k[i][:, :, pos] = qk[:, H:]
@@ -97,8 +155,20 @@ class DecodeStep:
             y = F.scaled_dot_product_attention(q, cache.k[i][:, :, :pos + 1], cache.v[i][:, :, :pos + 1],
                                                attn_mask=mask)
             x = x + wo(y.reshape(B, H * hd))
-            h = F.rms_norm(x, (self.dim,), ln2, self.eps)
-            x = x + wd(F.silu(wg(h)) * wu(h))
+            h = F.rms_norm(x, (self.dim,), ln2, self.eps).to(act)
+            x = x + wd(F.silu(wg(h)) * wu(h))  # x stays float32: bf16 outputs promote on the add
         cache.pos += 1
         x = F.rms_norm(x, (self.dim,), model.model.norm.weight, self.eps)
-        return self.lm_head(x)
+        return self.lm_head(x).to(dtype)
+
+
+def _check_blocks(name: str, blocks, w: torch.Tensor) -> None:
+    """The blocks must be the weights the model holds (its float32 weights are their dequantization):
+    a cheap check on the first rows catches a model changed since loading, or blocks of another model."""
+    if tuple(blocks.q.shape) != tuple(w.shape):
+        raise ValueError(f"GGUF blocks for {name} have shape {tuple(blocks.q.shape)}, the model {tuple(w.shape)}")
+    from models.gguf_loader import QuantBlocks
+    rows = min(8, w.shape[0])
+    head = QuantBlocks(blocks.kind, blocks.q[:rows], blocks.d[:rows], None if blocks.m is None else blocks.m[:rows])
+    if not torch.equal(head.dequantize().to(w.device), w[:rows].float()):
+        raise ValueError(f"GGUF blocks for {name} do not match the model's weights (changed since loading?)")

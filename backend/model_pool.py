@@ -13,6 +13,7 @@ from collections import OrderedDict
 
 import torch
 
+from backend.decode_step import gguf_supported
 from backend.engine import Engine, SingleFlight
 from models.device import pick_device
 
@@ -34,26 +35,33 @@ def engine_dtype(device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def engine_quant(device: torch.device) -> str | None:
-    """Decode-time weight quantization: PLAYGROUND_QUANT=int8 opts in (CPU only); default none (float)."""
-    q = os.environ.get("PLAYGROUND_QUANT", "").strip().lower() or None
-    if q in (None, "none", "fp32", "float32"):
-        return None
-    if q != "int8":
-        raise ValueError(f"PLAYGROUND_QUANT must be 'int8' or 'none', not {q!r}")
-    return q if device.type == "cpu" else None
+QUANT_MODES = ("gguf", "none", "int8")
+
+
+def engine_quant(device: torch.device) -> str:
+    """Decode-time weights, PLAYGROUND_QUANT: "gguf" (default) decodes a GGUF-loaded model on the CPU with
+    the file's own 4-bit blocks (backend/decode_step.py; other models stay float), "none" decodes with the
+    float weights, "int8" re-quantizes any float32 model to int8 rows (CPU only)."""
+    q = os.environ.get("PLAYGROUND_QUANT", "").strip().lower() or "gguf"
+    q = {"fp32": "none", "float32": "none", "float": "none"}.get(q, q)
+    if q not in QUANT_MODES:
+        raise ValueError(f"PLAYGROUND_QUANT must be one of {', '.join(QUANT_MODES)}, not {q!r}")
+    return q if device.type == "cpu" else "none"
 
 
 class EnginePool:
     def __init__(self, registry, cfg, max_loaded: int = 3, quant: str | None = "env", dtype: torch.dtype | None = None):
+        """quant: one of QUANT_MODES (None means "none"), or "env" to read PLAYGROUND_QUANT."""
         self.registry = registry
         self.cfg = cfg
         self.max_loaded = max_loaded
         self.guard = SingleFlight()
         self.device = pick_device(cfg.device)
         self.dtype = dtype or engine_dtype(self.device)
-        self.quant = engine_quant(self.device) if quant == "env" else quant
-        if self.quant:
+        self.quant = engine_quant(self.device) if quant == "env" else (quant or "none")
+        if self.quant not in QUANT_MODES:
+            raise ValueError(f"quant must be one of {', '.join(QUANT_MODES)}, not {self.quant!r}")
+        if self.quant == "int8":
             self.dtype = torch.float32  # int8 decoding quantizes float32 weights
         self._engines: OrderedDict[str, Engine] = OrderedDict()
         self._lock = threading.Lock()
@@ -104,17 +112,31 @@ class EnginePool:
             model = self.registry.load(name, device=self.device, dtype=self.dtype)
             from models.tokenizers import get_encoding
             enc = get_encoding(spec.tokenizer, self.cfg.data_dir)
-            eng = Engine(spec, model, enc, guard=self.guard, quant=self.quant)
+            quant, blocks = self._decode_weights(spec, model)
+            eng = Engine(spec, model, enc, guard=self.guard, quant=quant, blocks=blocks)
             eng.disk_stamp = stamp
             self.load_seconds[name] = time.perf_counter() - t0
             log.info("loaded model %s (%s, %s%s) in %.2fs", name, self.device, self.dtype,
-                     ", int8 decode" if self.quant else "", self.load_seconds[name])
+                     f", {quant} decode" if quant else "", self.load_seconds[name])
             with self._lock:
                 self._engines[name] = eng
                 while len(self._engines) > self.max_loaded:
                     old, _ = self._engines.popitem(last=False)
                     log.info("unloaded model %s", old)
             return eng
+
+    def _decode_weights(self, spec, model) -> tuple[str | None, dict | None]:
+        """(quant, GGUF blocks) for an engine: the GGUF's own blocks where the model was loaded from one
+        (the bundled model; its cache keeps them) and they can run here; else the float weights."""
+        if self.quant == "int8":
+            return "int8", None
+        if self.quant == "gguf" and spec.kind == "bundled" and model.dtype == torch.float32 \
+                and gguf_supported(model.device):
+            from models.gguf_loader import load_gguf_blocks
+            blocks = load_gguf_blocks(self.cfg.cache_dir / spec.name)
+            if blocks:
+                return "gguf", blocks
+        return None, None
 
     def unload(self, name: str) -> None:
         """Forget a loaded engine (e.g. after the model was overwritten on disk); the next get reloads."""

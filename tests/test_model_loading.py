@@ -29,8 +29,9 @@ def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_gguf(model: Transformer, path: Path, qtype=None) -> Path:
-    """Write `model` as llama.cpp's converter would: llama.cpp tensor names, permuted q/k rows."""
+def write_gguf(model: Transformer, path: Path, qtype=None, embed_qtype=None) -> Path:
+    """Write `model` as llama.cpp's converter would: llama.cpp tensor names, permuted q/k rows;
+    matrices quantized to `qtype` (the token embedding to `embed_qtype`, default the same)."""
     c = model.cfg
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_block_count(c.n_layers)
@@ -61,9 +62,10 @@ def write_gguf(model: Transformer, path: Path, qtype=None) -> Path:
             a = llama_cpp_permute(a, c.n_heads)
         elif name.endswith("k_proj.weight"):
             a = llama_cpp_permute(a, c.n_kv_heads)
-        if qtype is not None and a.ndim == 2:
-            q = gguf.quants.quantize(a, qtype)
-            w.add_tensor(gname, q, raw_shape=q.shape, raw_dtype=qtype)
+        qt = (embed_qtype or qtype) if gname == "token_embd.weight" else qtype
+        if qt is not None and a.ndim == 2:
+            q = gguf.quants.quantize(a, qt)
+            w.add_tensor(gname, q, raw_shape=q.shape, raw_dtype=qt)
         else:
             w.add_tensor(gname, a)
     w.write_header_to_file()
@@ -133,6 +135,27 @@ def test_gguf_cache_is_built_once_and_rebuilt_when_stale(tmp_path):
     gl.load_gguf_cached(src, cache)
     assert json.loads((cache / "playground.json").read_text())["source"]["loader_version"] == gl.LOADER_VERSION
     assert [p.name for p in cache.parent.iterdir()] == ["m"]  # no temp or old dirs left behind
+
+
+@torch.no_grad()
+def test_gguf_cache_keeps_the_files_own_blocks(tmp_path):
+    """Stored like the bundled file (Q4_1 layers, Q8_0 tied embedding): the cache keeps each matrix's
+    blocks (q/k rows un-permuted like the floats), and they dequantize exactly to the weights the model
+    loads. A float32 GGUF has no blocks. (The decode path that runs on them: tests/test_engine.py.)"""
+    T = gguf.GGMLQuantizationType
+    model = make_tiny_model(256, seed=8)
+    cache = tmp_path / "cache" / "m"
+    loaded = gl.load_gguf_cached(write_gguf(model, tmp_path / "q4.gguf", T.Q4_1, T.Q8_0), cache)
+    blocks = gl.load_gguf_blocks(cache)
+    sd = loaded.state_dict()
+    matrices = [n for n, t in sd.items() if t.dim() == 2 and n != "lm_head.weight"]  # lm_head is tied
+    assert {n: b.kind for n, b in blocks.items()} == {n: "Q8_0" if "embed" in n else "Q4_1" for n in matrices}
+    for name, b in blocks.items():
+        assert torch.equal(b.dequantize(), sd[name]), name
+        lo, hi = (-128, 127) if b.kind == "Q8_0" else (0, 15)
+        assert lo <= int(b.q.min()) and int(b.q.max()) <= hi
+    gl.load_gguf_cached(write_gguf(model, tmp_path / "f32.gguf"), tmp_path / "cache" / "f")
+    assert gl.load_gguf_blocks(tmp_path / "cache" / "f") == {}
 
 
 def test_failed_cache_build_leaves_nothing_behind(tmp_path, monkeypatch):

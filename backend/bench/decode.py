@@ -9,8 +9,14 @@ Who is who, measured in one run with the same prompt, the same thread count and 
   `generate(do_sample=True, num_return_sequences=N)`.
 - load time of the bundled model into an engine (weights + tokenizer): cold = a fresh cache directory
   (GGUF dequantization and tokenizer conversion included), warm = a new process reading the cache.
-- our variants: fp32 (the default engine, exact to the reference), bf16 weights (PLAYGROUND_DTYPE=bf16) and
-  int8 (opt-in PLAYGROUND_QUANT=int8: decode matmuls with int8 weights through fbgemm).
+- our variants: gguf (the app's default on a CPU: decode matmuls on the GGUF file's own Q4_1/Q8_0 blocks,
+  bf16 activations; prefill in float32), fp32 (PLAYGROUND_QUANT=none: float32 weights, exact to the
+  reference), and opt-in bf16 weights (PLAYGROUND_DTYPE=bf16) and int8 (PLAYGROUND_QUANT=int8: int8 rows).
+- agreement of each non-fp32 variant with the fp32 one, on a few chat prompts: teacher-forced along the
+  fp32 greedy tokens, the share of steps whose top-1 token is the same and the max |logit diff|; and free
+  running, how many greedy tokens match before the first divergence. (transformers cannot run Q4_1, so the
+  peer is always fp32 on the dequantized weights; llama.cpp also quantizes activations, so no 4-bit
+  engine is bit-exact with fp32.)
 - llama.cpp on the same GGUF is the stretch peer; it is reported only when `llama_cpp` is importable.
 Timings are the median of --repeat runs after a warm-up run.
 """
@@ -29,6 +35,11 @@ from pathlib import Path
 import torch
 
 PROMPT = [{"role": "user", "content": "Write a short story about a robot who learns to paint."}]
+AGREEMENT_PROMPTS = ["Write a short story about a robot who learns to paint.", "What is the capital of France?",
+                     "Explain recursion in Python with an example.", "List three fruits and their colors."]
+VARIANTS = {  # name -> (EnginePool quant, dtype)
+    "fp32": ("none", torch.float32), "gguf": ("gguf", torch.float32),
+    "bf16": ("none", torch.bfloat16), "int8": ("int8", torch.float32)}
 
 
 def _median_time(fn, repeat: int) -> float:
@@ -57,6 +68,33 @@ def _warm_load_seconds(data_dir: Path, cache_dir: Path, model: str, threads: int
     return float(out.stdout.strip().splitlines()[-1])
 
 
+def agreement(ref, eng, tokens: int, prompts: list[str] = AGREEMENT_PROMPTS) -> dict:
+    """How closely engine `eng` decodes like `ref` (both on the same model): teacher-forced along ref's
+    greedy tokens, the share of steps with the same top-1 token and the max |logit diff|; free running,
+    the greedy tokens that match before the first divergence (per prompt)."""
+    from backend.sampling import SamplingParams
+    same = steps = 0
+    worst = 0.0
+    matched = []
+    greedy = SamplingParams(temperature=0, max_tokens=tokens)
+    with torch.inference_mode():
+        for text in prompts:
+            ids = ref.chat_prompt([{"role": "user", "content": text}])
+            caches = [e.model.new_cache(1, len(ids) + tokens) for e in (ref, eng)]
+            logits = [e.model(torch.tensor([ids], device=e.device), c, last_only=True)[:, -1].float()
+                      for e, c in zip((ref, eng), caches)]
+            for _ in range(tokens):
+                tok = logits[0].argmax(-1)
+                logits = [e.step(tok.to(e.device), c).float().cpu() for e, c in zip((ref, eng), caches)]
+                same += int(logits[0].argmax() == logits[1].argmax())
+                steps += 1
+                worst = max(worst, (logits[0] - logits[1]).abs().max().item())
+            a, b = ref.complete(ids, greedy)[0].token_ids, eng.complete(ids, greedy)[0].token_ids
+            matched.append(next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b))))
+    return {"top1_agreement": round(same / steps, 4), "max_abs_logit_diff": round(worst, 3),
+            "greedy_tokens_matched": matched, "prompts": len(prompts), "tokens": tokens}
+
+
 def result(metric, unit, ours, peer, peer_name, goal, higher_is_better=True, **extra) -> dict:
     ratio = None
     if peer is not None and ours:
@@ -77,8 +115,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--data-dir", default=None, help="where the bundled model's cache lives (default: a temp dir)")
     ap.add_argument("--skip-peer", action="store_true", help="only our numbers (no transformers run)")
-    ap.add_argument("--variants", default="fp32,bf16,int8",
-                    help="our engine variants: fp32 (default engine), bf16 weights, int8 decode weights")
+    ap.add_argument("--variants", default="fp32,gguf",
+                    help="our engine variants: fp32, gguf (the CPU default: the GGUF's 4-bit blocks), bf16, int8")
+    ap.add_argument("--agreement-tokens", type=int, default=64, help="decode steps per prompt in the agreement check")
     ap.add_argument("--skip-load", action="store_true", help="skip the cold/warm load timing")
     args = ap.parse_args(argv)
 
@@ -108,16 +147,22 @@ def main(argv: list[str] | None = None) -> None:
         results.append(result("load time warm (new process, cached)", "s", warm, None,
                               "no peer; goal: warm <= 3 s", None, higher_is_better=False, goal_seconds=3.0))
     cfg = AppConfig(data_dir=data_dir, cache_dir=cache_dir) if cache_dir else AppConfig(data_dir=data_dir)
-    ours = {}  # variant -> (single tok/s, batch tok/s, greedy token ids)
-    for variant in args.variants.split(","):
-        if variant not in ("fp32", "bf16", "int8"):
-            raise SystemExit(f"unknown variant {variant!r} (fp32, bf16, int8)")
-        pool = EnginePool(ModelRegistry(cfg), cfg, quant="int8" if variant == "int8" else None,
-                          dtype=torch.bfloat16 if variant == "bf16" else torch.float32)
+    ours = {}  # variant -> (single tok/s, batch tok/s, greedy token ids, agreement with fp32 or None)
+    variants = args.variants.split(",")
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variant(s) {unknown} (choose from {', '.join(VARIANTS)})")
+    if "fp32" in variants:  # the reference the other variants' agreement is measured against: first
+        variants.remove("fp32")
+        variants.insert(0, "fp32")
+    ref = None
+    for variant in variants:
+        quant, dtype = VARIANTS[variant]
+        pool = EnginePool(ModelRegistry(cfg), cfg, quant=quant, dtype=dtype)
         engine = pool.get(args.model)
         prompt = engine.chat_prompt(PROMPT) if engine.spec.chat_format else engine.encode(PROMPT[0]["content"])
-        print(f"ours [{variant}]: {args.model} on {engine.device} ({pool.dtype}), {args.threads} threads, "
-              f"prompt {len(prompt)} tokens")
+        print(f"ours [{variant}]: {args.model} on {engine.device} ({engine.model.dtype}, decode weights: "
+              f"{engine.step.quant or 'float'}), {args.threads} threads, prompt {len(prompt)} tokens")
         greedy = SamplingParams(temperature=0, max_tokens=args.tokens)  # no stop tokens: exactly --tokens
         ids = engine.complete(prompt, greedy)[0].token_ids
         t = _median_time(lambda: engine.complete(prompt, greedy), args.repeat)
@@ -127,7 +172,13 @@ def main(argv: list[str] | None = None) -> None:
         t = _median_time(lambda: engine.complete(prompt, sampled, n=args.samples), args.repeat)
         batch = args.samples * args.sample_tokens / t
         print(f"ours [{variant}] {args.samples} x {args.sample_tokens} sampled: {batch:.1f} tok/s ({t:.2f} s)")
-        ours[variant] = (single, batch, ids)
+        agree = None
+        if variant == "fp32":
+            ref = engine
+        elif ref is not None and engine.spec.chat_format:
+            agree = agreement(ref, engine, args.agreement_tokens)
+            print(f"ours [{variant}] vs fp32: {agree}")
+        ours[variant] = (single, batch, ids, agree)
         del pool, engine
 
     # -- transformers ----------------------------------------------------------------------------
@@ -170,12 +221,15 @@ def main(argv: list[str] | None = None) -> None:
             hf_batch = args.samples * args.sample_tokens / t
             print(f"transformers {args.samples} x {args.sample_tokens} sampled: {hf_batch:.1f} tok/s")
 
-    for variant, (single, batch, _) in ours.items():
-        tag = "" if variant == "fp32" else f" [{variant} weights]"  # fp32 is the app's default engine
+    for variant, (single, batch, _, agree) in ours.items():
+        tag = f" [{variant}]"
         results.append(result(f"single-stream decode (greedy){tag}", "tok/s", single, hf_single, hf_name, 2.0,
                               same_greedy_tokens=None if same_greedy is None else same_greedy[variant]))
         results.append(result(f"{args.samples} samples x {args.sample_tokens} tokens{tag}", "tok/s", batch, hf_batch,
                               hf_name.replace("(fp32)", "batched (fp32)"), 3.0))
+        if agree is not None:
+            results.append(result(f"agreement with fp32{tag}: teacher-forced top-1", "fraction", agree["top1_agreement"],
+                                  None, "no peer: the variant against our float32 decode", None, **agree))
     best_single = max(o[0] for o in ours.values())
     try:
         import llama_cpp  # noqa: F401
