@@ -96,7 +96,13 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     if params.temperature == 0:
         return logits.argmax(-1)
     probs = filtered_probs(logits, params.temperature, params.top_k, params.top_p)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    # Inverse transform: the token whose slice of the cumulative mass holds u ~ U[0, 1). torch.multinomial
+    # draws an exponential per vocabulary entry (~9 ms a row for 49k tokens on a CPU, more than a 4-bit
+    # decode step); this is one uniform per row. float64 keeps u * total strictly below the total, and
+    # side="right" never lands on a zero-probability token (its slice is empty).
+    cdf = probs.double().cumsum(-1)
+    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device, dtype=torch.float64)
+    return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(-1)
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
