@@ -26,8 +26,9 @@ Two opt-in weight formats cut that (prefill keeps the float weights either way):
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+
+from models.gguf_loader import QuantBlocks
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -55,10 +56,15 @@ def _int4_mm(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor):
     return lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), packed, 32, scales_zeros)
 
 
-def _gguf_linear(blocks, w: torch.Tensor):
-    """A decode linear on a GGUF matrix's own blocks (bf16 out); float32 when the kernel cannot take it."""
-    N, K = w.shape
-    if blocks is None or N % 16 or K % 32:  # the kernel tiles N by 16..64 and K by the 32-wide blocks
+def _fits(blocks: QuantBlocks) -> bool:
+    N, K = blocks.q.shape
+    return N % 16 == 0 and K % 32 == 0  # the kernel tiles N by 16..64 and K by the 32-wide blocks
+
+
+def _gguf_linear(blocks: QuantBlocks | None, w: torch.Tensor | None):
+    """A decode linear on a GGUF matrix's own blocks (bf16 out); on the float weight w when the kernel
+    cannot take it."""
+    if blocks is None or not _fits(blocks):
         return lambda x: F.linear(x.to(w.dtype), w)
     d = blocks.d.float()
     if blocks.kind == "Q4_1":
@@ -69,7 +75,7 @@ def _gguf_linear(blocks, w: torch.Tensor):
     hi = (q - lo) // 16
     mm = _int4_mm(torch.cat([lo, hi + 8], dim=1), torch.cat([d, 16 * d], dim=1),
                   torch.cat([8 * d, torch.zeros_like(d)], dim=1))
-    return lambda x: mm(torch.cat([x, x], dim=-1))
+    return lambda x: mm(torch.cat([x.to(torch.bfloat16)] * 2, dim=-1))
 
 
 def quant_supported() -> bool:
@@ -104,26 +110,40 @@ class DecodeStep:
         # bf16 activations into the int4 kernel (the cast is shared by the matmuls reading the same input)
         self.act_dtype = torch.bfloat16 if quant == "gguf" else None
 
-        def lin(name: str, w: torch.Tensor):
+        def lin(names: list[str], ws: list[torch.Tensor]):
+            """One callable for the matmuls that read the same input: x -> their outputs side by side."""
             if quant == "gguf":
-                if name in blocks:
-                    _check_blocks(name, blocks[name], w)
-                return _gguf_linear(blocks.get(name), w)
-            return _int8_linear(w) if quant == "int8" else _float_linear(w)
+                for name, w in zip(names, ws):
+                    if name in blocks:
+                        _check_blocks(name, blocks[name], w)
+                parts = [blocks.get(name) for name in names]
+                if len(parts) > 1 and all(b is not None and b.kind == "Q4_1" and _fits(b) for b in parts):
+                    # one int4 call over the stacked rows (the blocks are packed at load anyway): fewer ops
+                    return _gguf_linear(QuantBlocks("Q4_1", *(torch.cat([getattr(b, f) for b in parts])
+                                                              for f in "qdm")), None)
+                fns = [_gguf_linear(b, w) for b, w in zip(parts, ws)]
+            else:
+                fns = [_int8_linear(w) if quant == "int8" else _float_linear(w) for w in ws]
+            # separate float weights stay as loaded: concatenating them cost seconds of load time
+            return fns[0] if len(fns) == 1 else (lambda x: torch.cat([f(x) for f in fns], dim=-1))
 
         self.layers = []
         with torch.no_grad():
             for i, blk in enumerate(model.model.layers):
                 a, m = blk.self_attn, blk.mlp
                 p = f"model.layers.{i}."
+                names = lambda *ns: [f"{p}{n}.weight" for n in ns]  # noqa: E731
                 self.layers.append((
-                    blk.input_layernorm.weight, lin(p + "self_attn.q_proj.weight", a.q_proj.weight),
-                    lin(p + "self_attn.k_proj.weight", a.k_proj.weight), lin(p + "self_attn.v_proj.weight", a.v_proj.weight),
-                    lin(p + "self_attn.o_proj.weight", a.o_proj.weight), blk.post_attention_layernorm.weight,
-                    lin(p + "mlp.gate_proj.weight", m.gate_proj.weight), lin(p + "mlp.up_proj.weight", m.up_proj.weight),
-                    lin(p + "mlp.down_proj.weight", m.down_proj.weight)))
+                    blk.input_layernorm.weight,
+                    lin(names("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                        [a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]),
+                    lin(names("self_attn.o_proj"), [a.o_proj.weight]),
+                    blk.post_attention_layernorm.weight,
+                    lin(names("mlp.gate_proj", "mlp.up_proj"), [m.gate_proj.weight, m.up_proj.weight]),
+                    lin(names("mlp.down_proj"), [m.down_proj.weight])))
             head = "model.embed_tokens.weight" if cfg.tie_embeddings else "lm_head.weight"
-            self.lm_head = lin(head, model.lm_head.weight)
+            self.lm_head = lin([head], [model.lm_head.weight])
+        self.hidden = cfg.hidden_dim
 
     def __call__(self, tokens: torch.Tensor, cache) -> torch.Tensor:
         """tokens [B] at slot cache.pos -> logits [B, V]; the cache advances by one."""
@@ -145,18 +165,20 @@ class DecodeStep:
             keys = torch.arange(pos + 1, device=tokens.device)
             mask = (keys[None, :] >= cache.pad[:, None])[:, None, None, :]  # [B, 1, 1, S]
         act = self.act_dtype or dtype
-        for i, (ln1, wq, wk, wv, wo, ln2, wg, wu, wd) in enumerate(self.layers):
+        for i, (ln1, wqkv, wo, ln2, wgate_up, wd) in enumerate(self.layers):
             h = F.rms_norm(x, (self.dim,), ln1, self.eps).to(act)
-            qk = torch.cat([wq(h).view(B, H, hd), wk(h).view(B, K, hd)], dim=1)
+            qkv = wqkv(h)  # [B, (H + 2K) * hd]: q, k, v side by side
+            qk = qkv[:, :(H + K) * hd].view(B, H + K, hd)
             qk = qk * cos + _rotate_half(qk) * sin  # RoPE on q and k at once
             cache.k[i][:, :, pos] = qk[:, H:]
-            cache.v[i][:, :, pos] = wv(h).view(B, K, hd)
+            cache.v[i][:, :, pos] = qkv[:, (H + K) * hd:].view(B, K, hd)
             q = qk[:, :H].reshape(B, K, rep, hd)
             y = F.scaled_dot_product_attention(q, cache.k[i][:, :, :pos + 1], cache.v[i][:, :, :pos + 1],
                                                attn_mask=mask)
             x = x + wo(y.reshape(B, H * hd))
             h = F.rms_norm(x, (self.dim,), ln2, self.eps).to(act)
-            x = x + wd(F.silu(wg(h)) * wu(h))  # x stays float32: bf16 outputs promote on the add
+            gate_up = wgate_up(h)
+            x = x + wd(F.silu(gate_up[:, :self.hidden]) * gate_up[:, self.hidden:])  # x stays float32
         cache.pos += 1
         x = F.rms_norm(x, (self.dim,), model.model.norm.weight, self.eps)
         return self.lm_head(x).to(dtype)
@@ -167,7 +189,6 @@ def _check_blocks(name: str, blocks, w: torch.Tensor) -> None:
     a cheap check on the first rows catches a model changed since loading, or blocks of another model."""
     if tuple(blocks.q.shape) != tuple(w.shape):
         raise ValueError(f"GGUF blocks for {name} have shape {tuple(blocks.q.shape)}, the model {tuple(w.shape)}")
-    from models.gguf_loader import QuantBlocks
     rows = min(8, w.shape[0])
     head = QuantBlocks(blocks.kind, blocks.q[:rows], blocks.d[:rows], None if blocks.m is None else blocks.m[:rows])
     if not torch.equal(head.dequantize().to(w.device), w[:rows].float()):
