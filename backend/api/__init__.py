@@ -20,6 +20,7 @@ ROUTES: list[tuple[str, str]] = [
     ("jobs", ""),
     ("completion", ""),
     ("arena", ""),
+    ("practice", ""),
 ]
 
 
