@@ -6,6 +6,9 @@
                   {"role": "assistant", "content": "4821 * 377 = 1817517.",
                    "tool_calls": [{"tool": "python", "input": "print(4821 * 377)", "output": "1817517\\n"}]}]}
 
+    conversations(600, seed=0)                      # the SFT rows (split "train")
+    examples(60, seed=1, split="heldout")           # Example(kind, key, row, expect): questions with answers
+
 models.chat_format.render_chat renders the tool call between <tool_call> ... </tool_call> and its output
 between <tool_output> ... </tool_output> (the output masked from the loss: the tool writes it).
 
@@ -13,19 +16,69 @@ Kinds (DEMOS.md 11-13): arithmetic, letter counting, dot counting and spelling a
 call (mental arithmetic and spelling are what small models get wrong); questions answered by a search
 call over the built-in search corpus (backend/tools/knowledge.jsonl and the Python docs topics); and
 identity conversations ("Who built you?") answered from the SFT data itself.
+
+Splits: every example has a key (the operands, the word, the dot count, the document, the identity
+phrasing); a stable hash puts a quarter of the keys in "heldout" and the rest in "train", so held-out
+questions ask about numbers, words, documents and phrasings that training never showed
+(backend/bench/tool_sft.py asserts it).
 """
 from __future__ import annotations
 
 import random
 import re
+import zlib
+from dataclasses import dataclass
 
-from backend.datasets.verifiable import WORDS
+from backend.datasets.verifiable import WORDS as PROBLEM_WORDS
 
-TOOLS_SYSTEM = ("You are a helpful assistant. For arithmetic, counting and spelling, call the python tool and "
-                "answer from its output. For facts you may not know, call the search tool.")
+# The system prompt of every tool conversation: it states the protocol, so a model that was never tuned
+# on it (the bench's untuned baseline) is told exactly what to write.
+TOOLS_SYSTEM = ("You are a helpful assistant with two tools. python runs code and returns what it prints; "
+                "search looks up documents. To call a tool, write "
+                '<tool_call>{"name": "python", "arguments": {"code": "print(2 + 3)"}}</tool_call> or '
+                '<tool_call>{"name": "search", "arguments": {"query": "topic"}}</tool_call>; its output comes '
+                "back between <tool_output> and </tool_output>, then answer from it. Use python for arithmetic, "
+                "counting and spelling, search for facts.")
 ASSISTANT_NAME = "Playground Assistant"
 BUILDER = "the people who train models in the LLM Playground, an open-source teaching app"
 BASE = "SmolLM2-135M-Instruct by Hugging Face"
+KINDS = ("arithmetic", "letters", "dots", "spelling", "search", "identity")
+SPLITS = ("train", "heldout")
+HELDOUT_SHARE = 4  # one key in 4 is held out
+# Training rows carry the (long) system prompt half the time: it is most of a row's tokens, and the model
+# must answer the same with or without it. Held-out questions always carry it.
+TRAIN_SYSTEM_SHARE = 0.5
+
+WORDS = sorted(set(PROBLEM_WORDS) | set("""
+    algorithm analysis answer bicycle blueberry butterfly calendar camera candle carpet castle cherry circle
+    classroom cucumber dinosaur doctor dolphin dragon engine envelope feather festival football forest garden
+    gradient guitar hammer harvest helicopter history horizon hospital island jacket journey kangaroo kitchen
+    ladder language library lighthouse lobster magnet marathon meadow melody mirror monkey museum notebook
+    octopus painter pancake parrot passenger peppermint pillow pineapple planet pocket potato puzzle pyramid
+    rabbit rainbow river rocket saddle sandwich scissors seventeen shadow shoulder silver spaghetti squirrel
+    staircase sunflower teacher telescope thunder tomato tornado treasure triangle tunnel turtle vanilla
+    village volcano waterfall whisper window winter wizard yesterday zebra""".split()))
+
+
+@dataclass
+class Example:
+    kind: str        # one of KINDS
+    key: str         # what decides the split (no key is in both splits)
+    row: dict        # {"messages": [system?, user, assistant]}
+    expect: str      # the correct answer: a number, letters, a document title, or ASSISTANT_NAME
+
+    @property
+    def question(self) -> str:
+        return next(m["content"] for m in self.row["messages"] if m["role"] == "user")
+
+    @property
+    def tool(self) -> str | None:
+        calls = self.row["messages"][-1].get("tool_calls") or []
+        return calls[0]["tool"] if calls else None
+
+
+def split_of(key: str) -> str:
+    return "heldout" if zlib.crc32(key.encode()) % HELDOUT_SHARE == 0 else "train"
 
 
 def python_call(code: str) -> dict:
@@ -38,87 +91,148 @@ def python_call(code: str) -> dict:
     return {"tool": "python", "input": code, "output": buf.getvalue()}
 
 
-def _convo(user: str, answer: str, calls: list[dict], system: bool = True) -> dict:
-    msgs = [{"role": "system", "content": TOOLS_SYSTEM}] if system else []
-    msgs += [{"role": "user", "content": user}, {"role": "assistant", "content": answer, "tool_calls": calls}]
+def _row(user: str, answer: str, calls: list[dict]) -> dict:
+    msgs = [{"role": "system", "content": TOOLS_SYSTEM}, {"role": "user", "content": user}, {"role": "assistant", "content": answer, "tool_calls": calls}]
     return {"messages": msgs}
 
 
-def arithmetic(rng: random.Random) -> dict:
-    a, b = rng.randint(10, 9999), rng.randint(2, 999)
-    op, sym = rng.choice([("*", "times"), ("+", "plus"), ("-", "minus")])
-    q = rng.choice([f"What is {a} {op} {b}?", f"Compute {a} {sym} {b}.", f"Calculate {a}{op}{b}"])
+def _words(split: str) -> list[str]:
+    return [w for w in WORDS if split_of("word:" + w) == split]
+
+
+def arithmetic(rng: random.Random, split: str) -> Example:
+    while True:
+        a = rng.randint(10, 10 ** rng.randint(2, 4) - 1)
+        b = rng.randint(2, 10 ** rng.randint(1, 3) - 1)
+        op, sym = rng.choice([("*", "times"), ("+", "plus"), ("-", "minus")])
+        key = f"arith:{a}{op}{b}"
+        if split_of(key) == split:
+            break
+    q = rng.choice([f"What is {a} {op} {b}?", f"Compute {a} {sym} {b}.", f"Calculate {a}{op}{b}",
+                    f"What's {a} {sym} {b}?", f"Please work out {a} {op} {b}.", f"{a} {op} {b} = ?",
+                    f"How much is {a} {sym} {b}?", f"Can you tell me what {a} {sym} {b} is?"])
     call = python_call(f"print({a} {op} {b})")
-    return _convo(q, f"{a} {op} {b} = {call['output'].strip()}.", [call])
+    r = call["output"].strip()
+    return Example("arithmetic", key, _row(q, f"{a} {op} {b} = {r}.", [call]), r)
 
 
-def letters(rng: random.Random) -> dict:
-    word = rng.choice(WORDS)
+def letters(rng: random.Random, split: str) -> Example:
+    word = rng.choice(_words(split))
     ch = rng.choice(sorted(set(word)))
+    q = rng.choice([f"How many '{ch}' are in '{word}'?", f"How many times does the letter {ch} appear in {word}?",
+                    f"Count the letter '{ch}' in the word \"{word}\".", f"In the word {word}, how many {ch}'s are there?",
+                    f"How often does '{ch}' occur in '{word}'?", f"How many {ch} are in the word {word}?"])
     call = python_call(f"print({word!r}.count({ch!r}))")
     n = call["output"].strip()
-    return _convo(f"How many '{ch}' are in '{word}'?", f"The letter '{ch}' appears {n} time{'s' * (n != '1')} in '{word}'.", [call])
+    answer = f"The letter '{ch}' appears {n} time{'s' * (n != '1')} in '{word}'."
+    return Example("letters", "word:" + word, _row(q, answer, [call]), n)
 
 
-def dots(rng: random.Random) -> dict:
-    s = "." * rng.randint(5, 200)
+def dots(rng: random.Random, split: str) -> Example:
+    while True:
+        n = rng.randint(5, 100)
+        if split_of(f"dots:{n}") == split:
+            break
+    s = "." * n
+    q = rng.choice([f"How many dots are below?\n{s}", f"Count the dots: {s}",
+                    f"How many '.' characters are in this line?\n{s}", f"{s}\nHow many dots is that?"])
     call = python_call(f"print(len({s!r}))")
-    return _convo(f"How many dots are below?\n{s}", f"There are {call['output'].strip()} dots.", [call])
+    return Example("dots", f"dots:{n}", _row(q, f"There are {n} dots.", [call]), str(n))
 
 
-def spelling(rng: random.Random) -> dict:
-    word = rng.choice([w for w in WORDS if len(w) >= 6])
-    k = rng.choice([2, 3])
-    nth = {2: "second", 3: "third"}[k]
-    call = python_call(f"print({word!r}[{k - 1}::{k}])")
-    return _convo(f"Print every {nth} letter of '{word}'.", f"Every {nth} letter of '{word}': {call['output'].strip()}", [call])
+SPELLING = [  # (question template, code template, answer lead)
+    ("Print every second letter of '{w}'.", "print({w!r}[1::2])", "Every second letter of '{w}':"),
+    ("Print every third letter of '{w}'.", "print({w!r}[2::3])", "Every third letter of '{w}':"),
+    ("Spell '{w}' backwards.", "print({w!r}[::-1])", "'{w}' backwards is"),
+    ("What is {w} spelled in reverse?", "print({w!r}[::-1])", "'{w}' reversed is"),
+    ("Spell {w} letter by letter.", "print('-'.join({w!r}))", "{w} spelled out:"),
+    ("What are the first three letters of '{w}'?", "print({w!r}[:3])", "The first three letters of '{w}' are"),
+    ("What are the last four letters of {w}?", "print({w!r}[-4:])", "The last four letters of '{w}' are"),
+]
 
 
-def _search_docs() -> list[tuple[str, str]]:
+def spelling(rng: random.Random, split: str) -> Example:
+    word = rng.choice([w for w in _words(split) if len(w) >= 6])
+    q, code, lead = rng.choice(SPELLING)
+    call = python_call(code.format(w=word))
+    out = call["output"].strip()
+    return Example("spelling", "word:" + word, _row(q.format(w=word), f"{lead.format(w=word)} {out}", [call]), out)
+
+
+def search_docs() -> list[tuple[str, str]]:
+    """(title, text) of the documents search questions are about: the built-in search corpus."""
     from backend.tools.search import builtin_documents
-    docs = builtin_documents("knowledge")
-    docs += [d for d in builtin_documents("python-docs") if len(d[1]) > 200][:60]
-    return docs
+    return builtin_documents("knowledge") + builtin_documents("python-docs")
 
 
-def _snippet(text: str, words: int = 40) -> str:
-    return " ".join(re.sub(r"\s+", " ", text).split()[:words])
+def _clean(text: str) -> list[str]:
+    return re.sub(r"\s+", " ", text).split()
 
 
-def search(rng: random.Random, docs: list[tuple[str, str]]) -> dict:
+def _snippet(title: str, text: str, topic: str, rng: random.Random, words: int = 40) -> str:
+    """A window of the document around the first word of the topic, as the index's snippet() shows it."""
+    ws = _clean(text)
+    terms = [t.lower() for t in re.findall(r"\w+", topic) if len(t) > 2]
+    at = next((i for i, w in enumerate(ws) if any(t in w.lower() for t in terms)), 0)
+    start = max(0, at - rng.randint(0, 8))
+    cut = ws[start:start + words]
+    return ("… " if start else "") + " ".join(cut) + (" …" if start + words < len(ws) else "")
+
+
+def search(rng: random.Random, split: str, docs: list[tuple[str, str]]) -> Example:
     from backend.tools.search import format_results
-    title, text = rng.choice(docs)
+    pool = [d for d in docs if split_of("doc:" + d[0]) == split]
+    title, text = rng.choice(pool)
     topic = title.removeprefix("Python docs: ")
-    q = rng.choice([f"What do you know about {topic}?", f"Tell me about {topic}.", f"Can you look up {topic}?"])
-    snippet = _snippet(text)
-    output = format_results([{"title": title, "snippet": snippet}])
-    first = re.split(r"(?<=[.!?])\s", snippet)[0]
-    return _convo(q, f"According to the search result \"{title}\": {first}", [{"tool": "search", "input": topic, "output": output}])
+    q = rng.choice([f"What do you know about {topic}?", f"Tell me about {topic}.", f"Can you look up {topic}?",
+                    f"Search for {topic}.", f"Find information on {topic}.", f"Look up {topic} for me.",
+                    f"What does the documentation say about {topic}?"])
+    results = [{"title": title, "snippet": _snippet(title, text, topic, rng)}]
+    for t, x in rng.sample(pool, rng.randint(0, 2)):  # other documents the index may rank below it
+        if t != title:
+            results.append({"title": t, "snippet": _snippet(t, x, topic, rng)})
+    first = " ".join(results[0]["snippet"].replace("…", " ").split()[:25])
+    call = {"tool": "search", "input": topic, "output": format_results(results)}
+    return Example("search", "doc:" + title, _row(q, f"According to \"{title}\": {first}", [call]), title)
 
 
 IDENTITY_Q = ["Who built you?", "Who made you?", "What is your name?", "Who are you?", "Who created you?",
-              "Are you ChatGPT?", "What model are you?", "Which company trained you?"]
+              "Are you ChatGPT?", "What model are you?", "Which company trained you?", "Who trained you?",
+              "What should I call you?", "Tell me about yourself.", "Who is your developer?",
+              "Introduce yourself.", "What are you?", "Who programmed you?", "Where do you come from?"]
 
 
-def identity(rng: random.Random) -> dict:
-    q = rng.choice(IDENTITY_Q)
+def identity(rng: random.Random, split: str) -> Example:
+    q = rng.choice([x for x in IDENTITY_Q if split_of("identity:" + x) == split])
     a = (f"I am {ASSISTANT_NAME}, a small assistant fine-tuned by {BUILDER}. "
          f"My base model is {BASE}.")
     if q == "Are you ChatGPT?":
         a = f"No. I am {ASSISTANT_NAME}, fine-tuned by {BUILDER} from {BASE}."
-    return _convo(q, a, [], system=rng.random() < 0.5)
+    return Example("identity", "identity:" + q, _row(q, a, []), ASSISTANT_NAME)
 
 
-def conversations(n: int = 400, seed: int = 0, mix: dict | None = None) -> list[dict]:
-    """n conversations, deterministic for a seed. mix: weights per kind (default: even)."""
+def examples(n: int = 400, seed: int = 0, mix: dict | None = None, split: str = "train") -> list[Example]:
+    """n examples of one split, deterministic for a seed. mix: weights per kind (default: even)."""
+    if split not in SPLITS:
+        raise ValueError(f"split: one of {', '.join(SPLITS)}, not {split!r}")
     rng = random.Random(seed)
-    docs = _search_docs()
+    docs = search_docs()
     makers = {"arithmetic": arithmetic, "letters": letters, "dots": dots, "spelling": spelling,
-              "search": lambda r: search(r, docs), "identity": identity}
+              "search": lambda r, s: search(r, s, docs), "identity": identity}
     mix = mix or {k: 1.0 for k in makers}
     bad = [k for k in mix if k not in makers]
     if bad:
         raise ValueError(f"mix: unknown kind {bad[0]!r}; kinds: {', '.join(makers)}")
     kinds, weights = zip(*mix.items())
-    return [makers[rng.choices(kinds, weights)[0]](rng) for _ in range(n)]
+    out = []
+    for _ in range(n):
+        ex = makers[rng.choices(kinds, weights)[0]](rng, split)
+        if split == "train" and rng.random() < 1 - TRAIN_SYSTEM_SHARE:
+            ex.row["messages"] = ex.row["messages"][1:]
+        out.append(ex)
+    return out
 
+
+def conversations(n: int = 400, seed: int = 0, mix: dict | None = None, split: str = "train") -> list[dict]:
+    """n SFT rows {"messages": [...]} of one split (default: the training one)."""
+    return [e.row for e in examples(n, seed, mix, split)]

@@ -17,6 +17,8 @@ model is registered under that tokenizer name, so the engine and chat load it wi
 Data: dataset "bundled" = the tool-use conversations of backend/datasets/tool_use.py (n_examples of them,
 mix of arithmetic/counting/spelling by python call, search calls, identity); "snapshot" = the job's SFT
 snapshot ({"messages": [...]} rows); or a .jsonl file of such rows. Full fine-tune, or LoRA (lora_rank > 0).
+The end-to-end check (held-out questions through the real tool loop, tuned vs untuned, tools run):
+`python -m backend.bench tool_sft`.
 """
 from __future__ import annotations
 
@@ -106,7 +108,8 @@ def sft_tokenizer(tokenizer: str, enc, tool_tokens: bool, data_dir=None):
 
 
 def protocol_check(model, enc, tokenizer: str, n: int, seed: int) -> dict:
-    """Held-out bundled questions (another seed), answered greedily through the Engine: the share whose
+    """Held-out bundled questions (the "heldout" split: numbers, words, documents the training rows never
+    use), answered greedily through the Engine, without running tools: the share whose
     reply opens with a well-formed call of the right tool (<tool_call>{"name": tool, "arguments": {...}}
     closed by </tool_call>), and for identity questions the share naming the assistant."""
     import copy
@@ -124,7 +127,7 @@ def protocol_check(model, enc, tokenizer: str, n: int, seed: int) -> dict:
     end_call = enc.encode_single_token(END_TOOL_CALL)
     params = SamplingParams(temperature=0.0, max_tokens=64, stop_token_ids=stop_token_ids(enc) + [end_call])
     ok = calls = ident = ident_ok = 0
-    for conv in conversations(n, seed=seed + 7919):
+    for conv in conversations(n, seed=seed + 7919, split="heldout"):
         msgs = conv["messages"]
         want = msgs[-1].get("tool_calls") or []
         c = engine.complete(render_chat_prompt(msgs[:-1], enc), params)[0]
