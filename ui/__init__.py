@@ -15,6 +15,7 @@ TABS: list[tuple[str, str]] = [
     ("training", "Training"),
     ("labeling", "Labeling"),
     ("arena", "Arena"),  # blind side-by-side votes become a leaderboard (DEMOS 18)
+    ("practice", "Practice"),  # many samples of a problem with a known answer; voting, best-of-N (DEMOS 14-15)
 ]
 
 
