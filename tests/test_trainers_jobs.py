@@ -1,5 +1,6 @@
 """Every post-training kind runs as a job through the real worker process on a real SQLite file and
-registers its model with lineage (parent model, snapshot hash, job id); SFT reads a labeling snapshot."""
+registers its model with lineage (parent model, snapshot hash, job id); SFT reads a labeling snapshot and RLHF
+optimises against the model the reward job made."""
 from __future__ import annotations
 
 import json
@@ -23,6 +24,8 @@ CONFIGS = {
     "grpo": {**TINY, "max_steps": 2, "group_size": 2, "prompts_per_step": 1, "max_new_tokens": 6,
              "n_heldout": 2, "eval_tokens": 4, "eval_every": 2},
 }
+RLHF = {**TINY, "max_steps": 2, "group_size": 2, "prompts_per_step": 1, "max_new_tokens": 6, "n_heldout": 2,
+        "eval_every": 2}
 
 
 @pytest.fixture(scope="module")
@@ -67,5 +70,16 @@ def test_each_kind_runs_as_a_job_and_registers_its_model_with_lineage(env):
             assert spec.lineage["kind"] == kind
             assert any("loss" in m for m in queue.job_events(db, job["id"], kinds=("metric",)))
         assert ModelRegistry(app).get(queue.get_job(db, jobs["sft"]["id"])["model"]).lineage["snapshot_hash"] == snap
+        # RLHF optimises against a reward model, so it is queued once the reward job has registered one
+        rm = queue.get_job(db, jobs["reward"]["id"])["model"]
+        job = queue.create_job(db, app, None, "rlhf", {**RLHF, "reward_model": rm})
+        wait_for(lambda: queue.get_job(db, job["id"])["state"] in queue.FINISHED, 300, "the rlhf job")
+        done = queue.job_detail(db, job["id"])
+        assert done["state"] == "succeeded", (done["error"], [e["text"] for e in done["log"]][-12:])
+        lineage = ModelRegistry(app).get(done["model"]).lineage
+        assert (lineage["kind"], lineage["job_id"], lineage["reward_model"]) == ("rlhf", job["id"], rm)
+        metrics = queue.job_events(db, job["id"], kinds=("metric",))
+        assert [m["kl"] for m in metrics if "rm_score" in m][0] == 0.0  # the policy starts as its reference
+        assert any("held_out_rm_score" in m for m in metrics)
     finally:
         stop(worker)

@@ -13,7 +13,8 @@ Kinds:
 
 The checker reads the final answer: inside <answer>...</answer> when present, else the text after
 </think>, else what follows the last "the answer is" / "answer:"; numbers compare as the last number in
-it, words as the last word (letters only, case-insensitive). A reply that states no answer is wrong. gsm8k(split) fetches GSM8K when online.
+it, words as the last word (letters only, case-insensitive). A reply that states no answer is wrong
+(strict, the reward); check(reply, lenient=True) then reads the last number (word) of the whole reply. gsm8k(split) fetches GSM8K when online.
 """
 from __future__ import annotations
 
@@ -39,8 +40,8 @@ class Problem:
     kind: str            # "apples" | "count" | "spell" | "gsm8k"
     solution: str = ""   # worked steps that end in the answer (for SFT before RL)
 
-    def check(self, reply: str) -> bool:
-        got = extract_answer(reply, numeric=self.answer.lstrip("-").isdigit())
+    def check(self, reply: str, lenient: bool = False) -> bool:
+        got = extract_answer(reply, numeric=self.answer.lstrip("-").isdigit(), lenient=lenient)
         return got is not None and got == self.answer.lower()
 
     def to_dict(self) -> dict:
@@ -62,10 +63,14 @@ def final_part(reply: str) -> str | None:
     return hits[-1] if hits else None
 
 
-def extract_answer(reply: str, numeric: bool) -> str | None:
+def extract_answer(reply: str, numeric: bool, lenient: bool = False) -> str | None:
+    """The stated final answer; lenient: when none is stated, the last number (or word) of the whole reply,
+    so an evaluation can tell "learned the answer" from "learned to state it"."""
     part = final_part(reply)
     if part is None:
-        return None
+        if not lenient:
+            return None
+        part = reply
     if numeric:
         nums = re.findall(r"-?\d[\d,]*(?:\.\d+)?", part)
         if not nums:

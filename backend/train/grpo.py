@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import random
 import time
 from dataclasses import dataclass
@@ -33,8 +34,8 @@ from typing import Callable
 import torch
 
 from backend.jobs.kinds import JobContext, Outcome, trainer
-from backend.train.common import (FineTuneConfig, FineTuneRun, amp_for, check_finite, check_parent, completion_logprobs,
-                                  default_name_for, load_parent, make_opt)
+from backend.train.common import (FineTuneConfig, FineTuneRun, amp_for, check_finite, check_parent, default_name_for,
+                                  load_parent, make_opt)
 
 THINK_SYSTEM = ("A conversation between User and Assistant. The user asks a question, and the Assistant solves it. "
                 "The assistant first thinks about the reasoning process in the mind and then provides the user "
@@ -57,6 +58,8 @@ class PolicyConfig(FineTuneConfig):
     eval_every: int = 10
     n_heldout: int = 32
     eval_tokens: int = 96
+    max_cpu_seconds: float = 0.0   # CPU budget (user+sys of this process since the run began, final eval included); 0: none
+    sample_dtype: str = "auto"     # weights the sampler decodes with: "auto" (bf16 where training autocasts to bf16), "bf16", "fp32"
 
     def validate(self) -> None:
         super().validate()
@@ -66,6 +69,10 @@ class PolicyConfig(FineTuneConfig):
             raise ValueError("prompts_per_step, max_new_tokens and n_heldout must be at least 1")
         if self.beta < 0 or not 0 < self.clip_eps < 1 or not self.temperature > 0:
             raise ValueError("beta must be >= 0, clip_eps in (0, 1), temperature > 0")
+        if self.max_cpu_seconds < 0:
+            raise ValueError("max_cpu_seconds must not be negative")
+        if self.sample_dtype not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"sample_dtype: 'auto', 'bf16' or 'fp32', not {self.sample_dtype!r}")
 
 
 @dataclass
@@ -104,10 +111,38 @@ def grpo_loss(logp, old_logp, ref_logp, mask, adv, clip_eps: float, beta: float)
     return per_seq.mean(), float((kl.detach() * mask).sum() / mask.sum().clamp_min(1))
 
 
-def rollout_engine(policy, spec, enc):
-    """THE sampler over a frozen copy of the policy (the Engine fuses weights for decoding, so it gets its own)."""
+def group_logprobs(model, prompt: list[int], completions: list[list[int]], amp=None):
+    """Per-token log-probs of the G completions of ONE prompt: ([G, L], mask [G, L]), right-padded.
+
+    The prompt's forward runs once and its keys and values are shared by the G rows (the KV cache,
+    differentiable here), instead of G copies of the prompt in the batch (backend.train.common.
+    completion_logprobs); the output layer runs only where a completion token is predicted. With a
+    ~50-token prompt and 8 answers of <= 64 tokens this is ~40% fewer CPU-seconds per GRPO step."""
+    from backend.train.common import token_logprobs_of
+    from backend.train.pretrain import amp_context
+    dev, G = model.device, len(completions)
+    L = max(max(len(c) for c in completions), 1)
+    x = torch.zeros(G, L, dtype=torch.long)
+    for i, c in enumerate(completions):
+        x[i, :len(c)] = torch.tensor(c, dtype=torch.long)
+    x = x.to(dev)
+    mask = (torch.arange(L, device=dev)[None] < torch.tensor([len(c) for c in completions], device=dev)[:, None]).float()
+    with amp_context(dev, amp):
+        cache = model.new_cache(1, len(prompt) + L - 1)
+        h = model(torch.tensor([prompt], device=dev), cache, return_hidden=True)[:, -1:]  # predicts token 0
+        h = h.expand(G, 1, h.shape[-1])
+        if L > 1:  # the completions' own tokens predict the rest, attending to the shared prompt
+            h = torch.cat([h, model(x[:, :-1], cache.expand(G), return_hidden=True)], 1)
+        logits = model.lm_head(h)
+    return token_logprobs_of(logits, x) * mask, mask
+
+
+def rollout_engine(policy, spec, enc, dtype: torch.dtype | None = None):
+    """THE sampler over a frozen copy of the policy (the Engine fuses weights for decoding, so it gets its own).
+    dtype bf16: decoding 16 samples at once measured 1.6x fewer CPU-seconds per token than float32 here
+    (AMX); the policy trains in float32 weights, so samples come from its bf16 rounding (as vLLM rollouts do)."""
     from backend.engine import Engine
-    return Engine(spec, copy.deepcopy(policy).eval().requires_grad_(False), enc)
+    return Engine(spec, copy.deepcopy(policy).eval().requires_grad_(False).to(dtype or policy.dtype), enc)
 
 
 def sample_groups(engine, prompts: list[list[int]], n: int, max_tokens: int, temperature: float, seed: int):
@@ -131,7 +166,6 @@ def policy_optimization(kind: str, cfg: PolicyConfig, ctx: JobContext, train_pro
     render(item) -> chat messages; reward_fn(items, texts) -> (rewards tensor, metrics dict);
     evaluate(engine, heldout) -> (metrics dict with "held_out_accuracy" or other numbers, a sample (prompt, text)).
     """
-    from backend.train.pretrain import amp_context  # noqa: F401  (completion_logprobs uses it)
     from models.chat_format import render_chat
     run = FineTuneRun(kind, cfg, ctx)
     try:
@@ -143,28 +177,43 @@ def policy_optimization(kind: str, cfg: PolicyConfig, ctx: JobContext, train_pro
         opt = make_opt(policy, cfg, run.device)
         state = run.restore(opt)
         amp = amp_for(cfg, run.device, policy.cfg.dim)
+        sample_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "auto": amp}[cfg.sample_dtype]
+        cpu0 = time.process_time()  # CPU seconds (user+sys, all threads) of this run: a load-independent budget
         prompt_ids = lambda item: render_chat(render(item), enc, add_generation_prompt=True).ids  # noqa: E731
         run.emit({"step": run.step, "start": run.name, "kind": kind, "parent_model": cfg.parent_model,
                   "group_size": cfg.group_size, "beta": cfg.beta, "clip_eps": cfg.clip_eps, "peak_lr": cfg.lr,
                   "train_prompts": len(train_prompts), "held_out": len(heldout), "device": str(run.device),
                   "resumed": state is not None})
 
+        curves: list[dict] = []  # the step and eval events, saved as curves.json in the run directory
+        eval_cpu = [0.0]
+
         def do_eval():
-            metrics, (p, text) = evaluate(rollout_engine(policy, spec, enc), heldout, prompt_ids)
+            t = time.process_time()
+            metrics, (p, text) = evaluate(rollout_engine(policy, spec, enc, sample_dtype), heldout, prompt_ids)
             run.emit({"step": run.step, "prompt": p, "sample": text})
-            return metrics
+            eval_cpu[0] = time.process_time() - t
+            return {**metrics, "eval_cpu_s": round(eval_cpu[0], 1)}
+
+        def save_curves(ev: dict) -> None:
+            curves.append({k: v for k, v in ev.items() if isinstance(v, (int, float))})
+            (run.dir / "curves.json").write_text(json.dumps(curves))
 
         summary = {}
         if state is None:
             summary = do_eval()
             run.emit({"step": 0, **summary, **_accuracy(summary)})
+            save_curves({"step": 0, **summary, "cpu_s": round(time.process_time() - cpu0, 1)})
         rng = random.Random(cfg.seed + run.step)
-        reason = None
+        reason, step_cpu = None, 0.0
         while not (reason := run.should_stop()):
-            t0 = time.perf_counter()
+            if cfg.max_cpu_seconds and time.process_time() - cpu0 + step_cpu + eval_cpu[0] > cfg.max_cpu_seconds:
+                reason = "max_cpu_seconds"  # another step and the final evaluation would not fit the budget
+                break
+            t0, c0 = time.perf_counter(), time.process_time()
             items = rng.sample(train_prompts, min(cfg.prompts_per_step, len(train_prompts)))
             prompts = [prompt_ids(it) for it in items]
-            engine = rollout_engine(policy, spec, enc)
+            engine = rollout_engine(policy, spec, enc, sample_dtype)
             samples = sample_groups(engine, prompts, cfg.group_size, cfg.max_new_tokens, cfg.temperature,
                                     seed=cfg.seed * 100003 + run.step)
             del engine
@@ -172,37 +221,45 @@ def policy_optimization(kind: str, cfg: PolicyConfig, ctx: JobContext, train_pro
             group_items = [it for it in items for _ in range(cfg.group_size)]
             rewards, rmetrics = reward_fn(group_items, [t for t, _ in samples])
             adv = group_advantages(rewards, cfg.group_size).to(run.device)
-            P = [p for p in prompts for _ in range(cfg.group_size)]
             C = [ids for _, ids in samples]
             lr = run.lr()
             for g in opt.param_groups:
                 g["lr"] = lr
-            logp, mask = completion_logprobs(policy, P, C, amp)
-            with torch.no_grad():
-                ref_logp, _ = completion_logprobs(ref, P, C, amp)  # also with beta 0: the KL curve is shown
-            loss, kl = grpo_loss(logp, logp.detach(), ref_logp, mask, adv, cfg.clip_eps, cfg.beta)
-            loss.backward()
+            G, loss_sum, kl_sum, n_tokens = cfg.group_size, 0.0, 0.0, 0.0
+            for g, prompt in enumerate(prompts):  # one group's graph at a time; gradients add up
+                rows = slice(g * G, (g + 1) * G)
+                logp, mask = group_logprobs(policy, prompt, C[rows], amp)
+                with torch.no_grad():
+                    ref_logp, _ = group_logprobs(ref, prompt, C[rows], amp)  # also with beta 0: the KL curve is shown
+                loss, kl = grpo_loss(logp, logp.detach(), ref_logp, mask, adv[rows], cfg.clip_eps, cfg.beta)
+                (loss / len(prompts)).backward()  # equal groups: the mean over all answers
+                loss_sum += loss.item() / len(prompts)
+                kl_sum, n_tokens = kl_sum + kl * float(mask.sum()), n_tokens + float(mask.sum())
+            loss, kl = torch.tensor(loss_sum), kl_sum / max(n_tokens, 1.0)
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
             run.step += 1
             check_finite(loss.item(), run.step)
+            step_cpu = time.process_time() - c0  # sampling + update, without the evaluation
             ev = {"step": run.step, "loss": round(loss.item(), 6), "lr": lr, "reward": round(float(rewards.mean()), 4),
                   "kl": round(kl, 6), "response_length": round(sum(len(c) for c in C) / len(C), 2),
                   "sample_s": round(t_sample, 2), "step_s": round(time.perf_counter() - t0, 2),
-                  "elapsed": round(run.elapsed(), 2), **rmetrics}
+                  "elapsed": round(run.elapsed(), 2), "cpu_s": round(time.process_time() - cpu0, 1), **rmetrics}
             if run.step % cfg.eval_every == 0:
                 summary = do_eval()
                 ev.update(summary)
                 if "held_out_accuracy" in summary:
                     ev["accuracy"] = summary["held_out_accuracy"]
             run.emit(ev)
+            save_curves(ev)
             if run.step % cfg.checkpoint_every == 0:
                 run.checkpoint(policy, opt, spec.tokenizer)
         if run.step % cfg.eval_every and run.step > 0:
             summary = do_eval()
             run.emit({"step": run.step, **summary, **_accuracy(summary)})
+            save_curves({"step": run.step, **summary, "cpu_s": round(time.process_time() - cpu0, 1)})
         if run.last_ckpt is None or not run.last_ckpt.name.endswith(f"{run.step:07d}"):
             run.checkpoint(policy, opt, spec.tokenizer)
         name = run.register(policy, spec.tokenizer, f"{describe} ({run.step} steps)", {"beta": cfg.beta, **summary})
@@ -258,7 +315,9 @@ def run_grpo(cfg: GRPOConfig, ctx: JobContext) -> Outcome:
         params = SamplingParams(temperature=0.0, max_tokens=cfg.eval_tokens, stop_token_ids=stop_token_ids(engine.enc))
         comps = engine.complete_batch([prompt_ids(p) for p in problems], params)
         right = [p.check(c.text) for p, c in zip(problems, comps)]
+        lenient = [p.check(c.text, lenient=True) for p, c in zip(problems, comps)]
         return ({"held_out_accuracy": round(sum(right) / len(right), 4),
+                 "held_out_accuracy_lenient": round(sum(lenient) / len(lenient), 4),
                  "held_out_format": round(sum(format_ok(c.text) for c in comps) / len(comps), 4),
                  "held_out_length": round(sum(len(c.token_ids) for c in comps) / len(comps), 2)},
                 (problems[0].question, comps[0].text))
