@@ -6,12 +6,14 @@ fewer ops and no mask building:
 - RoPE rotates q and k together, from precomputed tables, with no per-step mask unless rows are padded;
 - grouped-query attention needs no `repeat_interleave` of the cache: the `rep` query heads that
   share a KV head become `rep` query rows of one SDPA call against that head's keys.
-Fusing q/k/v and gate/up into single matmuls was tried: no measurable gain per token (the step is
-memory-bound), while concatenating the weights cost seconds of load time, so the weights stay as loaded.
+- q/k/v and gate/up each run as one call: on 4-bit blocks one matmul over the rows stacked at load;
+  float weights stay as loaded (concatenating them cost seconds of load for no measurable gain, the
+  float step being memory-bound) and their outputs are concatenated.
 tests/test_engine.py checks its logits against `Transformer.forward`.
 
 Decoding at batch 1 is memory-bound: float32 weights are ~540 MB read per token for SmolLM2-135M.
-Two opt-in weight formats cut that (prefill keeps the float weights either way):
+Two weight formats cut that (prefill keeps the float weights either way); backend/model_pool.py picks
+"gguf" for a model loaded from a GGUF file on a CPU unless PLAYGROUND_QUANT says otherwise:
 - quant="gguf": the GGUF file's own blocks (models.gguf_loader.QuantBlocks), as llama.cpp runs them.
   Q4_1 matrices (w = q * d + m per block of 32) go through torch's CPU int4 kernel
   (`_weight_int4pack_mm_for_cpu`, whose dequant is (q - 8) * scale + zero, so scale = d and
@@ -25,8 +27,13 @@ Two opt-in weight formats cut that (prefill keeps the float weights either way):
 """
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
+import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
 from models.gguf_loader import QuantBlocks
 
@@ -49,11 +56,31 @@ def _float_linear(w: torch.Tensor):
     return lambda x: F.linear(x, w)
 
 
-def _int4_mm(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor):
-    """x [B, K] -> bf16 [B, N] with w[n, k] = (q[n, k] - 8) * scale[n, k // 32] + zero[n, k // 32], q in 0..15."""
+def _int4_operands(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The int4 kernel's (packed weight, scales_and_zeros [K/32, N, 2] bf16) for
+    w[n, k] = (q[n, k] - 8) * scale[n, k // 32] + zero[n, k // 32], q in 0..15."""
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 2)
-    scales_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)  # [K/32, N, 2]
-    return lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), packed, 32, scales_zeros)
+    return packed, torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
+
+
+def _int4_pack(blocks: QuantBlocks) -> tuple[torch.Tensor, torch.Tensor]:
+    d = blocks.d.float()
+    if blocks.kind == "Q4_1":
+        return _int4_operands(blocks.q, d, blocks.m.float() + 8 * d)
+    # Q8_0: q in -128..127 = 16 * hi + lo, lo = q & 15 in 0..15, hi = q >> 4 in -8..7; w = 16 d hi + d lo,
+    # laid side by side along K (the input is fed twice).
+    q = blocks.q.numpy()  # numpy: integer ops ~10x faster than torch's here
+    q = torch.from_numpy(np.concatenate([q & 15, (q >> 4) + 8], axis=1))
+    return _int4_operands(q, torch.cat([d, 16 * d], dim=1), torch.cat([8 * d, torch.zeros_like(d)], dim=1))
+
+
+def _int4_linear(packed: torch.Tensor, scales_zeros: torch.Tensor, in_features: int):
+    """x [B, in_features] -> bf16 [B, N]; a Q8_0 split (packed K = 2 * in_features) gets x twice."""
+    twice = scales_zeros.shape[0] * 32 == 2 * in_features
+    mm = torch.ops.aten._weight_int4pack_mm_for_cpu
+    if twice:
+        return lambda x: mm(torch.cat([x.to(torch.bfloat16)] * 2, dim=-1), packed, 32, scales_zeros)
+    return lambda x: mm(x.to(torch.bfloat16), packed, 32, scales_zeros)
 
 
 def _fits(blocks: QuantBlocks) -> bool:
@@ -61,21 +88,33 @@ def _fits(blocks: QuantBlocks) -> bool:
     return N % 16 == 0 and K % 32 == 0  # the kernel tiles N by 16..64 and K by the 32-wide blocks
 
 
-def _gguf_linear(blocks: QuantBlocks | None, w: torch.Tensor | None):
-    """A decode linear on a GGUF matrix's own blocks (bf16 out); on the float weight w when the kernel
-    cannot take it."""
-    if blocks is None or not _fits(blocks):
-        return lambda x: F.linear(x.to(w.dtype), w)
-    d = blocks.d.float()
-    if blocks.kind == "Q4_1":
-        return _int4_mm(blocks.q, d, blocks.m.float() + 8 * d)
-    # Q8_0: q in -128..127 = 16 * hi + lo, lo = q & 15 in 0..15, hi in -8..7; w = 16 d hi + d lo.
-    q = blocks.q.to(torch.int32)
-    lo = q & 15
-    hi = (q - lo) // 16
-    mm = _int4_mm(torch.cat([lo, hi + 8], dim=1), torch.cat([d, 16 * d], dim=1),
-                  torch.cat([8 * d, torch.zeros_like(d)], dim=1))
-    return lambda x: mm(torch.cat([x.to(torch.bfloat16)] * 2, dim=-1))
+def _stack(parts: list[QuantBlocks]) -> QuantBlocks:
+    """Several Q4_1 matrices reading the same input as one (rows stacked)."""
+    return QuantBlocks("Q4_1", *(torch.cat([getattr(b, f) for b in parts]) for f in "qdm"))
+
+
+def load_packed(path: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Int4 kernel operands saved by `save_packed` ({} when absent). Their layout depends on the torch
+    version and the CPU's vector width, so the file name carries both (`packed_file_name`)."""
+    if not path.exists():
+        return {}
+    flat = load_file(str(path))
+    return {k[:-len(":w")]: (v, flat[k[:-len(":w")] + ":sz"]) for k, v in flat.items() if k.endswith(":w")}
+
+
+def save_packed(path: Path, packed: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Write atomically (a temp file then rename): several processes may load the same model at once."""
+    flat = {}
+    for key, (w, sz) in packed.items():
+        flat[key + ":w"], flat[key + ":sz"] = w, sz
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file(flat, str(tmp))
+    tmp.chmod(0o644)
+    os.replace(tmp, path)
+
+
+def packed_file_name() -> str:
+    return f"int4pack-torch{torch.__version__}-{torch.backends.cpu.get_cpu_capability()}.safetensors"
 
 
 def quant_supported() -> bool:
@@ -88,16 +127,18 @@ def gguf_supported(device: torch.device) -> bool:
 
 
 class DecodeStep:
-    def __init__(self, model, quant: str | None = None, blocks: dict | None = None):
+    def __init__(self, model, quant: str | None = None, blocks: dict | None = None, packed: dict | None = None):
         """quant None (the model's own weights), "int8", or "gguf" with `blocks`: the GGUF's quantized
-        matrices by HF weight name (models.gguf_loader.load_gguf_blocks) for this model's weights."""
+        matrices by HF weight name (models.gguf_loader.load_gguf_blocks) for this model's weights.
+        `packed`: int4 kernel operands from an earlier load of the same blocks (see `load_packed`);
+        what is missing is packed from `blocks`, and `self.packed` holds them all afterwards."""
         if quant not in (None, "int8", "gguf"):
             raise ValueError(f"quant must be None, 'int8' or 'gguf', not {quant!r}")
         if quant == "int8" and (model.device.type != "cpu" or not quant_supported()):
             raise ValueError("int8 decoding needs a CPU with fbgemm")
         if quant == "gguf" and not gguf_supported(model.device):
             raise ValueError(f"gguf decoding runs on the CPU's int4 kernel, not on {model.device.type}")
-        if quant == "gguf" and not blocks:
+        if quant == "gguf" and not (blocks or packed):
             raise ValueError("gguf decoding needs the model's GGUF blocks (models.gguf_loader.load_gguf_blocks)")
         if quant is not None and model.dtype != torch.float32:
             raise ValueError(f"{quant} decoding runs beside a float32 model, not {model.dtype}")
@@ -110,18 +151,30 @@ class DecodeStep:
         # bf16 activations into the int4 kernel (the cast is shared by the matmuls reading the same input)
         self.act_dtype = torch.bfloat16 if quant == "gguf" else None
 
+        self.packed = dict(packed or {})
+        blocks = blocks or {}
+
+        def int4(key: str, parts: list[QuantBlocks], in_features: int):
+            if key not in self.packed:
+                self.packed[key] = _int4_pack(parts[0] if len(parts) == 1 else _stack(parts))
+            return _int4_linear(*self.packed[key], in_features)
+
         def lin(names: list[str], ws: list[torch.Tensor]):
             """One callable for the matmuls that read the same input: x -> their outputs side by side."""
             if quant == "gguf":
+                key = "+".join(names)
+                if key in self.packed:  # packed by an earlier load of these blocks
+                    return _int4_linear(*self.packed[key], ws[0].shape[1])
                 for name, w in zip(names, ws):
                     if name in blocks:
                         _check_blocks(name, blocks[name], w)
                 parts = [blocks.get(name) for name in names]
-                if len(parts) > 1 and all(b is not None and b.kind == "Q4_1" and _fits(b) for b in parts):
-                    # one int4 call over the stacked rows (the blocks are packed at load anyway): fewer ops
-                    return _gguf_linear(QuantBlocks("Q4_1", *(torch.cat([getattr(b, f) for b in parts])
-                                                              for f in "qdm")), None)
-                fns = [_gguf_linear(b, w) for b, w in zip(parts, ws)]
+                if all(b is not None and _fits(b) for b in parts) and (len(parts) == 1 or all(
+                        b.kind == "Q4_1" for b in parts)):
+                    # several Q4_1 matrices: one int4 call over their stacked rows (fewer ops per token)
+                    return int4(key, parts, ws[0].shape[1])
+                fns = [int4(n, [b], w.shape[1]) if b is not None and _fits(b)
+                       else (lambda x, w=w: F.linear(x.to(w.dtype), w)) for n, b, w in zip(names, parts, ws)]
             else:
                 fns = [_int8_linear(w) if quant == "int8" else _float_linear(w) for w in ws]
             # separate float weights stay as loaded: concatenating them cost seconds of load time

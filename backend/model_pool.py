@@ -13,7 +13,7 @@ from collections import OrderedDict
 
 import torch
 
-from backend.decode_step import gguf_supported
+from backend.decode_step import gguf_supported, load_packed, packed_file_name, save_packed
 from backend.engine import Engine, SingleFlight
 from models.device import pick_device
 
@@ -112,8 +112,13 @@ class EnginePool:
             model = self.registry.load(name, device=self.device, dtype=self.dtype)
             from models.tokenizers import get_encoding
             enc = get_encoding(spec.tokenizer, self.cfg.data_dir)
-            quant, blocks = self._decode_weights(spec, model)
-            eng = Engine(spec, model, enc, guard=self.guard, quant=quant, blocks=blocks)
+            quant, blocks, packed, pack_file = self._decode_weights(spec, model)
+            eng = Engine(spec, model, enc, guard=self.guard, quant=quant, blocks=blocks, packed=packed)
+            if pack_file is not None and not packed:  # first load here: keep the int4 packing for the next
+                try:
+                    save_packed(pack_file, eng.step.packed)
+                except OSError as e:
+                    log.warning("could not save %s: %s", pack_file, e)
             eng.disk_stamp = stamp
             self.load_seconds[name] = time.perf_counter() - t0
             log.info("loaded model %s (%s, %s%s) in %.2fs", name, self.device, self.dtype,
@@ -125,18 +130,23 @@ class EnginePool:
                     log.info("unloaded model %s", old)
             return eng
 
-    def _decode_weights(self, spec, model) -> tuple[str | None, dict | None]:
-        """(quant, GGUF blocks) for an engine: the GGUF's own blocks where the model was loaded from one
-        (the bundled model; its cache keeps them) and they can run here; else the float weights."""
+    def _decode_weights(self, spec, model):
+        """(quant, GGUF blocks, packed int4 operands, file to keep them in) for an engine: the GGUF's own
+        blocks where the model was loaded from one (the bundled model; its cache directory keeps them)
+        and they can run here; else the float weights. Packing the blocks for the int4 kernel takes
+        seconds, so the packed operands are kept beside them (per torch version and CPU) for the next load."""
         if self.quant == "int8":
-            return "int8", None
+            return "int8", None, None, None
         if self.quant == "gguf" and spec.kind == "bundled" and model.dtype == torch.float32 \
                 and gguf_supported(model.device):
             from models.gguf_loader import load_gguf_blocks
-            blocks = load_gguf_blocks(self.cfg.cache_dir / spec.name)
-            if blocks:
-                return "gguf", blocks
-        return None, None
+            cache = self.cfg.cache_dir / spec.name  # where the registry loaded the model from
+            pack_file = cache / packed_file_name()
+            packed = load_packed(pack_file)
+            blocks = {} if packed else load_gguf_blocks(cache)
+            if packed or blocks:
+                return "gguf", blocks, packed, pack_file
+        return None, None, None, None
 
     def unload(self, name: str) -> None:
         """Forget a loaded engine (e.g. after the model was overwritten on disk); the next get reloads."""

@@ -314,7 +314,7 @@ def test_gguf_linear_computes_the_blocks_matmul():
     """The int4 kernel mapping (scale = d, zero = m + 8 d; Q8_0 as two 4-bit halves) is the blocks' own
     matmul. With d, m and x exactly representable in bf16, the only difference left is the kernel's bf16
     output rounding: relative 2^-9, so rtol 2^-8."""
-    from backend.decode_step import _gguf_linear, gguf_supported
+    from backend.decode_step import _int4_linear, _int4_pack, gguf_supported
     from models.gguf_loader import QuantBlocks
     if not gguf_supported(torch.device("cpu")):
         pytest.skip("no CPU int4 kernel in this torch")
@@ -327,7 +327,7 @@ def test_gguf_linear_computes_the_blocks_matmul():
     x = torch.randn(3, K, generator=g).bfloat16().float()
     for blocks in (q4, q8):
         w = blocks.dequantize()
-        out = _gguf_linear(blocks, w)(x)
+        out = _int4_linear(*_int4_pack(blocks), K)(x)
         assert out.dtype == torch.bfloat16
         torch.testing.assert_close(out.float(), F.linear(x, w), rtol=2 ** -8, atol=1e-6)
 
@@ -398,6 +398,13 @@ def test_bundled_model_decodes_on_its_gguf_blocks_close_to_float32(tmp_path, mon
     assert out["top1_agreement"] >= 0.9, out
     assert 0 < out["max_abs_logit_diff"] < 1.5, out
     assert min(out["greedy_tokens_matched"]) >= 8, out
+    # A later load reuses the int4 packing kept in the cache directory, and decodes the same.
+    from backend.decode_step import packed_file_name
+    assert (cfg.cache_dir / BUNDLED_NAME / packed_file_name()).exists()
+    again = EnginePool(ModelRegistry(cfg), cfg).get(BUNDLED_NAME)
+    prompt = engine.chat_prompt([{"role": "user", "content": AGREEMENT_PROMPTS[0]}])
+    params = SamplingParams(temperature=0, max_tokens=12)
+    assert again.complete(prompt, params)[0].token_ids == engine.complete(prompt, params)[0].token_ids
 
 
 @pytest.mark.slow
