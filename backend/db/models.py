@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 ROLES = ("admin", "operator", "annotator", "learner")
@@ -103,8 +103,11 @@ class RankingSet(Base):
 
 class RankingItem(Base):
     __tablename__ = "ranking_items"
+    # The queue walks a set's items in position order and stops at the first one that still needs the
+    # caller (rankings.next_item); without this index SQLite checks every item, then sorts.
+    __table_args__ = (Index("ix_ranking_items_set_id_position", "set_id", "position"),)
     id: Mapped[int] = mapped_column(primary_key=True)
-    set_id: Mapped[int] = mapped_column(ForeignKey("ranking_sets.id", ondelete="CASCADE"), index=True)
+    set_id: Mapped[int] = mapped_column(ForeignKey("ranking_sets.id", ondelete="CASCADE"))
     position: Mapped[int] = mapped_column(Integer)
     prompt: Mapped[str] = mapped_column(Text)
     set: Mapped[RankingSet] = relationship(back_populates="items")
