@@ -5,7 +5,9 @@ it and bumps its revision. An item is done when `annotators_per_item` people ran
 """
 from __future__ import annotations
 
-from sqlalchemy import exists, func, insert, select, update
+from functools import cache
+
+from sqlalchemy import bindparam, exists, func, insert, select, update
 
 from backend.db import Database
 from backend.db.models import Candidate, Ranking, RankingItem, RankingSet, User, utcnow
@@ -95,22 +97,27 @@ def _items_query():
     return select(I.c.id, I.c.set_id, I.c.position, I.c.prompt, S.c.name, S.c.annotators_per_item).join(S, S.c.id == I.c.set_id)
 
 
-def next_item(db: Database, user: CurrentUser, set_id: int | None = None) -> dict | None:
-    """The first item this user has not ranked or skipped that still needs rankers; None when done."""
-    # Correlated subqueries stop at the first item that qualifies (indexes on rankings.item_id),
-    # instead of counting rankings for every item of every set. One round trip: the item joined
-    # with its candidates; the user has no ranking of it yet by construction.
-    mine = exists().where(R.c.item_id == I.c.id, R.c.user_id == user.id)
+# Built once per shape: constructing a Core statement costs about as much as SQLite takes to run it.
+@cache
+def _next_item_query(one_set: bool):
+    # Correlated subqueries stop at the first item that qualifies, walking the items in
+    # (set_id, position) order on their index, instead of counting rankings for every item of every set.
+    # One round trip: the item joined with its candidates; the user has no ranking of it yet by construction.
+    mine = exists().where(R.c.item_id == I.c.id, R.c.user_id == bindparam("user_id"))
     ranked = select(func.count()).where(R.c.item_id == I.c.id, R.c.skipped.is_(False)).correlate(I).scalar_subquery()
     first = select(I.c.id).join(S, S.c.id == I.c.set_id).where(~mine, ranked < S.c.annotators_per_item)
-    if set_id is not None:
-        first = first.where(I.c.set_id == set_id)
+    if one_set:
+        first = first.where(I.c.set_id == bindparam("set_id"))
     first = first.order_by(I.c.set_id, I.c.position).limit(1).scalar_subquery()
-    q = (select(I.c.id, I.c.set_id, I.c.position, I.c.prompt, S.c.name, C.c.id.label("cid"),
-                C.c.position.label("cpos"), C.c.text).join(S, S.c.id == I.c.set_id).join(C, C.c.item_id == I.c.id)
-         .where(I.c.id == first).order_by(C.c.position))
+    return (select(I.c.id, I.c.set_id, I.c.position, I.c.prompt, S.c.name, C.c.id.label("cid"),
+                   C.c.position.label("cpos"), C.c.text).join(S, S.c.id == I.c.set_id).join(C, C.c.item_id == I.c.id)
+            .where(I.c.id == first).order_by(C.c.position))
+
+
+def next_item(db: Database, user: CurrentUser, set_id: int | None = None) -> dict | None:
+    """The first item this user has not ranked or skipped that still needs rankers; None when done."""
     with db.read_conn() as conn:
-        rows = conn.execute(q).all()
+        rows = conn.execute(_next_item_query(set_id is not None), {"user_id": user.id, "set_id": set_id}).all()
     if not rows:
         return None
     it = rows[0]
@@ -126,12 +133,32 @@ def get_item(db: Database, user: CurrentUser, item_id: int) -> dict:
         return _item_payload(conn, item, user)
 
 
+_CANDIDATE_IDS = select(C.c.id).where(C.c.item_id == bindparam("item_id"))
+
+
+@cache
+def _upsert(dialect: str, sqlite_version: tuple):
+    """INSERT ... ON CONFLICT (item, user) DO UPDATE ... RETURNING (SQLite >= 3.35, PostgreSQL), else None."""
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as dialect_insert
+    elif dialect == "sqlite" and sqlite_version >= (3, 35):
+        from sqlalchemy.dialects.sqlite import insert as dialect_insert
+    else:
+        return None
+    stmt = dialect_insert(R)
+    new = stmt.excluded
+    return (stmt.on_conflict_do_update(index_elements=[R.c.item_id, R.c.user_id],
+                                       set_={"order": new.order, "all_bad": new.all_bad, "skipped": new.skipped,
+                                             "updated_at": new.updated_at, "revision": R.c.revision + 1})
+            .returning(R.c.id, R.c.revision))
+
+
 def submit(db: Database, user: CurrentUser, item_id: int, order: list[int] | None = None,
            all_bad: bool = False, skipped: bool = False) -> dict:
     """Store (or revise) this user's ranking of one item. `order`: candidate ids, best first, each once."""
     order = [int(x) for x in (order or [])]
     with db.write_conn() as conn:
-        ids = conn.execute(select(C.c.id).where(C.c.item_id == item_id)).scalars().all()
+        ids = conn.execute(_CANDIDATE_IDS, {"item_id": item_id}).scalars().all()
         if not ids:
             raise LookupError(f"no ranking item {item_id}")
         if skipped:
@@ -140,14 +167,11 @@ def submit(db: Database, user: CurrentUser, item_id: int, order: list[int] | Non
             if not (all_bad and not order):
                 raise ValueError(f"order must list each of the item's candidate ids {sorted(ids)} exactly once")
         values = {"order": order, "all_bad": bool(all_bad), "skipped": bool(skipped), "updated_at": utcnow()}
-        upsert = _upsert_insert(conn)
+        upsert = _upsert(conn.dialect.name, getattr(conn.dialect.dbapi, "sqlite_version_info", ()))
         if upsert is not None:
             # One statement, and no unique-key race when the same person submits twice at once.
-            stmt = (upsert(R).values(item_id=item_id, user_id=user.id, revision=1, created_at=values["updated_at"], **values)
-                    .on_conflict_do_update(index_elements=[R.c.item_id, R.c.user_id],
-                                           set_={**values, "revision": R.c.revision + 1})
-                    .returning(R.c.id, R.c.revision))
-            rid, revision = conn.execute(stmt).one()
+            rid, revision = conn.execute(upsert, {"item_id": item_id, "user_id": user.id, "revision": 1,
+                                                  "created_at": values["updated_at"], **values}).one()
         else:
             row = conn.execute(select(R.c.id, R.c.revision).where(R.c.item_id == item_id, R.c.user_id == user.id)).first()
             if row is None:
@@ -158,18 +182,6 @@ def submit(db: Database, user: CurrentUser, item_id: int, order: list[int] | Non
                 rid, revision = row.id, row.revision + 1
                 conn.execute(update(R).where(R.c.id == rid).values(revision=revision, **values))
         return {"ranking_id": rid, "item_id": item_id, "revision": revision, "skipped": bool(skipped)}
-
-
-def _upsert_insert(conn):
-    """The dialect's INSERT ... ON CONFLICT construct (SQLite >= 3.35, PostgreSQL), else None."""
-    name = conn.dialect.name
-    if name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert as pg_insert
-        return pg_insert
-    if name == "sqlite" and conn.dialect.dbapi.sqlite_version_info >= (3, 35):
-        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-        return sqlite_insert
-    return None
 
 
 def my_rankings(db: Database, user: CurrentUser, set_id: int | None = None) -> list[dict]:
