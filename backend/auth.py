@@ -6,23 +6,41 @@ The check runs on the server for every request; the UI hiding a button is never 
 from __future__ import annotations
 
 from fastapi import HTTPException, Request
+from fastapi.concurrency import run_in_threadpool
 
-from backend.users import ROLE_RANK, CurrentUser, user_for_api_key, user_for_session
+from backend import users
+from backend.users import ROLE_RANK, CurrentUser
 
 SESSION_COOKIE = "pg_session"
 
 
-def user_from_request(pg, headers, cookies) -> CurrentUser | None:
-    """Shared by FastAPI routes and Gradio handlers (gr.Request has headers and cookies too)."""
+def credentials(headers, cookies) -> tuple[str, str] | None:
+    """("key", API key) from the Authorization header, else ("session", token) from the cookie, else None."""
     auth = headers.get("authorization") or ""
     if auth.lower().startswith("bearer "):
-        return user_for_api_key(pg.db, auth[7:].strip())
+        return "key", auth[7:].strip()
     token = cookies.get(SESSION_COOKIE)
-    return user_for_session(pg.db, token) if token else None
+    return ("session", token) if token else None
 
 
-def current_user(request: Request) -> CurrentUser:
-    user = user_from_request(request.app.state.pg, request.headers, request.cookies)
+def user_from_request(pg, headers, cookies) -> CurrentUser | None:
+    """Shared by FastAPI routes and Gradio handlers (gr.Request has headers and cookies too)."""
+    cred = credentials(headers, cookies)
+    if cred is None:
+        return None
+    kind, secret = cred
+    lookup = users.user_for_api_key if kind == "key" else users.user_for_session
+    return lookup(pg.db, secret, remember=True)
+
+
+async def current_user(request: Request) -> CurrentUser:
+    pg = request.app.state.pg
+    cred = credentials(request.headers, request.cookies)
+    # A caller seen in the last few seconds is answered on the event loop (users.remembered_user);
+    # only the others cost a worker thread and a query.
+    user = users.remembered_user(pg.db, *cred) if cred else None
+    if user is None and cred:
+        user = await run_in_threadpool(user_from_request, pg, request.headers, request.cookies)
     if user is None:
         raise HTTPException(401, "not logged in: send 'Authorization: Bearer KEY' or log in", headers={"WWW-Authenticate": "Bearer"})
     return user
@@ -33,8 +51,8 @@ def require(role: str):
     if role not in ROLE_RANK:
         raise ValueError(f"unknown role {role!r}")
 
-    def dependency(request: Request) -> CurrentUser:
-        user = current_user(request)
+    async def dependency(request: Request) -> CurrentUser:
+        user = await current_user(request)
         if not user.can(role):
             raise HTTPException(403, f"this needs the {role} role; {user.name} is {user.role}")
         return user

@@ -12,12 +12,13 @@ from __future__ import annotations
 import argparse
 import hashlib
 import secrets
+import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
-from sqlalchemy import delete, select
+from sqlalchemy import bindparam, delete, select
 
 from backend.db import Database
 from backend.db.models import ROLES, LoginSession, User, utcnow
@@ -76,6 +77,7 @@ def reset_credentials(db: Database, name: str) -> tuple[str, str]:
             raise ValueError(f"no user named {name!r}")
         u.password_hash, u.api_key_hash = _hasher.hash(password), sha256(api_key)
         s.execute(delete(LoginSession).where(LoginSession.user_id == u.id))
+    forget_remembered_users()
     return password, api_key
 
 
@@ -100,6 +102,7 @@ def set_active(db: Database, name: str, active: bool) -> None:
         u.active = active
         if not active:
             s.execute(delete(LoginSession).where(LoginSession.user_id == u.id))
+    forget_remembered_users()
 
 
 def authenticate_password(db: Database, name: str, password: str) -> CurrentUser | None:
@@ -115,13 +118,22 @@ def authenticate_password(db: Database, name: str, password: str) -> CurrentUser
         return _current(u)
 
 
-def user_for_api_key(db: Database, api_key: str) -> CurrentUser | None:
-    # Runs on every REST request: Core, not ORM.
-    U = User.__table__
+# Runs on every REST request: a statement built once (building one costs as much as running it).
+_USER_BY_KEY = select(User.id, User.name, User.role).where(User.api_key_hash == bindparam("key_hash"),
+                                                             User.active.is_(True))
+
+
+def user_for_api_key(db: Database, api_key: str, remember: bool = False) -> CurrentUser | None:
+    """The active user holding this key. remember=True: answer from (and fill) the short-lived cache below."""
+    key_hash = sha256(api_key)
+    if remember and (hit := _recall(db, "key", key_hash)):
+        return hit
     with db.read_conn() as conn:
-        row = conn.execute(select(U.c.id, U.c.name, U.c.role)
-                           .where(U.c.api_key_hash == sha256(api_key), U.c.active.is_(True))).first()
-    return CurrentUser(row.id, row.name, row.role) if row else None
+        row = conn.execute(_USER_BY_KEY, {"key_hash": key_hash}).first()
+    user = CurrentUser(row.id, row.name, row.role) if row else None
+    if user and remember:
+        _remember(db, "key", key_hash, user, REMEMBER_SECONDS)
+    return user
 
 
 def start_session(db: Database, user: CurrentUser) -> str:
@@ -132,21 +144,61 @@ def start_session(db: Database, user: CurrentUser) -> str:
     return token
 
 
-def user_for_session(db: Database, token: str) -> CurrentUser | None:
+def user_for_session(db: Database, token: str, remember: bool = False) -> CurrentUser | None:
+    token_hash = sha256(token)
+    if remember and (hit := _recall(db, "session", token_hash)):
+        return hit
     with db.read() as s:
         row = s.execute(select(User, LoginSession.expires_at).join(LoginSession, LoginSession.user_id == User.id)
-                        .where(LoginSession.token_hash == sha256(token), User.active.is_(True))).first()
+                        .where(LoginSession.token_hash == token_hash, User.active.is_(True))).first()
         if row is None:
             return None
         user, expires = row
         if expires.tzinfo is None:  # SQLite hands back naive datetimes
             expires = expires.replace(tzinfo=timezone.utc)
-        return _current(user) if expires > datetime.now(timezone.utc) else None
+        left = (expires - datetime.now(timezone.utc)).total_seconds()
+        if left <= 0:
+            return None
+        if remember:
+            _remember(db, "session", token_hash, _current(user), min(left, REMEMBER_SECONDS))
+        return _current(user)
 
 
 def end_session(db: Database, token: str) -> None:
     with db.session() as s:
         s.execute(delete(LoginSession).where(LoginSession.token_hash == sha256(token)))
+    forget_remembered_users()
+
+
+# ---- who is calling, remembered briefly ------------------------------------------------------------
+# Every request names its caller by API key or session cookie. Looking that up is a query (and, for an
+# async route dependency, a hop to a worker thread); a remembered caller costs neither. Bounded twice:
+# an entry lives REMEMBER_SECONDS, so a change made by another process (the CLI disabling a user or
+# resetting a key) takes effect within that; a change made through this module (disable, reset,
+# logout) forgets everything at once. Only found, active users are remembered: a new key works at once.
+REMEMBER_SECONDS = 5.0
+REMEMBER_MAX = 10_000
+_remembered: dict[tuple[str, str, str], tuple[CurrentUser, float]] = {}
+
+
+def _remember(db: Database, kind: str, secret_hash: str, user: CurrentUser, seconds: float) -> None:
+    if len(_remembered) >= REMEMBER_MAX:
+        _remembered.clear()
+    _remembered[(db.url, kind, secret_hash)] = (user, time.monotonic() + seconds)
+
+
+def _recall(db: Database, kind: str, secret_hash: str) -> CurrentUser | None:
+    hit = _remembered.get((db.url, kind, secret_hash))
+    return hit[0] if hit and hit[1] > time.monotonic() else None
+
+
+def remembered_user(db: Database, kind: str, secret: str) -> CurrentUser | None:
+    """The cached answer for this API key ("key") or session token ("session") if still fresh; no I/O."""
+    return _recall(db, kind, sha256(secret))
+
+
+def forget_remembered_users() -> None:
+    _remembered.clear()
 
 
 def main(argv: list[str] | None = None) -> None:
