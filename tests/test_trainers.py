@@ -226,6 +226,22 @@ def test_advantages_are_group_normalised():
     assert torch.equal(group_advantages(torch.ones(4), 4), torch.zeros(4))  # all equal: no signal
 
 
+def test_shared_prompt_logprobs_equal_the_full_forward_with_the_same_gradient(app):
+    from backend.train.common import completion_logprobs
+    from backend.train.grpo import group_logprobs
+    model = ModelRegistry(app).load("tiny", dtype=torch.float32)
+    prompt, answers = [5, 9, 70, 71, 72], [[40, 41, 42], [43], [44, 45, 46, 47, 48]]
+    full, mask = completion_logprobs(model, [prompt] * 3, answers)
+    (-(full * mask).sum()).backward()
+    grad = model.lm_head.weight.grad.clone()
+    model.zero_grad()
+    shared, mask2 = group_logprobs(model, prompt, answers)
+    (-(shared * mask2).sum()).backward()
+    assert torch.equal(mask, mask2)
+    assert torch.allclose(full * mask, shared, atol=1e-5)
+    assert torch.allclose(grad, model.lm_head.weight.grad, atol=1e-5)
+
+
 def test_grpo_kl_is_zero_at_step_0_and_curves_are_reported(app):
     events: list = []
     out = run_kind(app, "grpo", events, max_steps=2, group_size=4, prompts_per_step=2, max_new_tokens=12,
@@ -235,7 +251,21 @@ def test_grpo_kl_is_zero_at_step_0_and_curves_are_reported(app):
     assert all(e["response_length"] > 0 for e in steps)
     evals = [e for e in events if "held_out_accuracy" in e]
     assert evals[0]["step"] == 0 and evals[-1]["step"] == 2
+    assert all(0 <= e["held_out_accuracy"] <= e["held_out_accuracy_lenient"] <= 1 for e in evals)
     assert ModelRegistry(app).get(out.model).lineage["kind"] == "grpo"
+    import json
+    curves = json.loads((app.data_dir / "runs" / "grpo" / "grpo-test" / "curves.json").read_text())
+    assert [c["step"] for c in curves if "reward" in c] == [1, 2] and curves[0]["step"] == 0
+    assert all({"kl", "response_length", "cpu_s"} <= c.keys() for c in curves if "reward" in c)
+
+
+def test_grpo_stops_within_its_cpu_budget(app):
+    events: list = []
+    out = run_kind(app, "grpo", events, max_steps=1000, max_cpu_seconds=3.0, group_size=2, prompts_per_step=1,
+                   max_new_tokens=8, eval_every=1000, n_heldout=2, eval_tokens=4, name="grpo-budget", register=False)
+    steps = [e for e in events if "loss" in e]
+    assert out.reason == "max_cpu_seconds" and 0 < len(steps) < 1000
+    assert steps[-1]["cpu_s"] < 4.5  # the last step fitted (a step costs about the same as the one before)
 
 
 def test_rlhf_optimises_the_reward_model_score_with_kl_and_the_hacking_preset_drops_it(app):
@@ -263,6 +293,8 @@ def test_verifiable_checker_and_format_reward():
         assert not p.check("<think>hmm</think> I do not know.")
         assert p.check(f"Let me see. The answer is {p.answer}.")
         assert not p.check(f"{p.question} {p.solution}")  # numbers in the text, no stated answer
+        assert p.check(f"So it is {p.answer}", lenient=True) and not p.check(f"So it is {p.answer}")
+        assert not p.check(f"The answer is x{p.answer}y. So it is {p.answer}", lenient=True)  # a stated answer counts
     assert format_ok("<think>3+4=7</think> The answer is 7.")
     assert not format_ok("The answer is 7.") and not format_ok("<think>unclosed")
     with pytest.raises(ValueError, match="kinds"):

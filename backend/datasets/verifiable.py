@@ -8,6 +8,7 @@ Kinds:
           orange costs $2. The total cost of all the fruit is $13. What is the cost of each apple?"
           and simpler totals ("Emily has 4 apples and buys 5 more..."). scale small: numbers up to 10;
           large: up to 200 (23 apples and 177 oranges).
+  totals  only the simpler totals (one addition or subtraction)
   count   how many times a letter appears in a word ("strawberry" has 3 r's)
   spell   every n-th letter of a word ("ubiquitous", every third letter: "iio")
 
@@ -106,14 +107,20 @@ def apples(rng: random.Random, scale: str = "small") -> Problem:
         sol = (f"The {p2} cost {o} * {po} = {o * po}. The {p1} cost {total} - {o * po} = {total - o * po}. "
                f"Each {s1} costs {total - o * po} / {a} = {pa}.")
         return Problem(q, str(pa), "apples", sol)
+    return totals(rng, scale, name, "apples")
+
+
+def totals(rng: random.Random, scale: str = "small", name: str | None = None, kind: str = "totals") -> Problem:
+    """One addition or subtraction in words ("Emily has 4 apples and buys 5 more..."): the easy half of apples."""
+    hi, name = _limit(scale), name or rng.choice(NAMES)
     a, b = rng.randint(1, hi), rng.randint(1, hi)
     s, p = rng.choice(FRUITS)
     if rng.random() < 0.5:
         q = f"{name} has {a} {p} and buys {b} more. How many {p} does {name} have now?"
-        return Problem(q, str(a + b), "apples", f"{a} + {b} = {a + b}.")
+        return Problem(q, str(a + b), kind, f"{a} + {b} = {a + b}.")
     big, small = max(a, b), min(a, b)
     q = f"{name} has {big} {p} and gives away {small}. How many {p} are left?"
-    return Problem(q, str(big - small), "apples", f"{big} - {small} = {big - small}.")
+    return Problem(q, str(big - small), kind, f"{big} - {small} = {big - small}.")
 
 
 def count(rng: random.Random, scale: str = "small") -> Problem:
@@ -135,7 +142,7 @@ def spell(rng: random.Random, scale: str = "small") -> Problem:
     return Problem(q, ans, "spell", sol)
 
 
-GENERATORS = {"apples": apples, "count": count, "spell": spell}
+GENERATORS = {"apples": apples, "totals": totals, "count": count, "spell": spell}
 
 
 def problems(n: int, seed: int = 0, kinds: tuple[str, ...] | list[str] = ("apples", "count", "spell"),

@@ -75,8 +75,24 @@ class PolicyConfig(FineTuneConfig):
             raise ValueError(f"sample_dtype: 'auto', 'bf16' or 'fp32', not {self.sample_dtype!r}")
 
 
+# A preset sets its fields over the config's (as RLHF's presets do).
+PRESETS = {
+    "default": {},
+    # python -m backend.bench grpo: SmolLM2-135M-Instruct on one-step word problems ("Emily has 4 apples and
+    # buys 5 more...", numbers <= 10) with a plain prompt asking for "The answer is N." (the 135M model
+    # almost never writes R1's <think> tags, so a format reward would have no signal); temperature 0.7 (at
+    # 1.0 one probe of 32 answers had 1 right, at 0.7 3: too few groups with any signal), answers of <= 48
+    # tokens, lr 3e-5 (a budget of ~60 steps), at most 1800 CPU-seconds in all (max_steps is not reached).
+    "cpu-30min": {"kinds": ["totals"], "scale": "small", "think": False, "group_size": 8, "prompts_per_step": 2,
+                  "temperature": 0.7, "max_new_tokens": 48, "eval_tokens": 64, "n_heldout": 64, "eval_every": 10,
+                  "lr": 3e-5, "warmup_steps": 3, "max_steps": 100, "max_cpu_seconds": 1800.0,
+                  "checkpoint_every": 1000},
+}
+
+
 @dataclass
 class GRPOConfig(PolicyConfig):
+    preset: str = "default"         # a name in PRESETS: its fields replace the config's
     kinds: list[str] = dataclasses.field(default_factory=lambda: ["apples"])  # verifiable problem kinds
     scale: str = "small"            # numbers up to 10 ("small") or 200 ("large")
     think: bool = True              # R1-Zero's <think> template and a format reward
@@ -91,6 +107,8 @@ class GRPOConfig(PolicyConfig):
             raise ValueError(f"kinds: unknown problem kind {bad[0] if bad else None!r}; kinds: {', '.join(GENERATORS)}, gsm8k")
         if self.scale not in ("small", "large"):
             raise ValueError("scale: 'small' or 'large'")
+        if self.preset not in PRESETS:
+            raise ValueError(f"preset: one of {', '.join(PRESETS)}, not {self.preset!r}")
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -297,6 +315,7 @@ def grpo_problems(cfg: GRPOConfig, app, snapshot_hash):
 
 def run_grpo(cfg: GRPOConfig, ctx: JobContext) -> Outcome:
     from backend.datasets.verifiable import format_ok
+    cfg = dataclasses.replace(cfg, **PRESETS[cfg.preset])
     train, heldout = grpo_problems(cfg, ctx.app, ctx.snapshot_hash)
     system = THINK_SYSTEM if cfg.think else PLAIN_SYSTEM
 
