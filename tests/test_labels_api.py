@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -99,6 +100,24 @@ def test_browser_login_sets_an_httponly_cookie_and_logout_ends_it(live):
         assert c.post("/api/ranking-sets", json={"name": "x", "prompts": ["p"], "candidates": [["a"] * 4]}).status_code == 403
         c.post("/api/logout")
         assert c.get("/api/me").status_code == 401
+
+
+def test_disabling_a_user_shuts_their_key_out_at_once_here_and_soon_from_another_process(live):
+    """The server remembers callers for a few seconds (users.REMEMBER_SECONDS); a disable through the
+    server forgets them at once, a disable from another process (the CLI, here this test) within that bound."""
+    server, db, people = live
+    made = make_users(db, [("leaver", "annotator"), ("leaver2", "annotator")])
+    admin = auth(people["admin"][2])
+    with httpx.Client(base_url=server.base_url, timeout=30) as c:
+        assert c.get("/api/rankings/next", headers=auth(made["leaver2"][2])).status_code == 200  # now remembered
+        users.set_active(db, "leaver2", False)  # this process is not the server: it cannot tell the server
+        started = time.monotonic()
+        while c.get("/api/rankings/next", headers=auth(made["leaver2"][2])).status_code != 401:
+            assert time.monotonic() - started < users.REMEMBER_SECONDS + 5, "a disabled key still works"
+            time.sleep(0.2)
+        assert c.get("/api/rankings/next", headers=auth(made["leaver"][2])).status_code == 200  # now remembered
+        assert c.post("/api/users/leaver/disable", headers=admin).status_code == 200
+        assert c.get("/api/rankings/next", headers=auth(made["leaver"][2])).status_code == 401
 
 
 def test_bad_input_gets_a_clear_4xx(live):

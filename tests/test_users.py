@@ -4,6 +4,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -74,3 +75,50 @@ def test_reset_replaces_both_secrets(db):
     pw2, key2 = users.reset_credentials(db, "cy")
     assert users.authenticate_password(db, "cy", pw) is None and users.user_for_api_key(db, key) is None
     assert users.authenticate_password(db, "cy", pw2) and users.user_for_api_key(db, key2)
+
+
+def test_a_remembered_caller_is_forgotten_when_disabled_reset_or_logged_out(db):
+    for name in ("a", "b", "c"):
+        users.add_user(db, name, "annotator")
+    _, _, key_a = users.add_user(db, "ka", "annotator")
+    assert users.user_for_api_key(db, key_a, remember=True).name == "ka"
+    assert users.remembered_user(db, "key", key_a).name == "ka"
+    users.set_active(db, "ka", False)
+    assert users.remembered_user(db, "key", key_a) is None
+    assert users.user_for_api_key(db, key_a, remember=True) is None
+
+    _, _, key_b = users.add_user(db, "kb", "annotator")
+    assert users.user_for_api_key(db, key_b, remember=True).name == "kb"
+    new_password, new_key = users.reset_credentials(db, "kb")
+    assert users.user_for_api_key(db, key_b, remember=True) is None
+    assert users.user_for_api_key(db, new_key, remember=True).name == "kb"
+
+    kc = users.add_user(db, "kc", "annotator")[0]
+    token = users.start_session(db, kc)
+    assert users.user_for_session(db, token, remember=True).name == "kc"
+    users.end_session(db, token)
+    assert users.user_for_session(db, token, remember=True) is None
+
+
+def test_a_change_from_another_process_shows_once_the_memory_expires(tmp_path, monkeypatch):
+    monkeypatch.setattr(users, "REMEMBER_SECONDS", 0.5)
+    assert run_cli(tmp_path, "add", "ada", "--role", "annotator").returncode == 0
+    db = Database(f"sqlite:///{tmp_path / 'playground.db'}")
+    out = run_cli(tmp_path, "reset", "ada")
+    api_key = re.search(r"api key:\s+(\S+)", out.stdout).group(1)
+    assert users.user_for_api_key(db, api_key, remember=True).name == "ada"
+    assert run_cli(tmp_path, "disable", "ada").returncode == 0
+    assert users.user_for_api_key(db, api_key) is None  # the database knows at once
+    started = time.monotonic()
+    while users.user_for_api_key(db, api_key, remember=True) is not None:  # this process, once it forgets
+        assert time.monotonic() - started < users.REMEMBER_SECONDS + 2, "a disabled key is remembered too long"
+        time.sleep(0.05)
+
+
+def test_remembered_callers_are_bounded_in_number(db, monkeypatch):
+    monkeypatch.setattr(users, "REMEMBER_MAX", 3)
+    keys = [users.add_user(db, f"u{i}", "learner")[2] for i in range(5)]
+    for k in keys:
+        users.user_for_api_key(db, k, remember=True)
+    assert len(users._remembered) <= 3
+    assert all(users.user_for_api_key(db, k, remember=True) for k in keys)
