@@ -1,11 +1,15 @@
-"""python -m backend.bench labels [--annotators 50] [--rounds 20]
+"""python -m backend.bench labels [--annotators 50] [--rounds 20] [--think-ms 0]
 
-N annotators submit rankings over HTTP at the same time, each as its own client: get the next item,
-post its order, repeat. Ours is the real server (`python app.py`, SQLite file, API-key auth, queue,
-validation, upsert). Peer: a minimal FastAPI endpoint doing one plain sqlite3 INSERT per request
-(same WAL + synchronous=NORMAL durability), under the same load from the same client, in the same run.
-Reports submissions/s, p50/p99 latency of the submitting POST, and rows lost (acknowledged but not in
-the database afterwards; must be 0). Goal (issue 5): 50 annotators, p99 <= 250 ms.
+N annotators rank over HTTP at the same time, each as its own client: get the next item, post its
+order, pause (--think-ms), repeat. The same client code drives two servers, one after the other:
+- ours: the real server (`python app.py`, SQLite file, API-key auth, queue, validation, upsert);
+- peer: the least a FastAPI server can do for the same two calls over plain sqlite3 (no auth, no
+  validation; next = first item this caller has not ranked, submit = one upsert under a write lock;
+  the same WAL + synchronous=NORMAL durability), loaded with the same prompts and candidates.
+Reports rankings/s, p50/p99 latency of the submitting POST, server CPU per ranking (process CPU
+seconds / rankings: next + submit, and whatever the server burns meanwhile; it does not depend on
+how busy the machine is), and rows lost (acknowledged but not in the database with the acknowledged
+order afterwards; must be 0). Goal (issue 5): 50 annotators, p99 <= 250 ms.
 """
 from __future__ import annotations
 
@@ -21,8 +25,10 @@ import time
 from pathlib import Path
 
 import httpx
+from fastapi import Request  # at module level: the peer's handlers name it in (string) annotations
 
 ROOT = Path(__file__).resolve().parents[2]
+PEER_NAME = "minimal FastAPI + sqlite3: same two calls, no auth or validation"
 
 
 def percentile(xs: list[float], q: float) -> float:
@@ -60,7 +66,24 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 180) -> None
     raise RuntimeError(f"{url} did not answer within {timeout}s")
 
 
-# ---- peer: the least a server can do to store a ranking ------------------------------------------
+# ---- peer: the least a server can do to hand out items and store rankings --------------------------
+
+def peer_db(path: Path, prompts: list[str], candidates: list[list[str]]) -> None:
+    con = sqlite3.connect(path)
+    con.execute("PRAGMA journal_mode=WAL")
+    con.executescript("""
+        CREATE TABLE items (id INTEGER PRIMARY KEY, prompt TEXT);
+        CREATE TABLE candidates (id INTEGER PRIMARY KEY, item INTEGER, position INTEGER, text TEXT);
+        CREATE TABLE rankings (id INTEGER PRIMARY KEY, user TEXT, item INTEGER, ord TEXT, UNIQUE (item, user));
+        CREATE INDEX candidates_item ON candidates (item);
+    """)
+    for i, (p, cands) in enumerate(zip(prompts, candidates), 1):
+        con.execute("INSERT INTO items VALUES (?, ?)", (i, p))
+        con.executemany("INSERT INTO candidates (item, position, text) VALUES (?, ?, ?)",
+                        [(i, j, c) for j, c in enumerate(cands)])
+    con.commit()
+    con.close()
+
 
 def serve_peer(port: int, db_path: str) -> None:
     import threading
@@ -68,32 +91,48 @@ def serve_peer(port: int, db_path: str) -> None:
     import uvicorn
     from fastapi import FastAPI
 
-    con = sqlite3.connect(db_path)
-    con.execute("PRAGMA journal_mode=WAL")
-    con.execute("CREATE TABLE IF NOT EXISTS rankings (id INTEGER PRIMARY KEY, user TEXT, item INTEGER, ord TEXT)")
-    con.close()
-    local = threading.local()
+    local, write_lock = threading.local(), threading.Lock()
     app = FastAPI()
+
+    def con() -> sqlite3.Connection:
+        if not hasattr(local, "con"):
+            local.con = sqlite3.connect(db_path, timeout=30, isolation_level=None)
+            local.con.execute("PRAGMA synchronous=NORMAL")
+        return local.con
+
+    def caller(request: Request) -> str:
+        return request.headers.get("authorization", "")[7:]  # the "key" is the name; no lookup
 
     @app.get("/healthz")
     def healthz():
         return {"status": "ok"}
 
-    @app.post("/submit")
-    def submit(body: dict):
-        if not hasattr(local, "con"):
-            local.con = sqlite3.connect(db_path, timeout=30, isolation_level=None)
-            local.con.execute("PRAGMA synchronous=NORMAL")
-        local.con.execute("INSERT INTO rankings (user, item, ord) VALUES (?, ?, ?)",
-                          (body["user"], body["item"], json.dumps(body["order"])))
+    @app.get("/api/rankings/next")
+    def next_item(request: Request, set_id: int | None = None):
+        c = con()
+        row = c.execute("SELECT id, prompt FROM items WHERE NOT EXISTS (SELECT 1 FROM rankings r WHERE r.item = items.id "
+                        "AND r.user = ?) ORDER BY id LIMIT 1", (caller(request),)).fetchone()
+        if row is None:
+            return {"done": True}
+        cands = c.execute("SELECT id, position, text FROM candidates WHERE item = ? ORDER BY position", (row[0],)).fetchall()
+        return {"item_id": row[0], "prompt": row[1], "candidates": [{"id": i, "position": p, "text": t} for i, p, t in cands]}
+
+    @app.post("/api/rankings/items/{item_id}")
+    def submit(item_id: int, body: dict, request: Request):
+        with write_lock:  # one writer at a time, as any SQLite server must (ours queues the same way)
+            con().execute("INSERT INTO rankings (user, item, ord) VALUES (?, ?, ?) "
+                          "ON CONFLICT (item, user) DO UPDATE SET ord = excluded.ord",
+                          (caller(request), item_id, json.dumps(body["order"])))
         return {"ok": True}
 
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
 
 
-# ---- load ------------------------------------------------------------------------------------------
+# ---- load: one client for both servers -------------------------------------------------------------
 
-async def run_ours(base: str, keys: list[str], set_id: int, rounds: int, think: float = 0.0) -> tuple[list[float], list[tuple], float]:
+async def annotate(base: str, keys: list[str], set_id: int, rounds: int, think: float = 0.0):
+    """Every key is one annotator: next item, submit its candidates in reverse, pause; `rounds` times.
+    Returns (submit latencies, acknowledged (key, item_id, order), wall seconds)."""
     latencies, acked = [], []
 
     async def annotator(key: str):
@@ -115,22 +154,19 @@ async def run_ours(base: str, keys: list[str], set_id: int, rounds: int, think: 
     return latencies, acked, time.perf_counter() - t0
 
 
-async def run_peer(base: str, n: int, rounds: int, think: float = 0.0) -> tuple[list[float], int, float]:
-    latencies, acked = [], 0
+def measure(name: str, proc: subprocess.Popen, base: str, keys: list[str], set_id: int, rounds: int, think: float) -> dict:
+    cpu0 = cpu_seconds(proc.pid)
+    lat, acked, wall = asyncio.run(annotate(base, keys, set_id, rounds, think))
+    cpu = (cpu_seconds(proc.pid) - cpu0) / max(1, len(acked)) * 1e3
+    out = {"lat": lat, "acked": acked, "rate": len(acked) / wall, "p50": percentile(lat, 50) * 1e3,
+           "p99": percentile(lat, 99) * 1e3, "cpu_ms": cpu}
+    print(f"{name}: {len(acked)} rankings in {wall:.2f}s = {out['rate']:.1f}/s; p50 {out['p50']:.1f} ms, "
+          f"p99 {out['p99']:.1f} ms; server CPU {cpu:.2f} ms per ranking (next + submit)", flush=True)
+    return out
 
-    async def annotator(i: int):
-        nonlocal acked
-        async with httpx.AsyncClient(base_url=base, timeout=60) as c:
-            for j in range(rounds):
-                t = time.perf_counter()
-                r = await c.post("/submit", json={"user": f"a{i}", "item": j, "order": [4, 3, 2, 1]})
-                latencies.append(time.perf_counter() - t)
-                acked += r.status_code == 200
-                await asyncio.sleep(think)
 
-    t0 = time.perf_counter()
-    await asyncio.gather(*(annotator(i) for i in range(n)))
-    return latencies, acked, time.perf_counter() - t0
+def lost(acked: list[tuple], stored: dict) -> int:
+    return sum(stored.get((key, item)) != order for key, item, order in acked)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -154,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
     from backend.db.models import Ranking, User
     from backend.labels import rankings as rk
 
-    n, rounds = args.annotators, args.rounds
+    n, rounds, warm = args.annotators, args.rounds, 2  # warm: annotators x 3 rounds on each server first
     tmp = Path(tempfile.mkdtemp(prefix="bench-labels-"))
     data = tmp / "data"
     data.mkdir()
@@ -164,77 +200,65 @@ def main(argv: list[str] | None = None) -> None:
     users._hasher = PasswordHasher(time_cost=1, memory_cost=1024)
     op = users.add_user(db, "op", "operator")[0]
     keys = [users.add_user(db, f"a{i}", "annotator")[2] for i in range(n)]
-    s = rk.create_set(db, op, "bench", [f"prompt {i}" for i in range(rounds + 1)],
-                      [[f"candidate {i}.{j}" for j in range(args.k)] for i in range(rounds + 1)],
-                      annotators_per_item=n)
-    print(f"labels bench: {n} annotators x {rounds} rankings (K={args.k}), data in {tmp}", flush=True)
+    warm_keys = [users.add_user(db, f"warm{i}", "annotator")[2] for i in range(warm)]
+    prompts = [f"prompt {i}" for i in range(rounds + 3)]
+    candidates = [[f"candidate {i}.{j}" for j in range(args.k)] for i in range(rounds + 3)]
+    s = rk.create_set(db, op, "bench", prompts, candidates, annotators_per_item=n + warm)
+    peer_db(tmp / "peer.db", prompts, candidates)
+    print(f"labels bench: {n} annotators x {rounds} rankings (K={args.k}), think {args.think_ms:g} ms, data in {tmp}",
+          flush=True)
 
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     port, peer_port = free_port(), free_port()
-    ours = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--port", str(port), "--data-dir", str(data),
-                             "--no-preload", "--no-worker"], cwd=ROOT, env=env,
-                            stdout=open(tmp / "server.log", "wb"), stderr=subprocess.STDOUT)
-    peer = subprocess.Popen([sys.executable, "-m", "backend.bench.labels", "--serve-peer", str(peer_port),
-                             str(tmp / "peer.db")], cwd=ROOT, env=env,
-                            stdout=open(tmp / "peer.log", "wb"), stderr=subprocess.STDOUT)
+    ours_proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--port", str(port), "--data-dir", str(data),
+                                  "--no-preload", "--no-worker"], cwd=ROOT, env=env,
+                                 stdout=open(tmp / "server.log", "wb"), stderr=subprocess.STDOUT)
+    peer_proc = subprocess.Popen([sys.executable, "-m", "backend.bench.labels", "--serve-peer", str(peer_port),
+                                  str(tmp / "peer.db")], cwd=ROOT, env=env,
+                                 stdout=open(tmp / "peer.log", "wb"), stderr=subprocess.STDOUT)
+    peer_keys = [f"a{i}" for i in range(n)]
     try:
-        wait_healthy(f"http://127.0.0.1:{port}/healthz", ours)
-        wait_healthy(f"http://127.0.0.1:{peer_port}/healthz", peer)
         base, peer_base = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{peer_port}"
-        # Warm up both (imports, connection pools, first queries).
-        asyncio.run(run_peer(peer_base, 4, 5))
-        warm_key = users.add_user(db, "warmup", "annotator")[2]
-        asyncio.run(run_ours(base, [warm_key], s["id"], 3))
-
+        wait_healthy(f"{base}/healthz", ours_proc)
+        wait_healthy(f"{peer_base}/healthz", peer_proc)
+        # Warm both up the same way (imports, connection pools, first queries).
+        asyncio.run(annotate(base, warm_keys, s["id"], 3))
+        asyncio.run(annotate(peer_base, [f"warm{i}" for i in range(warm)], s["id"], 3))
         think = args.think_ms / 1000
-        cpu0 = cpu_seconds(ours.pid)
-        lat, acked, wall = asyncio.run(run_ours(base, keys, s["id"], rounds, think))
-        cpu_ours = (cpu_seconds(ours.pid) - cpu0) / max(1, len(acked)) * 1e3
-        print(f"ours: {len(acked)} rankings in {wall:.2f}s = {len(acked) / wall:.1f}/s; "
-              f"p50 {percentile(lat, 50) * 1e3:.1f} ms, p99 {percentile(lat, 99) * 1e3:.1f} ms; "
-              f"server CPU {cpu_ours:.2f} ms per ranking (next + submit)", flush=True)
-        cpu0 = cpu_seconds(peer.pid)
-        plat, packed, pwall = asyncio.run(run_peer(peer_base, n, rounds, think))
-        cpu_peer = (cpu_seconds(peer.pid) - cpu0) / max(1, packed) * 1e3
-        print(f"peer: {packed} inserts in {pwall:.2f}s = {packed / pwall:.1f}/s; "
-              f"p50 {percentile(plat, 50) * 1e3:.1f} ms, p99 {percentile(plat, 99) * 1e3:.1f} ms; "
-              f"server CPU {cpu_peer:.2f} ms per insert", flush=True)
+        ours = measure("ours", ours_proc, base, keys, s["id"], rounds, think)
+        peer = measure("peer", peer_proc, peer_base, peer_keys, s["id"], rounds, think)
     finally:
-        for proc in (ours, peer):
+        for proc in (ours_proc, peer_proc):
             proc.terminate()
             try:
                 proc.wait(20)
             except subprocess.TimeoutExpired:
                 proc.kill()
 
-    # Rows lost: acknowledged rankings that are not in the database with the acknowledged order.
-    by_key = {users.sha256(k): k for k in keys}
+    by_hash = {users.sha256(k): k for k in keys}
     with db.read() as sess:
-        stored = {(by_key.get(h), item): order for h, item, order in sess.execute(
+        stored = {(by_hash.get(h), item): order for h, item, order in sess.execute(
             select(User.api_key_hash, Ranking.item_id, Ranking.order).join(Ranking, Ranking.user_id == User.id))}
-    lost = sum(stored.get((k, item)) != order for k, item, order in acked)
-    peer_rows = sqlite3.connect(tmp / "peer.db").execute("select count(*) from rankings").fetchone()[0]
-    peer_lost = packed + 5 * 4 - peer_rows
-    print(f"rows lost: ours {lost} of {len(acked)}, peer {peer_lost} of {packed}", flush=True)
+    peer_stored = {(u, item): json.loads(o) for u, item, o in
+                   sqlite3.connect(tmp / "peer.db").execute("SELECT user, item, ord FROM rankings")}
+    ours_lost, peer_lost = lost(ours["acked"], stored), lost(peer["acked"], peer_stored)
+    print(f"rows lost: ours {ours_lost} of {len(ours['acked'])}, peer {peer_lost} of {len(peer['acked'])}", flush=True)
 
     import torch
-    p99, pp99 = percentile(lat, 99) * 1e3, percentile(plat, 99) * 1e3
+
+    def row(metric, unit, key, ratio, **extra):
+        return {"metric": metric, "unit": unit, "ours": round(ours[key], 2), "peer": round(peer[key], 2),
+                "peer_name": PEER_NAME, "ratio": round(ratio, 3), **extra}
+
     print(json.dumps({"bench": "labels", "device": "cpu", "threads": torch.get_num_threads(), "torch": torch.__version__,
                       "annotators": n, "rounds": rounds, "think_ms": args.think_ms, "results": [
-        {"metric": f"submit p99 latency, {n} annotators", "unit": "ms", "ours": round(p99, 1), "peer": round(pp99, 1),
-         "peer_name": "minimal FastAPI endpoint, one plain sqlite3 INSERT", "ratio": round(pp99 / p99, 3),
-         "goal": 250.0, "goal_met": p99 <= 250.0},
-        {"metric": f"submit p50 latency, {n} annotators", "unit": "ms", "ours": round(percentile(lat, 50) * 1e3, 1),
-         "peer": round(percentile(plat, 50) * 1e3, 1), "peer_name": "minimal FastAPI endpoint, one plain sqlite3 INSERT",
-         "ratio": round(percentile(plat, 50) / percentile(lat, 50), 3)},
-        {"metric": "throughput (ours: next + submit per ranking)", "unit": "rankings/s", "ours": round(len(acked) / wall, 1),
-         "peer": round(packed / pwall, 1), "peer_name": "minimal FastAPI endpoint, one plain sqlite3 INSERT",
-         "ratio": round((len(acked) / wall) / (packed / pwall), 3)},
-        {"metric": "server CPU per ranking (ours: next + submit)", "unit": "ms", "ours": round(cpu_ours, 2),
-         "peer": round(cpu_peer, 2), "peer_name": "minimal FastAPI endpoint, one plain sqlite3 INSERT",
-         "ratio": round(cpu_peer / cpu_ours, 3)},
-        {"metric": "rows lost", "unit": "rows", "ours": lost, "peer": peer_lost,
-         "peer_name": "minimal FastAPI endpoint, one plain sqlite3 INSERT", "ratio": None, "goal": 0},
+        row(f"submit p99 latency, {n} annotators", "ms", "p99", peer["p99"] / ours["p99"],
+            goal=250.0, goal_met=ours["p99"] <= 250.0),
+        row(f"submit p50 latency, {n} annotators", "ms", "p50", peer["p50"] / ours["p50"]),
+        row("throughput (next + submit per ranking)", "rankings/s", "rate", ours["rate"] / peer["rate"]),
+        row("server CPU per ranking (next + submit)", "ms", "cpu_ms", peer["cpu_ms"] / ours["cpu_ms"]),
+        {"metric": "rows lost", "unit": "rows", "ours": ours_lost, "peer": peer_lost, "peer_name": PEER_NAME,
+         "ratio": None, "goal": 0},
     ]}))
 
 
