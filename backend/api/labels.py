@@ -99,10 +99,12 @@ class RankingBody(BaseModel):
     skipped: bool = False
 
 
+# The two calls an annotator makes per ranking answer with a ready JSONResponse: FastAPI then neither
+# walks the dict through jsonable_encoder nor validates a `-> dict` result on a second worker thread.
 @router.get("/rankings/next")
-def next_ranking_item(request: Request, set_id: int | None = None, user: CurrentUser = Depends(annotator)):
+def next_ranking_item(request: Request, set_id: int | None = None, user: CurrentUser = Depends(annotator)) -> JSONResponse:
     item = rankings.next_item(_pg(request).db, user, set_id)
-    return item if item is not None else JSONResponse({"done": True, "message": "nothing left to rank"})
+    return JSONResponse(item if item is not None else {"done": True, "message": "nothing left to rank"})
 
 
 @router.get("/rankings/mine")
@@ -117,9 +119,9 @@ def get_ranking_item(item_id: int, request: Request, user: CurrentUser = Depends
 
 
 @router.post("/rankings/items/{item_id}")
-def submit_ranking(item_id: int, body: RankingBody, request: Request, user: CurrentUser = Depends(annotator)) -> dict:
+def submit_ranking(item_id: int, body: RankingBody, request: Request, user: CurrentUser = Depends(annotator)) -> JSONResponse:
     with service_errors():
-        return rankings.submit(_pg(request).db, user, item_id, body.order, body.all_bad, body.skipped)
+        return JSONResponse(rankings.submit(_pg(request).db, user, item_id, body.order, body.all_bad, body.skipped))
 
 
 # ---- SFT demonstrations ---------------------------------------------------------------------
