@@ -59,7 +59,7 @@ def main(argv: list[str]) -> None:
         events.append(ev)
         if "sample" in ev:
             print(f"--- step {ev['step']} greedy answer: {ev['sample']!r}", flush=True)
-        elif "held_out_accuracy" in ev or "loss" in ev:
+        elif ("held_out_accuracy" in ev or "loss" in ev) and "done" not in ev:
             keys = ("step", "reward", "train_accuracy", "kl", "response_length", "held_out_accuracy",
                     "held_out_accuracy_lenient", "held_out_length", "cpu_s")
             print(json.dumps({k: ev[k] for k in keys if k in ev}), flush=True)
