@@ -16,8 +16,13 @@ Each step, for each of prompts_per_step problems:
 Defaults and where they come from: group_size 8 (TRL GRPOConfig num_generations=8; DeepSeekMath used 64),
 clip eps 0.2 (DeepSeekMath, TRL epsilon=0.2), beta 0.04 (DeepSeekMath and TRL's default before v0.19;
 TRL now defaults to 0.0), temperature 1.0 (TRL), lr 5e-6 (TRL uses 1e-6 for long runs; our runs are a few
-hundred steps). Curves (R1 figures 2 and 3): held-out accuracy (greedy) every eval_every steps and
-the mean response length of each step's samples.
+hundred steps). Curves (R1 figures 2 and 3): held-out accuracy (greedy; strict = a stated answer, and
+lenient = else the reply's last number) every eval_every steps and the mean response length, reward, KL
+and CPU seconds of each step: the job's metrics, and curves.json in the run directory.
+
+Cost on a CPU: the G answers of a prompt share one forward of the prompt (group_logprobs), the sampler
+decodes a bf16 copy of the policy, and max_cpu_seconds stops a run on its CPU budget (load-independent).
+Preset "cpu-30min" (PRESETS, python -m backend.bench grpo) is the 30-CPU-minute demonstration.
 
 The same loop serves RLHF (backend/train/rlhf.py): only the reward function and the prompts differ.
 """
