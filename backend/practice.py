@@ -143,9 +143,10 @@ def curve(answers: list[str | None], rights: list[bool], scores: list[float] | N
     n, c = len(rights), sum(rights)
     rows = []
     for k in ks(n):
-        row = {"k": k, "pass_at_k": pass_at_k(n, c, k), "majority_at_k": majority_at_k(answers, rights, k)}
+        row = {"k": k, "pass_at_k": round(pass_at_k(n, c, k), 6),
+               "majority_at_k": round(majority_at_k(answers, rights, k), 6)}
         if scores is not None:
-            row["best_of_k"] = best_of_k(scores, rights, k)
+            row["best_of_k"] = round(best_of_k(scores, rights, k), 6)
         rows.append(row)
     return rows
 

@@ -91,7 +91,7 @@ def build(pg) -> None:
         n = gr.Slider(1, svc.MAX_N, value=8, step=1, label="N samples", elem_id="practice-n")
         temperature = gr.Slider(0, 2, value=0.8, step=0.05, label="Temperature", elem_id="practice-temperature")
         max_tokens = gr.Slider(16, svc.MAX_TOKENS, value=256, step=16, label="Max tokens per solution")
-        seed = gr.Number(None, precision=0, label="Seed (empty = random)")
+        seed = gr.Textbox("", label="Seed (empty = random)", elem_id="practice-seed")  # a gr.Number shows empty as 0
     with gr.Row():
         template = gr.Radio([("Plain: end with 'The answer is N.'", "plain"), ("R1-Zero: <think> … </think> answer", "think")],
                             value="plain", label="System prompt (the GRPO trainer's)")
@@ -121,8 +121,11 @@ def build(pg) -> None:
                                elem_id="practice-scale-problems")
 
     def config(n_, temperature_, max_tokens_, seed_, template_, rm_) -> svc.PracticeConfig:
+        seed_ = (seed_ or "").strip()
+        if seed_ and not seed_.lstrip("-").isdigit():
+            raise ValueError(f"seed must be a whole number or empty, not {seed_!r}")
         return svc.PracticeConfig(int(n_), float(temperature_), 1.0, int(max_tokens_),
-                                  None if seed_ is None else int(seed_), template_, None if rm_ == NO_RM else rm_)
+                                  int(seed_) if seed_ else None, template_, None if rm_ == NO_RM else rm_)
 
     def on_new(kind_, scale_):
         p = svc.generated_problem(kind_, random.randrange(10 ** 6), scale_)
