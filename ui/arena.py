@@ -12,6 +12,7 @@ from backend import chat_service as cs
 from backend.arena import battles as arena
 from backend.engine import aiterate
 from ui.chat import _md
+from ui.fields import parse_seed
 from ui.login import build_login, request_user
 
 INTRO = ("**Comparing models the way LM Arena does.** Two models, drawn at random, answer your prompt; you see "
@@ -57,7 +58,7 @@ def build(pg) -> None:
         with gr.Row():
             temperature = gr.Slider(0, 2, value=0.7, step=0.05, label="Temperature (0 = greedy)")
             max_tokens = gr.Slider(1, arena.MAX_TOKENS, value=256, step=1, label="Max new tokens per answer")
-            seed = gr.Number(None, precision=0, label="Seed (empty = random)")
+            seed = gr.Textbox("", label="Seed (empty = random)")  # a gr.Number shows empty as 0
     sample = gr.Dropdown(arena.SAMPLE_PROMPTS, value=None, label="Sample prompts", elem_id="arena-sample")
     with gr.Row():
         prompt = gr.Textbox(placeholder="Ask both models something", show_label=False, scale=5, elem_id="arena-prompt")
@@ -84,8 +85,7 @@ def build(pg) -> None:
     async def on_battle(text, models, temperature_, max_tokens_, seed_, request: gr.Request):
         try:
             user = request_user(pg, request, "learner")
-            params = arena.sampling_params(float(temperature_), 0.95, int(max_tokens_),
-                                           None if seed_ is None else int(seed_))
+            params = arena.sampling_params(float(temperature_), 0.95, int(max_tokens_), parse_seed(seed_))
             battle = await asyncio.to_thread(arena.start_battle, pg, user, text, list(models or []), params)
         except ValueError as e:
             yield None, "", "", f"⚠ {html.escape(str(e))}", *locked()

@@ -12,6 +12,7 @@ import pandas as pd
 
 from backend import chat_service as cs
 from backend import practice as svc
+from ui.fields import parse_seed
 from ui.login import build_login, request_user
 
 INTRO = ("**Practice problems with a known answer.** Pick a model and a problem (a generated one, or type your own "
@@ -121,11 +122,8 @@ def build(pg) -> None:
                                elem_id="practice-scale-problems")
 
     def config(n_, temperature_, max_tokens_, seed_, template_, rm_) -> svc.PracticeConfig:
-        seed_ = (seed_ or "").strip()
-        if seed_ and not seed_.lstrip("-").isdigit():
-            raise ValueError(f"seed must be a whole number or empty, not {seed_!r}")
         return svc.PracticeConfig(int(n_), float(temperature_), 1.0, int(max_tokens_),
-                                  int(seed_) if seed_ else None, template_, None if rm_ == NO_RM else rm_)
+                                  parse_seed(seed_), template_, None if rm_ == NO_RM else rm_)
 
     def on_new(kind_, scale_):
         p = svc.generated_problem(kind_, random.randrange(10 ** 6), scale_)
