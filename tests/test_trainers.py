@@ -106,6 +106,19 @@ def test_embedding_resize_keeps_old_rows_and_the_model_loads_through_the_registr
     assert model(torch.tensor([[1, 305]])).shape == (1, 2, 309)
 
 
+def test_new_tag_rows_start_at_the_mean_of_their_spelled_out_pieces(app):
+    from backend.train.sft import extend_with_tags
+    enc = get_encoding("bytes+chatml+tools", app.data_dir)
+    model = ModelRegistry(app).load("tiny", dtype=torch.float32)
+    old = model.model.embed_tokens.weight.detach().clone()
+    extend_with_tags(model, enc)
+    w = model.model.embed_tokens.weight
+    assert w.shape[0] == enc.max_token_value + 1 and torch.equal(w[:old.shape[0]], old)
+    call = enc.encode_single_token("<tool_call>")
+    assert call >= old.shape[0] and torch.allclose(w[call], old[list(b"<tool_call>")].mean(0))
+    assert not torch.allclose(w[call], w[enc.encode_single_token("</tool_call>")])  # each tag its own row
+
+
 def test_sft_loss_falls_registers_the_tools_tokenizer_and_lineage(app):
     events: list = []
     out = run_kind(app, "sft", events, max_steps=30, lr=3e-3, warmup_steps=2, batch_size=2, seq_len=256,

@@ -1,4 +1,4 @@
-"""python -m backend.bench tool_sft [--steps 150] [--heldout 48] [--lora-rank 0] [--threads 2] [--data-dir DIR]
+"""python -m backend.bench tool_sft [--steps 60] [--heldout 48] [--lora-rank 0] [--threads 2] [--data-dir DIR]
 
 Does SFT on the bundled tool-use set teach the protocol? (issue 6)
 
@@ -149,6 +149,10 @@ def check_disjoint(train: list[Example], train_rows: list[dict], held: list[Exam
     return len(keys)
 
 
+def save_transcripts(out: Path, rows: list[dict]) -> None:
+    (out / "transcripts.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
 def cpu_seconds() -> float:
     ru = resource.getrusage(resource.RUSAGE_SELF)
     return ru.ru_utime + ru.ru_stime
@@ -171,10 +175,10 @@ def main(argv: list[str]) -> None:
     from backend.train.sft import bundled_rows, run_sft, sft_tokenizer
     ap = argparse.ArgumentParser(prog="python -m backend.bench tool_sft")
     ap.add_argument("--model", default="smollm2-135m-instruct")
-    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--lora-rank", type=int, default=0)
     ap.add_argument("--train-examples", type=int, default=1200)
     ap.add_argument("--heldout", type=int, default=48)
@@ -220,6 +224,7 @@ def main(argv: list[str]) -> None:
         results["untuned"].update(eval_wall_s=round(time.perf_counter() - t0, 1), eval_cpu_s=round(cpu_seconds() - c0, 1))
         transcripts += rows
         del parent
+        save_transcripts(out, transcripts)  # kept even if training is cut short
 
     log(f"SFT: {cfg.max_steps} steps of {cfg.batch_size}x{cfg.seq_len} tokens, lr {cfg.lr}, "
         f"{'LoRA r=%d' % cfg.lora_rank if cfg.lora_rank else 'full fine-tune'}, {args.threads} threads")
@@ -248,7 +253,7 @@ def main(argv: list[str]) -> None:
                                       args.max_tokens, "tuned", log)
     results["tuned"].update(eval_wall_s=round(time.perf_counter() - t0, 1), eval_cpu_s=round(cpu_seconds() - c0, 1))
     transcripts += rows
-    (out / "transcripts.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in transcripts))
+    save_transcripts(out, transcripts)
     db.close()
 
     for label, s in results.items():

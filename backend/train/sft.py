@@ -11,8 +11,9 @@ loss of separate rows (tests/test_trainers.py checks it).
 
 New special tokens (tool_tokens=True): the encoding becomes "<tokenizer>+tools" (models.chat_format.
 with_tool_tokens: <think> </think> <tool_call> </tool_call> <tool_output> </tool_output>) and the
-embedding grows to match, new rows initialised to the mean of the old ones (common.resize_vocab). The
-model is registered under that tokenizer name, so the engine and chat load it with the new tokens.
+embedding grows to match, each new row initialised to the mean of the rows of its tag's own text pieces
+(extend_with_tags). The model is registered under that tokenizer name, so the engine and chat load it
+with the new tokens.
 
 Data: dataset "bundled" = the tool-use conversations of backend/datasets/tool_use.py (n_examples of them,
 mix of arithmetic/counting/spelling by python call, search calls, identity); "snapshot" = the job's SFT
@@ -107,6 +108,27 @@ def sft_tokenizer(tokenizer: str, enc, tool_tokens: bool, data_dir=None):
     return tokenizer, enc
 
 
+@torch.no_grad()
+def extend_with_tags(model, enc):
+    """The model grown to `enc` (common.extend_for_tokens), each new thinking/tool tag's row set to the mean
+    of the rows of its own text's pieces ("<", "tool", "_call", ">"), where the vocabulary mean would put it.
+    The model already reads and writes that text (the tool system prompt spells it out), so the new token
+    starts near its spelled-out form: measured on SmolLM2-135M with the tool prompt, <tool_call> starts
+    ~500-1200 ranks from the top instead of ~22,000, and with the vocabulary mean 60 steps of SFT (lr 2e-4)
+    learned every other token of the call but left <tool_call> and </tool_call> below <|im_end|>."""
+    from models.chat_format import TOOL_SPECIALS
+    old = model.cfg.vocab_size
+    model = extend_for_tokens(model, enc)
+    rows = [model.model.embed_tokens.weight] + ([] if model.cfg.tie_embeddings else [model.lm_head.weight])
+    for tag in TOOL_SPECIALS:
+        i = enc.encode_single_token(tag) if tag in enc.special_tokens_set else -1
+        if i >= old:
+            pieces = [p for p in enc.encode_ordinary(tag) if p < old]
+            for w in rows:
+                w[i] = w[pieces].mean(0)
+    return model
+
+
 def protocol_check(model, enc, tokenizer: str, n: int, seed: int) -> dict:
     """Held-out bundled questions (the "heldout" split: numbers, words, documents the training rows never
     use), answered greedily through the Engine, without running tools: the share whose
@@ -177,7 +199,7 @@ def run_sft(cfg: SFTConfig, ctx: JobContext) -> Outcome:
         torch.manual_seed(cfg.seed)
         parent, enc, spec = load_parent(run.app, cfg.parent_model, run.device)
         tok_name, enc = sft_tokenizer(spec.tokenizer, enc, cfg.tool_tokens, run.app.data_dir)
-        model = run.model_to_train(lambda: extend_for_tokens(parent, enc)).to(run.device).train()
+        model = run.model_to_train(lambda: extend_with_tags(parent, enc)).to(run.device).train()
         del parent
         lora = None
         if cfg.lora_rank:
