@@ -286,7 +286,7 @@ def test_grpo_bench_reports_accuracy_before_and_after_and_saves_curves(app, caps
     from backend.bench.grpo import main
     main(["--model", "tiny", "--max-steps", "1", "--data-dir", str(app.data_dir)])
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])  # the last line is the JSON summary
-    assert out["bench"] == "grpo" and out["steps"] == 1 and out["cpu_s"] > 0 and out["cpu_s_budget"] == 1800
+    assert out["bench"] == "grpo" and out["steps"] == 1 and out["cpu_s"] > 0 and out["cpu_s_budget"] <= 1800
     assert [r["metric"].split(" (")[1].split(")")[0] for r in out["results"]] == ["strict", "lenient"]
     saved = json.loads((app.data_dir / "bench" / "grpo.json").read_text())
     assert [c["step"] for c in saved["per_step"] if "held_out_accuracy" in c] == [0, 1]

@@ -87,10 +87,11 @@ PRESETS = {
     # buys 5 more...", numbers <= 10) with a plain prompt asking for "The answer is N." (the 135M model
     # almost never writes R1's <think> tags, so a format reward would have no signal); temperature 0.7 (at
     # 1.0 one probe of 32 answers had 1 right, at 0.7 3: too few groups with any signal), answers of <= 48
-    # tokens, lr 3e-5 (a budget of ~60 steps), at most 1800 CPU-seconds in all (max_steps is not reached).
+    # tokens, lr 3e-5; the run's budget 1740 CPU-seconds leaves 60 of the 1800 for loading the model and
+    # saving the checkpoint (max_steps is not reached: ~74 steps measured).
     "cpu-30min": {"kinds": ["totals"], "scale": "small", "think": False, "group_size": 8, "prompts_per_step": 2,
                   "temperature": 0.7, "max_new_tokens": 48, "eval_tokens": 64, "n_heldout": 64, "eval_every": 10,
-                  "lr": 3e-5, "warmup_steps": 3, "max_steps": 100, "max_cpu_seconds": 1800.0,
+                  "lr": 3e-5, "warmup_steps": 3, "max_steps": 100, "max_cpu_seconds": 1740.0,
                   "checkpoint_every": 1000},
 }
 
