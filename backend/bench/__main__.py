@@ -7,7 +7,7 @@ from importlib import import_module
 
 def main() -> None:
     if len(sys.argv) < 2 or sys.argv[1].startswith("-"):
-        sys.exit("usage: python -m backend.bench NAME [options]   (NAME: decode, bpe, labels, pretrain, train, chat, tool_sft)")
+        sys.exit("usage: python -m backend.bench NAME [options]   (NAME: decode, bpe, labels, pretrain, train, chat, tool_sft, grpo)")
     name = sys.argv[1]
     try:
         module = import_module(f"backend.bench.{name}")
