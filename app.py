@@ -41,7 +41,10 @@ def build_app(cfg: AppConfig) -> FastAPI:
     ui = build_ui(pg)
     # Gradio's queue polls for events every 1 ms (progress every 10 ms) while idle: ~7% of a core
     # doing nothing, and a tax on every API request. Gradio's own Windows defaults (50/100 ms) instead.
-    ui._queue.sleep_when_free, ui._queue.progress_update_sleep_when_free = 0.05, 0.1
+    # A private attribute (checked on gradio 6): skipped, not fatal, if a later gradio renames it.
+    queue = getattr(ui, "_queue", None)
+    if hasattr(queue, "sleep_when_free") and hasattr(queue, "progress_update_sleep_when_free"):
+        queue.sleep_when_free, queue.progress_update_sleep_when_free = 0.05, 0.1
     return gr.mount_gradio_app(app, ui, path="/")
 
 
