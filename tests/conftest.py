@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,6 +100,29 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
 def launch_chromium(playwright):
     """A headless Debian chromium for a playwright session."""
     return playwright.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+
+
+@contextmanager
+def open_tab(server, tab: str, ready: str, width: int = 1400, height: int = 1600):
+    """A headless page on the app with `tab` open, once `ready` (a CSS selector) is on the page."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as p:
+        browser = launch_chromium(p)
+        page = browser.new_page(viewport={"width": width, "height": height})
+        page.goto(server.base_url + "/")
+        page.get_by_role("tab", name=tab, exact=True).click()
+        page.wait_for_selector(ready)
+        yield page
+        browser.close()
+
+
+def log_in(page, name: str, password: str) -> None:
+    """Sign in through the visible login strip of the open tab and wait until it says who we are."""
+    form = page.locator(".pg-login-form:visible")
+    form.locator("input[name=name]").fill(name)
+    form.locator("input[name=password]").fill(password)
+    form.get_by_role("button", name="Log in").click()
+    page.locator(".pg-whoami:visible").wait_for(timeout=30_000)
 
 
 @pytest.fixture

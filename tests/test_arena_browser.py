@@ -7,7 +7,7 @@ import re
 import pytest
 
 from backend.db import Database
-from tests.conftest import launch_chromium, start_server
+from tests.conftest import log_in, open_tab, start_server
 from tests.scripted import register_scripted
 from tests.test_labels_api import make_users
 
@@ -34,14 +34,8 @@ def site(tmp_path_factory):
 @pytest.fixture
 def page(site):
     server, _ = site
-    with playwright_api.sync_playwright() as p:
-        browser = launch_chromium(p)
-        page = browser.new_page(viewport={"width": 1400, "height": 1600})
-        page.goto(server.base_url + "/")
-        page.get_by_role("tab", name="Arena", exact=True).click()
-        page.wait_for_selector("#arena-battle")
+    with open_tab(server, "Arena", "#arena-battle") as page:
         yield page
-        browser.close()
 
 
 def text_of(page, elem_id: str) -> str:
@@ -50,11 +44,7 @@ def text_of(page, elem_id: str) -> str:
 
 def test_battle_vote_reveal_and_leaderboard(site, page):
     _, people = site
-    form = page.locator(".pg-login-form:visible")
-    form.locator("input[name=name]").fill("ann")
-    form.locator("input[name=password]").fill(people["ann"][1])
-    form.get_by_role("button", name="Log in").click()
-    page.locator(".pg-whoami:visible").wait_for(timeout=30_000)
+    log_in(page, "ann", people["ann"][1])
     assert "alpha" not in text_of(page, "arena-leaderboard")  # no votes yet
 
     for name in LINES:  # the draw: just the two scripted models (the bundled SmolLM2 stays unloaded)

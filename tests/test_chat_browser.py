@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
+from tests.conftest import open_tab
 from tests.scripted import register_scripted
-from tests.conftest import launch_chromium
 
 playwright_api = pytest.importorskip("playwright.sync_api")
 pytestmark = pytest.mark.browser
@@ -32,14 +32,8 @@ def server(tmp_path_factory):
 
 @pytest.fixture
 def page(server):
-    with playwright_api.sync_playwright() as p:
-        browser = launch_chromium(p)
-        page = browser.new_page(viewport={"width": 1400, "height": 1600})
-        page.goto(server.base_url + "/")
-        page.get_by_role("tab", name="Chat", exact=True).click()
-        page.wait_for_selector("#chat-send")
+    with open_tab(server, "Chat", "#chat-send") as page:
         yield page
-        browser.close()
 
 
 def wait_status(page, text: str, timeout: int = 60_000) -> None:

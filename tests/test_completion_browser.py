@@ -8,8 +8,8 @@ import time
 import httpx
 import pytest
 
+from tests.conftest import open_tab
 from tests.helpers import register_tiny_model
-from tests.conftest import launch_chromium
 
 playwright_api = pytest.importorskip("playwright.sync_api")
 pytestmark = pytest.mark.browser
@@ -29,14 +29,8 @@ def server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def page(server):  # one browser page for the module: loading the Gradio page costs seconds on a busy machine
-    with playwright_api.sync_playwright() as p:
-        browser = launch_chromium(p)
-        page = browser.new_page(viewport={"width": 1300, "height": 1400})
-        page.goto(server.base_url + "/")
-        page.get_by_role("tab", name="Generate", exact=True).click()
-        page.wait_for_selector("#gen-run")
+    with open_tab(server, "Generate", "#gen-run", width=1300, height=1400) as page:
         yield page
-        browser.close()
 
 
 def set_number(page, elem_id: str, value) -> None:

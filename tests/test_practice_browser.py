@@ -8,7 +8,7 @@ import re
 import pytest
 
 from backend.db import Database
-from tests.conftest import launch_chromium, start_server
+from tests.conftest import log_in, open_tab, start_server
 from tests.test_labels_api import make_users
 from tests.test_practice import QUESTION, RIGHT, WRONG, register_coin
 
@@ -31,17 +31,8 @@ def site(tmp_path_factory):
 
 def test_sample_solutions_see_them_marked_and_the_vote(site):
     server, people = site
-    with playwright_api.sync_playwright() as p:
-        browser = launch_chromium(p)
-        page = browser.new_page(viewport={"width": 1400, "height": 1800})
-        page.goto(server.base_url + "/")
-        page.get_by_role("tab", name="Practice", exact=True).click()
-        page.wait_for_selector("#practice-sample")
-        form = page.locator(".pg-login-form:visible")
-        form.locator("input[name=name]").fill("ann")
-        form.locator("input[name=password]").fill(people["ann"][1])
-        form.get_by_role("button", name="Log in").click()
-        page.locator(".pg-whoami:visible").wait_for(timeout=30_000)
+    with open_tab(server, "Practice", "#practice-sample", height=1800) as page:
+        log_in(page, "ann", people["ann"][1])
 
         page.locator("#practice-new").click()  # a generated problem fills the form
         page.wait_for_function("() => document.querySelector('#practice-question textarea').value.length > 10",
@@ -66,4 +57,3 @@ def test_sample_solutions_see_them_marked_and_the_vote(site):
         assert "Best-of-N: no reward model chosen" in summary
         table = page.locator("#practice-curve").inner_text()
         assert all(str(k) in table for k in (1, 2, 4, 8)) and "majority@k" in table
-        browser.close()
