@@ -49,6 +49,7 @@ class PracticeConfig:
     seed: int | None = None         # None: a fresh seed, returned so the run can be repeated
     template: str = "plain"         # "plain" or "think" (R1-Zero's <think> template)
     reward_model: str | None = None  # a registered reward model for best-of-N; None: no best-of-N
+    lenient: bool = False           # also accept the last number (word) when no answer is stated (GRPO's held-out rule)
 
     def validate(self) -> PracticeConfig:
         if not isinstance(self.n, int) or not 1 <= self.n <= MAX_N:
@@ -157,9 +158,10 @@ def system_prompt(template: str) -> str:
     return THINK_SYSTEM if template == "think" else PLAIN_SYSTEM
 
 
-def grade(problem: Problem, text: str) -> tuple[str | None, bool]:
-    """(the stated final answer, right?) by the GRPO reward's rule."""
-    return extract_answer(text, numeric=problem.answer.lstrip("-").isdigit()), problem.check(text)
+def grade(problem: Problem, text: str, lenient: bool = False) -> tuple[str | None, bool]:
+    """(the stated final answer, right?) by the GRPO reward's rule; lenient: else the reply's last number (word)."""
+    numeric = problem.answer.lstrip("-").isdigit()
+    return extract_answer(text, numeric=numeric, lenient=lenient), problem.check(text, lenient=lenient)
 
 
 def reward_models(registry) -> list[str]:
@@ -205,7 +207,7 @@ def sample_solutions(pg, model: str, probs: list[Problem], cfg: PracticeConfig, 
     for i, p in enumerate(probs):
         sols = []
         for j, c in enumerate(comps[i * cfg.n:(i + 1) * cfg.n]):
-            answer, right = grade(p, c.text)
+            answer, right = grade(p, c.text, cfg.lenient)
             sols.append({"index": j, "text": c.text, "answer": answer, "right": right, "tokens": len(c.token_ids),
                          "finish_reason": c.finish_reason})
         out.append(sols)

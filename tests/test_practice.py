@@ -112,6 +112,15 @@ def expected_vote(votes7: int, votes5: int) -> float:
     return 0.0 if votes7 == votes5 == 0 else 1.0 if votes7 > votes5 else 0.5 if votes7 == votes5 else 0.0
 
 
+def test_lenient_grading_credits_a_worked_answer_that_never_says_the_answer_is():
+    problem = svc.typed_problem("Emily has 7 pears and eats 1. How many are left?", "6")
+    worked = "Emily starts with 7 pears. 7 - 1 = 6 pears are left."
+    assert svc.grade(problem, worked) == (None, False)              # strict: the GRPO reward wants it stated
+    assert svc.grade(problem, worked, lenient=True) == ("6", True)  # lenient: the reply's last number
+    assert svc.grade(problem, "7 - 1 = 5", lenient=True) == ("5", False)
+    assert svc.grade(problem, "The answer is 6. Then 7 more.", lenient=True) == ("6", True)  # a stated answer wins
+
+
 def test_samples_are_graded_by_the_grpo_rule_and_add_up(pg):
     r = svc.practice(pg, "coin", svc.typed_problem(QUESTION, "7"), svc.PracticeConfig(n=32, temperature=1.0, seed=1))
     sols = r["solutions"]

@@ -98,6 +98,8 @@ def build(pg) -> None:
                             value="plain", label="System prompt (the GRPO trainer's)")
         rm = gr.Dropdown([NO_RM, *svc.reward_models(pg.registry)], value=NO_RM, label="Reward model for best-of-N",
                          elem_id="practice-rm")
+        lenient = gr.Checkbox(False, label="Lenient grading: no stated answer counts the reply's last number (word)",
+                              elem_id="practice-lenient")
     go = gr.Button("Sample N solutions", variant="primary", elem_id="practice-sample")
     summary = gr.Markdown(elem_id="practice-summary")
     with gr.Row():
@@ -121,31 +123,31 @@ def build(pg) -> None:
     per_problem = gr.Dataframe(headers=["Problem", "Answer", "Right of N", "Majority answer"], interactive=False,
                                elem_id="practice-scale-problems")
 
-    def config(n_, temperature_, max_tokens_, seed_, template_, rm_) -> svc.PracticeConfig:
+    def config(n_, temperature_, max_tokens_, seed_, template_, rm_, lenient_) -> svc.PracticeConfig:
         return svc.PracticeConfig(int(n_), float(temperature_), 1.0, int(max_tokens_),
-                                  parse_seed(seed_), template_, None if rm_ == NO_RM else rm_)
+                                  parse_seed(seed_), template_, None if rm_ == NO_RM else rm_, bool(lenient_))
 
     def on_new(kind_, scale_):
         p = svc.generated_problem(kind_, random.randrange(10 ** 6), scale_)
         return p.question, p.answer
 
     async def on_sample(model_, question_, answer_, n_, temperature_, max_tokens_, seed_, template_, rm_,
-                        request: gr.Request):
+                        lenient_, request: gr.Request):
         user = request_user(pg, request, "learner")  # noqa: F841 - the login is the guard
         try:
             problem = svc.typed_problem(question_, answer_)
             r = await asyncio.to_thread(svc.practice, pg, model_, problem,
-                                        config(n_, temperature_, max_tokens_, seed_, template_, rm_))
+                                        config(n_, temperature_, max_tokens_, seed_, template_, rm_, lenient_))
         except ValueError as e:
             return f"⚠ {html.escape(str(e))}", gr.skip(), gr.skip(), gr.skip()
         return summary_md(r), curve_frame(r["curve"]), curve_table(r["curve"]), "".join(map(card, r["solutions"]))
 
     async def on_curve(model_, kind_, scale_, m_, pseed, n_, temperature_, max_tokens_, seed_, template_, rm_,
-                       request: gr.Request):
+                       lenient_, request: gr.Request):
         request_user(pg, request, "learner")
         try:
             r = await asyncio.to_thread(svc.scaling_curve, pg, model_, kind_, int(m_), int(pseed or 0),
-                                        config(n_, temperature_, max_tokens_, seed_, template_, rm_), scale_)
+                                        config(n_, temperature_, max_tokens_, seed_, template_, rm_, lenient_), scale_)
         except ValueError as e:
             return f"⚠ {html.escape(str(e))}", gr.skip(), gr.skip(), gr.skip()
         rows = [[p["question"], p["answer"], f"{p['right']} of {p['n']}",
@@ -156,7 +158,7 @@ def build(pg) -> None:
                   f"Sampling seed {r['sample_seed']}.")
         return status, curve_frame(r["curve"]), curve_table(r["curve"]), rows
 
-    sampling = [n, temperature, max_tokens, seed, template, rm]
+    sampling = [n, temperature, max_tokens, seed, template, rm, lenient]
     new.click(on_new, [kind, scale], [question, answer])
     go.click(on_sample, [model, question, answer, *sampling], [summary, plot, table, cards])
     go_curve.click(on_curve, [model, kind, scale, m, problem_seed, *sampling],

@@ -42,10 +42,11 @@ class Sampling(BaseModel):
     seed: int | None = None
     template: str = Field("plain", pattern="^(plain|think)$")
     reward_model: str | None = None
+    lenient: bool = False
 
     def config(self) -> svc.PracticeConfig:
         return svc.PracticeConfig(self.n, self.temperature, self.top_p, self.max_tokens, self.seed, self.template,
-                                  self.reward_model or None)
+                                  self.reward_model or None, self.lenient)
 
 
 class SampleRequest(Sampling):
