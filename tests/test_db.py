@@ -46,6 +46,24 @@ def test_every_connection_has_wal_foreign_keys_and_busy_timeout(db):
         assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
         assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
         assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() >= 5000
+    with db.read_conn() as conn:  # reads have their own engine; its connections get the same setup
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+
+
+def test_a_write_takes_the_lock_at_begin_and_a_read_does_not_wait_for_it(db):
+    """Writers say BEGIN IMMEDIATE (through the dialect's begin hook), readers a plain BEGIN."""
+    other = sqlite3.connect(db.engine.url.database, timeout=0, isolation_level=None)
+    with db.write_conn():  # nothing written yet, yet the write lock is held
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            other.execute("BEGIN IMMEDIATE")
+        with db.read_conn() as conn:
+            assert conn.execute(text("select count(*) from users")).scalar() == 0
+    with db.read_conn() as conn:
+        conn.execute(text("select count(*) from users")).scalar()
+        other.execute("BEGIN IMMEDIATE")  # a reader holds no write lock
+        other.execute("ROLLBACK")
+    other.close()
 
 
 def test_foreign_keys_are_enforced(db):
