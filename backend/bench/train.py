@@ -43,27 +43,14 @@ def sft_config(app: AppConfig, model: str, B: int, T: int, steps: int, precision
 
 def trainer_batches(cfg, docs: list, steps: int):
     """The (x, y, doc_ids) batches run_sft draws from `docs` on a fresh run with val_fraction 0: its
-    shuffle of the conversations, its order and its way of filling a batch (backend/train/sft.py)."""
+    shuffle of the conversations, then backend.train.sft.train_batches."""
+    import itertools
     import random
 
-    from backend.train.common import pack_examples
+    from backend.train.sft import train_batches
     train = list(docs)
     random.Random(cfg.seed).shuffle(train)
-    order_rng = random.Random(cfg.seed)
-    order = list(range(len(train)))
-    order_rng.shuffle(order)
-    pos = 0
-    for _ in range(steps):
-        picked, tokens = [], 0
-        while tokens < cfg.batch_size * cfg.seq_len and len(picked) < 64 * cfg.batch_size:
-            if pos >= len(order):
-                order_rng.shuffle(order)
-                pos = 0
-            picked.append(train[order[pos]])
-            pos += 1
-            tokens += min(len(picked[-1][0]), cfg.seq_len + 1) - 1
-        x, y, d = pack_examples(picked, cfg.seq_len)
-        yield x[:cfg.batch_size], y[:cfg.batch_size], d[:cfg.batch_size]
+    return itertools.islice(train_batches(train, cfg, random.Random(cfg.seed)), steps)
 
 
 def ours(app: AppConfig, cfg, warmup: int, tokens: list[int]) -> tuple[float, list[int]]:

@@ -191,6 +191,30 @@ def eval_loss(model, batches, amp, device) -> float:
     return tot / max(n, 1)
 
 
+def train_batches(train: list, cfg: SFTConfig, order_rng: random.Random):
+    """The training batches (x, y, doc_ids), endlessly: conversations in a shuffled order (shuffled again
+    each epoch), taken until the batch holds batch_size rows' worth of tokens (backend/bench/train.py
+    feeds the same batches to its peer)."""
+    pos, order = 0, list(range(len(train)))
+    order_rng.shuffle(order)
+    while True:
+        picked, tokens = [], 0
+        while tokens < cfg.batch_size * cfg.seq_len and len(picked) < 64 * cfg.batch_size:
+            if pos >= len(order):
+                order_rng.shuffle(order)
+                pos = 0
+            ex = train[order[pos]]
+            pos += 1
+            picked.append(ex)
+            tokens += min(len(ex[0]), cfg.seq_len + 1) - 1
+            if not cfg.pack and len(picked) >= cfg.batch_size:
+                break
+        x, y, d = pack_examples(picked, cfg.seq_len, cfg.pack)
+        if cfg.pack:
+            x, y, d = x[:cfg.batch_size], y[:cfg.batch_size], d[:cfg.batch_size]
+        yield x, y, d
+
+
 def run_sft(cfg: SFTConfig, ctx: JobContext) -> Outcome:
     from backend.datasets import load_rows
     from backend.train.pretrain import amp_context
@@ -225,28 +249,13 @@ def run_sft(cfg: SFTConfig, ctx: JobContext) -> Outcome:
                   "lora_rank": cfg.lora_rank, "resumed": state is not None})
         if val_batches and state is None:
             run.emit({"step": 0, "val_loss": round(eval_loss(model, val_batches, amp, run.device), 5)})
-        pos, order = 0, list(range(len(train)))
-        order_rng.shuffle(order)
+        batches = train_batches(train, cfg, order_rng)
         last_loss = None
         import time
         reason = None
         while not (reason := run.should_stop()):
             t0 = time.perf_counter()
-            # Take conversations until the batch holds batch_size rows' worth of tokens.
-            picked, tokens = [], 0
-            while tokens < cfg.batch_size * cfg.seq_len and len(picked) < 64 * cfg.batch_size:
-                if pos >= len(order):
-                    order_rng.shuffle(order)
-                    pos = 0
-                ex = train[order[pos]]
-                pos += 1
-                picked.append(ex)
-                tokens += min(len(ex[0]), cfg.seq_len + 1) - 1
-                if not cfg.pack and len(picked) >= cfg.batch_size:
-                    break
-            x, y, d = pack_examples(picked, cfg.seq_len, cfg.pack)
-            if cfg.pack:
-                x, y, d = x[:cfg.batch_size], y[:cfg.batch_size], d[:cfg.batch_size]
+            x, y, d = next(batches)
             lr = run.lr()
             for g in opt.param_groups:
                 g["lr"] = lr
