@@ -162,18 +162,17 @@ class DecodeStep:
         def lin(names: list[str], ws: list[torch.Tensor]):
             """One callable for the matmuls that read the same input: x -> their outputs side by side."""
             if quant == "gguf":
-                key = "+".join(names)
-                if key in self.packed:  # packed by an earlier load of these blocks
-                    return _int4_linear(*self.packed[key], ws[0].shape[1])
                 for name, w in zip(names, ws):
                     if name in blocks:
                         _check_blocks(name, blocks[name], w)
                 parts = [blocks.get(name) for name in names]
-                if all(b is not None and _fits(b) for b in parts) and (len(parts) == 1 or all(
-                        b.kind == "Q4_1" for b in parts)):
-                    # several Q4_1 matrices: one int4 call over their stacked rows (fewer ops per token)
+                key = "+".join(names)
+                # several Q4_1 matrices: one int4 call over their stacked rows (fewer ops per token);
+                # a key already in self.packed (group or single) was packed by an earlier load of these blocks
+                if key in self.packed or (all(b is not None and _fits(b) for b in parts) and (
+                        len(parts) == 1 or all(b.kind == "Q4_1" for b in parts))):
                     return int4(key, parts, ws[0].shape[1])
-                fns = [int4(n, [b], w.shape[1]) if b is not None and _fits(b)
+                fns = [int4(n, [b], w.shape[1]) if n in self.packed or (b is not None and _fits(b))
                        else (lambda x, w=w: F.linear(x.to(w.dtype), w)) for n, b, w in zip(names, parts, ws)]
             else:
                 fns = [_int8_linear(w) if quant == "int8" else _float_linear(w) for w in ws]

@@ -374,6 +374,26 @@ def test_gguf_blocks_of_other_weights_are_refused():
         DecodeStep(model, "gguf", blocks)
 
 
+def test_gguf_step_from_kept_packing_decodes_like_the_first_load():
+    """A later load gets only the int4 packing kept by the first (no blocks): it decodes exactly the same,
+    also when a group mixes kinds (a Q8_0 v_proj among Q4_1 q/k, each packed on its own)."""
+    from backend.decode_step import DecodeStep, gguf_supported
+    if not gguf_supported(torch.device("cpu")):
+        pytest.skip("no CPU int4 kernel in this torch")
+    model = random_model(512, seed=7)
+    blocks = gguf_like(model)
+    v = "model.layers.0.self_attn.v_proj.weight"
+    with torch.no_grad():
+        blocks[v] = q8_0_blocks(model.get_parameter(v).detach())
+        model.get_parameter(v).copy_(blocks[v].dequantize())
+    first = DecodeStep(model, "gguf", blocks)
+    later = DecodeStep(model, "gguf", None, first.packed)
+    with torch.inference_mode():
+        a, b = model.new_cache(1, 8), model.new_cache(1, 8)
+        for t in (5, 6, 7):
+            assert torch.equal(first(torch.tensor([t]), a), later(torch.tensor([t]), b))
+
+
 @pytest.mark.slow
 def test_bundled_model_decodes_on_its_gguf_blocks_close_to_float32(tmp_path, monkeypatch):
     """The pool's CPU default: the bundled SmolLM2 decodes on the GGUF's own Q4_1/Q8_0 blocks, a model
