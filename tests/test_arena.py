@@ -20,7 +20,13 @@ from backend.playground import Playground
 from tests.conftest import start_server
 from tests.helpers import register_tiny_model
 from tests.scripted import register_scripted
-from tests.test_labels_api import ROLES, auth, make_users, required_role
+from tests.test_labels_api import (
+    ROLES,
+    auth,
+    database_with_users,
+    make_users,
+    required_role,
+)
 
 LINES = {"alpha": "Alpha answers first.", "beta": "Beta has another answer.", "gamma": "Gamma says something else."}
 
@@ -161,10 +167,7 @@ ROUTES = [(m, r.path, required_role(r)) for r in arena_api.router.routes if isin
 def live(tmp_path_factory):
     data = tmp_path_factory.mktemp("arena_api") / "data"
     register_models(data)
-    from backend.db import Database
-    db = Database(f"sqlite:///{data / 'playground.db'}")
-    db.migrate()
-    people = make_users(db, [(r, r) for r in ROLES] + [("ann", "learner"), ("bob", "learner")])
+    db, people = database_with_users(data, [(r, r) for r in ROLES] + [("ann", "learner"), ("bob", "learner")])
     server = start_server(data, "--model", "alpha", "--no-preload", "--no-worker")
     with httpx.Client(base_url=server.base_url, timeout=60) as client:
         yield client, {n: auth(p[2]) for n, p in people.items()}

@@ -6,10 +6,9 @@ import re
 
 import pytest
 
-from backend.db import Database
 from tests.conftest import log_in, open_tab, start_server
 from tests.scripted import register_scripted
-from tests.test_labels_api import make_users
+from tests.test_labels_api import database_with_users
 
 playwright_api = pytest.importorskip("playwright.sync_api")
 pytestmark = pytest.mark.browser
@@ -22,9 +21,7 @@ def site(tmp_path_factory):
     data = tmp_path_factory.mktemp("arena_browser") / "data"
     for name, line in LINES.items():
         register_scripted(data, name, [line], {"\n": line, line: "<|im_end|>"}, tools=False)
-    db = Database(f"sqlite:///{data / 'playground.db'}")
-    db.migrate()
-    people = make_users(db, [("ann", "learner")])
+    db, people = database_with_users(data, [("ann", "learner")])
     server = start_server(data, "--model", "alpha", "--no-preload", "--no-worker")
     yield server, people
     server.stop()

@@ -7,6 +7,7 @@ import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
@@ -34,6 +35,13 @@ def make_users(db: Database, names_roles) -> dict:
         return {n: users.add_user(db, n, r) for n, r in names_roles}
     finally:
         users._hasher = PasswordHasher()
+
+
+def database_with_users(data: Path, names_roles) -> tuple[Database, dict]:
+    """The app's SQLite file in a data dir, migrated, with these users: (db, make_users(...))."""
+    db = Database(f"sqlite:///{data / 'playground.db'}")
+    db.migrate()
+    return db, make_users(db, names_roles)
 
 
 def auth(key: str) -> dict:

@@ -19,7 +19,7 @@ from backend.playground import Playground
 from tests.conftest import start_server
 from tests.helpers import make_tiny_model, register_tiny_model
 from tests.scripted import script_encoding, scripted_model, tok
-from tests.test_labels_api import ROLES, auth, make_users, required_role
+from tests.test_labels_api import ROLES, auth, database_with_users, required_role
 
 RIGHT, HMM, WRONG, UNSURE = "The answer is 7.", "Hmm.", "The answer is 5.", "I am not sure."
 QUESTION = "Emily has 3 apples and buys 4 more. How many apples does Emily have now?"
@@ -212,10 +212,7 @@ ROUTES = [(m, r.path, required_role(r)) for r in practice_api.router.routes if i
 def live(tmp_path_factory):
     data = tmp_path_factory.mktemp("practice_api") / "data"
     register_coin(data)
-    from backend.db import Database
-    db = Database(f"sqlite:///{data / 'playground.db'}")
-    db.migrate()
-    people = make_users(db, [(r, r) for r in ROLES])
+    db, people = database_with_users(data, [(r, r) for r in ROLES])
     server = start_server(data, "--model", "coin", "--no-preload", "--no-worker")
     with httpx.Client(base_url=server.base_url, timeout=60) as client:
         yield client, {n: auth(p[2]) for n, p in people.items()}

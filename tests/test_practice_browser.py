@@ -7,9 +7,8 @@ import re
 
 import pytest
 
-from backend.db import Database
 from tests.conftest import log_in, open_tab, start_server
-from tests.test_labels_api import make_users
+from tests.test_labels_api import database_with_users
 from tests.test_practice import QUESTION, RIGHT, WRONG, register_coin
 
 playwright_api = pytest.importorskip("playwright.sync_api")
@@ -20,9 +19,7 @@ pytestmark = pytest.mark.browser
 def site(tmp_path_factory):
     data = tmp_path_factory.mktemp("practice_browser") / "data"
     register_coin(data)
-    db = Database(f"sqlite:///{data / 'playground.db'}")
-    db.migrate()
-    people = make_users(db, [("ann", "learner")])
+    db, people = database_with_users(data, [("ann", "learner")])
     server = start_server(data, "--model", "coin", "--no-preload", "--no-worker")
     yield server, people
     server.stop()
