@@ -18,7 +18,7 @@ from ui.login import build_login, request_user
 INTRO = ("**Practice problems with a known answer.** Pick a model and a problem (a generated one, or type your own "
          "with its exact answer), and sample N solutions at a temperature. Each solution is graded by the rule the "
          "GRPO trainer rewards: the final answer must be stated (\"The answer is 7.\", or after `</think>`) and match "
-         "exactly. Sign in to sample (any account).")
+         "exactly; lenient grading also accepts the reply's last number (word). Sign in to sample (any account).")
 
 NOTICE = ("**What to notice.** (1) The answer varies from sample to sample: at temperature > 0 the model is a "
           "distribution over solutions, and pass@1 is how often one draw is right. (2) Voting over samples "
