@@ -6,6 +6,9 @@ is known, mark each right or wrong, and see what sampling more buys.
     r["pass_at_1"], r["curve"] -> [{"k", "pass_at_k", "majority_at_k", "best_of_k"?}], r["tally"], r["majority"]
     c = scaling_curve(pg, model, "apples", m=5, seed=0, cfg=PracticeConfig(n=8))   # the same curve over m problems
 
+Both take `cancel` (a threading.Event, as the Chat tab passes): once set, the engine stops at its next
+token, frees its single-flight slot, and the run raises Stopped instead of summing up partial samples.
+
 Grading is the GRPO trainer's reward: Problem.check from backend/datasets/verifiable.py (the final answer
 must be stated: after </think>, in <answer>, or after "the answer is"; a reply that states none is wrong).
 The prompt is the GRPO trainer's too: its plain or R1-Zero ("think") system prompt, rendered by the model's
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import math
 import random
+import threading
 from collections import Counter
 from dataclasses import dataclass
 from itertools import combinations
@@ -38,6 +42,11 @@ MAX_PROBLEMS = 32
 MAX_TOKENS = 1024
 EXACT_SUBSETS = 5000
 SAMPLED_SUBSETS = 2000
+
+
+class Stopped(Exception):
+    """The run's cancel event was set before every sample was in: nothing is graded or summed up, so no
+    pass@k is ever reported over a partial set of samples."""
 
 
 @dataclass
@@ -194,15 +203,26 @@ def reward_scores(pg, name: str, questions: list[str], texts: list[str], batch: 
     return out
 
 
-def sample_solutions(pg, model: str, probs: list[Problem], cfg: PracticeConfig, seed: int) -> list[list[dict]]:
-    """cfg.n graded solutions of each problem, all problems decoded in one batch."""
+def _check_stopped(cancel: threading.Event | None, comps: list, max_tokens: int) -> None:
+    """Stopped once the cancel is set: the engine returned early, so some samples may be cut short (their
+    finish_reason still says "length"), and a caller that asked to stop wants no grades either way."""
+    if cancel is None or not cancel.is_set():
+        return
+    finished = sum(c.finish_reason == "stop" or len(c.token_ids) >= max_tokens for c in comps)
+    raise Stopped(f"stopped with {finished} of {len(comps)} samples finished; nothing is graded")
+
+
+def sample_solutions(pg, model: str, probs: list[Problem], cfg: PracticeConfig, seed: int,
+                     cancel: threading.Event | None = None) -> list[list[dict]]:
+    """cfg.n graded solutions of each problem, all problems decoded in one batch (Stopped on a cancel)."""
     engine = pg.engines.get(model)
     system = system_prompt(cfg.template)
     prompts = [engine.chat_prompt([{"role": "system", "content": system}, {"role": "user", "content": p.question}])
                for p in probs]
     params = cfg.params(seed)
     params.stop_token_ids = engine.default_stop_ids()
-    comps = engine.complete_batch(prompts, params, n=cfg.n)
+    comps = engine.complete_batch(prompts, params, n=cfg.n, cancel=cancel)
+    _check_stopped(cancel, comps, params.max_tokens)
     out = []
     for i, p in enumerate(probs):
         sols = []
@@ -252,10 +272,10 @@ def _checked(pg, model: str, cfg: PracticeConfig) -> int:
     return cfg.seed if cfg.seed is not None else random.randrange(2 ** 31)
 
 
-def practice(pg, model: str, problem: Problem, cfg: PracticeConfig) -> dict:
+def practice(pg, model: str, problem: Problem, cfg: PracticeConfig, cancel: threading.Event | None = None) -> dict:
     """N graded solutions of one problem and what they add up to (see the module doc)."""
     seed = _checked(pg, model, cfg)
-    sols = sample_solutions(pg, model, [problem], cfg, seed)[0]
+    sols = sample_solutions(pg, model, [problem], cfg, seed, cancel)[0]
     return {"model": model, "seed": seed, "template": cfg.template, "system": system_prompt(cfg.template),
             "temperature": cfg.temperature, "reward_model": cfg.reward_model,
             "best_of_n_note": None if cfg.reward_model else (
@@ -264,13 +284,14 @@ def practice(pg, model: str, problem: Problem, cfg: PracticeConfig) -> dict:
             "solutions": sols, **summarize(problem, sols)}
 
 
-def scaling_curve(pg, model: str, kind: str, m: int, seed: int, cfg: PracticeConfig, scale: str = "small") -> dict:
+def scaling_curve(pg, model: str, kind: str, m: int, seed: int, cfg: PracticeConfig, scale: str = "small",
+                  cancel: threading.Event | None = None) -> dict:
     """Majority@k (and pass@k, best-of-k) for k = 1, 2, 4, ..., N averaged over m bundled problems."""
     if not isinstance(m, int) or not 1 <= m <= MAX_PROBLEMS:
         raise ValueError(f"m must be an integer from 1 to {MAX_PROBLEMS}, got {m!r}")
     sample_seed = _checked(pg, model, cfg)
     probs = problems(m, seed=seed, kinds=[kind], scale=scale)
-    per = [summarize(p, s) for p, s in zip(probs, sample_solutions(pg, model, probs, cfg, sample_seed))]
+    per = [summarize(p, s) for p, s in zip(probs, sample_solutions(pg, model, probs, cfg, sample_seed, cancel))]
     keys = [key for key in ("pass_at_k", "majority_at_k", "best_of_k") if key in per[0]["curve"][0]]
     rows = [{"k": row["k"], **{key: sum(p["curve"][i][key] for p in per) / m for key in keys}}
             for i, row in enumerate(per[0]["curve"])]

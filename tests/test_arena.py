@@ -27,6 +27,7 @@ from tests.test_labels_api import (
     make_users,
     required_role,
 )
+from tests.test_practice import RAMBLE, register_rambler
 
 LINES = {"alpha": "Alpha answers first.", "beta": "Beta has another answer.", "gamma": "Gamma says something else."}
 
@@ -46,6 +47,8 @@ def who_wrote(text: str) -> str:
 def pg(tmp_path_factory):
     data = tmp_path_factory.mktemp("arena") / "data"
     register_models(data)
+    for name in ("ramble-a", "ramble-b"):  # they never stop on their own: something to stop mid-answer
+        register_rambler(data, name, layers=1)
     pg = Playground(AppConfig(data_dir=data, start_worker=False, preload=False))
     people = make_users(pg.db, [("ann", "learner"), ("bob", "learner")])
     yield pg, people["ann"][0], people["bob"][0]
@@ -100,6 +103,32 @@ def test_answers_stream_a_then_b_and_a_cancel_leaves_nothing_to_vote_on(pg):
     assert arena.get_battle(pg, ann, c["id"])["status"] == "failed"
     with pytest.raises(ValueError, match="cancelled"):
         arena.vote(pg, ann, c["id"], "a")
+
+
+def test_a_stop_mid_answer_leaves_no_vote_no_leaderboard_entry_and_a_free_engine(pg):
+    pg, ann, _ = pg
+    pair = ["ramble-a", "ramble-b"]
+    board = arena.leaderboard(pg.db, bootstrap=0)
+    b = arena.start_battle(pg, ann, "Sing.", pair, arena.sampling_params(max_tokens=500))
+    cancel, deltas = threading.Event(), []
+    for side, delta in arena.answer_events(pg, ann, b["id"], cancel):
+        deltas.append((side, delta))
+        if len(deltas) == 3:
+            cancel.set()  # what the Arena tab's Stop does, three tokens into answer A
+    assert {side for side, _ in deltas} == {"a"}  # B never started
+    assert 3 <= "".join(d for _, d in deltas).count(RAMBLE) < 10  # A stopped far short of its 500 tokens
+    stopped = arena.get_battle(pg, ann, b["id"])
+    assert (stopped["status"], stopped["error"]) == ("failed", "cancelled")
+    assert stopped["answer_a"] is None and stopped["answer_b"] is None
+    with pytest.raises(ValueError, match="cancelled"):
+        arena.vote(pg, ann, b["id"], "a")
+    assert arena.leaderboard(pg.db, bootstrap=0) == board
+    # The engine is free: the next battle on the same pair runs to the end and its vote counts.
+    nxt = arena.run_battle(pg, ann, "Sing.", pair, arena.sampling_params(max_tokens=4))
+    assert nxt["status"] == "ready" and nxt["answer_a"] == nxt["answer_b"] == (RAMBLE * 4).strip()
+    arena.vote(pg, ann, nxt["id"], "tie")
+    rows = {r["model"]: r for r in arena.leaderboard(pg.db, bootstrap=0)["rows"]}
+    assert rows["ramble-a"]["battles"] == rows["ramble-b"]["battles"] == 1
 
 
 def test_bad_battles_and_votes_say_what_is_wrong(pg):

@@ -1,5 +1,7 @@
 """The Arena tab in headless Chromium against a real server: sign in, pick two scripted models, battle,
-vote for A, see the names revealed (matching who wrote which answer) and the leaderboard update."""
+vote for A, see the names revealed (matching who wrote which answer) and the leaderboard update. Then
+■ Stop mid-answer on two ramblers (tests/test_practice.py): nothing to vote on, nothing in the leaderboard,
+and the next battle comes right back."""
 from __future__ import annotations
 
 import re
@@ -9,11 +11,13 @@ import pytest
 from tests.conftest import log_in, open_tab, start_server
 from tests.scripted import register_scripted
 from tests.test_labels_api import database_with_users
+from tests.test_practice import RAMBLE, register_rambler
 
 playwright_api = pytest.importorskip("playwright.sync_api")
 pytestmark = pytest.mark.browser
 
 LINES = {"alpha": "Alpha answers first.", "beta": "Beta has another answer."}
+RAMBLERS = ("ramble-a", "ramble-b")
 
 
 @pytest.fixture(scope="module")
@@ -21,6 +25,8 @@ def site(tmp_path_factory):
     data = tmp_path_factory.mktemp("arena_browser") / "data"
     for name, line in LINES.items():
         register_scripted(data, name, [line], {"\n": line, line: "<|im_end|>"}, tools=False)
+    for name in RAMBLERS:
+        register_rambler(data, name)
     db, people = database_with_users(data, [("ann", "learner")])
     server = start_server(data, "--model", "alpha", "--no-preload", "--no-worker")
     yield server, people
@@ -39,14 +45,19 @@ def text_of(page, elem_id: str) -> str:
     return page.locator(f"#{elem_id}").inner_text()
 
 
+def pick(page, names) -> None:
+    """The draw: just these models (the bundled SmolLM2 stays unloaded)."""
+    for name in names:
+        page.locator("#arena-models input").click()
+        page.get_by_role("option", name=name, exact=True).click()
+
+
 def test_battle_vote_reveal_and_leaderboard(site, page):
     _, people = site
     log_in(page, "ann", people["ann"][1])
     assert "alpha" not in text_of(page, "arena-leaderboard")  # no votes yet
 
-    for name in LINES:  # the draw: just the two scripted models (the bundled SmolLM2 stays unloaded)
-        page.locator("#arena-models input").click()
-        page.get_by_role("option", name=name, exact=True).click()
+    pick(page, LINES)
     page.locator("#arena-prompt textarea").fill("Who are you?")
     page.locator("#arena-battle").click()
     page.wait_for_function("() => !document.querySelector('#arena-vote-a').disabled", timeout=60_000)
@@ -68,3 +79,46 @@ def test_battle_vote_reveal_and_leaderboard(site, page):
                            arg=m.group(1), timeout=30_000)
     first, second = (page.locator(f'#arena-leaderboard [role=row][aria-rowindex="{i}"]').inner_text() for i in (2, 3))
     assert m.group(1) in first and "100%" in first and m.group(2) in second and "0%" in second
+
+
+def set_max_tokens(page, value: int) -> None:
+    box = page.locator("#arena-max-tokens input[type=number]")
+    box.fill(str(value))
+    box.press("Enter")
+    page.wait_for_function("(v) => document.querySelector('#arena-max-tokens input[type=range]').value === v",
+                           arg=str(value), timeout=10_000)
+
+
+def test_stop_mid_answer_then_the_next_battle_comes_right_back(site, page):
+    _, people = site
+    log_in(page, "ann", people["ann"][1])
+    page.get_by_text("Sampling (the same for both models)").click()
+    set_max_tokens(page, 2048)  # 2 x 2048 tokens of the slow rambler: a minute or more
+    pick(page, RAMBLERS)
+    page.locator("#arena-prompt textarea").fill("Sing.")
+    page.locator("#arena-battle").click()
+    page.wait_for_function("(w) => document.querySelector('#arena-answer-a').innerText.split(w).length > 3",
+                           arg=RAMBLE.strip(), timeout=60_000)  # model A is a few tokens in
+    page.locator("#arena-stop").click()
+    page.wait_for_function("() => (document.querySelector('#arena-status')?.innerText || '').includes('Stopped')",
+                           timeout=30_000)
+    assert "no answers to vote on" in text_of(page, "arena-status")
+    answer = text_of(page, "arena-answer-a")
+    page.wait_for_timeout(1500)
+    assert text_of(page, "arena-answer-a") == answer and not text_of(page, "arena-answer-b").strip()  # it stopped
+    assert "Stopped" in text_of(page, "arena-status")  # and says so still
+    assert not any("Error" in text_of(page, part) for part in ("arena-answer-a", "arena-answer-b"))  # no error badge
+    assert all(page.locator(f"#arena-vote-{w}").is_disabled() for w in ("a", "b", "tie", "both_bad"))
+
+    # The engine is free: a short battle on the same pair is ready within seconds, and its tie is the pair's
+    # only battle in the win-rate table (the stopped one never counts).
+    set_max_tokens(page, 4)
+    page.locator("#arena-battle").click()
+    page.wait_for_function("() => !document.querySelector('#arena-vote-tie').disabled", timeout=20_000)
+    assert text_of(page, "arena-answer-a").strip() == text_of(page, "arena-answer-b").strip() == (RAMBLE * 4).strip()
+    page.locator("#arena-vote-tie").click()
+    page.wait_for_function("() => (document.querySelector('#arena-status')?.innerText || '').includes('Model A was')",
+                           timeout=30_000)
+    page.wait_for_function("() => document.querySelector('#arena-winrate').innerText.includes('50% of 1')",
+                           timeout=30_000)
+    assert "of 2" not in text_of(page, "arena-winrate")

@@ -5,6 +5,8 @@ after the assistant prompt writes "The answer is 7." half the time, "Hmm." then 
 from __future__ import annotations
 
 import re
+import threading
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -50,6 +52,35 @@ def register_coin(data: Path, name: str = "coin") -> None:
     rm = RewardModel(backbone)
     torch.nn.init.normal_(rm.head.weight, generator=torch.Generator().manual_seed(0))
     save_head(rm, spec.path)
+
+
+RAMBLE = "la "
+
+
+def register_rambler(data: Path, name: str = "rambler", layers: int = 16) -> None:
+    """A chat model that says "la " forever (until max_tokens), slowly enough that a Stop lands mid-run: a
+    bigram table (as tests/scripted.py) with `layers` blocks that write nothing but cost a step each."""
+    import torch
+
+    from models.registry import ModelRegistry
+    from models.tokenizers import save_encoding
+    from models.transformer import ModelConfig, Transformer
+    enc = script_encoding([RAMBLE], tools=False, name=name)
+    save_encoding(enc, name, data)
+    cfg = ModelConfig(vocab_size=enc.max_token_value + 1, dim=64, n_layers=layers, n_heads=4, n_kv_heads=2,
+                      hidden_dim=32, max_seq_len=4096, tie_embeddings=False)
+    model = Transformer(cfg).init_weights(0)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.model.embed_tokens.weight.zero_()
+        model.lm_head.weight.zero_()
+        for slot, a in enumerate(("\n", RAMBLE)):  # after the assistant prompt's "\n" and after itself: RAMBLE
+            model.model.embed_tokens.weight[tok(enc, a), slot] = 1.0
+            model.lm_head.weight[tok(enc, RAMBLE), slot] = 10.0
+    ModelRegistry(AppConfig(data_dir=data)).register(name, model.eval(), tokenizer=name, chat_format="chatml",
+                                                     lineage={"origin": "tests.test_practice"}, overwrite=True)
 
 
 # -- the numbers, by hand ------------------------------------------------------------------------------
@@ -101,6 +132,7 @@ def test_a_typed_problem_needs_an_answer_the_checker_can_compare():
 def pg(tmp_path_factory):
     data = tmp_path_factory.mktemp("practice") / "data"
     register_coin(data)
+    register_rambler(data)
     register_tiny_model(data, "basey", tokenizer="cl100k_base", chat_format=None)
     pg = Playground(AppConfig(data_dir=data, start_worker=False, preload=False))
     yield pg
@@ -185,6 +217,47 @@ def test_scaling_curve_over_generated_problems(pg):
     assert r["curve"][0]["majority_at_k"] == pytest.approx(r["pass_at_1"])
     assert r["curve"][-1]["majority_at_k"] == pytest.approx((five["majority"]["right"] + seven["majority"]["right"]) / 3)
     assert r["curve"][-1]["pass_at_k"] == pytest.approx(((five["right"] > 0) + (seven["right"] > 0)) / 3)
+
+
+def wait_until(condition, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.002)
+
+
+def test_a_stop_mid_run_grades_nothing_and_frees_the_engine_for_the_next_request(pg):
+    problem, guard = svc.typed_problem(QUESTION, "7"), pg.engines.guard
+    pg.engines.get("rambler")  # loaded up front, so the run below is all decoding
+    cancel, outcome = threading.Event(), {}
+
+    def run():
+        try:
+            outcome["result"] = svc.practice(pg, "rambler", problem, svc.PracticeConfig(n=8, max_tokens=1024), cancel)
+        except svc.Stopped as e:
+            outcome["stopped"] = str(e)
+
+    guard.acquire()  # another request holds the engine, so we can see the run take it
+    worker = threading.Thread(target=run)
+    worker.start()
+    wait_until(lambda: guard.waiting == 1)
+    guard.release()
+    wait_until(lambda: guard.waiting == 0)  # the run holds the engine now
+    time.sleep(0.3)  # and is decoding: 8 x 1024 tokens take far longer than this
+    cancel.set()
+    worker.join(timeout=60)
+    assert not worker.is_alive()
+    # Not one of the 8 samples reached its 1024 tokens (an unstopped run ends with all 8), and no pass@k is made up.
+    assert outcome == {"stopped": "stopped with 0 of 8 samples finished; nothing is graded"}
+    # The engine is free: the next request runs to the end.
+    r = svc.practice(pg, "rambler", problem, svc.PracticeConfig(n=2, max_tokens=16))
+    assert [s["text"] for s in r["solutions"]] == [RAMBLE * 16] * 2 and r["right"] == 0
+    assert all(s["finish_reason"] == "length" for s in r["solutions"])
+    stopped = threading.Event()
+    stopped.set()  # a scaling curve stopped before it starts grades nothing either
+    with pytest.raises(svc.Stopped, match="0 of 8 samples"):
+        svc.scaling_curve(pg, "coin", "apples", 2, 0, svc.PracticeConfig(n=4), cancel=stopped)
+    assert svc.practice(pg, "coin", problem, svc.PracticeConfig(n=4))["n"] == 4
 
 
 def test_bad_requests_name_the_problem(pg):

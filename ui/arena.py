@@ -23,6 +23,9 @@ INTRO = ("**Comparing models the way LM Arena does.** Two models, drawn at rando
          "order of the votes, Bradley-Terry does not. Open-ended prompts with no checkable answer (a joke about "
          "pelicans) are what people-vote arenas are for. Sign in to vote (any account).")
 
+RUNNING = "⏳"  # a status that starts with this says a battle is being answered (see on_stop)
+STOPPED = ("⏹ Stopped. This battle has no answers to vote on and stays out of the leaderboard; "
+           "start a new one when you like.")
 VOTES = [("a", "👈 A is better"), ("b", "👉 B is better"), ("tie", "🤝 Tie"), ("both_bad", "👎 Both are bad")]
 VOTE_WORDS = dict(VOTES)
 BOARD_HEADERS = ["Rank (UB)", "Model", "Bradley-Terry", "95% CI", "Online Elo", "Battles", "Wins", "Losses", "Ties",
@@ -57,12 +60,14 @@ def build(pg) -> None:
     with gr.Accordion("Sampling (the same for both models)", open=False):
         with gr.Row():
             temperature = gr.Slider(0, 2, value=0.7, step=0.05, label="Temperature (0 = greedy)")
-            max_tokens = gr.Slider(1, arena.MAX_TOKENS, value=256, step=1, label="Max new tokens per answer")
+            max_tokens = gr.Slider(1, arena.MAX_TOKENS, value=256, step=1, label="Max new tokens per answer",
+                                   elem_id="arena-max-tokens")
             seed = gr.Textbox("", label="Seed (empty = random)")  # a gr.Number shows empty as 0
     sample = gr.Dropdown(arena.SAMPLE_PROMPTS, value=None, label="Sample prompts", elem_id="arena-sample")
     with gr.Row():
         prompt = gr.Textbox(placeholder="Ask both models something", show_label=False, scale=5, elem_id="arena-prompt")
         go = gr.Button("⚔ Battle", variant="primary", scale=1, elem_id="arena-battle")
+        halt = gr.Button("■ Stop", variant="stop", scale=0, elem_id="arena-stop")
     with gr.Row(equal_height=True):
         with gr.Column():
             gr.Markdown("### Model A")
@@ -83,30 +88,43 @@ def build(pg) -> None:
         return [gr.update(interactive=v) for _ in buttons]
 
     async def on_battle(text, models, temperature_, max_tokens_, seed_, request: gr.Request):
+        user = request_user(pg, request, "learner")
         try:
-            user = request_user(pg, request, "learner")
             params = arena.sampling_params(float(temperature_), 0.95, int(max_tokens_), parse_seed(seed_))
+        except ValueError as e:
+            yield None, "", "", f"⚠ {html.escape(str(e))}", *locked()
+            return
+        # Say "running" before the battle exists, so no yield sits between its creation and its answers: a ■ Stop
+        # after the creation reaches the battle through `cancel` (marked stopped); one during the insert leaves it
+        # "answering", which is never votable and never in the leaderboard.
+        yield None, "", "", f"{RUNNING} Drawing two models…", *locked()
+        try:
             battle = await asyncio.to_thread(arena.start_battle, pg, user, text, list(models or []), params)
         except ValueError as e:
             yield None, "", "", f"⚠ {html.escape(str(e))}", *locked()
             return
         shown = {"a": "", "b": ""}
         cancel = threading.Event()
-        yield battle["id"], "", "", "Model A is answering…", *locked()
         try:
             async for side, delta in aiterate(arena.answer_events(pg, user, battle["id"], cancel), cancel):
                 shown[side] += delta
                 yield (battle["id"], _md(shown["a"]), _md(shown["b"]),
-                       f"Model {side.upper()} is answering…", *locked())
+                       f"{RUNNING} Model {side.upper()} is answering…", *locked())
         except Exception as e:  # noqa: BLE001 - the battle is marked failed; say why
             yield battle["id"], _md(shown["a"]), _md(shown["b"]), f"⚠ {html.escape(str(e))}", *locked()
             return
+        finally:
+            cancel.set()  # ■ Stop cancels this task (Gradio's `cancels`, as in the Chat tab): the engine stops
         done = await asyncio.to_thread(arena.get_battle, pg, user, battle["id"])
         if done["status"] != "ready":
-            yield battle["id"], _md(shown["a"]), _md(shown["b"]), "Stopped before both answers were in.", *locked()
+            yield battle["id"], _md(shown["a"]), _md(shown["b"]), STOPPED, *locked()
             return
         yield (battle["id"], _md(done["answer_a"]) or "(empty answer)", _md(done["answer_b"]) or "(empty answer)",
                "Which answer is better? The names appear after your vote.", *locked(True))
+
+    def on_stop(status):
+        """After a battle event was cancelled: say it stopped, if it was being answered (not on a login error)."""
+        return STOPPED if (status or "").startswith(RUNNING) else gr.skip()
 
     def on_vote(winner, bid, request: gr.Request):
         try:
@@ -126,8 +144,13 @@ def build(pg) -> None:
         return handler
 
     outs = [battle_id, answer_a, answer_b, status, *buttons]
-    go.click(on_battle, [prompt, draw, temperature, max_tokens, seed], outs)
-    prompt.submit(on_battle, [prompt, draw, temperature, max_tokens, seed], outs)
+    # progress (and a ■ Stop's end) shows on the status line alone, not as "Error" on the answers
+    asked = [prompt, draw, temperature, max_tokens, seed]
+    battled = go.click(on_battle, asked, outs, show_progress_on=[status])
+    submitted = prompt.submit(on_battle, asked, outs, show_progress_on=[status])
+    halt.click(None, None, None, cancels=[battled, submitted])  # as the Chat tab's ■ Stop
+    for run in (battled, submitted):  # a cancelled event counts as failed: say so once it is over
+        run.failure(on_stop, [status], [status])
     for (winner, _), button in zip(VOTES, buttons):
         button.click(voter(winner), [battle_id], [status, *buttons, board, matrix])
     sample.change(lambda s: s or gr.skip(), [sample], [prompt])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import html
 import random
+import threading
 
 import gradio as gr
 import pandas as pd
@@ -29,6 +30,9 @@ NOTICE = ("**What to notice.** (1) The answer varies from sample to sample: at t
           "are longer, and a solution cut off at the token limit states no answer and counts as wrong. "
           "Training on the right ones (GRPO, Training tab) turns pass@k into pass@1.")
 NO_RM = "(none)"
+RUNNING = "⏳"  # a status that starts with this says a run is going (see on_stop)
+STOPPED = ("⏹ Stopped before all samples were in, so nothing is graded: no pass@k or vote over a partial set. "
+           "Run it again, perhaps with fewer samples or tokens.")
 CURVE_NAMES = {"pass_at_k": "pass@k", "majority_at_k": "majority@k", "best_of_k": "best-of-k (reward model)"}
 
 
@@ -91,7 +95,8 @@ def build(pg) -> None:
     with gr.Row():
         n = gr.Slider(1, svc.MAX_N, value=8, step=1, label="N samples", elem_id="practice-n")
         temperature = gr.Slider(0, 2, value=0.8, step=0.05, label="Temperature", elem_id="practice-temperature")
-        max_tokens = gr.Slider(16, svc.MAX_TOKENS, value=256, step=16, label="Max tokens per solution")
+        max_tokens = gr.Slider(16, svc.MAX_TOKENS, value=256, step=16, label="Max tokens per solution",
+                               elem_id="practice-max-tokens")
         seed = gr.Textbox("", label="Seed (empty = random)", elem_id="practice-seed")  # a gr.Number shows empty as 0
     with gr.Row():
         template = gr.Radio([("Plain: end with 'The answer is N.'", "plain"), ("R1-Zero: <think> … </think> answer", "think")],
@@ -100,7 +105,9 @@ def build(pg) -> None:
                          elem_id="practice-rm")
         lenient = gr.Checkbox(False, label="Lenient grading: no stated answer counts the reply's last number (word)",
                               elem_id="practice-lenient")
-    go = gr.Button("Sample N solutions", variant="primary", elem_id="practice-sample")
+    with gr.Row():
+        go = gr.Button("Sample N solutions", variant="primary", scale=4, elem_id="practice-sample")
+        halt = gr.Button("■ Stop", variant="stop", scale=1, elem_id="practice-stop")
     summary = gr.Markdown(elem_id="practice-summary")
     with gr.Row():
         plot = gr.LinePlot(curve_frame([]), x="k", y="accuracy", color="metric", y_lim=[0, 1],
@@ -115,6 +122,7 @@ def build(pg) -> None:
         m = gr.Slider(1, svc.MAX_PROBLEMS, value=5, step=1, label="M problems", elem_id="practice-m")
         problem_seed = gr.Number(0, precision=0, label="Problem set seed")
         go_curve = gr.Button("Run the scaling curve", elem_id="practice-scale")
+        halt_curve = gr.Button("■ Stop", variant="stop", scale=0, elem_id="practice-scale-stop")
     curve_status = gr.Markdown(elem_id="practice-scale-summary")
     with gr.Row():
         curve_plot = gr.LinePlot(curve_frame([]), x="k", y="accuracy", color="metric", y_lim=[0, 1],
@@ -131,37 +139,71 @@ def build(pg) -> None:
         p = svc.generated_problem(kind_, random.randrange(10 ** 6), scale_)
         return p.question, p.answer
 
+    async def outcome(fn, *args) -> tuple[dict | None, str | None]:
+        """(fn(*args, cancel=...) run in a thread, None), or (None, the status to show) if it failed or stopped.
+        ■ Stop cancels the awaiting task (Gradio's `cancels`, as in the Chat tab); the `finally` then sets
+        `cancel`, so the engine stops at its next token and is free for the next request."""
+        cancel = threading.Event()
+        try:
+            return await asyncio.to_thread(fn, *args, cancel=cancel), None
+        except svc.Stopped:
+            return None, STOPPED
+        except ValueError as e:
+            return None, f"⚠ {html.escape(str(e))}"
+        finally:
+            cancel.set()
+
     async def on_sample(model_, question_, answer_, n_, temperature_, max_tokens_, seed_, template_, rm_,
                         lenient_, request: gr.Request):
         user = request_user(pg, request, "learner")  # noqa: F841 - the login is the guard
         try:
             problem = svc.typed_problem(question_, answer_)
-            r = await asyncio.to_thread(svc.practice, pg, model_, problem,
-                                        config(n_, temperature_, max_tokens_, seed_, template_, rm_, lenient_))
+            cfg = config(n_, temperature_, max_tokens_, seed_, template_, rm_, lenient_)
         except ValueError as e:
-            return f"⚠ {html.escape(str(e))}", gr.skip(), gr.skip(), gr.skip()
-        return summary_md(r), curve_frame(r["curve"]), curve_table(r["curve"]), "".join(map(card, r["solutions"]))
+            yield f"⚠ {html.escape(str(e))}", gr.skip(), gr.skip(), gr.skip()
+            return
+        yield f"{RUNNING} Sampling {cfg.n} solutions…", curve_frame([]), [], ""
+        r, failed = await outcome(svc.practice, pg, model_, problem, cfg)
+        if failed:
+            yield failed, gr.skip(), gr.skip(), gr.skip()
+            return
+        yield summary_md(r), curve_frame(r["curve"]), curve_table(r["curve"]), "".join(map(card, r["solutions"]))
 
     async def on_curve(model_, kind_, scale_, m_, pseed, n_, temperature_, max_tokens_, seed_, template_, rm_,
                        lenient_, request: gr.Request):
         request_user(pg, request, "learner")
         try:
-            r = await asyncio.to_thread(svc.scaling_curve, pg, model_, kind_, int(m_), int(pseed or 0),
-                                        config(n_, temperature_, max_tokens_, seed_, template_, rm_, lenient_), scale_)
+            cfg = config(n_, temperature_, max_tokens_, seed_, template_, rm_, lenient_)
         except ValueError as e:
-            return f"⚠ {html.escape(str(e))}", gr.skip(), gr.skip(), gr.skip()
+            yield f"⚠ {html.escape(str(e))}", gr.skip(), gr.skip(), gr.skip()
+            return
+        yield f"{RUNNING} Sampling {cfg.n} solutions of each of {int(m_)} problems…", curve_frame([]), [], []
+        r, failed = await outcome(svc.scaling_curve, pg, model_, kind_, int(m_), int(pseed or 0), cfg, scale_)
+        if failed:
+            yield failed, gr.skip(), gr.skip(), gr.skip()
+            return
         rows = [[p["question"], p["answer"], f"{p['right']} of {p['n']}",
                  " / ".join(p["majority"]["answers"]) or "(none)"] for p in r["problems"]]
         last = r["curve"][-1]
         status = (f"{r['m']} {html.escape(r['kind'])} problems × {r['n']} samples: pass@1 {r['pass_at_1']:.0%}, "
                   f"majority@{last['k']} {last['majority_at_k']:.0%}, pass@{last['k']} {last['pass_at_k']:.0%}. "
                   f"Sampling seed {r['sample_seed']}.")
-        return status, curve_frame(r["curve"]), curve_table(r["curve"]), rows
+        yield status, curve_frame(r["curve"]), curve_table(r["curve"]), rows
+
+    def on_stop(status):
+        """After a run was cancelled: say it stopped, if it was going (not on a login error)."""
+        return STOPPED if (status or "").startswith(RUNNING) else gr.skip()
 
     sampling = [n, temperature, max_tokens, seed, template, rm, lenient]
     new.click(on_new, [kind, scale], [question, answer])
-    go.click(on_sample, [model, question, answer, *sampling], [summary, plot, table, cards])
-    go_curve.click(on_curve, [model, kind, scale, m, problem_seed, *sampling],
-                   [curve_status, curve_plot, curve_tab, per_problem])
+    # progress (and a ■ Stop's end) shows on the status line alone, not as "Error" on the emptied results
+    sampled = go.click(on_sample, [model, question, answer, *sampling], [summary, plot, table, cards],
+                       show_progress_on=[summary])
+    curved = go_curve.click(on_curve, [model, kind, scale, m, problem_seed, *sampling],
+                            [curve_status, curve_plot, curve_tab, per_problem], show_progress_on=[curve_status])
+    halt.click(None, None, None, cancels=[sampled])  # as the Chat tab's ■ Stop
+    halt_curve.click(None, None, None, cancels=[curved])
+    sampled.failure(on_stop, [summary], [summary])  # a cancelled event counts as failed: say so once it is over
+    curved.failure(on_stop, [curve_status], [curve_status])
     refresh.click(lambda: (gr.update(choices=cs.chat_models(pg.registry)),
                            gr.update(choices=[NO_RM, *svc.reward_models(pg.registry)])), None, [model, rm])
