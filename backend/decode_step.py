@@ -14,14 +14,19 @@ tests/test_engine.py checks its logits against `Transformer.forward`.
 Decoding at batch 1 is memory-bound: float32 weights are ~540 MB read per token for SmolLM2-135M.
 Two weight formats cut that (prefill keeps the float weights either way); backend/model_pool.py picks
 "gguf" for a model loaded from a GGUF file on a CPU unless PLAYGROUND_QUANT says otherwise:
-- quant="gguf": the GGUF file's own blocks (models.gguf_loader.QuantBlocks), as llama.cpp runs them.
-  Q4_1 matrices (w = q * d + m per block of 32) go through torch's CPU int4 kernel
-  (`_weight_int4pack_mm_for_cpu`, whose dequant is (q - 8) * scale + zero, so scale = d and
-  zero = m + 8 d), which is fast only with bfloat16 activations and scales. A Q8_0 matrix (the tied
-  lm_head) is split exactly into two 4-bit halves, q = 16 * hi + lo, laid side by side along K so one
-  int4 call sums both. The only losses are bf16 roundings (activations, scales, matmul outputs); the
-  residual stream, RoPE, attention and the KV cache stay float32. ~1/8 of the float32 bytes per token.
-  Agreement with the float32 step is measured by `python -m backend.bench decode` and tested.
+- quant="gguf": the GGUF file's own blocks (models.gguf_loader.QuantBlocks), as llama.cpp runs them,
+  ~1/8 of the float32 bytes per token. Two kernels run them:
+  - ours (`kernel`, backend/q4_kernel.cpp, on CPUs with AVX512-VNNI): as llama.cpp, x is quantized to
+    int8 per block of 32 and each block's dot product is integer (64 multiply-adds an instruction);
+    scales stay float32. A weight vector is loaded once for up to 8 rows, so 8 rows cost ~1.3x one
+    (torch's int4 kernel dequantizes again for every 4 rows: 8 rows cost ~3.5x one).
+  - torch's CPU int4 kernel where ours cannot run (quant="gguf-torch" forces it):
+    `_weight_int4pack_mm_for_cpu`, whose dequant is (q - 8) * scale + zero, so scale = d and
+    zero = m + 8 d; fast only with bfloat16 activations and scales. A Q8_0 matrix (the tied lm_head)
+    is split exactly into two 4-bit halves, q = 16 * hi + lo, laid side by side along K so one int4
+    call sums both. Activations, scales and outputs are rounded to bf16.
+  The residual stream, RoPE, attention and the KV cache stay float32. Agreement with the float32 step
+  is measured by `python -m backend.bench decode` and tested.
 - quant="int8": any float32 model, weights re-quantized to int8 (one scale per output row) through
   fbgemm's dynamic-quantized linear. Greedy text drifts from float32 after a few dozen tokens.
 """
@@ -35,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from backend import q4_kernel
 from models.gguf_loader import QuantBlocks
 
 
@@ -89,8 +95,11 @@ def _fits(blocks: QuantBlocks) -> bool:
 
 
 def _stack(parts: list[QuantBlocks]) -> QuantBlocks:
-    """Several Q4_1 matrices reading the same input as one (rows stacked)."""
-    return QuantBlocks("Q4_1", *(torch.cat([getattr(b, f) for b in parts]) for f in "qdm"))
+    """Several matrices of one kind reading the same input as one (rows stacked)."""
+    if len(parts) == 1:
+        return parts[0]
+    m = None if parts[0].m is None else torch.cat([b.m for b in parts])
+    return QuantBlocks(parts[0].kind, torch.cat([b.q for b in parts]), torch.cat([b.d for b in parts]), m)
 
 
 def load_packed(path: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -113,7 +122,9 @@ def save_packed(path: Path, packed: dict[str, tuple[torch.Tensor, torch.Tensor]]
     os.replace(tmp, path)
 
 
-def packed_file_name() -> str:
+def packed_file_name(kernel: bool = False) -> str:
+    if kernel:  # our layout (backend/q4_kernel.pack) goes with the kernel's source
+        return f"q4kernel-pack-{q4_kernel.digest()}.safetensors"
     return f"int4pack-torch{torch.__version__}-{torch.backends.cpu.get_cpu_capability()}.safetensors"
 
 
@@ -127,10 +138,12 @@ def gguf_supported(device: torch.device) -> bool:
 
 
 class DecodeStep:
-    def __init__(self, model, quant: str | None = None, blocks: dict | None = None, packed: dict | None = None):
+    def __init__(self, model, quant: str | None = None, blocks: dict | None = None, packed: dict | None = None,
+                 kernel=None):
         """quant None (the model's own weights), "int8", or "gguf" with `blocks`: the GGUF's quantized
         matrices by HF weight name (models.gguf_loader.load_gguf_blocks) for this model's weights.
-        `packed`: int4 kernel operands from an earlier load of the same blocks (see `load_packed`);
+        `kernel`: our block kernel (backend.q4_kernel.load) to run them on; None = torch's int4 kernel.
+        `packed`: the kernel's operands from an earlier load of the same blocks (see `load_packed`);
         what is missing is packed from `blocks`, and `self.packed` holds them all afterwards."""
         if quant not in (None, "int8", "gguf"):
             raise ValueError(f"quant must be None, 'int8' or 'gguf', not {quant!r}")
@@ -143,20 +156,26 @@ class DecodeStep:
         if quant is not None and model.dtype != torch.float32:
             raise ValueError(f"{quant} decoding runs beside a float32 model, not {model.dtype}")
         self.quant = quant
+        self.kernel = kernel if quant == "gguf" else None
         cfg = model.cfg
         self.model = model
         self.H, self.K, self.hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.rep = self.H // self.K
         self.dim, self.eps = cfg.dim, cfg.norm_eps
-        # bf16 activations into the int4 kernel (the cast is shared by the matmuls reading the same input)
-        self.act_dtype = torch.bfloat16 if quant == "gguf" else None
+        # torch's int4 kernel wants bf16 activations (the cast is shared by the matmuls reading the same
+        # input); ours takes float32 and rounds inside
+        self.act_dtype = torch.bfloat16 if quant == "gguf" and self.kernel is None else None
 
         self.packed = dict(packed or {})
         blocks = blocks or {}
 
-        def int4(key: str, parts: list[QuantBlocks], in_features: int):
+        def packed_linear(key: str, parts: list[QuantBlocks], in_features: int):
+            if self.kernel is not None:
+                if key not in self.packed:
+                    self.packed[key] = q4_kernel.pack(_stack(parts))
+                return q4_kernel.BlockLinear(self.kernel, *self.packed[key])
             if key not in self.packed:
-                self.packed[key] = _int4_pack(parts[0] if len(parts) == 1 else _stack(parts))
+                self.packed[key] = _int4_pack(_stack(parts))
             return _int4_linear(*self.packed[key], in_features)
 
         def lin(names: list[str], ws: list[torch.Tensor]):
@@ -167,12 +186,12 @@ class DecodeStep:
                         _check_blocks(name, blocks[name], w)
                 parts = [blocks.get(name) for name in names]
                 key = "+".join(names)
-                # several Q4_1 matrices: one int4 call over their stacked rows (fewer ops per token);
-                # a key already in self.packed (group or single) was packed by an earlier load of these blocks
-                if key in self.packed or (all(b is not None and _fits(b) for b in parts) and (
-                        len(parts) == 1 or all(b.kind == "Q4_1" for b in parts))):
-                    return int4(key, parts, ws[0].shape[1])
-                fns = [int4(n, [b], w.shape[1]) if n in self.packed or (b is not None and _fits(b))
+                # matrices of one kind: one call over their stacked rows (fewer ops per token); a key
+                # already in self.packed (group or single) was packed by an earlier load of these blocks
+                if key in self.packed or (all(b is not None and _fits(b) for b in parts)
+                                          and len({b.kind for b in parts}) == 1):
+                    return packed_linear(key, parts, ws[0].shape[1])
+                fns = [packed_linear(n, [b], w.shape[1]) if n in self.packed or (b is not None and _fits(b))
                        else (lambda x, w=w: F.linear(x.to(w.dtype), w)) for n, b, w in zip(names, parts, ws)]
             else:
                 fns = [_int8_linear(w) if quant == "int8" else _float_linear(w) for w in ws]

@@ -192,13 +192,13 @@ async def aiterate(iterator, cancel: threading.Event | None = None):
 
 class Engine:
     def __init__(self, spec, model, enc, guard: SingleFlight | None = None, quant: str | None = None,
-                 blocks: dict | None = None, packed: dict | None = None):
+                 blocks: dict | None = None, packed: dict | None = None, kernel=None):
         self.spec = spec
         self.model = model.eval()
         self.enc = enc
         self.guard = guard or SingleFlight()
         # the per-token forward used while decoding (quant/blocks: see backend/decode_step.py)
-        self.step = DecodeStep(self.model, quant, blocks, packed)
+        self.step = DecodeStep(self.model, quant, blocks, packed, kernel)
         self.context_length = min(int(getattr(spec, "context_length", 0) or model.cfg.max_seq_len), model.cfg.max_seq_len)
         self._token_bytes: dict[int, bytes] = {}
 

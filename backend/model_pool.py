@@ -13,6 +13,7 @@ from collections import OrderedDict
 
 import torch
 
+from backend import q4_kernel
 from backend.decode_step import gguf_supported, load_packed, packed_file_name, save_packed
 from backend.engine import Engine, SingleFlight
 from models.device import pick_device
@@ -35,13 +36,14 @@ def engine_dtype(device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-QUANT_MODES = ("gguf", "none", "int8")
+QUANT_MODES = ("gguf", "gguf-torch", "none", "int8")
 
 
 def engine_quant(device: torch.device) -> str:
     """Decode-time weights, PLAYGROUND_QUANT: "gguf" (default) decodes a GGUF-loaded model on the CPU with
-    the file's own 4-bit blocks (backend/decode_step.py; other models stay float), "none" decodes with the
-    float weights, "int8" re-quantizes any float32 model to int8 rows (CPU only)."""
+    the file's own 4-bit blocks (backend/decode_step.py; other models stay float) on our block kernel
+    where the CPU has AVX512-VNNI, else on torch's int4 kernel ("gguf-torch" forces that one), "none"
+    decodes with the float weights, "int8" re-quantizes any float32 model to int8 rows (CPU only)."""
     q = os.environ.get("PLAYGROUND_QUANT", "").strip().lower() or "gguf"
     q = {"fp32": "none", "float32": "none", "float": "none"}.get(q, q)
     if q not in QUANT_MODES:
@@ -112,9 +114,9 @@ class EnginePool:
             model = self.registry.load(name, device=self.device, dtype=self.dtype)
             from models.tokenizers import get_encoding
             enc = get_encoding(spec.tokenizer, self.cfg.data_dir)
-            quant, blocks, packed, pack_file = self._decode_weights(spec, model)
-            eng = Engine(spec, model, enc, guard=self.guard, quant=quant, blocks=blocks, packed=packed)
-            if pack_file is not None and not packed:  # first load here: keep the int4 packing for the next
+            quant, blocks, packed, pack_file, kernel = self._decode_weights(spec, model)
+            eng = Engine(spec, model, enc, guard=self.guard, quant=quant, blocks=blocks, packed=packed, kernel=kernel)
+            if pack_file is not None and not packed:  # first load here: keep the packing for the next
                 try:
                     save_packed(pack_file, eng.step.packed)
                 except OSError as e:
@@ -131,22 +133,23 @@ class EnginePool:
             return eng
 
     def _decode_weights(self, spec, model):
-        """(quant, GGUF blocks, packed int4 operands, file to keep them in) for an engine: the GGUF's own
-        blocks where the model was loaded from one (the bundled model; its cache directory keeps them)
-        and they can run here; else the float weights. Packing the blocks for the int4 kernel takes
-        seconds, so the packed operands are kept beside them (per torch version and CPU) for the next load."""
+        """(quant, GGUF blocks, packed kernel operands, file to keep them in, our block kernel or None) for
+        an engine: the GGUF's own blocks where the model was loaded from one (the bundled model; its cache
+        directory keeps them) and they can run here; else the float weights. Packing the blocks takes
+        seconds, so the packed operands are kept beside them for the next load."""
+        none = (None, None, None, None, None)
         if self.quant == "int8":
-            return "int8", None, None, None
-        if self.quant == "gguf" and spec.kind == "bundled" and model.dtype == torch.float32 \
-                and gguf_supported(model.device):
-            from models.gguf_loader import load_gguf_blocks
-            cache = self.cfg.cache_dir / spec.name  # where the registry loaded the model from
-            pack_file = cache / packed_file_name()
-            packed = load_packed(pack_file)
-            blocks = {} if packed else load_gguf_blocks(cache)
-            if packed or blocks:
-                return "gguf", blocks, packed, pack_file
-        return None, None, None, None
+            return "int8", None, None, None, None
+        if not (self.quant in ("gguf", "gguf-torch") and spec.kind == "bundled" and model.dtype == torch.float32
+                and gguf_supported(model.device)):
+            return none
+        from models.gguf_loader import load_gguf_blocks
+        kernel = q4_kernel.load(self.cfg.data_dir / "kernels") if self.quant == "gguf" else None
+        cache = self.cfg.cache_dir / spec.name  # where the registry loaded the model from
+        pack_file = cache / packed_file_name(kernel is not None)
+        packed = load_packed(pack_file)
+        blocks = {} if packed else load_gguf_blocks(cache)
+        return ("gguf", blocks, packed, pack_file, kernel) if packed or blocks else none
 
     def unload(self, name: str) -> None:
         """Forget a loaded engine (e.g. after the model was overwritten on disk); the next get reloads."""

@@ -71,3 +71,34 @@ def bigram_model(vocab: int, next_token: dict[int, int], dim: int = 64, max_seq_
             model.model.embed_tokens.weight[a, slot] = 1.0
             model.lm_head.weight[b, slot] = 10.0
     return model.eval()
+
+
+def q4_1_blocks(w: torch.Tensor):
+    """llama.cpp's Q4_1 rule on w [N, K]: per block of 32, m = min, d = (max - min) / 15 (both fp16), q = round((w - m) / d)."""
+    from models.gguf_loader import QuantBlocks
+    b = w.view(w.shape[0], -1, 32)
+    m = b.amin(-1).half()
+    d = ((b.amax(-1) - b.amin(-1)) / 15).half()
+    q = ((b - m.float()[..., None]) / d.float().clamp_min(1e-8)[..., None]).round().clamp(0, 15)
+    return QuantBlocks("Q4_1", q.to(torch.uint8).view_as(w), d, m)
+
+
+def q8_0_blocks(w: torch.Tensor):
+    """llama.cpp's Q8_0 rule: per block of 32, d = absmax / 127 (fp16), q = round(w / d)."""
+    from models.gguf_loader import QuantBlocks
+    b = w.view(w.shape[0], -1, 32)
+    d = (b.abs().amax(-1) / 127).half()
+    q = (b / d.float().clamp_min(1e-8)[..., None]).round().clamp(-128, 127)
+    return QuantBlocks("Q8_0", q.to(torch.int8).view_as(w), d)
+
+
+def gguf_like(model: Transformer) -> dict:
+    """Make `model` what a Q4_1 GGUF file holds (as the bundled SmolLM2 is: Q4_1 matrices, Q8_0 tied
+    embedding): its float weights become the exact dequantization of blocks, which are returned by name."""
+    blocks = {}
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                blocks[name] = (q8_0_blocks if "embed" in name else q4_1_blocks)(p.detach())
+                p.copy_(blocks[name].dequantize())
+    return blocks

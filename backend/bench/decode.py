@@ -9,8 +9,9 @@ Who is who, measured in one run with the same prompt, the same thread count and 
   `generate(do_sample=True, num_return_sequences=N)`.
 - load time of the bundled model into an engine (weights + tokenizer): cold = a fresh cache directory
   (GGUF dequantization and tokenizer conversion included), warm = a new process reading the cache.
-- our variants: gguf (the app's default on a CPU: decode matmuls on the GGUF file's own Q4_1/Q8_0 blocks,
-  bf16 activations; prefill in float32), fp32 (PLAYGROUND_QUANT=none: float32 weights, exact to the
+- our variants: gguf (the app's default on a CPU: decode matmuls on the GGUF file's own Q4_1/Q8_0 blocks
+  through our block kernel, backend/q4_kernel.cpp; prefill in float32), gguf-torch (the same blocks through
+  torch's int4 kernel, bf16 activations: the fallback where ours cannot run), fp32 (PLAYGROUND_QUANT=none: float32 weights, exact to the
   reference), and opt-in bf16 weights (PLAYGROUND_DTYPE=bf16) and int8 (PLAYGROUND_QUANT=int8: int8 rows).
 - agreement of each non-fp32 variant with the fp32 one, on a few chat prompts: teacher-forced along the
   fp32 greedy tokens, the share of steps whose top-1 token is the same and the max |logit diff|; and free
@@ -38,7 +39,7 @@ PROMPT = [{"role": "user", "content": "Write a short story about a robot who lea
 AGREEMENT_PROMPTS = ["Write a short story about a robot who learns to paint.", "What is the capital of France?",
                      "Explain recursion in Python with an example.", "List three fruits and their colors."]
 VARIANTS = {  # name -> (EnginePool quant, dtype)
-    "fp32": ("none", torch.float32), "gguf": ("gguf", torch.float32),
+    "fp32": ("none", torch.float32), "gguf": ("gguf", torch.float32), "gguf-torch": ("gguf-torch", torch.float32),
     "bf16": ("none", torch.bfloat16), "int8": ("int8", torch.float32)}
 
 
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--data-dir", default=None, help="where the bundled model's cache lives (default: a temp dir)")
     ap.add_argument("--skip-peer", action="store_true", help="only our numbers (no transformers run)")
     ap.add_argument("--variants", default="fp32,gguf",
-                    help="our engine variants: fp32, gguf (the CPU default: the GGUF's 4-bit blocks), bf16, int8")
+                    help="our engine variants: fp32, gguf (the CPU default: the GGUF's 4-bit blocks), gguf-torch, bf16, int8")
     ap.add_argument("--agreement-tokens", type=int, default=64, help="decode steps per prompt in the agreement check")
     ap.add_argument("--skip-load", action="store_true", help="skip the cold/warm load timing")
     args = ap.parse_args(argv)
