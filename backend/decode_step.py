@@ -16,10 +16,13 @@ Two weight formats cut that (prefill keeps the float weights either way); backen
 "gguf" for a model loaded from a GGUF file on a CPU unless PLAYGROUND_QUANT says otherwise:
 - quant="gguf": the GGUF file's own blocks (models.gguf_loader.QuantBlocks), as llama.cpp runs them,
   ~1/8 of the float32 bytes per token. Two kernels run them:
-  - ours (`kernel`, backend/q4_kernel.cpp, on CPUs with AVX512-VNNI): as llama.cpp, x is quantized to
-    int8 per block of 32 and each block's dot product is integer (64 multiply-adds an instruction);
-    scales stay float32. A weight vector is loaded once for up to 8 rows, so 8 rows cost ~1.3x one
-    (torch's int4 kernel dequantizes again for every 4 rows: 8 rows cost ~3.5x one).
+  - ours (`kernel`, backend/q4_kernel.cpp, on CPUs with AVX512-VNNI): x is quantized to two int8
+    digits per block of 32 and each block's dot product is integer (64 multiply-adds an instruction);
+    scales stay float32; it measured the same top-1 as float32 on every step of the bench's prompts.
+    A weight vector is loaded once for up to 8 rows, so 8 rows cost ~2x one (torch's int4 kernel
+    dequantizes again for every 4 rows: 8 rows cost ~3.5x one). Where all of a layer's matrices run
+    on it, the whole layer is one C++ call (backend/decode_layer.cpp: the same math as `__call__`
+    below), because at one token per step ~30 torch ops' dispatch cost as much as the matmuls.
   - torch's CPU int4 kernel where ours cannot run (quant="gguf-torch" forces it):
     `_weight_int4pack_mm_for_cpu`, whose dequant is (q - 8) * scale + zero, so scale = d and
     zero = m + 8 d; fast only with bfloat16 activations and scales. A Q8_0 matrix (the tied lm_head)
@@ -215,6 +218,12 @@ class DecodeStep:
             head = "model.embed_tokens.weight" if cfg.tie_embeddings else "lm_head.weight"
             self.lm_head = lin([head], [model.lm_head.weight])
         self.hidden = cfg.hidden_dim
+        # Where every matrix of every layer runs on our kernel, a layer is one C++ call (decode_layer.cpp).
+        self.fused = None
+        if self.kernel is not None and self.hd % 16 == 0 and all(
+                isinstance(f, q4_kernel.BlockLinear) for layer in self.layers for f in layer[1:3] + layer[4:]):
+            self.fused = [(ln1.detach().float().contiguous(), qkv.matrix, o.matrix, ln2.detach().float().contiguous(),
+                           gate_up.matrix, down.matrix) for ln1, qkv, o, ln2, gate_up, down in self.layers]
 
     def __call__(self, tokens: torch.Tensor, cache) -> torch.Tensor:
         """tokens [B] at slot cache.pos -> logits [B, V]; the cache advances by one."""
@@ -223,6 +232,8 @@ class DecodeStep:
         pos = cache.pos
         if pos + 1 > model.cfg.max_seq_len:
             raise ValueError(f"sequence of {pos + 1} tokens exceeds the context length {model.cfg.max_seq_len}")
+        if self.fused is not None:
+            return self._fused_step(tokens, cache)
         dtype = model.dtype
         x = model.model.embed_tokens.weight[tokens]  # [B, dim]
         mask = None
@@ -253,6 +264,31 @@ class DecodeStep:
         cache.pos += 1
         x = F.rms_norm(x, (self.dim,), model.model.norm.weight, self.eps)
         return self.lm_head(x).to(dtype)
+
+
+    def _fused_step(self, tokens: torch.Tensor, cache) -> torch.Tensor:
+        model, B, pos = self.model, tokens.shape[0], cache.pos
+        x = model.model.embed_tokens.weight[tokens].float().contiguous()  # a copy: updated in place
+        if cache.pad is None:  # one RoPE row for all
+            cos, sin, stride, start = model.rope_cos[pos], model.rope_sin[pos], 0, None
+        else:
+            p = (pos - cache.pad).clamp_min(0)
+            cos, sin, stride = model.rope_cos[p].contiguous(), model.rope_sin[p].contiguous(), self.hd
+            start = cache.pad.to(torch.int64).contiguous()
+        k0 = cache.k[0]
+        if k0.dtype != torch.float32 or not k0.is_contiguous() or cos.dtype != torch.float32:
+            raise ValueError("the fused decode step needs a float32 contiguous KV cache and RoPE tables")
+        threads, layer = torch.get_num_threads(), self.kernel.decode_layer
+        for i, (ln1, qkv, o, ln2, gate_up, down) in enumerate(self.fused):
+            k, v = cache.k[i], cache.v[i]
+            rc = layer(x.data_ptr(), B, self.dim, self.eps, ln1.data_ptr(), qkv, o, ln2.data_ptr(), gate_up, down,
+                       self.H, self.K, self.hd, self.hidden, cos.data_ptr(), sin.data_ptr(), stride,
+                       k.data_ptr(), v.data_ptr(), k.shape[2], pos, None if start is None else start.data_ptr(), threads)
+            if rc:
+                raise RuntimeError(f"decode_layer failed (code {rc}) at layer {i}")
+        cache.pos += 1
+        x = F.rms_norm(x, (self.dim,), model.model.norm.weight, self.eps)
+        return self.lm_head(x)
 
 
 def _check_blocks(name: str, blocks, w: torch.Tensor) -> None:

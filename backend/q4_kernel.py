@@ -28,7 +28,7 @@ from models.gguf_loader import QuantBlocks
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("q4_kernel.cpp")
+SOURCES = [Path(__file__).with_name(n) for n in ("decode_layer.cpp", "q4_kernel.cpp")]  # the first includes the second
 FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl",
          "-mavx512vnni", "-mf16c", "-mfma"]
 CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c", "fma"}  # as /proc/cpuinfo names them
@@ -37,6 +37,11 @@ TILE_BYTES = {"Q4_1": 256, "Q8_0": 512}  # per 16 rows x 32 inputs
 
 _lock = threading.Lock()
 _loaded: dict[Path, ctypes.CDLL] = {}
+
+
+class Matrix(ctypes.Structure):
+    """decode_layer.cpp's `Matrix`: one packed matrix."""
+    _fields_ = [("w", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("q8", ctypes.c_int)]
 
 
 def cpu_supported() -> bool:
@@ -50,7 +55,7 @@ def cpu_supported() -> bool:
 
 def digest() -> str:
     """Names the build and the packing kept on disk: `pack`'s layout changes with the kernel's source."""
-    return hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
+    return hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES) + " ".join(FLAGS).encode()).hexdigest()[:16]
 
 
 def library_path(build_dir: Path) -> Path:
@@ -68,7 +73,7 @@ def build(build_dir: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
         out = Path(tmp) / path.name
-        proc = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", str(out)], capture_output=True, text=True)
+        proc = subprocess.run([cxx, *FLAGS, str(SOURCES[0]), "-o", str(out)], capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"{cxx} failed: {proc.stderr.strip()[-2000:]}")
         os.replace(out, path)
@@ -89,6 +94,9 @@ def load(build_dir: Path) -> ctypes.CDLL | None:
                     fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
                                    ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
                     fn.restype = ctypes.c_int
+                i, f, p, m = ctypes.c_int, ctypes.c_float, ctypes.c_void_p, Matrix
+                lib.decode_layer.argtypes = [p, i, i, f, p, m, m, p, m, m, i, i, i, i, p, p, i, p, p, i, i, p, i]
+                lib.decode_layer.restype = ctypes.c_int
                 _loaded[path] = lib
             return _loaded[path]
         except (OSError, RuntimeError) as e:
@@ -135,6 +143,7 @@ class BlockLinear:
         self.fn = lib.q4_matmul if kind == "Q4_1" else lib.q8_matmul
         self.weights, self.scales = weights.contiguous(), scales.contiguous()
         self.N, self.K = NT * 16, KB * 32
+        self.matrix = Matrix(self.weights.data_ptr(), self.scales.data_ptr(), int(kind == "Q8_0"))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != torch.float32 or not x.is_contiguous():
