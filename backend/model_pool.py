@@ -144,7 +144,7 @@ class EnginePool:
                 and gguf_supported(model.device)):
             return none
         from models.gguf_loader import load_gguf_blocks
-        kernel = q4_kernel.load(self.cfg.data_dir / "kernels") if self.quant == "gguf" else None
+        kernel = q4_kernel.load(self.cfg.cache_dir / "kernels") if self.quant == "gguf" else None
         cache = self.cfg.cache_dir / spec.name  # where the registry loaded the model from
         pack_file = cache / packed_file_name(kernel is not None)
         packed = load_packed(pack_file)

@@ -1,7 +1,7 @@
 """Our block-quantized matmul (backend/q4_kernel.cpp): build it, load it, pack GGUF blocks for it, call it.
 
 The kernel is plain C++ with AVX512-VNNI intrinsics, compiled here by the system's C++ compiler the first
-time it is needed (~2 s) into a directory of the caller's choice (the data directory), keyed by a hash of
+time it is needed (~2 s) into a directory of the caller's choice (the model cache directory), keyed by a hash of
 its source and flags, and loaded with ctypes: no Python headers or torch headers, so the build is quick.
 Its OpenMP loop runs on torch's own libgomp (already loaded by torch, and found first by its soname), so
 the two share one thread pool instead of fighting over the cores.

@@ -18,7 +18,9 @@ Who is who, measured in one run with the same prompt, the same thread count and 
   running, how many greedy tokens match before the first divergence. (transformers cannot run Q4_1, so the
   peer is always fp32 on the dequantized weights; llama.cpp also quantizes activations, so no 4-bit
   engine is bit-exact with fp32.)
-- llama.cpp on the same GGUF is the stretch peer; it is reported only when `llama_cpp` is importable.
+- llama.cpp on the same GGUF is the stretch peer (goal: at least half its single-stream rate), run greedy on
+  our prompt's token ids in a child process of --llama-python (a venv with llama-cpp-python; it is no
+  dependency of the app); reported as missing when that Python cannot import `llama_cpp`.
 Timings are the median of --repeat runs after a warm-up run.
 """
 from __future__ import annotations
@@ -96,6 +98,43 @@ def agreement(ref, eng, tokens: int, prompts: list[str] = AGREEMENT_PROMPTS) -> 
             "greedy_tokens_matched": matched, "prompts": len(prompts), "tokens": tokens}
 
 
+LLAMA_CPP = """
+import json, statistics, sys, time
+try:
+    import llama_cpp
+except ImportError as e:
+    print(json.dumps({"error": f"llama.cpp (llama-cpp-python) not importable by {sys.executable}: {e}"}))
+    raise SystemExit
+path, threads, tokens, repeat, prompt = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), json.loads(sys.argv[5])
+llm = llama_cpp.Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=512, verbose=False)
+def run():
+    llm.reset()  # no prompt cache between runs: prefill counts, as in ours
+    out = []
+    for tok in llm.generate(prompt, top_k=1, temp=0.0):  # greedy; runs past end-of-text like ours
+        out.append(tok)
+        if len(out) == tokens:
+            return out
+ids = run()
+times = []
+for _ in range(repeat):
+    t0 = time.perf_counter(); run(); times.append(time.perf_counter() - t0)
+print(json.dumps({"tok_s": tokens / statistics.median(times), "tokens": ids, "version": llama_cpp.__version__}))
+"""
+
+
+def llama_cpp_single(python: str, threads: int, tokens: int, prompt: list[int], repeat: int) -> dict:
+    """llama.cpp's single-stream greedy decode of the bundled GGUF file itself (the same token ids; its own
+    tokenizer is not used), in a child process of `python` (a venv with llama-cpp-python: it is not a
+    dependency of the app). {"error": why} when it cannot run."""
+    from models.gguf_file import find_smollm2_gguf
+    try:
+        out = subprocess.run([python, "-c", LLAMA_CPP, str(find_smollm2_gguf()), str(threads), str(tokens), str(repeat),
+                              json.dumps(prompt)], capture_output=True, text=True, timeout=900)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+    except (OSError, IndexError, ValueError, subprocess.TimeoutExpired) as e:
+        return {"error": f"llama.cpp run failed: {e}"}
+
+
 def result(metric, unit, ours, peer, peer_name, goal, higher_is_better=True, **extra) -> dict:
     ratio = None
     if peer is not None and ours:
@@ -120,6 +159,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="our engine variants: fp32, gguf (the CPU default: the GGUF's 4-bit blocks), gguf-torch, bf16, int8")
     ap.add_argument("--agreement-tokens", type=int, default=64, help="decode steps per prompt in the agreement check")
     ap.add_argument("--skip-load", action="store_true", help="skip the cold/warm load timing")
+    ap.add_argument("--llama-python", default=None,
+                    help="a Python with llama-cpp-python installed, for the llama.cpp peer (default: this one)")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -231,14 +272,20 @@ def main(argv: list[str] | None = None) -> None:
         if agree is not None:
             results.append(result(f"agreement with fp32{tag}: teacher-forced top-1", "fraction", agree["top1_agreement"],
                                   None, "no peer: the variant against our float32 decode", None, **agree))
-    best_single = max(o[0] for o in ours.values())
-    try:
-        import llama_cpp  # noqa: F401
-        llama_name = "llama.cpp present but not wired into this bench"
-    except ImportError:
-        llama_name = "llama.cpp (llama-cpp-python) not installed here; stretch goal: within 2x of it"
-    results.append(result("single-stream decode (best variant) vs llama.cpp", "tok/s", best_single, None,
-                          llama_name, 0.5))
+    best = max(ours, key=lambda v: ours[v][0])
+    llama = None
+    if args.model == "smollm2-135m-instruct":
+        llama = llama_cpp_single(args.llama_python or sys.executable, args.threads, args.tokens, prompt, args.repeat)
+    if llama is None or "error" in llama:
+        llama_name = (llama or {}).get("error") or "llama.cpp: only measured on the bundled GGUF"
+        print(llama_name)
+        results.append(result(f"single-stream decode [{best}] vs llama.cpp", "tok/s", ours[best][0], None, llama_name, 0.5))
+    else:
+        same = {v: llama["tokens"] == o[2] for v, o in ours.items()}
+        print(f"llama.cpp {llama['version']} single-stream greedy: {llama['tok_s']:.1f} tok/s; same tokens as ours: {same}")
+        results.append(result(f"single-stream decode [{best}] vs llama.cpp", "tok/s", ours[best][0], llama["tok_s"],
+                              f"llama.cpp {llama['version']} (llama-cpp-python) on the same GGUF, greedy",
+                              0.5, same_greedy_tokens=same[best]))
 
     print(json.dumps({"bench": "decode", "device": "cpu" if not torch.cuda.is_available() else "cuda",
                       "threads": args.threads, "torch": torch.__version__.split("+")[0], "results": results}))
