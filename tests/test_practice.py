@@ -285,6 +285,7 @@ ROUTES = [(m, r.path, required_role(r)) for r in practice_api.router.routes if i
 def live(tmp_path_factory):
     data = tmp_path_factory.mktemp("practice_api") / "data"
     register_coin(data)
+    register_rambler(data)
     db, people = database_with_users(data, [(r, r) for r in ROLES])
     server = start_server(data, "--model", "coin", "--no-preload", "--no-worker")
     with httpx.Client(base_url=server.base_url, timeout=60) as client:
@@ -326,6 +327,22 @@ def test_bundled_problems_and_the_scaling_curve_over_rest(live):
                     json={"model": "coin", "kind": "apples", "m": 2, "n": 4, "seed": 1})
     assert r.status_code == 200, r.text
     assert len(r.json()["problems"]) == 2 and [row["k"] for row in r.json()["curve"]] == [1, 2, 4]
+
+
+def test_a_client_that_hangs_up_stops_its_sampling_and_frees_the_engine(live):
+    """64 x 1024 rambling tokens would hold the engine for minutes; the client gives up after 1 s, and the
+    next request is answered within seconds."""
+    client, keys = live
+    body = {"model": "rambler", "problem": {"question": QUESTION, "answer": "7"}}
+    assert client.post("/api/practice/sample", json={**body, "n": 2, "max_tokens": 4},
+                       headers=keys["learner"]).status_code == 200  # loaded, so the next run is all decoding
+    with pytest.raises(httpx.ReadTimeout):
+        client.post("/api/practice/sample", json={**body, "n": svc.MAX_N, "max_tokens": svc.MAX_TOKENS},
+                    headers=keys["learner"], timeout=1.0)
+    t0 = time.monotonic()
+    r = client.post("/api/practice/sample", json={**body, "n": 2, "max_tokens": 8}, headers=keys["learner"])
+    assert r.status_code == 200 and [s["text"] for s in r.json()["solutions"]] == [RAMBLE * 8] * 2
+    assert time.monotonic() - t0 < 15
 
 
 @pytest.mark.parametrize("body,field", [

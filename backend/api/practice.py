@@ -11,16 +11,16 @@
          -> {"curve": [{k, pass_at_k, majority_at_k, best_of_k?}] averaged over m problems, "problems": [...], ...}
 
 Errors: 422 names the field (a bad answer, an unknown kind, a base model, n out of range); 401 without a login.
+A client that disconnects stops the sampling at the next token (nothing is graded).
 """
 from __future__ import annotations
-
-import asyncio
 
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, Field
 
 from backend import practice as svc
 from backend.api.errors import service_errors
+from backend.api.openai_api import run_blocking
 from backend.auth import require
 from backend.users import CurrentUser
 
@@ -79,16 +79,17 @@ def reward_models(request: Request) -> dict:
 
 @router.post("/sample")
 async def sample(body: SampleRequest, request: Request, user: CurrentUser = Depends(learner)) -> dict:
-    with service_errors():
+    with service_errors(unavailable=(svc.Stopped,)):
         if (body.problem is None) == (body.kind is None):
             raise ValueError("problem: send either a typed problem {question, answer} or a bundled problem kind")
         problem = (svc.typed_problem(body.problem.question, body.problem.answer) if body.problem is not None
                    else svc.generated_problem(body.kind, body.problem_seed, body.scale))
-        return await asyncio.to_thread(svc.practice, request.app.state.pg, body.model, problem, body.config())
+        return await run_blocking(request, lambda cancel: svc.practice(request.app.state.pg, body.model, problem,
+                                                                       body.config(), cancel))
 
 
 @router.post("/scaling")
 async def scaling(body: ScalingRequest, request: Request, user: CurrentUser = Depends(learner)) -> dict:
-    with service_errors():
-        return await asyncio.to_thread(svc.scaling_curve, request.app.state.pg, body.model, body.kind, body.m,
-                                       body.problem_seed, body.config(), body.scale)
+    with service_errors(unavailable=(svc.Stopped,)):
+        return await run_blocking(request, lambda cancel: svc.scaling_curve(
+            request.app.state.pg, body.model, body.kind, body.m, body.problem_seed, body.config(), body.scale, cancel))
