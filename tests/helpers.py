@@ -53,12 +53,14 @@ def register_tiny_model(data_dir: Path, name: str = "tiny", tokenizer: str = "cl
                              description="tiny random model for tests", overwrite=True)
 
 
-def bigram_model(vocab: int, next_token: dict[int, int], dim: int = 64, max_seq_len: int = 256) -> Transformer:
+def bigram_model(vocab: int, next_token: dict[int, int], dim: int = 64, max_seq_len: int = 256,
+                 n_layers: int = 1) -> Transformer:
     """A real Transformer whose weights make it a deterministic bigram table: after token a, it predicts
     next_token[a] with logit ~80 (probability 1 in float32). Blocks write nothing to the residual
-    stream (o_proj and down_proj are zero), token a embeds to a one-hot slot, lm_head maps the slot to b."""
+    stream (o_proj and down_proj are zero), token a embeds to a one-hot slot, lm_head maps the slot to b.
+    More layers change nothing but the cost of a step."""
     assert len(next_token) <= dim
-    cfg = ModelConfig(vocab_size=vocab, dim=dim, n_layers=1, n_heads=4, n_kv_heads=2, hidden_dim=32,
+    cfg = ModelConfig(vocab_size=vocab, dim=dim, n_layers=n_layers, n_heads=4, n_kv_heads=2, hidden_dim=32,
                       max_seq_len=max_seq_len, tie_embeddings=False)
     model = Transformer(cfg).init_weights(0)
     with torch.no_grad():
@@ -102,3 +104,25 @@ def gguf_like(model: Transformer) -> dict:
                 blocks[name] = (q8_0_blocks if "embed" in name else q4_1_blocks)(p.detach())
                 p.copy_(blocks[name].dequantize())
     return blocks
+
+
+def decode_against_float(model: Transformer, step, steps: int = 8) -> tuple[float, int, int]:
+    """`step` (a DecodeStep) against the float32 DecodeStep of the same model, on a batch of two prompts with
+    left padding, both fed the float step's greedy tokens: (max |logit diff|, same argmax picks, picks)."""
+    from backend.decode_step import DecodeStep
+    ref = DecodeStep(model)
+    pad = torch.tensor([0, 3])
+    idx = torch.tensor([[5, 6, 7, 8, 9], [0, 0, 0, 10, 11]])
+    worst, agree = 0.0, 0
+    with torch.inference_mode():
+        a, b = model.new_cache(2, 16, pad=pad), model.new_cache(2, 16, pad=pad.clone())
+        model(idx, a)
+        model(idx, b)
+        tokens = torch.tensor([12, 13])
+        for _ in range(steps):
+            la, lb = ref(tokens, a), step(tokens, b)
+            assert lb.dtype == torch.float32 and la.shape == lb.shape
+            worst = max(worst, (la - lb).abs().max().item())
+            agree += int((la.argmax(-1) == lb.argmax(-1)).sum())
+            tokens = la.argmax(-1)
+    return worst, agree, 2 * steps

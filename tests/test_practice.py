@@ -19,7 +19,7 @@ from backend.api import practice as practice_api
 from backend.config import AppConfig
 from backend.playground import Playground
 from tests.conftest import start_server
-from tests.helpers import make_tiny_model, register_tiny_model
+from tests.helpers import bigram_model, make_tiny_model, register_tiny_model
 from tests.scripted import script_encoding, scripted_model, tok
 from tests.test_labels_api import ROLES, auth, database_with_users, required_role
 
@@ -60,25 +60,13 @@ RAMBLE = "la "
 def register_rambler(data: Path, name: str = "rambler", layers: int = 16) -> None:
     """A chat model that says "la " forever (until max_tokens), slowly enough that a Stop lands mid-run: a
     bigram table (as tests/scripted.py) with `layers` blocks that write nothing but cost a step each."""
-    import torch
-
     from models.registry import ModelRegistry
     from models.tokenizers import save_encoding
-    from models.transformer import ModelConfig, Transformer
     enc = script_encoding([RAMBLE], tools=False, name=name)
     save_encoding(enc, name, data)
-    cfg = ModelConfig(vocab_size=enc.max_token_value + 1, dim=64, n_layers=layers, n_heads=4, n_kv_heads=2,
-                      hidden_dim=32, max_seq_len=4096, tie_embeddings=False)
-    model = Transformer(cfg).init_weights(0)
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.self_attn.o_proj.weight.zero_()
-            layer.mlp.down_proj.weight.zero_()
-        model.model.embed_tokens.weight.zero_()
-        model.lm_head.weight.zero_()
-        for slot, a in enumerate(("\n", RAMBLE)):  # after the assistant prompt's "\n" and after itself: RAMBLE
-            model.model.embed_tokens.weight[tok(enc, a), slot] = 1.0
-            model.lm_head.weight[tok(enc, RAMBLE), slot] = 10.0
+    # after the assistant prompt's "\n" and after itself: RAMBLE
+    model = bigram_model(enc.max_token_value + 1, {tok(enc, "\n"): tok(enc, RAMBLE), tok(enc, RAMBLE): tok(enc, RAMBLE)},
+                         max_seq_len=4096, n_layers=layers)
     ModelRegistry(AppConfig(data_dir=data)).register(name, model.eval(), tokenizer=name, chat_format="chatml",
                                                      lineage={"origin": "tests.test_practice"}, overwrite=True)
 
