@@ -124,7 +124,7 @@ class EnginePool:
             eng.disk_stamp = stamp
             self.load_seconds[name] = time.perf_counter() - t0
             log.info("loaded model %s (%s, %s%s) in %.2fs", name, self.device, self.dtype,
-                     f", {quant} decode" if quant else "", self.load_seconds[name])
+                     f", {quant} decode{' on our kernel' if kernel else ''}" if quant else "", self.load_seconds[name])
             with self._lock:
                 self._engines[name] = eng
                 while len(self._engines) > self.max_loaded:
