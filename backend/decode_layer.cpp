@@ -111,8 +111,10 @@ extern "C" int decode_layer(float* x, int B, int dim, float eps, const float* ln
     #pragma omp parallel num_threads(threads)
     {
         float* scores = (float*)malloc((size_t)(pos + 1) * 4);
+        if (!scores) rc = 2;  // every thread still runs the loop's barrier; its share is skipped
         #pragma omp for schedule(static)
         for (int bg = 0; bg < B * KV; bg++) {
+            if (!scores) continue;
             int b = bg / KV, g = bg % KV;
             size_t base = ((size_t)b * KV + g) * slots * hd;
             attend(qkv_out + (size_t)b * nq + g * rep * hd, rep, kc + base, vc + base, start ? (int)start[b] : 0,
@@ -120,7 +122,7 @@ extern "C" int decode_layer(float* x, int B, int dim, float eps, const float* ln
         }
         free(scores);
     }
-    if ((rc = run(o, att, B, H * hd, dim, y, threads))) goto done;
+    if (rc || (rc = run(o, att, B, H * hd, dim, y, threads))) goto done;
     for (size_t i = 0; i < (size_t)B * dim; i++) x[i] += y[i];
 
     for (int b = 0; b < B; b++) rms_norm(x + (size_t)b * dim, ln2, dim, eps, h + (size_t)b * dim);

@@ -222,6 +222,12 @@ class DecodeStep:
         self.fused = None
         if self.kernel is not None and self.hd % 16 == 0 and all(
                 isinstance(f, q4_kernel.BlockLinear) for layer in self.layers for f in layer[1:3] + layer[4:]):
+            shapes = ((self.H + 2 * self.K) * self.hd, self.dim), (self.dim, self.H * self.hd), \
+                (2 * self.hidden, self.dim), (self.dim, self.hidden)  # (N, K) of qkv, o, gate_up, down
+            for i, (_, *ms) in enumerate(self.layers):
+                got = [(f.N, f.K) for f in ms[:2] + ms[3:]]
+                if got != list(shapes):  # the C++ layer trusts these sizes
+                    raise ValueError(f"packed operands of layer {i} are {got}, the model needs {list(shapes)}")
             self.fused = [(ln1.detach().float().contiguous(), qkv.matrix, o.matrix, ln2.detach().float().contiguous(),
                            gate_up.matrix, down.matrix) for ln1, qkv, o, ln2, gate_up, down in self.layers]
 
@@ -265,7 +271,6 @@ class DecodeStep:
         x = F.rms_norm(x, (self.dim,), model.model.norm.weight, self.eps)
         return self.lm_head(x).to(dtype)
 
-
     def _fused_step(self, tokens: torch.Tensor, cache) -> torch.Tensor:
         model, B, pos = self.model, tokens.shape[0], cache.pos
         x = model.model.embed_tokens.weight[tokens].float().contiguous()  # a copy: updated in place
@@ -275,9 +280,14 @@ class DecodeStep:
             p = (pos - cache.pad).clamp_min(0)
             cos, sin, stride = model.rope_cos[p].contiguous(), model.rope_sin[p].contiguous(), self.hd
             start = cache.pad.to(torch.int64).contiguous()
-        k0 = cache.k[0]
-        if k0.dtype != torch.float32 or not k0.is_contiguous() or cos.dtype != torch.float32:
-            raise ValueError("the fused decode step needs a float32 contiguous KV cache and RoPE tables")
+        # the C++ layer writes row b's keys at cache[b, :, pos]: sizes are checked here, not there
+        want = (B, self.K, cache.k[0].shape[2], self.hd)
+        if tokens.dim() != 1 or pos >= want[2] or any(
+                t.shape != want or t.dtype != torch.float32 or not t.is_contiguous() for t in cache.k + cache.v):
+            raise ValueError(f"the fused decode step needs tokens [B] and float32 contiguous caches {want} with a "
+                             f"free slot at {pos}")
+        if start is not None and (start.shape != (B,) or int(start.min()) < 0 or int(start.max()) > pos):
+            raise ValueError(f"left padding must be {B} counts in 0..{pos}")
         threads, layer = torch.get_num_threads(), self.kernel.decode_layer
         for i, (ln1, qkv, o, ln2, gate_up, down) in enumerate(self.fused):
             k, v = cache.k[i], cache.v[i]

@@ -13,7 +13,9 @@
 // Lanes are 16 output rows n; a weight vector holds 16 n x 4 k. A weight vector is loaded once for up
 // to ROWS rows of x (torch's `_weight_int4pack_mm_for_cpu` dequantizes again for every 4 rows, so 8 rows
 // cost it ~3.5x one row). Packing: backend/q4_kernel.py `pack`.
+#include <float.h>
 #include <immintrin.h>
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -112,7 +114,8 @@ static void quantize(const float* x, int M, int K, int32_t* xq, int32_t* xq2, fl
             const float* s = x + (size_t)r * K + b * 32;
             __m512 a = _mm512_loadu_ps(s), c = _mm512_loadu_ps(s + 16);
             float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(c)));
-            __m512 inv = _mm512_set1_ps(amax > 0 ? 127.0f / amax : 0.0f);
+            // below FLT_MIN, 127 / amax overflows: such a block counts as zero (its part of y is < 1e-36)
+            __m512 inv = _mm512_set1_ps(amax >= FLT_MIN ? 127.0f / amax : 0.0f);
             __m512 va = _mm512_mul_ps(a, inv), vc = _mm512_mul_ps(c, inv);
             __m512i ia = _mm512_cvtps_epi32(va), ic = _mm512_cvtps_epi32(vc);  // round to nearest even
             __m512i ra = clamp127(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_sub_ps(va, _mm512_cvtepi32_ps(ia)), k256)));
@@ -126,8 +129,9 @@ static void quantize(const float* x, int M, int K, int32_t* xq, int32_t* xq2, fl
                 memcpy(xq + q_at + (size_t)(b * 8 + quad) * ROWS, digits[0] + 4 * quad, 4);
                 memcpy(xq2 + q_at + (size_t)(b * 8 + quad) * ROWS, digits[1] + 4 * quad, 4);
             }
-            scale[s_at + b] = amax / 127.0f / 256.0f;
             sum[s_at + b] = _mm512_reduce_add_ps(_mm512_add_ps(a, c));
+            // max ignores NaN, so a NaN or inf input shows only in the sum: make the block's part NaN, as float would
+            scale[s_at + b] = isfinite(sum[s_at + b]) ? amax / 127.0f / 256.0f : NAN;
             corr[s_at + b] = 128 * (256 * _mm512_reduce_add_epi32(_mm512_add_epi32(ia, ic))
                                     + _mm512_reduce_add_epi32(_mm512_add_epi32(ra, rc)));
         }

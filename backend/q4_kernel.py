@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import inspect
 import logging
 import os
 import shutil
@@ -54,8 +55,9 @@ def cpu_supported() -> bool:
 
 
 def digest() -> str:
-    """Names the build and the packing kept on disk: `pack`'s layout changes with the kernel's source."""
-    return hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES) + " ".join(FLAGS).encode()).hexdigest()[:16]
+    """Names the build and the packing kept on disk: a change to the sources, the flags or `pack` renames both."""
+    text = b"".join(p.read_bytes() for p in SOURCES) + " ".join(FLAGS).encode() + inspect.getsource(pack).encode()
+    return hashlib.sha256(text).hexdigest()[:16]
 
 
 def library_path(build_dir: Path) -> Path:
@@ -73,7 +75,11 @@ def build(build_dir: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
         out = Path(tmp) / path.name
-        proc = subprocess.run([cxx, *FLAGS, str(SOURCES[0]), "-o", str(out)], capture_output=True, text=True)
+        try:
+            proc = subprocess.run([cxx, *FLAGS, str(SOURCES[0]), "-o", str(out)], capture_output=True, text=True,
+                                  timeout=300)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"{cxx} took over 300 s") from None
         if proc.returncode != 0:
             raise RuntimeError(f"{cxx} failed: {proc.stderr.strip()[-2000:]}")
         os.replace(out, path)
@@ -152,6 +158,8 @@ class BlockLinear:
         if x.dim() != 2 or x.shape[1] != self.K:
             raise ValueError(f"expected input [M, {self.K}], got {tuple(x.shape)}")
         y = torch.empty(M, self.N)
+        if M == 0:
+            return y
         rc = self.fn(x.data_ptr(), M, self.K, self.weights.data_ptr(), self.scales.data_ptr(), self.N, y.data_ptr(),
                      torch.get_num_threads())
         if rc:

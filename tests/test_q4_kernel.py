@@ -56,6 +56,19 @@ def test_kernel_refuses_what_it_cannot_run(kernel):
     linear = q4_kernel.BlockLinear(kernel, *q4_kernel.pack(random_blocks("Q4_1", 32, 64, g)))
     with pytest.raises(ValueError, match=r"expected input \[M, 64\]"):
         linear(torch.randn(2, 96))
+    assert linear(torch.randn(0, 64)).shape == (0, 32)
+
+
+@pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_nan_or_inf_input_gives_nan_as_float_would(kernel, kind, bad):
+    """A block's max ignores NaN, so without care a NaN became finite garbage (seen for Q8_0)."""
+    g = torch.Generator().manual_seed(3)
+    linear = q4_kernel.BlockLinear(kernel, *q4_kernel.pack(random_blocks(kind, 32, 64, g)))
+    x = torch.randn(2, 64, generator=g)
+    x[0, 17] = bad
+    y = linear(x)
+    assert y[0].isnan().all() and y[1].isfinite().all()
 
 
 def test_decode_step_on_the_kernel_matches_the_float_step(kernel):
@@ -68,6 +81,19 @@ def test_decode_step_on_the_kernel_matches_the_float_step(kernel):
     worst, agree, picks = decode_against_float(model, ours)
     assert 0 < worst < 2e-3, worst  # > 0: it really ran the blocks
     assert agree == picks
+
+
+def test_the_fused_step_refuses_a_cache_of_another_batch(kernel):
+    """The C++ layer writes each row's keys into the cache: a cache with fewer rows than tokens is refused
+    (it overran the cache's memory before the check)."""
+    model = make_tiny_model(512, seed=7)
+    step = DecodeStep(model, "gguf", gguf_like(model), kernel=kernel)
+    with torch.inference_mode():
+        cache = model.new_cache(1, 8)
+        model(torch.tensor([[5, 6, 7]]), cache)
+        with pytest.raises(ValueError, match="caches"):
+            step(torch.tensor([12, 13, 14, 15]), cache)
+        assert step(torch.tensor([12]), cache).shape == (1, 512)  # the cache is still usable
 
 
 def test_kept_packing_decodes_like_the_first_load(kernel):
