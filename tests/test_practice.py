@@ -120,7 +120,7 @@ def test_a_typed_problem_needs_an_answer_the_checker_can_compare():
 def pg(tmp_path_factory):
     data = tmp_path_factory.mktemp("practice") / "data"
     register_coin(data)
-    register_rambler(data)
+    register_rambler(data, layers=64)  # 64 x 1024 tokens of it take minutes: a hang-up must stop it
     register_tiny_model(data, "basey", tokenizer="cl100k_base", chat_format=None)
     pg = Playground(AppConfig(data_dir=data, start_worker=False, preload=False))
     yield pg
@@ -273,7 +273,7 @@ ROUTES = [(m, r.path, required_role(r)) for r in practice_api.router.routes if i
 def live(tmp_path_factory):
     data = tmp_path_factory.mktemp("practice_api") / "data"
     register_coin(data)
-    register_rambler(data)
+    register_rambler(data, layers=64)  # 64 x 1024 tokens of it take minutes: a hang-up must stop it
     db, people = database_with_users(data, [(r, r) for r in ROLES])
     server = start_server(data, "--model", "coin", "--no-preload", "--no-worker")
     with httpx.Client(base_url=server.base_url, timeout=60) as client:
@@ -318,8 +318,8 @@ def test_bundled_problems_and_the_scaling_curve_over_rest(live):
 
 
 def test_a_client_that_hangs_up_stops_its_sampling_and_frees_the_engine(live):
-    """64 x 1024 rambling tokens would hold the engine for minutes; the client gives up after 1 s, and the
-    next request is answered within seconds."""
+    """64 x 1024 tokens of a 64-layer rambler would hold the engine for minutes (its 16-layer kin took ~5 s
+    for 64 x 256); the client gives up after 1 s, and the next request is answered within seconds."""
     client, keys = live
     body = {"model": "rambler", "problem": {"question": QUESTION, "answer": "7"}}
     assert client.post("/api/practice/sample", json={**body, "n": 2, "max_tokens": 4},

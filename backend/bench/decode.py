@@ -3,7 +3,8 @@
 Who is who, measured in one run with the same prompt, the same thread count and the same model weights:
 - single-stream decode, greedy: OUR engine (backend.engine, KV cache + DecodeStep) vs Hugging Face
   transformers `generate` with LlamaForCausalLM (float32) loaded from the HF-layout cache directory the
-  registry writes for the bundled model. Both generate exactly --tokens new tokens (end-of-text ignored);
+  registry writes for the bundled model, in a fresh child process (so no variant measured before it
+  leaves it a used allocator). Both generate exactly --tokens new tokens (end-of-text ignored);
   the rate is new tokens / wall time of the whole call (prefill included, the prompt is ~40 tokens).
 - N samples x T tokens of one prompt (temperature 1): our shared prefill + batched decode vs transformers
   `generate(do_sample=True, num_return_sequences=N)`.
@@ -21,14 +22,13 @@ Who is who, measured in one run with the same prompt, the same thread count and 
 - llama.cpp on the same GGUF is the stretch peer (goal: at least half its single-stream rate), run greedy on
   our prompt's token ids in a child process of --llama-python (a venv with llama-cpp-python; it is no
   dependency of the app); its rate leaves out its prefill (ours keeps it); reported as missing when that
-  Python cannot import `llama_cpp`.
+  Python cannot import `llama_cpp`, and refused when its first greedy token is not ours (a broken harness).
 Timings are the median of --repeat runs after a warm-up run.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -79,7 +79,7 @@ def agreement(ref, eng, tokens: int, prompts: list[str] = AGREEMENT_PROMPTS) -> 
     from backend.sampling import SamplingParams
     same = steps = 0
     worst = 0.0
-    matched = []
+    same_prefix = []
     greedy = SamplingParams(temperature=0, max_tokens=tokens)
     with torch.inference_mode():
         for text in prompts:
@@ -94,50 +94,93 @@ def agreement(ref, eng, tokens: int, prompts: list[str] = AGREEMENT_PROMPTS) -> 
                 steps += 1
                 worst = max(worst, (logits[0] - logits[1]).abs().max().item())
             a, b = ref.complete(ids, greedy)[0].token_ids, eng.complete(ids, greedy)[0].token_ids
-            matched.append(next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b))))
+            same_prefix.append(matched(a, b))
     return {"top1_agreement": round(same / steps, 4), "max_abs_logit_diff": round(worst, 3),
-            "greedy_tokens_matched": matched, "prompts": len(prompts), "tokens": tokens}
+            "greedy_tokens_matched": same_prefix, "prompts": len(prompts), "tokens": tokens}
 
 
-LLAMA_CPP = """
+# The peers run in child processes: each starts as fresh as ours did (no allocator or cache state left
+# by the variants measured before it), and llama.cpp lives in its own venv.
+CHILD_PRELUDE = """
 import json, statistics, sys, time
+args = json.loads(sys.argv[1])
+def median_time(fn, repeat):
+    fn()  # warm-up
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter(); fn(); times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+"""
+
+HF_PEER = CHILD_PRELUDE + """
+import torch
+try:
+    from transformers import LlamaForCausalLM
+except ImportError as e:
+    print(json.dumps({"error": f"transformers not installed: {e}"}))
+    raise SystemExit
+torch.set_num_threads(args["threads"])
+hf = LlamaForCausalLM.from_pretrained(args["dir"], dtype=torch.float32).eval()
+ids = torch.tensor([args["prompt"]])
+attn = torch.ones_like(ids)
+def greedy():
+    with torch.inference_mode():
+        return hf.generate(ids, attention_mask=attn, do_sample=False, min_new_tokens=args["tokens"],
+                           max_new_tokens=args["tokens"], pad_token_id=0)
+def sampled():
+    with torch.inference_mode():
+        return hf.generate(ids, attention_mask=attn, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                           num_return_sequences=args["samples"], min_new_tokens=args["sample_tokens"],
+                           max_new_tokens=args["sample_tokens"], pad_token_id=0)
+tokens = greedy()[0, len(args["prompt"]):].tolist()
+single = args["tokens"] / median_time(greedy, args["repeat"])
+batch = args["samples"] * args["sample_tokens"] / median_time(sampled, args["repeat"])
+print(json.dumps({"single": single, "batch": batch, "tokens": tokens}))
+"""
+
+LLAMA_CPP = CHILD_PRELUDE + """
 try:
     import llama_cpp
     import numpy as np
 except ImportError as e:
     print(json.dumps({"error": f"llama.cpp (llama-cpp-python) not importable by {sys.executable}: {e}"}))
     raise SystemExit
-path, threads, tokens, repeat, prompt = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), json.loads(sys.argv[5])
-llm = llama_cpp.Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=512, verbose=False)
-def run():
+prompt, tokens = args["prompt"], args["tokens"]
+llm = llama_cpp.Llama(model_path=args["gguf"], n_threads=args["threads"], n_threads_batch=args["threads"],
+                      n_ctx=max(512, len(prompt) + tokens + 1), verbose=False)
+def last_logits():  # llm.scores is only filled with logits_all=True (llama-cpp-python 0.3.36)
+    return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1), shape=(llm.n_vocab(),))
+def run(out):
     llm.reset()  # no prompt cache between runs
-    for t in prompt:  # one token at a time: its batched (AMX) matmul crashed on this CPU (llama-cpp-python 0.3.36)
+    for t in prompt:  # a token at a time: its batched (AMX) matmul crashed on this CPU (llama-cpp-python 0.3.36)
         llm.eval([t])
-    t0, out = time.perf_counter(), []
+    t0 = time.perf_counter()
     for _ in range(tokens):  # greedy, past end-of-text like ours
-        out.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+        out.append(int(np.argmax(last_logits())))
         llm.eval([out[-1]])
-    return out, time.perf_counter() - t0
-ids, _ = run()
-seconds = statistics.median(run()[1] for _ in range(repeat))
+    return time.perf_counter() - t0
+ids = []
+run(ids)
+seconds = statistics.median(run([]) for _ in range(args["repeat"]))
 print(json.dumps({"tok_s": tokens / seconds, "tokens": ids, "version": llama_cpp.__version__}))
 """
 
 
-def llama_cpp_single(python: str, threads: int, tokens: int, prompt: list[int], repeat: int) -> dict:
-    """llama.cpp's single-stream greedy decode of the bundled GGUF file itself (the same token ids; its own
-    tokenizer is not used), in a child process of `python` (a venv with llama-cpp-python: it is not a
-    dependency of the app). Its rate counts the decode only, prefill excluded (ours includes prefill): the
-    comparison leans toward llama.cpp. {"error": why} when it cannot run."""
-    from models.gguf_file import find_smollm2_gguf
+def run_child(python: str, code: str, args: dict, what: str) -> dict:
+    """A peer's JSON line from `python -c code json(args)`, or {"error": why}."""
     try:
-        out = subprocess.run([python, "-c", LLAMA_CPP, str(find_smollm2_gguf()), str(threads), str(tokens), str(repeat),
-                              json.dumps(prompt)], capture_output=True, text=True, timeout=900)
+        out = subprocess.run([python, "-c", code, json.dumps(args)], capture_output=True, text=True, timeout=1800,
+                             check=False)
         if out.returncode != 0 or not out.stdout.strip():
-            return {"error": f"llama.cpp run failed (exit {out.returncode}): {out.stderr.strip()[-300:]}"}
+            return {"error": f"{what} run failed (exit {out.returncode}): {out.stderr.strip()[-300:]}"}
         return json.loads(out.stdout.strip().splitlines()[-1])
     except (OSError, ValueError, subprocess.TimeoutExpired) as e:
-        return {"error": f"llama.cpp run failed: {e}"}
+        return {"error": f"{what} run failed: {e}"}
+
+
+def matched(a: list[int], b: list[int]) -> int:
+    """How many tokens two greedy decodes share before the first difference."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def result(metric, unit, ours, peer, peer_name, goal, higher_is_better=True, **extra) -> dict:
@@ -235,37 +278,18 @@ def main(argv: list[str] | None = None) -> None:
     if args.skip_peer:
         hf_name = "skipped (--skip-peer)"
     else:
-        try:
-            from transformers import LlamaForCausalLM
-        except ImportError:
-            hf_name = "transformers not installed"
+        spec = ModelRegistry(cfg).get(args.model)
+        hf_dir = (cfg.cache_dir / args.model) if spec.kind == "bundled" else spec.path
+        hf = run_child(sys.executable, HF_PEER, {"dir": str(hf_dir), "threads": args.threads, "tokens": args.tokens,
+                                                  "samples": args.samples, "sample_tokens": args.sample_tokens,
+                                                  "repeat": args.repeat, "prompt": prompt}, "transformers")
+        if "error" in hf:
+            hf_name = hf["error"]
+            print(hf_name)
         else:
-            spec = ModelRegistry(cfg).get(args.model)
-            hf_dir = (cfg.cache_dir / args.model) if spec.kind == "bundled" else spec.path
-            hf = LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-            ids = torch.tensor([prompt])
-            attn = torch.ones_like(ids)
-            common = dict(attention_mask=attn, min_new_tokens=args.tokens, max_new_tokens=args.tokens,
-                          pad_token_id=0)
-
-            def hf_greedy():
-                with torch.inference_mode():
-                    return hf.generate(ids, do_sample=False, **common)
-
-            hf_tokens = hf_greedy()[0, len(prompt):].tolist()
-            same_greedy = {v: hf_tokens == o[2] for v, o in ours.items()}
-            t = _median_time(hf_greedy, args.repeat)
-            hf_single = args.tokens / t
+            hf_single, hf_batch = hf["single"], hf["batch"]
+            same_greedy = {v: hf["tokens"] == o[2] for v, o in ours.items()}
             print(f"transformers single-stream greedy: {hf_single:.1f} tok/s; same tokens as ours: {same_greedy}")
-
-            def hf_sampled():
-                with torch.inference_mode():
-                    return hf.generate(ids, attention_mask=attn, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-                                       num_return_sequences=args.samples, min_new_tokens=args.sample_tokens,
-                                       max_new_tokens=args.sample_tokens, pad_token_id=0)
-
-            t = _median_time(hf_sampled, args.repeat)
-            hf_batch = args.samples * args.sample_tokens / t
             print(f"transformers {args.samples} x {args.sample_tokens} sampled: {hf_batch:.1f} tok/s")
 
     for variant, (single, batch, _, agree) in ours.items():
@@ -278,19 +302,26 @@ def main(argv: list[str] | None = None) -> None:
             results.append(result(f"agreement with fp32{tag}: teacher-forced top-1", "fraction", agree["top1_agreement"],
                                   None, "no peer: the variant against our float32 decode", None, **agree))
     best = max(ours, key=lambda v: ours[v][0])
-    llama = None
+    llama = {"error": "llama.cpp: only measured on the bundled GGUF"}
     if args.model == "smollm2-135m-instruct":
-        llama = llama_cpp_single(args.llama_python or sys.executable, args.threads, args.tokens, prompt, args.repeat)
-    if llama is None or "error" in llama:
-        llama_name = (llama or {}).get("error") or "llama.cpp: only measured on the bundled GGUF"
-        print(llama_name)
-        results.append(result(f"single-stream decode [{best}] vs llama.cpp", "tok/s", ours[best][0], None, llama_name, 0.5))
+        from models.gguf_file import find_smollm2_gguf
+        llama = run_child(args.llama_python or sys.executable, LLAMA_CPP,
+                          {"gguf": str(find_smollm2_gguf()), "threads": args.threads, "tokens": args.tokens,
+                           "repeat": args.repeat, "prompt": prompt}, "llama.cpp")
+    if "error" not in llama and matched(llama["tokens"], ours[best][2]) == 0:  # not even the first token: broken
+        llama = {"error": f"llama.cpp's first greedy token {llama['tokens'][:1]} is not ours "
+                          f"{ours[best][2][:1]}: its harness is broken, no ratio reported"}
+    if "error" in llama:
+        print(llama["error"])
+        results.append(result(f"single-stream decode [{best}] vs llama.cpp", "tok/s", ours[best][0], None,
+                              llama["error"], 0.5))
     else:
-        same = {v: llama["tokens"] == o[2] for v, o in ours.items()}
-        print(f"llama.cpp {llama['version']} single-stream greedy: {llama['tok_s']:.1f} tok/s; same tokens as ours: {same}")
+        same = {v: matched(llama["tokens"], o[2]) for v, o in ours.items()}
+        print(f"llama-cpp-python {llama['version']} single-stream greedy: {llama['tok_s']:.1f} tok/s (decode only); "
+              f"greedy tokens the same as ours before the first difference: {same}")
         results.append(result(f"single-stream decode [{best}] vs llama.cpp", "tok/s", ours[best][0], llama["tok_s"],
-                              f"llama.cpp {llama['version']} (llama-cpp-python) on the same GGUF, greedy, decode only",
-                              0.5, same_greedy_tokens=same[best]))
+                              f"llama-cpp-python {llama['version']} on the same GGUF, greedy, decode only", 0.5,
+                              greedy_tokens_matched=same[best]))
 
     print(json.dumps({"bench": "decode", "device": "cpu" if not torch.cuda.is_available() else "cuda",
                       "threads": args.threads, "torch": torch.__version__.split("+")[0], "results": results}))
