@@ -35,13 +35,15 @@ def tok(enc: tiktoken.Encoding, text: str) -> int:
     return t
 
 
-def scripted_model(enc: tiktoken.Encoding, chain: dict[str, str], dim: int = 64, max_seq_len: int = 2048) -> Transformer:
+def scripted_model(enc: tiktoken.Encoding, chain: dict[str, str], dim: int = 64, max_seq_len: int = 2048,
+                   n_layers: int = 1) -> Transformer:
     """After the token for key a, the model predicts the token for chain[a] with probability ~1."""
     pairs = {tok(enc, a): tok(enc, b) for a, b in chain.items()}
-    return bigram_model(enc.max_token_value + 1, pairs, dim=dim, max_seq_len=max_seq_len)
+    return bigram_model(enc.max_token_value + 1, pairs, dim=dim, max_seq_len=max_seq_len, n_layers=n_layers)
 
 
-def register_scripted(data_dir, name: str, lines: list[str], chain: dict[str, str], tools: bool = True):
+def register_scripted(data_dir, name: str, lines: list[str], chain: dict[str, str], tools: bool = True,
+                      max_seq_len: int = 2048, n_layers: int = 1):
     """Save the script's encoding (as trained encoding `name`) and register the scripted model as chat model `name`."""
     from pathlib import Path
 
@@ -51,7 +53,17 @@ def register_scripted(data_dir, name: str, lines: list[str], chain: dict[str, st
 
     enc = script_encoding(lines, tools=tools, name=name)
     save_encoding(enc, name, Path(data_dir))
-    model = scripted_model(enc, chain)
+    model = scripted_model(enc, chain, max_seq_len=max_seq_len, n_layers=n_layers)
     return ModelRegistry(AppConfig(data_dir=Path(data_dir))).register(
         name, model, tokenizer=name, chat_format="chatml", lineage={"origin": "tests.scripted"},
         description="scripted tool-calling model for tests", overwrite=True)
+
+
+RAMBLE = "la "
+
+
+def register_rambler(data_dir, name: str = "rambler", layers: int = 16):
+    """A chat model that says "la " forever (until max_tokens), slowly enough that a Stop lands mid-run: the
+    scripted bigram table with `layers` blocks that write nothing but cost a step each."""
+    return register_scripted(data_dir, name, [RAMBLE], {"\n": RAMBLE, RAMBLE: RAMBLE}, tools=False,
+                             max_seq_len=4096, n_layers=layers)

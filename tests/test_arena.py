@@ -19,7 +19,7 @@ from backend.db.models import ArenaVote
 from backend.playground import Playground
 from tests.conftest import start_server
 from tests.helpers import register_tiny_model
-from tests.scripted import register_scripted
+from tests.scripted import RAMBLE, register_rambler, register_scripted
 from tests.test_labels_api import (
     ROLES,
     auth,
@@ -27,7 +27,6 @@ from tests.test_labels_api import (
     make_users,
     required_role,
 )
-from tests.test_practice import RAMBLE, register_rambler
 
 LINES = {"alpha": "Alpha answers first.", "beta": "Beta has another answer.", "gamma": "Gamma says something else."}
 

@@ -9,9 +9,8 @@ import re
 import pytest
 
 from tests.conftest import log_in, open_tab, start_server
-from tests.scripted import register_scripted
+from tests.scripted import RAMBLE, register_rambler, register_scripted
 from tests.test_labels_api import database_with_users
-from tests.test_practice import RAMBLE, register_rambler
 
 playwright_api = pytest.importorskip("playwright.sync_api")
 pytestmark = pytest.mark.browser

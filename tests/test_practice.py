@@ -19,8 +19,14 @@ from backend.api import practice as practice_api
 from backend.config import AppConfig
 from backend.playground import Playground
 from tests.conftest import start_server
-from tests.helpers import bigram_model, make_tiny_model, register_tiny_model
-from tests.scripted import script_encoding, scripted_model, tok
+from tests.helpers import make_tiny_model, register_tiny_model
+from tests.scripted import (
+    RAMBLE,
+    register_rambler,
+    script_encoding,
+    scripted_model,
+    tok,
+)
 from tests.test_labels_api import ROLES, auth, database_with_users, required_role
 
 RIGHT, HMM, WRONG, UNSURE = "The answer is 7.", "Hmm.", "The answer is 5.", "I am not sure."
@@ -52,23 +58,6 @@ def register_coin(data: Path, name: str = "coin") -> None:
     rm = RewardModel(backbone)
     torch.nn.init.normal_(rm.head.weight, generator=torch.Generator().manual_seed(0))
     save_head(rm, spec.path)
-
-
-RAMBLE = "la "
-
-
-def register_rambler(data: Path, name: str = "rambler", layers: int = 16) -> None:
-    """A chat model that says "la " forever (until max_tokens), slowly enough that a Stop lands mid-run: a
-    bigram table (as tests/scripted.py) with `layers` blocks that write nothing but cost a step each."""
-    from models.registry import ModelRegistry
-    from models.tokenizers import save_encoding
-    enc = script_encoding([RAMBLE], tools=False, name=name)
-    save_encoding(enc, name, data)
-    # after the assistant prompt's "\n" and after itself: RAMBLE
-    model = bigram_model(enc.max_token_value + 1, {tok(enc, "\n"): tok(enc, RAMBLE), tok(enc, RAMBLE): tok(enc, RAMBLE)},
-                         max_seq_len=4096, n_layers=layers)
-    ModelRegistry(AppConfig(data_dir=data)).register(name, model.eval(), tokenizer=name, chat_format="chatml",
-                                                     lineage={"origin": "tests.test_practice"}, overwrite=True)
 
 
 # -- the numbers, by hand ------------------------------------------------------------------------------
@@ -120,7 +109,7 @@ def test_a_typed_problem_needs_an_answer_the_checker_can_compare():
 def pg(tmp_path_factory):
     data = tmp_path_factory.mktemp("practice") / "data"
     register_coin(data)
-    register_rambler(data, layers=64)  # 64 x 1024 tokens of it take minutes: a hang-up must stop it
+    register_rambler(data)
     register_tiny_model(data, "basey", tokenizer="cl100k_base", chat_format=None)
     pg = Playground(AppConfig(data_dir=data, start_worker=False, preload=False))
     yield pg

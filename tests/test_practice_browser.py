@@ -9,15 +9,9 @@ import re
 import pytest
 
 from tests.conftest import log_in, open_tab, start_server
+from tests.scripted import RAMBLE, register_rambler
 from tests.test_labels_api import database_with_users
-from tests.test_practice import (
-    QUESTION,
-    RAMBLE,
-    RIGHT,
-    WRONG,
-    register_coin,
-    register_rambler,
-)
+from tests.test_practice import QUESTION, RIGHT, WRONG, register_coin
 
 playwright_api = pytest.importorskip("playwright.sync_api")
 pytestmark = pytest.mark.browser
