@@ -33,7 +33,6 @@ SOURCES = [Path(__file__).with_name(n) for n in ("decode_layer.cpp", "q4_kernel.
 FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl",
          "-mavx512vnni", "-mf16c", "-mfma"]
 CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c", "fma"}  # as /proc/cpuinfo names them
-KINDS = ("Q4_1", "Q8_0")
 TILE_BYTES = {"Q4_1": 256, "Q8_0": 512}  # per 16 rows x 32 inputs
 
 _lock = threading.Lock()
@@ -117,8 +116,8 @@ def pack(blocks: QuantBlocks) -> tuple[torch.Tensor, torch.Tensor]:
     belongs to row i of the tile (vpdpbusd sums 4 neighbouring inputs per lane).
     Q4_1: vector v of 4 holds inputs 8v+c (low nibbles) and 8v+4+c (high nibbles); scales = d x 16, then
     m x 16. Q8_0: vector v of 8 holds inputs 4v+c as q + 128 (the unsigned operand); scales = d x 16."""
-    if blocks.kind not in KINDS:
-        raise ValueError(f"the q4 kernel runs {KINDS}, not {blocks.kind}")
+    if blocks.kind not in TILE_BYTES:
+        raise ValueError(f"the q4 kernel runs {tuple(TILE_BYTES)}, not {blocks.kind}")
     N, K = blocks.q.shape
     if N % 16 or K % 32:
         raise ValueError(f"the q4 kernel needs rows % 16 == 0 and inputs % 32 == 0, got {N} x {K}")

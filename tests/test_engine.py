@@ -328,20 +328,26 @@ def test_gguf_blocks_of_other_weights_are_refused():
         DecodeStep(model, "gguf", blocks)
 
 
-def test_gguf_step_from_kept_packing_decodes_like_the_first_load():
-    """A later load gets only the int4 packing kept by the first (no blocks): it decodes exactly the same,
-    also when a group mixes kinds (a Q8_0 v_proj among Q4_1 q/k, each packed on its own)."""
+@pytest.mark.parametrize("which", ["torch int4", "ours"])
+def test_gguf_step_from_kept_packing_decodes_like_the_first_load(which, tmp_path):
+    """A later load gets only the packing kept by the first (no blocks): it decodes exactly the same, on
+    either kernel, also when a group mixes kinds (a Q8_0 v_proj among Q4_1 q/k, each packed on its own)."""
+    from backend import q4_kernel
     from backend.decode_step import DecodeStep, gguf_supported
     if not gguf_supported(torch.device("cpu")):
         pytest.skip("no CPU int4 kernel in this torch")
+    kernel = q4_kernel.load(tmp_path) if which == "ours" else None
+    if which == "ours" and kernel is None:
+        pytest.skip("our kernel does not build or run here (see the log)")
     model = random_model(512, seed=7)
     blocks = gguf_like(model)
     v = "model.layers.0.self_attn.v_proj.weight"
     with torch.no_grad():
         blocks[v] = q8_0_blocks(model.get_parameter(v).detach())
         model.get_parameter(v).copy_(blocks[v].dequantize())
-    first = DecodeStep(model, "gguf", blocks)
-    later = DecodeStep(model, "gguf", None, first.packed)
+    first = DecodeStep(model, "gguf", blocks, kernel=kernel)
+    later = DecodeStep(model, "gguf", None, first.packed, kernel=kernel)
+    assert v in first.packed and first.fused is None  # q/k/v take two calls: no fused layer
     with torch.inference_mode():
         a, b = model.new_cache(1, 8), model.new_cache(1, 8)
         for t in (5, 6, 7):

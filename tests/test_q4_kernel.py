@@ -8,7 +8,7 @@ import torch
 from backend import q4_kernel
 from backend.decode_step import DecodeStep
 from models.gguf_loader import QuantBlocks
-from tests.helpers import decode_against_float, gguf_like, make_tiny_model, q8_0_blocks
+from tests.helpers import decode_against_float, gguf_like, make_tiny_model
 
 torch.set_num_threads(1)
 
@@ -94,24 +94,6 @@ def test_the_fused_step_refuses_a_cache_of_another_batch(kernel):
         with pytest.raises(ValueError, match="caches"):
             step(torch.tensor([12, 13, 14, 15]), cache)
         assert step(torch.tensor([12]), cache).shape == (1, 512)  # the cache is still usable
-
-
-def test_kept_packing_decodes_like_the_first_load(kernel):
-    """A later load gets only the packing kept by the first (no blocks), also for a group that mixes kinds
-    (a Q8_0 v_proj beside Q4_1 q/k: packed one by one), and decodes exactly the same."""
-    model = make_tiny_model(512, seed=7)
-    blocks = gguf_like(model)
-    v = "model.layers.0.self_attn.v_proj.weight"
-    with torch.no_grad():
-        blocks[v] = q8_0_blocks(model.get_parameter(v).detach())
-        model.get_parameter(v).copy_(blocks[v].dequantize())
-    first = DecodeStep(model, "gguf", blocks, kernel=kernel)
-    later = DecodeStep(model, "gguf", None, first.packed, kernel=kernel)
-    assert v in first.packed and first.fused is None  # a layer's q/k/v take two calls: the torch-op layer
-    with torch.inference_mode():
-        a, b = model.new_cache(1, 8), model.new_cache(1, 8)
-        for t in (5, 6, 7):
-            assert torch.equal(first(torch.tensor([t]), a), later(torch.tensor([t]), b))
 
 
 def test_without_a_compiler_load_says_why_and_returns_none(tmp_path, monkeypatch, caplog):
