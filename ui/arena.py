@@ -12,7 +12,7 @@ from backend import chat_service as cs
 from backend.arena import battles as arena
 from backend.engine import aiterate
 from ui.chat import _md
-from ui.fields import parse_seed
+from ui.fields import RUNNING, parse_seed, wire_stop
 from ui.login import build_login, request_user
 
 INTRO = ("**Comparing models the way LM Arena does.** Two models, drawn at random, answer your prompt; you see "
@@ -23,7 +23,6 @@ INTRO = ("**Comparing models the way LM Arena does.** Two models, drawn at rando
          "order of the votes, Bradley-Terry does not. Open-ended prompts with no checkable answer (a joke about "
          "pelicans) are what people-vote arenas are for. Sign in to vote (any account).")
 
-RUNNING = "⏳"  # a status that starts with this says a battle is being answered (see on_stop)
 STOPPED = ("⏹ Stopped. This battle has no answers to vote on and stays out of the leaderboard; "
            "start a new one when you like.")
 VOTES = [("a", "👈 A is better"), ("b", "👉 B is better"), ("tie", "🤝 Tie"), ("both_bad", "👎 Both are bad")]
@@ -122,10 +121,6 @@ def build(pg) -> None:
         yield (battle["id"], _md(done["answer_a"]) or "(empty answer)", _md(done["answer_b"]) or "(empty answer)",
                "Which answer is better? The names appear after your vote.", *locked(True))
 
-    def on_stop(status):
-        """After a battle event was cancelled: say it stopped, if it was being answered (not on a login error)."""
-        return STOPPED if (status or "").startswith(RUNNING) else gr.skip()
-
     def on_vote(winner, bid, request: gr.Request):
         try:
             user = request_user(pg, request, "learner")
@@ -148,9 +143,7 @@ def build(pg) -> None:
     asked = [prompt, draw, temperature, max_tokens, seed]
     battled = go.click(on_battle, asked, outs, show_progress_on=[status])
     submitted = prompt.submit(on_battle, asked, outs, show_progress_on=[status])
-    halt.click(None, None, None, cancels=[battled, submitted])  # as the Chat tab's ■ Stop
-    for run in (battled, submitted):  # a cancelled event counts as failed: say so once it is over
-        run.failure(on_stop, [status], [status])
+    wire_stop(halt, [battled, submitted], status, STOPPED)
     for (winner, _), button in zip(VOTES, buttons):
         button.click(voter(winner), [battle_id], [status, *buttons, board, matrix])
     sample.change(lambda s: s or gr.skip(), [sample], [prompt])

@@ -1,5 +1,9 @@
-"""Small input helpers shared by tabs (parsing only; no app logic)."""
+"""Small helpers shared by tabs: parsing an input, wiring a Stop button (no app logic)."""
 from __future__ import annotations
+
+import gradio as gr
+
+RUNNING = "⏳"  # a status line that starts with this says a run is going (see wire_stop)
 
 
 def parse_seed(text: str | None) -> int | None:
@@ -8,3 +12,13 @@ def parse_seed(text: str | None) -> int | None:
     if text and not text.lstrip("-").isdigit():
         raise ValueError(f"seed must be a whole number or empty, not {text!r}")
     return int(text) if text else None
+
+
+def wire_stop(halt: gr.Button, runs: list, status: gr.components.Component, stopped: str) -> None:
+    """■ Stop for handlers that stream a status line: it cancels the runs (Gradio's `cancels`, as the Chat
+    tab's Stop; the handler's `finally` sets the engine's cancel event, so it stops at its next token) and,
+    once a cancelled run is over (it counts as failed), puts `stopped` on the status line if that still said
+    the run was going, not over an error such as a missing login."""
+    halt.click(None, None, None, cancels=runs)
+    for run in runs:
+        run.failure(lambda s: stopped if (s or "").startswith(RUNNING) else gr.skip(), [status], [status])

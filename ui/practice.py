@@ -13,7 +13,7 @@ import pandas as pd
 
 from backend import chat_service as cs
 from backend import practice as svc
-from ui.fields import parse_seed
+from ui.fields import RUNNING, parse_seed, wire_stop
 from ui.login import build_login, request_user
 
 INTRO = ("**Practice problems with a known answer.** Pick a model and a problem (a generated one, or type your own "
@@ -30,7 +30,6 @@ NOTICE = ("**What to notice.** (1) The answer varies from sample to sample: at t
           "are longer, and a solution cut off at the token limit states no answer and counts as wrong. "
           "Training on the right ones (GRPO, Training tab) turns pass@k into pass@1.")
 NO_RM = "(none)"
-RUNNING = "⏳"  # a status that starts with this says a run is going (see on_stop)
 STOPPED = ("⏹ Stopped before all samples were in, so nothing is graded: no pass@k or vote over a partial set. "
            "Run it again, perhaps with fewer samples or tokens.")
 CURVE_NAMES = {"pass_at_k": "pass@k", "majority_at_k": "majority@k", "best_of_k": "best-of-k (reward model)"}
@@ -190,10 +189,6 @@ def build(pg) -> None:
                   f"Sampling seed {r['sample_seed']}.")
         yield status, curve_frame(r["curve"]), curve_table(r["curve"]), rows
 
-    def on_stop(status):
-        """After a run was cancelled: say it stopped, if it was going (not on a login error)."""
-        return STOPPED if (status or "").startswith(RUNNING) else gr.skip()
-
     sampling = [n, temperature, max_tokens, seed, template, rm, lenient]
     new.click(on_new, [kind, scale], [question, answer])
     # progress (and a ■ Stop's end) shows on the status line alone, not as "Error" on the emptied results
@@ -201,9 +196,7 @@ def build(pg) -> None:
                        show_progress_on=[summary])
     curved = go_curve.click(on_curve, [model, kind, scale, m, problem_seed, *sampling],
                             [curve_status, curve_plot, curve_tab, per_problem], show_progress_on=[curve_status])
-    halt.click(None, None, None, cancels=[sampled])  # as the Chat tab's ■ Stop
-    halt_curve.click(None, None, None, cancels=[curved])
-    sampled.failure(on_stop, [summary], [summary])  # a cancelled event counts as failed: say so once it is over
-    curved.failure(on_stop, [curve_status], [curve_status])
+    wire_stop(halt, [sampled], summary, STOPPED)
+    wire_stop(halt_curve, [curved], curve_status, STOPPED)
     refresh.click(lambda: (gr.update(choices=cs.chat_models(pg.registry)),
                            gr.update(choices=[NO_RM, *svc.reward_models(pg.registry)])), None, [model, rm])
