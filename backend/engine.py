@@ -26,7 +26,7 @@ from typing import Iterator
 import torch
 
 from backend.decode_step import DecodeStep
-from backend.sampling import SamplingParams, make_generator, sample, token_logprobs
+from backend.sampling import SamplingParams, apply_penalties, make_generator, sample, token_logprobs
 
 
 @dataclass
@@ -34,7 +34,7 @@ class TokenEvent:
     index: int                   # which sample (prompt i, sample j -> i * n + j)
     token_id: int | None         # the sampled token; None on an end event without a new token (stop token, max_tokens=0)
     text: str                    # newly released text ("" while held back)
-    logprob: float | None = None                 # raw-distribution log-prob of token_id
+    logprob: float | None = None                 # raw-distribution log-prob of token_id (of stop_token_id on a stop-token end)
     top_logprobs: list[tuple[int, float]] | None = None   # top alternatives (id, log-prob), best first
     finish_reason: str | None = None             # "stop" | "length" on the last event of a sample
     stop_token_id: int | None = None             # the stop token that ended the sample (not part of it)
@@ -314,11 +314,18 @@ class Engine:
         stop_ids = set(params.stop_token_ids)
         streams = [TextStream(params.stop) for _ in range(rows)]
         active = list(range(rows))  # cache row -> sample index
+        generated: list[list[int]] = [[] for _ in range(rows)]
+        constraints = [params.constraint() for _ in range(rows)] if params.constraint else None
         k = params.logprobs
         for step in range(params.max_tokens):
             if cancel is not None and cancel.is_set():
                 return
-            tokens = sample(logits, params, gen)
+            shaped = apply_penalties(logits, [generated[i] for i in active], params)
+            if constraints is not None:
+                shaped = shaped.float().clone() if shaped is logits else shaped
+                for r, idx in enumerate(active):
+                    constraints[idx].mask(shaped[r])
+            tokens = sample(shaped, params, gen)
             if k is not None:
                 chosen, top_v, top_i = token_logprobs(logits, tokens, k)
                 chosen, top_v, top_i = chosen.tolist(), top_v.tolist(), top_i.tolist()
@@ -328,9 +335,12 @@ class Engine:
                 lp = chosen[r] if k is not None else None
                 top = list(zip(top_i[r], top_v[r])) if k is not None else None
                 st = streams[idx]
-                if tok in stop_ids:
-                    yield TokenEvent(idx, None, st.finish(), finish_reason="stop", stop_token_id=tok)
+                if constraints is not None:
+                    constraints[idx].accept(tok)
+                if tok in stop_ids:  # its log-prob is reported too (clients score the end of a text by it)
+                    yield TokenEvent(idx, None, st.finish(), lp, top, finish_reason="stop", stop_token_id=tok)
                     continue
+                generated[idx].append(tok)
                 text = st.feed(self.token_bytes(tok))
                 if st.stopped:
                     yield TokenEvent(idx, tok, text, lp, top, "stop")

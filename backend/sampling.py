@@ -11,8 +11,20 @@ independent of how the token happened to be picked.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable, Protocol
 
 import torch
+
+
+class Constraint(Protocol):
+    """Constrained decoding for one sample (structured output, forced tool calls): the engine calls
+    `mask` on the sample's logits row before each draw and `accept` with the drawn token after it."""
+
+    def mask(self, logits: torch.Tensor) -> None:
+        """Set the logits [V] of tokens not allowed next to -inf, in place."""
+
+    def accept(self, token_id: int) -> None:
+        """Advance past the drawn token."""
 
 
 @dataclass
@@ -25,6 +37,14 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)           # strings that end a sample (cut from the text)
     stop_token_ids: list[int] = field(default_factory=list)  # tokens that end a sample (not in the output)
     logprobs: int | None = None     # None = no log-probs; k >= 0 = sampled token's log-prob + top-k alternatives
+    # Repetition controls over the sample's own generated tokens. OpenAI semantics for the first two
+    # (logit -= frequency * count + presence * [count > 0], each in [-2, 2]); the third is the CTRL /
+    # Hugging Face one (a seen token's logit is divided by it when positive, multiplied when negative; 1 = off).
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    # A factory of per-sample Constraint objects (None = unconstrained); see Constraint above.
+    constraint: Callable[[], Constraint] | None = None
 
     def validate(self) -> "SamplingParams":
         """Raise ValueError naming the field when a value is out of range."""
@@ -38,6 +58,12 @@ class SamplingParams:
             raise ValueError(f"max_tokens must be an integer >= 0, got {self.max_tokens!r}")
         if self.logprobs is not None and (not isinstance(self.logprobs, int) or self.logprobs < 0):
             raise ValueError(f"logprobs must be an integer >= 0, got {self.logprobs!r}")
+        for name in ("frequency_penalty", "presence_penalty"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not -2 <= v <= 2:
+                raise ValueError(f"{name} must be in [-2, 2], got {v!r}")
+        if not isinstance(self.repetition_penalty, (int, float)) or self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError("stop must be a list of non-empty strings")
         return self
@@ -45,6 +71,29 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def penalized(self) -> bool:
+        return bool(self.frequency_penalty or self.presence_penalty or self.repetition_penalty != 1.0)
+
+
+def apply_penalties(logits: torch.Tensor, generated: list[list[int]], params: SamplingParams) -> torch.Tensor:
+    """logits [B, V] with the repetition controls applied for each row's generated tokens (a new tensor)."""
+    if not params.penalized or not any(generated):
+        return logits
+    logits = logits.float().clone()
+    V = logits.shape[-1]
+    for r, toks in enumerate(generated):
+        if not toks:
+            continue
+        ids, counts = torch.tensor(toks, device=logits.device).unique(return_counts=True)
+        ids, counts = ids[ids < V], counts[ids < V].float()
+        row = logits[r]
+        if params.repetition_penalty != 1.0:
+            seen = row[ids]
+            row[ids] = torch.where(seen > 0, seen / params.repetition_penalty, seen * params.repetition_penalty)
+        row[ids] -= params.frequency_penalty * counts + params.presence_penalty
+    return logits
 
 
 def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
