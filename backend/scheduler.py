@@ -24,10 +24,12 @@ request's tokens are bitwise the same alone or in any batch (tests/test_schedule
 """
 from __future__ import annotations
 
+import atexit
 import logging
 import queue
 import threading
 import time
+import weakref
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 
@@ -300,6 +302,52 @@ class Request:
 
 
 _END = object()
+_LIVE: "weakref.WeakSet[Scheduler]" = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_all() -> None:
+    """A loop thread still inside a torch op when the interpreter exits aborts the process: stop them first."""
+    for s in list(_LIVE):
+        s.close(wait=5)
+
+
+class EventStream:
+    """An iterator over one request's events. close() (or dropping it) cancels the request, also when it
+    was never iterated (a generator's finally would not run then)."""
+
+    def __init__(self, scheduler: "Scheduler", req: Request):
+        self.scheduler, self.req = scheduler, req
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        req = self.req
+        if req.cancel.is_set():
+            raise StopIteration
+        while True:
+            try:
+                item = req.events.get(timeout=0.5)
+                break
+            except queue.Empty:
+                if req.cancel.is_set():
+                    raise StopIteration from None
+        if item is _END or req.cancel.is_set():  # cancelled: nothing after the step it was seen at
+            self.close()
+            raise StopIteration
+        if isinstance(item, BaseException):
+            self.close()
+            raise item
+        return item
+
+    def close(self) -> None:
+        if not self.req.cancel.is_set():
+            self.req.cancel.set()
+            self.scheduler.wake()
+
+    def __del__(self):
+        self.close()
 
 
 class Scheduler:
@@ -323,6 +371,7 @@ class Scheduler:
         self.steps = 0
         self._thread = threading.Thread(target=self._loop, daemon=True, name=f"scheduler-{engine.name}")
         self._thread.start()
+        _LIVE.add(self)
 
     # -- the doors' side -------------------------------------------------------------------------
     def submit(self, prompts: list[list[int]], params: SamplingParams, n: int,
@@ -337,23 +386,13 @@ class Scheduler:
             self._cond.notify()
         return req
 
-    def events(self, req: Request):
-        """The request's events, as the loop produces them; closing this generator cancels the request."""
-        try:
-            while True:
-                try:
-                    item = req.events.get(timeout=0.5)
-                except queue.Empty:
-                    continue
-                if item is _END or req.cancel.is_set():  # cancelled: nothing after the step it was seen at
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            req.cancel.set()
-            with self._cond:
-                self._cond.notify()
+    def events(self, req: Request) -> "EventStream":
+        """The request's events, as the loop produces them; closing the stream cancels the request."""
+        return EventStream(self, req)
+
+    def wake(self) -> None:
+        with self._cond:
+            self._cond.notify()
 
     def call(self, fn):
         """Run fn() in the loop's thread between two steps (exclusive use of the model); its result."""
@@ -376,10 +415,12 @@ class Scheduler:
             raise value
         return value
 
-    def close(self) -> None:
+    def close(self, wait: float = 0) -> None:
         with self._cond:
             self._closed = True
             self._cond.notify()
+        if wait:
+            self._thread.join(wait)
 
     def stats(self) -> dict:
         return {"running": len({id(r) for r, _ in self.rows}), "rows": self.batch.B, "waiting": len(self.waiting),
