@@ -76,6 +76,10 @@ class EnginePool:
     def loaded(self) -> list[str]:
         return list(self._engines)
 
+    def get_loaded(self, name: str) -> Engine:
+        """A loaded engine (KeyError if it is not loaded): never starts a load."""
+        return self._engines[name]
+
     @staticmethod
     def _stamp(spec) -> tuple | None:
         """Identity of a model directory on disk: re-registering a name (overwrite) replaces the directory."""

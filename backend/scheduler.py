@@ -6,10 +6,11 @@ submits a Request here and streams that request's events from its own queue. One
   1. admit: waiting requests join in arrival order (FIFO, no overtaking) while the batch has room for
      their rows (`max_batch`; a bigger request runs once the batch is empty). More than `max_queued`
      waiting requests: `QueueFull` at submit time, which the API answers 503 with Retry-After;
-  2. prefill: each admitted prompt is prefilled alone (batch 1) in chunks; while other rows are decoding
-     at most `prefill_budget` prompt tokens are computed per iteration, so a long prompt never stalls the
-     streams already running. Whole blocks of `block` tokens found in the prefix cache are copied in
-     instead of computed (system prompts, few-shot headers, the history of a multi-turn chat);
+  2. prefill: each admitted prompt is prefilled alone (batch 1), one block of `block` tokens per forward;
+     while other rows are decoding at most `prefill_budget` prompt tokens are computed per iteration, so a
+     long prompt never stalls the streams already running. Leading blocks found in the prefix cache are
+     copied in instead of computed (system prompts, few-shot headers, the history of a multi-turn chat),
+     and give bitwise the keys and values a cold prefill computes;
   3. join: when all of a request's prompts are prefilled, its first tokens are sampled and its rows
      (n per prompt) join the running batch;
   4. decode: one step (backend.decode_step.DecodeStep) for every row of the batch; each request then
@@ -46,7 +47,7 @@ class ServeConfig:
     max_batch: int = 32          # rows decoding together
     max_queued: int = 64         # requests waiting to be admitted; more -> QueueFull (503)
     prefill_budget: int = 256    # prompt tokens prefilled per iteration while other rows decode
-    block: int = 32              # prefix-cache granularity (tokens)
+    block: int = 64              # prefill chunk and prefix-cache granularity (tokens): see Scheduler._prefill_some
     prefix_cache_mb: int = 64    # memory bound of the prefix cache (0 = off)
     retry_after: int = 2         # seconds suggested to a client refused for a full queue
 
@@ -534,8 +535,12 @@ class Scheduler:
                     for t, s in zip(req.cache.v, vs):
                         t[:, :, sl] = s
                 req.cursor = req.cache.pos = len(found) * self.cfg.block
-            take = len(ids) - req.cursor if budget is None else min(len(ids) - req.cursor, budget - spent)
-            chunk = ids[req.cursor:req.cursor + take]
+            # one block per forward, always on the block grid: a block's keys and values then come out bitwise
+            # the same whether it is computed here or copied from the prefix cache (bf16 and float GEMMs pick
+            # other kernels for other row counts, so a 300-token forward and 32 + 268 differ in the last bits)
+            end = min(len(ids), (req.cursor // self.cfg.block + 1) * self.cfg.block)
+            take = end - req.cursor
+            chunk = ids[req.cursor:end]
             hidden = engine.prefill_hidden(chunk, req.cache)
             req.cursor += take
             spent += take

@@ -151,7 +151,7 @@ def test_long_prompt_prefills_in_chunks_while_others_decode(enc):
     runner.close()
 
 
-def test_prefix_cache_reuse_gives_the_logits_of_a_cold_prefill(enc):
+def test_prefix_cache_reuse_gives_the_logits_of_a_cold_prefill_exactly(enc):
     serve = ServeConfig(block=16, prefix_cache_mb=16)
     engine = Engine(Spec(), random_model(enc.n_vocab, seed=4), enc, serve=serve)
     system = enc.encode("You are a helpful assistant who answers questions about birds in detail. " * 3)
@@ -163,9 +163,9 @@ def test_prefix_cache_reuse_gives_the_logits_of_a_cold_prefill(enc):
     hits = engine.scheduler.prefix.hits
     warm = engine.complete(b, params)[0]
     assert engine.scheduler.prefix.hits - hits >= len(system) // 16 - 1  # the shared blocks were copied, not computed
+    # prefill runs block by block on the block grid, so copied blocks are bitwise the computed ones
     assert warm.token_ids == cold.token_ids
-    assert warm.logprobs == pytest.approx(cold.logprobs, abs=1e-5)
-    assert [[i for i, _ in t] for t in warm.top_logprobs] == [[i for i, _ in t] for t in cold.top_logprobs]
+    assert warm.logprobs == cold.logprobs and warm.top_logprobs == cold.top_logprobs
 
 
 def test_the_queue_has_a_limit(enc):
