@@ -279,7 +279,8 @@ class Request:
     def __init__(self, prompts: list[list[int]], params: SamplingParams, n: int, cancel: threading.Event | None,
                  device, text_stream):
         self.prompts, self.params, self.n = prompts, params, n
-        self.cancel = cancel or threading.Event()
+        self.user_cancel = cancel              # the caller's event: read, never set here
+        self.closed = threading.Event()        # the caller's stream was closed (done or hung up)
         self.events: queue.SimpleQueue = queue.SimpleQueue()
         self.gen = make_generator(params.seed, device)
         self.rows = len(prompts) * n
@@ -293,6 +294,10 @@ class Request:
         self.cache = None                               # its batch-1 cache while prefilling
         self.submitted = time.perf_counter()
         self.first_token_at: float | None = None
+
+    @property
+    def cancelled(self) -> bool:
+        return self.closed.is_set() or (self.user_cancel is not None and self.user_cancel.is_set())
 
     @property
     def done_prefill(self) -> bool:
@@ -325,16 +330,16 @@ class EventStream:
 
     def __next__(self):
         req = self.req
-        if req.cancel.is_set():
+        if req.cancelled:
             raise StopIteration
         while True:
             try:
                 item = req.events.get(timeout=0.5)
                 break
             except queue.Empty:
-                if req.cancel.is_set():
+                if req.cancelled:
                     raise StopIteration from None
-        if item is _END or req.cancel.is_set():  # cancelled: nothing after the step it was seen at
+        if item is _END or req.cancelled:  # cancelled: nothing after the step it was seen at
             self.close()
             raise StopIteration
         if isinstance(item, BaseException):
@@ -343,8 +348,8 @@ class EventStream:
         return item
 
     def close(self) -> None:
-        if not self.req.cancel.is_set():
-            self.req.cancel.set()
+        if not self.req.closed.is_set():
+            self.req.closed.set()
             self.scheduler.wake()
 
     def __del__(self):
@@ -472,14 +477,14 @@ class Scheduler:
             self._decode_step()
 
     def _drop_cancelled(self) -> None:
-        for r in [r for r in self.prefilling if r.cancel.is_set()]:
+        for r in [r for r in self.prefilling if r.cancelled]:
             self.prefilling.remove(r)
             self._end(r)
         with self._cond:
-            for r in [r for r in self.waiting if r.cancel.is_set()]:
+            for r in [r for r in self.waiting if r.cancelled]:
                 self.waiting.remove(r)
                 self._end(r)
-        gone = {id(r): r for r, _ in self.rows if r.cancel.is_set()}
+        gone = {id(r): r for r, _ in self.rows if r.cancelled}
         if gone:
             for b in reversed(range(len(self.rows))):
                 if id(self.rows[b][0]) in gone:
