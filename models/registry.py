@@ -46,13 +46,15 @@ class ModelExists(ValueError):
 @dataclass
 class ModelSpec:
     name: str
-    kind: str  # "bundled" | "trained" | "hf"
+    kind: str  # "bundled" | "trained" | "hf" | "remote"
     path: Path | None
     tokenizer: str  # a models.tokenizers.get_encoding name
     chat_format: str | None  # "chatml", or None for a base model
     context_length: int
     lineage: dict = field(default_factory=dict)
     description: str = ""
+    # kind "remote": {"base_url", "model", "api_key_env"}: an OpenAI-compatible server serves it (backend/remote_engine.py)
+    remote: dict | None = None
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -112,17 +114,22 @@ class ModelRegistry:
         if not meta.get("tokenizer"):
             raise ValueError(f"{d / PLAYGROUND_FILE} names no tokenizer")
         ctx = meta.get("context_length")
+        if ctx is None and meta.get("kind") == "remote":
+            raise ValueError(f"{d / PLAYGROUND_FILE} names no context_length")
         if ctx is None:
             ctx = json.loads((d / "config.json").read_text())["max_position_embeddings"]
         return ModelSpec(name=d.name, kind=meta.get("kind", "trained"), path=d, tokenizer=meta["tokenizer"],
                          chat_format=meta.get("chat_format"), context_length=int(ctx),
-                         lineage=meta.get("lineage") or {}, description=meta.get("description", ""))
+                         lineage=meta.get("lineage") or {}, description=meta.get("description", ""),
+                         remote=meta.get("remote") if meta.get("kind") == "remote" else None)
 
     # -- loading ------------------------------------------------------------------------------
     def load(self, name: str, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Transformer:
         """The model in eval mode on `device` (default: cfg.device via pick_device) in `dtype`
         (default: pick_dtype for the device: bf16 on CPUs with native bf16, else float32)."""
         spec = self.get(name)
+        if spec.kind == "remote":
+            raise ValueError(f"model {name!r} is served by {spec.remote['base_url']}: it has no weights here")
         dev = pick_device(self.cfg.device) if device is None else torch.device(device)
         dt = pick_dtype(dev) if dtype is None else dtype
         if spec.kind == "bundled":
@@ -147,19 +154,26 @@ class ModelRegistry:
             raise ValueError(f"chat_format must be one of {CHAT_FORMATS}, not {chat_format!r}")
         if kind not in ("trained", "hf"):
             raise ValueError(f"kind must be 'trained' or 'hf', not {kind!r}")
-        root = self.cfg.models_dir
-        root.mkdir(parents=True, exist_ok=True)
-        target = root / name
-        if target.exists() and not overwrite:
+        if (self.cfg.models_dir / name).exists() and not overwrite:  # before saving the weights
             raise ModelExists(f"a model named {name!r} already exists")
         meta = {"name": name, "kind": kind, "tokenizer": tokenizer, "chat_format": chat_format,
                 "context_length": model.cfg.max_seq_len, "lineage": dict(lineage or {}),
                 "description": description, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "format_version": 1}
+        self._publish(name, lambda tmp: save_hf_dir(model, tmp, meta), overwrite)
+        return self.get(name)
+
+    def _publish(self, name: str, write, overwrite: bool) -> None:
+        """write(tmp_dir) into a temp dir, then rename it to cfg.models_dir/name: never half-written."""
+        root = self.cfg.models_dir
+        root.mkdir(parents=True, exist_ok=True)
+        target = root / name
+        if target.exists() and not overwrite:
+            raise ModelExists(f"a model named {name!r} already exists")
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root))
         tmp.chmod(0o755)  # mkdtemp makes it 0700
         try:
-            save_hf_dir(model, tmp, meta)
+            write(tmp)
             if target.exists():  # overwrite: move the old one aside so `target` is never half-written
                 old = root / f".{name}.old-{os.getpid()}-{time.time_ns()}"
                 os.replace(target, old)
@@ -167,6 +181,44 @@ class ModelRegistry:
             os.replace(tmp, target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+    def add_remote(self, name: str, base_url: str, remote_model: str, tokenizer: str = "cl100k_base",
+                   chat_format: str | None = "chatml", context_length: int = 4096, api_key_env: str | None = None,
+                   description: str = "", overwrite: bool = False) -> ModelSpec:
+        """Register a model that an OpenAI-compatible server serves (vLLM, SGLang, llama.cpp, TGI, this app).
+
+        Only its address is stored (playground.json, no weights). `tokenizer` is the local encoding that
+        counts prompt tokens and names the tokens the server returns; it should be the server's own.
+        The API key is never stored: `api_key_env` names the environment variable that holds it."""
+        validate_name(name)
+        if name == BUNDLED_NAME:
+            raise ModelExists(f"model name {name!r} is taken by the bundled model")
+        from urllib.parse import urlparse
+        u = urlparse(base_url) if isinstance(base_url, str) else None
+        if u is None or u.scheme not in ("http", "https") or not u.netloc:
+            raise ValueError(f"base_url must be an http(s) URL like http://host:8000/v1, not {base_url!r}")
+        if not isinstance(remote_model, str) or not remote_model.strip():
+            raise ValueError("the remote model name must be a non-empty string (an id from the server's /v1/models)")
+        if api_key_env is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", api_key_env):
+            raise ValueError(f"api_key_env must name an environment variable, not {api_key_env!r}")
+        if chat_format not in CHAT_FORMATS:
+            raise ValueError(f"chat_format must be one of {CHAT_FORMATS}, not {chat_format!r}")
+        if isinstance(context_length, bool) or not isinstance(context_length, int) or context_length < 2:
+            raise ValueError(f"context_length must be an integer >= 2, not {context_length!r}")
+        from models.tokenizers import chat_encoding_name
+        # an unknown encoding fails here, not at the first chat; a chat model's encoding needs the ChatML tokens
+        tokenizer = chat_encoding_name(tokenizer, self.cfg.data_dir) if chat_format else tokenizer
+        from models.tokenizers import get_encoding
+        get_encoding(tokenizer, self.cfg.data_dir)
+        meta = {"name": name, "kind": "remote", "tokenizer": tokenizer, "chat_format": chat_format,
+                "context_length": context_length, "lineage": {"served_by": base_url.rstrip("/")},
+                "remote": {"base_url": base_url.rstrip("/"), "model": remote_model, "api_key_env": api_key_env},
+                "description": description or f"{remote_model} served by {base_url.rstrip('/')}",
+                "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "format_version": 1}
+
+        def write(tmp: Path) -> None:
+            (tmp / PLAYGROUND_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        self._publish(name, write, overwrite)
         return self.get(name)
 
     def import_hf(self, name: str, source: str | Path, tokenizer: str, chat_format: str | None = None,
@@ -184,6 +236,8 @@ class ModelRegistry:
         from models.hf_tokenizer import write_hf_tokenizer
         from models.tokenizers import get_encoding
         spec = self.get(name)
+        if spec.kind == "remote":
+            raise ValueError(f"model {name!r} is served by {spec.remote['base_url']}: there are no weights to export")
         dest = Path(dest)
         if dest.exists():
             raise ValueError(f"export destination {dest} already exists")
