@@ -10,6 +10,7 @@ import pytest
 
 from backend.sampling import SamplingParams
 from tests.conftest import ROOT, start_server
+from tests.helpers import register_tiny_model
 from tests.test_labels_api import auth, database_with_users
 from tests.test_openai_api import ANSWER as COMPLETION, CHAIN
 
@@ -47,7 +48,8 @@ def servers(tmp_path_factory):
     register_bigram(data_b)
     b = start_server(data_b, "--no-worker", "--no-preload")
     data_a.mkdir(parents=True)
-    _, people = database_with_users(data_a, [("ada", "admin"), ("lee", "learner")])
+    _, people = database_with_users(data_a, [("ada", "admin"), ("lee", "learner"), ("ops", "operator")])
+    register_tiny_model(data_a, "tiny", tokenizer=CHATML)  # for the export door
     a = start_server(data_a, "--no-worker", "--no-preload")
     yield a, b, people
     a.stop()
@@ -149,3 +151,22 @@ def test_unreachable_server_and_missing_key_are_named(servers, tmp_path):
         reg.add_remote("bad", "ftp://x", "m")
     with pytest.raises(ValueError, match="no weights"):
         reg.load("gone")
+
+
+def test_rest_export_for_operators(servers):
+    a, _, people = servers
+    url = a.base_url + "/api/models/tiny/export"
+    assert httpx.post(url, json={"format": "gguf"}, headers=auth(people["lee"][2])).status_code == 403
+    bad = httpx.post(url, json={"format": "onnx"}, headers=auth(people["ops"][2]))
+    assert bad.status_code == 422 and "format" in bad.text
+    assert httpx.post(a.base_url + "/api/models/nope/export", json={}, headers=auth(people["ops"][2])).status_code == 404
+    from backend.config import AppConfig
+    from models.registry import ModelRegistry
+    ModelRegistry(AppConfig(data_dir=a.data_dir)).add_remote("far", "http://127.0.0.1:9/v1", "m", overwrite=True)
+    far = httpx.post(a.base_url + "/api/models/far/export", json={}, headers=auth(people["ops"][2]))
+    assert far.status_code == 422 and "no weights to export" in far.json()["detail"]
+    r = httpx.post(url, json={"format": "gguf"}, headers=auth(people["ops"][2]), timeout=120)
+    assert r.status_code == 200, r.text
+    from pathlib import Path
+    path = Path(r.json()["path"])
+    assert path.parent == a.data_dir / "exports" and path.suffix == ".gguf" and path.stat().st_size > 1_000_000
