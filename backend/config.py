@@ -37,6 +37,9 @@ class AppConfig:
     cache_dir: Path | None = None
     # SearxNG-style web search (GET {url}/search?q=...&format=json) for the search tool; None: local index only.
     web_search_url: str | None = field(default_factory=lambda: os.environ.get("PLAYGROUND_WEB_SEARCH_URL") or None)
+    # Where models (with their trained tokenizers) and dataset snapshots live when several machines share
+    # them: any fsspec URL (file:///shared/path, s3://bucket/prefix). None: inside the data directory.
+    artifacts_url: str | None = field(default_factory=lambda: os.environ.get("PLAYGROUND_ARTIFACTS") or None)
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir).resolve()
@@ -67,6 +70,8 @@ class AppConfig:
         parser.add_argument("--threads", type=int, default=cls.threads)
         parser.add_argument("--no-worker", dest="start_worker", action="store_false", help="do not start the training worker")
         parser.add_argument("--no-preload", dest="preload", action="store_false", help="load the default model on first use")
+        parser.add_argument("--artifacts", dest="artifacts_url", default=None,
+                            help="fsspec URL of models and snapshots shared between machines (default $PLAYGROUND_ARTIFACTS, else the data dir)")
         parser.add_argument("--web-search-url", default=None, help="SearxNG-style search endpoint for the search tool (default $PLAYGROUND_WEB_SEARCH_URL)")
 
     @classmethod

@@ -83,10 +83,25 @@ class ModelRegistry:
     def __init__(self, cfg: AppConfig):
         self.cfg = cfg
         self._lock = threading.Lock()  # one bundled-cache build at a time within a process
+        # Shared artifacts (models/artifacts.py): when configured, models live under that fsspec URL
+        # instead of cfg.models_dir, so every machine pointed at it sees what any of them published.
+        self.store = None
+        if getattr(cfg, "artifacts_url", None):
+            from models.artifacts import ArtifactStore
+            self.store = ArtifactStore(cfg.artifacts_url, cfg.cache_dir)
 
     # -- listing ------------------------------------------------------------------------------
     def list(self) -> list[ModelSpec]:
         specs = [bundled_spec()]
+        if self.store is not None:
+            for name in self.store.model_names():
+                try:
+                    meta = self.store.read_meta(name)
+                    if meta is not None:
+                        specs.append(self._spec(name, meta, self.store.local_path(name, meta)))
+                except (ValueError, KeyError, OSError) as e:
+                    log.warning("skipping model %s in %s: %s", name, self.store.url, e)
+            return specs
         root = self.cfg.models_dir
         if root.is_dir():
             for d in sorted(root.iterdir()):
@@ -104,21 +119,39 @@ class ModelRegistry:
     def get(self, name: str) -> ModelSpec:
         if name == BUNDLED_NAME:
             return bundled_spec()
+        if self.store is not None:
+            return self._get_shared(name)
         d = self.cfg.models_dir / name if isinstance(name, str) and _NAME_RE.fullmatch(name) else None
         if d is None or not (d / PLAYGROUND_FILE).exists():
             raise UnknownModel(f"unknown model {name!r}; available: {', '.join(self.names())}")
         return self._spec_from_dir(d)
 
-    def _spec_from_dir(self, d: Path) -> ModelSpec:
+    def _get_shared(self, name: str) -> ModelSpec:
+        """A model published in the artifact store, its files downloaded into the local cache first
+        (once per published version) with its trained tokenizer installed into the data directory."""
+        meta = self.store.read_meta(name) if isinstance(name, str) and _NAME_RE.fullmatch(name) else None
+        if meta is None:
+            raise UnknownModel(f"unknown model {name!r}; available: {', '.join(self.names())}")
+        if meta.get("kind") == "remote":  # only an address: nothing to download
+            return self._spec(name, meta, self.store.local_path(name, meta))
+        from models.artifacts import install_tokenizer
+        path = self.store.fetch(name, meta)
+        install_tokenizer(path, self.cfg.data_dir)
+        return self._spec_from_dir(path, name)
+
+    def _spec_from_dir(self, d: Path, name: str | None = None) -> ModelSpec:
         meta = read_extra(d)
+        if meta.get("context_length") is None and meta.get("kind") != "remote":
+            meta["context_length"] = json.loads((d / "config.json").read_text())["max_position_embeddings"]
+        return self._spec(name or d.name, meta, d)
+
+    def _spec(self, name: str, meta: dict, d: Path) -> ModelSpec:
         if not meta.get("tokenizer"):
-            raise ValueError(f"{d / PLAYGROUND_FILE} names no tokenizer")
+            raise ValueError(f"{name}'s {PLAYGROUND_FILE} names no tokenizer")
         ctx = meta.get("context_length")
-        if ctx is None and meta.get("kind") == "remote":
-            raise ValueError(f"{d / PLAYGROUND_FILE} names no context_length")
         if ctx is None:
-            ctx = json.loads((d / "config.json").read_text())["max_position_embeddings"]
-        return ModelSpec(name=d.name, kind=meta.get("kind", "trained"), path=d, tokenizer=meta["tokenizer"],
+            raise ValueError(f"{name}'s {PLAYGROUND_FILE} names no context_length")
+        return ModelSpec(name=name, kind=meta.get("kind", "trained"), path=d, tokenizer=meta["tokenizer"],
                          chat_format=meta.get("chat_format"), context_length=int(ctx),
                          lineage=meta.get("lineage") or {}, description=meta.get("description", ""),
                          remote=meta.get("remote") if meta.get("kind") == "remote" else None)
@@ -154,7 +187,7 @@ class ModelRegistry:
             raise ValueError(f"chat_format must be one of {CHAT_FORMATS}, not {chat_format!r}")
         if kind not in ("trained", "hf"):
             raise ValueError(f"kind must be 'trained' or 'hf', not {kind!r}")
-        if (self.cfg.models_dir / name).exists() and not overwrite:  # before saving the weights
+        if self._exists(name) and not overwrite:  # before saving the weights
             raise ModelExists(f"a model named {name!r} already exists")
         meta = {"name": name, "kind": kind, "tokenizer": tokenizer, "chat_format": chat_format,
                 "context_length": model.cfg.max_seq_len, "lineage": dict(lineage or {}),
@@ -165,6 +198,15 @@ class ModelRegistry:
 
     def _publish(self, name: str, write, overwrite: bool) -> None:
         """write(tmp_dir) into a temp dir, then rename it to cfg.models_dir/name: never half-written."""
+        if self.store is not None:  # write here, then upload (models/artifacts.py: the marker goes last)
+            if self.store.exists(name) and not overwrite:
+                raise ModelExists(f"a model named {name!r} already exists")
+            with tempfile.TemporaryDirectory(prefix=f".{name}.tmp-") as tmp:
+                write(Path(tmp))
+                from models.artifacts import bundle_tokenizer
+                bundle_tokenizer(read_extra(Path(tmp)).get("tokenizer", ""), self.cfg.data_dir, Path(tmp))
+                self.store.publish(name, Path(tmp), overwrite)
+            return
         root = self.cfg.models_dir
         root.mkdir(parents=True, exist_ok=True)
         target = root / name
@@ -257,10 +299,18 @@ class ModelRegistry:
             shutil.rmtree(tmp, ignore_errors=True)
         return dest
 
+    def _exists(self, name: str) -> bool:
+        return self.store.exists(name) if self.store is not None else (self.cfg.models_dir / name).exists()
+
     def delete(self, name: str) -> None:
-        spec = self.get(name)
-        if spec.kind == "bundled":
+        if name == BUNDLED_NAME:
             raise ValueError(f"the bundled model {name!r} cannot be deleted")
+        if self.store is not None:
+            if self.store.read_meta(name) is None:
+                raise UnknownModel(f"unknown model {name!r}; available: {', '.join(self.names())}")
+            self.store.delete(name)
+            return
+        spec = self.get(name)
         old = self.cfg.models_dir / f".{name}.del-{os.getpid()}-{time.time_ns()}"
         os.replace(spec.path, old)  # vanish from list() at once, then remove
         shutil.rmtree(old, ignore_errors=True)
