@@ -170,3 +170,32 @@ def test_rest_export_for_operators(servers):
     from pathlib import Path
     path = Path(r.json()["path"])
     assert path.parent == a.data_dir / "exports" and path.suffix == ".gguf" and path.stat().st_size > 1_000_000
+
+
+@pytest.mark.browser
+def test_admin_adds_a_served_model_in_the_models_tab_and_chats_with_it(servers):
+    pytest.importorskip("playwright.sync_api")
+    from tests.conftest import log_in, open_tab
+    a, b, people = servers
+    with open_tab(a, "Models", "#models-table") as page:
+        log_in(page, "ada", people["ada"][1])
+        page.get_by_text("Add a served model (admins)").click()
+        page.locator("#remote-name input, #remote-name textarea").first.fill("ui-b")
+        page.locator("#remote-url input, #remote-url textarea").first.fill(b.base_url + "/v1")
+        page.locator("#remote-model input, #remote-model textarea").first.fill("bigram")
+        page.locator("#remote-add").click()
+        page.wait_for_function("() => (document.querySelector('#models-status')?.innerText || '').includes('Added')",
+                               timeout=60_000)
+        assert "context 256" in page.locator("#models-status").inner_text()
+        assert "bigram @ " + b.base_url in page.locator("#models-table").inner_text()
+        # the Chat tab picks it up like a local model
+        page.get_by_role("tab", name="Chat", exact=True).click()
+        page.get_by_role("button", name="↻ models", exact=True).click()  # only the visible tab's button counts
+        box = page.locator("#chat-model input")
+        box.click()
+        box.fill("ui-b")
+        page.get_by_role("option", name="ui-b", exact=True).click()
+        page.locator("#chat-input textarea").fill("hi")
+        page.locator("#chat-send").click()
+        page.wait_for_function("(t) => (document.querySelector('#chat-bot')?.innerText || '').includes(t)",
+                               arg=ANSWER.strip()[:-2], timeout=60_000)
