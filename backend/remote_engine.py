@@ -15,11 +15,13 @@ import json
 import os
 import queue
 import threading
+from types import SimpleNamespace
 from typing import Iterator
 
 import httpx
+import torch
 
-from backend.engine import Engine, TokenEvent
+from backend.engine import Engine, SingleFlight, TokenEvent
 from backend.sampling import SamplingParams
 
 
@@ -40,6 +42,22 @@ class ChatPrompt(list):
 
 
 _DONE = object()
+
+
+class NoWeights:
+    """What `engine.model` is for a remote model: its config (vocabulary size, context) for the code that
+    checks ids against it, and a clear RemoteUnsupported for anything that would run the network here."""
+
+    def __init__(self, engine: "RemoteEngine"):
+        self.cfg = SimpleNamespace(vocab_size=engine.enc.n_vocab, max_seq_len=engine.context_length)
+        self._why = (f"model {engine.name!r} is served by {engine.base_url}: its weights are not in this process, "
+                     "so step mode and next-token distributions are not available")
+
+    def __call__(self, *args, **kwargs):
+        raise RemoteUnsupported(self._why)
+
+    def __getattr__(self, name):
+        raise RemoteUnsupported(self._why)
 
 
 def _token_bytes_from_str(s: str) -> bytes:
@@ -75,15 +93,13 @@ class RemoteEngine:
         self.context_length = int(spec.context_length)
         self._token_bytes: dict[int, bytes] = {}
         self.http = httpx.Client(timeout=httpx.Timeout(timeout, connect=10.0))
+        self.model = NoWeights(self)
+        self.guard = SingleFlight()  # taken by code that would run local weights; the server queues its own work
+        self.device = torch.device("cpu")
 
     @property
     def name(self) -> str:
         return self.spec.name
-
-    @property
-    def model(self):
-        raise RemoteUnsupported(f"model {self.name!r} is served by {self.base_url}: its weights are not in this "
-                                "process, so step mode and next-token distributions are not available")
 
     def prompt_logprobs(self, prompt_ids: list[int], k: int = 0):
         raise RemoteUnsupported(f"model {self.name!r} is served by {self.base_url}: prompt log-probs are not "

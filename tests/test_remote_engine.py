@@ -96,6 +96,13 @@ def test_tabs_services_use_the_remote_model(servers):
     pg = Playground(AppConfig(data_dir=a.data_dir, start_worker=False, preload=False))
     assert sample_candidates(pg.engines, "b-bigram", "hi", k=3, temperature=1.0, max_tokens=30) == [ANSWER.strip()] * 3
     assert draft_reply(pg.engines, "b-bigram", [{"role": "user", "content": "hi"}], max_tokens=30) == ANSWER.strip()
+    from backend import chat_service, practice
+    events = list(chat_service.turn_events(pg, "b-bigram", "", [{"role": "user", "content": "hi"}],
+                                           SamplingParams(temperature=0, max_tokens=30), [], 0))
+    assert [e.result.message["content"] for e in events if e.type == "done"] == [ANSWER]  # Chat tab, Arena
+    sols = practice.sample_solutions(pg, "b-bigram", [practice.typed_problem("2+2?", "4")],
+                                     practice.PracticeConfig(n=3, max_tokens=30), seed=1)
+    assert [(s["text"], s["right"]) for s in sols[0]] == [(ANSWER, False)] * 3
     eng = pg.engines.get("b-bigram")
     # several prompts, n samples each, sent as text to B's /v1/completions, merged back by index
     p = eng.chat_prompt([{"role": "user", "content": "hi"}])
@@ -104,9 +111,13 @@ def test_tabs_services_use_the_remote_model(servers):
     assert all(c.text == ANSWER and c.finish_reason == "stop" for c in comps)
     assert eng.enc.decode(comps[0].token_ids) == ANSWER and len(comps[0].logprobs) == len(comps[0].token_ids)
     assert "".join(eng.stream_text("hi", SamplingParams(temperature=0, max_tokens=30), chat=True))[-len(ANSWER):] == ANSWER
-    # what needs the weights here says so
+    # the Generate tab's token stream with probabilities works; what needs the weights here says so
+    from backend import completion
+    toks = list(completion.stream_tokens(eng, list(p), SamplingParams(temperature=0, max_tokens=30), top=2))
+    assert eng.enc.decode([t["id"] for t in toks[:-1]]) == ANSWER and toks[-1] == {"finish_reason": "stop"}
+    assert toks[0]["prob"] > 0.99 and len(toks[0]["top"]) == 2
     with pytest.raises(RemoteUnsupported, match="step mode"):
-        eng.model
+        completion.step(eng, list(p), SamplingParams(temperature=1.0))
     with pytest.raises(RemoteUnsupported, match="prompt log-probs"):
         eng.prompt_logprobs(list(p))
 
