@@ -299,6 +299,22 @@ class ModelRegistry:
             shutil.rmtree(tmp, ignore_errors=True)
         return dest
 
+    def amend(self, name: str, write) -> ModelSpec:
+        """Change a registered model's files after registration (a reward head, lineage): write(dir) edits
+        the model's directory in place, or, in a shared artifact store, a copy that is then re-published."""
+        spec = self.get(name)
+        if spec.kind in ("bundled", "remote"):
+            raise ValueError(f"model {name!r} is {spec.kind}: it has no files here to change")
+        if self.store is None:
+            write(spec.path)
+            return self.get(name)
+        with tempfile.TemporaryDirectory(prefix=f".{name}.amend-") as tmp:
+            copy = Path(tmp) / name
+            shutil.copytree(spec.path, copy)
+            write(copy)
+            self.store.publish(name, copy, overwrite=True)
+        return self.get(name)
+
     def _exists(self, name: str) -> bool:
         return self.store.exists(name) if self.store is not None else (self.cfg.models_dir / name).exists()
 

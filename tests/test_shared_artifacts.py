@@ -114,5 +114,11 @@ def test_a_model_directory_without_its_marker_is_invisible_and_delete_is_shared(
                "chatml", {}, overwrite=True)
     v2 = b.get("m1").path
     assert v1 != v2  # a re-published name is downloaded again, so an engine pool reloads it
+    # files added after registration (a reward head) and lineage a job adds reach the other side too
+    from backend.jobs.pretrain import add_lineage
+    a.amend("m1", lambda d: (d / "reward_head.safetensors").write_bytes(b"head"))
+    add_lineage(a.cfg, "m1", {"job_id": 7})
+    spec = b.get("m1")
+    assert (spec.path / "reward_head.safetensors").read_bytes() == b"head" and spec.lineage["job_id"] == 7
     b.delete("m1")
     assert "m1" not in a.names()
