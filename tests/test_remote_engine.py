@@ -80,6 +80,10 @@ def test_add_remote_by_cli_then_chat_through_a(servers):
         model="bigram", **kw).choices[0].logprobs.content
     assert [(t.token, round(t.logprob, 4), [x.token for x in t.top_logprobs]) for t in via_a] == \
         [(t.token, round(t.logprob, 4), [x.token for x in t.top_logprobs]) for t in direct]
+    assert models_cli(a.data_dir, "remove", "via-b").returncode == 0
+    assert "via-b" not in [m.id for m in client.models.list()]
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="via-b", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
 
 
 def test_tabs_services_use_the_remote_model(servers):
