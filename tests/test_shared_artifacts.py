@@ -113,7 +113,7 @@ def test_a_model_directory_without_its_marker_is_invisible_and_delete_is_shared(
     a.register("m1", make_tiny_model(vocab_size_for("cl100k_base+chatml"), n_layers=1, seed=3), "cl100k_base+chatml",
                "chatml", {}, overwrite=True)
     v2 = b.get("m1").path
-    assert v1 != v2  # a re-published name is downloaded again, so an engine pool reloads it
+    assert v1 != v2  # a re-published name is a new version: the next get downloads it again
     # files added after registration (a reward head) and lineage a job adds reach the other side too
     from backend.jobs.pretrain import add_lineage
     a.amend("m1", lambda d: (d / "reward_head.safetensors").write_bytes(b"head"))
