@@ -40,6 +40,9 @@ class AppConfig:
     serve: ServeConfig = field(default_factory=ServeConfig)
     # SearxNG-style web search (GET {url}/search?q=...&format=json) for the search tool; None: local index only.
     web_search_url: str | None = field(default_factory=lambda: os.environ.get("PLAYGROUND_WEB_SEARCH_URL") or None)
+    # Where models (with their trained tokenizers) and dataset snapshots live when several machines share
+    # them: any fsspec URL (file:///shared/path, s3://bucket/prefix). None: inside the data directory.
+    artifacts_url: str | None = field(default_factory=lambda: os.environ.get("PLAYGROUND_ARTIFACTS") or None)
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir).resolve()
@@ -78,6 +81,8 @@ class AppConfig:
                             help="prompt tokens prefilled per decode step while other requests stream")
         parser.add_argument("--prefix-cache-mb", type=int, default=serve.prefix_cache_mb,
                             help="memory for KV blocks of shared prompt prefixes (0 = off)")
+        parser.add_argument("--artifacts", dest="artifacts_url", default=None,
+                            help="fsspec URL of models and snapshots shared between machines (default $PLAYGROUND_ARTIFACTS, else the data dir)")
         parser.add_argument("--web-search-url", default=None, help="SearxNG-style search endpoint for the search tool (default $PLAYGROUND_WEB_SEARCH_URL)")
 
     @classmethod

@@ -117,6 +117,13 @@ class EnginePool:
                 return eng
             spec = self.registry.get(name)
             stamp = self._stamp(spec)
+            if spec.kind == "remote":  # another server serves it (backend/remote_engine.py): no weights to load
+                from backend.remote_engine import remote_engine
+                eng = remote_engine(spec, self.cfg.data_dir)
+                eng.disk_stamp = stamp
+                with self._lock:
+                    self._engines[name] = eng
+                return eng
             t0 = time.perf_counter()
             model = self.registry.load(name, device=self.device, dtype=self.dtype)
             from models.tokenizers import get_encoding
