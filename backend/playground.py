@@ -68,8 +68,8 @@ class Playground:
                 "failed": f"the default model {self.cfg.default_model} could not be loaded: {self.model_error}",
                 }.get(self.model_state, "")
         return {"ready": self.ready, "state": self.model_state, "default_model": self.cfg.default_model,
-                "message": note, "serving": {name: self.engines.get_loaded(name).scheduler.stats()
-                                             for name in self.engines.loaded()}}
+                "message": note, "serving": {name: eng.scheduler.stats() for name in self.engines.loaded()
+                                             if (eng := self.engines.get_loaded(name)) and hasattr(eng, "scheduler")}}
 
     def health(self) -> dict:
         return {"status": "ok", "default_model": self.cfg.default_model, "loaded_models": self.engines.loaded(),

@@ -21,7 +21,7 @@ from typing import Iterator
 import httpx
 import torch
 
-from backend.engine import Engine, SingleFlight, TokenEvent
+from backend.engine import Engine, TokenEvent
 from backend.sampling import SamplingParams
 
 
@@ -83,6 +83,9 @@ class RemoteEngine:
     chat = Engine.chat
     stream_text = Engine.stream_text
 
+    def close(self) -> None:
+        """Unloaded from the pool: nothing is held here (the remote server keeps its model)."""
+
     def __init__(self, spec, enc, timeout: float = 300.0):
         if spec.kind != "remote" or not spec.remote:
             raise ValueError(f"model {spec.name!r} is not a remote model")
@@ -94,12 +97,14 @@ class RemoteEngine:
         self._token_bytes: dict[int, bytes] = {}
         self.http = httpx.Client(timeout=httpx.Timeout(timeout, connect=10.0))
         self.model = NoWeights(self)
-        self.guard = SingleFlight()  # taken by code that would run local weights; the server queues its own work
         self.device = torch.device("cpu")
 
     @property
     def name(self) -> str:
         return self.spec.name
+
+    def next_token_logits(self, ids: list[int]):
+        return self.model(ids)  # NoWeights: the clear RemoteUnsupported for step mode
 
     def prompt_logprobs(self, prompt_ids: list[int], k: int = 0):
         raise RemoteUnsupported(f"model {self.name!r} is served by {self.base_url}: prompt log-probs are not "
