@@ -43,30 +43,100 @@ static void rope(float* x, const float* cos, const float* sin, int hd) {
     }
 }
 
-static inline __m512 load_head(const float* p, int i) { return _mm512_loadu_ps(p + i); }
+// lane j of the result = the sum of a[j]'s 16 lanes: a transpose-reduce (15 adds, 31 shuffles for 16 sums,
+// where 16 horizontal sums cost ~4x that). Each level halves the vectors by adding the two halves of a pair
+// side by side; the last level leaves sum j in lane 4 (j % 4) + j / 4, put back in order by one permute.
+static inline __m512 sum16(const __m512* a) {
+    __m512 b[8], c[4], d[2];
+    for (int j = 0; j < 8; j++)
+        b[j] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * j], a[2 * j + 1], 0x44), _mm512_shuffle_f32x4(a[2 * j], a[2 * j + 1], 0xEE));
+    for (int j = 0; j < 4; j++)
+        c[j] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * j], b[2 * j + 1], 0x88), _mm512_shuffle_f32x4(b[2 * j], b[2 * j + 1], 0xDD));
+    for (int j = 0; j < 2; j++)
+        d[j] = _mm512_add_ps(_mm512_shuffle_ps(c[2 * j], c[2 * j + 1], 0x44), _mm512_shuffle_ps(c[2 * j], c[2 * j + 1], 0xEE));
+    __m512 e = _mm512_add_ps(_mm512_shuffle_ps(d[0], d[1], 0x88), _mm512_shuffle_ps(d[0], d[1], 0xDD));
+    const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    return _mm512_permutexvar_ps(order, e);
+}
 
-// softmax(q . k_s / sqrt(hd)) . v_s over the valid slots s of one row's kv head, for `rep` query heads
-static void attend(const float* q, int rep, const float* k, const float* v, int from, int to, int hd,
-                   float* out, float* scores) {
-    float scale = 1.0f / sqrtf((float)hd);
-    for (int r = 0; r < rep; r++, q += hd, out += hd) {
-        float top = -INFINITY;
-        for (int s = from; s < to; s++) {
-            __m512 dot = _mm512_setzero_ps();
-            for (int i = 0; i < hd; i += 16) dot = _mm512_fmadd_ps(load_head(q, i), load_head(k + (size_t)s * hd, i), dot);
-            scores[s] = hsum(dot) * scale;
-            top = scores[s] > top ? scores[s] : top;
-        }
-        float total = 0.0f;
-        for (int s = from; s < to; s++) {  // scalar exp: a few hundred slots, not worth vectorizing here
-            scores[s] = expf(scores[s] - top);
-            total += scores[s];
+// The softmax state of `REP` query heads (sharing one kv head) over slots from..to-1 of it, in one pass
+// over the keys and values, 16 slots at a time (online softmax): head r's state at st + r (hd + 2) is
+// max, sum, acc[hd], where acc = sum_s e^(score_s - max) v_s and sum = sum_s e^(score_s - max), score = q . k_s / sqrt(hd).
+// Chunks of one head's slots (threads' shares) are merged by `attend_merge`.
+template <int REP>
+static void attend_chunk(const float* q, const float* k, const float* v, int from, int to, int hd, float* st) {
+    float *mx[REP], *sum[REP], *acc[REP];
+    for (int r = 0; r < REP; r++) {
+        mx[r] = st + r * (hd + 2), sum[r] = mx[r] + 1, acc[r] = mx[r] + 2;
+        *mx[r] = -INFINITY, *sum[r] = 0.0f;
+        memset(acc[r], 0, hd * 4);
+    }
+    const __m512 scale = _mm512_set1_ps(1.0f / sqrtf((float)hd));
+    alignas(64) float p[REP][16];
+    for (int s0 = from; s0 < to; s0 += 16) {
+        int n = to - s0 < 16 ? to - s0 : 16;
+        __mmask16 valid = (__mmask16)((1u << n) - 1);
+        const float* kr[16];  // past the last slot: the last slot again, its lane masked off
+        for (int j = 0; j < 16; j++) kr[j] = k + (size_t)(s0 + (j < n ? j : n - 1)) * hd;
+        float corr[REP];
+        for (int r = 0; r < REP; r++) {
+            __m512 dot[16];
+            for (int j = 0; j < 16; j++) {
+                dot[j] = _mm512_setzero_ps();
+                for (int i = 0; i < hd; i += 16)
+                    dot[j] = _mm512_fmadd_ps(_mm512_loadu_ps(q + r * hd + i), _mm512_loadu_ps(kr[j] + i), dot[j]);
+            }
+            __m512 score = _mm512_mul_ps(sum16(dot), scale);
+            float top = _mm512_mask_reduce_max_ps(valid, score);
+            top = top > *mx[r] ? top : *mx[r];
+            corr[r] = expf(*mx[r] - top);  // 0 on the first block (max = -inf)
+            *mx[r] = top;
+            __m512 e = _mm512_maskz_mov_ps(valid, exp512(_mm512_sub_ps(score, _mm512_set1_ps(top))));
+            *sum[r] = *sum[r] * corr[r] + _mm512_reduce_add_ps(e);
+            _mm512_store_ps(p[r], e);
         }
         for (int i = 0; i < hd; i += 16) {
-            __m512 acc = _mm512_setzero_ps();
-            for (int s = from; s < to; s++) acc = _mm512_fmadd_ps(_mm512_set1_ps(scores[s]), load_head(v + (size_t)s * hd, i), acc);
-            _mm512_storeu_ps(out + i, _mm512_mul_ps(acc, _mm512_set1_ps(1.0f / total)));
+            __m512 a[REP];
+            for (int r = 0; r < REP; r++) a[r] = _mm512_mul_ps(_mm512_loadu_ps(acc[r] + i), _mm512_set1_ps(corr[r]));
+            for (int j = 0; j < n; j++) {
+                __m512 vj = _mm512_loadu_ps(v + (size_t)(s0 + j) * hd + i);
+                for (int r = 0; r < REP; r++) a[r] = _mm512_fmadd_ps(_mm512_set1_ps(p[r][j]), vj, a[r]);
+            }
+            for (int r = 0; r < REP; r++) _mm512_storeu_ps(acc[r] + i, a[r]);
         }
+    }
+}
+
+// states of `rep` heads over slots from..to-1 of their kv head; REP is fixed at compile time for the
+// common group sizes, other sizes run head by head (keys then read once per head)
+static void attend_range(const float* q, int rep, const float* k, const float* v, int from, int to, int hd, float* st) {
+    switch (rep) {
+        case 1: return attend_chunk<1>(q, k, v, from, to, hd, st);
+        case 2: return attend_chunk<2>(q, k, v, from, to, hd, st);
+        case 3: return attend_chunk<3>(q, k, v, from, to, hd, st);
+        case 4: return attend_chunk<4>(q, k, v, from, to, hd, st);
+        case 8: return attend_chunk<8>(q, k, v, from, to, hd, st);
+    }
+    for (int r = 0; r < rep; r++) attend_chunk<1>(q + r * hd, k, v, from, to, hd, st + r * (hd + 2));
+}
+
+// out[rep][hd] = softmax-weighted values from `split` chunk states (each rep * (hd + 2) floats)
+static void attend_merge(const float* st, int split, int rep, int hd, float* out) {
+    size_t size = (size_t)rep * (hd + 2);
+    for (int r = 0; r < rep; r++) {
+        float top = -INFINITY, total = 0.0f;
+        for (int c = 0; c < split; c++) top = st[c * size + r * (hd + 2)] > top ? st[c * size + r * (hd + 2)] : top;
+        for (int i = 0; i < hd; i += 16) _mm512_storeu_ps(out + r * hd + i, _mm512_setzero_ps());
+        for (int c = 0; c < split; c++) {
+            const float* s = st + c * size + r * (hd + 2);
+            float w = expf(s[0] - top);  // an empty chunk: max -inf, weight 0
+            total += w * s[1];
+            for (int i = 0; i < hd; i += 16)
+                _mm512_storeu_ps(out + r * hd + i, _mm512_fmadd_ps(_mm512_set1_ps(w), _mm512_loadu_ps(s + 2 + i),
+                                                                    _mm512_loadu_ps(out + r * hd + i)));
+        }
+        for (int i = 0; i < hd; i += 16)
+            _mm512_storeu_ps(out + r * hd + i, _mm512_mul_ps(_mm512_loadu_ps(out + r * hd + i), _mm512_set1_ps(1.0f / total)));
     }
 }
 
@@ -108,19 +178,26 @@ extern "C" int decode_layer(float* x, int B, int dim, float eps, const float* ln
             memcpy(vc + slot, row + (H + KV + g) * hd, hd * 4);
         }
     }
-    #pragma omp parallel num_threads(threads)
     {
-        float* scores = (float*)malloc((size_t)(pos + 1) * 4);
-        if (!scores) rc = 2;  // every thread still runs the loop's barrier; its share is skipped
-        #pragma omp for schedule(static)
-        for (int bg = 0; bg < B * KV; bg++) {
-            if (!scores) continue;
-            int b = bg / KV, g = bg % KV;
+        // Work items: each row's kv heads, their slots split in `split` chunks where B * KV alone would
+        // leave threads idle or unevenly loaded (flash-decoding: the chunks' states are merged after).
+        int items = B * KV, split = 1;
+        if (threads > 1 && items % threads && items < 4 * threads && pos + 1 >= 64 * threads) split = threads;
+        size_t size = (size_t)rep * (hd + 2);
+        float* st = (float*)malloc((size_t)items * split * size * 4);
+        if (!st) { rc = 2; goto done; }
+        #pragma omp parallel for num_threads(threads) schedule(static)
+        for (int it = 0; it < items * split; it++) {
+            int bg = it / split, c = it % split, b = bg / KV, g = bg % KV;
+            int from = start ? (int)start[b] : 0, n = pos + 1 - from;
             size_t base = ((size_t)b * KV + g) * slots * hd;
-            attend(qkv_out + (size_t)b * nq + g * rep * hd, rep, kc + base, vc + base, start ? (int)start[b] : 0,
-                   pos + 1, hd, att + (size_t)b * H * hd + g * rep * hd, scores);
+            attend_range(qkv_out + (size_t)b * nq + g * rep * hd, rep, kc + base, vc + base,
+                         from + (int)((int64_t)n * c / split), from + (int)((int64_t)n * (c + 1) / split), hd,
+                         st + (size_t)it * size);
         }
-        free(scores);
+        for (int bg = 0; bg < items; bg++)
+            attend_merge(st + (size_t)bg * split * size, split, rep, hd, att + (size_t)(bg / KV) * H * hd + (bg % KV) * rep * hd);
+        free(st);
     }
     if (rc || (rc = run(o, att, B, H * hd, dim, y, threads))) goto done;
     for (size_t i = 0; i < (size_t)B * dim; i++) x[i] += y[i];
