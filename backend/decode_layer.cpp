@@ -63,6 +63,8 @@ static inline __m512 sum16(const __m512* a) {
 // over the keys and values, 16 slots at a time (online softmax): head r's state at st + r (hd + 2) is
 // max, sum, acc[hd], where acc = sum_s e^(score_s - max) v_s and sum = sum_s e^(score_s - max), score = q . k_s / sqrt(hd).
 // Chunks of one head's slots (threads' shares) are merged by `attend_merge`.
+static const int PREFETCH = 64;  // slots ahead
+
 template <int REP>
 static void attend_chunk(const float* q, const float* k, const float* v, int from, int to, int hd, float* st) {
     float *mx[REP], *sum[REP], *acc[REP];
@@ -78,6 +80,11 @@ static void attend_chunk(const float* q, const float* k, const float* v, int fro
         __mmask16 valid = (__mmask16)((1u << n) - 1);
         const float* kr[16];  // past the last slot: the last slot again, its lane masked off
         for (int j = 0; j < 16; j++) kr[j] = k + (size_t)(s0 + (j < n ? j : n - 1)) * hd;
+        // the keys and values stream from memory (the cache outgrows the caches): ask for blocks ahead
+        for (int line = 0; line < 16 * hd; line += 16) {
+            _mm_prefetch((const char*)(k + (size_t)(s0 + PREFETCH) * hd + line), _MM_HINT_T0);
+            _mm_prefetch((const char*)(v + (size_t)(s0 + PREFETCH) * hd + line), _MM_HINT_T0);
+        }
         float corr[REP];
         for (int r = 0; r < REP; r++) {
             __m512 dot[16];

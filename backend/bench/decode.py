@@ -23,6 +23,9 @@ Who is who, measured in one run with the same prompt, the same thread count and 
   our prompt's token ids in a child process of --llama-python (a venv with llama-cpp-python; it is no
   dependency of the app); its rate leaves out its prefill (ours keeps it); reported as missing when that
   Python cannot import `llama_cpp`, and refused when its first greedy token is not ours (a broken harness).
+- decode at a long context (--long-context tokens of prompt, gguf variant): greedy decode rate (new tokens
+  after the first / their time, prefill left out) against our own rate at the short prompt, measured
+  interleaved in the same run (goal: the long rate >= 0.8x the short one).
 Timings are the median of --repeat runs after a warm-up run.
 """
 from __future__ import annotations
@@ -54,6 +57,25 @@ def _median_time(fn, repeat: int) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def _decode_rate(engine, ids: list[int], tokens: int) -> float:
+    """Greedy decode tok/s of one stream after its first token (the prompt's prefill left out)."""
+    from backend.sampling import SamplingParams
+    first, count = None, 0
+    for _ in engine.generate([ids], SamplingParams(temperature=0, max_tokens=tokens)):
+        first = first or time.perf_counter()
+        count += 1
+    return (count - 1) / (time.perf_counter() - first)
+
+
+def long_context_rates(engine, context: int, tokens: int, repeat: int) -> tuple[float, float]:
+    """(short-prompt, long-prompt) median decode rates, runs interleaved so load on the machine hits both."""
+    short = engine.chat_prompt(PROMPT)
+    text = " ".join(f"Fact {i}: pelicans can fly long distances over the sea." for i in range(context // 8))
+    long = engine.chat_prompt([{"role": "user", "content": text + " Summarize."}])[:context]
+    rates = [(_decode_rate(engine, short, tokens), _decode_rate(engine, long, tokens)) for _ in range(repeat + 1)][1:]
+    return statistics.median(r[0] for r in rates), statistics.median(r[1] for r in rates)
 
 
 def _warm_load_seconds(data_dir: Path, cache_dir: Path, model: str, threads: int) -> float:
@@ -213,6 +235,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--variants", default="fp32,gguf",
                     help="our engine variants: fp32, gguf (the CPU default: the GGUF's 4-bit blocks), gguf-torch, bf16, int8")
     ap.add_argument("--agreement-tokens", type=int, default=64, help="decode steps per prompt in the agreement check")
+    ap.add_argument("--long-context", type=int, default=1500,
+                    help="prompt tokens of the long-context decode row (gguf variant; 0 skips it)")
     ap.add_argument("--skip-load", action="store_true", help="skip the cold/warm load timing")
     ap.add_argument("--llama-python", default=None,
                     help="a Python with llama-cpp-python installed, for the llama.cpp peer (default: this one)")
@@ -276,6 +300,12 @@ def main(argv: list[str] | None = None) -> None:
             agree = agreement(ref, engine, args.agreement_tokens)
             print(f"ours [{variant}] vs fp32: {agree}")
         ours[variant] = (single, batch, ids, agree)
+        if variant == "gguf" and args.long_context:
+            short_rate, long_rate = long_context_rates(engine, args.long_context, 64, args.repeat)
+            print(f"ours [{variant}] decode at {args.long_context} tokens of context: {long_rate:.1f} tok/s, "
+                  f"at {len(prompt)}: {short_rate:.1f} tok/s")
+            results.append(result(f"decode at {args.long_context} tokens of context vs short [{variant}]", "tok/s",
+                                  long_rate, short_rate, f"ours at a {len(prompt)}-token prompt, same run", 0.8))
         del pool, engine
 
     # -- transformers ----------------------------------------------------------------------------
