@@ -37,6 +37,18 @@ class AppConfig:
     cache_dir: Path | None = None
     # SearxNG-style web search (GET {url}/search?q=...&format=json) for the search tool; None: local index only.
     web_search_url: str | None = field(default_factory=lambda: os.environ.get("PLAYGROUND_WEB_SEARCH_URL") or None)
+    # Who may do what (README "Who may do what"): anonymous callers may generate plain text (no tools) when
+    # this is on; off, every generation needs a signed-in learner. Tools, writes and training always need one.
+    open_inference: bool = True
+    # Request bodies over this are answered 413 before they are read (imports and uploads get the larger one).
+    max_body_bytes: int = 4 * 2**20
+    max_import_bytes: int = 64 * 2**20
+    # A prompt (all of its messages) over this many characters is refused before it is tokenized.
+    max_prompt_chars: int = 200_000
+    # Expensive requests (generation, tools, training a tokenizer) one caller may have in flight at once;
+    # the sandbox gets its own, smaller count. More get 429, so no one fills the queues for everyone.
+    max_requests_per_user: int = 4
+    max_sandbox_runs_per_user: int = 1
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir).resolve()
@@ -67,6 +79,12 @@ class AppConfig:
         parser.add_argument("--threads", type=int, default=cls.threads)
         parser.add_argument("--no-worker", dest="start_worker", action="store_false", help="do not start the training worker")
         parser.add_argument("--no-preload", dest="preload", action="store_false", help="load the default model on first use")
+        parser.add_argument("--open-inference", action=argparse.BooleanOptionalAction, default=None,
+                            help="let anonymous callers generate plain text (default on; tools, writes, training always need a user)")
+        parser.add_argument("--max-body-bytes", type=int, default=None, help=f"413 above this (default {cls.max_body_bytes})")
+        parser.add_argument("--max-import-bytes", type=int, default=None, help=f"413 above this for imports and uploads (default {cls.max_import_bytes})")
+        parser.add_argument("--max-prompt-chars", type=int, default=None, help=f"prompt limit in characters (default {cls.max_prompt_chars})")
+        parser.add_argument("--max-requests-per-user", type=int, default=None, help=f"expensive requests in flight per caller (default {cls.max_requests_per_user})")
         parser.add_argument("--web-search-url", default=None, help="SearxNG-style search endpoint for the search tool (default $PLAYGROUND_WEB_SEARCH_URL)")
 
     @classmethod

@@ -30,6 +30,10 @@ class Playground:
         from backend.tools import PythonTool, SearchIndex
         self.search = SearchIndex(self.db, web_url=cfg.web_search_url)  # the search tool's index (+ web)
         self.sandbox = PythonTool()  # the Python tool: runs code in backend.tools.sandbox
+        from backend.fairness import Fairness
+        from backend.throttle import LoginThrottle
+        self.throttle = LoginThrottle()  # failed sign-ins per account and per client address
+        self.fairness = Fairness({"generation": cfg.max_requests_per_user, "sandbox": cfg.max_sandbox_runs_per_user})
         self.worker = None  # the training worker process (backend/worker.py); the server itself never trains
 
     def start(self) -> None:

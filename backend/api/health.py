@@ -1,8 +1,10 @@
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
+
+from backend.auth import require
 
 router = APIRouter()
 
 
-@router.get("/healthz")
+@router.get("/healthz", dependencies=[Depends(require("public"))])
 def healthz(request: Request) -> dict:
     return request.app.state.pg.health()
