@@ -10,6 +10,9 @@ whose slots are all taken gets 429 at once.
 """
 from __future__ import annotations
 
+import json
+import re
+
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
@@ -36,8 +39,8 @@ class _TooLarge(Exception):
     pass
 
 
-async def _send_error(send, status: int, message: str, headers: dict | None = None) -> None:
-    resp = error_response(status, message, headers=headers)
+async def _send_error(send, status: int, message: str, headers: dict | None = None, extra: dict | None = None) -> None:
+    resp = error_response(status, message, headers=headers, extra=extra)
     await send({"type": "http.response.start", "status": resp.status_code, "headers": resp.raw_headers})
     await send({"type": "http.response.body", "body": resp.body})
 
@@ -61,27 +64,96 @@ class BodyLimit:
                 return await _send_error(send, 400, "Content-Length is not a number")
             if n > limit:
                 return await _send_error(send, 413, f"{message}; this one is {n:,}")
-        seen, started = 0, False
+        seen, started, refused = 0, False, False
 
         async def counted_receive():
-            nonlocal seen
+            nonlocal seen, refused
             msg = await receive()
             if msg["type"] == "http.request":
                 seen += len(msg.get("body", b""))
-                if seen > limit:
+                if seen > limit and not refused:
+                    # Answer now: the route's body parser would turn any exception raised here into its own 400.
+                    refused = True
+                    if not started:
+                        await _send_error(send, 413, f"{message}; this one is larger")
                     raise _TooLarge()
             return msg
 
         async def tracked_send(msg):
             nonlocal started
+            if refused:  # the 413 went out; whatever the route answers after it is dropped
+                return
             started = started or msg["type"] == "http.response.start"
             await send(msg)
 
         try:
             await self.app(scope, counted_receive, tracked_send)
         except _TooLarge:
-            if not started:
-                await _send_error(send, 413, f"{message}; this one is larger")
+            pass
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def lone_surrogate(obj, path: str = "") -> str | None:
+    """The JSON path of the first string holding a lone surrogate, or None."""
+    if isinstance(obj, str):
+        try:
+            obj.encode("utf-8")
+        except UnicodeEncodeError:
+            return path or "body"
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            where = lone_surrogate(k, path) or lone_surrogate(v, f"{path}.{k}" if path else str(k))
+            if where:
+                return where
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            if where := lone_surrogate(v, f"{path}[{i}]"):
+                return where
+    return None
+
+
+class UnicodeJson:
+    """A JSON body whose strings hold a lone surrogate ("\\ud800": valid JSON, not valid Unicode text) is
+    refused here, naming the field, before any route stores it or fails to write it back (400 under /v1,
+    as OpenAI answers, else 422). Only bodies containing such an escape are parsed here."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        headers = dict(scope.get("headers") or []) if scope["type"] == "http" else {}
+        if b"json" not in headers.get(b"content-type", b"") or scope.get("method") not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        chunks, more = [], True
+        while more:
+            msg = await receive()
+            if msg["type"] != "http.request":
+                return  # the client went away
+            chunks.append(msg.get("body", b""))
+            more = msg.get("more_body", False)
+        body = b"".join(chunks)
+        if _SURROGATE_ESCAPE.search(body):
+            try:
+                where = lone_surrogate(json.loads(body))
+            except (ValueError, RecursionError):
+                where = None  # not JSON: the route says so
+            if where:
+                status = 400 if scope.get("path", "").startswith("/v1/") else 422
+                message = f"{where} contains a lone surrogate (not valid Unicode text)"
+                return await _send_error(send, status, message, extra={"error": {
+                    "message": message, "type": "invalid_request_error", "param": where, "code": None}})
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
 
 
 async def caller_of(pg, scope) -> str:
