@@ -161,3 +161,22 @@ def gradio_handlers(base_url: str) -> dict[str, list]:
     values = {c["id"]: c.get("props", {}).get("value") for c in cfg["components"]}
     return {d["api_name"]: [values.get(i) for i in d["inputs"]] for d in cfg["dependencies"]
             if d.get("api_name") and d.get("backend_fn")}
+
+
+def add_user(data_dir: Path, name: str, role: str) -> tuple[str, str]:
+    """Create a user in `data_dir`'s database (made and migrated if new); returns (password, API key).
+    Cheap argon2 parameters keep tests fast."""
+    from argon2 import PasswordHasher
+
+    from backend import users
+    from backend.db import Database
+    Path(data_dir).mkdir(parents=True, exist_ok=True)
+    db = Database(f"sqlite:///{Path(data_dir) / 'playground.db'}")
+    db.migrate()
+    users._hasher = PasswordHasher(time_cost=1, memory_cost=1024)
+    try:
+        _, password, key = users.add_user(db, name, role)
+    finally:
+        users._hasher = PasswordHasher()
+        db.close()
+    return password, key
