@@ -50,7 +50,7 @@ class AppConfig:
     max_prompt_chars: int = 200_000
     # Expensive requests (generation, tools, training a tokenizer) one caller may have in flight at once;
     # the sandbox gets its own, smaller count. More get 429, so no one fills the queues for everyone.
-    max_requests_per_user: int = 4
+    max_requests_per_user: int = 8
     max_sandbox_runs_per_user: int = 1
     # Where models (with their trained tokenizers) and dataset snapshots live when several machines share
     # them: any fsspec URL (file:///shared/path, s3://bucket/prefix). None: inside the data directory.
