@@ -178,16 +178,11 @@ class FairShare:
         pool = next((p for m, prefix, p in EXPENSIVE if m == method and path.startswith(prefix)), None)
         if pool is None:
             return await self.app(scope, receive, send)
-        caller = await caller_of(self.pg, scope)
         try:
-            slot = self.pg.fairness.slot(pool, caller)
-            slot.__enter__()
+            with self.pg.fairness.slot(pool, await caller_of(self.pg, scope)):
+                await self.app(scope, receive, send)  # the slot is held until the last byte is sent
         except TooManyInFlight as e:
-            return await _send_error(send, 429, str(e), {"Retry-After": "1"})
-        try:
-            await self.app(scope, receive, send)
-        finally:
-            slot.__exit__(None, None, None)
+            await _send_error(send, 429, str(e), {"Retry-After": "1"})
 
 
 def prompt_chars(body: dict) -> int:
