@@ -120,7 +120,7 @@ class Dist:
         from torch.nn.parallel import DistributedDataParallel as DDP
         ids = [self.device.index] if self.device.type == "cuda" else None
         # rope tables are constant buffers: no need to broadcast them at every forward
-        return DDP(step, device_ids=ids, broadcast_buffers=False)
+        return DDP(step, device_ids=ids, forward_sync_buffers=False)
 
     def no_sync(self, step: nn.Module, last: bool):
         """Context for one backward of several in a step: gradients are exchanged on the last one only."""
