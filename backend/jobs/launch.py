@@ -124,19 +124,25 @@ def run_torchrun(job: dict, nproc: int, app, device: str, emit, stop: threading.
 
 
 def failure_message(lines: list[str], returncode: int, error_event: dict | None) -> str:
-    """The failed rank's error from torchrun's output: its rank, and its exception or the signal that killed it."""
+    """The failed rank's error from torchrun's output: a rank killed by a signal first (the others then fail
+    only because their peer vanished), else the first failure's exception."""
     text = "\n".join(lines)
-    rank = re.findall(r"rank\s*:\s*(\d+) \(local_rank", text)
-    signal_line = re.findall(r"Signal (\d+) \((\w+)\) received by PID (\d+)", text)
-    # a rank's own exception: "[rank1]: ValueError: ..." lines, or the traceback in torchrun's summary
-    exc = [m.group(1) for m in re.finditer(r"^(?:\[rank\d+\]:\s*)?\s*((?:[\w.]+Error|[\w.]+Exception|error): .+)$",
-                                           text, re.M)]
+    failures = re.findall(r"rank\s*:\s*(\d+) \(local_rank: \d+\)\s*\n\s*exitcode\s*:\s*(-?\d+) \(pid: (\d+)\)", text)
+    for rank, code, pid in failures:
+        if int(code) < 0:
+            try:
+                name = signal.Signals(-int(code)).name
+            except ValueError:
+                name = "unknown"
+            return f"rank {rank} (pid {pid}) was killed by signal {-int(code)} ({name})"
+    root = text[text.rfind("Root Cause"):] if "Root Cause" in text else text  # torchrun's first failure
+    rank = re.findall(r"rank\s*:\s*(\d+) \(local_rank", root)
     who = f"rank {rank[0]}" if rank else "a rank"
-    if signal_line:
-        num, name, pid = signal_line[0]
-        return f"{who} (pid {pid}) was killed by signal {num} ({name})"
-    if error_event is not None:
-        return f"{who} failed: {error_event['error']}"
+    # the rank's own exception: "[rank1]: ValueError: ..." lines, or the traceback in torchrun's summary
+    exc = [m.group(1) for m in re.finditer(r"^(?:\[rank\d+\]:\s*)?\s*((?:[\w.]+Error|[\w.]+Exception|error): .+)$",
+                                           root, re.M)]
     if exc:
         return f"{who} failed: {exc[-1].strip()}"
+    if error_event is not None:
+        return f"{who} failed: {error_event['error']}"
     return f"torchrun exited with status {returncode}: " + (lines[-1] if lines else "no output")

@@ -56,7 +56,7 @@ class FineTuneConfig:
 
     def validate(self) -> None:
         from backend.train.dist import check_parallel_fields
-        check_parallel_fields(self.nproc, self.parallel)
+        check_parallel_fields(self.nproc, self.parallel, *self.global_batch())
         for k in ("max_steps", "batch_size", "eval_every", "checkpoint_every"):
             if getattr(self, k) < (0 if k == "max_steps" else 1):
                 raise ValueError(f"{k}: must be at least {0 if k == 'max_steps' else 1}")
@@ -70,6 +70,11 @@ class FineTuneConfig:
             raise ValueError(f"precision: must be 'auto', 'bf16' or 'fp32', not {self.precision!r}")
         if not isinstance(self.parent_model, str) or not self.parent_model:
             raise ValueError("parent_model: name a registered model")
+
+
+    def global_batch(self) -> tuple[str, int]:
+        """(field, size) of what one step splits over the processes."""
+        return "batch_size", self.batch_size
 
 
 def check_parent(cfg: FineTuneConfig, app: AppConfig) -> None:

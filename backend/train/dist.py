@@ -40,10 +40,14 @@ PARALLEL = ("ddp", "fsdp")
 STOP_REASONS = (None, "max_steps", "max_seconds", "max_cpu_seconds", "stopped")
 
 
-def check_parallel_fields(nproc: int, parallel: str) -> None:
-    """Validate the two config fields every trainer has (FineTuneConfig and PretrainConfig)."""
+def check_parallel_fields(nproc: int, parallel: str, batch_field: str | None = None, batch: int | None = None) -> None:
+    """Validate the two config fields every trainer has (FineTuneConfig and PretrainConfig); the global batch
+    (`batch_field` = `batch`) must split evenly over nproc processes."""
     if not isinstance(nproc, int) or nproc < 1:
         raise ValueError("nproc: must be at least 1 (processes the worker launches with torchrun)")
+    if batch is not None and batch % nproc:
+        raise ValueError(f"{batch_field}: {batch} does not split evenly over nproc={nproc} processes; "
+                         f"use a multiple of {nproc}")
     if parallel not in PARALLEL:
         raise ValueError(f"parallel: 'ddp' (a full copy per process) or 'fsdp' (parameters sharded, "
                          f"FSDP2 fully_shard), not {parallel!r}")

@@ -66,6 +66,9 @@ class PolicyConfig(FineTuneConfig):
     max_cpu_seconds: float = 0.0   # CPU budget (user+sys of this process since the run began, final eval included); 0: none
     sample_dtype: str = "auto"     # weights the sampler decodes with: "auto" (bf16 where training autocasts to bf16), "bf16", "fp32"
 
+    def global_batch(self) -> tuple[str, int]:
+        return "prompts_per_step", self.prompts_per_step
+
     def validate(self) -> None:
         super().validate()
         if self.group_size < 2:

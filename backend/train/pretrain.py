@@ -86,7 +86,7 @@ class PretrainConfig:
     def validate(self) -> None:
         from backend.train.dist import check_parallel_fields
         get_preset(self.preset)
-        check_parallel_fields(self.nproc, self.parallel)
+        check_parallel_fields(self.nproc, self.parallel, "batch_size", self.batch_size or get_preset(self.preset).batch_size)
         if self.max_steps < 0 or self.max_seconds < 0:
             raise ValueError("max_steps and max_seconds must not be negative")
         if not self.max_steps and not self.max_seconds:
