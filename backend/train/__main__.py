@@ -41,6 +41,7 @@ def _pretrain_parser(sub) -> None:
     p.add_argument("--lr", type=float)
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"])
     p.add_argument("--device")
+    p.add_argument("--parallel", choices=["ddp", "fsdp"], help="under torchrun: DDP (default) or FSDP2 (sharded)")
     p.add_argument("--threads", type=int)
     p.add_argument("--seed", type=int)
     p.add_argument("--eval-every", type=int)

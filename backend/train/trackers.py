@@ -39,7 +39,7 @@ class TensorBoard:
         step = int(ev.get("step", 0) or 0)
         if "start" in ev or "done" in ev:
             if "start" in ev and self.w is None:
-                self._open(step if ev.get("resumed") else None)
+                self._open(step + 1 if ev.get("resumed") else None)
             return  # descriptions (parameter counts, world size), not curves
         if "log" in ev or "checkpoint" in ev:
             return
