@@ -98,3 +98,42 @@ def test_pretrain_on_two_processes_follows_the_one_process_curve_and_resumes(dat
     first6 = {k: v for k, v in curve(metrics(data, "pretrain", "p1")).items() if k <= 6}
     # p1's first 6 steps ran with max_steps 6, like p3's
     assert_same(first6, curve(metrics(data, "pretrain", "p3")))
+
+
+def finetune(data: Path, kind: str, name: str, nproc: int = 1, **fields) -> str:
+    cfg = data.parent / f"{name}.yaml"
+    cfg.write_text(yaml.safe_dump({"parent_model": "tiny", "name": name, "threads": 1, "checkpoint_every": 100,
+                                   **fields}))
+    return train(data, kind, "--config", str(cfg), nproc=nproc)
+
+
+SFT = dict(max_steps=4, batch_size=4, seq_len=256, n_examples=40, eval_every=2, protocol_check=0, lr=1e-3, warmup_steps=0)
+DPO = dict(max_steps=3, batch_size=4, n_examples=12, eval_every=3, lr=1e-4, max_len=64, warmup_steps=0)
+
+
+@pytest.mark.parametrize("kind,fields", [("sft", SFT), ("dpo", DPO)])
+def test_finetuning_on_two_processes_follows_the_one_process_curve(data, kind, fields):
+    finetune(data, kind, f"{kind}1", **fields)
+    out = finetune(data, kind, f"{kind}2", nproc=2, **fields)
+    assert out.count("done (max_steps)") == 1
+    one, two = metrics(data, kind, f"{kind}1"), metrics(data, kind, f"{kind}2")
+    assert_same(curve(one), curve(two))  # SFT: ranks hold different numbers of answer tokens, weighed to the global mean
+    key = "val_loss"
+    assert_same(curve(one, key), curve(two, key))
+    assert next(e for e in two if "start" in e)["world_size"] == 2
+    assert ModelRegistry(AppConfig(data_dir=data)).get(f"{kind}2").lineage["world_size"] == 2
+
+
+def test_reward_and_grpo_run_on_two_processes_and_register_once(data):
+    finetune(data, "reward", "rm2", nproc=2, max_steps=2, batch_size=2, n_examples=10, k=3, max_len=64, eval_every=2)
+    rm = metrics(data, "reward", "rm2")
+    assert sorted(curve(rm)) == [1, 2] and next(e for e in rm if "start" in e)["world_size"] == 2
+    reg = ModelRegistry(AppConfig(data_dir=data))
+    from backend.train.reward import load_reward_model
+    load_reward_model(reg, "rm2")  # backbone + head, written by rank 0
+    # GRPO: each rank samples the groups of its share of the prompts (rollouts per rank)
+    finetune(data, "grpo", "g2", nproc=2, max_steps=2, prompts_per_step=2, group_size=2, max_new_tokens=6,
+             n_heldout=2, eval_tokens=6, eval_every=2)
+    g = metrics(data, "grpo", "g2")
+    assert sorted(curve(g)) == [1, 2] and all("reward" in e and "kl" in e for e in g if "loss" in e)
+    assert reg.get("g2").lineage["world_size"] == 2

@@ -265,7 +265,7 @@ class FineTuneRun:
             self.events({**ev, **self.dist.describe()} if "start" in ev else ev)
 
     def log(self, text: str) -> None:
-        self.events({"log": text, "step": self.step})
+        self.emit({"log": text, "step": self.step})
 
     def elapsed(self) -> float:
         return self.elapsed_before + time.monotonic() - self.t0
