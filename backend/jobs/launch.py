@@ -35,20 +35,21 @@ class RankFailed(RuntimeError):
 
 
 def capacity(device: str, max_procs: int | None = None) -> tuple[int, str]:
-    """(how many processes this worker may launch for one job, why that many)."""
+    """(how many processes this worker may launch for one job, why that many). On CPU: the cores, or
+    --max-procs when given (gloo processes may share cores); on cuda: the visible GPUs, at most --max-procs."""
     import torch
     kind = device.split(":")[0]
     if kind == "cuda":
         n = torch.cuda.device_count()
-        have = (n, f"{n} GPU(s) visible")
-    elif kind == "cpu":
+        if max_procs is not None and max_procs < n:
+            return max_procs, f"--max-procs {max_procs}"
+        return n, f"{n} GPU(s) visible"
+    if kind == "cpu":
+        if max_procs is not None:
+            return max_procs, f"--max-procs {max_procs}"
         n = os.cpu_count() or 1
-        have = (n, f"{n} CPU cores (gloo processes)")
-    else:
-        have = (1, f"{kind} runs one process")
-    if max_procs is not None and max_procs < have[0]:
-        return max_procs, f"--max-procs {max_procs}"
-    return have
+        return n, f"{n} CPU cores (gloo processes)"
+    return 1, f"{kind} runs one process"
 
 
 def check_capacity(nproc: int, device: str, worker: str, max_procs: int | None = None) -> None:
@@ -128,7 +129,8 @@ def failure_message(lines: list[str], returncode: int, error_event: dict | None)
     only because their peer vanished), else the first failure's exception."""
     text = "\n".join(lines)
     failures = re.findall(r"rank\s*:\s*(\d+) \(local_rank: \d+\)\s*\n\s*exitcode\s*:\s*(-?\d+) \(pid: (\d+)\)", text)
-    for rank, code, pid in failures:
+    # torchrun itself SIGTERMs the surviving ranks after a failure: a rank killed by another signal comes first
+    for rank, code, pid in sorted(failures, key=lambda f: int(f[1]) == -signal.SIGTERM):
         if int(code) < 0:
             try:
                 name = signal.Signals(-int(code)).name
