@@ -74,6 +74,7 @@ class WandB:
 
     def close(self) -> None:
         self.run.finish()
+        self.wandb.teardown()  # wandb keeps settings process-wide: the next run reads the environment afresh
 
 
 def open_trackers(run_dir: Path, name: str, config: dict) -> tuple[list, list[str]]:
@@ -87,6 +88,8 @@ def open_trackers(run_dir: Path, name: str, config: dict) -> tuple[list, list[st
             notes.append("WANDB_API_KEY is set but the wandb package is not installed (pip install wandb): "
                          "metrics go to metrics.jsonl and TensorBoard only")
         except Exception as e:  # no network, a bad key, a timeout: wandb raises its own errors
+            import wandb
+            wandb.teardown()
             notes.append(f"Weights & Biases could not start ({type(e).__name__}: {str(e).strip().splitlines()[0][:300]}); offline? "
                          "set WANDB_MODE=offline to keep the run on disk for `wandb sync`. "
                          "Metrics go to metrics.jsonl and TensorBoard only")
