@@ -98,6 +98,9 @@ def test_pretrain_on_two_processes_follows_the_one_process_curve_and_resumes(dat
     first6 = {k: v for k, v in curve(metrics(data, "pretrain", "p1")).items() if k <= 6}
     # p1's first 6 steps ran with max_steps 6, like p3's
     assert_same(first6, curve(metrics(data, "pretrain", "p3")))
+    # and its checkpoint (full tensors, the optimizer's moments gathered from the shards) resumes sharded again
+    train(data, *PRETRAIN, "--name", "p3", "--max-steps", "10", "--parallel", "fsdp", "--resume", nproc=2)
+    assert_same(curve(metrics(data, "pretrain", "p1")), curve(metrics(data, "pretrain", "p3")))
 
 
 def finetune(data: Path, kind: str, name: str, nproc: int = 1, **fields) -> str:
