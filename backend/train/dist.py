@@ -114,10 +114,12 @@ class Dist:
         self.parallel = parallel
         if parallel == "fsdp":
             from torch.distributed.fsdp import fully_shard
+
+            from models.transformer import Block
             if extra is not None and any(p.requires_grad for p in extra.parameters()):
                 raise ValueError("parallel: 'fsdp' shards the model only; use 'ddp' with LoRA adapters")
             for m in model.modules():  # each transformer block its own unit: gathered just before it runs
-                if type(m).__name__ == "Block":
+                if isinstance(m, Block):
                     fully_shard(m)
             fully_shard(step)
             return step

@@ -57,6 +57,8 @@ class SFTConfig(FineTuneConfig):
             raise ValueError(f"bundled: 'tool-use' or 'reasoning', not {self.bundled!r}")
         if self.n_examples < 2 or self.lora_rank < 0:
             raise ValueError("n_examples must be at least 2 and lora_rank not negative")
+        if self.lora_rank and self.parallel == "fsdp":
+            raise ValueError("parallel: 'fsdp' shards the model, not LoRA adapters; use 'ddp' with lora_rank")
 
 
 def bundled_rows(cfg: SFTConfig) -> list[dict]:
