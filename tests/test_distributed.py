@@ -140,3 +140,15 @@ def test_reward_and_grpo_run_on_two_processes_and_register_once(data):
     g = metrics(data, "grpo", "g2")
     assert sorted(curve(g)) == [1, 2] and all("reward" in e and "kl" in e for e in g if "loss" in e)
     assert reg.get("g2").lineage["world_size"] == 2
+
+
+def test_the_door_refuses_what_cannot_split_or_shard(data):
+    from backend.jobs.kinds import parse_config
+    app = AppConfig(data_dir=data)
+    for kind, cfg, msg in [("pretrain", {"nproc": 3, "batch_size": 4, "max_steps": 1}, "batch_size: 4 does not split evenly over nproc=3"),
+                           ("grpo", {"nproc": 4, "prompts_per_step": 2}, "prompts_per_step: 2 does not split evenly"),
+                           ("sft", {"lora_rank": 4, "parallel": "fsdp"}, "parallel: 'fsdp' shards the model, not LoRA"),
+                           ("dpo", {"parallel": "zero3"}, "parallel: 'ddp' (a full copy per process) or 'fsdp'"),
+                           ("reward", {"nproc": 0}, "nproc: must be at least 1")]:
+        with pytest.raises(ValueError, match=msg.replace("(", r"\(").replace(")", r"\)")):
+            parse_config(kind, {"parent_model": "tiny", **cfg} if kind != "pretrain" else cfg, app)
