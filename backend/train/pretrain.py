@@ -34,7 +34,6 @@ from backend.config import AppConfig
 from backend.train.data import TokenData, corpus_text, token_byte_lengths
 from backend.train.metrics import bits_per_byte, flops_per_token, mfu, peak_flops
 from backend.train.regurgitation import sample_ids
-from models.device import pick_device
 from models.presets import get_preset, preset_config
 from models.transformer import Transformer
 
