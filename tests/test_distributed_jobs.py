@@ -86,6 +86,13 @@ def test_cancel_stops_every_rank_at_a_kept_checkpoint(env):
     assert latest_checkpoint(run_dir).name == f"ckpt-{cancelled['step']:07d}"
     assert ModelRegistry(app).get(cancelled["model"]).lineage["steps"] == cancelled["step"]
     assert loss_steps(db, job["id"]) == list(range(1, cancelled["step"] + 1))
+    # resumed, the two processes continue from that checkpoint
+    step = cancelled["step"]
+    queue.resume_job(db, app, job["id"], overrides={"max_steps": step + 4, "max_seconds": 0})
+    done = wait_for(lambda: (j := queue.get_job(db, job["id"]))["state"] in queue.FINISHED and j, 180, "the resumed job")
+    assert done["state"] == "succeeded" and done["attempt"] == 2, done["error"]
+    assert loss_steps(db, job["id"]) == list(range(1, step + 5))
+    assert ModelRegistry(app).get(done["model"]).lineage["steps"] == step + 4
 
 
 def test_a_killed_rank_fails_the_job_with_its_error(env):
