@@ -405,12 +405,14 @@ def test_decode_bench_runs_at_toy_size(capsys):
 
     from backend.bench import decode
     decode.main(["--skip-load", "--skip-peer", "--tokens", "3", "--samples", "2", "--sample-tokens", "2",
-                 "--repeat", "1", "--threads", "1", "--variants", "gguf,fp32", "--agreement-tokens", "2"])
+                 "--repeat", "1", "--threads", "1", "--variants", "gguf,fp32", "--agreement-tokens", "2",
+                 "--long-context", "200", "--long-context-tokens", "3"])
     last = capsys.readouterr().out.strip().splitlines()[-1]
     out = json.loads(last)
     assert out["bench"] == "decode"
     by_metric = {r["metric"]: r for r in out["results"]}
     assert "single-stream decode (greedy) [fp32]" in by_metric and "2 samples x 2 tokens [gguf]" in by_metric
+    assert by_metric["decode at 200 tokens of context vs short [gguf]"]["peer"] > 0  # our short-prompt rate
     assert all(r["ours"] > 0 for r in out["results"] if r["unit"] == "tok/s")
     [llama] = [r for m, r in by_metric.items() if m.endswith("vs llama.cpp")]  # measured, or said why not
     assert (llama["peer"] or 0) > 0 or "llama" in llama["peer_name"]

@@ -290,6 +290,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--agreement-tokens", type=int, default=64, help="decode steps per prompt in the agreement check")
     ap.add_argument("--long-context", type=int, default=1500,
                     help="prompt tokens of the long-context decode row (gguf variant; 0 skips it)")
+    ap.add_argument("--long-context-tokens", type=int, default=64, help="new tokens per run of the long-context row")
     ap.add_argument("--skip-load", action="store_true", help="skip the cold/warm load timing")
     ap.add_argument("--llama-python", default=None,
                     help="a Python with llama-cpp-python installed, for the llama.cpp peer (default: this one)")
@@ -354,7 +355,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"ours [{variant}] vs fp32: {agree}")
         ours[variant] = (single, batch, ids, agree)
         if variant == "gguf" and args.long_context:
-            short_rate, long_rate = long_context_rates(engine, args.long_context, 64, args.repeat)
+            short_rate, long_rate = long_context_rates(engine, args.long_context, args.long_context_tokens, args.repeat)
             print(f"ours [{variant}] decode at {args.long_context} tokens of context: {long_rate:.1f} tok/s, "
                   f"at {len(prompt)}: {short_rate:.1f} tok/s")
             results.append(result(f"decode at {args.long_context} tokens of context vs short [{variant}]", "tok/s",
