@@ -7,6 +7,8 @@ from importlib import import_module
 
 import gradio as gr
 
+from ui.login import public
+
 # (module under ui, tab label) in the order a learner meets them.
 TABS: list[tuple[str, str]] = [
     ("tokenizer", "Tokenizer"),  # first: learners start here (issue 3)
@@ -41,4 +43,4 @@ def model_status(pg) -> None:
     first = show()
     status = gr.Markdown(first["value"], visible=first["visible"], elem_id="model-status")
     timer = gr.Timer(2.0, active=not pg.ready)
-    timer.tick(lambda: (show(), gr.Timer(active=not pg.ready)), outputs=[status, timer], show_progress="hidden")
+    timer.tick(public(lambda: (show(), gr.Timer(active=not pg.ready))), outputs=[status, timer], show_progress="hidden")
