@@ -15,6 +15,7 @@ ROUTES: list[tuple[str, str]] = [
     ("auth", ""),
     ("labels", ""),
     ("openai_api", ""),
+    ("tokenizer_routes", ""),
     ("models_api", ""),
     ("tools", ""),
     ("jobs", ""),

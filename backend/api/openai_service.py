@@ -162,11 +162,16 @@ class ChatPlan:
     forced: bool              # the prompt ends with an opening <tool_call>
 
 
-def chat_messages(req: ChatCompletionRequest) -> tuple[list[dict], bool]:
+def chat_messages_of(messages) -> tuple[list[dict], bool]:
+    """Parsed ChatMessages -> chat-format messages and whether the last assistant turn stays open."""
     try:
-        return to_chat_messages([m.model_dump(exclude_none=True) for m in req.messages])
+        return to_chat_messages([m.model_dump(exclude_none=True) for m in messages])
     except MessageError as e:
         raise APIError(400, str(e), e.param) from None
+
+
+def chat_messages(req: ChatCompletionRequest) -> tuple[list[dict], bool]:
+    return chat_messages_of(req.messages)
 
 
 def plan_chat(req: ChatCompletionRequest, engine) -> ChatPlan:
