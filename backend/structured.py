@@ -51,21 +51,21 @@ class GrammarConstraint:
         self.matcher, self.vocab_size, self.stop_ids, self.tokenizer = matcher, vocab_size, stop_ids, tokenizer
         self.words = torch.zeros(n_words, dtype=torch.int32)
 
-    def allowed(self) -> torch.Tensor:
-        """Bool [vocab_size]: the tokens the grammar allows next."""
+    def blocked(self) -> np.ndarray:
+        """Bool [vocab_size]: the tokens the grammar forbids next (numpy: one torch op per step, in mask)."""
         if self.matcher.is_error():  # cannot happen through the mask; end the sample if it does
-            out = torch.zeros(self.vocab_size, dtype=torch.bool)
-            out[self.stop_ids] = True
-            return out
-        self.matcher.unsafe_compute_mask_ptr(self.words.data_ptr(), self.words.numel() * 4)
-        bits = np.unpackbits(self.words.numpy().view(np.uint8), bitorder="little")[: self.vocab_size]
-        out = torch.from_numpy(bits.astype(bool))
-        if not out.any():  # only tokens past the model's vocabulary would do: stop instead
-            out[self.stop_ids] = True
+            out = np.ones(self.vocab_size, dtype=bool)
+        else:
+            self.matcher.unsafe_compute_mask_ptr(self.words.data_ptr(), self.words.numel() * 4)
+            bits = np.unpackbits(self.words.numpy().view(np.uint8), bitorder="little")[: self.vocab_size]
+            out = bits == 0
+            if not out.all():
+                return out
+        out[self.stop_ids] = False  # nothing inside the model's vocabulary would do: stop instead
         return out
 
     def mask(self, logits: torch.Tensor) -> None:
-        logits.masked_fill_(~self.allowed().to(logits.device), float("-inf"))
+        logits.masked_fill_(torch.from_numpy(self.blocked()).to(logits.device), float("-inf"))
 
     def accept(self, token_id: int) -> None:
         self.matcher.consume_token(int(token_id))
