@@ -16,6 +16,7 @@ TABS: list[tuple[str, str]] = [
     ("labeling", "Labeling"),
     ("arena", "Arena"),  # blind side-by-side votes become a leaderboard (DEMOS 18)
     ("practice", "Practice"),  # many samples of a problem with a known answer; voting, best-of-N (DEMOS 14-15)
+    ("models", "Models"),  # the registry: served (remote) models for admins, export for operators (issue 14)
 ]
 
 

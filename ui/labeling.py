@@ -292,7 +292,8 @@ def build_operator(pg) -> None:
     @_errors_to_gr
     def do_snapshot(kind, set_id, request: gr.Request):
         user = request_user(pg, request, "operator")
-        return snapshots.create_snapshot(pg.db, pg.cfg.data_dir, user, kind, set_id=int(set_id) if set_id else None)
+        return snapshots.create_snapshot(pg.db, pg.cfg.data_dir, user, kind, set_id=int(set_id) if set_id else None,
+                                         artifacts_url=pg.cfg.artifacts_url)
 
     @_errors_to_gr
     def do_import(kind, path, request: gr.Request):

@@ -185,9 +185,12 @@ def plan_chat(req: ChatCompletionRequest, engine) -> ChatPlan:
     forced = bool(functions) and choice != "auto"
     called = [f for f in functions if f["name"] == choice.function.name] if hasattr(choice, "function") else functions
     try:
-        prompt = list(render_chat(messages, engine.enc, add_generation_prompt=not open_turn,
-                                  continue_final_message=open_turn, functions=functions or None,
-                                  open_call=forced).ids)
+        if functions or open_turn:
+            prompt = list(render_chat(messages, engine.enc, add_generation_prompt=not open_turn,
+                                      continue_final_message=open_turn, functions=functions or None,
+                                      open_call=forced).ids)
+        else:  # the engine's own rendering: a remote engine keeps the messages (backend/remote_engine.py)
+            prompt = engine.chat_prompt(messages)
     except ValueError as e:
         raise APIError(400, str(e), "messages") from None
     max_tokens = resolve_max_tokens(engine, len(prompt), [("max_completion_tokens", req.max_completion_tokens),
