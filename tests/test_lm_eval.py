@@ -13,7 +13,6 @@ import pytest
 from tests.conftest import start_server
 
 pytestmark = pytest.mark.slow
-lm_eval = pytest.importorskip("lm_eval")  # requirements-test.txt installs it
 
 MODEL = "smollm2-135m-instruct"
 QUESTIONS = [("What is the capital of France?", ["Paris.", "London.", "Rome."], 0),
@@ -54,6 +53,8 @@ def per_choice(results) -> list[list[float]]:
 
 
 def test_harness_loglikelihoods_through_v1_match_its_hf_backend(tmp_path, task_dir, monkeypatch):
+    import lm_eval  # requirements-test.txt installs it (lm-eval[api]); imported here: it is slow to import
+
     from backend.config import AppConfig
     from backend.lm_eval_run import run_tasks
     from models.registry import ModelRegistry
