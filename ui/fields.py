@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import gradio as gr
 
+from ui.login import public
+
 RUNNING = "⏳"  # a status line that starts with this says a run is going (see wire_stop)
 
 
@@ -21,4 +23,4 @@ def wire_stop(halt: gr.Button, runs: list, status: gr.components.Component, stop
     the run was going, not over an error such as a missing login."""
     halt.click(None, None, None, cancels=runs)
     for run in runs:
-        run.failure(lambda s: stopped if (s or "").startswith(RUNNING) else gr.skip(), [status], [status])
+        run.failure(public(lambda s: stopped if (s or "").startswith(RUNNING) else gr.skip()), [status], [status])

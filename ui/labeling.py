@@ -12,7 +12,7 @@ import gradio as gr
 from backend.labels import agreement, exchange, guidelines, progress, rankings, sft, snapshots
 from backend.labels.candidates import EXAMPLE_PROMPTS
 from backend.labels.messages import flatten
-from ui.login import build_login, request_user
+from ui.login import build_login, door, public, request_user
 from ui.ranking_widget import build_ranking_widget
 
 
@@ -43,7 +43,7 @@ def build_sft(pg) -> None:
     gr.Markdown("Write the ideal assistant reply. **Draft with model** gives you a first version to fix; "
                 "the record keeps what the model wrote. Submit keeps every version; Save draft lets you come back.")
     with gr.Accordion("Guidelines", open=False):
-        gr.Markdown(lambda: guidelines.get_guidelines(pg.db))
+        gr.Markdown(public(lambda: guidelines.get_guidelines(pg.db)))
     state = gr.State({"demo_id": None, "prompt_id": None})
     with gr.Row():
         load_btn = gr.Button("Next prompt")
@@ -118,6 +118,7 @@ def build_sft(pg) -> None:
                   f"{payload.get('versions', 0)} submitted version(s). {note}")
         return [*render(payload["messages"]), st, status]
 
+    @door(pg, "annotator")
     @_errors_to_gr
     def load_next(st, request: gr.Request):
         user = request_user(pg, request, "annotator")
@@ -133,12 +134,15 @@ def build_sft(pg) -> None:
                        prompt_id=st.get("prompt_id"), submit=submit)
         return show(out, "Submitted." if submit else "Draft saved.")
 
+    @door(pg, "annotator")
     def save_draft(text, reply, thinking, tool_rows, st, request: gr.Request):
         return save(text, reply, thinking, tool_rows, st, False, request)
 
+    @door(pg, "annotator")
     def submit(text, reply, thinking, tool_rows, st, request: gr.Request):
         return save(text, reply, thinking, tool_rows, st, True, request)
 
+    @door(pg, "annotator")
     @_errors_to_gr
     def skip(st, request: gr.Request):
         user = request_user(pg, request, "annotator")
@@ -147,6 +151,7 @@ def build_sft(pg) -> None:
         sft.skip(pg.db, user, st["prompt_id"])
         return load_next({}, request)
 
+    @door(pg, "annotator")
     @_errors_to_gr
     def draft(text, model_name, temperature, request: gr.Request):
         request_user(pg, request, "annotator")
@@ -155,6 +160,7 @@ def build_sft(pg) -> None:
             msgs = msgs[:-1]  # drafting again replaces the turn being written
         return render(sft.draft_with_model(getattr(pg, "engines", None), model_name, msgs, temperature))
 
+    @public
     @_errors_to_gr
     def append_user(text, reply, thinking, tool_rows, turn):
         if not turn.strip():
@@ -166,12 +172,14 @@ def build_sft(pg) -> None:
         msgs += [{"role": "user", "content": turn}, {"role": "assistant", "content": ""}]
         return [*render(msgs), ""]
 
+    @door(pg, "annotator")
     @_errors_to_gr
     def list_mine(request: gr.Request):
         user = request_user(pg, request, "annotator")
         rows = sft.list_mine(pg.db, user)
         return gr.update(choices=[(f"#{d['demo_id']} [{d['status']}] {d['first_user_turn'][:60]}", d["demo_id"]) for d in rows])
 
+    @door(pg, "annotator")
     @_errors_to_gr
     def open_demo(demo_id, st, request: gr.Request):
         if demo_id is None:
@@ -179,6 +187,7 @@ def build_sft(pg) -> None:
         user = request_user(pg, request, "annotator")
         return show(sft.get(pg.db, user, int(demo_id)))
 
+    @public
     def sync_preview(text):
         try:
             return _chat_preview(json.loads(text or "[]")), *split(json.loads(text or "[]"))
@@ -219,6 +228,7 @@ def build_operator(pg) -> None:
     sft_btn = gr.Button("Queue for demonstrations")
     sft_out = gr.Markdown()
 
+    @door(pg, "operator")
     @_errors_to_gr
     def queue_sft(text, system, request: gr.Request):
         user = request_user(pg, request, "operator")
@@ -247,6 +257,7 @@ def build_operator(pg) -> None:
     imp_btn = gr.Button("Import")
     io_out = gr.JSON(label="Result")
 
+    @door(pg, "operator")
     @_errors_to_gr
     def create_set(name, model, prompts, examples, k, temp, per_item, upload, request: gr.Request):
         user = request_user(pg, request, "operator")
@@ -258,6 +269,7 @@ def build_operator(pg) -> None:
         return rankings.create_set_from_model(pg.db, getattr(pg, "engines", None), user, name, lines, model,
                                               int(k), float(temp), int(per_item or 1))
 
+    @door(pg, "operator")
     @_errors_to_gr
     def show_progress(set_id, request: gr.Request):
         request_user(pg, request, "operator")
@@ -268,6 +280,7 @@ def build_operator(pg) -> None:
         return (text, gr.update(value=rows, headers=["annotator", "ranked", "skipped", "all bad", "last activity"]),
                 gr.update(value=[], headers=["-"]))
 
+    @door(pg, "operator")
     @_errors_to_gr
     def show_agreement(set_id, method, request: gr.Request):
         request_user(pg, request, "operator")
@@ -280,6 +293,7 @@ def build_operator(pg) -> None:
         return (text, gr.update(value=people, headers=["annotator", "items", "tau vs consensus"]),
                 gr.update(value=items, headers=["item", "prompt", "annotators", "mean pairwise tau", "consensus (candidate ids)"]))
 
+    @door(pg, "operator")
     @_errors_to_gr
     def do_export(kind, set_id, request: gr.Request):
         request_user(pg, request, "operator")
@@ -289,12 +303,14 @@ def build_operator(pg) -> None:
         f.close()
         return f.name
 
+    @door(pg, "operator")
     @_errors_to_gr
     def do_snapshot(kind, set_id, request: gr.Request):
         user = request_user(pg, request, "operator")
         return snapshots.create_snapshot(pg.db, pg.cfg.data_dir, user, kind, set_id=int(set_id) if set_id else None,
                                          artifacts_url=pg.cfg.artifacts_url)
 
+    @door(pg, "operator")
     @_errors_to_gr
     def do_import(kind, path, request: gr.Request):
         user = request_user(pg, request, "operator")
@@ -314,11 +330,12 @@ def build_operator(pg) -> None:
 
 
 def build_guidelines(pg) -> None:
-    text = gr.Markdown(lambda: guidelines.get_guidelines(pg.db))
+    text = gr.Markdown(public(lambda: guidelines.get_guidelines(pg.db)))
     with gr.Accordion("Edit (admins)", open=False):
-        editor = gr.Textbox(lines=16, label="Markdown", value=lambda: guidelines.get_guidelines(pg.db))
+        editor = gr.Textbox(lines=16, label="Markdown", value=public(lambda: guidelines.get_guidelines(pg.db)))
         save = gr.Button("Save guidelines")
 
+    @door(pg, "admin")
     @_errors_to_gr
     def do_save(new, request: gr.Request):
         user = request_user(pg, request, "admin")
@@ -342,12 +359,14 @@ def build_admin(pg) -> None:
     table = gr.JSON(label="Users")
     refresh = gr.Button("List users", size="sm")
 
+    @door(pg, "admin")
     @_errors_to_gr
     def do_add(name, role, request: gr.Request):
         request_user(pg, request, "admin")
         u, password, api_key = users.add_user(pg.db, name, role)
         return {"name": u.name, "role": u.role, "password": password, "api_key": api_key}, users.list_users(pg.db)
 
+    @door(pg, "admin")
     @_errors_to_gr
     def do_disable(name, request: gr.Request):
         me = request_user(pg, request, "admin")
@@ -356,6 +375,7 @@ def build_admin(pg) -> None:
         users.set_active(pg.db, name.strip(), False)
         return users.list_users(pg.db)
 
+    @door(pg, "admin")
     @_errors_to_gr
     def do_list(request: gr.Request):
         request_user(pg, request, "admin")

@@ -17,7 +17,7 @@ from gradio.context import Context
 
 from backend.auth import user_from_request
 from backend.jobs import kinds, queue
-from ui.login import build_login, request_user
+from ui.login import build_login, door, public, request_user
 
 MAX_PLOT_POINTS = 2000
 JOB_COLUMNS = ["id", "kind", "name", "state", "step", "loss", "model", "by"]
@@ -189,15 +189,17 @@ def build(pg) -> None:
     shown = gr.State(here is None)
     timer = gr.Timer(1.0)
     if here is not None and isinstance(here.parent, gr.Tabs):
+        @public
         def on_tab(evt: gr.SelectData) -> bool:
             return evt.value == here.label
 
         here.parent.select(on_tab, None, shown, show_progress="hidden")
 
-    kind.change(lambda k: ", ".join(f"`{f['name']}`" for f in kinds.config_fields(k)), kind, fields_md)
+    kind.change(public(lambda k: ", ".join(f"`{f['name']}`" for f in kinds.config_fields(k))), kind, fields_md)
 
-    snap_refresh.click(lambda: gr.update(choices=_snapshot_choices(pg)), None, snapshot)
+    snap_refresh.click(public(lambda: gr.update(choices=_snapshot_choices(pg))), None, snapshot)
 
+    @door(pg, "operator")
     def start_job(k, pre, corp, tok, secs, steps, s_every, e_every, nm, chars, snap, files, extra_json, st,
                   request: gr.Request):
         user = request_user(pg, request, "operator")
@@ -241,15 +243,18 @@ def build(pg) -> None:
             raise gr.Error(str(e))
         return f"Job {job['id']} is now **{job['state']}**" + (" (stopping after this step)" if job["cancel_requested"] else "")
 
+    @door(pg, "operator")
     def cancel_job(job_id, request: gr.Request):
         return act(lambda i, u: queue.cancel_job(pg.db, i, u), job_id, request)
 
+    @door(pg, "operator")
     def resume_job(job_id, request: gr.Request):
         return act(lambda i, u: queue.resume_job(pg.db, pg.cfg, i, u), job_id, request)
 
     cancel.click(cancel_job, job_pick, status)
     resume.click(resume_job, job_pick, status)
 
+    @public
     def tick(st, selected, picked, visible, request: gr.Request):
         skip = gr.skip()
         if not visible:
@@ -302,4 +307,4 @@ def build(pg) -> None:
 
     timer.tick(tick, [state, job_pick, curve, shown], [state, jobs_table, job_pick, stats, loss_plot, bpb_plot, samples,
                                                        log_box, curve_info, curve], show_progress="hidden")
-    curve.input(lambda st, key: _curve_plot(st["series"], _second_curve(st["series"], key)), [state, curve], bpb_plot)
+    curve.input(public(lambda st, key: _curve_plot(st["series"], _second_curve(st["series"], key))), [state, curve], bpb_plot)

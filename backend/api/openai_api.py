@@ -24,6 +24,7 @@ from fastapi.responses import StreamingResponse
 from backend.api import openai_format as fmt
 from backend.api import openai_service as svc
 from backend.api.openai_schema import APIError, ChatCompletionRequest, CompletionRequest, parsed
+from backend.auth import require
 from backend.chat_tools import CallStream, parse_answer
 from backend.engine import aiterate
 
@@ -107,12 +108,12 @@ def model_card(spec) -> dict:
             "max_model_len": spec.context_length}
 
 
-@router.get("/v1/models")
+@router.get("/v1/models", dependencies=[Depends(require("public"))])
 def list_models(request: Request) -> dict:
     return {"object": "list", "data": [model_card(s) for s in request.app.state.pg.registry.list()]}
 
 
-@router.get("/v1/models/{name}")
+@router.get("/v1/models/{name}", dependencies=[Depends(require("public"))])
 def get_model(name: str, request: Request):
     try:
         return model_card(request.app.state.pg.registry.get(name))
@@ -121,7 +122,7 @@ def get_model(name: str, request: Request):
 
 
 # -- /v1/completions -----------------------------------------------------------------------------
-@router.post("/v1/completions")
+@router.post("/v1/completions", dependencies=[Depends(require("inference"))])
 async def completions(request: Request, req: CompletionRequest = Depends(parsed(CompletionRequest))):
     engine = await svc.get_engine(request.app.state.pg, req.model)
     plan = svc.plan_completion(req, engine)
@@ -167,7 +168,7 @@ async def stream_completion(req: CompletionRequest, engine, plan: svc.Completion
 
 
 # -- /v1/chat/completions ------------------------------------------------------------------------
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", dependencies=[Depends(require("inference"))])
 async def chat_completions(request: Request, req: ChatCompletionRequest = Depends(parsed(ChatCompletionRequest))):
     engine = await svc.get_engine(request.app.state.pg, req.model)
     if svc.uses_builtin_tools(req):  # the server's own tools and thinking

@@ -75,7 +75,7 @@ def validation_error(e: ValidationError) -> APIError:
     return APIError(400, f"{param or 'body'}: {msg}" + (f" (got {got})" if got else ""), param)
 
 
-def parse_body(raw: bytes, model: type[BaseModel]):
+def parse_body(raw: bytes, model: type[BaseModel], max_prompt_chars: int | None = None):
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -87,6 +87,10 @@ def parse_body(raw: bytes, model: type[BaseModel]):
     if not isinstance(body, dict):
         raise APIError(400, "request body must be a JSON object")
     _check_strings(body, "")
+    if max_prompt_chars is not None:
+        from backend.api.guards import too_long
+        if why := too_long(body, max_prompt_chars):  # before any tokenizing
+            raise APIError(400, why, "messages" if "messages" in body else "prompt", code="context_length_exceeded")
     try:
         req = model.model_validate(body)
     except ValidationError as e:
@@ -100,7 +104,7 @@ def parse_body(raw: bytes, model: type[BaseModel]):
 def parsed(model: type[BaseModel]):
     """A FastAPI dependency that reads the request body into `model` (or raises APIError)."""
     async def dependency(request: Request):
-        return parse_body(await request.body(), model)
+        return parse_body(await request.body(), model, request.app.state.pg.cfg.max_prompt_chars)
     dependency.__name__ = f"parse_{model.__name__}"
     return dependency
 

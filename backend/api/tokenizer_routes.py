@@ -11,7 +11,8 @@
 `model` defaults to the server's default model (--model), as vLLM serves one. A prompt is tokenized as
 /v1/completions tokenizes a prompt string (special-token text such as <|im_end|> is the special token),
 messages as /v1/chat/completions renders them. Our tokenizers add no BOS, so add_special_tokens changes
-nothing. Errors have /v1's shape (a 400 naming the field, 404 for an unknown model).
+nothing. Errors have /v1's shape (a 400 naming the field, 404 for an unknown model). Access: as /v1
+(tokenizing is inference; the info is public).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import Field
 
 from backend.api.openai_schema import APIError, ChatMessage, Strict, parsed
+from backend.auth import require
 from models.registry import UnknownModel
 
 router = APIRouter(tags=["tokenizer"])
@@ -61,7 +63,7 @@ async def tokenizer_of(request: Request, name: str | None):
     return spec, enc
 
 
-@router.post("/tokenize")
+@router.post("/tokenize", dependencies=[Depends(require("inference"))])
 async def tokenize(request: Request, req: TokenizeRequest = Depends(parsed(TokenizeRequest))) -> dict:
     spec, enc = await tokenizer_of(request, req.model)
     if req.prompt is not None:
@@ -84,7 +86,7 @@ async def tokenize(request: Request, req: TokenizeRequest = Depends(parsed(Token
     return {"count": len(ids), "max_model_len": spec.context_length, "tokens": list(ids), "token_strs": strs}
 
 
-@router.post("/detokenize")
+@router.post("/detokenize", dependencies=[Depends(require("inference"))])
 async def detokenize(request: Request, req: DetokenizeRequest = Depends(parsed(DetokenizeRequest))) -> dict:
     _, enc = await tokenizer_of(request, req.model)
     for i, t in enumerate(req.tokens):
@@ -96,7 +98,7 @@ async def detokenize(request: Request, req: DetokenizeRequest = Depends(parsed(D
     return {"prompt": enc.decode(req.tokens, errors="replace")}
 
 
-@router.get("/tokenizer_info")
+@router.get("/tokenizer_info", dependencies=[Depends(require("public"))])
 async def tokenizer_info(request: Request, model: str | None = None) -> dict:
     from models.hf_tokenizer import tokenizer_config
     spec, enc = await tokenizer_of(request, model)

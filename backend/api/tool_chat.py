@@ -7,6 +7,7 @@ Asking for tools (either):
     "tools_enabled": true                      # extension: all built-in tools
 Options: "tool_choice": "auto" (default) | "none"; "max_tool_calls": 0-16 (default 4, extension);
 "assistant_prefix": text the assistant turn starts with, e.g. a scripted <tool_call>…</tool_call> (extension).
+Tools need a signed-in learner (api_key=<user key> or the browser session), whatever --open-inference says.
 A tool is built-in when its name is python or search and it gives no `parameters`; the server runs it
 itself, so the answer never ends with finish_reason "tool_calls". Functions the client runs are
 backend/chat_tools.py's (one kind per request). n must be 1 and logprobs are not offered here.
@@ -33,6 +34,7 @@ from fastapi import Request
 from backend.api import openai_format as fmt
 from backend.api import openai_service as svc
 from backend.api.openai_schema import APIError, ChatCompletionRequest
+from backend.auth import allow
 from backend.engine import aiterate
 from backend.tool_loop import MAX_CALLS, Tools, collect_turn, run_turn
 from models.chat_format import TOOL_ARG
@@ -59,6 +61,8 @@ def finish_of(r) -> str:
 
 async def tool_chat_completion(request: Request, req: ChatCompletionRequest, engine) -> object:
     from backend.api.openai_api import run_v1, sse_stream
+    # Tools run code and read the documents: a signed-in learner at least, even where plain chat is open.
+    await allow(request, "learner")
     names = tool_names(req)
     if req.n != 1:
         raise APIError(400, "n must be 1 when tools are enabled", "n")
