@@ -246,16 +246,26 @@ class RemoteEngine:
                                      lp.get("top_logprobs") or [None] * len(lp.get("tokens") or []))]
         if params.logprobs is not None and entries is None and text:
             raise RemoteUnsupported(f"{self.base_url} returned no token probabilities for {self.remote_model!r}")
+        fr = choice.get("finish_reason")
+        stop_entry = None
+        if entries and fr == "stop" and self._local_id(entries[-1][0]) in {*params.stop_token_ids,
+                                                                          *self.default_stop_ids()}:
+            # vLLM (and this app's /v1/completions) give the stop token its log-prob entry: the end event's
+            *entries, stop_entry = entries
         if entries:
             for j, (b, v, top) in enumerate(entries):
                 tops = [(self._local_id(tb), tv) for tb, tv in top][:params.logprobs or 0]
                 yield TokenEvent(idx, self._local_id(b), text if j == len(entries) - 1 else "", v, tops)
-        elif text:
+        elif text and stop_entry is None:
             ids = self.encode(text)
             for j, t in enumerate(ids):
                 yield TokenEvent(idx, t, text if j == len(ids) - 1 else "")
-        fr = choice.get("finish_reason")
-        if fr:
+        if stop_entry is not None:
+            b, v, top = stop_entry
+            tops = [(self._local_id(tb), tv) for tb, tv in top][:params.logprobs or 0]
+            yield TokenEvent(idx, None, "" if entries else text, v, tops, finish_reason="stop",
+                             stop_token_id=self._local_id(b))
+        elif fr:
             # A server that stopped on its end-of-turn token does not say which; name the first stop token asked for.
             stop_id = params.stop_token_ids[0] if fr == "stop" and params.stop_token_ids else None
             yield TokenEvent(idx, None, "", finish_reason="length" if fr == "length" else "stop", stop_token_id=stop_id)

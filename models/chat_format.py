@@ -67,10 +67,25 @@ def turn(role: str, content: str, train: bool) -> list[Piece]:
             Piece(IM_END, special=True, train=train), Piece("\n")]
 
 
-def call_json(tool: str, argument: str) -> str:
+def function_call_json(name: str, arguments: dict) -> str:
     """The text between <tool_call> and </tool_call>: compact JSON, non-ASCII kept as is."""
-    return json.dumps({"name": tool, "arguments": {TOOL_ARG.get(tool, "input"): argument}},
-                      ensure_ascii=False, separators=(",", ":"))
+    return json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False, separators=(",", ":"))
+
+
+def call_json(tool: str, argument: str) -> str:
+    """A built-in tool's call: its one argument under the tool's argument name."""
+    return function_call_json(tool, {TOOL_ARG.get(tool, "input"): argument})
+
+
+def tools_prompt(functions: list[dict]) -> str:
+    """What a system turn says about functions the client defines (OpenAI `tools`): the same call
+    protocol as the built-in tools, so a model tuned here learns one. Each function is one JSON line
+    {"name", "description"?, "parameters"?}."""
+    lines = [json.dumps({k: f[k] for k in ("name", "description", "parameters") if f.get(k) is not None},
+                        ensure_ascii=False) for f in functions]
+    return ("You can call functions. To call one, write " + TOOL_CALL + '{"name": "<function name>", "arguments": '
+            "{<arguments as JSON>}}" + END_TOOL_CALL + " and its result follows in " + TOOL_OUTPUT + "..."
+            + END_TOOL_OUTPUT + ". The functions:\n" + "\n".join(lines))
 
 
 def assistant_segments(m: dict) -> list[tuple[str, str]]:
@@ -158,10 +173,16 @@ def check_messages(messages) -> None:
 
 def chat_pieces(messages: list[dict], add_generation_prompt: bool = False,
                 default_system: str | None = DEFAULT_SYSTEM_PROMPT,
-                continue_final_message: bool = False) -> list[Piece]:
+                continue_final_message: bool = False, functions: list[dict] | None = None) -> list[Piece]:
     check_messages(messages)
     if continue_final_message and (add_generation_prompt or not messages or messages[-1]["role"] != "assistant"):
         raise ValueError("continue_final_message needs a last assistant message and no generation prompt")
+    if functions:  # the function list closes the system turn (the default one when there is none)
+        if messages and messages[0]["role"] == "system":
+            messages = [{**messages[0], "content": messages[0]["content"] + "\n\n" + tools_prompt(functions)}] + messages[1:]
+        else:
+            head = (default_system + "\n\n") if default_system else ""
+            messages = [{"role": "system", "content": head + tools_prompt(functions)}] + messages
     pieces: list[Piece] = []
     # SmolLM2's template adds its default system prompt when the conversation does not open with one.
     if messages and messages[0]["role"] != "system" and default_system is not None:
@@ -222,12 +243,18 @@ def encode_pieces(pieces: list[Piece], enc: tiktoken.Encoding) -> RenderedChat:
 
 def render_chat(messages: list[dict], enc: tiktoken.Encoding, add_generation_prompt: bool = False,
                 default_system: str | None = DEFAULT_SYSTEM_PROMPT,
-                continue_final_message: bool = False) -> RenderedChat:
+                continue_final_message: bool = False, functions: list[dict] | None = None,
+                open_call: bool = False) -> RenderedChat:
     """Render a conversation to ids + assistant-loss mask + text. `default_system=None` leaves out the
     system prompt SmolLM2's template inserts when the conversation has none. `continue_final_message`
-    leaves the last (assistant) turn open, without <|im_end|>: the context a tool loop continues."""
+    leaves the last (assistant) turn open, without <|im_end|>: the context a tool loop continues.
+    `functions`: client-defined functions listed in the system turn (tools_prompt). `open_call` ends the
+    rendering with an opening <tool_call> tag: the model's next words are a call (a forced call)."""
     require_chat_tokens(enc)
-    return encode_pieces(chat_pieces(messages, add_generation_prompt, default_system, continue_final_message), enc)
+    pieces = chat_pieces(messages, add_generation_prompt, default_system, continue_final_message, functions)
+    if open_call:
+        pieces.append(Piece(TOOL_CALL, tag=True))
+    return encode_pieces(pieces, enc)
 
 
 def with_tool_tokens(enc: tiktoken.Encoding) -> tiktoken.Encoding:

@@ -12,8 +12,11 @@ HF `tokenizers` on a varied corpus.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import re
+import shutil
 from pathlib import Path
 
 import tiktoken
@@ -108,18 +111,55 @@ def tokenizer_json(enc: tiktoken.Encoding, max_id: int | None = None) -> dict:
     }
 
 
-def write_hf_tokenizer(enc: tiktoken.Encoding, path: Path, chat_format: str | None = None,
-                       context_length: int | None = None, vocab_size: int | None = None) -> None:
-    """tokenizer.json + tokenizer_config.json (with the ChatML template for chat models) into `path`."""
-    path = Path(path)
-    (path / "tokenizer.json").write_text(json.dumps(tokenizer_json(enc, vocab_size), ensure_ascii=False))
+def tokenizer_config(enc: tiktoken.Encoding, chat_format: str | None = None, context_length: int | None = None,
+                     vocab_size: int | None = None) -> dict:
+    """tokenizer_config.json: eos <|im_end|> for chat models (what ends an answer), else <|endoftext|>;
+    the ChatML template for chat models. Also what GET /tokenizer_info answers (vLLM serves the same)."""
     specials = {t for t, i in enc._special_tokens.items() if vocab_size is None or i < vocab_size}
     eos = "<|im_end|>" if chat_format == "chatml" and "<|im_end|>" in specials else \
         ("<|endoftext|>" if "<|endoftext|>" in specials else None)
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": False, "add_eos_token": False,
-              "clean_up_tokenization_spaces": False, "eos_token": eos,
+              "clean_up_tokenization_spaces": False, "bos_token": None, "eos_token": eos,
               "pad_token": "<|endoftext|>" if "<|endoftext|>" in specials else eos,
               "model_max_length": context_length or 1_000_000}
     if chat_format == "chatml":
         config["chat_template"] = CHATML_TEMPLATE
-    (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return config
+
+
+def _fingerprint(enc: tiktoken.Encoding, max_id: int | None) -> str:
+    h = hashlib.sha256(f"{enc._pat_str}|{sorted(enc._special_tokens.items())}|{max_id}".encode())
+    for tok, rank in sorted(enc._mergeable_ranks.items(), key=lambda kv: kv[1]):
+        h.update(tok + rank.to_bytes(4, "little"))
+    return h.hexdigest()[:24]
+
+
+def write_hf_tokenizer(enc: tiktoken.Encoding, path: Path, chat_format: str | None = None,
+                       context_length: int | None = None, vocab_size: int | None = None,
+                       cache_dir: Path | None = None) -> None:
+    """tokenizer.json + tokenizer_config.json (with the ChatML template for chat models) into `path`.
+
+    Converting a 100k-token vocabulary takes seconds, so with `cache_dir` the tokenizer.json of each
+    distinct encoding is made once (keyed by its content) and hard-linked into every directory.
+    Each file is written beside its place and renamed, so a reader never sees half a file."""
+    path = Path(path)
+    target = path / "tokenizer.json"
+    tmp = path / f".tokenizer.json.tmp-{os.getpid()}"
+    if cache_dir is not None:
+        cached = Path(cache_dir) / "hf-tokenizers" / f"{_fingerprint(enc, vocab_size)}.json"
+        if not cached.exists():
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            part = cached.with_name(f".{cached.name}.tmp-{os.getpid()}")
+            part.write_text(json.dumps(tokenizer_json(enc, vocab_size), ensure_ascii=False))
+            os.replace(part, cached)
+        try:
+            os.link(cached, tmp)
+        except OSError:  # another filesystem
+            shutil.copyfile(cached, tmp)
+    else:
+        tmp.write_text(json.dumps(tokenizer_json(enc, vocab_size), ensure_ascii=False))
+    os.replace(tmp, target)
+    config = json.dumps(tokenizer_config(enc, chat_format, context_length, vocab_size), indent=2) + "\n"
+    tmp = path / f".tokenizer_config.json.tmp-{os.getpid()}"
+    tmp.write_text(config)
+    os.replace(tmp, path / "tokenizer_config.json")

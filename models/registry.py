@@ -168,11 +168,35 @@ class ModelRegistry:
         if spec.kind == "bundled":
             from models.gguf_loader import load_gguf_cached
             with self._lock:
-                model = load_gguf_cached(spec.path, self.cfg.cache_dir / BUNDLED_NAME,
+                cache = self.cfg.cache_dir / BUNDLED_NAME
+                model = load_gguf_cached(spec.path, cache,
                                          extra={"name": BUNDLED_NAME, "kind": "cache", "lineage": spec.lineage})
+                if not (cache / "tokenizer_config.json").exists():
+                    self._write_tokenizer(spec, cache, model.cfg.vocab_size)
         else:
             _, model = load_hf_dir(spec.path)
         return model.to(device=dev, dtype=dt).eval()
+
+    def hf_directory(self, name: str) -> Path:
+        """A Hugging Face directory of the model that transformers, vLLM and lm-evaluation-harness load
+        unchanged (config.json, model.safetensors, tokenizer.json, tokenizer_config.json with the chat
+        template): the model's own directory, or the bundled model's dequantized cache (built on demand)."""
+        spec = self.get(name)
+        if spec.kind == "bundled":
+            self.load(name, device="cpu", dtype=torch.float32)
+            return self.cfg.cache_dir / BUNDLED_NAME
+        return spec.path
+
+    def _write_tokenizer(self, spec: "ModelSpec", path: Path, vocab_size: int) -> None:
+        """tokenizer.json + tokenizer_config.json beside the weights (models.hf_tokenizer)."""
+        from models.hf_tokenizer import write_hf_tokenizer
+        from models.tokenizers import UnknownEncoding, get_encoding
+        try:
+            enc = get_encoding(spec.tokenizer, self.cfg.data_dir)
+        except UnknownEncoding as e:  # the weights still load here; only other tools miss the tokenizer
+            log.warning("no tokenizer files for %s: %s", path, e)
+            return
+        write_hf_tokenizer(enc, path, spec.chat_format, spec.context_length, vocab_size, self.cfg.cache_dir)
 
     # -- adding and removing ------------------------------------------------------------------
     def register(self, name: str, model: Transformer, tokenizer: str, chat_format: str | None, lineage: dict,
@@ -193,7 +217,12 @@ class ModelRegistry:
                 "context_length": model.cfg.max_seq_len, "lineage": dict(lineage or {}),
                 "description": description, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "format_version": 1}
-        self._publish(name, lambda tmp: save_hf_dir(model, tmp, meta), overwrite)
+
+        def write(tmp: Path) -> None:
+            save_hf_dir(model, tmp, meta)
+            self._write_tokenizer(ModelSpec(name, kind, tmp, tokenizer, chat_format, model.cfg.max_seq_len),
+                                  tmp, model.cfg.vocab_size)
+        self._publish(name, write, overwrite)
         return self.get(name)
 
     def _publish(self, name: str, write, overwrite: bool) -> None:
@@ -293,7 +322,8 @@ class ModelRegistry:
         tmp.chmod(0o755)
         try:
             save_hf_dir(model, tmp, {**spec.to_dict(), "exported_from": name})
-            write_hf_tokenizer(enc, tmp, spec.chat_format, spec.context_length, model.cfg.vocab_size)
+            write_hf_tokenizer(enc, tmp, spec.chat_format, spec.context_length, model.cfg.vocab_size,
+                               self.cfg.cache_dir)
             os.replace(tmp, dest)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

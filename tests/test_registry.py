@@ -182,3 +182,16 @@ def test_export_is_a_complete_hf_directory_transformers_reads(cfg, tmp_path):
     torch.testing.assert_close(ref(x).logits, ours(x), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="already exists"):
         reg.export("tiny-export", out)
+
+
+def test_registered_directory_carries_its_tokenizer_for_transformers(cfg):
+    """A model's own directory (not only an export) loads in transformers with its tokenizer as is:
+    same ids as ours, <|im_end|> as eos for a chat model, and the chat template."""
+    transformers = pytest.importorskip("transformers")
+    enc = small_bpe(cfg.data_dir)
+    spec = ModelRegistry(cfg).register("tiny-dir", make_tiny_model(3003, seed=5), tokenizer="small-bpe",
+                                       chat_format="chatml", lineage={})
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(spec.path))
+    text = "def f(x):\n    return x ** 2  # naïve 👋"
+    assert hf_tok(text, add_special_tokens=False)["input_ids"] == enc.encode(text)
+    assert hf_tok.eos_token == "<|im_end|>" and hf_tok.eos_token_id == 3002 and hf_tok.chat_template

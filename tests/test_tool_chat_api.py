@@ -76,7 +76,10 @@ def test_without_tools_the_call_is_a_plain_answer(client):
 
 
 @pytest.mark.parametrize("extra, param", [
-    ({"tools": [{"type": "function", "function": {"name": "get_weather"}}]}, "tools[0]"),
+    # a built-in tool beside a function the client runs: one kind per request
+    ({"tools": [{"type": "function", "function": {"name": "search"}},
+                {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]}, "tools"),
+    ({"tools": [{"type": "retrieval"}]}, "tools[0].type"),
     ({"tools_enabled": True, "n": 2}, "n"),
     ({"tools_enabled": True, "logprobs": True}, "logprobs"),
     ({"tools_enabled": True, "max_tool_calls": 99}, "max_tool_calls"),

@@ -18,6 +18,7 @@ ROUTES: list[tuple[str, str]] = [
     ("auth", ""),
     ("labels", ""),
     ("openai_api", ""),
+    ("tokenizer_routes", ""),
     ("models_api", ""),
     ("tools", ""),
     ("jobs", ""),
@@ -28,6 +29,8 @@ ROUTES: list[tuple[str, str]] = [
 
 
 def register_routes(app: FastAPI) -> None:
+    from backend.api.openai_schema import APIError, api_error_handler
+    app.add_exception_handler(APIError, api_error_handler)  # /v1's OpenAI-shaped errors
     for module, prefix in ROUTES:
         app.include_router(import_module(f"backend.api.{module}").router, prefix=prefix)
     app.add_exception_handler(QueueFull, queue_full)

@@ -237,6 +237,26 @@ def result(metric, unit, ours, peer, peer_name, goal, higher_is_better=True, **e
             "goal_ratio": goal, **extra}
 
 
+def constraint_cost(engine, prompt: list[int], tokens: int, repeat: int, variant: str) -> dict:
+    """Single-stream greedy decode held to a JSON schema by llguidance (backend/structured.py: a mask over
+    the vocabulary before each draw, the matcher advanced after it) against the same decode unconstrained;
+    both make exactly `tokens` tokens (no stop tokens: once the JSON is complete only <|im_end|> is left)."""
+    from dataclasses import replace
+
+    from backend.sampling import SamplingParams
+    from backend.structured import json_constraint
+    schema = {"type": "object", "properties": {"story": {"type": "string"}}, "required": ["story"]}
+    plain = SamplingParams(temperature=0, max_tokens=tokens)
+    held = replace(plain, constraint=json_constraint(engine, schema, engine.default_stop_ids()))
+    free_t = _median_time(lambda: engine.complete(prompt, plain), repeat)
+    held_t = _median_time(lambda: engine.complete(prompt, held), repeat)
+    print(f"ours [{variant}] single-stream greedy with a JSON-schema constraint: {tokens / held_t:.1f} tok/s "
+          f"(unconstrained {tokens / free_t:.1f} tok/s; {1000 * (held_t - free_t) / tokens:.2f} ms per token)")
+    return result(f"single-stream decode [{variant}] with a JSON-schema constraint (llguidance)", "tok/s",
+                  tokens / held_t, tokens / free_t, "the same decode unconstrained", 0.9,
+                  ms_per_token=round(1000 * (held_t - free_t) / tokens, 3))
+
+
 PREFILL_TEXT = " ".join(f"Note {i}: the pelican flew over the harbour at dawn and counted the boats." for i in range(24))
 
 
@@ -292,6 +312,7 @@ def main(argv: list[str] | None = None) -> None:
                     help="prompt tokens of the long-context decode row (gguf variant; 0 skips it)")
     ap.add_argument("--long-context-tokens", type=int, default=64, help="new tokens per run of the long-context row")
     ap.add_argument("--skip-load", action="store_true", help="skip the cold/warm load timing")
+    ap.add_argument("--skip-constraint", action="store_true", help="skip the constrained-decoding row")
     ap.add_argument("--llama-python", default=None,
                     help="a Python with llama-cpp-python installed, for the llama.cpp peer (default: this one)")
     args = ap.parse_args(argv)
@@ -347,6 +368,8 @@ def main(argv: list[str] | None = None) -> None:
         t = _median_time(lambda: engine.complete(prompt, sampled, n=args.samples), args.repeat)
         batch = args.samples * args.sample_tokens / t
         print(f"ours [{variant}] {args.samples} x {args.sample_tokens} sampled: {batch:.1f} tok/s ({t:.2f} s)")
+        if variant == variants[-1] and not args.skip_constraint:
+            results.append(constraint_cost(engine, prompt, args.tokens, args.repeat, variant))
         agree = None
         if variant == "fp32":
             ref = engine
