@@ -38,6 +38,8 @@ def describe_event(ev: dict) -> str | None:
         params = f"{ev['params']:,} parameters" if "params" in ev else ""
         return (f"{'resumed' if ev.get('resumed') else 'started'} run {ev['start']} at step {ev.get('step', 0)}: "
                 f"{params}, {ev.get('device', '?')}, {ev.get('precision', '')}, tokenizer {ev.get('tokenizer', '?')}")
+    if "phase" in ev:
+        return str(ev["phase"])
     if "checkpoint" in ev:
         return f"step {ev['step']}: checkpoint {ev['checkpoint']}"
     if "done" in ev:

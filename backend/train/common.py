@@ -241,6 +241,7 @@ class FineTuneRun:
             (self.dir / "metrics.jsonl").unlink()
         (self.dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2, default=str))
         self.events = _Events(self.dir / "metrics.jsonl", ctx.emit)
+        self.phase("loading the parent model…")
         self.t0 = time.monotonic()
         self.step = 0
         self.elapsed_before = 0.0
@@ -251,6 +252,10 @@ class FineTuneRun:
 
     def log(self, text: str) -> None:
         self.events({"log": text, "step": self.step})
+
+    def phase(self, text: str) -> None:
+        """What the run does before its first step (the job's progress line shows it until training starts)."""
+        self.emit({"phase": text, "step": self.step})
 
     def elapsed(self) -> float:
         return self.elapsed_before + time.monotonic() - self.t0

@@ -329,6 +329,8 @@ def pretrain(cfg: PretrainConfig, app: AppConfig, on_event: Callable[[dict], Non
     from models.registry import validate_name
     from models.tokenizers import get_encoding
 
+    if on_event is not None:  # the job's progress line until the first step (metrics.jsonl needs no such line)
+        on_event({"step": 0, "phase": "reading and tokenizing the corpus…"})
     text = corpus_text(cfg.corpus, cfg.max_corpus_chars)
     tokenizer = resolve_tokenizer(cfg, text, app.data_dir)
     enc = get_encoding(tokenizer, app.data_dir)
