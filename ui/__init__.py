@@ -17,13 +17,29 @@ TABS: list[tuple[str, str]] = [
     ("arena", "Arena"),  # blind side-by-side votes become a leaderboard (DEMOS 18)
     ("practice", "Practice"),  # many samples of a problem with a known answer; voting, best-of-N (DEMOS 14-15)
 ]
+# Which tabs need an account, said in the header before anyone clicks (the handlers check it regardless).
+ACCOUNT_NOTE = ("No account needed: **Tokenizer · Generate · Chat**. Sign in for **Training** (operators start runs), "
+                "**Labeling** (annotators rank and write; operators run sets), **Arena** and **Practice** (any account).")
 
 
 def build_ui(pg) -> gr.Blocks:
+    from ui import tour
+    from ui.login import build_login
+
     with gr.Blocks(title="LLM Playground") as demo:
-        gr.Markdown("# LLM Playground\nEvery stage of building an assistant, on models that really train and serve.")
-        with gr.Tabs():
+        with gr.Row(equal_height=True, elem_id="pg-header"):
+            gr.Markdown("# LLM Playground\nEvery stage of building an assistant, on models that really train and serve.",
+                        elem_id="pg-title")
+            with gr.Column(scale=1, min_width=360):
+                build_login()  # one sign-in for every tab, with the role once signed in
+                gr.Markdown(ACCOUNT_NOTE, elem_id="pg-account-note")
+        bar = tour.build_bar()
+        handles: dict[str, dict] = {}
+        with gr.Tabs() as tabs:
+            with gr.Tab("Start here", id="start"):
+                opens = tour.build_start_here()
             for module, label in TABS:
                 with gr.Tab(label, id=module):
-                    import_module(f"ui.{module}").build(pg)
+                    handles[module] = import_module(f"ui.{module}").build(pg) or {}
+        tour.wire(opens, bar, tabs, handles)
     return demo

@@ -13,7 +13,7 @@ from backend.arena import battles as arena
 from backend.engine import aiterate
 from ui.chat import _md
 from ui.fields import RUNNING, parse_seed, wire_stop
-from ui.login import build_login, request_user
+from ui.login import request_user
 
 INTRO = ("**Comparing models the way LM Arena does.** Two models, drawn at random, answer your prompt; you see "
          "only \"Model A\" and \"Model B\". Vote for the better answer (or a tie, or both bad) and the names are "
@@ -50,7 +50,6 @@ def tables(pg) -> tuple[list[list], dict]:
 
 def build(pg) -> None:
     gr.Markdown(INTRO)
-    build_login()
     battle_id = gr.State(None)
     with gr.Row():
         draw = gr.Dropdown(cs.chat_models(pg.registry), value=[], multiselect=True, scale=4, elem_id="arena-models",
@@ -149,3 +148,4 @@ def build(pg) -> None:
     sample.change(lambda s: s or gr.skip(), [sample], [prompt])
     show.click(lambda: tables(pg), None, [board, matrix])
     refresh.click(lambda: gr.update(choices=cs.chat_models(pg.registry)), None, draw)
+    return {"sample": sample}  # what the Start-here tour sets (ui.tour)

@@ -328,3 +328,4 @@ def build(pg) -> None:
     to_demo.click(on_demo_send, [conv, system], [label_info])
     to_rank.click(on_rank_send, [conv, model, system, temperature], [label_info])
     refresh.click(lambda: gr.update(choices=cs.chat_models(pg.registry)), None, model)
+    return {"preset": demo}  # what the Start-here tour sets (ui.tour)

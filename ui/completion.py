@@ -446,3 +446,4 @@ def build(pg) -> None:
         return gr.update(choices=_model_choices(pg)), gr.update(choices=_pretrained(pg))
 
     refresh.click(refresh_models, None, [model, reg_model])
+    return {"preset": preset}  # what the Start-here tour sets (ui.tour)

@@ -12,7 +12,7 @@ import gradio as gr
 from backend.labels import agreement, exchange, guidelines, progress, rankings, sft, snapshots
 from backend.labels.candidates import EXAMPLE_PROMPTS
 from backend.labels.messages import flatten
-from ui.login import build_login, request_user
+from ui.login import request_user
 from ui.ranking_widget import build_ranking_widget
 
 
@@ -366,8 +366,7 @@ def build_admin(pg) -> None:
 
 
 def build(pg) -> None:
-    build_login()
-    with gr.Tabs():
+    with gr.Tabs() as tabs:
         with gr.Tab("Rank", id="rank"):
             build_ranking_widget()
         with gr.Tab("Write demos", id="sft"):
@@ -378,3 +377,4 @@ def build(pg) -> None:
             build_guidelines(pg)
         with gr.Tab("Users", id="users"):
             build_admin(pg)
+    return {"tabs": tabs}  # what the Start-here tour sets (ui.tour)

@@ -1,4 +1,4 @@
-"""Sign-in strip for the labeling screens. The browser posts to /api/login, which sets an HttpOnly
+"""Sign-in strip in the page header (one for every tab). The browser posts to /api/login, which sets an HttpOnly
 session cookie; Gradio handlers and the ranking widget are then recognised by that cookie."""
 from __future__ import annotations
 
@@ -29,8 +29,9 @@ async function refresh() {
     return;
   }
   const form = el('form', {'class': 'pg-login-form', style: 'display:flex;gap:.5em;align-items:center'});
-  const name = el('input', {name: 'name', placeholder: 'name', autocomplete: 'username', 'aria-label': 'name'});
-  const pw = el('input', {name: 'password', type: 'password', placeholder: 'password', autocomplete: 'current-password', 'aria-label': 'password'});
+  const look = 'border:1px solid var(--border-color-primary,#ccc);border-radius:6px;padding:.35em .5em;width:10em';
+  const name = el('input', {name: 'name', placeholder: 'name', autocomplete: 'username', 'aria-label': 'name', style: look});
+  const pw = el('input', {name: 'password', type: 'password', placeholder: 'password', autocomplete: 'current-password', 'aria-label': 'password', style: look});
   const msg = el('span', {'class': 'pg-login-msg'});
   form.append(name, pw, el('button', {type: 'submit'}, 'Log in'), msg);
   form.onsubmit = async (ev) => {

@@ -14,7 +14,7 @@ import pandas as pd
 from backend import chat_service as cs
 from backend import practice as svc
 from ui.fields import RUNNING, parse_seed, wire_stop
-from ui.login import build_login, request_user
+from ui.login import request_user
 
 INTRO = ("**Practice problems with a known answer.** Pick a model and a problem (a generated one, or type your own "
          "with its exact answer), and sample N solutions at a temperature. Each solution is graded by the rule the "
@@ -79,7 +79,6 @@ def summary_md(r: dict) -> str:
 
 def build(pg) -> None:
     gr.Markdown(INTRO)
-    build_login()
     with gr.Row():
         model = gr.Dropdown(cs.chat_models(pg.registry), value=pg.cfg.default_model if pg.cfg.default_model in
                             cs.chat_models(pg.registry) else None, label="Model", scale=4, elem_id="practice-model")
@@ -88,9 +87,12 @@ def build(pg) -> None:
         kind = gr.Dropdown(svc.problem_kinds(), value="apples", label="Problem kind", scale=2, elem_id="practice-kind")
         scale = gr.Radio(["small", "large"], value="small", label="Numbers up to 10 (small) or 200 (large)", scale=2)
         new = gr.Button("🎲 New problem", scale=1, elem_id="practice-new")
+    first = svc.generated_problem("apples", 0, "small")  # the tab opens with a problem ready: Sample works at once
     with gr.Row():
-        question = gr.Textbox(label="Problem (generated, or type your own)", lines=2, scale=4, elem_id="practice-question")
-        answer = gr.Textbox(label="Exact answer (a whole number or one word)", scale=1, elem_id="practice-answer")
+        question = gr.Textbox(first.question, label="Problem (generated, or type your own)", lines=2, scale=4,
+                              elem_id="practice-question")
+        answer = gr.Textbox(first.answer, label="Exact answer (a whole number or one word)", scale=1,
+                            elem_id="practice-answer")
     with gr.Row():
         n = gr.Slider(1, svc.MAX_N, value=8, step=1, label="N samples", elem_id="practice-n")
         temperature = gr.Slider(0, 2, value=0.8, step=0.05, label="Temperature", elem_id="practice-temperature")

@@ -68,7 +68,7 @@ def build(pg) -> None:
 
     gr.Markdown("Text becomes UTF-8 bytes (256 symbols), then byte-pair merges make longer tokens. "
                 "Type, or pick a preset. Hover or click a chunk for its id, bytes and merge tree.")
-    with gr.Tabs():
+    with gr.Tabs() as tabs:
         with gr.Tab("Explore", id="tok-explore"):
             with gr.Row():
                 enc_a = gr.Dropdown(encoding_choices(), value="cl100k_base", label="Encoding", elem_id="tok-encoding",
@@ -112,6 +112,7 @@ def build(pg) -> None:
 
         with gr.Tab("Train your own BPE", id="tok-bpe"):
             _bpe_tab(data_dir, encoding_choices, [enc_a, enc_b])
+    return {"tabs": tabs, "text": text}  # what the Start-here tour sets (ui.tour)
 
 
 def _chat_tab(data_dir: Path, encoding_choices, tab) -> None:

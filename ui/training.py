@@ -17,7 +17,7 @@ from gradio.context import Context
 
 from backend.auth import user_from_request
 from backend.jobs import form, kinds, queue
-from ui.login import build_login, request_user
+from ui.login import request_user
 
 MAX_PLOT_POINTS = 2000
 JOB_COLUMNS = ["id", "kind", "name", "state", "step", "loss", "model", "by"]
@@ -173,7 +173,6 @@ def build(pg) -> None:
                 "never trained on, and the samples go from gibberish to local coherence. The run ends in a "
                 "checkpoint registered as a model you can sample from in the Generate tab. Operators and "
                 "admins start and cancel runs; everyone signed in can watch.")
-    build_login()
     models = [m.name for m in pg.registry.list()]
     first = form.defaults("pretrain")
     with gr.Row():
@@ -202,7 +201,7 @@ def build(pg) -> None:
                                      elem_id="train-sample-every")
             max_chars = gr.Number(0, label="Use only the first N corpus characters (0: all)", precision=0, minimum=0,
                                   elem_id="train-max-chars")
-            uploads = gr.File(label="Add corpus files (.txt .md .jsonl .parquet)", file_count="multiple")
+        uploads = gr.File(label="Add corpus files (.txt .md .jsonl .parquet)", file_count="multiple", height=90)
     with gr.Group(visible=False) as parent_box:
         with gr.Row():
             parent = gr.Dropdown(models, value=pg.cfg.default_model if pg.cfg.default_model in models else None,
@@ -266,7 +265,7 @@ def build(pg) -> None:
                 gr.update(visible=show["reward_model"]), d.get("max_steps", 0), d.get("max_seconds", 0),
                 d.get("eval_every", 1), _kind_note(k), _fields_md(k), "{}")
 
-    kind.input(on_kind, kind, [pretrain_box, parent_box, reward_box, max_steps, max_seconds, eval_every, kind_note,
+    kind.change(on_kind, kind, [pretrain_box, parent_box, reward_box, max_steps, max_seconds, eval_every, kind_note,
                                fields_md, extra])
     snap_refresh.click(lambda: gr.update(choices=_data_choices(pg)), None, data)
 
@@ -384,3 +383,4 @@ def build(pg) -> None:
                show_progress="hidden")
     curve.input(lambda st, key: _curve_plot(st["series"], _second_curve(st["series"], key), st.get("span")),
                 [state, curve], bpb_plot)
+    return {"kind": kind}  # what the Start-here tour sets (ui.tour)
