@@ -14,6 +14,16 @@ from backend import bpe, corpora
 from backend import tokenizer_explorer as tx
 
 # Clicking a chunk copies its ids into the "inspect" box, which shows the merge tree (server side).
+SIZE_JS = """
+const note = element.querySelector('.tok-size-note');
+document.addEventListener('input', (e) => {
+  const t = e.target;
+  if (!t.closest || !t.closest('#tok-text')) return;
+  const n = t.value.length;
+  note.textContent = n > LIMIT ? '⚠ text is ' + n.toLocaleString('en-US') + ' characters; the limit is '
+    + (LIMIT).toLocaleString('en-US') : '';
+}, true);
+"""
 CLICK_JS = """
 element.addEventListener('click', (e) => {
   const tok = e.target.closest('[data-ids]');
@@ -82,6 +92,9 @@ def build(pg) -> None:
             note = gr.Markdown("", elem_id="tok-note")
             text = gr.Textbox(value=tx.PRESETS[0][1], lines=5, max_lines=20, label="Text", elem_id="tok-text",
                               placeholder="Type or paste text")
+            # A paste over the limit is answered in the browser at once (the server says the same a moment later).
+            gr.HTML('<div class="tok-size-note" role="status"></div>', js_on_load=SIZE_JS.replace(
+                "LIMIT", str(tx.MAX_TEXT_CHARS)), elem_id="tok-size-note", padding=False)
             counts0, html0, split0 = view(tx.PRESETS[0][1], "cl100k_base", True, True, True)
             counts_md = gr.Markdown(counts0, elem_id="tok-counts")
             chunks = gr.HTML(html0, css_template=tx.CSS, js_on_load=CLICK_JS, elem_id="tok-chunks")
