@@ -29,10 +29,10 @@ def people(db, monkeypatch):
             [("op", "operator"), ("ann", "annotator"), ("bea", "annotator"), ("cal", "annotator")]}
 
 
-def make_set(db, op, n_items=2, k=4, per_item=2):
+def make_set(db, op, n_items=2, k=4, per_item=2, name="jokes"):
     prompts = ["Write a joke about pelicans"] + [f"prompt {i}" for i in range(1, n_items)]
     cands = [[f"p{i} c{j}" for j in range(k)] for i in range(n_items)]
-    return rk.create_set(db, op, "jokes", prompts, cands, model="supplied", annotators_per_item=per_item)
+    return rk.create_set(db, op, name, prompts, cands, model="supplied", annotators_per_item=per_item)
 
 
 def test_kendall_tau_borda_and_ranked_pairs():
@@ -222,3 +222,21 @@ def test_snapshot_is_content_hashed_immutable_and_deduplicated(db, people, tmp_p
         snapshots.read_snapshot(db, snap["hash"])
     with pytest.raises(ValueError, match="empty"):
         snapshots.create_snapshot(db, tmp_path, people["op"], "sft")
+
+
+def test_set_names_are_unique_with_an_error_naming_the_set(db, people):
+    first = make_set(db, people["op"])
+    with pytest.raises(ValueError, match=rf"name: a ranking set named 'jokes' already exists \(set {first['id']}\)"):
+        make_set(db, people["op"])
+    # the database itself refuses a second one too (the constraint, not only the check)
+    from sqlalchemy.exc import IntegrityError
+    from backend.db.models import RankingSet
+    with pytest.raises(IntegrityError):
+        with db.session() as s:
+            s.add(RankingSet(name="jokes", k=4))
+    assert [x["name"] for x in rk.list_sets(db)] == ["jokes"]
+    # imports of the same shape get numbered names instead of failing
+    line = json.dumps({"prompt": "p", "candidates": ["a", "b"], "ranking": [1, 0]})
+    for _ in range(2):
+        exchange.import_jsonl(db, people["op"], "rankings", line)
+    assert [x["name"] for x in rk.list_sets(db)] == ["jokes", "import (rankings, K=2)", "import (rankings, K=2) #2"]

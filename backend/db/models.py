@@ -91,7 +91,7 @@ class SFTVersion(Base):
 class RankingSet(Base):
     __tablename__ = "ranking_sets"
     id: Mapped[int] = mapped_column(primary_key=True)
-    name: Mapped[str] = mapped_column(String(200))
+    name: Mapped[str] = mapped_column(String(200), unique=True)  # operators pick sets by name (migration 0006)
     model: Mapped[str] = mapped_column(String(200), default="")
     temperature: Mapped[float] = mapped_column(Float, default=1.0)
     k: Mapped[int] = mapped_column(Integer)

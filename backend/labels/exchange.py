@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from itertools import combinations
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from backend.db import Database
 from backend.db.models import SFTDemo, SFTVersion
@@ -188,7 +188,10 @@ def _import_rankings(db: Database, user: CurrentUser, kind: str, checked: list, 
     set_ids = []
     with db.session() as s:
         for k, group in sorted(by_k.items()):
-            rs = RankingSet(name=f"{name} ({kind}, K={k})", model="imported", k=k, created_by=user.id)
+            base = f"{name} ({kind}, K={k})"
+            # Set names are unique: a second import of the same shape is numbered.
+            n = s.scalar(select(func.count()).select_from(RankingSet).where(RankingSet.name.startswith(base)))
+            rs = RankingSet(name=base if not n else f"{base} #{n + 1}", model="imported", k=k, created_by=user.id)
             s.add(rs)
             s.flush()
             set_ids.append(rs.id)
