@@ -41,5 +41,17 @@ def build_ui(pg) -> gr.Blocks:
             for module, label in TABS:
                 with gr.Tab(label, id=module):
                     handles[module] = import_module(f"ui.{module}").build(pg) or {}
+        # Views only some roles use (operator forms): shown once the session's user has the role, on page load
+        # and whenever the header's sign-in changes who is signed in (it clicks this hidden button).
+        gated = [pair for h in handles.values() for pair in h.pop("_roles", [])]
+        auth_changed = gr.Button("auth changed", visible="hidden", elem_id="pg-auth-refresh")
+
+        def role_views(request: gr.Request):
+            from backend.auth import user_from_request
+            user = user_from_request(pg, request.headers, request.cookies) if request is not None else None
+            return [gr.Tab(visible=bool(user and user.can(role))) for _, role in gated]
+
+        demo.load(role_views, None, [t for t, _ in gated], show_progress="hidden")
+        auth_changed.click(role_views, None, [t for t, _ in gated], show_progress="hidden")
         tour.wire(opens, bar, tabs, handles)
     return demo

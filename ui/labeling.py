@@ -23,6 +23,19 @@ def _model_names(pg) -> list[str]:
         return [pg.cfg.default_model]
 
 
+def _set_choices(pg) -> list[tuple[str, int]]:
+    """Ranking sets by name, newest first (operators pick, never type ids)."""
+    return [(f"{x['name']} · {x['items']} items · K={x['k']}", x["id"]) for x in reversed(rankings.list_sets(pg.db))]
+
+
+USER_COLUMNS = ["id", "name", "role", "active", "created (UTC)"]
+
+
+def _user_rows(people: list[dict]) -> list[list]:
+    return [[u["id"], u["name"], u["role"], "yes" if u["active"] else "no", u["created_at"][:19].replace("T", " ")]
+            for u in people]
+
+
 def _errors_to_gr(fn):
     """Service errors become a visible message instead of a stack trace. (functools.wraps keeps the
     signature, which Gradio reads to pass `request: gr.Request`.)"""
@@ -51,6 +64,7 @@ def build_sft(pg) -> None:
         refresh_mine = gr.Button("Refresh list", size="sm")
     with gr.Row():
         with gr.Column(scale=3):
+            prompt_md = gr.Markdown("*Press **Next prompt** to get a prompt to answer.*", elem_id="sft-prompt")
             gr.Markdown("**The assistant turn you are writing** (the last one of the conversation)")
             reply = gr.Textbox(label="Reply", lines=6, elem_id="sft-reply")
             thinking = gr.Textbox(label="Thinking (optional: working shown before the answer)", lines=3)
@@ -109,8 +123,17 @@ def build_sft(pg) -> None:
         rows = [[c["tool"], c["input"], c["output"]] for c in last.get("tool_calls", [])] or [["", "", ""]]
         return [last.get("content", ""), last.get("thinking", ""), rows]
 
+    def asked(msgs) -> str:
+        """The turn being answered, kept in view above the reply box (the preview may scroll away)."""
+        users = [m for m in msgs if m.get("role") == "user"]
+        if not users:
+            return "*Press **Next prompt** to get a prompt to answer.*"
+        system = next((m["content"] for m in msgs if m.get("role") == "system"), "")
+        quoted = "\n".join("> " + line for line in str(users[-1].get("content", "")).splitlines() or [""])
+        return (f"**System prompt:** {system}\n\n" if system else "") + f"**The user asks:**\n\n{quoted}"
+
     def render(msgs):
-        return [json.dumps(msgs, indent=2, ensure_ascii=False), _chat_preview(msgs), *split(msgs)]
+        return [json.dumps(msgs, indent=2, ensure_ascii=False), _chat_preview(msgs), asked(msgs), *split(msgs)]
 
     def show(payload, note=""):
         st = {"demo_id": payload.get("demo_id"), "prompt_id": payload.get("prompt_id")}
@@ -129,8 +152,11 @@ def build_sft(pg) -> None:
     @_errors_to_gr
     def save(text, reply, thinking, tool_rows, st, submit, request):
         user = request_user(pg, request, "annotator")
-        out = sft.save(pg.db, user, merge(text, reply, thinking, tool_rows), demo_id=st.get("demo_id"),
-                       prompt_id=st.get("prompt_id"), submit=submit)
+        try:
+            out = sft.save(pg.db, user, merge(text, reply, thinking, tool_rows), demo_id=st.get("demo_id"),
+                           prompt_id=st.get("prompt_id"), submit=submit)
+        except ValueError as e:  # say what is missing on the status line; the prompt, reply and preview stay
+            return [gr.skip()] * (len(shown) - 1) + [f"⚠ Not {'submitted' if submit else 'saved'}: {e}"]
         return show(out, "Submitted." if submit else "Draft saved.")
 
     def save_draft(text, reply, thinking, tool_rows, st, request: gr.Request):
@@ -175,26 +201,27 @@ def build_sft(pg) -> None:
     @_errors_to_gr
     def open_demo(demo_id, st, request: gr.Request):
         if demo_id is None:
-            return [gr.skip()] * 5 + [st, gr.skip()]
+            return [gr.skip()] * 6 + [st, gr.skip()]
         user = request_user(pg, request, "annotator")
         return show(sft.get(pg.db, user, int(demo_id)))
 
     def sync_preview(text):
         try:
-            return _chat_preview(json.loads(text or "[]")), *split(json.loads(text or "[]"))
+            msgs = json.loads(text or "[]")
+            return _chat_preview(msgs), asked(msgs), *split(msgs)
         except (json.JSONDecodeError, AttributeError, KeyError, TypeError):
-            return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
 
-    shown = [convo, preview, *panel, state, info]
+    shown = [convo, preview, prompt_md, *panel, state, info]
     load_btn.click(load_next, [state], shown)
     save_btn.click(save_draft, [convo, *panel, state], shown)
     submit_btn.click(submit, [convo, *panel, state], shown)
     skip_btn.click(skip, [state], shown)
-    draft_btn.click(draft, [convo, model, temp], [convo, preview, *panel])
-    add_user.click(append_user, [convo, *panel, user_turn], [convo, preview, *panel, user_turn])
+    draft_btn.click(draft, [convo, model, temp], [convo, preview, prompt_md, *panel])
+    add_user.click(append_user, [convo, *panel, user_turn], [convo, preview, prompt_md, *panel, user_turn])
     refresh_mine.click(list_mine, None, [mine])
     mine.change(open_demo, [mine, state], shown)
-    convo.blur(sync_preview, [convo], [preview, *panel])
+    convo.blur(sync_preview, [convo], [preview, prompt_md, *panel])
 
 
 def build_operator(pg) -> None:
@@ -210,7 +237,7 @@ def build_operator(pg) -> None:
         per_item = gr.Number(value=1, precision=0, label="Annotators per item", minimum=1)
     upload = gr.File(label="Or upload prompts (.txt, one per line)", file_types=[".txt"], type="filepath")
     create = gr.Button("Sample candidates and create set", variant="primary")
-    created = gr.JSON(label="Created")
+    created = gr.Markdown(elem_id="op-created")
 
     gr.Markdown("### Queue prompts for demonstrations (Write demos)")
     with gr.Row():
@@ -229,10 +256,11 @@ def build_operator(pg) -> None:
 
     gr.Markdown("### Progress and agreement")
     with gr.Row():
-        set_id = gr.Number(label="Set id", precision=0)
-        method = gr.Radio(["borda", "ranked_pairs"], value="borda", label="Consensus")
-        prog_btn = gr.Button("Progress")
-        agree_btn = gr.Button("Agreement")
+        set_id = gr.Dropdown(_set_choices(pg), value=None, label="Ranking set", scale=3, elem_id="op-set")
+        sets_refresh = gr.Button("↻ sets", size="sm", scale=0)
+        method = gr.Radio(["borda", "ranked_pairs"], value="borda", label="Consensus", scale=2)
+        prog_btn = gr.Button("Progress", scale=1)
+        agree_btn = gr.Button("Agreement", scale=1)
     summary = gr.Markdown()
     table = gr.Dataframe(label="Per annotator", interactive=False)
     items_table = gr.Dataframe(label="Per item", interactive=False)
@@ -245,7 +273,7 @@ def build_operator(pg) -> None:
     exported = gr.File(label="Export")
     imp = gr.File(label="Import JSONL (a bad file is refused whole)", file_types=[".jsonl", ".json"], type="filepath")
     imp_btn = gr.Button("Import")
-    io_out = gr.JSON(label="Result")
+    io_out = gr.Markdown(elem_id="op-io")
 
     @_errors_to_gr
     def create_set(name, model, prompts, examples, k, temp, per_item, upload, request: gr.Request):
@@ -255,23 +283,32 @@ def build_operator(pg) -> None:
             lines += open(upload, encoding="utf-8").read().splitlines()
         if examples:
             lines += EXAMPLE_PROMPTS
-        return rankings.create_set_from_model(pg.db, getattr(pg, "engines", None), user, name, lines, model,
+        made = rankings.create_set_from_model(pg.db, getattr(pg, "engines", None), user, name, lines, model,
                                               int(k), float(temp), int(per_item or 1))
+        return (f"Created set **{made['name']}**: {made['items']} prompt(s) × {made['k']} candidates from "
+                f"`{made['model']}`, {made['annotators_per_item']} annotator(s) per item. Annotators find it under **Rank**.",
+                gr.update(choices=_set_choices(pg), value=made["id"]))
 
     @_errors_to_gr
     def show_progress(set_id, request: gr.Request):
         request_user(pg, request, "operator")
-        p = progress.set_progress(pg.db, int(set_id or 0))
+        if not set_id:
+            raise gr.Error("Pick a ranking set first.")
+        p = progress.set_progress(pg.db, int(set_id))
         text = (f"**{p['name']}**: {p['items_done']} of {p['items']} items done "
                 f"({p['annotators_per_item']} annotator(s) per item; {p['rankings_needed']} rankings needed).")
-        rows = [[a["name"], a["ranked"], a["skipped"], a["all_bad"], a["last_activity"]] for a in p["annotators"]]
-        return (text, gr.update(value=rows, headers=["annotator", "ranked", "skipped", "all bad", "last activity"]),
-                gr.update(value=[], headers=["-"]))
+        rows = [[a["name"], a["ranked"], a["skipped"], a["all_bad"], (a["last_activity"] or "")[:19].replace("T", " ")]
+                for a in p["annotators"]] or [["(nobody yet)", 0, 0, 0, ""]]
+        return (text, gr.update(value=rows, headers=["annotator", "ranked", "skipped", "all bad", "last activity (UTC)"]),
+                gr.update(value=[[p["items"], p["items_done"], p["rankings_needed"]]],
+                          headers=["items", "items done", "rankings needed"]))
 
     @_errors_to_gr
     def show_agreement(set_id, method, request: gr.Request):
         request_user(pg, request, "operator")
-        a = agreement.set_agreement(pg.db, int(set_id or 0), method)
+        if not set_id:
+            raise gr.Error("Pick a ranking set first.")
+        a = agreement.set_agreement(pg.db, int(set_id), method)
         text = (f"Mean pairwise Kendall's tau over items: **{a['mean_pairwise_tau']}** (1 = same order, 0 = unrelated, "
                 f"-1 = reversed); consensus by {a['method']}, each annotator compared with the others' consensus.")
         people = [[n, v["items"], v["tau_vs_consensus"]] for n, v in a["annotators"].items()]
@@ -292,7 +329,9 @@ def build_operator(pg) -> None:
     @_errors_to_gr
     def do_snapshot(kind, set_id, request: gr.Request):
         user = request_user(pg, request, "operator")
-        return snapshots.create_snapshot(pg.db, pg.cfg.data_dir, user, kind, set_id=int(set_id) if set_id else None)
+        snap = snapshots.create_snapshot(pg.db, pg.cfg.data_dir, user, kind, set_id=int(set_id) if set_id else None)
+        return (f"Snapshot **{snap['name']}** ({snap['kind']}, {snap['rows']} rows), hash `{snap['hash'][:16]}…`: pick it "
+                "as the training data of a job on the Training tab.")
 
     @_errors_to_gr
     def do_import(kind, path, request: gr.Request):
@@ -300,11 +339,14 @@ def build_operator(pg) -> None:
         if not path:
             raise gr.Error("Choose a file first.")
         try:
-            return exchange.import_jsonl(pg.db, user, kind, open(path, encoding="utf-8").read())
+            out = exchange.import_jsonl(pg.db, user, kind, open(path, encoding="utf-8").read())
         except exchange.ImportRefused as e:
-            return {"refused": True, "errors": [{"line": n, "reason": r} for n, r in e.errors]}
+            return "**Refused whole** (nothing imported):\n\n" + "\n".join(f"- line {n}: {r}" for n, r in e.errors[:50])
+        return f"Imported {out['rows']} {out['kind']} row(s)" + (
+            f" into set(s) {', '.join(map(str, out['set_ids']))}." if out.get("set_ids") else ".")
 
-    create.click(create_set, [name, model, prompts, examples, k, temp, per_item, upload], [created])
+    create.click(create_set, [name, model, prompts, examples, k, temp, per_item, upload], [created, set_id])
+    sets_refresh.click(lambda: gr.update(choices=_set_choices(pg)), None, set_id)
     prog_btn.click(show_progress, [set_id], [summary, table, items_table])
     agree_btn.click(show_agreement, [set_id, method], [summary, table, items_table])
     export_btn.click(do_export, [kind, set_id], [exported])
@@ -337,15 +379,16 @@ def build_admin(pg) -> None:
         role = gr.Dropdown(list(ROLES), value="annotator", label="Role")
         add = gr.Button("Add user", variant="primary")
         disable = gr.Button("Disable user")
-    secrets_out = gr.JSON(label="New credentials (shown once)")
-    table = gr.JSON(label="Users")
+    secrets_out = gr.Markdown(elem_id="admin-secrets")
+    table = gr.Dataframe(headers=USER_COLUMNS, interactive=False, label="Users", elem_id="admin-users")
     refresh = gr.Button("List users", size="sm")
 
     @_errors_to_gr
     def do_add(name, role, request: gr.Request):
         request_user(pg, request, "admin")
         u, password, api_key = users.add_user(pg.db, name, role)
-        return {"name": u.name, "role": u.role, "password": password, "api_key": api_key}, users.list_users(pg.db)
+        return (f"Added **{u.name}** ({u.role}). Shown once, pass them on now: password `{password}` · API key "
+                f"`{api_key}`", _user_rows(users.list_users(pg.db)))
 
     @_errors_to_gr
     def do_disable(name, request: gr.Request):
@@ -353,12 +396,12 @@ def build_admin(pg) -> None:
         if name.strip() == me.name:
             raise gr.Error("You cannot disable yourself.")
         users.set_active(pg.db, name.strip(), False)
-        return users.list_users(pg.db)
+        return _user_rows(users.list_users(pg.db))
 
     @_errors_to_gr
     def do_list(request: gr.Request):
         request_user(pg, request, "admin")
-        return users.list_users(pg.db)
+        return _user_rows(users.list_users(pg.db))
 
     add.click(do_add, [name, role], [secrets_out, table])
     disable.click(do_disable, [name], [table])
@@ -371,10 +414,11 @@ def build(pg) -> None:
             build_ranking_widget()
         with gr.Tab("Write demos", id="sft"):
             build_sft(pg)
-        with gr.Tab("Operator", id="operator"):
+        # Shown to the roles that use them (ui.__init__ sets visibility from the session); the handlers check anyway.
+        with gr.Tab("Operator", id="operator", visible=False) as operator_tab:
             build_operator(pg)
         with gr.Tab("Guidelines", id="guidelines"):
             build_guidelines(pg)
-        with gr.Tab("Users", id="users"):
+        with gr.Tab("Users", id="users", visible=False) as users_tab:
             build_admin(pg)
-    return {"tabs": tabs}  # what the Start-here tour sets (ui.tour)
+    return {"tabs": tabs, "_roles": [(operator_tab, "operator"), (users_tab, "admin")]}  # what the Start-here tour sets (ui.tour)

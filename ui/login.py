@@ -17,6 +17,11 @@ function el(tag, attrs, text) {
   if (text !== undefined) e.textContent = text;
   return e;
 }
+function changed() {  // who is signed in changed: the ranking widget reloads, role-gated views update
+  window.dispatchEvent(new Event('pg-auth'));
+  const b = document.getElementById('pg-auth-refresh');
+  if (b) b.click();
+}
 async function refresh() {
   const r = await fetch('/api/me', {credentials: 'same-origin'});
   box.replaceChildren();
@@ -24,7 +29,7 @@ async function refresh() {
     const me = await r.json();
     const out = el('button', {'class': 'pg-logout', type: 'button'}, 'Log out');
     out.onclick = async () => { await fetch('/api/logout', {method: 'POST', credentials: 'same-origin'});
-                                window.dispatchEvent(new Event('pg-auth')); refresh(); };
+                                changed(); refresh(); };
     box.append(el('span', {'class': 'pg-whoami'}, 'Signed in as ' + me.name + ' (' + me.role + ')'), out);
     return;
   }
@@ -38,7 +43,7 @@ async function refresh() {
     ev.preventDefault();
     const r = await fetch('/api/login', {method: 'POST', credentials: 'same-origin',
       headers: {'Content-Type': 'application/json'}, body: JSON.stringify({name: name.value, password: pw.value})});
-    if (r.ok) { window.dispatchEvent(new Event('pg-auth')); refresh(); }
+    if (r.ok) { changed(); refresh(); }
     else { msg.textContent = 'Wrong name or password.'; }
   };
   box.append(form);

@@ -106,13 +106,13 @@ function show(next) {
 // Loads can overlap (sign-in, set picker, revisit); only the newest one may change the screen, and
 // data-busy tells scripts (and tests) when the widget has settled.
 let loadSeq = 0;
-async function load(fetchItem, describe) {
+async function load(fetchItem, describe, done) {
   const seq = ++loadSeq;
   root.dataset.busy = '1';
   try {
     const next = await fetchItem();
     if (seq !== loadSeq) return;
-    if (!next || next.done) { show(null); status('Nothing left to rank. Thank you!'); return; }
+    if (!next || next.done) { show(null); status((done ? done + ' ' : '') + 'Nothing left to rank. Thank you!'); return; }
     show(next);
     status(describe(next));
     root.focus({preventScroll: true});
@@ -122,10 +122,15 @@ async function load(fetchItem, describe) {
     if (seq === loadSeq) root.dataset.busy = '0';
   }
 }
-function loadNext() {
+const sizes = {};  // set id -> number of items, for "Item 2 of 5"
+function where(next) {
+  const n = sizes[next.set_id];
+  return 'Item ' + (next.position + 1) + (n ? ' of ' + n : '') + ' in "' + next.set_name + '"';
+}
+function loadNext(done) {
   const set = $('.pg-set').value;
   return load(() => api('GET', '/api/rankings/next' + (set ? '?set_id=' + encodeURIComponent(set) : '')),
-              (next) => 'Item ' + (next.position + 1) + ' of "' + next.set_name + '"');
+              (next) => (done ? done + ' Next: ' : '') + where(next), done);
 }
 function revisit(id) {
   return load(() => api('GET', '/api/rankings/items/' + id),
@@ -137,6 +142,7 @@ async function loadSets() {
     const pick = $('.pg-set');
     const keep = pick.value;
     pick.replaceChildren(new Option('all sets', ''));
+    sets.forEach((s) => { sizes[s.id] = s.items; });
     sets.forEach((s) => pick.append(new Option(s.name + ' (' + s.items + ' items, K=' + s.k + ')', String(s.id))));
     pick.value = keep;
   } catch (e) {}
@@ -157,8 +163,11 @@ async function submit(skipped) {
     const res = await api('POST', '/api/rankings/items/' + item.item_id, body);
     history.push(item.item_id);
     loadMine();
-    status((skipped ? 'Skipped' : 'Saved (revision ' + res.revision + ')') + '. Loading the next item...');
-    await loadNext();
+    // The confirmation stays on screen with the next item's position (it is not replaced by it).
+    const done = skipped ? 'Skipped ' + where(item) + '.' : '✓ Saved your ranking of ' + where(item)
+      + (res.revision > 1 ? ' (revision ' + res.revision + ')' : '') + '.';
+    status(done + ' Loading the next item...');
+    await loadNext(done);
     root.dataset.saved = String(Number(root.dataset.saved || 0) + 1);
   } catch (e) { status('Not saved: ' + e.message); }
 }
