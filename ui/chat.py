@@ -13,6 +13,7 @@ from backend import chat_service as cs
 from backend.engine import aiterate
 from backend.sampling import SamplingParams
 from backend.tokenizer_explorer import CSS as TOKENS_CSS, render_tokens_html, tokens_from_ids
+from ui.fields import penalty_values, repetition_controls
 from ui.login import request_user
 
 INTRO = ("Chat with any registered chat model. Tool calls and their outputs appear as collapsible steps, thinking "
@@ -60,6 +61,9 @@ def view_messages(parts: list[dict], live: bool = False) -> list[dict]:
             out.append(_step_message(p["step"], "output" in p["step"]))
         elif p["kind"] == "note":
             out.append({"role": "assistant", "content": "⚠ " + _md(p["text"])})
+        elif p["kind"] == "scripted":
+            out.append({"role": "assistant", "content": _md(p["text"]),
+                        "metadata": {"title": "✍ Scripted by the preset (not the model)", "status": "done"}})
         elif p["text"].strip():
             out.append({"role": "assistant", "content": _md(p["text"])})
     return out
@@ -83,9 +87,10 @@ def display(conv: list[dict], live_parts: list[dict] | None = None) -> tuple[lis
     return msgs, where
 
 
-def add_part(parts: list[dict], ev) -> None:
+def add_part(parts: list[dict], ev, scripted: bool = False) -> None:
+    """`scripted`: this text was written by the preset (a lead-in), not sampled; it is shown marked as such."""
     if ev.type in ("text", "thinking"):
-        kind = "think" if ev.type == "thinking" else "text"
+        kind = "scripted" if scripted and ev.type == "text" else "think" if ev.type == "thinking" else "text"
         if parts and parts[-1]["kind"] == kind:
             parts[-1]["text"] += ev.text
         else:
@@ -142,6 +147,7 @@ def build(pg) -> None:
                 top_p = gr.Slider(0.01, 1, value=0.95, step=0.01, label="Top-p")
                 max_tokens = gr.Slider(1, 2048, value=300, step=1, label="Max new tokens per turn", elem_id="chat-max-tokens")
                 seed = gr.Textbox(label="Seed", placeholder="empty = random")
+                penalties = repetition_controls("chat")
         with gr.Column(scale=3):
             bot = gr.Chatbot(label="Conversation", height=520, editable="user", elem_id="chat-bot",
                              buttons=["copy", "copy_all"])
@@ -168,19 +174,19 @@ def build(pg) -> None:
                     to_rank = gr.Button("Send prompt as ranking item", elem_id="chat-to-rank")
                 label_info = gr.Markdown(elem_id="chat-label-info")
 
-    def params_of(temperature, top_p, max_tokens, seed) -> SamplingParams:
+    def params_of(temperature, top_p, max_tokens, seed, freq=0.0, pres=0.0, rep=1.0) -> SamplingParams:
         seed = (seed or "").strip()
         if seed and not seed.lstrip("-").isdigit():
             raise ValueError(f"seed must be a whole number, not {seed!r}")
         return SamplingParams(temperature=float(temperature), top_p=float(top_p), max_tokens=int(max_tokens),
-                              seed=int(seed) if seed else None)
+                              seed=int(seed) if seed else None, **penalty_values(freq, pres, rep)).validate()
 
-    async def respond(conv_now, name, system_text, tool_names, calls, temperature, top_p, max_tokens_, seed_, prefix="",
+    async def respond(conv_now, name, system_text, tool_names, calls, temperature, top_p, max_tokens_, seed_, freq_, pres_, rep_, prefix="",
                       lead_in=""):
         """Stream one assistant turn after conv_now (ending with a user message)."""
         shown, idx = display(conv_now)
         try:
-            p = params_of(temperature, top_p, max_tokens_, seed_)
+            p = params_of(temperature, top_p, max_tokens_, seed_, freq_, pres_, rep_)
             if not name:
                 raise ValueError("no chat model is registered")
             cancel = threading.Event()
@@ -191,12 +197,20 @@ def build(pg) -> None:
             return
         parts: list[dict] = []
         result = None
+        # Text the preset wrote (a lead-in after a forced call's output) is marked, so it is never taken for the
+        # model's own answer; the tool loop streams it as text right after the forced call's tool_end.
+        scripted_left = ""
         try:
             async for ev in aiterate(events, cancel):
                 if ev.type == "done":
                     result = ev.result
                     continue
-                add_part(parts, ev)
+                if ev.type == "tool_end" and ev.step.get("forced") and lead_in:
+                    scripted_left = lead_in
+                take = ev.type == "text" and scripted_left and scripted_left.startswith(ev.text)
+                if take:
+                    scripted_left = scripted_left[len(ev.text):]
+                add_part(parts, ev, scripted=bool(take))
                 shown, idx = display(conv_now, parts)
                 yield shown, conv_now, idx, "generating…" if ev.type != "tool_start" else f"running {ev.step['tool']}…", gr.skip()
         except ValueError as e:
@@ -211,7 +225,7 @@ def build(pg) -> None:
         yield shown, new, idx, f"done · {name} · {result.finish_reason} · {used}", tokens_html(pg, name, system_text, new)
 
     outs = [bot, conv, where, status, tokens]
-    common = [model, system, tools, max_calls, temperature, top_p, max_tokens, seed]
+    common = [model, system, tools, max_calls, temperature, top_p, max_tokens, seed, *penalties]
 
     async def on_send(text, conv_now, *rest):
         if not (text or "").strip():
@@ -245,9 +259,9 @@ def build(pg) -> None:
                                  lead_in=cs.PYTHON_LEAD_IN):
             yield out
 
-    async def on_edit(conv_now, idx, name, system_text, tool_names, calls, temperature, top_p, max_tokens_, seed_,
+    async def on_edit(conv_now, idx, name, system_text, tool_names, calls, temperature, top_p, max_tokens_, seed_, freq_, pres_, rep_,
                       ev: gr.EditData):
-        rest = (name, system_text, tool_names, calls, temperature, top_p, max_tokens_, seed_)
+        rest = (name, system_text, tool_names, calls, temperature, top_p, max_tokens_, seed_, freq_, pres_, rep_)
         i = idx[ev.index] if isinstance(ev.index, int) and ev.index < len(idx) else None
         if i is None or conv_now[i]["role"] != "user":
             shown, w = display(conv_now)
@@ -260,11 +274,11 @@ def build(pg) -> None:
     def on_demo(title):
         d = cs.DEMO_BY_TITLE.get(title)
         if d is None:
-            return (gr.skip(),) * 7
+            return (gr.skip(),) * 8
         return (f"**What to notice.** {d.note}", d.system, cs.SYSTEM_PRESETS[d.system], d.tools, d.temperature,
-                d.max_tokens, d.user)
+                d.max_tokens, d.user, d.repetition_penalty)
 
-    async def on_run_demo(title, name, system_text, tool_names, calls, temperature, top_p, max_tokens_, seed_):
+    async def on_run_demo(title, name, system_text, tool_names, calls, temperature, top_p, max_tokens_, seed_, freq_, pres_, rep_):
         d = cs.DEMO_BY_TITLE.get(title)
         if d is None:
             yield [], [], [], "Pick a preset first.", gr.skip(), gr.skip()
@@ -273,28 +287,28 @@ def build(pg) -> None:
         if d.samples > 1:
             shown, idx = display(c)
             yield shown, c, idx, f"sampling {d.samples} answers…", gr.skip(), ""
-            text = await asyncio.to_thread(sample_text, name, system_text, c, temperature, top_p, max_tokens_, seed_, d.samples)
+            text = await asyncio.to_thread(sample_text, name, system_text, c, temperature, top_p, max_tokens_, seed_, freq_, pres_, rep_, d.samples)
             yield shown, c, idx, "done", gr.skip(), text
             return
-        async for out in respond(c, name, system_text, tool_names, calls, temperature, top_p, max_tokens_, seed_,
+        async for out in respond(c, name, system_text, tool_names, calls, temperature, top_p, max_tokens_, seed_, freq_, pres_, rep_,
                                  prefix=d.prefix, lead_in=d.lead_in):
             yield (*out, "")
 
-    def sample_text(name, system_text, c, temperature, top_p, max_tokens_, seed_, n) -> str:
+    def sample_text(name, system_text, c, temperature, top_p, max_tokens_, seed_, freq_, pres_, rep_, n) -> str:
         try:
-            answers = cs.sample_answers(pg, name, system_text, c, params_of(temperature, top_p, max_tokens_, seed_), n)
+            answers = cs.sample_answers(pg, name, system_text, c, params_of(temperature, top_p, max_tokens_, seed_, freq_, pres_, rep_), n)
         except ValueError as e:
             return f"⚠ {html.escape(str(e))}"
         return "**The same question, sampled {} times:**\n\n".format(n) + "\n\n".join(
             f"{i + 1}. {_md(a.strip()) or '(empty)'}" for i, a in enumerate(answers))
 
-    async def on_sample(conv_now, name, system_text, temperature, top_p, max_tokens_, seed_):
+    async def on_sample(conv_now, name, system_text, temperature, top_p, max_tokens_, seed_, freq_, pres_, rep_):
         c = list(conv_now)
         while c and c[-1]["role"] == "assistant":
             c.pop()
         if not c:
             return "Send a message first; this samples the answer to the last one 5 times."
-        return await asyncio.to_thread(sample_text, name, system_text, c, temperature, top_p, max_tokens_, seed_, 5)
+        return await asyncio.to_thread(sample_text, name, system_text, c, temperature, top_p, max_tokens_, seed_, freq_, pres_, rep_, 5)
 
     def on_demo_send(conv_now, system_text, request: gr.Request):
         try:
@@ -320,10 +334,10 @@ def build(pg) -> None:
     edited = bot.edit(on_edit, [conv, where, *common], outs)
     demoed = run_demo.click(on_run_demo, [demo, *common], [*outs, samples])
     halt.click(None, None, None, cancels=[sent, submitted, regenerated, retried, ran, edited, demoed])
-    demo.change(on_demo, [demo], [demo_note, preset, system, tools, temperature, max_tokens, user_in])
+    demo.change(on_demo, [demo], [demo_note, preset, system, tools, temperature, max_tokens, user_in, penalties[2]])
     preset.input(lambda k: cs.SYSTEM_PRESETS[k], [preset], [system])
     clear.click(lambda: ([], [], [], "", "", ""), None, [bot, conv, where, status, samples, tokens])
-    sample5.click(on_sample, [conv, model, system, temperature, top_p, max_tokens, seed], [samples])
+    sample5.click(on_sample, [conv, model, system, temperature, top_p, max_tokens, seed, *penalties], [samples])
     show_tokens.click(lambda m, s, c: tokens_html(pg, m, s, c), [model, system, conv], [tokens])
     to_demo.click(on_demo_send, [conv, system], [label_info])
     to_rank.click(on_rank_send, [conv, model, system, temperature], [label_info])

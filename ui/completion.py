@@ -22,6 +22,7 @@ from backend import completion as svc
 from backend.engine import aiterate
 from backend.presets_completion import BASE_MODEL_NOTE, get_preset, presets
 from backend.sampling import SamplingParams
+from ui.fields import penalty_values, repetition_controls
 
 EXAMPLE = "The three most useful things to know about transformers are"
 STREAM_EVERY_S = 0.08   # re-render the token view at most this often while streaming
@@ -219,10 +220,10 @@ def _seed(text) -> int | None:
     return int(text)
 
 
-def _params(temperature, top_p, top_k, max_tokens, seed, stop) -> SamplingParams:
+def _params(temperature, top_p, top_k, max_tokens, seed, stop, freq=0.0, pres=0.0, rep=1.0) -> SamplingParams:
     return SamplingParams(temperature=float(temperature), top_p=float(top_p), top_k=int(top_k),
                           max_tokens=int(max_tokens), seed=_seed(seed),
-                          stop=[s for s in (stop or "").splitlines() if s]).validate()
+                          stop=[s for s in (stop or "").splitlines() if s], **penalty_values(freq, pres, rep)).validate()
 
 
 def _prompt_ids(engine, mode: str, text: str) -> list[int]:
@@ -264,6 +265,9 @@ def build(pg) -> None:
         seed = gr.Textbox(label="Seed", placeholder="empty = random; a number reproduces the sample", elem_id="gen-seed")
         stop = gr.Textbox(label="Stop strings (one per line)", lines=1, elem_id="gen-stop-strings")
         stream = gr.Checkbox(True, label="Stream tokens as they come", elem_id="gen-stream")
+    with gr.Accordion("Repetition controls", open=False):
+        with gr.Row():
+            penalties = repetition_controls("gen")
     with gr.Row():
         run = gr.Button("Generate", variant="primary", elem_id="gen-run")
         resample = gr.Button("Resample (new seed)", elem_id="gen-resample")
@@ -321,10 +325,11 @@ def build(pg) -> None:
                f"done · {engine.name} · {len(st['tokens'])} tokens · stopped by {finish}"
                + (f" · seed {st['seed']}" if st.get("seed") is not None else ""), st)
 
-    async def generate(name, mode, text, temperature, top_p, top_k, max_tokens, seed, stop, streaming):
+    async def generate(name, mode, text, temperature, top_p, top_k, max_tokens, seed, stop, freq, pres, rep_,
+                       streaming):
         try:
             engine = await _engine(name)
-            params = _params(temperature, top_p, top_k, max_tokens, seed, stop)
+            params = _params(temperature, top_p, top_k, max_tokens, seed, stop, freq, pres, rep_)
             ids = _prompt_ids(engine, mode, text or "")
             cancel = threading.Event()
             it = svc.stream_tokens(engine, ids, params, cancel=cancel)
@@ -349,7 +354,8 @@ def build(pg) -> None:
         st["selected"] = i
         return tokens_html(st), alternatives_html(st), st
 
-    async def branch(st, temperature, top_p, top_k, max_tokens, seed, stop, streaming, evt: gr.EventData):
+    async def branch(st, temperature, top_p, top_k, max_tokens, seed, stop, freq, pres, rep_, streaming,
+                     evt: gr.EventData):
         data = getattr(evt, "_data", {}) or {}
         token_id = data.get("token_id") if isinstance(data, dict) else None
         st = dict(st or {})
@@ -360,7 +366,7 @@ def build(pg) -> None:
         try:
             engine = await _engine(st["model"])
             # the branch keeps the completion's length: max_tokens counts the tokens before the branch point
-            params = _params(temperature, top_p, top_k, max(1, int(max_tokens) - sel), seed, stop)
+            params = _params(temperature, top_p, top_k, max(1, int(max_tokens) - sel), seed, stop, freq, pres, rep_)
             prefix = st["prompt_ids"] + [t["id"] for t in st["tokens"][:sel]]
             cancel = threading.Event()
             it = svc.stream_continue_from(engine, prefix, token_id, params, cancel=cancel)
@@ -424,7 +430,7 @@ def build(pg) -> None:
         return (p.prompt, p.temperature, p.top_p, p.top_k, p.max_tokens, "" if p.seed is None else str(p.seed),
                 "\n".join(p.stop), preset_markdown(name))
 
-    knobs = [temperature, top_p, top_k, max_tokens, seed, stop]
+    knobs = [temperature, top_p, top_k, max_tokens, seed, stop, *penalties]
     gen_inputs = [model, mode, prompt, *knobs, stream]
     gen_outputs = [view, alts, output, status, state]
     events = [

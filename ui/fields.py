@@ -22,3 +22,22 @@ def wire_stop(halt: gr.Button, runs: list, status: gr.components.Component, stop
     halt.click(None, None, None, cancels=runs)
     for run in runs:
         run.failure(lambda s: stopped if (s or "").startswith(RUNNING) else gr.skip(), [status], [status])
+
+
+def repetition_controls(prefix: str) -> list[gr.Slider]:
+    """The three repetition controls of SamplingParams (OpenAI's frequency/presence penalties, and the
+    multiplicative repetition penalty of HF/vLLM), as sliders with elem_ids `<prefix>-frequency-penalty`..."""
+    return [
+        gr.Slider(-2, 2, value=0, step=0.05, elem_id=f"{prefix}-frequency-penalty",
+                  label="Frequency penalty (−2…2): lowers a token's logit by this × how often it already appeared"),
+        gr.Slider(-2, 2, value=0, step=0.05, elem_id=f"{prefix}-presence-penalty",
+                  label="Presence penalty (−2…2): lowers every token that already appeared, once"),
+        gr.Slider(1, 2, value=1, step=0.05, elem_id=f"{prefix}-repetition-penalty",
+                  label="Repetition penalty (1 = off): divides the logits of tokens already seen"),
+    ]
+
+
+def penalty_values(freq, pres, rep) -> dict:
+    """The sliders' values as SamplingParams fields."""
+    return {"frequency_penalty": float(freq or 0), "presence_penalty": float(pres or 0),
+            "repetition_penalty": float(rep or 1)}

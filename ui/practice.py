@@ -13,7 +13,7 @@ import pandas as pd
 
 from backend import chat_service as cs
 from backend import practice as svc
-from ui.fields import RUNNING, parse_seed, wire_stop
+from ui.fields import RUNNING, parse_seed, penalty_values, repetition_controls, wire_stop
 from ui.login import request_user
 
 INTRO = ("**Practice problems with a known answer.** Pick a model and a problem (a generated one, or type your own "
@@ -106,6 +106,9 @@ def build(pg) -> None:
                          elem_id="practice-rm")
         lenient = gr.Checkbox(False, label="Lenient grading: no stated answer counts the reply's last number (word)",
                               elem_id="practice-lenient")
+    with gr.Accordion("Repetition controls", open=False):
+        with gr.Row():
+            penalties = repetition_controls("practice")
     with gr.Row():
         go = gr.Button("Sample N solutions", variant="primary", scale=4, elem_id="practice-sample")
         halt = gr.Button("■ Stop", variant="stop", scale=1, elem_id="practice-stop")
@@ -132,9 +135,10 @@ def build(pg) -> None:
     per_problem = gr.Dataframe(headers=["Problem", "Answer", "Right of N", "Majority answer"], interactive=False,
                                elem_id="practice-scale-problems")
 
-    def config(n_, temperature_, max_tokens_, seed_, template_, rm_, lenient_) -> svc.PracticeConfig:
+    def config(n_, temperature_, max_tokens_, seed_, template_, rm_, lenient_, freq_=0, pres_=0, rep_=1) -> svc.PracticeConfig:
         return svc.PracticeConfig(int(n_), float(temperature_), 1.0, int(max_tokens_),
-                                  parse_seed(seed_), template_, None if rm_ == NO_RM else rm_, bool(lenient_))
+                                  parse_seed(seed_), template_, None if rm_ == NO_RM else rm_, bool(lenient_),
+                                  **penalty_values(freq_, pres_, rep_))
 
     def on_new(kind_, scale_):
         p = svc.generated_problem(kind_, random.randrange(10 ** 6), scale_)
@@ -155,11 +159,11 @@ def build(pg) -> None:
             cancel.set()
 
     async def on_sample(model_, question_, answer_, n_, temperature_, max_tokens_, seed_, template_, rm_,
-                        lenient_, request: gr.Request):
+                        lenient_, freq_, pres_, rep_, request: gr.Request):
         user = request_user(pg, request, "learner")  # noqa: F841 - the login is the guard
         try:
             problem = svc.typed_problem(question_, answer_)
-            cfg = config(n_, temperature_, max_tokens_, seed_, template_, rm_, lenient_)
+            cfg = config(n_, temperature_, max_tokens_, seed_, template_, rm_, lenient_, freq_, pres_, rep_)
         except ValueError as e:
             yield f"⚠ {html.escape(str(e))}", gr.skip(), gr.skip(), gr.skip()
             return
@@ -171,10 +175,10 @@ def build(pg) -> None:
         yield summary_md(r), curve_frame(r["curve"]), curve_table(r["curve"]), "".join(map(card, r["solutions"]))
 
     async def on_curve(model_, kind_, scale_, m_, pseed, n_, temperature_, max_tokens_, seed_, template_, rm_,
-                       lenient_, request: gr.Request):
+                       lenient_, freq_, pres_, rep_, request: gr.Request):
         request_user(pg, request, "learner")
         try:
-            cfg = config(n_, temperature_, max_tokens_, seed_, template_, rm_, lenient_)
+            cfg = config(n_, temperature_, max_tokens_, seed_, template_, rm_, lenient_, freq_, pres_, rep_)
         except ValueError as e:
             yield f"⚠ {html.escape(str(e))}", gr.skip(), gr.skip(), gr.skip()
             return
@@ -191,7 +195,7 @@ def build(pg) -> None:
                   f"Sampling seed {r['sample_seed']}.")
         yield status, curve_frame(r["curve"]), curve_table(r["curve"]), rows
 
-    sampling = [n, temperature, max_tokens, seed, template, rm, lenient]
+    sampling = [n, temperature, max_tokens, seed, template, rm, lenient, *penalties]
     new.click(on_new, [kind, scale], [question, answer])
     # progress (and a ■ Stop's end) shows on the status line alone, not as "Error" on the emptied results
     sampled = go.click(on_sample, [model, question, answer, *sampling], [summary, plot, table, cards],
