@@ -13,13 +13,16 @@ from backend import chat_service as cs
 from backend.engine import aiterate
 from backend.sampling import SamplingParams
 from backend.tokenizer_explorer import CSS as TOKENS_CSS, render_tokens_html, tokens_from_ids
-from ui.fields import penalty_values, repetition_controls
+from ui.fields import RUNNING, penalty_values, repetition_controls, wire_stop
 from ui.login import request_user
 
 INTRO = ("Chat with any registered chat model. Tool calls and their outputs appear as collapsible steps, thinking "
          "as a collapsible block apart from the answer. No model here has been tuned to call tools yet (the SFT "
          "tool-use preset of the Training tab makes one), so presets marked *forced* write the call for the model "
          "and **▶ Run code block as tool call** runs a code block the model wrote as if it had called Python.")
+
+
+STOPPED = "⏹ Stopped. Send a message or regenerate to go on."
 
 
 # -- display: conversation -> gr.Chatbot messages ----------------------------------------------------
@@ -212,7 +215,7 @@ def build(pg) -> None:
                     scripted_left = scripted_left[len(ev.text):]
                 add_part(parts, ev, scripted=bool(take))
                 shown, idx = display(conv_now, parts)
-                yield shown, conv_now, idx, "generating…" if ev.type != "tool_start" else f"running {ev.step['tool']}…", gr.skip()
+                yield shown, conv_now, idx, f"{RUNNING} generating…" if ev.type != "tool_start" else f"{RUNNING} running {ev.step['tool']}…", gr.skip()
         except ValueError as e:
             yield shown, conv_now, idx, f"⚠ {html.escape(str(e))}", gr.skip()
             return
@@ -286,7 +289,7 @@ def build(pg) -> None:
         c = [{"role": "user", "content": d.user}]
         if d.samples > 1:
             shown, idx = display(c)
-            yield shown, c, idx, f"sampling {d.samples} answers…", gr.skip(), ""
+            yield shown, c, idx, f"{RUNNING} sampling {d.samples} answers…", gr.skip(), ""
             text = await asyncio.to_thread(sample_text, name, system_text, c, temperature, top_p, max_tokens_, seed_, freq_, pres_, rep_, d.samples)
             yield shown, c, idx, "done", gr.skip(), text
             return
@@ -333,7 +336,7 @@ def build(pg) -> None:
     ran = run_code.click(on_run_code, [conv, *common], outs)
     edited = bot.edit(on_edit, [conv, where, *common], outs)
     demoed = run_demo.click(on_run_demo, [demo, *common], [*outs, samples])
-    halt.click(None, None, None, cancels=[sent, submitted, regenerated, retried, ran, edited, demoed])
+    wire_stop(halt, [sent, submitted, regenerated, retried, ran, edited, demoed], status, STOPPED)
     demo.change(on_demo, [demo], [demo_note, preset, system, tools, temperature, max_tokens, user_in, penalties[2]])
     preset.input(lambda k: cs.SYSTEM_PRESETS[k], [preset], [system])
     clear.click(lambda: ([], [], [], "", "", ""), None, [bot, conv, where, status, samples, tokens])

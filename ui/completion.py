@@ -22,7 +22,7 @@ from backend import completion as svc
 from backend.engine import aiterate
 from backend.presets_completion import BASE_MODEL_NOTE, get_preset, presets
 from backend.sampling import SamplingParams
-from ui.fields import penalty_values, repetition_controls
+from ui.fields import RUNNING, penalty_values, repetition_controls, wire_stop
 
 EXAMPLE = "The three most useful things to know about transformers are"
 STREAM_EVERY_S = 0.08   # re-render the token view at most this often while streaming
@@ -234,6 +234,9 @@ def _prompt_ids(engine, mode: str, text: str) -> list[int]:
     return svc.encode_prompt(engine, text)
 
 
+STOPPED = "⏹ Stopped: the tokens so far stay; Generate starts again."
+
+
 def _err(e: Exception) -> str:
     return f"⚠ {html.escape(str(e))}"
 
@@ -319,7 +322,7 @@ def build(pg) -> None:
             if streaming and time.monotonic() - last > STREAM_EVERY_S * (1 + len(st["tokens"]) / 256):
                 last = time.monotonic()
                 yield (tokens_html(st), gr.skip(), engine.enc.decode([t["id"] for t in st["tokens"]]),
-                       "generating…", st)
+                       f"{RUNNING} generating…", st)
         text = svc.completion_text(engine, st["tokens"], stop)
         yield (tokens_html(st), alternatives_html(st), text,
                f"done · {engine.name} · {len(st['tokens'])} tokens · stopped by {finish}"
@@ -338,7 +341,7 @@ def build(pg) -> None:
             return
         st = {"model": name, "mode": mode, "prompt": text, "prompt_ids": ids, "prompt_text": engine.enc.decode(ids),
               "tokens": [], "selected": None, "seed": params.seed, "params": [temperature, top_p, top_k, max_tokens, seed, stop]}
-        yield tokens_html(st), alternatives_html(st), "", "generating…", st
+        yield tokens_html(st), alternatives_html(st), "", f"{RUNNING} generating…", st
         try:
             async for out in _stream(engine, it, st, cancel, streaming, params.stop):
                 yield out
@@ -440,7 +443,7 @@ def build(pg) -> None:
         greedy.click(lambda: 0, None, temperature).then(generate, gen_inputs, gen_outputs),
         alts.click(branch, [state, *knobs, stream], gen_outputs),
     ]
-    halt.click(None, None, None, cancels=events)
+    wire_stop(halt, events, status, STOPPED)
     view.click(select_token, state, [view, alts, state])
     step_btn.click(step, [state, model, mode, prompt, temperature, top_p, top_k, seed],
                    [view, alts, dist_view, output, status, state])

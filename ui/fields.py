@@ -15,11 +15,13 @@ def parse_seed(text: str | None) -> int | None:
 
 
 def wire_stop(halt: gr.Button, runs: list, status: gr.components.Component, stopped: str) -> None:
-    """■ Stop for handlers that stream a status line: it cancels the runs (Gradio's `cancels`, as the Chat
+    """■ Stop for handlers that stream a status line: it says `stopped` at once, cancels the runs (Gradio's `cancels`, as the Chat
     tab's Stop; the handler's `finally` sets the engine's cancel event, so it stops at its next token) and,
     once a cancelled run is over (it counts as failed), puts `stopped` on the status line if that still said
     the run was going, not over an error such as a missing login."""
-    halt.click(None, None, None, cancels=runs)
+    # "stopped" shows the moment Stop is pressed (the cancelled run's end may come a token later).
+    halt.click(lambda s: stopped if (s or "").startswith(RUNNING) else gr.skip(), [status], [status], cancels=runs,
+               show_progress="hidden")
     for run in runs:
         run.failure(lambda s: stopped if (s or "").startswith(RUNNING) else gr.skip(), [status], [status])
 
