@@ -11,10 +11,10 @@ from contextlib import asynccontextmanager
 
 # Offline by default: no usage analytics calls from Gradio.
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-# The server and its training worker share the CPU. OpenMP's default busy-waiting makes idle threads
-# of one process spin against the other's: decode fell to ~0.5 tok/s under load, ~4-5 tok/s with
-# PASSIVE (measured on this 2-core machine). Set before torch is imported; the worker inherits it.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# OMP_WAIT_POLICY and friends (backend/runtime.py), before torch is imported; the worker inherits them.
+from backend.runtime import apply_runtime_env  # noqa: E402
+
+apply_runtime_env()
 
 import gradio as gr
 import uvicorn

@@ -66,15 +66,8 @@ def encode_prompt(engine, text: str) -> list[int]:
 
 
 def next_token_logits(engine, prompt_ids: list[int]) -> torch.Tensor:
-    """The model's logits [V] (float32) for the token after prompt_ids. Waits its turn at the engine's guard."""
-    ids = _check_ids(engine, prompt_ids)
-    engine.guard.acquire()
-    try:
-        with torch.inference_mode():
-            logits = engine.model(torch.tensor([ids], device=engine.device), last_only=True)[0, -1]
-            return logits.float().cpu()
-    finally:
-        engine.guard.release()
+    """The model's logits [V] (float32) for the token after prompt_ids, computed between scheduler steps."""
+    return engine.next_token_logits(_check_ids(engine, prompt_ids)).cpu()
 
 
 def token_entry(engine, token_id: int, **probs) -> dict:

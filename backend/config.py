@@ -9,6 +9,7 @@ import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from backend.scheduler import ServeConfig
 from models.cache import cache_dir_for
 
 
@@ -35,8 +36,13 @@ class AppConfig:
     preload: bool = True
     # Derived caches (the dequantized bundled model, converted tokenizers): see models/cache.py.
     cache_dir: Path | None = None
+    # How each loaded model serves concurrent requests (continuous batching): backend/scheduler.py.
+    serve: ServeConfig = field(default_factory=ServeConfig)
     # SearxNG-style web search (GET {url}/search?q=...&format=json) for the search tool; None: local index only.
     web_search_url: str | None = field(default_factory=lambda: os.environ.get("PLAYGROUND_WEB_SEARCH_URL") or None)
+    # Where models (with their trained tokenizers) and dataset snapshots live when several machines share
+    # them: any fsspec URL (file:///shared/path, s3://bucket/prefix). None: inside the data directory.
+    artifacts_url: str | None = field(default_factory=lambda: os.environ.get("PLAYGROUND_ARTIFACTS") or None)
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir).resolve()
@@ -67,10 +73,24 @@ class AppConfig:
         parser.add_argument("--threads", type=int, default=cls.threads)
         parser.add_argument("--no-worker", dest="start_worker", action="store_false", help="do not start the training worker")
         parser.add_argument("--no-preload", dest="preload", action="store_false", help="load the default model on first use")
+        serve = ServeConfig()
+        parser.add_argument("--max-batch", type=int, default=serve.max_batch, help="rows a model decodes together")
+        parser.add_argument("--max-queued", type=int, default=serve.max_queued,
+                            help="requests waiting per model before new ones get 503 with Retry-After")
+        parser.add_argument("--prefill-budget", type=int, default=serve.prefill_budget,
+                            help="prompt tokens prefilled per decode step while other requests stream")
+        parser.add_argument("--prefix-cache-mb", type=int, default=serve.prefix_cache_mb,
+                            help="memory for KV blocks of shared prompt prefixes (0 = off)")
+        parser.add_argument("--artifacts", dest="artifacts_url", default=None,
+                            help="fsspec URL of models and snapshots shared between machines (default $PLAYGROUND_ARTIFACTS, else the data dir)")
         parser.add_argument("--web-search-url", default=None, help="SearxNG-style search endpoint for the search tool (default $PLAYGROUND_WEB_SEARCH_URL)")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "AppConfig":
         names = {f.name for f in fields(cls)}
         kwargs = {k: v for k, v in vars(args).items() if k in names and v is not None}
-        return cls(**kwargs)
+        serve = {f.name: getattr(args, f.name) for f in fields(ServeConfig) if getattr(args, f.name, None) is not None}
+        for name in ("max_batch", "max_queued"):
+            if serve.get(name, 1) < 1:
+                raise SystemExit(f"--{name.replace('_', '-')} must be at least 1")
+        return cls(**kwargs, serve=ServeConfig(**serve))

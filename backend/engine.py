@@ -1,32 +1,36 @@
-"""The inference engine: KV-cached, batched sampling with streaming, stop handling and log-probs.
+"""The inference engine: one model with its tokenizer, KV-cached sampling with streaming, stop handling
+and log-probs, served by a continuous-batching scheduler (backend/scheduler.py).
 
     engine = Engine(spec, model, enc)
     for ev in engine.generate([prompt_ids], SamplingParams(max_tokens=50), n=4):
         print(ev.index, repr(ev.text))          # streamed text of sample `index`
 
 How a request runs:
-- N samples of one prompt share one prefill (batch 1), then the KV cache is expanded to N rows.
-  Several different prompts are prefilled together with left padding (KVCache.pad) and decoded in
-  one batch; rows that finish are dropped from the batch.
-- Each step samples through backend.sampling (temperature, top-k, top-p, a per-request generator).
+- `generate` checks the request, then submits it to the engine's scheduler, which admits it into the
+  running batch beside every other request for this model (whatever door it came from); its events come
+  back on the request's own queue. N samples of one prompt share one prefill.
+- Each step samples through backend.sampling (temperature, top-k, top-p, penalties, a constraint, a
+  per-request generator), so a request's tokens do not depend on who else is in the batch.
 - Text is streamed UTF-8 safely (a character split across tokens is released only when complete) and
   stop strings may span tokens: text that could still become a stop string is held back, and a
   matched stop string is cut from the output. Stop tokens end a sample and are not part of it.
-- A single-flight guard (FIFO) lets one request at a time use the model; a cancelled request (its
-  `cancel` event set, or its generator closed) releases the guard at the next step.
+- A cancelled request (its `cancel` event set, or its generator closed) leaves the batch at the next step.
+- Prefill: on a CPU with bf16 matrix units (AMX / avx512_bf16) a model decoding on the GGUF's 4-bit blocks
+  keeps its layer weights in bf16 and prefills under autocast (bf16 matmuls, float32 residual stream,
+  norms, RoPE and KV cache); `python -m backend.bench decode` measures its speed and logit distance.
 """
 from __future__ import annotations
 
 import codecs
 import threading
-from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import Iterator
 
 import torch
 
 from backend.decode_step import DecodeStep
-from backend.sampling import SamplingParams, apply_penalties, make_generator, sample, token_logprobs
+from backend.sampling import SamplingParams, token_logprobs
+from backend.scheduler import FairLock, Scheduler, ServeConfig
 
 
 @dataclass
@@ -50,44 +54,6 @@ class Completion:
     finish_reason: str = "length"
     prompt_tokens: int = 0
     stop_token_id: int | None = None                     # the stop token that ended it, if any
-
-
-class Cancelled(Exception):
-    """The request was cancelled while waiting for its turn."""
-
-
-class SingleFlight:
-    """A fair (FIFO) lock: waiters are served in arrival order; waiting can be cancelled."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._queue: deque[object] = deque()
-        self._busy = False
-
-    def acquire(self, cancel: threading.Event | None = None) -> None:
-        ticket = object()
-        with self._cond:
-            self._queue.append(ticket)
-            try:
-                while self._busy or self._queue[0] is not ticket:
-                    if cancel is not None and cancel.is_set():
-                        raise Cancelled()
-                    self._cond.wait(timeout=0.1)
-            except BaseException:
-                self._queue.remove(ticket)
-                self._cond.notify_all()
-                raise
-            self._queue.popleft()
-            self._busy = True
-
-    def release(self) -> None:
-        with self._cond:
-            self._busy = False
-            self._cond.notify_all()
-
-    @property
-    def waiting(self) -> int:
-        return len(self._queue)
 
 
 class TextStream:
@@ -134,23 +100,11 @@ class TextStream:
         return self.feed(b"", final=True)
 
 
-def _grow_cache(cache, new_len: int) -> None:
-    """Give a KV cache more slots (keeps what is filled); used so short answers never allocate the whole context."""
-    if new_len <= cache.max_len:
-        return
-    for store in (cache.k, cache.v):
-        for i, t in enumerate(store):
-            bigger = t.new_zeros(t.shape[0], t.shape[1], new_len, t.shape[3])
-            bigger[:, :, :cache.pos] = t[:, :, :cache.pos]
-            store[i] = bigger
-    cache.max_len = new_len
-
-
 async def aiterate(iterator, cancel: threading.Event | None = None):
     """Iterate a blocking generator (engine events, stream_text) in a thread, yielding on the event loop.
 
     When the consumer stops (client gone, task cancelled), `cancel` is set and the generator closed,
-    which frees the engine's single-flight slot at the next decode step.
+    which takes the request out of the scheduler's batch at its next step.
     """
     import asyncio
     loop = asyncio.get_running_loop()
@@ -190,17 +144,60 @@ async def aiterate(iterator, cancel: threading.Event | None = None):
         cancel.set()
 
 
+def bf16_matmul_fast() -> bool:
+    """CPUs with bf16 matrix instructions (AMX tiles or avx512_bf16), where oneDNN's bf16 GEMM ran ~15x
+    faster than float32 here (300x576x1536: 0.47 vs 7.8 ms); elsewhere bf16 would only cost precision."""
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return " amx_bf16" in flags or " avx512_bf16" in flags
+
+
 class Engine:
-    def __init__(self, spec, model, enc, guard: SingleFlight | None = None, quant: str | None = None,
-                 blocks: dict | None = None, packed: dict | None = None, kernel=None):
+    def __init__(self, spec, model, enc, quant: str | None = None, blocks: dict | None = None,
+                 packed: dict | None = None, kernel=None, serve: ServeConfig | None = None,
+                 lock: FairLock | None = None, bf16_prefill: bool | None = None):
         self.spec = spec
         self.model = model.eval()
         self.enc = enc
-        self.guard = guard or SingleFlight()
         # the per-token forward used while decoding (quant/blocks: see backend/decode_step.py)
         self.step = DecodeStep(self.model, quant, blocks, packed, kernel)
+        self.head = self.step.lm_head  # final-norm hidden states -> logits, the same for prefill and decode
         self.context_length = min(int(getattr(spec, "context_length", 0) or model.cfg.max_seq_len), model.cfg.max_seq_len)
         self._token_bytes: dict[int, bytes] = {}
+        if bf16_prefill is None:  # only where decoding no longer reads the float layer weights
+            bf16_prefill = (self.step.fused is not None and model.device.type == "cpu" and bf16_matmul_fast())
+        self.bf16_prefill = bf16_prefill
+        # bf16 copies of the layers' matrices, swapped in for prefill only: embeddings, norms, the residual
+        # stream and the KV cache stay float32, and scoring (prompt_logprobs) keeps the float32 weights
+        self._bf16: list[tuple[torch.nn.Linear, torch.Tensor, torch.Tensor]] = []
+        if bf16_prefill:
+            for layer in self.model.model.layers:
+                for lin in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
+                            layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
+                    self._bf16.append((lin, lin.weight, torch.nn.Parameter(lin.weight.detach().to(torch.bfloat16),
+                                                                           requires_grad=False)))
+        self.scheduler = Scheduler(self, serve, lock)
+
+    event = TokenEvent  # what the scheduler emits
+
+    def prefill_hidden(self, ids: list[int], cache) -> torch.Tensor:
+        """Continue `cache` (batch 1) with ids; the final-norm hidden states [1, len(ids), dim]."""
+        if not self._bf16:
+            return self.model(torch.tensor([ids], device=self.device), cache, return_hidden=True)
+        try:  # only the scheduler's thread runs the model, so swapping its weights here is safe
+            for lin, _, w16 in self._bf16:
+                lin.weight = w16
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return self.model(torch.tensor([ids], device=self.device), cache, return_hidden=True).float()
+        finally:
+            for lin, w32, _ in self._bf16:
+                lin.weight = w32
+
+    def close(self) -> None:
+        """Stop serving (the pool unloaded this model): waiting and running requests get an error."""
+        self.scheduler.close()
 
     @property
     def name(self) -> str:
@@ -258,7 +255,8 @@ class Engine:
     # -- generation ------------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], params: SamplingParams, n: int = 1,
                  cancel: threading.Event | None = None) -> Iterator[TokenEvent]:
-        """Stream events for len(prompts) * n samples. Waits its turn at the single-flight guard."""
+        """Stream events for len(prompts) * n samples. The request is checked and queued here (QueueFull
+        when too many wait), so a caller can refuse it before streaming anything."""
         params.validate()
         if not prompts or n < 1:
             raise ValueError("need at least one prompt and n >= 1")
@@ -266,99 +264,8 @@ class Engine:
             self.check_fits(len(p), params.max_tokens)
             if min(p) < 0 or max(p) >= self.model.cfg.vocab_size:
                 raise ValueError(f"prompt token ids must be in [0, {self.model.cfg.vocab_size})")
-        return self._generate(prompts, params, n, cancel)
-
-    def _generate(self, prompts, params, n, cancel) -> Iterator[TokenEvent]:
-        try:
-            self.guard.acquire(cancel)
-        except Cancelled:
-            return
-        try:
-            with torch.inference_mode():
-                yield from self._decode(prompts, params, n, cancel)
-        finally:
-            self.guard.release()
-
-    def _prefill(self, prompts: list[list[int]], n: int, capacity: int):
-        model, dev = self.model, self.device
-        if len(prompts) == 1:
-            cache = model.new_cache(1, capacity)
-            logits = model(torch.tensor([prompts[0]], device=dev), cache, last_only=True)[:, -1]
-            if n > 1:  # one prefill shared by the n samples
-                cache = cache.expand(n)
-                logits = logits.expand(n, -1)
-            return cache, logits
-        L = max(len(p) for p in prompts)
-        pad = torch.tensor([L - len(p) for p in prompts], device=dev)
-        idx = torch.tensor([[0] * (L - len(p)) + p for p in prompts], device=dev)
-        cache = model.new_cache(len(prompts), capacity, pad=pad)
-        logits = model(idx, cache, last_only=True)[:, -1]
-        if pad.max() == 0:
-            cache.pad = None  # equal lengths: no mask needed while decoding
-        if n > 1:
-            rows = torch.arange(len(prompts), device=dev).repeat_interleave(n)
-            cache.select(rows)
-            logits = logits.index_select(0, rows)
-        return cache, logits
-
-    def _decode(self, prompts, params: SamplingParams, n: int, cancel) -> Iterator[TokenEvent]:
-        rows = len(prompts) * n
-        if params.max_tokens == 0:
-            for i in range(rows):
-                yield TokenEvent(i, None, "", finish_reason="length")
-            return
-        L = max(len(p) for p in prompts)
-        full = L + params.max_tokens - 1  # the last token needs no forward pass
-        cache, logits = self._prefill(prompts, n, min(full, L + 128))
-        gen = make_generator(params.seed, self.device)
-        stop_ids = set(params.stop_token_ids)
-        streams = [TextStream(params.stop) for _ in range(rows)]
-        active = list(range(rows))  # cache row -> sample index
-        generated: list[list[int]] = [[] for _ in range(rows)]
-        constraints = [params.constraint() for _ in range(rows)] if params.constraint else None
-        k = params.logprobs
-        for step in range(params.max_tokens):
-            if cancel is not None and cancel.is_set():
-                return
-            shaped = apply_penalties(logits, [generated[i] for i in active], params)
-            if constraints is not None:
-                shaped = shaped.float().clone() if shaped is logits else shaped
-                for r, idx in enumerate(active):
-                    constraints[idx].mask(shaped[r])
-            tokens = sample(shaped, params, gen)
-            if k is not None:
-                chosen, top_v, top_i = token_logprobs(logits, tokens, k)
-                chosen, top_v, top_i = chosen.tolist(), top_v.tolist(), top_i.tolist()
-            last = step == params.max_tokens - 1
-            keep = []
-            for r, (idx, tok) in enumerate(zip(active, tokens.tolist())):
-                lp = chosen[r] if k is not None else None
-                top = list(zip(top_i[r], top_v[r])) if k is not None else None
-                st = streams[idx]
-                if constraints is not None:
-                    constraints[idx].accept(tok)
-                if tok in stop_ids:  # its log-prob is reported too (clients score the end of a text by it)
-                    yield TokenEvent(idx, None, st.finish(), lp, top, finish_reason="stop", stop_token_id=tok)
-                    continue
-                generated[idx].append(tok)
-                text = st.feed(self.token_bytes(tok))
-                if st.stopped:
-                    yield TokenEvent(idx, tok, text, lp, top, "stop")
-                elif last:
-                    yield TokenEvent(idx, tok, text + st.finish(), lp, top, "length")
-                else:
-                    yield TokenEvent(idx, tok, text, lp, top)
-                    keep.append(r)
-            if not keep or last:
-                return
-            if len(keep) < len(active):
-                sel = torch.tensor(keep, device=self.device)
-                cache.select(sel)
-                tokens = tokens.index_select(0, sel)
-                active = [active[r] for r in keep]
-            if cache.pos + 1 > cache.max_len:
-                _grow_cache(cache, min(full, 2 * cache.max_len))
-            logits = self.step(tokens, cache)
+        req = self.scheduler.submit([list(p) for p in prompts], params, n, cancel, TextStream)
+        return self.scheduler.events(req)
 
     # -- whole answers ---------------------------------------------------------------------------
     def collect(self, events: Iterator[TokenEvent], rows: int, prompt_tokens: list[int],
@@ -415,14 +322,19 @@ class Engine:
     def prompt_logprobs(self, prompt_ids: list[int], k: int = 0) -> list[tuple[float | None, list[tuple[int, float]]]]:
         """Raw log-prob of each prompt token given the ones before it (the first has none), with top-k."""
         self.check_fits(len(prompt_ids), 0)
-        self.guard.acquire()
-        try:
-            with torch.inference_mode():
-                logits = self.model(torch.tensor([prompt_ids], device=self.device))[0, :-1]
-                chosen, top_v, top_i = token_logprobs(logits, torch.tensor(prompt_ids[1:], device=self.device), k)
-        finally:
-            self.guard.release()
+
+        def score():
+            logits = self.model(torch.tensor([prompt_ids], device=self.device))[0, :-1]
+            return token_logprobs(logits, torch.tensor(prompt_ids[1:], device=self.device), k)
+        chosen, top_v, top_i = self.scheduler.call(score)
         out: list[tuple[float | None, list[tuple[int, float]]]] = [(None, [])]
         for c, tv, ti in zip(chosen.tolist(), top_v.tolist(), top_i.tolist()):
             out.append((c, list(zip(ti, tv))))
         return out
+
+    def next_token_logits(self, ids: list[int]) -> torch.Tensor:
+        """The float model's logits [V] for the token after ids (the Generate tab's step mode), computed
+        between two scheduler steps."""
+        self.check_fits(len(ids), 0)
+        return self.scheduler.call(
+            lambda: self.model(torch.tensor([ids], device=self.device), last_only=True)[0, -1].float())

@@ -1,7 +1,7 @@
 """EnginePool: one Engine per model name, loaded lazily through the registry and kept while used.
 
-All engines share one single-flight guard: on a small machine two models decoding at once only slow
-each other down, so requests for any model queue in arrival order.
+Each engine serves through its own continuous-batching scheduler; the schedulers share one FIFO lock,
+so on a small machine two models take turns step by step instead of slowing each other down.
 """
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ import torch
 
 from backend import q4_kernel
 from backend.decode_step import gguf_supported, load_packed, packed_file_name, save_packed
-from backend.engine import Engine, SingleFlight
+from backend.engine import Engine
+from backend.scheduler import FairLock, ServeConfig
 from models.device import pick_device
 
 log = logging.getLogger(__name__)
@@ -52,12 +53,14 @@ def engine_quant(device: torch.device) -> str:
 
 
 class EnginePool:
-    def __init__(self, registry, cfg, max_loaded: int = 3, quant: str | None = "env", dtype: torch.dtype | None = None):
+    def __init__(self, registry, cfg, max_loaded: int = 3, quant: str | None = "env", dtype: torch.dtype | None = None,
+                 serve: ServeConfig | None = None):
         """quant: one of QUANT_MODES (None means "none"), or "env" to read PLAYGROUND_QUANT."""
         self.registry = registry
         self.cfg = cfg
         self.max_loaded = max_loaded
-        self.guard = SingleFlight()
+        self.serve = serve or getattr(cfg, "serve", None) or ServeConfig()
+        self.lock = FairLock()
         self.device = pick_device(cfg.device)
         self.dtype = dtype or engine_dtype(self.device)
         self.quant = engine_quant(self.device) if quant == "env" else (quant or "none")
@@ -72,6 +75,10 @@ class EnginePool:
 
     def loaded(self) -> list[str]:
         return list(self._engines)
+
+    def get_loaded(self, name: str) -> Engine:
+        """A loaded engine (KeyError if it is not loaded): never starts a load."""
+        return self._engines[name]
 
     @staticmethod
     def _stamp(spec) -> tuple | None:
@@ -90,7 +97,7 @@ class EnginePool:
             if eng is None:
                 return None
             if self._stamp(eng.spec) != eng.disk_stamp:  # overwritten or deleted since it was loaded
-                self._engines.pop(name, None)
+                self._engines.pop(name, None).close()
                 return None
             self._engines.move_to_end(name)
             return eng
@@ -110,12 +117,20 @@ class EnginePool:
                 return eng
             spec = self.registry.get(name)
             stamp = self._stamp(spec)
+            if spec.kind == "remote":  # another server serves it (backend/remote_engine.py): no weights to load
+                from backend.remote_engine import remote_engine
+                eng = remote_engine(spec, self.cfg.data_dir)
+                eng.disk_stamp = stamp
+                with self._lock:
+                    self._engines[name] = eng
+                return eng
             t0 = time.perf_counter()
             model = self.registry.load(name, device=self.device, dtype=self.dtype)
             from models.tokenizers import get_encoding
             enc = get_encoding(spec.tokenizer, self.cfg.data_dir)
             quant, blocks, packed, pack_file, kernel = self._decode_weights(spec, model)
-            eng = Engine(spec, model, enc, guard=self.guard, quant=quant, blocks=blocks, packed=packed, kernel=kernel)
+            eng = Engine(spec, model, enc, quant=quant, blocks=blocks, packed=packed, kernel=kernel,
+                         serve=self.serve, lock=self.lock)
             if pack_file is not None and not packed:  # first load here: keep the packing for the next
                 try:
                     save_packed(pack_file, eng.step.packed)
@@ -128,7 +143,8 @@ class EnginePool:
             with self._lock:
                 self._engines[name] = eng
                 while len(self._engines) > self.max_loaded:
-                    old, _ = self._engines.popitem(last=False)
+                    old, old_engine = self._engines.popitem(last=False)
+                    old_engine.close()
                     log.info("unloaded model %s", old)
             return eng
 
@@ -154,4 +170,6 @@ class EnginePool:
     def unload(self, name: str) -> None:
         """Forget a loaded engine (e.g. after the model was overwritten on disk); the next get reloads."""
         with self._lock:
-            self._engines.pop(name, None)
+            eng = self._engines.pop(name, None)
+        if eng is not None:
+            eng.close()

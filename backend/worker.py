@@ -192,6 +192,8 @@ def spawn_worker(app: AppConfig) -> subprocess.Popen:
            "PYTHONPATH": os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH", "")) if p)}
     # The worker shares the CPU with the server: idle OpenMP threads should sleep, not spin (README).
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if app.artifacts_url:  # the worker publishes where this server lists (models/artifacts.py)
+        env["PLAYGROUND_ARTIFACTS"] = app.artifacts_url
     cmd = [sys.executable, "-m", "backend.worker", "--data-dir", str(app.data_dir), "--device", app.device,
            "--threads", str(app.threads), "--exit-with-parent", str(os.getpid())]
     return subprocess.Popen(cmd, cwd=root, env=env)

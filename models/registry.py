@@ -46,13 +46,15 @@ class ModelExists(ValueError):
 @dataclass
 class ModelSpec:
     name: str
-    kind: str  # "bundled" | "trained" | "hf"
+    kind: str  # "bundled" | "trained" | "hf" | "remote"
     path: Path | None
     tokenizer: str  # a models.tokenizers.get_encoding name
     chat_format: str | None  # "chatml", or None for a base model
     context_length: int
     lineage: dict = field(default_factory=dict)
     description: str = ""
+    # kind "remote": {"base_url", "model", "api_key_env"}: an OpenAI-compatible server serves it (backend/remote_engine.py)
+    remote: dict | None = None
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -81,10 +83,25 @@ class ModelRegistry:
     def __init__(self, cfg: AppConfig):
         self.cfg = cfg
         self._lock = threading.Lock()  # one bundled-cache build at a time within a process
+        # Shared artifacts (models/artifacts.py): when configured, models live under that fsspec URL
+        # instead of cfg.models_dir, so every machine pointed at it sees what any of them published.
+        self.store = None
+        if getattr(cfg, "artifacts_url", None):
+            from models.artifacts import ArtifactStore
+            self.store = ArtifactStore(cfg.artifacts_url, cfg.cache_dir)
 
     # -- listing ------------------------------------------------------------------------------
     def list(self) -> list[ModelSpec]:
         specs = [bundled_spec()]
+        if self.store is not None:
+            for name in self.store.model_names():
+                try:
+                    meta = self.store.read_meta(name)
+                    if meta is not None:
+                        specs.append(self._spec(name, meta, self.store.local_path(name, meta)))
+                except (ValueError, KeyError, OSError) as e:
+                    log.warning("skipping model %s in %s: %s", name, self.store.url, e)
+            return specs
         root = self.cfg.models_dir
         if root.is_dir():
             for d in sorted(root.iterdir()):
@@ -102,27 +119,50 @@ class ModelRegistry:
     def get(self, name: str) -> ModelSpec:
         if name == BUNDLED_NAME:
             return bundled_spec()
+        if self.store is not None:
+            return self._get_shared(name)
         d = self.cfg.models_dir / name if isinstance(name, str) and _NAME_RE.fullmatch(name) else None
         if d is None or not (d / PLAYGROUND_FILE).exists():
             raise UnknownModel(f"unknown model {name!r}; available: {', '.join(self.names())}")
         return self._spec_from_dir(d)
 
-    def _spec_from_dir(self, d: Path) -> ModelSpec:
+    def _get_shared(self, name: str) -> ModelSpec:
+        """A model published in the artifact store, its files downloaded into the local cache first
+        (once per published version) with its trained tokenizer installed into the data directory."""
+        meta = self.store.read_meta(name) if isinstance(name, str) and _NAME_RE.fullmatch(name) else None
+        if meta is None:
+            raise UnknownModel(f"unknown model {name!r}; available: {', '.join(self.names())}")
+        if meta.get("kind") == "remote":  # only an address: nothing to download
+            return self._spec(name, meta, self.store.local_path(name, meta))
+        from models.artifacts import install_tokenizer
+        path = self.store.fetch(name, meta)
+        install_tokenizer(path, self.cfg.data_dir)
+        return self._spec_from_dir(path, name)
+
+    def _spec_from_dir(self, d: Path, name: str | None = None) -> ModelSpec:
         meta = read_extra(d)
+        if meta.get("context_length") is None and meta.get("kind") != "remote":
+            meta["context_length"] = json.loads((d / "config.json").read_text())["max_position_embeddings"]
+        return self._spec(name or d.name, meta, d)
+
+    def _spec(self, name: str, meta: dict, d: Path) -> ModelSpec:
         if not meta.get("tokenizer"):
-            raise ValueError(f"{d / PLAYGROUND_FILE} names no tokenizer")
+            raise ValueError(f"{name}'s {PLAYGROUND_FILE} names no tokenizer")
         ctx = meta.get("context_length")
         if ctx is None:
-            ctx = json.loads((d / "config.json").read_text())["max_position_embeddings"]
-        return ModelSpec(name=d.name, kind=meta.get("kind", "trained"), path=d, tokenizer=meta["tokenizer"],
+            raise ValueError(f"{name}'s {PLAYGROUND_FILE} names no context_length")
+        return ModelSpec(name=name, kind=meta.get("kind", "trained"), path=d, tokenizer=meta["tokenizer"],
                          chat_format=meta.get("chat_format"), context_length=int(ctx),
-                         lineage=meta.get("lineage") or {}, description=meta.get("description", ""))
+                         lineage=meta.get("lineage") or {}, description=meta.get("description", ""),
+                         remote=meta.get("remote") if meta.get("kind") == "remote" else None)
 
     # -- loading ------------------------------------------------------------------------------
     def load(self, name: str, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Transformer:
         """The model in eval mode on `device` (default: cfg.device via pick_device) in `dtype`
         (default: pick_dtype for the device: bf16 on CPUs with native bf16, else float32)."""
         spec = self.get(name)
+        if spec.kind == "remote":
+            raise ValueError(f"model {name!r} is served by {spec.remote['base_url']}: it has no weights here")
         dev = pick_device(self.cfg.device) if device is None else torch.device(device)
         dt = pick_dtype(dev) if dtype is None else dtype
         if spec.kind == "bundled":
@@ -147,19 +187,35 @@ class ModelRegistry:
             raise ValueError(f"chat_format must be one of {CHAT_FORMATS}, not {chat_format!r}")
         if kind not in ("trained", "hf"):
             raise ValueError(f"kind must be 'trained' or 'hf', not {kind!r}")
-        root = self.cfg.models_dir
-        root.mkdir(parents=True, exist_ok=True)
-        target = root / name
-        if target.exists() and not overwrite:
+        if self._exists(name) and not overwrite:  # before saving the weights
             raise ModelExists(f"a model named {name!r} already exists")
         meta = {"name": name, "kind": kind, "tokenizer": tokenizer, "chat_format": chat_format,
                 "context_length": model.cfg.max_seq_len, "lineage": dict(lineage or {}),
                 "description": description, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "format_version": 1}
+        self._publish(name, lambda tmp: save_hf_dir(model, tmp, meta), overwrite)
+        return self.get(name)
+
+    def _publish(self, name: str, write, overwrite: bool) -> None:
+        """write(tmp_dir) into a temp dir, then rename it to cfg.models_dir/name: never half-written."""
+        if self.store is not None:  # write here, then upload (models/artifacts.py: the marker goes last)
+            if self.store.exists(name) and not overwrite:
+                raise ModelExists(f"a model named {name!r} already exists")
+            with tempfile.TemporaryDirectory(prefix=f".{name}.tmp-") as tmp:
+                write(Path(tmp))
+                from models.artifacts import bundle_tokenizer
+                bundle_tokenizer(read_extra(Path(tmp)).get("tokenizer", ""), self.cfg.data_dir, Path(tmp))
+                self.store.publish(name, Path(tmp), overwrite)
+            return
+        root = self.cfg.models_dir
+        root.mkdir(parents=True, exist_ok=True)
+        target = root / name
+        if target.exists() and not overwrite:
+            raise ModelExists(f"a model named {name!r} already exists")
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root))
         tmp.chmod(0o755)  # mkdtemp makes it 0700
         try:
-            save_hf_dir(model, tmp, meta)
+            write(tmp)
             if target.exists():  # overwrite: move the old one aside so `target` is never half-written
                 old = root / f".{name}.old-{os.getpid()}-{time.time_ns()}"
                 os.replace(target, old)
@@ -167,6 +223,44 @@ class ModelRegistry:
             os.replace(tmp, target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+    def add_remote(self, name: str, base_url: str, remote_model: str, tokenizer: str = "cl100k_base",
+                   chat_format: str | None = "chatml", context_length: int = 4096, api_key_env: str | None = None,
+                   description: str = "", overwrite: bool = False) -> ModelSpec:
+        """Register a model that an OpenAI-compatible server serves (vLLM, SGLang, llama.cpp, TGI, this app).
+
+        Only its address is stored (playground.json, no weights). `tokenizer` is the local encoding that
+        counts prompt tokens and names the tokens the server returns; it should be the server's own.
+        The API key is never stored: `api_key_env` names the environment variable that holds it."""
+        validate_name(name)
+        if name == BUNDLED_NAME:
+            raise ModelExists(f"model name {name!r} is taken by the bundled model")
+        from urllib.parse import urlparse
+        u = urlparse(base_url) if isinstance(base_url, str) else None
+        if u is None or u.scheme not in ("http", "https") or not u.netloc:
+            raise ValueError(f"base_url must be an http(s) URL like http://host:8000/v1, not {base_url!r}")
+        if not isinstance(remote_model, str) or not remote_model.strip():
+            raise ValueError("the remote model name must be a non-empty string (an id from the server's /v1/models)")
+        if api_key_env is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", api_key_env):
+            raise ValueError(f"api_key_env must name an environment variable, not {api_key_env!r}")
+        if chat_format not in CHAT_FORMATS:
+            raise ValueError(f"chat_format must be one of {CHAT_FORMATS}, not {chat_format!r}")
+        if isinstance(context_length, bool) or not isinstance(context_length, int) or context_length < 2:
+            raise ValueError(f"context_length must be an integer >= 2, not {context_length!r}")
+        from models.tokenizers import chat_encoding_name
+        # an unknown encoding fails here, not at the first chat; a chat model's encoding needs the ChatML tokens
+        tokenizer = chat_encoding_name(tokenizer, self.cfg.data_dir) if chat_format else tokenizer
+        from models.tokenizers import get_encoding
+        get_encoding(tokenizer, self.cfg.data_dir)
+        meta = {"name": name, "kind": "remote", "tokenizer": tokenizer, "chat_format": chat_format,
+                "context_length": context_length, "lineage": {"served_by": base_url.rstrip("/")},
+                "remote": {"base_url": base_url.rstrip("/"), "model": remote_model, "api_key_env": api_key_env},
+                "description": description or f"{remote_model} served by {base_url.rstrip('/')}",
+                "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "format_version": 1}
+
+        def write(tmp: Path) -> None:
+            (tmp / PLAYGROUND_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        self._publish(name, write, overwrite)
         return self.get(name)
 
     def import_hf(self, name: str, source: str | Path, tokenizer: str, chat_format: str | None = None,
@@ -184,6 +278,8 @@ class ModelRegistry:
         from models.hf_tokenizer import write_hf_tokenizer
         from models.tokenizers import get_encoding
         spec = self.get(name)
+        if spec.kind == "remote":
+            raise ValueError(f"model {name!r} is served by {spec.remote['base_url']}: there are no weights to export")
         dest = Path(dest)
         if dest.exists():
             raise ValueError(f"export destination {dest} already exists")
@@ -203,10 +299,34 @@ class ModelRegistry:
             shutil.rmtree(tmp, ignore_errors=True)
         return dest
 
-    def delete(self, name: str) -> None:
+    def amend(self, name: str, write) -> ModelSpec:
+        """Change a registered model's files after registration (a reward head, lineage): write(dir) edits
+        the model's directory in place, or, in a shared artifact store, a copy that is then re-published."""
         spec = self.get(name)
-        if spec.kind == "bundled":
+        if spec.kind in ("bundled", "remote"):
+            raise ValueError(f"model {name!r} is {spec.kind}: it has no files here to change")
+        if self.store is None:
+            write(spec.path)
+            return self.get(name)
+        with tempfile.TemporaryDirectory(prefix=f".{name}.amend-") as tmp:
+            copy = Path(tmp) / name
+            shutil.copytree(spec.path, copy)
+            write(copy)
+            self.store.publish(name, copy, overwrite=True)
+        return self.get(name)
+
+    def _exists(self, name: str) -> bool:
+        return self.store.exists(name) if self.store is not None else (self.cfg.models_dir / name).exists()
+
+    def delete(self, name: str) -> None:
+        if name == BUNDLED_NAME:
             raise ValueError(f"the bundled model {name!r} cannot be deleted")
+        if self.store is not None:
+            if self.store.read_meta(name) is None:
+                raise UnknownModel(f"unknown model {name!r}; available: {', '.join(self.names())}")
+            self.store.delete(name)
+            return
+        spec = self.get(name)
         old = self.cfg.models_dir / f".{name}.del-{os.getpid()}-{time.time_ns()}"
         os.replace(spec.path, old)  # vanish from list() at once, then remove
         shutil.rmtree(old, ignore_errors=True)

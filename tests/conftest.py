@@ -62,9 +62,11 @@ def start_server(data_dir: Path, *args: str, env: dict | None = None, timeout: f
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}:\n{server.log()[-4000:]}")
-        try:
+        try:  # up (/healthz), then the default model loaded or failed (/readyz), as a user's first request wants
             if httpx.get(server.base_url + "/healthz", timeout=2).status_code == 200:
-                return server
+                ready = httpx.get(server.base_url + "/readyz", timeout=2)
+                if ready.status_code == 200 or ready.json().get("state") == "failed":
+                    return server
         except httpx.HTTPError:
             pass
         time.sleep(0.2)

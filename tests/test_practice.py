@@ -204,8 +204,8 @@ def wait_until(condition, timeout: float = 60) -> None:
 
 
 def test_a_stop_mid_run_grades_nothing_and_frees_the_engine_for_the_next_request(pg):
-    problem, guard = svc.typed_problem(QUESTION, "7"), pg.engines.guard
-    pg.engines.get("rambler")  # loaded up front, so the run below is all decoding
+    problem = svc.typed_problem(QUESTION, "7")
+    scheduler = pg.engines.get("rambler").scheduler  # loaded up front, so the run below is all decoding
     cancel, outcome = threading.Event(), {}
 
     def run():
@@ -214,13 +214,10 @@ def test_a_stop_mid_run_grades_nothing_and_frees_the_engine_for_the_next_request
         except svc.Stopped as e:
             outcome["stopped"] = str(e)
 
-    guard.acquire()  # another request holds the engine, so we can see the run take it
     worker = threading.Thread(target=run)
     worker.start()
-    wait_until(lambda: guard.waiting == 1)
-    guard.release()
-    wait_until(lambda: guard.waiting == 0)  # the run holds the engine now
-    time.sleep(0.3)  # and is decoding: 8 x 1024 tokens take far longer than this
+    wait_until(lambda: scheduler.stats()["rows"] == 8)  # its 8 samples are in the running batch
+    time.sleep(0.3)  # and decoding: 8 x 1024 tokens take far longer than this
     cancel.set()
     worker.join(timeout=60)
     assert not worker.is_alive()

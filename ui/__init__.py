@@ -16,6 +16,7 @@ TABS: list[tuple[str, str]] = [
     ("labeling", "Labeling"),
     ("arena", "Arena"),  # blind side-by-side votes become a leaderboard (DEMOS 18)
     ("practice", "Practice"),  # many samples of a problem with a known answer; voting, best-of-N (DEMOS 14-15)
+    ("models", "Models"),  # the registry: served (remote) models for admins, export for operators (issue 14)
 ]
 # Which tabs need an account, said in the header before anyone clicks (the handlers check it regardless).
 ACCOUNT_NOTE = ("No account needed: **Tokenizer · Generate · Chat**. Sign in for **Training** (operators start runs), "

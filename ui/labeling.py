@@ -329,7 +329,8 @@ def build_operator(pg) -> None:
     @_errors_to_gr
     def do_snapshot(kind, set_id, request: gr.Request):
         user = request_user(pg, request, "operator")
-        snap = snapshots.create_snapshot(pg.db, pg.cfg.data_dir, user, kind, set_id=int(set_id) if set_id else None)
+        snap = snapshots.create_snapshot(pg.db, pg.cfg.data_dir, user, kind, set_id=int(set_id) if set_id else None,
+                                         artifacts_url=pg.cfg.artifacts_url)
         return (f"Snapshot **{snap['name']}** ({snap['kind']}, {snap['rows']} rows), hash `{snap['hash'][:16]}…`: pick it "
                 "as the training data of a job on the Training tab.")
 

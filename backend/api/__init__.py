@@ -6,7 +6,10 @@ from __future__ import annotations
 
 from importlib import import_module
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from backend.scheduler import QueueFull
 
 # (module under backend.api, URL prefix)
 ROUTES: list[tuple[str, str]] = [
@@ -27,3 +30,10 @@ ROUTES: list[tuple[str, str]] = [
 def register_routes(app: FastAPI) -> None:
     for module, prefix in ROUTES:
         app.include_router(import_module(f"backend.api.{module}").router, prefix=prefix)
+    app.add_exception_handler(QueueFull, queue_full)
+
+
+async def queue_full(_request: Request, exc: QueueFull) -> JSONResponse:
+    """Every door's answer when a model's scheduler has too many requests waiting (OpenAI's error shape)."""
+    return JSONResponse({"error": {"message": str(exc), "type": "server_error", "param": None, "code": "queue_full"},
+                         "detail": str(exc)}, status_code=503, headers={"Retry-After": str(exc.retry_after)})

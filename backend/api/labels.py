@@ -224,7 +224,8 @@ class SnapshotBody(BaseModel):
 def create_snapshot(body: SnapshotBody, request: Request, user: CurrentUser = Depends(operator)) -> dict:
     pg = _pg(request)
     with service_errors():
-        return snapshots.create_snapshot(pg.db, pg.cfg.data_dir, user, body.kind, body.name, body.set_id)
+        return snapshots.create_snapshot(pg.db, pg.cfg.data_dir, user, body.kind, body.name, body.set_id,
+                                         artifacts_url=pg.cfg.artifacts_url)
 
 
 @router.get("/snapshots")

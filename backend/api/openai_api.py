@@ -242,7 +242,9 @@ def model_card(spec) -> dict:
     created = 0
     if spec.path is not None and spec.path.exists():
         created = int(spec.path.stat().st_mtime)
-    return {"id": spec.name, "object": "model", "created": created, "owned_by": "playground"}
+    # max_model_len as vLLM reports it: clients that register this server as a remote model read it
+    return {"id": spec.name, "object": "model", "created": created, "owned_by": "playground",
+            "max_model_len": spec.context_length}
 
 
 @router.get("/v1/models")

@@ -21,6 +21,7 @@ import statistics
 import subprocess
 import time
 
+from backend.bench.server import start_app
 from backend.tools.sandbox import SandboxLimits, isolation, python_prefix, run_python
 
 CODE = "print(sum(range(1000)))"
@@ -69,37 +70,6 @@ def bench_sandbox(args) -> list[dict]:
 CHAT_PROMPT = [{"role": "user", "content": "Write a short story about a robot who learns to paint."}]
 
 
-def _start_server(data_dir, cache_dir, threads: int):
-    import os
-    import socket
-    import sys
-    from pathlib import Path
-
-    import httpx
-    root = Path(__file__).resolve().parents[2]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = open(Path(data_dir) / "server.log", "wb")
-    proc = subprocess.Popen([sys.executable, str(root / "app.py"), "--host", "127.0.0.1", "--port", str(port),
-                             "--data-dir", str(data_dir), "--no-worker", "--threads", str(threads)],
-                            cwd=root, env={**os.environ, "PLAYGROUND_CACHE_DIR": str(cache_dir)},
-                            stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}; see {data_dir}/server.log")
-        try:
-            if httpx.get(url + "/healthz", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    proc.kill()
-    raise RuntimeError("server did not start within 300 s")
-
-
 def bench_http(args) -> list[dict]:
     import os
     import tempfile
@@ -120,7 +90,7 @@ def bench_http(args) -> list[dict]:
     root = Path(__file__).resolve().parents[2]
     cache = Path(os.environ.get("PLAYGROUND_CACHE_DIR") or root / "data" / "cache")
     tmp = tempfile.TemporaryDirectory(prefix="bench-chat-")
-    proc, url = _start_server(tmp.name, cache, args.threads)
+    proc, url = start_app(tmp.name, cache, args.threads)
     try:
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=300)
         cfg = AppConfig(data_dir=Path(tmp.name) / "inproc", cache_dir=cache, threads=args.threads)

@@ -78,7 +78,8 @@ def agreement(ref, eng, tokens: int, prompts: list[str] = AGREEMENT_PROMPTS) -> 
     the greedy tokens that match before the first divergence (per prompt)."""
     from backend.sampling import SamplingParams
     same = steps = 0
-    worst = 0.0
+    worst = prefill_worst = 0.0
+    prefill_same = 0
     same_prefix = []
     greedy = SamplingParams(temperature=0, max_tokens=tokens)
     with torch.inference_mode():
@@ -87,6 +88,10 @@ def agreement(ref, eng, tokens: int, prompts: list[str] = AGREEMENT_PROMPTS) -> 
             caches = [e.model.new_cache(1, len(ids) + tokens) for e in (ref, eng)]
             logits = [e.model(torch.tensor([ids], device=e.device), c, last_only=True)[:, -1].float()
                       for e, c in zip((ref, eng), caches)]
+            # the engine's own prefill (bf16 matmuls where it chose them) and head, as it serves a request
+            served = eng.head(eng.prefill_hidden(ids, eng.model.new_cache(1, len(ids)))[:, -1]).float().cpu()
+            prefill_worst = max(prefill_worst, (logits[0].cpu() - served).abs().max().item())
+            prefill_same += int(logits[0].argmax() == served.argmax())
             for _ in range(tokens):
                 tok = logits[0].argmax(-1)
                 logits = [e.step(tok.to(e.device), c).float().cpu() for e, c in zip((ref, eng), caches)]
@@ -96,6 +101,8 @@ def agreement(ref, eng, tokens: int, prompts: list[str] = AGREEMENT_PROMPTS) -> 
             a, b = ref.complete(ids, greedy)[0].token_ids, eng.complete(ids, greedy)[0].token_ids
             same_prefix.append(matched(a, b))
     return {"top1_agreement": round(same / steps, 4), "max_abs_logit_diff": round(worst, 3),
+            "prefill_top1_agreement": round(prefill_same / len(prompts), 4),
+            "prefill_max_abs_logit_diff": round(prefill_worst, 3),
             "greedy_tokens_matched": same_prefix, "prompts": len(prompts), "tokens": tokens}
 
 

@@ -47,13 +47,15 @@ def add_lineage(app: AppConfig, model: str, extra: dict) -> None:
     import os
 
     from models.hf_checkpoint import PLAYGROUND_FILE, read_extra
+    from models.registry import ModelRegistry
 
-    d = app.models_dir / model
-    meta = read_extra(d)
-    meta["lineage"] = {**meta.get("lineage", {}), **extra}
-    tmp = d / f".{PLAYGROUND_FILE}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(meta, indent=2, default=str) + "\n")
-    os.replace(tmp, d / PLAYGROUND_FILE)
+    def write(d):
+        meta = read_extra(d)
+        meta["lineage"] = {**meta.get("lineage", {}), **extra}
+        tmp = d / f".{PLAYGROUND_FILE}.tmp-{os.getpid()}"
+        tmp.write_text(json.dumps(meta, indent=2, default=str) + "\n")
+        os.replace(tmp, d / PLAYGROUND_FILE)
+    ModelRegistry(app).amend(model, write)  # in place, or re-published to shared artifacts
 
 
 @trainer("pretrain", PretrainConfig, "pretrain a GPT from scratch on a corpus (next-token prediction)",

@@ -24,7 +24,9 @@ def _payload(r: Snapshot) -> dict:
 
 
 def create_snapshot(db: Database, data_dir: Path, user: CurrentUser, kind: str, name: str = "",
-                    set_id: int | None = None) -> dict:
+                    set_id: int | None = None, artifacts_url: str | None = None) -> dict:
+    """artifacts_url (AppConfig.artifacts_url): write the file there (models/artifacts.py), so workers on
+    other machines read it; else under data_dir/snapshots."""
     rows = export(db, kind, set_id)
     if not rows:
         raise ValueError(f"nothing to snapshot: the {kind} export is empty")
@@ -34,10 +36,13 @@ def create_snapshot(db: Database, data_dir: Path, user: CurrentUser, kind: str, 
         existing = s.scalar(select(Snapshot).where(Snapshot.content_hash == digest))
         if existing is not None:
             return _payload(existing)
-        folder = Path(data_dir) / "snapshots"
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"{digest}.jsonl"
-        if not path.exists():
+        if artifacts_url:
+            from models.artifacts import ArtifactStore
+            path = ArtifactStore(artifacts_url, Path(data_dir)).put_snapshot(digest, data)
+        else:
+            path = Path(data_dir) / "snapshots" / f"{digest}.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+        if not isinstance(path, str) and not path.exists():
             tmp = path.with_suffix(f".tmp{os.getpid()}")
             with open(tmp, "wb") as f:
                 f.write(data)
@@ -68,7 +73,11 @@ def get_snapshot(db: Database, content_hash: str) -> dict:
 def read_snapshot(db: Database, content_hash: str) -> list[dict]:
     """The rows of a snapshot, after checking the file still hashes to its name (what trainers call)."""
     info = get_snapshot(db, content_hash)
-    data = Path(info["path"]).read_bytes()
+    if "://" in info["path"]:  # in a shared artifact store
+        from models.artifacts import read_url
+        data = read_url(info["path"])
+    else:
+        data = Path(info["path"]).read_bytes()
     if hashlib.sha256(data).hexdigest() != content_hash:
         raise ValueError(f"snapshot {content_hash} was modified on disk; refusing to read it")
     return [json.loads(line) for line in data.decode().splitlines() if line]

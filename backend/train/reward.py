@@ -234,7 +234,7 @@ def run_reward(cfg: RewardConfig, ctx: JobContext) -> Outcome:
                             {"reward_model": True, "held_out_accuracy": acc, "initial_accuracy": acc0})
         if name:
             from models.registry import ModelRegistry
-            save_head(rm, ModelRegistry(run.app).get(name).path)
+            ModelRegistry(run.app).amend(name, lambda d: save_head(rm, d))  # shared artifacts: re-published
         run.emit({"step": run.step, "done": reason, "model": name, "final_loss": last_loss, "held_out_accuracy": acc})
         return Outcome(reason, run.step, str(run.last_ckpt), name,
                        {"loss": last_loss, "held_out_accuracy": acc, "initial_accuracy": acc0})

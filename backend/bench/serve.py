@@ -1,0 +1,194 @@
+"""python -m backend.bench serve [--clients 1,8,32] [--tokens 64] [--threads 2] [--llama-python PY] [--peer-slots 8]
+
+Many users at once, as they meet the app: the real app (`python app.py`, its own process, the app's runtime
+settings) on the bundled model, and C clients at once, each one streamed chat completion through the
+official `openai` client (distinct prompts, temperature 0.8, a seed each, --tokens at most). Per level:
+- aggregate tok/s: completion tokens of all C answers / wall time from the first request to the last token;
+- time to first token (p50, p99 and worst) from each request's start;
+- inter-token latency p99 (gaps between a stream's content chunks).
+Goals (issue 12): 8 clients >= 3x the aggregate tok/s of 1 client with a worst first token <= 1.5 s;
+32 clients >= 4x.
+
+Peer: llama.cpp's OpenAI-compatible server from llama-cpp-python (`python -m llama_cpp.server`, built in a
+side environment given by --llama-python, never an app dependency) on the same GGUF file, the same thread
+count and the same clients; --peer-slots is passed where that server knows parallel slots. Goals: ours >= 1.5x
+its aggregate tok/s at 8 clients and >= 1.2x its single-stream rate. Without --llama-python (or when it cannot
+import llama_cpp.server) the peer is reported missing, never invented.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+QUESTIONS = ["Write a short story about a robot who learns to paint.", "Tell me a joke about pelicans.",
+             "Explain how a bicycle works.", "Describe the ocean to someone who has never seen it.",
+             "Write a poem about autumn leaves.", "What makes a good breakfast? Explain at length.",
+             "Tell a story about a cat who becomes a detective.", "Explain why the sky is blue, step by step."]
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+
+
+def run_level(base_url: str, model: str, clients: int, tokens: int) -> dict:
+    import openai
+    client = openai.OpenAI(base_url=base_url + "/v1", api_key="unused", max_retries=0, timeout=600)
+    start = threading.Barrier(clients)
+    out: list[dict | None] = [None] * clients
+
+    def one(i: int) -> None:
+        start.wait()
+        t0 = time.perf_counter()
+        stamps, n = [], 0
+        stream = client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}], max_tokens=tokens,
+            temperature=0.8, seed=i, stream=True, stream_options={"include_usage": True})
+        for ch in stream:
+            if ch.choices and ch.choices[0].delta.content:
+                stamps.append(time.perf_counter())
+            if getattr(ch, "usage", None):
+                n = ch.usage.completion_tokens
+        out[i] = {"t0": t0, "stamps": stamps, "tokens": n or len(stamps)}
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    done = [o for o in out if o and o["stamps"]]
+    if len(done) < clients:
+        raise RuntimeError(f"{clients - len(done)} of {clients} requests returned no text")
+    wall = max(o["stamps"][-1] for o in done) - min(o["t0"] for o in done)
+    ttft = [o["stamps"][0] - o["t0"] for o in done]
+    gaps = [b - a for o in done for a, b in zip(o["stamps"], o["stamps"][1:])]
+    total = sum(o["tokens"] for o in done)
+    return {"clients": clients, "tok_s": total / wall, "tokens": total, "wall_s": wall,
+            "ttft_p50": statistics.median(ttft), "ttft_p99": pct(ttft, 0.99), "ttft_max": max(ttft),
+            "itl_p99": pct(gaps, 0.99) if gaps else None}
+
+
+def start_llama_server(python: str, gguf: str, threads: int, slots: int, ctx: int, workdir: Path):
+    """llama-cpp-python's OpenAI server in its own venv, or an error string."""
+    import httpx
+
+    from backend.bench.server import free_port
+    ok = subprocess.run([python, "-c", "import llama_cpp.server, llama_cpp; print(llama_cpp.__version__)"],
+                        capture_output=True, text=True)
+    if ok.returncode != 0:
+        return None, f"llama_cpp.server not importable by {python}: {ok.stderr.strip()[-200:]}"
+    version = ok.stdout.strip()
+    port = free_port()
+    log = open(workdir / "llama-server.log", "wb")
+    cmd = [python, "-m", "llama_cpp.server", "--model", gguf, "--host", "127.0.0.1", "--port", str(port),
+           "--n_threads", str(threads), "--n_threads_batch", str(threads), "--n_ctx", str(ctx),
+           "--model_alias", "peer"]
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return None, f"llama_cpp.server exited with {proc.returncode}: see {workdir / 'llama-server.log'}"
+        try:
+            if httpx.get(url + "/v1/models", timeout=2).status_code == 200:
+                return (proc, url, version), None
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    proc.kill()
+    return None, "llama_cpp.server did not start within 120 s"
+
+
+def result(metric, unit, ours, peer, peer_name, goal, higher_is_better=True, **extra) -> dict:
+    ratio = None
+    if ours is not None and peer:
+        ratio = ours / peer if higher_is_better else peer / ours
+    return {"metric": metric, "unit": unit, "ours": None if ours is None else round(ours, 3),
+            "peer": None if peer is None else round(peer, 3), "peer_name": peer_name,
+            "ratio": None if ratio is None else round(ratio, 3), "goal_ratio": goal, **extra}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m backend.bench serve", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--clients", default="1,8,32")
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--llama-python", default=None, help="a Python with llama-cpp-python[server] (side venv)")
+    ap.add_argument("--peer-slots", type=int, default=8)
+    ap.add_argument("--skip-ours", action="store_true")
+    args = ap.parse_args(argv)
+    levels = [int(c) for c in args.clients.split(",")]
+
+    import os
+
+    from backend.bench.server import start_app, stop_app
+    root = Path(__file__).resolve().parents[2]
+    cache = Path(os.environ.get("PLAYGROUND_CACHE_DIR") or root / "data" / "cache")
+    tmp = tempfile.TemporaryDirectory(prefix="bench-serve-")
+    ours: dict[int, dict] = {}
+    if not args.skip_ours:
+        proc, url = start_app(tmp.name, cache, args.threads, "--max-batch", str(max(levels)))
+        try:
+            run_level(url, args.model, 2, 8)  # warm-up
+            for c in levels:
+                ours[c] = run_level(url, args.model, c, args.tokens)
+                print(f"ours, {c} clients: {ours[c]['tok_s']:.1f} tok/s aggregate, first token p50 "
+                      f"{ours[c]['ttft_p50']:.2f} s / p99 {ours[c]['ttft_p99']:.2f} s / worst {ours[c]['ttft_max']:.2f} s, "
+                      f"inter-token p99 {ours[c]['itl_p99'] or 0:.3f} s", flush=True)
+        finally:
+            stop_app(proc)
+
+    peer: dict[int, dict] = {}
+    peer_name = "llama.cpp server: not measured (pass --llama-python PY, a venv with llama-cpp-python[server])"
+    if args.llama_python:
+        from models.gguf_file import find_smollm2_gguf
+        started, err = start_llama_server(args.llama_python, str(find_smollm2_gguf()), args.threads,
+                                          args.peer_slots, 4096, Path(tmp.name))
+        if err:
+            peer_name = err
+        else:
+            lproc, lurl, version = started
+            peer_name = f"llama-cpp-python {version} llama_cpp.server, same GGUF, {args.threads} threads"
+            try:
+                run_level(lurl, "peer", 2, 8)
+                for c in levels:
+                    peer[c] = run_level(lurl, "peer", c, args.tokens)
+                    print(f"peer, {c} clients: {peer[c]['tok_s']:.1f} tok/s aggregate, first token p50 "
+                          f"{peer[c]['ttft_p50']:.2f} s / worst {peer[c]['ttft_max']:.2f} s", flush=True)
+            finally:
+                lproc.terminate()
+                lproc.wait(20)
+        print(peer_name)
+
+    results = []
+    one = ours.get(1)
+    for c in levels:
+        o, p = ours.get(c), peer.get(c)
+        goal = {1: 1.2, 8: 1.5}.get(c)
+        results.append(result(f"{c} clients: aggregate decode", "tok/s", o and o["tok_s"], p and p["tok_s"],
+                              peer_name, goal, **({} if o is None else {
+                                  "ttft_p50_s": round(o["ttft_p50"], 3), "ttft_p99_s": round(o["ttft_p99"], 3),
+                                  "ttft_max_s": round(o["ttft_max"], 3),
+                                  "itl_p99_s": None if o["itl_p99"] is None else round(o["itl_p99"], 4),
+                                  "tokens": o["tokens"]}),
+                              **({} if p is None else {"peer_ttft_max_s": round(p["ttft_max"], 3)})))
+        if one and o and c > 1:
+            results.append(result(f"{c} clients vs 1 client (scaling)", "x", o["tok_s"] / one["tok_s"], None,
+                                  "no peer: ours at 1 client is the baseline", {8: 3.0, 32: 4.0}.get(c),
+                                  goal_min=({8: 3.0, 32: 4.0}.get(c))))
+    import torch
+    print(json.dumps({"bench": "serve", "device": "cpu", "threads": args.threads, "tokens": args.tokens,
+                      "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "torch": torch.__version__.split("+")[0],
+                      "results": results}))
+
+
+if __name__ == "__main__":
+    main()
