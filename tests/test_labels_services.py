@@ -120,7 +120,7 @@ def test_sft_keeps_every_submitted_version_and_marks_model_parts(db, people):
                                      "model_draft": "I am ChatGPT.",
                                      "thinking": "Answer from the system prompt.",
                                      "tool_calls": [{"tool": "search", "input": "who built Playground", "output": "the team"}]}]
-    with pytest.raises(ValueError, match="last message"):
+    with pytest.raises(ValueError, match="missing: the assistant.s reply"):
         sft.save(db, ann, nxt["messages"], prompt_id=pid, submit=True)  # empty assistant turn
     d = sft.save(db, ann, msgs[:-1], prompt_id=pid)                   # a draft may be incomplete
     assert d["status"] == "draft" and sft.next_prompt(db, ann)["demo_id"] == d["demo_id"]
@@ -240,3 +240,42 @@ def test_set_names_are_unique_with_an_error_naming_the_set(db, people):
     for _ in range(2):
         exchange.import_jsonl(db, people["op"], "rankings", line)
     assert [x["name"] for x in rk.list_sets(db)] == ["jokes", "import (rankings, K=2)", "import (rankings, K=2) #2"]
+
+
+def test_review_accepts_edits_rejects_and_flags_and_the_exports_carry_it(db, people):
+    from backend.labels import review
+    ask = [{"role": "user", "content": "Who built you?"}]
+    ids = [sft.save(db, people["ann"], ask + [{"role": "assistant", "content": text}], submit=True)["demo_id"]
+           for text in ("A team.", "spam spam", "The Playground team.")]
+    # nobody reviews their own demo; a second annotator (or an operator) does
+    assert review.next_for_review(db, people["ann"]) is None
+    first = review.next_for_review(db, people["bea"])
+    assert first["demo_id"] == ids[0] and first["author"] == "ann" and first["review"] == "pending"
+    with pytest.raises(PermissionError):
+        review.review_demo(db, people["ann"], ids[0], "accept")
+    edited = ask + [{"role": "assistant", "content": "The Playground team built me."}]
+    out = review.review_demo(db, people["bea"], ids[0], "accept", "clearer", messages=edited)
+    assert out["review"] == "accepted" and out["versions"] == 2 and out["messages"][-1]["content"].startswith("The Playground")
+    review.review_demo(db, people["op"], ids[1], "reject", "spam")
+    assert review.next_for_review(db, people["bea"])["demo_id"] == ids[2]
+    assert review.review_counts(db) == {"pending": 1, "accepted": 1, "rejected": 1}
+    with pytest.raises(ValueError, match="decision must be one of accept, reject"):
+        review.review_demo(db, people["op"], ids[2], "maybe")
+    rows = exchange.export(db, "sft")
+    assert [r["review"] for r in rows] == ["accepted", "rejected", "pending"]
+    assert rows[0]["messages"][-1]["content"] == "The Playground team built me."  # the reviewer's edit is exported
+    # the export imports back with its review state
+    exchange.import_jsonl(db, people["op"], "sft", exchange.to_jsonl(rows))
+    assert [r["review"] for r in exchange.export(db, "sft")][3:] == ["accepted", "rejected", "pending"]
+
+    s = make_set(db, people["op"], per_item=1)
+    item = rk.next_item(db, people["ann"], s["id"])
+    cid = item["candidates"][0]["id"]
+    assert review.flag_candidate(db, people["bea"], cid, "unsafe") == ["unsafe"]
+    assert review.flag_candidate(db, people["bea"], cid, "spam") == ["spam", "unsafe"]
+    assert review.flag_candidate(db, people["bea"], cid, "spam", on=False) == ["unsafe"]
+    with pytest.raises(ValueError, match="flag must be one of spam, unsafe, off-topic"):
+        review.flag_candidate(db, people["bea"], cid, "boring")
+    rk.submit(db, people["ann"], item["item_id"], [c["id"] for c in item["candidates"]])
+    [row] = [r for r in exchange.export(db, "rankings", s["id"]) if r["item_id"] == item["item_id"]]
+    assert row["flags"][0] == ["unsafe"] and row["flags"][1:] == [[], [], []]

@@ -20,6 +20,7 @@ from sqlalchemy import func, select
 from backend.db import Database
 from backend.db.models import SFTDemo, SFTVersion
 from backend.labels import rankings as rk
+from backend.labels.review import STATES as REVIEW_STATES
 from backend.labels.messages import flatten, validate_messages
 from backend.users import CurrentUser
 
@@ -48,7 +49,8 @@ def export_sft(db: Database, structured: bool = False) -> list[dict]:
         rows = []
         for d in demos:
             latest = s.scalar(select(SFTVersion).where(SFTVersion.demo_id == d.id).order_by(SFTVersion.version.desc()).limit(1))
-            rows.append({"messages": latest.messages if structured else flatten(latest.messages)})
+            rows.append({"messages": latest.messages if structured else flatten(latest.messages),
+                         "review": d.review})  # pending | accepted | rejected (backend.labels.review)
         return rows
 
 
@@ -60,7 +62,8 @@ def export_rankings(db: Database, set_id: int | None = None) -> list[dict]:
             index = {c.id: c.position for c in cands}
             out.append({"set_id": item.set_id, "item_id": item.id, "prompt": item.prompt,
                         "candidates": [c.text for c in cands], "ranking": [index[c] for c in r.order],
-                        "all_bad": r.all_bad, "annotator": name})
+                        "all_bad": r.all_bad, "annotator": name,
+                        "flags": [list(c.flags or []) for c in cands]})  # reviewers' flags per candidate
         return out
 
 
@@ -126,9 +129,13 @@ def _turn_text(value, role: str, field: str) -> str:
 
 def _check_row(kind: str, obj: dict):
     if kind == "sft":
-        if set(obj) - {"messages"}:
-            raise ValueError(f"unknown field(s) {', '.join(sorted(set(obj) - {'messages'}))}; an SFT row has only messages")
-        return validate_messages(obj.get("messages"), complete=True)
+        if set(obj) - {"messages", "review"}:
+            raise ValueError(f"unknown field(s) {', '.join(sorted(set(obj) - {'messages', 'review'}))}; an SFT row "
+                             "has messages and, optionally, review")
+        review = obj.get("review", "pending")
+        if review not in REVIEW_STATES:
+            raise ValueError(f"review must be one of {', '.join(REVIEW_STATES)}, not {review!r}")
+        return validate_messages(obj.get("messages"), complete=True), review
     if kind == "preferences":
         missing = {"prompt", "chosen", "rejected"} - set(obj)
         if missing:
@@ -170,8 +177,8 @@ def import_jsonl(db: Database, user: CurrentUser, kind: str, text: str, name: st
     if kind == "sft":
         from backend.db.models import SFTDemo as Demo
         with db.session() as s:
-            for messages in checked:
-                d = Demo(user_id=user.id, status="submitted", messages=messages)
+            for messages, review in checked:
+                d = Demo(user_id=user.id, status="submitted", messages=messages, review=review)
                 s.add(d)
                 s.flush()
                 s.add(SFTVersion(demo_id=d.id, version=1, messages=messages, user_id=user.id))
