@@ -175,3 +175,23 @@ def test_annotator_revisits_and_changes_a_submission(site, page):
     mine = rk.get_item(db, user, item_id)
     assert mine["my_ranking"]["revision"] == 2
     assert mine["my_ranking"]["order"] == [c["id"] for c in mine["candidates"]]
+
+
+def test_a_second_annotator_reviews_a_demo_with_an_edit_and_the_export_says_so(site, page):
+    server, db, people, _, _ = site
+    from backend.labels import exchange
+    assert [r for r in exchange.export(db, "sft") if r["review"] == "pending"], "runs after the SFT editor test"
+    sign_in(page, server, "eve", people["eve"][1])
+    page.get_by_role("tab", name="Review").click()  # shown to annotators once signed in
+    page.locator("#review-next").click()
+    page.get_by_text("The user asks:").wait_for(timeout=30_000)
+    assert "Who built you?" in page.locator("#review-prompt").inner_text() and "by ann" in page.locator("#review-prompt").inner_text()
+    assert "Playground" in page.locator("#review-reply textarea").input_value()
+    page.locator("#review-reject").click()  # rejecting needs a reason
+    page.get_by_text("Say why in the note before rejecting.").first.wait_for(timeout=30_000)
+    page.locator("#review-reply textarea").fill("The Playground team built me, as its system prompt says.")
+    page.locator("#review-accept").click()
+    page.get_by_text("accepted with your edit").wait_for(timeout=30_000)
+    assert "1 accepted" in page.locator("#review-counts").inner_text()
+    [row] = [r for r in exchange.export(db, "sft") if r["review"] == "accepted"]
+    assert row["messages"][-1]["content"] == "The Playground team built me, as its system prompt says."

@@ -9,7 +9,7 @@ import tempfile
 
 import gradio as gr
 
-from backend.labels import agreement, exchange, guidelines, progress, rankings, sft, snapshots
+from backend.labels import agreement, exchange, guidelines, progress, rankings, review, sft, snapshots
 from backend.labels.candidates import EXAMPLE_PROMPTS
 from backend.labels.messages import flatten
 from ui.login import request_user
@@ -355,6 +355,67 @@ def build_operator(pg) -> None:
     imp_btn.click(do_import, [kind, imp], [io_out])
 
 
+def build_review(pg) -> None:
+    """Accept, edit or reject others' submitted demonstrations (backend.labels.review)."""
+    gr.Markdown("Review the demonstrations others submitted, as Open-Assistant does: **Accept** keeps it for "
+                "training, edit the reply first to accept your corrected version (a new version, credited to you), "
+                "**Reject** leaves it out (say why). You never review your own. Exports carry the decision.")
+    counts = gr.Markdown(elem_id="review-counts")
+    nxt = gr.Button("Next to review", elem_id="review-next")
+    shown = gr.State(None)
+    asked = gr.Markdown(elem_id="review-prompt")
+    reply = gr.Textbox(label="The reply (edit it to correct it)", lines=6, elem_id="review-reply")
+    note = gr.Textbox(label="Note (why; required to reject)", elem_id="review-note")
+    with gr.Row():
+        accept = gr.Button("✓ Accept", variant="primary", elem_id="review-accept")
+        reject = gr.Button("✗ Reject", variant="stop", elem_id="review-reject")
+    said = gr.Markdown(elem_id="review-status")
+
+    def counted() -> str:
+        c = review.review_counts(pg.db)
+        return f"Submitted demonstrations: **{c['pending']}** pending review · {c['accepted']} accepted · {c['rejected']} rejected."
+
+    def show(d):
+        if d is None:
+            return None, "*Nothing left to review (your own demos go to someone else).*", "", "", counted()
+        msgs = d["messages"]
+        user = next((m["content"] for m in reversed(msgs) if m["role"] == "user"), "")
+        reply_text = msgs[-1]["content"] if msgs and msgs[-1]["role"] == "assistant" else ""
+        quoted = "\n".join("> " + line for line in user.splitlines() or [""])
+        return (d, f"**Demo {d['demo_id']}** by {d['author']} ({d['versions']} version(s)). **The user asks:**\n\n{quoted}",
+                reply_text, "", counted())
+
+    @_errors_to_gr
+    def load(request: gr.Request):
+        return show(review.next_for_review(pg.db, request_user(pg, request, "annotator")))
+
+    @_errors_to_gr
+    def decide(decision, d, text, why, request: gr.Request):
+        user = request_user(pg, request, "annotator")
+        if d is None:
+            raise gr.Error("Press Next to review first.")
+        if decision == "reject" and not (why or "").strip():
+            raise gr.Error("Say why in the note before rejecting.")
+        msgs = d["messages"]
+        edited = None
+        if decision == "accept" and msgs and msgs[-1]["role"] == "assistant" and text != msgs[-1]["content"]:
+            edited = msgs[:-1] + [{**msgs[-1], "content": text}]
+        out = review.review_demo(pg.db, user, d["demo_id"], decision, why, edited)
+        done = (f"Demo {out['demo_id']} **{out['review']}**" + (" with your edit" if edited else "") + ".")
+        return (*show(review.next_for_review(pg.db, user))[:-1], counted(), done)
+
+    outs = [shown, asked, reply, note, counts]
+    nxt.click(load, None, outs)
+    def do_accept(d, text, why, request: gr.Request):
+        return decide("accept", d, text, why, request)
+
+    def do_reject(d, text, why, request: gr.Request):
+        return decide("reject", d, text, why, request)
+
+    accept.click(do_accept, [shown, reply, note], [*outs, said])
+    reject.click(do_reject, [shown, reply, note], [*outs, said])
+
+
 def build_guidelines(pg) -> None:
     text = gr.Markdown(lambda: guidelines.get_guidelines(pg.db))
     with gr.Accordion("Edit (admins)", open=False):
@@ -418,8 +479,10 @@ def build(pg) -> None:
         # Shown to the roles that use them (ui.__init__ sets visibility from the session); the handlers check anyway.
         with gr.Tab("Operator", id="operator", visible=False) as operator_tab:
             build_operator(pg)
+        with gr.Tab("Review", id="review", visible=False) as review_tab:
+            build_review(pg)
         with gr.Tab("Guidelines", id="guidelines"):
             build_guidelines(pg)
         with gr.Tab("Users", id="users", visible=False) as users_tab:
             build_admin(pg)
-    return {"tabs": tabs, "_roles": [(operator_tab, "operator"), (users_tab, "admin")]}  # what the Start-here tour sets (ui.tour)
+    return {"tabs": tabs, "_roles": [(review_tab, "annotator"), (operator_tab, "operator"), (users_tab, "admin")]}  # what the Start-here tour sets (ui.tour)
