@@ -194,4 +194,4 @@ def test_a_second_annotator_reviews_a_demo_with_an_edit_and_the_export_says_so(s
     page.get_by_text("accepted with your edit").wait_for(timeout=30_000)
     assert "1 accepted" in page.locator("#review-counts").inner_text()
     [row] = [r for r in exchange.export(db, "sft") if r["review"] == "accepted"]
-    assert row["messages"][-1]["content"] == "The Playground team built me, as its system prompt says."
+    assert row["messages"][-1]["content"].endswith("\nThe Playground team built me, as its system prompt says.")
