@@ -101,6 +101,14 @@ def test_label_html_is_shown_as_text_never_run(site, page):
     # Drag the last candidate onto the first place.
     page.locator(".pg-cand").nth(3).drag_to(page.locator(".pg-cand").nth(0))
     assert page.locator(".pg-cand .pg-text").all_inner_texts() == ["four", NASTY, "two", "three"]
+    # Flag the script-laden candidate as unsafe; the status confirms it and the export carries it.
+    page.locator(".pg-cand").nth(1).locator(".pg-flag").select_option("unsafe")
+    page.wait_for_function("() => document.querySelector('.pg-status').innerText.includes('flagged as unsafe')",
+                           timeout=30_000)
+    assert page.locator(".pg-cand .pg-text").all_inner_texts() == ["four", NASTY, "two", "three"]  # order kept
+    from backend.db.models import Candidate
+    with db.read() as s:
+        assert s.scalar(select(Candidate.flags).where(Candidate.text == NASTY)) == ["unsafe"]
 
 
 def test_annotator_writes_a_demonstration_in_the_sft_editor(site, page):

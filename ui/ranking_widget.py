@@ -42,6 +42,7 @@ CSS = """
 .pg-rankno { font-weight: bold; min-width: 2.2em; }
 .pg-badge { display: inline-block; min-width: 1.6em; text-align: center; border-radius: 4px; background: #334155; color: white; }
 .pg-text { white-space: pre-wrap; flex: 1; }
+.pg-flag { align-self: flex-start; font-size: .8em; }
 .pg-guide { white-space: pre-wrap; max-height: 24em; overflow: auto; border: 1px solid #ccc; padding: .6em; }
 """
 
@@ -49,6 +50,7 @@ JS = r"""
 const root = element.querySelector('.pg-rank');
 const $ = (s) => root.querySelector(s);
 let item = null, order = [], sel = 0, placed = 0;
+const FLAGS = ['spam', 'unsafe', 'off-topic'];  // backend.labels.review.FLAGS
 const history = [];
 
 async function api(method, url, body) {
@@ -80,7 +82,21 @@ function render() {
     const no = document.createElement('span'); no.className = 'pg-rankno'; no.textContent = '#' + (rank + 1);
     const badge = document.createElement('span'); badge.className = 'pg-badge'; badge.textContent = String(c.position + 1);
     const text = document.createElement('div'); text.className = 'pg-text'; text.textContent = c.text;
-    li.append(no, badge, text);
+    // Flag a candidate for review (spam, unsafe, off-topic), as Open-Assistant lets labelers do.
+    const flag = document.createElement('select');
+    flag.className = 'pg-flag';
+    flag.setAttribute('aria-label', 'flag candidate ' + (c.position + 1));
+    flag.append(new Option('⚑ flag…', ''), ...FLAGS.map((f) => new Option(f, f)));
+    flag.addEventListener('click', (e) => e.stopPropagation());
+    flag.addEventListener('change', async () => {
+      const f = flag.value;
+      if (!f) return;
+      try {
+        await api('POST', '/api/candidates/' + c.id + '/flags', {flag: f, on: true});
+        status('⚑ Candidate ' + (c.position + 1) + ' flagged as ' + f + ' for the operators.');
+      } catch (e) { status('Not flagged: ' + e.message); }
+    });
+    li.append(no, badge, text, flag);
     li.addEventListener('click', () => { sel = rank; render(); });
     li.addEventListener('dragstart', (e) => { e.dataTransfer.setData('text/plain', String(rank)); });
     li.addEventListener('dragover', (e) => e.preventDefault());
