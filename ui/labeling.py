@@ -235,7 +235,7 @@ def build_operator(pg) -> None:
         k = gr.Slider(rankings.K_MIN, rankings.K_MAX, value=4, step=1, label="K candidates")
         temp = gr.Slider(0, 1.5, value=1.0, step=0.05, label="Temperature")
         per_item = gr.Number(value=1, precision=0, label="Annotators per item", minimum=1)
-    upload = gr.File(label="Or upload prompts (.txt, one per line)", file_types=[".txt"], type="filepath")
+    upload = gr.File(label="Or upload prompts (.txt, one per line)", file_types=[".txt"], type="filepath", height=90)
     create = gr.Button("Sample candidates and create set", variant="primary")
     created = gr.Markdown(elem_id="op-created")
 
@@ -262,16 +262,20 @@ def build_operator(pg) -> None:
         prog_btn = gr.Button("Progress", scale=1)
         agree_btn = gr.Button("Agreement", scale=1)
     summary = gr.Markdown()
-    table = gr.Dataframe(label="Per annotator", interactive=False)
-    items_table = gr.Dataframe(label="Per item", interactive=False)
+    table = gr.Dataframe(headers=["annotator", "ranked", "skipped", "all bad", "last activity (UTC)"],
+                         label="Per annotator (pick a set, then Progress or Agreement)", interactive=False,
+                         elem_id="op-annotators")
+    items_table = gr.Dataframe(headers=["items", "items done", "rankings needed"], label="Per item", interactive=False,
+                               elem_id="op-items")
 
     gr.Markdown("### Data out, data in")
     with gr.Row():
         kind = gr.Radio(list(exchange.KINDS), value="preferences", label="Kind")
         export_btn = gr.Button("Export JSONL")
         snap_btn = gr.Button("Freeze a snapshot")
-    exported = gr.File(label="Export")
-    imp = gr.File(label="Import JSONL (a bad file is refused whole)", file_types=[".jsonl", ".json"], type="filepath")
+    exported = gr.File(label="Export", height=90)
+    imp = gr.File(label="Import JSONL (a bad file is refused whole)", file_types=[".jsonl", ".json"], type="filepath",
+                  height=90)
     imp_btn = gr.Button("Import")
     io_out = gr.Markdown(elem_id="op-io")
 

@@ -208,7 +208,7 @@ def build(pg) -> None:
                                  label="Parent model (the model this run starts from)", scale=2, elem_id="train-parent")
             data = gr.Dropdown(_data_choices(pg), value="bundled", scale=3, elem_id="train-data",
                                label="Training data: the kind's built-in set, or a frozen snapshot of your labels")
-            snap_refresh = gr.Button("↻", scale=0, size="sm")
+            snap_refresh = gr.Button("↻", scale=0, size="sm", min_width=40)
     with gr.Group(visible=False) as reward_box:
         reward_model = gr.Dropdown(models, value=None, label="Reward model (a model trained by a reward job)",
                                    elem_id="train-reward-model")
