@@ -4,8 +4,6 @@ each demonstration's tab with its preset and says what to notice, Practice opens
 200,000-character paste into the Tokenizer answers with its size limit within a second."""
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from tests.conftest import launch_chromium, log_in, start_server
@@ -66,12 +64,17 @@ def test_first_minute_header_sign_in_tour_ready_practice_and_huge_paste(site):
 
         page.get_by_role("tab", name="Tokenizer", exact=True).click()
         box = page.locator("#tok-text textarea")
-        box.evaluate("(el, n) => { el.value = 'a'.repeat(n); }", 200_000)
-        t0 = time.monotonic()
-        box.dispatch_event("input")
-        page.wait_for_function("() => document.querySelector('#tok-size-note').innerText.includes('limit is')",
-                               timeout=10_000)
-        took = time.monotonic() - t0
+        # Paste 200,000 characters and time, in the page, until the size note is there (the test's own
+        # round trips to the browser are not the page's answer time on a loaded machine).
+        took = box.evaluate("""(el, n) => new Promise((done) => {
+            const note = document.querySelector('#tok-size-note');
+            const t0 = performance.now();
+            const seen = () => note.innerText.includes('limit is') ? done((performance.now() - t0) / 1000)
+                                                                    : requestAnimationFrame(seen);
+            el.value = 'a'.repeat(n);
+            el.dispatchEvent(new Event('input', {bubbles: true}));
+            seen();
+        })""", 200_000)
         assert "200,000 characters; the limit is 100,000" in page.locator("#tok-size-note").inner_text()
         assert took < 1.0, f"the size limit took {took:.2f}s to show"
         # and the server's answer (the counts line) says the same, instead of a silent page
