@@ -20,7 +20,8 @@ TABS: list[tuple[str, str]] = [
 ]
 # Which tabs need an account, said in the header before anyone clicks (the handlers check it regardless).
 ACCOUNT_NOTE = ("No account needed: **Tokenizer · Generate · Chat**. Sign in for **Training** (operators start runs), "
-                "**Labeling** (annotators rank and write; operators run sets), **Arena** and **Practice** (any account).")
+                "**Labeling** (annotators rank, write and review; operators run sets), **Arena** and **Practice** (any "
+                "account); **Models** lists every model (admins add served ones, operators export).")
 
 
 def build_ui(pg) -> gr.Blocks:
