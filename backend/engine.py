@@ -144,6 +144,33 @@ async def aiterate(iterator, cancel: threading.Event | None = None):
         cancel.set()
 
 
+def release_file_pages(tensors) -> int:
+    """Let the OS drop the resident pages of tensors that are views of a memory-mapped weights file
+    (safetensors loads that way): they are clean, so the next read faults them back in from the file.
+    Tensors in anonymous memory are left alone (dropping those would zero them). Returns bytes released."""
+    import ctypes
+    import mmap
+    try:
+        maps = []
+        for line in open("/proc/self/maps"):
+            parts = line.split()
+            if len(parts) >= 6 and parts[5].endswith(".safetensors"):
+                lo, hi = (int(x, 16) for x in parts[0].split("-"))
+                maps.append((lo, hi))
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return 0
+    page, released = mmap.PAGESIZE, 0
+    for t in tensors:
+        start, end = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+        if not any(lo <= start and end <= hi for lo, hi in maps):
+            continue
+        a, b = -(-start // page) * page, end // page * page  # whole pages inside the tensor only
+        if b > a and libc.madvise(ctypes.c_void_p(a), ctypes.c_size_t(b - a), 4) == 0:  # MADV_DONTNEED
+            released += b - a
+    return released
+
+
 def bf16_matmul_fast() -> bool:
     """CPUs with bf16 matrix instructions (AMX tiles or avx512_bf16), where oneDNN's bf16 GEMM ran ~15x
     faster than float32 here (300x576x1536: 0.47 vs 7.8 ms); elsewhere bf16 would only cost precision."""
@@ -178,6 +205,9 @@ class Engine:
                             layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
                     self._bf16.append((lin, lin.weight, torch.nn.Parameter(lin.weight.detach().to(torch.bfloat16),
                                                                            requires_grad=False)))
+            # the float32 weights now serve only exact scoring (prompt_logprobs, step mode): where they are a
+            # mapped file, their pages need not stay resident meanwhile
+            release_file_pages([w32 for _, w32, _ in self._bf16] + [self.model.model.embed_tokens.weight])
         self.scheduler = Scheduler(self, serve, lock)
 
     event = TokenEvent  # what the scheduler emits

@@ -1,6 +1,6 @@
 """The training worker: takes queued jobs from the database and runs them, one at a time.
 
-    python -m backend.worker --data-dir DIR [--once] [--device cpu|cuda:0|mps] [--threads N]
+    python -m backend.worker --data-dir DIR [--once] [--device cpu|cuda:0|mps] [--threads N] [--max-procs N]
 
 Start one per device (app.py starts one unless --no-worker); several may share one database. While
 a job runs, a heartbeat thread writes its events (metrics, samples, log lines) to the database twice
@@ -8,6 +8,9 @@ a second, beats the job's heart, and turns a user's cancel into the trainer's st
 stops after the current step and keeps a checkpoint). A worker that dies leaves a stale heartbeat;
 the next worker to poll marks that job failed, and resuming it continues from its last checkpoint.
 SIGTERM/SIGINT: stop the current job at a checkpoint, hand it back to the queue, exit.
+A job whose config asks for nproc > 1 runs under torchrun (backend/jobs/launch.py): N GPUs with NCCL, or N gloo
+processes on CPU (at most the core count, or --max-procs); a job asking for more than this worker has fails at
+once saying so.
 """
 from __future__ import annotations
 
@@ -37,7 +40,9 @@ def describe_event(ev: dict) -> str | None:
     if "start" in ev:
         params = f"{ev['params']:,} parameters" if "params" in ev else ""
         return (f"{'resumed' if ev.get('resumed') else 'started'} run {ev['start']} at step {ev.get('step', 0)}: "
-                f"{params}, {ev.get('device', '?')}, {ev.get('precision', '')}, tokenizer {ev.get('tokenizer', '?')}")
+                f"{params}, {ev.get('device', '?')}, {ev.get('precision', '')}, tokenizer {ev.get('tokenizer', '?')}"
+                + (f"; world size {ev['world_size']} ({ev.get('parallel')}, {ev.get('backend')})"
+                   if ev.get("world_size", 1) > 1 else ""))
     if "phase" in ev:
         return str(ev["phase"])
     if "checkpoint" in ev:
@@ -62,8 +67,9 @@ def step_line(ev: dict) -> str:
 
 class Worker:
     def __init__(self, app: AppConfig, db: Database, device: str, stale_after: float = queue.STALE_AFTER,
-                 poll: float = 1.0):
+                 poll: float = 1.0, max_procs: int | None = None):
         self.app, self.db, self.device = app, db, device
+        self.max_procs = max_procs
         self.stale_after, self.poll = stale_after, poll
         self.id = queue.worker_id()
         self.shutdown = threading.Event()
@@ -149,17 +155,24 @@ class Worker:
         try:
             trainer = get_trainer(job["kind"])
             cfg = parse_config(job["kind"], job["config"], self.app)
-            ctx = JobContext(self.app, emit, stop, job_id=job_id, resume=attempt > 1,
-                             device=self.device, snapshot_hash=job["snapshot_hash"], parent_model=job["parent_model"])
-            outcome = trainer.run(cfg, ctx)
+            nproc = getattr(cfg, "nproc", 1)
+            if nproc > 1:
+                from backend.jobs.launch import check_capacity, run_torchrun
+                check_capacity(nproc, self.device, self.id, self.max_procs)
+                outcome = run_torchrun(job, nproc, self.app, self.device, emit, stop)
+            else:
+                ctx = JobContext(self.app, emit, stop, job_id=job_id, resume=attempt > 1, device=self.device,
+                                 snapshot_hash=job["snapshot_hash"], parent_model=job["parent_model"])
+                outcome = trainer.run(cfg, ctx)
             if outcome.reason == "stopped" and not cancelled.is_set() and self.shutdown.is_set():
                 state = "queued"  # the worker is shutting down: the next one continues from the checkpoint
                 emit({"log": "worker shutting down: job handed back to the queue", "step": outcome.step})
             else:
                 state = "cancelled" if outcome.reason == "stopped" else "succeeded"
         except Exception as e:
-            error = f"{type(e).__name__}: {e}"
-            for line in traceback.format_exc().rstrip().splitlines()[-12:]:
+            from backend.jobs.launch import RankFailed
+            error = str(e) if isinstance(e, RankFailed) else f"{type(e).__name__}: {e}"
+            for line in ([] if isinstance(e, RankFailed) else traceback.format_exc().rstrip().splitlines()[-12:]):
                 emit({"log": line, "step": 0})
             log.warning("job %s failed: %s", job_id, error)
         finally:
@@ -230,6 +243,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps: this worker runs jobs on it")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--once", action="store_true", help="run at most one queued job, then exit")
+    p.add_argument("--max-procs", type=int, default=None,
+                   help="most processes one job may launch (default: the GPUs, or on CPU the cores)")
     p.add_argument("--poll", type=float, default=1.0, help="seconds between looks at an empty queue")
     p.add_argument("--stale-after", type=float, default=queue.STALE_AFTER,
                    help="seconds without a heartbeat after which a running job's worker is taken for dead")
@@ -252,7 +267,7 @@ def main(argv: list[str] | None = None) -> None:
     device = str(pick_device(args.device))
     db = Database(app.database_url)
     db.migrate()
-    worker = Worker(app, db, device, stale_after=args.stale_after, poll=args.poll)
+    worker = Worker(app, db, device, stale_after=args.stale_after, poll=args.poll, max_procs=args.max_procs)
     signal.signal(signal.SIGTERM, worker.request_shutdown)
     signal.signal(signal.SIGINT, worker.request_shutdown)
     if args.exit_with_parent:

@@ -35,6 +35,7 @@ def build_ui(pg) -> gr.Blocks:
             with gr.Column(scale=1, min_width=360):
                 build_login()  # one sign-in for every tab, with the role once signed in
                 gr.Markdown(ACCOUNT_NOTE, elem_id="pg-account-note")
+        model_status(pg)
         bar = tour.build_bar()
         handles: dict[str, dict] = {}
         with gr.Tabs() as tabs:
@@ -57,3 +58,16 @@ def build_ui(pg) -> gr.Blocks:
         auth_changed.click(role_views, None, [t for t, _ in gated], show_progress="hidden")
         tour.wire(opens, bar, tabs, handles)
     return demo
+
+
+def model_status(pg) -> None:
+    """A line under the title while the default model loads (or if it failed): requests meanwhile wait for
+    it rather than fail. Polled from the backend's readiness, the same that /readyz answers."""
+    def show():
+        r = pg.readiness()
+        return gr.update(value=f"⏳ {r['message']}" if not r["ready"] else "", visible=not r["ready"])
+
+    first = show()
+    status = gr.Markdown(first["value"], visible=first["visible"], elem_id="model-status")
+    timer = gr.Timer(2.0, active=not pg.ready)
+    timer.tick(lambda: (show(), gr.Timer(active=not pg.ready)), outputs=[status, timer], show_progress="hidden")

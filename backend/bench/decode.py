@@ -145,6 +145,22 @@ batch = args["samples"] * args["sample_tokens"] / median_time(sampled, args["rep
 print(json.dumps({"single": single, "batch": batch, "tokens": tokens}))
 """
 
+HF_PREFILL = CHILD_PRELUDE + """
+import torch
+try:
+    from transformers import LlamaForCausalLM
+except ImportError as e:
+    print(json.dumps({"error": f"transformers not installed: {e}"}))
+    raise SystemExit
+torch.set_num_threads(args["threads"])
+hf = LlamaForCausalLM.from_pretrained(args["dir"], dtype=torch.bfloat16).eval()
+ids = torch.tensor([args["prompt"]])
+def first_token():
+    with torch.inference_mode():
+        return hf(ids, use_cache=True, logits_to_keep=1).logits[0, -1].argmax()
+print(json.dumps({"seconds": median_time(first_token, args["repeat"])}))
+"""
+
 LLAMA_CPP = CHILD_PRELUDE + """
 try:
     import llama_cpp
@@ -197,6 +213,43 @@ def result(metric, unit, ours, peer, peer_name, goal, higher_is_better=True, **e
     return {"metric": metric, "unit": unit, "ours": None if ours is None else round(ours, 2),
             "peer": None if peer is None else round(peer, 2), "peer_name": peer_name, "ratio": ratio,
             "goal_ratio": goal, **extra}
+
+
+PREFILL_TEXT = " ".join(f"Note {i}: the pelican flew over the harbour at dawn and counted the boats." for i in range(24))
+
+
+def prefill_row(args, cfg) -> dict:
+    """Time to first token of a ~300-token prompt, as a request is served (the app's default engine:
+    scheduler, prefill, head, first sample) against transformers' bf16 forward of the same ids."""
+    from backend.model_pool import EnginePool
+    from backend.sampling import SamplingParams
+    from models.registry import ModelRegistry
+    engine = EnginePool(ModelRegistry(cfg), cfg, serve=_no_prefix_cache()).get(args.model)
+    ids = (engine.chat_prompt([{"role": "user", "content": PREFILL_TEXT}]) if engine.spec.chat_format
+           else engine.encode(PREFILL_TEXT))[:300]
+    one = SamplingParams(temperature=0, max_tokens=1)
+    t = _median_time(lambda: engine.complete(ids, one), args.repeat)
+    print(f"ours: {len(ids)}-token prompt, time to first token {t:.3f} s (bf16 prefill: {engine.bf16_prefill})")
+    peer, name = None, "transformers forward (bf16)"
+    if not args.skip_peer:
+        spec = ModelRegistry(cfg).get(args.model)
+        hf_dir = (cfg.cache_dir / args.model) if spec.kind == "bundled" else spec.path
+        hf = run_child(sys.executable, HF_PREFILL, {"dir": str(hf_dir), "threads": args.threads,
+                                                      "repeat": args.repeat, "prompt": ids}, "transformers prefill")
+        if "error" in hf:
+            name = hf["error"]
+        else:
+            peer = hf["seconds"]
+            print(f"transformers bf16 forward of the same {len(ids)} ids: {peer:.3f} s")
+    else:
+        name = "skipped (--skip-peer)"
+    return result(f"prefill {len(ids)} tokens: time to first token", "s", t, peer, name, 2.0,
+                  higher_is_better=False, goal_seconds=0.15, bf16_prefill=engine.bf16_prefill)
+
+
+def _no_prefix_cache():
+    from backend.scheduler import ServeConfig
+    return ServeConfig(prefix_cache_mb=0)  # every repeat prefills the whole prompt
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -308,6 +361,7 @@ def main(argv: list[str] | None = None) -> None:
         if agree is not None:
             results.append(result(f"agreement with fp32{tag}: teacher-forced top-1", "fraction", agree["top1_agreement"],
                                   None, "no peer: the variant against our float32 decode", None, **agree))
+    results.append(prefill_row(args, cfg))
     best = max(ours, key=lambda v: ours[v][0])
     llama = {"error": "llama.cpp: only measured on the bundled GGUF"}
     if args.model == "smollm2-135m-instruct":

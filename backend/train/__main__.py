@@ -2,18 +2,25 @@
 
     python -m backend.train pretrain --preset cpu-5min --corpus python-docs --max-seconds 300
     python -m backend.train pretrain --config run.yaml --resume
+    torchrun --standalone --nproc_per_node 2 -m backend.train sft --config sft.yaml     # 2 processes (DDP)
 
 Options given on the command line override the YAML file. Events print as they come (one line each);
-Ctrl-C stops at the end of the current step, keeps a checkpoint and registers the model.
+Ctrl-C stops at the end of the current step, keeps a checkpoint and registers the model. Under torchrun
+every rank runs the same command; rank 0 alone prints, checkpoints and registers (backend/train/dist.py).
+The worker launches multi-process jobs this way, with the hidden --job-* flags: events as JSON lines
+("@event {...}") on stdout, a stop file for cancel.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import threading
 from pathlib import Path
+
+from torch.distributed.elastic.multiprocessing.errors import record
 
 from backend.config import AppConfig
 
@@ -34,6 +41,7 @@ def _pretrain_parser(sub) -> None:
     p.add_argument("--lr", type=float)
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"])
     p.add_argument("--device")
+    p.add_argument("--parallel", choices=["ddp", "fsdp"], help="under torchrun: DDP (default) or FSDP2 (sharded)")
     p.add_argument("--threads", type=int)
     p.add_argument("--seed", type=int)
     p.add_argument("--eval-every", type=int)
@@ -43,6 +51,20 @@ def _pretrain_parser(sub) -> None:
     p.add_argument("--fresh", action="store_true", default=None, help="delete a run of the same name first")
     p.add_argument("--no-register", dest="register", action="store_false", default=None)
     p.add_argument("--data-dir", help="the app's data directory (default ./data or $PLAYGROUND_HOME)")
+    _job_flags(p)
+
+
+EVENT_PREFIX = "@event "  # a line of stdout that carries one event, for the worker (--json-events)
+
+
+def _job_flags(p) -> None:
+    """What the worker passes when it launches a job with torchrun (hidden from --help)."""
+    p.add_argument("--job-id", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--job-resume", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--job-device", help=argparse.SUPPRESS)
+    p.add_argument("--snapshot", help=argparse.SUPPRESS)
+    p.add_argument("--json-events", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--stop-file", help=argparse.SUPPRESS)
 
 
 def _registered_parsers(sub) -> None:
@@ -55,17 +77,38 @@ def _registered_parsers(sub) -> None:
         p.add_argument("--config", required=True, help=f"YAML file of {kind} config fields")
         p.add_argument("--resume", action="store_true", help="continue the run's latest checkpoint")
         p.add_argument("--data-dir", help="the app's data directory (default ./data or $PLAYGROUND_HOME)")
+        _job_flags(p)
 
 
-def _run_registered(args, stop: threading.Event) -> None:
+def _run_registered(args, fields: dict, stop: threading.Event, emit) -> None:
     from backend.jobs.kinds import JobContext, get_trainer, parse_config
     app = AppConfig(data_dir=args.data_dir) if args.data_dir else AppConfig()
     try:
-        cfg = parse_config(args.kind, _load_yaml(args.config), app)
-        out = get_trainer(args.kind).run(cfg, JobContext(app, emit=_print_event, stop=stop, resume=args.resume))
+        cfg = parse_config(args.kind, fields, app)
+        ctx = JobContext(app, emit=emit, stop=stop, job_id=args.job_id, resume=args.resume or args.job_resume,
+                         device=args.job_device, snapshot_hash=args.snapshot)
+        out = get_trainer(args.kind).run(cfg, ctx)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
-    print(f"done ({out.reason}) at step {out.step}; checkpoint {out.checkpoint}; model {out.model!r}", flush=True)
+    if _rank() == 0:
+        print(f"done ({out.reason}) at step {out.step}; checkpoint {out.checkpoint}; model {out.model!r}", flush=True)
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", 0))
+
+
+def _json_event(ev: dict) -> None:
+    print(EVENT_PREFIX + json.dumps(ev, default=str), flush=True)
+
+
+def _watch_stop_file(path: str, stop: threading.Event) -> None:
+    """Set `stop` once `path` exists (the worker's cancel for a job running under torchrun)."""
+    def watch():
+        while not stop.wait(0.2):
+            if os.path.exists(path):
+                stop.set()
+    threading.Thread(target=watch, name="stop-file", daemon=True).start()
 
 
 def _load_yaml(path: str | None) -> dict:
@@ -96,6 +139,7 @@ def _print_event(ev: dict) -> None:
         print(json.dumps(ev), flush=True)
 
 
+@record  # under torchrun: a rank's exception reaches torchrun's failure summary (and so the job's error)
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m backend.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -103,35 +147,42 @@ def main(argv: list[str] | None = None) -> None:
     _pretrain_parser(sub)
     _registered_parsers(sub)
     args = parser.parse_args(argv)
+    job_keys = ("job_id", "job_resume", "job_device", "snapshot", "json_events", "stop_file")
+    emit = _json_event if args.json_events else _print_event
+    if _rank() != 0:
+        emit = lambda ev: None  # noqa: E731 (rank 0 alone reports)
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: (stop.set(), print("stopping after this step...", flush=True)))
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    if args.stop_file:
+        _watch_stop_file(args.stop_file, stop)
 
-    if args.kind == "pretrain":
+    if args.kind == "pretrain" and args.job_id is not None:  # a worker's job: through the trainer interface
+        _run_registered(args, _load_yaml(args.config), stop, emit)
+    elif args.kind == "pretrain":
         from backend.train.pretrain import pretrain
         fields = _load_yaml(args.config)
         fields.update({k: v for k, v in vars(args).items()
-                       if v is not None and k not in ("kind", "config", "data_dir")})
+                       if v is not None and k not in ("kind", "config", "data_dir", *job_keys)})
         if not fields.get("max_steps") and not fields.get("max_seconds"):
             fields["max_seconds"] = 300.0  # a run needs an end; from the shell, default to five minutes
-            print("no --max-steps or --max-seconds given: training for 300 seconds", flush=True)
+            if _rank() == 0:
+                print("no --max-steps or --max-seconds given: training for 300 seconds", flush=True)
         app = AppConfig(data_dir=args.data_dir) if args.data_dir else AppConfig()
         from backend.jobs.kinds import parse_config
         try:
             cfg = parse_config("pretrain", fields, app)  # unknown keys and wrong types name the key
         except ValueError as e:
             sys.exit(f"error: {e}")
-        stop = threading.Event()
-        signal.signal(signal.SIGINT, lambda *_: (stop.set(), print("stopping after this step...", flush=True)))
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
         try:
-            result = pretrain(cfg, app, on_event=_print_event, stop=stop)
+            result = pretrain(cfg, app, on_event=emit, stop=stop)
         except (ValueError, FileNotFoundError) as e:
             sys.exit(f"error: {e}")
-        print(f"done ({result.reason}) at step {result.step}: loss {result.loss}, val bpb {result.val_bpb}; "
-              f"checkpoint {result.checkpoint}; model {result.model!r}", flush=True)
+        if _rank() == 0:
+            print(f"done ({result.reason}) at step {result.step}: loss {result.loss}, val bpb {result.val_bpb}; "
+                  f"checkpoint {result.checkpoint}; model {result.model!r}", flush=True)
     else:
-        stop = threading.Event()
-        signal.signal(signal.SIGINT, lambda *_: (stop.set(), print("stopping after this step...", flush=True)))
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
-        _run_registered(args, stop)
+        _run_registered(args, _load_yaml(args.config), stop, emit)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@
   Transformer.forward(doc_ids=...) restarts RoPE positions and masks attention at every document start.
 - completion_logprobs: log-prob of each completion token given its prompt (DPO, GRPO, RLHF).
 - FineTuneRun: run directory, events (metrics.jsonl + the job's callback), checkpoints, resume,
-  registration with lineage (parent model, snapshot hash, job id).
+  registration with lineage (parent model, snapshot hash, job id); under torchrun its `dist`
+  (backend/train/dist.py) makes rank 0 alone log, checkpoint and register, and every rank stop together.
 """
 from __future__ import annotations
 
@@ -50,8 +51,12 @@ class FineTuneConfig:
     eval_every: int = 20
     checkpoint_every: int = 100
     register: bool = True
+    nproc: int = 1                    # processes (devices) the worker launches with torchrun; see backend/train/dist.py
+    parallel: str = "ddp"             # with several processes: "ddp" (a copy each) or "fsdp" (FSDP2: parameters sharded)
 
     def validate(self) -> None:
+        from backend.train.dist import check_parallel_fields
+        check_parallel_fields(self.nproc, self.parallel, *self.global_batch())
         for k in ("max_steps", "batch_size", "eval_every", "checkpoint_every"):
             if getattr(self, k) < (0 if k == "max_steps" else 1):
                 raise ValueError(f"{k}: must be at least {0 if k == 'max_steps' else 1}")
@@ -65,6 +70,11 @@ class FineTuneConfig:
             raise ValueError(f"precision: must be 'auto', 'bf16' or 'fp32', not {self.precision!r}")
         if not isinstance(self.parent_model, str) or not self.parent_model:
             raise ValueError("parent_model: name a registered model")
+
+
+    def global_batch(self) -> tuple[str, int]:
+        """(field, size) of what one step splits over the processes."""
+        return "batch_size", self.batch_size
 
 
 def check_parent(cfg: FineTuneConfig, app: AppConfig) -> None:
@@ -175,8 +185,8 @@ def masked_lm_loss(model: Transformer, x: torch.Tensor, y: torch.Tensor, doc_ids
     have a target. In SFT most tokens are prompt (no loss), and the [tokens x vocabulary] logits are the
     biggest tensor of a small model's step, so this skips most of that work and memory."""
     keep = y != IGNORE
-    if not keep.any():
-        return model.lm_head.weight.sum() * 0.0
+    if not keep.any():  # still a forward through every weight: a data-parallel step expects all gradients
+        return model(x[:, :1], return_hidden=True).sum() * 0.0 + model.lm_head.weight.sum() * 0.0
     h = model(x, doc_ids=doc_ids, return_hidden=True)
     logits = model.lm_head(h[keep])
     return F.cross_entropy(logits.float(), y[keep])
@@ -222,25 +232,29 @@ class FineTuneRun:
     trainer.pt), `latest`. The same layout and checkpoint code as pretraining (backend.train.pretrain)."""
 
     def __init__(self, kind: str, cfg: FineTuneConfig, ctx):
+        from backend.train.dist import setup
         from backend.train.pretrain import _Events, latest_checkpoint
-        from models.device import pick_device
         from models.registry import validate_name
         cfg.validate()
         self.kind, self.cfg, self.ctx, self.app = kind, cfg, ctx, ctx.app
         self.name = validate_name(cfg.name or default_name_for(kind)(cfg, ctx.job_id or int(time.time())))
         self.dir = self.app.data_dir / "runs" / kind / self.name
-        self.device = pick_device(ctx.device if (ctx.device and cfg.device == "auto") else
-                                  (cfg.device if cfg.device != "auto" else self.app.device))
+        self.dist = setup(ctx.device if (ctx.device and cfg.device == "auto") else
+                          (cfg.device if cfg.device != "auto" else self.app.device))
+        self.device = self.dist.device
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.resume_from = latest_checkpoint(self.dir) if ctx.resume else None
-        if not ctx.resume and self.dir.exists():
-            shutil.rmtree(self.dir)  # a fresh job of the same name starts over
-        self.dir.mkdir(parents=True, exist_ok=True)
-        if self.resume_from is None and (self.dir / "metrics.jsonl").exists():
-            (self.dir / "metrics.jsonl").unlink()
-        (self.dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2, default=str))
-        self.events = _Events(self.dir / "metrics.jsonl", ctx.emit)
+        self.events = None
+        with self.dist.main_first():  # rank 0 alone clears and writes the run directory
+            if self.dist.is_main:
+                if not ctx.resume and self.dir.exists():
+                    shutil.rmtree(self.dir)  # a fresh job of the same name starts over
+                self.dir.mkdir(parents=True, exist_ok=True)
+                if self.resume_from is None and (self.dir / "metrics.jsonl").exists():
+                    (self.dir / "metrics.jsonl").unlink()
+                (self.dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2, default=str))
+                self.events = _Events(self.dir / "metrics.jsonl", ctx.emit, run=self.name, config=asdict(cfg))
         self.phase("loading the parent model…")
         self.t0 = time.monotonic()
         self.step = 0
@@ -248,10 +262,11 @@ class FineTuneRun:
         self.last_ckpt: Path | None = None
 
     def emit(self, ev: dict) -> None:
-        self.events(ev)
+        if self.events is not None:  # rank 0 only
+            self.events({**ev, **self.dist.describe()} if "start" in ev else ev)
 
     def log(self, text: str) -> None:
-        self.events({"log": text, "step": self.step})
+        self.emit({"log": text, "step": self.step})
 
     def phase(self, text: str) -> None:
         """What the run does before its first step (the job's progress line shows it until training starts)."""
@@ -267,10 +282,11 @@ class FineTuneRun:
             return None
         state = torch.load(self.resume_from / "trainer.pt", map_location="cpu", weights_only=False)
         if opt is not None:
-            opt.load_state_dict(state["optimizer"])
+            self.dist.load_optimizer_state(opt, state["optimizer"])
         self.step, self.elapsed_before = state["step"], state.get("elapsed", 0.0)
         torch.set_rng_state(state["torch_rng"])
-        _truncate_metrics(self.dir / "metrics.jsonl", self.step)
+        if self.dist.is_main:
+            _truncate_metrics(self.dir / "metrics.jsonl", self.step)
         self.log(f"resuming from {self.resume_from.name}")
         return state
 
@@ -283,22 +299,30 @@ class FineTuneRun:
         return fallback()
 
     def checkpoint(self, model: Transformer, opt, tokenizer: str, extra_state: dict | None = None) -> Path:
-        from backend.train.pretrain import save_checkpoint
-        st = {"step": self.step, "elapsed": self.elapsed(), "torch_rng": torch.get_rng_state(), **(extra_state or {})}
+        """Every rank calls it (FSDP2 gathers shards); rank 0 writes."""
+        from backend.train.pretrain import checkpoint_path, save_checkpoint
+        model, opt_state = self.dist.full_model(model), self.dist.optimizer_state(opt)
+        st = {"step": self.step, "elapsed": self.elapsed(), "torch_rng": torch.get_rng_state(),
+              "world_size": self.dist.world, **(extra_state or {})}
         extra = {"name": self.name, "kind": "checkpoint", "tokenizer": tokenizer, "chat_format": "chatml",
                  "lineage": {"kind": self.kind, "parent_model": self.cfg.parent_model, "steps": self.step}}
-        self.last_ckpt = save_checkpoint(self.dir, model, opt, st, extra)
-        self.emit({"step": self.step, "checkpoint": str(self.last_ckpt)})
+        self.last_ckpt = checkpoint_path(self.dir, self.step)
+        if self.dist.is_main:
+            save_checkpoint(self.dir, model, opt_state, st, extra)
+            self.emit({"step": self.step, "checkpoint": str(self.last_ckpt)})
         return self.last_ckpt
 
-    def should_stop(self) -> str | None:
+    def should_stop(self, extra: str | None = None) -> str | None:
+        """Why to stop now, the same answer on every rank (rank 0's clock; anyone's cancel). `extra`: a
+        reason of the trainer's own (GRPO's CPU budget). A collective: every rank calls it once a step."""
+        reason = extra
         if self.cfg.max_steps and self.step >= self.cfg.max_steps:
-            return "max_steps"
-        if self.cfg.max_seconds and time.monotonic() - self.t0 >= self.cfg.max_seconds:
-            return "max_seconds"
-        if self.ctx.stop is not None and self.ctx.stop.is_set():
-            return "stopped"
-        return None
+            reason = "max_steps"
+        elif self.cfg.max_seconds and time.monotonic() - self.t0 >= self.cfg.max_seconds:
+            reason = "max_seconds"
+        elif self.ctx.stop is not None and self.ctx.stop.is_set():
+            reason = "stopped"
+        return self.dist.agree(reason)
 
     def lr(self) -> float:
         """Linear warmup, then linear decay to 10% over max_steps (constant when only a time budget)."""
@@ -310,10 +334,14 @@ class FineTuneRun:
     def lineage(self, extra: dict | None = None) -> dict:
         return {"kind": self.kind, "parent_model": self.cfg.parent_model, "snapshot_hash": self.ctx.snapshot_hash,
                 "dataset": self.cfg.dataset, "job_id": self.ctx.job_id, "run": self.name, "steps": self.step,
-                **(extra or {})}
+                "world_size": self.dist.world, **(extra or {})}
 
     def register(self, model: Transformer, tokenizer: str, description: str, extra: dict | None = None) -> str | None:
+        """Every rank calls it; rank 0 registers (None elsewhere)."""
         if not self.cfg.register:
+            return None
+        model = self.dist.full_model(model)
+        if not self.dist.is_main:
             return None
         from models.registry import ModelRegistry
         spec = ModelRegistry(self.app).register(self.name, model, tokenizer, "chatml", self.lineage(extra),
@@ -321,7 +349,9 @@ class FineTuneRun:
         return spec.name
 
     def close(self) -> None:
-        self.events.close()
+        if self.events is not None:
+            self.events.close()
+        self.dist.close()
 
 
 def make_opt(model_or_params, cfg: FineTuneConfig, device: torch.device):

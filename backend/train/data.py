@@ -235,10 +235,15 @@ class TokenData:
                                  f"one sequence of {seq_len + 1}; use a bigger corpus or a shorter seq_len")
 
     def batch(self, split: str, batch_size: int, seq_len: int, generator: torch.Generator,
-              device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-        """Random windows: x = tokens[i:i+T], y = tokens[i+1:i+T+1] for B random offsets i."""
+              device: torch.device | str = "cpu", rows: slice | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Random windows: x = tokens[i:i+T], y = tokens[i+1:i+T+1] for B random offsets i.
+
+        rows: read only these rows of the batch (a data-parallel rank's share); the generator still draws
+        all B offsets, so every rank's generator stays in step and the shares together are the batch."""
         arr = self.train if split == "train" else self.val
         starts = torch.randint(0, len(arr) - seq_len - 1, (batch_size,), generator=generator).tolist()
+        if rows is not None:
+            starts = starts[rows]
         buf = torch.from_numpy(np.stack([arr[s:s + seq_len + 1].astype(np.int64) for s in starts]))
         return buf[:, :-1].to(device), buf[:, 1:].to(device)
 

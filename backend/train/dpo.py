@@ -74,15 +74,19 @@ def encode_pair(enc, prompt: str, answer: str, max_len: int) -> tuple[list[int],
     return p[-(max_len - len(a)):], a
 
 
-def dpo_terms(policy, ref, enc, pairs, max_len, beta, amp):
-    """(loss, accuracy, mean margin) on a list of (prompt, chosen, rejected)."""
+def dpo_terms(policy, ref, enc, pairs, max_len, beta, amp, step=None):
+    """(loss, accuracy, mean margin) on a list of (prompt, chosen, rejected). `step`: the policy behind its
+    data-parallel wrapper (backend.train.dist), through which the trained forward goes."""
     prompts, answers = [], []
     for p, c, r in pairs:
         pc, ac = encode_pair(enc, p, c, max_len)
         pr, ar = encode_pair(enc, p, r, max_len)
         prompts += [pc, pr]
         answers += [ac, ar]
-    lp, m = completion_logprobs(policy, prompts, answers, amp)
+    if step is not None:
+        lp, m = step(lambda pm: completion_logprobs(pm, prompts, answers, amp))
+    else:
+        lp, m = completion_logprobs(policy, prompts, answers, amp)
     with torch.no_grad():
         rlp, _ = completion_logprobs(ref, prompts, answers, amp)
     pi = (lp * m).sum(1)
@@ -112,6 +116,8 @@ def run_dpo(cfg: DPOConfig, ctx: JobContext) -> Outcome:
         random.Random(cfg.seed).shuffle(pairs)
         n_val = int(len(pairs) * cfg.val_fraction)
         val, train = pairs[:n_val][:64], pairs[n_val:]
+        d = run.dist
+        step = d.wrap(policy, cfg.parallel)  # DDP / FSDP2 with several processes; optimizer after
         opt = make_opt(policy, cfg, run.device)
         state = run.restore(opt)
         amp = amp_for(cfg, run.device, policy.cfg.dim)
@@ -124,23 +130,25 @@ def run_dpo(cfg: DPOConfig, ctx: JobContext) -> Outcome:
             lr = run.lr()
             for g in opt.param_groups:
                 g["lr"] = lr
-            loss, acc, margin = dpo_terms(policy, ref, enc, rng.sample(train, min(cfg.batch_size, len(train))),
-                                          cfg.max_len, cfg.beta, amp)
+            batch = d.take(rng.sample(train, min(cfg.batch_size, len(train))))  # this rank's share of the pairs
+            loss, acc, margin = dpo_terms(policy, ref, enc, batch, cfg.max_len, cfg.beta, amp, step)
             loss.backward()
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
             run.step += 1
-            last_loss = loss.item()
+            last_loss, acc, margin = d.mean(loss.item(), acc, margin)  # equal shares: means of the ranks' means
             check_finite(last_loss, run.step)
             ev = {"step": run.step, "loss": round(last_loss, 5), "lr": lr, "reward_accuracy": round(acc, 4),
                   "reward_margin": round(margin, 5), "elapsed": round(run.elapsed(), 2),
                   "step_s": round(time.perf_counter() - t0, 3)}
             if val and run.step % cfg.eval_every == 0:
-                with torch.no_grad():
-                    vl, va, vm = dpo_terms(policy, ref, enc, val, cfg.max_len, cfg.beta, amp)
-                ev.update(val_loss=round(vl.item(), 5), accuracy=round(va, 4), val_margin=round(vm, 5))
+                full = d.full_model(policy)
+                if d.is_main:
+                    with torch.no_grad():
+                        vl, va, vm = dpo_terms(full, ref, enc, val, cfg.max_len, cfg.beta, amp)
+                    ev.update(val_loss=round(vl.item(), 5), accuracy=round(va, 4), val_margin=round(vm, 5))
             run.emit(ev)
             if run.step % cfg.checkpoint_every == 0:
                 run.checkpoint(policy, opt, tok_name)

@@ -66,6 +66,9 @@ class PolicyConfig(FineTuneConfig):
     max_cpu_seconds: float = 0.0   # CPU budget (user+sys of this process since the run began, final eval included); 0: none
     sample_dtype: str = "auto"     # weights the sampler decodes with: "auto" (bf16 where training autocasts to bf16), "bf16", "fp32"
 
+    def global_batch(self) -> tuple[str, int]:
+        return "prompts_per_step", self.prompts_per_step
+
     def validate(self) -> None:
         super().validate()
         if self.group_size < 2:
@@ -198,6 +201,8 @@ def policy_optimization(kind: str, cfg: PolicyConfig, ctx: JobContext, train_pro
         ref = copy.deepcopy(parent).eval().requires_grad_(False)
         policy = run.model_to_train(lambda: parent).to(run.device).train()
         spec = dataclasses.replace(spec, name=run.name)
+        d = run.dist
+        step = d.wrap(policy, cfg.parallel)  # DDP / FSDP2 with several processes; optimizer after
         opt = make_opt(policy, cfg, run.device)
         state = run.restore(opt)
         amp = amp_for(cfg, run.device, policy.cfg.dim)
@@ -213,15 +218,20 @@ def policy_optimization(kind: str, cfg: PolicyConfig, ctx: JobContext, train_pro
         eval_cpu = [0.0]
 
         def do_eval():
+            """Rank 0 evaluates (the others get {}: only rank 0 reports)."""
             t = time.process_time()
-            metrics, (p, text) = evaluate(rollout_engine(policy, spec, enc, sample_dtype), heldout, prompt_ids)
+            full = d.full_model(policy)
+            if not d.is_main:
+                return {}
+            metrics, (p, text) = evaluate(rollout_engine(full, spec, enc, sample_dtype), heldout, prompt_ids)
             run.emit({"step": run.step, "prompt": p, "sample": text})
             eval_cpu[0] = time.process_time() - t
             return {**metrics, "eval_cpu_s": round(eval_cpu[0], 1)}
 
         def save_curves(ev: dict) -> None:
-            curves.append({k: v for k, v in ev.items() if isinstance(v, (int, float))})
-            (run.dir / "curves.json").write_text(json.dumps(curves))
+            if d.is_main:
+                curves.append({k: v for k, v in ev.items() if isinstance(v, (int, float))})
+                (run.dir / "curves.json").write_text(json.dumps(curves))
 
         summary = {}
         if state is None:
@@ -230,16 +240,20 @@ def policy_optimization(kind: str, cfg: PolicyConfig, ctx: JobContext, train_pro
             save_curves({"step": 0, **summary, "cpu_s": round(time.process_time() - cpu0, 1)})
         rng = random.Random(cfg.seed + run.step)
         reason, step_cpu = None, 0.0
-        while not (reason := run.should_stop()):
-            if cfg.max_cpu_seconds and time.process_time() - cpu0 + step_cpu + eval_cpu[0] > cfg.max_cpu_seconds:
-                reason = "max_cpu_seconds"  # another step and the final evaluation would not fit the budget
+        while True:
+            # another step and the final evaluation would not fit the CPU budget (rank 0's count decides)
+            over = cfg.max_cpu_seconds and time.process_time() - cpu0 + step_cpu + eval_cpu[0] > cfg.max_cpu_seconds
+            if (reason := run.should_stop("max_cpu_seconds" if over else None)):
                 break
             t0, c0 = time.perf_counter(), time.process_time()
-            items = rng.sample(train_prompts, min(cfg.prompts_per_step, len(train_prompts)))
+            # Rollouts per rank: every rank draws the same prompts and samples the groups of its share with its
+            # own sampler (its replica of the policy; under FSDP2 a gathered copy), as nanochat's chat_rl does.
+            items = d.take(rng.sample(train_prompts, min(cfg.prompts_per_step, len(train_prompts))),
+                           what="prompts_per_step")
             prompts = [prompt_ids(it) for it in items]
-            engine = rollout_engine(policy, spec, enc, sample_dtype)
+            engine = rollout_engine(d.full_model(policy), spec, enc, sample_dtype)
             samples = sample_groups(engine, prompts, cfg.group_size, cfg.max_new_tokens, cfg.temperature,
-                                    seed=cfg.seed * 100003 + run.step)
+                                    seed=cfg.seed * 100003 + run.step + 7919 * d.rank)
             del engine
             t_sample = time.perf_counter() - t0
             group_items = [it for it in items for _ in range(cfg.group_size)]
@@ -252,13 +266,18 @@ def policy_optimization(kind: str, cfg: PolicyConfig, ctx: JobContext, train_pro
             G, loss_sum, kl_sum, n_tokens = cfg.group_size, 0.0, 0.0, 0.0
             for g, prompt in enumerate(prompts):  # one group's graph at a time; gradients add up
                 rows = slice(g * G, (g + 1) * G)
-                logp, mask = group_logprobs(policy, prompt, C[rows], amp)
                 with torch.no_grad():
                     ref_logp, _ = group_logprobs(ref, prompt, C[rows], amp)  # also with beta 0: the KL curve is shown
-                loss, kl = grpo_loss(logp, logp.detach(), ref_logp, mask, adv[rows], cfg.clip_eps, cfg.beta)
-                (loss / len(prompts)).backward()  # equal groups: the mean over all answers
+                with d.no_sync(step, last=g == len(prompts) - 1):  # the ranks exchange gradients once a step
+                    logp, mask = step(lambda m: group_logprobs(m, prompt, C[rows], amp))
+                    loss, kl = grpo_loss(logp, logp.detach(), ref_logp, mask, adv[rows], cfg.clip_eps, cfg.beta)
+                    (loss / len(prompts)).backward()  # equal groups: the mean over all answers
                 loss_sum += loss.item() / len(prompts)
                 kl_sum, n_tokens = kl_sum + kl * float(mask.sum()), n_tokens + float(mask.sum())
+            kl_sum, n_tokens, len_sum, n_answers, reward_sum = d.sum(kl_sum, n_tokens, sum(len(c) for c in C), len(C),
+                                                                     float(rewards.sum()))
+            (loss_sum,) = d.mean(loss_sum)
+            rmetrics = dict(zip(rmetrics, (round(v, 4) for v in d.mean(*rmetrics.values()))))
             loss, kl = torch.tensor(loss_sum), kl_sum / max(n_tokens, 1.0)
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
@@ -267,8 +286,8 @@ def policy_optimization(kind: str, cfg: PolicyConfig, ctx: JobContext, train_pro
             run.step += 1
             check_finite(loss.item(), run.step)
             step_cpu = time.process_time() - c0  # sampling + update, without the evaluation
-            ev = {"step": run.step, "loss": round(loss.item(), 6), "lr": lr, "reward": round(float(rewards.mean()), 4),
-                  "kl": round(kl, 6), "response_length": round(sum(len(c) for c in C) / len(C), 2),
+            ev = {"step": run.step, "loss": round(loss.item(), 6), "lr": lr, "reward": round(reward_sum / n_answers, 4),
+                  "kl": round(kl, 6), "response_length": round(len_sum / n_answers, 2),
                   "sample_s": round(t_sample, 2), "step_s": round(time.perf_counter() - t0, 2),
                   "elapsed": round(run.elapsed(), 2), "cpu_s": round(time.process_time() - cpu0, 1), **rmetrics}
             if run.step % cfg.eval_every == 0:

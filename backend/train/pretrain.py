@@ -34,7 +34,6 @@ from backend.config import AppConfig
 from backend.train.data import TokenData, corpus_text, token_byte_lengths
 from backend.train.metrics import bits_per_byte, flops_per_token, mfu, peak_flops
 from backend.train.regurgitation import sample_ids
-from models.device import pick_device
 from models.presets import get_preset, preset_config
 from models.transformer import Transformer
 
@@ -80,9 +79,13 @@ class PretrainConfig:
     resume: bool = False              # continue the run's latest checkpoint
     fresh: bool = False               # delete an existing run of the same name first
     register: bool = True             # register the final checkpoint as a base model
+    nproc: int = 1                    # processes (devices) the worker launches with torchrun; see backend/train/dist.py
+    parallel: str = "ddp"             # with several processes: "ddp" (a copy each) or "fsdp" (FSDP2: parameters sharded)
 
     def validate(self) -> None:
+        from backend.train.dist import check_parallel_fields
         get_preset(self.preset)
+        check_parallel_fields(self.nproc, self.parallel, "batch_size", self.batch_size or get_preset(self.preset).batch_size)
         if self.max_steps < 0 or self.max_seconds < 0:
             raise ValueError("max_steps and max_seconds must not be negative")
         if not self.max_steps and not self.max_seconds:
@@ -231,17 +234,22 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return ckpt if (ckpt / "trainer.pt").exists() else None
 
 
-def save_checkpoint(run_dir: Path, model: Transformer, opt: torch.optim.Optimizer, state: dict, extra: dict,
+def checkpoint_path(run_dir: Path, step: int) -> Path:
+    return run_dir / f"ckpt-{step:07d}"
+
+
+def save_checkpoint(run_dir: Path, model: Transformer, opt: torch.optim.Optimizer | dict, state: dict, extra: dict,
                     keep: int = 2) -> Path:
-    """ckpt-<step>/ = HF layout + trainer.pt, written under a temp name and renamed; then `latest`."""
+    """ckpt-<step>/ = HF layout + trainer.pt, written under a temp name and renamed; then `latest`.
+    `opt`: the optimizer, or its state dict (gathered by backend.train.dist under FSDP2)."""
     from models.hf_checkpoint import save_hf_dir
 
     step = state["step"]
-    final = run_dir / f"ckpt-{step:07d}"
+    final = checkpoint_path(run_dir, step)
     tmp = run_dir / f".ckpt-{step:07d}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     save_hf_dir(model, tmp, extra)
-    torch.save({**state, "optimizer": opt.state_dict()}, tmp / "trainer.pt")
+    torch.save({**state, "optimizer": opt if isinstance(opt, dict) else opt.state_dict()}, tmp / "trainer.pt")
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -262,19 +270,29 @@ def load_checkpoint(ckpt: Path, device: torch.device) -> tuple[Transformer, dict
 
 # -- the trainer --------------------------------------------------------------------------------
 class _Events:
-    """Fan events out to the callback and to metrics.jsonl (one JSON object a line, flushed)."""
+    """Fan events out to the callback, to metrics.jsonl (one JSON object a line, flushed) and to the trackers
+    (TensorBoard beside it, W&B when its key is set: backend/train/trackers.py)."""
 
-    def __init__(self, path: Path, callback: Callable[[dict], None] | None):
+    def __init__(self, path: Path, callback: Callable[[dict], None] | None, run: str | None = None,
+                 config: dict | None = None):
+        from backend.train.trackers import open_trackers
         self.f = open(path, "a", buffering=1)
         self.callback = callback
+        self.trackers, notes = open_trackers(path.parent, run or path.parent.name, config or {})
+        for note in notes:
+            self({"log": note, "step": 0})
 
     def __call__(self, event: dict) -> None:
         self.f.write(json.dumps(event) + "\n")
+        for t in self.trackers:
+            t.log(event)
         if self.callback is not None:
             self.callback(event)
 
     def close(self) -> None:
         self.f.close()
+        for t in self.trackers:
+            t.close()
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -315,35 +333,56 @@ def default_prompt(enc, data: TokenData) -> str:
     return text[:cut] if cut > 0 else text[:40]
 
 
+class _Silent:
+    """The events of a rank other than 0: dropped (rank 0 alone logs)."""
+
+    def __call__(self, event: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def pretrain(cfg: PretrainConfig, app: AppConfig, on_event: Callable[[dict], None] | None = None,
              stop: threading.Event | None = None) -> PretrainResult:
+    """Under torchrun every rank runs this; rank 0 alone logs, evaluates, samples, checkpoints and registers."""
+    from backend.train.dist import setup
     cfg.validate()
     t_start = time.monotonic()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = pick_device(cfg.device if cfg.device != "auto" else app.device)
+    dist = setup(cfg.device if cfg.device != "auto" else app.device)
+    try:
+        return _pretrain(cfg, app, dist, on_event, stop, t_start)
+    finally:
+        dist.close()
+
+
+def _pretrain(cfg: PretrainConfig, app: AppConfig, dist, on_event, stop, t_start: float) -> PretrainResult:
+    device = dist.device
     preset = get_preset(cfg.preset)
     B = cfg.batch_size or preset.batch_size
     T = cfg.seq_len or preset.seq_len
     peak_lr = cfg.lr or preset.lr
+    rows = dist.share(B)  # this rank's rows of each batch of B
     from models.registry import validate_name
     from models.tokenizers import get_encoding
 
-    if on_event is not None:  # the job's progress line until the first step (metrics.jsonl needs no such line)
+    if on_event is not None and dist.is_main:  # the job's progress line until the first step
         on_event({"step": 0, "phase": "reading and tokenizing the corpus…"})
-    text = corpus_text(cfg.corpus, cfg.max_corpus_chars)
-    tokenizer = resolve_tokenizer(cfg, text, app.data_dir)
-    enc = get_encoding(tokenizer, app.data_dir)
-    name = validate_name(cfg.run_name(tokenizer))
-    run_dir = app.data_dir / "runs" / "pretrain" / name
-    data = TokenData.build(text, enc, tokenizer, app.cache_dir, cfg.val_fraction)
-    del text
-    data.check_fits(T)
+    with dist.main_first():  # rank 0 trains the tokenizer and fills the token cache; the others then read them
+        text = corpus_text(cfg.corpus, cfg.max_corpus_chars)
+        tokenizer = resolve_tokenizer(cfg, text, app.data_dir)
+        enc = get_encoding(tokenizer, app.data_dir)
+        name = validate_name(cfg.run_name(tokenizer))
+        run_dir = app.data_dir / "runs" / "pretrain" / name
+        data = TokenData.build(text, enc, tokenizer, app.cache_dir, cfg.val_fraction)
+        del text
+        data.check_fits(T)
+        # Fresh model or the run's latest checkpoint.
+        if cfg.fresh and run_dir.exists() and dist.is_main:
+            shutil.rmtree(run_dir)
     token_bytes = torch.from_numpy(token_byte_lengths(enc)).to(device)
-
-    # Fresh model or the run's latest checkpoint.
-    if cfg.fresh and run_dir.exists():
-        shutil.rmtree(run_dir)
     ckpt = latest_checkpoint(run_dir)
     if ckpt is not None and not cfg.resume:
         raise ValueError(f"run {name!r} already has a checkpoint ({ckpt.name}): resume it, start it over "
@@ -360,29 +399,35 @@ def pretrain(cfg: PretrainConfig, app: AppConfig, on_event: Callable[[dict], Non
         step, elapsed_before = state["step"], state["elapsed"]
         data_gen.set_state(state["data_rng"])
         torch.set_rng_state(state["torch_rng"])
-        _truncate_metrics(run_dir / "metrics.jsonl", step)
+        if dist.is_main:
+            _truncate_metrics(run_dir / "metrics.jsonl", step)
     else:
         model = Transformer(preset_config(cfg.preset, enc.n_vocab)).init_weights(cfg.seed).to(device).train()
         step, elapsed_before, state = 0, 0.0, None
     if T > model.cfg.max_seq_len:
         raise ValueError(f"seq_len {T} exceeds the preset's context length {model.cfg.max_seq_len}")
+    n_params = model.num_params()
+    train_step = dist.wrap(model, cfg.parallel)  # DDP / FSDP2 with several processes; the optimizer comes after
     opt = make_optimizer(model, peak_lr, cfg.weight_decay, cfg.betas, device)
     if state is not None:
-        opt.load_state_dict(state["optimizer"])
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write_text(run_dir / "config.json", json.dumps({**asdict(cfg), "name": name, "tokenizer": tokenizer, "batch_size": B,
-                                                              "seq_len": T, "lr": peak_lr}, indent=2))
+        dist.load_optimizer_state(opt, state["optimizer"])
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _atomic_write_text(run_dir / "config.json", json.dumps({**asdict(cfg), "name": name, "tokenizer": tokenizer,
+                                                                  "batch_size": B, "seq_len": T, "lr": peak_lr}, indent=2))
 
     amp = autocast_dtype(cfg.precision, device, model.cfg.dim)
     fpt = flops_per_token(model.cfg, T)
     peak, peak_note = peak_flops(device, amp or torch.float32)
+    if dist.world > 1:
+        peak, peak_note = peak * dist.world, f"{dist.world} x {peak_note}"
     lineage = {"kind": "pretrain", "preset": cfg.preset, "corpus": list(cfg.corpus), "corpus_hash": data.corpus_hash,
                "max_corpus_chars": cfg.max_corpus_chars, "val_fraction": cfg.val_fraction,
-               "tokenizer": tokenizer, "train_tokens": int(data.n_train), "run": name}
+               "tokenizer": tokenizer, "train_tokens": int(data.n_train), "run": name, "world_size": dist.world}
     prompt_ids = enc.encode_ordinary(cfg.sample_prompt or default_prompt(enc, data))
     sample_gen_seed = cfg.seed + 1
 
-    events = _Events(run_dir / "metrics.jsonl", on_event)
+    events = _Events(run_dir / "metrics.jsonl", on_event, run=name, config=asdict(cfg)) if dist.is_main else _Silent()
     last_loss, last_bpb = None, None
 
     def elapsed() -> float:
@@ -394,28 +439,36 @@ def pretrain(cfg: PretrainConfig, app: AppConfig, on_event: Callable[[dict], Non
         return max(by_steps, by_time)
 
     def checkpoint() -> Path:
+        full, opt_state = dist.full_model(model), dist.optimizer_state(opt)  # collectives under FSDP2
         st = {"step": step, "elapsed": elapsed(), "data_rng": data_gen.get_state(), "torch_rng": torch.get_rng_state(),
-              "config": asdict(cfg), "loss": last_loss, "val_bpb": last_bpb}
+              "config": asdict(cfg), "loss": last_loss, "val_bpb": last_bpb, "world_size": dist.world}
         extra = {"name": name, "kind": "checkpoint", "tokenizer": tokenizer, "chat_format": None,
                  "lineage": {**lineage, "steps": step}}
-        path = save_checkpoint(run_dir, model, opt, st, extra)
-        events({"step": step, "checkpoint": str(path)})
+        path = checkpoint_path(run_dir, step)
+        if dist.is_main:
+            save_checkpoint(run_dir, full, opt_state, st, extra)
+            events({"step": step, "checkpoint": str(path)})
         return path
 
     def sample() -> None:
-        gen = torch.Generator().manual_seed(sample_gen_seed)  # the same coin flips each time: only the model changes
-        ids = sample_ids(model, prompt_ids, cfg.sample_tokens, cfg.sample_temperature, 0, gen, amp)
-        events({"step": step, "prompt": enc.decode(prompt_ids), "sample": enc.decode(ids)})
+        full = dist.full_model(model)
+        if dist.is_main:
+            gen = torch.Generator().manual_seed(sample_gen_seed)  # the same coin flips each time: only the model changes
+            ids = sample_ids(full, prompt_ids, cfg.sample_tokens, cfg.sample_temperature, 0, gen, amp)
+            events({"step": step, "prompt": enc.decode(prompt_ids), "sample": enc.decode(ids)})
 
     def evaluate() -> float:
-        return evaluate_bpb(model, data, T, B, cfg.eval_tokens, token_bytes, amp)
+        """Rank 0 evaluates; every rank gets the number (so all take the same branches)."""
+        full = dist.full_model(model)
+        bpb = evaluate_bpb(full, data, T, B, cfg.eval_tokens, token_bytes, amp) if dist.is_main else 0.0
+        return dist.sum(bpb)[0]
 
     events({"step": step, "start": name, "preset": cfg.preset, "tokenizer": tokenizer, "vocab_size": enc.n_vocab,
-            "params": model.num_params(), "flops_per_token": fpt,
+            "params": n_params, "flops_per_token": fpt,
             "peak_flops": peak, "peak_flops_source": peak_note, "precision": str(amp or torch.float32),
             "device": str(device), "batch_tokens": B * T * cfg.grad_accum, "train_tokens": int(data.n_train),
             "val_tokens": int(len(data.val)), "resumed": state is not None,
-            "setup_seconds": round(time.monotonic() - t_start, 2)})
+            "setup_seconds": round(time.monotonic() - t_start, 2), **dist.describe()})
     if state is None:
         last_bpb = evaluate()
         events({"step": 0, "val_bpb": round(last_bpb, 5)})
@@ -425,6 +478,7 @@ def pretrain(cfg: PretrainConfig, app: AppConfig, on_event: Callable[[dict], Non
     t_start = time.monotonic()
     reason = None
     last_ckpt = ckpt
+    V = model.cfg.vocab_size
     try:
         while True:
             if cfg.max_steps and step >= cfg.max_steps:
@@ -433,6 +487,7 @@ def pretrain(cfg: PretrainConfig, app: AppConfig, on_event: Callable[[dict], Non
                 reason = "max_seconds"
             elif stop is not None and stop.is_set():
                 reason = "stopped"
+            reason = dist.agree(reason)  # rank 0's clock decides for all: the ranks stop at the same step
             if reason:
                 break
             t0 = time.perf_counter()
@@ -440,20 +495,20 @@ def pretrain(cfg: PretrainConfig, app: AppConfig, on_event: Callable[[dict], Non
             for g in opt.param_groups:
                 g["lr"] = lr
             loss_sum = 0.0
-            for _ in range(cfg.grad_accum):
-                x, y = data.batch("train", B, T, data_gen, device)
-                with amp_context(device, amp):
-                    logits = model(x)
-                loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.reshape(-1))
-                (loss / cfg.grad_accum).backward()
+            for micro in range(cfg.grad_accum):
+                x, y = data.batch("train", B, T, data_gen, device, rows=rows)
+                with dist.no_sync(train_step, last=micro == cfg.grad_accum - 1):
+                    with amp_context(device, amp):
+                        loss = train_step(lambda m: F.cross_entropy(m(x).float().view(-1, V), y.reshape(-1)))
+                    (loss / cfg.grad_accum).backward()
                 loss_sum += loss.item()
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
             step += 1
+            (last_loss,) = dist.mean(loss_sum / cfg.grad_accum)  # equal shares: the mean of the ranks' means
             dt = time.perf_counter() - t0
-            last_loss = loss_sum / cfg.grad_accum
             if not math.isfinite(last_loss):
                 raise FloatingPointError(f"loss became {last_loss} at step {step}: lower the learning rate")
             tps = B * T * cfg.grad_accum / dt
@@ -475,11 +530,13 @@ def pretrain(cfg: PretrainConfig, app: AppConfig, on_event: Callable[[dict], Non
                 sample()
             last_ckpt = checkpoint()
         model_name = None
-        if cfg.register:
+        final = dist.full_model(model)
+        if cfg.register and dist.is_main:
             from models.registry import ModelRegistry
             desc = (f"base model pretrained from scratch: preset {cfg.preset}, {step} steps on "
-                    f"{', '.join(cfg.corpus)} with tokenizer {tokenizer}")
-            spec = ModelRegistry(app).register(name, model, tokenizer, None, {**lineage, "steps": step},
+                    f"{', '.join(cfg.corpus)} with tokenizer {tokenizer}"
+                    + (f", {dist.world} processes ({cfg.parallel})" if dist.world > 1 else ""))
+            spec = ModelRegistry(app).register(name, final, tokenizer, None, {**lineage, "steps": step},
                                                desc, overwrite=True)
             model_name = spec.name
         events({"step": step, "done": reason, "model": model_name, "final_loss": last_loss, "final_val_bpb": last_bpb,
@@ -489,4 +546,4 @@ def pretrain(cfg: PretrainConfig, app: AppConfig, on_event: Callable[[dict], Non
         raise
     finally:
         events.close()
-    return PretrainResult(name, run_dir, step, reason, last_loss, last_bpb, last_ckpt, model_name, model)
+    return PretrainResult(name, run_dir, step, reason, last_loss, last_bpb, last_ckpt, model_name, final)

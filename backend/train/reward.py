@@ -154,6 +154,16 @@ def load_reward_model(registry, name: str, device=None) -> RewardModel:
     return rm.to(rm.backbone.device).eval()
 
 
+def full_reward_model(rm: RewardModel, d) -> RewardModel:
+    """`rm` itself, or under FSDP2 a plain copy with the shards gathered (every rank calls it)."""
+    backbone = d.full_model(rm.backbone)
+    if backbone is rm.backbone:
+        return rm
+    full = RewardModel(backbone).to(backbone.device)
+    full.head.load_state_dict(d.full_state(rm.head))
+    return full.train(rm.training)
+
+
 def bundled_rows(cfg: RewardConfig) -> list[dict]:
     from backend.datasets.preferences import rankings
     return rankings(cfg.n_examples, seed=cfg.seed, k=cfg.k)
@@ -179,15 +189,25 @@ def run_reward(cfg: RewardConfig, ctx: JobContext) -> Outcome:
         val, train = items[:n_val], items[n_val:]
         if not train:
             raise ValueError("dataset: too few rankings to hold some out and train on the rest")
+        if run.resume_from is not None:  # the head goes in before the model is sharded
+            rm.head.load_state_dict(torch.load(run.resume_from / "trainer.pt", map_location="cpu",
+                                               weights_only=False)["head"])
+        n_params = rm.backbone.num_params() + 1 + backbone.cfg.dim
+        d = run.dist
+        step = d.wrap(rm, cfg.parallel)  # DDP / FSDP2 with several processes; optimizer after
         opt = make_opt(rm, cfg, run.device)
         state = run.restore(opt)
-        if state is not None:
-            rm.head.load_state_dict(state["head"])
         amp = amp_for(cfg, run.device, backbone.cfg.dim)
         run.emit({"step": run.step, "start": run.name, "kind": "reward", "parent_model": cfg.parent_model,
-                  "params": rm.backbone.num_params() + 1 + backbone.cfg.dim, "train_rankings": len(train),
+                  "params": n_params, "train_rankings": len(train),
                   "held_out_rankings": len(val), "device": str(run.device), "resumed": state is not None})
-        acc0 = pairwise_accuracy(rm, val, enc, cfg.max_len)
+
+        def accuracy() -> float:
+            """Held-out pairwise accuracy: rank 0 measures, every rank gets the number."""
+            full = full_reward_model(rm, d)
+            return d.sum(pairwise_accuracy(full, val, enc, cfg.max_len) if d.is_main else 0.0)[0]
+
+        acc0 = accuracy()
         if state is None:
             run.emit({"step": 0, "accuracy": round(acc0, 4), "held_out_accuracy": round(acc0, 4)})
         rng = random.Random(cfg.seed + run.step)
@@ -196,16 +216,19 @@ def run_reward(cfg: RewardConfig, ctx: JobContext) -> Outcome:
         while not (reason := run.should_stop()):
             t0 = time.perf_counter()
             batch = rng.sample(train, min(cfg.batch_size, len(train)))
+            mine = d.take(batch)  # every rank draws the same batch and scores its share of the prompts
             lr = run.lr()
             for g in opt.param_groups:
                 g["lr"] = lr
             loss_sum, right, n_pairs = 0.0, 0, 0
-            for it in batch:  # one prompt at a time: its K candidates scored once, all its pairs in the loss
+            for i, it in enumerate(mine):  # one prompt at a time: its K candidates scored once, all its pairs in the loss
                 answers, pairs = pairs_of(it)
-                with amp_context(run.device, amp):
-                    scores = rm([encode_answer(enc, it["prompt"], a, cfg.max_len) for a in answers])
-                loss, ok = bt_loss(scores.float(), pairs)
-                (loss / len(batch)).backward()
+                rows = [encode_answer(enc, it["prompt"], a, cfg.max_len) for a in answers]
+                with d.no_sync(step, last=i == len(mine) - 1):
+                    with amp_context(run.device, amp):
+                        scores = step(lambda m: m(rows))
+                    loss, ok = bt_loss(scores.float(), pairs)
+                    (loss / len(mine)).backward()
                 loss_sum += loss.item()
                 right += ok
                 n_pairs += len(pairs)
@@ -214,27 +237,29 @@ def run_reward(cfg: RewardConfig, ctx: JobContext) -> Outcome:
             opt.step()
             opt.zero_grad(set_to_none=True)
             run.step += 1
+            loss_sum, right, n_pairs = d.sum(loss_sum, right, n_pairs)
             last_loss = loss_sum / len(batch)
             check_finite(last_loss, run.step)
             ev = {"step": run.step, "loss": round(last_loss, 5), "lr": lr, "train_pair_accuracy": round(right / n_pairs, 4),
                   "pairs": n_pairs, "elapsed": round(run.elapsed(), 2), "step_s": round(time.perf_counter() - t0, 3)}
             if run.step % cfg.eval_every == 0:
-                acc = pairwise_accuracy(rm, val, enc, cfg.max_len)
+                acc = accuracy()
                 ev["accuracy"] = ev["held_out_accuracy"] = round(acc, 4)
             run.emit(ev)
             if run.step % cfg.checkpoint_every == 0:
-                run.checkpoint(rm.backbone, opt, tok_name, {"head": rm.head.state_dict()})
+                run.checkpoint(rm.backbone, opt, tok_name, {"head": d.full_state(rm.head)})
         if run.step % cfg.eval_every:
-            acc = pairwise_accuracy(rm, val, enc, cfg.max_len)
+            acc = accuracy()
             run.emit({"step": run.step, "accuracy": round(acc, 4), "held_out_accuracy": round(acc, 4)})
         if run.last_ckpt is None or not run.last_ckpt.name.endswith(f"{run.step:07d}"):
-            run.checkpoint(rm.backbone, opt, tok_name, {"head": rm.head.state_dict()})
-        name = run.register(rm.backbone, tok_name, f"reward model from {cfg.parent_model} ({run.step} steps, "
+            run.checkpoint(rm.backbone, opt, tok_name, {"head": d.full_state(rm.head)})
+        final = full_reward_model(rm, d)
+        name = run.register(final.backbone, tok_name, f"reward model from {cfg.parent_model} ({run.step} steps, "
                             f"held-out pairwise accuracy {acc:.1%})",
                             {"reward_model": True, "held_out_accuracy": acc, "initial_accuracy": acc0})
         if name:
             from models.registry import ModelRegistry
-            ModelRegistry(run.app).amend(name, lambda d: save_head(rm, d))  # shared artifacts: re-published
+            ModelRegistry(run.app).amend(name, lambda d: save_head(final, d))  # shared artifacts: re-published
         run.emit({"step": run.step, "done": reason, "model": name, "final_loss": last_loss, "held_out_accuracy": acc})
         return Outcome(reason, run.step, str(run.last_ckpt), name,
                        {"loss": last_loss, "held_out_accuracy": acc, "initial_accuracy": acc0})

@@ -57,6 +57,8 @@ class SFTConfig(FineTuneConfig):
             raise ValueError(f"bundled: 'tool-use' or 'reasoning', not {self.bundled!r}")
         if self.n_examples < 2 or self.lora_rank < 0:
             raise ValueError("n_examples must be at least 2 and lora_rank not negative")
+        if self.lora_rank and self.parallel == "fsdp":
+            raise ValueError("parallel: 'fsdp' shards the model, not LoRA adapters; use 'ddp' with lora_rank")
 
 
 def bundled_rows(cfg: SFTConfig) -> list[dict]:
@@ -239,51 +241,61 @@ def run_sft(cfg: SFTConfig, ctx: JobContext) -> Outcome:
         val, train = docs[:n_val], docs[n_val:]
         val_batches = [pack_examples(val[i:i + cfg.batch_size], cfg.seq_len, cfg.pack)
                        for i in range(0, min(len(val), 8 * cfg.batch_size), cfg.batch_size)]
+        n_params = model.num_params()
+        d = run.dist
+        step = d.wrap(model, cfg.parallel, extra=lora)  # DDP / FSDP2 with several processes; optimizer after
         opt = make_opt(lora if lora is not None else model, cfg, run.device)
         state = run.restore(opt)
         amp = amp_for(cfg, run.device, model.cfg.dim)
         order_rng = random.Random(cfg.seed + run.step)
         run.emit({"step": run.step, "start": run.name, "kind": "sft", "parent_model": cfg.parent_model,
-                  "tokenizer": tok_name, "vocab_size": model.cfg.vocab_size, "params": model.num_params(),
+                  "tokenizer": tok_name, "vocab_size": model.cfg.vocab_size, "params": n_params,
                   "conversations": len(train), "held_out": len(val), "device": str(run.device),
                   "precision": str(amp or torch.float32), "packing": "block-diagonal" if cfg.pack else "one per row",
                   "lora_rank": cfg.lora_rank, "resumed": state is not None})
         if val_batches and state is None:
-            run.emit({"step": 0, "val_loss": round(eval_loss(model, val_batches, amp, run.device), 5)})
+            full = d.full_model(model)
+            if d.is_main:
+                run.emit({"step": 0, "val_loss": round(eval_loss(full, val_batches, amp, run.device), 5)})
         batches = train_batches(train, cfg, order_rng)
         last_loss = None
         import time
         reason = None
         while not (reason := run.should_stop()):
             t0 = time.perf_counter()
-            x, y, d = next(batches)
+            x, y, doc = d.take(*next(batches))  # this rank's rows of the global batch
+            x, y, doc = x.to(run.device), y.to(run.device), doc.to(run.device)
             lr = run.lr()
             for g in opt.param_groups:
                 g["lr"] = lr
+            k = int((y != -100).sum())
+            targets, ntok = d.sum(k, int((doc >= 0).sum()))
             with amp_context(run.device, amp):
-                loss = masked_lm_loss(model, x.to(run.device), y.to(run.device), d.to(run.device))
-            loss.backward()
+                loss = step(lambda m: masked_lm_loss(m, x, y, doc))  # the mean over this rank's targets
+            # weighed by this rank's share of the batch's targets: the ranks' averaged gradient is the global mean's
+            (loss * (k * d.world / max(targets, 1))).backward()
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
             run.step += 1
-            last_loss = loss.item()
+            last_loss = d.sum(loss.item() * k)[0] / max(targets, 1)
             check_finite(last_loss, run.step)
             dt = time.perf_counter() - t0
-            ntok = int((d >= 0).sum())
             ev = {"step": run.step, "loss": round(last_loss, 5), "lr": lr, "tokens_per_s": round(ntok / dt, 1),
-                  "trained_tokens": int((y != -100).sum()), "elapsed": round(run.elapsed(), 2)}
+                  "trained_tokens": int(targets), "elapsed": round(run.elapsed(), 2)}
             if val_batches and run.step % cfg.eval_every == 0:
-                ev["val_loss"] = round(eval_loss(model, val_batches, amp, run.device), 5)
+                full = d.full_model(model)
+                if d.is_main:
+                    ev["val_loss"] = round(eval_loss(full, val_batches, amp, run.device), 5)
             run.emit(ev)
             if run.step % cfg.checkpoint_every == 0:
                 run.checkpoint(_merged(model, lora), opt, tok_name)
-        final = _merged(model, lora)
+        final = _merged(d.full_model(model), lora)
         if run.last_ckpt is None or not run.last_ckpt.name.endswith(f"{run.step:07d}"):
             run.checkpoint(final, opt, tok_name)
         check = {}
-        if cfg.protocol_check and cfg.dataset == "bundled" and cfg.bundled == "tool-use":
+        if cfg.protocol_check and cfg.dataset == "bundled" and cfg.bundled == "tool-use" and d.is_main:
             check = protocol_check(final, enc, tok_name, cfg.protocol_check, cfg.seed)
             if check:
                 run.emit({"step": run.step, **check, "accuracy": check["tool_call_wellformed"]})
