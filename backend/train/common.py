@@ -255,11 +255,11 @@ class FineTuneRun:
                     (self.dir / "metrics.jsonl").unlink()
                 (self.dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2, default=str))
                 self.events = _Events(self.dir / "metrics.jsonl", ctx.emit, run=self.name, config=asdict(cfg))
-        self.phase("loading the parent model…")
         self.t0 = time.monotonic()
         self.step = 0
         self.elapsed_before = 0.0
         self.last_ckpt: Path | None = None
+        self.phase("loading the parent model…")
 
     def emit(self, ev: dict) -> None:
         if self.events is not None:  # rank 0 only
