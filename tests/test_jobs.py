@@ -198,5 +198,5 @@ def test_progress_reads_phase_then_step_n_of_n_with_elapsed_eta_and_a_growing_ba
     queue.finish_job(db, job["id"], "w:1", claimed["attempt"], "succeeded", model="m1", step=12)
     done = queue.get_job(db, job["id"])["progress"]
     assert done["fraction"] == 1 and done["eta_s"] is None and done["text"].startswith("succeeded at step 12 of 12")
-    assert [n for n in done["next"] if "m1" in n and "Chat" in n] and [n for n in done["next"] if "Arena" in n]
+    assert [n for n in done["next"] if "m1" in n and "Generate" in n] and [n for n in done["next"] if "sft" in n]
     db.close()

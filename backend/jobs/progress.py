@@ -25,6 +25,10 @@ def next_steps(kind: str, model: str | None) -> list[str]:
     """What a person can do with a finished job's model."""
     if not model:
         return []
+    if kind == "pretrain":  # a base model: no chat format, so Generate (not Chat or the Arena) and fine-tuning
+        return [f"Sample from **{model}** in the **Generate** tab (a base model: it continues text, it does not chat).",
+                f"Fine-tune it into an assistant: a **Training** job of kind sft with parent model {model}.",
+                f"Export it for other engines: `python -m backend.models export {model} DIR --format hf`."]
     if kind == "reward":
         return [f"Use **{model}** as the reward model of an RLHF job (kind rlhf, field reward_model).",
                 f"Export it: `python -m backend.models export {model} DIR`."]
