@@ -53,7 +53,8 @@ def _loss_plot(points: list, span: list[int]):
 
 def _curve_plot(series: dict, key: str | None, span: list[int] | None = None):
     points = series.get(key, []) if key else []
-    return gr.LinePlot(_plot(points, "value"), title=CURVE_TITLES.get(key, key or ""), y_title=key or "", x_lim=span)
+    title = CURVE_TITLES.get(key, key) if key else "Second curve (appears with the first validation)"
+    return gr.LinePlot(_plot(points, "value"), title=title, y_title=key or "", x_lim=span)
 
 
 def _plot(points: list, y: str) -> pd.DataFrame:
