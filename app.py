@@ -21,6 +21,8 @@ import uvicorn
 from fastapi import FastAPI
 
 from backend.api import register_routes
+from backend.api.errors import install_error_handlers
+from backend.api.guards import BodyLimit, FairShare, UnicodeJson
 from backend.config import AppConfig
 from backend.playground import Playground
 from ui import build_ui
@@ -38,6 +40,11 @@ def build_app(cfg: AppConfig) -> FastAPI:
     app = FastAPI(title="LLM Playground", version="0.1.0", lifespan=lifespan)
     app.state.pg = pg
     register_routes(app)
+    install_error_handlers(app)
+    # Added last = runs first: the body limit answers before anything reads the body.
+    app.add_middleware(FairShare, pg=pg)
+    app.add_middleware(UnicodeJson)
+    app.add_middleware(BodyLimit, max_body_bytes=cfg.max_body_bytes, max_import_bytes=cfg.max_import_bytes)
     ui = build_ui(pg)
     # Gradio's queue polls for events every 1 ms (progress every 10 ms) while idle: ~7% of a core
     # doing nothing, and a tax on every API request. Gradio's own Windows defaults (50/100 ms) instead.

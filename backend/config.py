@@ -40,6 +40,18 @@ class AppConfig:
     serve: ServeConfig = field(default_factory=ServeConfig)
     # SearxNG-style web search (GET {url}/search?q=...&format=json) for the search tool; None: local index only.
     web_search_url: str | None = field(default_factory=lambda: os.environ.get("PLAYGROUND_WEB_SEARCH_URL") or None)
+    # Who may do what (README "Who may do what"): anonymous callers may generate plain text (no tools) when
+    # this is on; off, every generation needs a signed-in learner. Tools, writes and training always need one.
+    open_inference: bool = True
+    # Request bodies over this are answered 413 before they are read (imports and uploads get the larger one).
+    max_body_bytes: int = 4 * 2**20
+    max_import_bytes: int = 64 * 2**20
+    # A prompt (all of its messages) over this many characters is refused before it is tokenized.
+    max_prompt_chars: int = 200_000
+    # Expensive requests (generation, tools, training a tokenizer) one caller may have in flight at once;
+    # the sandbox gets its own, smaller count. More get 429, so no one fills the queues for everyone.
+    max_requests_per_user: int = 8
+    max_sandbox_runs_per_user: int = 1
     # Where models (with their trained tokenizers) and dataset snapshots live when several machines share
     # them: any fsspec URL (file:///shared/path, s3://bucket/prefix). None: inside the data directory.
     artifacts_url: str | None = field(default_factory=lambda: os.environ.get("PLAYGROUND_ARTIFACTS") or None)
@@ -73,6 +85,12 @@ class AppConfig:
         parser.add_argument("--threads", type=int, default=cls.threads)
         parser.add_argument("--no-worker", dest="start_worker", action="store_false", help="do not start the training worker")
         parser.add_argument("--no-preload", dest="preload", action="store_false", help="load the default model on first use")
+        parser.add_argument("--open-inference", action=argparse.BooleanOptionalAction, default=None,
+                            help="let anonymous callers generate plain text (default on; tools, writes, training always need a user)")
+        parser.add_argument("--max-body-bytes", type=int, default=None, help=f"413 above this (default {cls.max_body_bytes})")
+        parser.add_argument("--max-import-bytes", type=int, default=None, help=f"413 above this for imports and uploads (default {cls.max_import_bytes})")
+        parser.add_argument("--max-prompt-chars", type=int, default=None, help=f"prompt limit in characters (default {cls.max_prompt_chars})")
+        parser.add_argument("--max-requests-per-user", type=int, default=None, help=f"expensive requests in flight per caller (default {cls.max_requests_per_user})")
         serve = ServeConfig()
         parser.add_argument("--max-batch", type=int, default=serve.max_batch, help="rows a model decodes together")
         parser.add_argument("--max-queued", type=int, default=serve.max_queued,

@@ -30,12 +30,18 @@ class Playground:
         from backend.tools import PythonTool, SearchIndex
         self.search = SearchIndex(self.db, web_url=cfg.web_search_url)  # the search tool's index (+ web)
         self.sandbox = PythonTool()  # the Python tool: runs code in backend.tools.sandbox
+        from backend.fairness import Fairness
+        from backend.throttle import LoginThrottle
+        self.throttle = LoginThrottle()  # failed sign-ins per account and per client address
+        self.fairness = Fairness({"generation": cfg.max_requests_per_user, "sandbox": cfg.max_sandbox_runs_per_user})
         self.worker = None  # the training worker process (backend/worker.py); the server itself never trains
         # readiness of the default model: "loading" while it loads in the background, then "ready" or "failed"
         self.model_state = "loading" if cfg.preload else "not preloaded"
 
     def start(self) -> None:
         """Called once when the server starts (after the app is built)."""
+        from backend.labels.exchange import drop_staged
+        drop_staged(self.db)  # demos an import staged but never published (the server died mid-import)
         if self.cfg.start_worker:
             from backend.worker import spawn_worker
             self.worker = spawn_worker(self.cfg)

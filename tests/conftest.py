@@ -135,3 +135,25 @@ def page():
         browser = launch_chromium(p)
         yield browser.new_page()
         browser.close()
+
+
+# ---- the sandbox: tests that need it FAIL where isolation is missing ------------------------------------
+# A skip would keep CI green on a machine whose install forgot bubblewrap (`make install` installs it).
+# Only a machine that truly cannot isolate sets PLAYGROUND_ALLOW_NO_SANDBOX=1, and then they skip.
+NO_SANDBOX_OPT_OUT = "PLAYGROUND_ALLOW_NO_SANDBOX"
+
+
+def require_sandbox() -> None:
+    from backend.tools.sandbox import isolation
+    iso = isolation()
+    if iso["bwrap"]:
+        return
+    if os.environ.get(NO_SANDBOX_OPT_OUT) == "1":
+        pytest.skip(f"no sandbox isolation here ({iso['why']}); {NO_SANDBOX_OPT_OUT}=1 allows skipping")
+    pytest.fail(f"no sandbox isolation here: {iso['why']}. Run `make install` (it installs bubblewrap) or, on a "
+                f"machine that truly cannot isolate, set {NO_SANDBOX_OPT_OUT}=1", pytrace=False)
+
+
+@pytest.fixture
+def sandbox_required():
+    require_sandbox()

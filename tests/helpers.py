@@ -126,3 +126,57 @@ def decode_against_float(model: Transformer, step, steps: int = 8) -> tuple[floa
             agree += int((la.argmax(-1) == lb.argmax(-1)).sum())
             tokens = la.argmax(-1)
     return worst, agree, 2 * steps
+
+
+def gradio_call(base_url: str, api_name: str, data: list, cookies: dict | None = None, headers: dict | None = None,
+                timeout: float = 120) -> tuple[str, object]:
+    """Call a Gradio event handler over HTTP, as a script (or the browser) can: ("complete", outputs) or
+    ("error", message). Gradio's /call API: POST the inputs, then read the event stream."""
+    import json
+
+    import httpx
+    with httpx.Client(base_url=base_url, cookies=cookies, headers=headers, timeout=timeout) as c:
+        r = c.post(f"/gradio_api/call/{api_name}", json={"data": data})
+        r.raise_for_status()
+        event = r.json()["event_id"]
+        kind, payload = None, None
+        with c.stream("GET", f"/gradio_api/call/{api_name}/{event}") as s:
+            for line in s.iter_lines():
+                if line.startswith("event:"):
+                    kind = line.split(":", 1)[1].strip()
+                elif line.startswith("data:") and kind in ("complete", "error"):
+                    raw = line.split(":", 1)[1].strip()
+                    try:
+                        payload = json.loads(raw)
+                    except json.JSONDecodeError:
+                        payload = raw
+                    return kind, payload
+    return kind or "none", payload
+
+
+def gradio_handlers(base_url: str) -> dict[str, list]:
+    """api_name -> the handler's inputs as the page first shows them (each component's initial value)."""
+    import httpx
+    cfg = httpx.get(base_url + "/config", timeout=60).json()
+    values = {c["id"]: c.get("props", {}).get("value") for c in cfg["components"]}
+    return {d["api_name"]: [values.get(i) for i in d["inputs"]] for d in cfg["dependencies"]
+            if d.get("api_name") and d.get("backend_fn")}
+
+
+def add_user(data_dir: Path, name: str, role: str) -> tuple[str, str]:
+    """Create a user in `data_dir`'s database (made and migrated if new); returns (password, API key).
+    Cheap argon2 parameters keep tests fast."""
+    from argon2 import PasswordHasher
+
+    from backend import users
+    from backend.db import Database
+    Path(data_dir).mkdir(parents=True, exist_ok=True)
+    db = Database(f"sqlite:///{Path(data_dir) / 'playground.db'}")
+    db.migrate()
+    users._hasher = PasswordHasher(time_cost=1, memory_cost=1024)
+    try:
+        _, password, key = users.add_user(db, name, role)
+    finally:
+        users._hasher = PasswordHasher()
+        db.close()
+    return password, key

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import open_tab
+from tests.conftest import log_in, open_tab
+from tests.helpers import add_user
 from tests.scripted import register_scripted
 
 playwright_api = pytest.importorskip("playwright.sync_api")
@@ -25,7 +26,9 @@ def server(tmp_path_factory):
     from tests.conftest import start_server
     data = tmp_path_factory.mktemp("chatui") / "data"
     register_scripted(data, "scripted", [THOUGHT, CALL, *ANSWER], CHAIN)
+    password, _ = add_user(data, "lea", "learner")  # the tools need a signed-in user
     s = start_server(data, "--model", "scripted", "--no-worker")
+    s.password = password
     yield s
     s.stop()
 
@@ -33,6 +36,7 @@ def server(tmp_path_factory):
 @pytest.fixture
 def page(server):
     with open_tab(server, "Chat", "#chat-send") as page:
+        log_in(page, "lea", server.password)
         yield page
 
 

@@ -49,9 +49,11 @@ def auth(key: str) -> dict:
 
 
 def required_role(route: APIRoute) -> str | None:
+    """The least role a route needs; None where anonymous callers are let in ("public", and "inference"
+    on a server with open inference, the default)."""
     for dep in route.dependant.dependencies:
-        if getattr(dep.call, "required_role", None):
-            return dep.call.required_role
+        if rule := getattr(dep.call, "required_role", None):
+            return None if rule in ("public", "inference") else rule
         if dep.call is current_user:
             return "learner"
     return None

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from backend.tools.sandbox import CGROUP_PREFIX, CallCgroups, PythonTool, SandboxLimits, SandboxUnavailable, isolation, run_python
+from backend.tools.sandbox import CGROUP_PREFIX, CallCgroups, PythonTool, SandboxLimits, SandboxUnavailable, run_python
 
 LIMITS = SandboxLimits(wall_s=3, cpu_s=1, memory_mb=128, max_procs=16, max_output_bytes=10_000, tmp_mb=8)
 
-pytestmark = pytest.mark.skipif(not isolation()["bwrap"], reason=f"no sandbox isolation here: {isolation()['why']}")
+pytestmark = pytest.mark.usefixtures("sandbox_required")  # fails (not skips) without isolation: tests/conftest.py
 
 
 def cgroup_guards() -> list[str]:

@@ -20,7 +20,9 @@ MSG = [{"role": "user", "content": "sing"}]
 def server(tmp_path_factory):
     data = tmp_path_factory.mktemp("serving") / "data"
     register_rambler(data, "rambler", layers=16)
-    s = start_server(data, "--model", "rambler", "--no-worker", "--max-batch", "4", "--max-queued", "2")
+    # one test plays every client from one address: lift the per-caller limit (backend/fairness.py)
+    s = start_server(data, "--model", "rambler", "--no-worker", "--max-batch", "4", "--max-queued", "2",
+                     "--max-requests-per-user", "100")
     yield s
     s.stop()
 

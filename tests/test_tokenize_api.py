@@ -5,11 +5,15 @@ import httpx
 import pytest
 
 from tests.conftest import start_server
+from tests.helpers import add_user
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    s = start_server(tmp_path_factory.mktemp("tokapi") / "data", "--no-preload", "--no-worker")
+    data = tmp_path_factory.mktemp("tokapi") / "data"
+    _, key = add_user(data, "lea", "learner")  # training a tokenizer needs a signed-in user; tokenizing does not
+    s = start_server(data, "--no-preload", "--no-worker")
+    s.key = key
     yield s
     s.stop()
 
@@ -17,6 +21,12 @@ def server(tmp_path_factory):
 @pytest.fixture(scope="module")
 def client(server):
     with httpx.Client(base_url=server.base_url, timeout=60) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def learner(server):
+    with httpx.Client(base_url=server.base_url, timeout=60, headers={"Authorization": f"Bearer {server.key}"}) as c:
         yield c
 
 
@@ -87,21 +97,21 @@ def test_bpe_steps_show_the_first_merges(client):
     assert r.status_code == 422 and "nope" in r.json()["detail"]
 
 
-def test_bpe_train_registers_an_encoding_usable_at_once(client):
-    r = client.post("/api/bpe/train", json={"corpus": "python-docs", "max_chars": 100_000, "vocab_size": 512,
+def test_bpe_train_registers_an_encoding_usable_at_once(client, learner):
+    r = learner.post("/api/bpe/train", json={"corpus": "python-docs", "max_chars": 100_000, "vocab_size": 512,
                                             "name": "api-bpe"})
     assert r.status_code == 200, r.text
     assert r.json()["merges"] == 256
     assert "api-bpe" in client.get("/api/encodings").json()["encodings"]
     body = client.post("/api/tokenize", json={"text": "def function(self):", "encoding": "api-bpe"}).json()
     assert 0 < body["count"] < len("def function(self):")
-    again = client.post("/api/bpe/train", json={"corpus": "python-docs", "max_chars": 10_000, "vocab_size": 300,
+    again = learner.post("/api/bpe/train", json={"corpus": "python-docs", "max_chars": 10_000, "vocab_size": 300,
                                                 "name": "api-bpe"})
     assert again.status_code == 422 and "already exists" in again.json()["detail"]
 
 
-def test_bpe_curve(client):
-    body = client.post("/api/bpe/curve", json={"corpus": "python-docs", "max_chars": 100_000, "vocab_size": 1024}).json()
+def test_bpe_curve(learner):
+    body = learner.post("/api/bpe/curve", json={"corpus": "python-docs", "max_chars": 100_000, "vocab_size": 1024}).json()
     values = [p["tokens_per_1000_chars"] for p in body["curve"]]
     assert body["curve"][0]["vocab_size"] == 256 and body["curve"][-1]["vocab_size"] == 1024
     assert values == sorted(values, reverse=True)

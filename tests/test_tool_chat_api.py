@@ -7,6 +7,7 @@ import openai
 import pytest
 
 from tests.conftest import start_server
+from tests.helpers import add_user
 from tests.scripted import register_scripted
 
 THOUGHT = "I do not know this; search."
@@ -20,14 +21,16 @@ CHAIN = {"\n": "<think>", "<think>": THOUGHT, THOUGHT: "</think>", "</think>": "
 def server(tmp_path_factory):
     data = tmp_path_factory.mktemp("toolapi") / "data"
     register_scripted(data, "scripted", [THOUGHT, CALL, ANSWER], CHAIN)
+    _, key = add_user(data, "lea", "learner")  # tools need a signed-in user (backend/auth.py)
     s = start_server(data, "--model", "scripted", "--no-worker")
+    s.key = key
     yield s
     s.stop()
 
 
 @pytest.fixture
 def client(server):
-    return openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    return openai.OpenAI(base_url=server.base_url + "/v1", api_key=server.key, max_retries=0, timeout=120)
 
 
 MSGS = [{"role": "user", "content": "What is FineWeb?"}]

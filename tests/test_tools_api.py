@@ -14,12 +14,11 @@ from fastapi.routing import APIRoute
 from backend import users
 from backend.api import tools as tools_api
 from backend.db import Database
-from backend.tools.sandbox import isolation
 from tests.conftest import free_port, start_server
 from tests.test_labels_api import ROLES, auth, make_users, required_role
 
 ROUTES = [(m, r.path, required_role(r)) for r in tools_api.router.routes if isinstance(r, APIRoute) for m in sorted(r.methods)]
-needs_sandbox = pytest.mark.skipif(not isolation()["bwrap"], reason=f"no sandbox isolation here: {isolation()['why']}")
+needs_sandbox = pytest.mark.usefixtures("sandbox_required")  # fails (not skips) without isolation
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,8 @@ from importlib import import_module
 
 import gradio as gr
 
+from ui.login import public
+
 # (module under ui, tab label) in the order a learner meets them.
 TABS: list[tuple[str, str]] = [
     ("tokenizer", "Tokenizer"),  # first: learners start here (issue 3)
@@ -19,7 +21,8 @@ TABS: list[tuple[str, str]] = [
     ("models", "Models"),  # the registry: served (remote) models for admins, export for operators (issue 14)
 ]
 # Which tabs need an account, said in the header before anyone clicks (the handlers check it regardless).
-ACCOUNT_NOTE = ("No account needed: **Tokenizer · Generate · Chat**. Sign in for **Training** (operators start runs), "
+ACCOUNT_NOTE = ("No account needed: **Tokenizer · Generate · Chat** (training a BPE and chat tools need one). Sign in for "
+                "**Training** (operators start runs), "
                 "**Labeling** (annotators rank, write and review; operators run sets), **Arena** and **Practice** (any "
                 "account); **Models** lists every model (admins add served ones, operators export).")
 
@@ -34,7 +37,8 @@ def build_ui(pg) -> gr.Blocks:
                         elem_id="pg-title")
             with gr.Column(scale=1, min_width=360):
                 build_login()  # one sign-in for every tab, with the role once signed in
-                gr.Markdown(ACCOUNT_NOTE, elem_id="pg-account-note")
+                gr.Markdown(ACCOUNT_NOTE if pg.cfg.open_inference else "This server lets only signed-in users use any "
+                            "tab; the roles are as follows. " + ACCOUNT_NOTE.split(". ", 1)[1], elem_id="pg-account-note")
         model_status(pg)
         bar = tour.build_bar()
         handles: dict[str, dict] = {}
@@ -49,6 +53,7 @@ def build_ui(pg) -> gr.Blocks:
         gated = [pair for h in handles.values() for pair in h.pop("_roles", [])]
         auth_changed = gr.Button("auth changed", visible="hidden", elem_id="pg-auth-refresh")
 
+        @public  # shows or hides views by the caller's own role; the handlers behind them check it again
         def role_views(request: gr.Request):
             from backend.auth import user_from_request
             user = user_from_request(pg, request.headers, request.cookies) if request is not None else None
@@ -70,4 +75,4 @@ def model_status(pg) -> None:
     first = show()
     status = gr.Markdown(first["value"], visible=first["visible"], elem_id="model-status")
     timer = gr.Timer(2.0, active=not pg.ready)
-    timer.tick(lambda: (show(), gr.Timer(active=not pg.ready)), outputs=[status, timer], show_progress="hidden")
+    timer.tick(public(lambda: (show(), gr.Timer(active=not pg.ready))), outputs=[status, timer], show_progress="hidden")

@@ -14,7 +14,7 @@ from backend.arena.ratings import MIN_BATTLES
 from backend.engine import aiterate
 from ui.chat import _md
 from ui.fields import RUNNING, parse_seed, penalty_values, repetition_controls, wire_stop
-from ui.login import request_user
+from ui.login import door, public, request_user
 
 INTRO = ("**Comparing models the way LM Arena does.** Two models, drawn at random, answer your prompt; you see "
          "only \"Model A\" and \"Model B\". Vote for the better answer (or a tie, or both bad) and the names are "
@@ -88,14 +88,15 @@ def build(pg) -> None:
                 f"in all the votes; the 95% interval is how far it moves when the votes are resampled, and the rank is "
                 f"1 + the models whose interval lies entirely above it (overlapping intervals share a rank). Ranks and "
                 f"intervals appear once a model has {MIN_BATTLES} battles.", elem_id="arena-board-help")
-    board = gr.Dataframe(lambda: board_rows(arena.leaderboard(pg.db)), headers=BOARD_HEADERS, interactive=False, elem_id="arena-leaderboard")
+    board = gr.Dataframe(public(lambda: board_rows(arena.leaderboard(pg.db))), headers=BOARD_HEADERS, interactive=False, elem_id="arena-leaderboard")
     gr.Markdown("Win rate of the row model against the column model (ties count half), and how many battles.")
-    matrix = gr.Dataframe(lambda: matrix_value(arena.leaderboard(pg.db, bootstrap=0)), interactive=False, elem_id="arena-winrate")
+    matrix = gr.Dataframe(public(lambda: matrix_value(arena.leaderboard(pg.db, bootstrap=0))), interactive=False, elem_id="arena-winrate")
     show = gr.Button("↻ Refresh leaderboard", size="sm", elem_id="arena-refresh")
 
     def locked(v=False):
         return [gr.update(interactive=v) for _ in buttons]
 
+    @door(pg, "learner")
     async def on_battle(text, models, temperature_, max_tokens_, seed_, freq_, pres_, rep_, request: gr.Request):
         user = request_user(pg, request, "learner")
         try:
@@ -145,6 +146,7 @@ def build(pg) -> None:
         return reveal, *locked(), *tables(pg)
 
     def voter(winner):
+        @door(pg, "learner")
         def handler(bid, request: gr.Request):
             return on_vote(winner, bid, request)
         return handler
@@ -157,7 +159,7 @@ def build(pg) -> None:
     wire_stop(halt, [battled, submitted], status, STOPPED)
     for (winner, _), button in zip(VOTES, buttons):
         button.click(voter(winner), [battle_id], [status, *buttons, board, matrix])
-    sample.change(lambda s: s or gr.skip(), [sample], [prompt])
-    show.click(lambda: tables(pg), None, [board, matrix])
-    refresh.click(lambda: gr.update(choices=cs.chat_models(pg.registry)), None, draw)
+    sample.change(public(lambda s: s or gr.skip()), [sample], [prompt])
+    show.click(public(lambda: tables(pg)), None, [board, matrix])
+    refresh.click(public(lambda: gr.update(choices=cs.chat_models(pg.registry))), None, draw)
     return {"sample": sample}  # what the Start-here tour sets (ui.tour)

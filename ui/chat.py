@@ -10,11 +10,12 @@ import threading
 import gradio as gr
 
 from backend import chat_service as cs
+from backend.auth import AccessDenied, check
 from backend.engine import aiterate
 from backend.sampling import SamplingParams
 from backend.tokenizer_explorer import CSS as TOKENS_CSS, render_tokens_html, tokens_from_ids
 from ui.fields import RUNNING, penalty_values, repetition_controls, wire_stop
-from ui.login import request_user
+from ui.login import door, public, request_user
 
 INTRO = ("Chat with any registered chat model. Tool calls and their outputs appear as collapsible steps, thinking "
          "as a collapsible block apart from the answer. No model here has been tuned to call tools yet (the SFT "
@@ -184,10 +185,17 @@ def build(pg) -> None:
         return SamplingParams(temperature=float(temperature), top_p=float(top_p), max_tokens=int(max_tokens),
                               seed=int(seed) if seed else None, **penalty_values(freq, pres, rep)).validate()
 
-    async def respond(conv_now, name, system_text, tool_names, calls, temperature, top_p, max_tokens_, seed_, freq_, pres_, rep_, prefix="",
-                      lead_in=""):
+    async def respond(conv_now, name, system_text, tool_names, calls, temperature, top_p, max_tokens_, seed_, freq_, pres_,
+                      rep_, prefix="", lead_in="", request=None):
         """Stream one assistant turn after conv_now (ending with a user message)."""
         shown, idx = display(conv_now)
+        if tool_names or prefix:  # tools run code and read the documents: a signed-in learner (backend.auth)
+            try:
+                check(pg, "learner", request)
+            except AccessDenied as e:
+                why = "log in (top of this tab)" if e.status == 401 else e.message
+                yield shown, conv_now, idx, f"⚠ Tools need a signed-in user: {why}, or untick the tools.", gr.skip()
+                return
         try:
             p = params_of(temperature, top_p, max_tokens_, seed_, freq_, pres_, rep_)
             if not name:
@@ -230,16 +238,21 @@ def build(pg) -> None:
     outs = [bot, conv, where, status, tokens]
     common = [model, system, tools, max_calls, temperature, top_p, max_tokens, seed, *penalties]
 
-    async def on_send(text, conv_now, *rest):
+    @door(pg, "inference")
+    async def on_send(text, conv_now, name, system_text, tool_names, calls, temperature, top_p, max_tokens_, seed_, freq_, pres_, rep_,
+                      request: gr.Request):
         if not (text or "").strip():
             shown, idx = display(conv_now)
             yield shown, conv_now, idx, "Write a message first.", gr.skip(), text
             return
         c = conv_now + [{"role": "user", "content": text}]
-        async for out in respond(c, *rest):
+        async for out in respond(c, name, system_text, tool_names, calls, temperature, top_p, max_tokens_, seed_, freq_, pres_, rep_,
+                                 request=request):
             yield (*out, "")
 
-    async def on_regenerate(conv_now, *rest):
+    @door(pg, "inference")
+    async def on_regenerate(conv_now, name, system_text, tool_names, calls, temperature, top_p, max_tokens_, seed_, freq_, pres_, rep_,
+                            request: gr.Request):
         c = list(conv_now)
         while c and c[-1]["role"] == "assistant":
             c.pop()
@@ -247,10 +260,13 @@ def build(pg) -> None:
             shown, idx = display(conv_now)
             yield shown, conv_now, idx, "Nothing to regenerate.", gr.skip()
             return
-        async for out in respond(c, *rest):
+        async for out in respond(c, name, system_text, tool_names, calls, temperature, top_p, max_tokens_, seed_, freq_, pres_, rep_,
+                                 request=request):
             yield out
 
-    async def on_run_code(conv_now, name, system_text, tool_names, *rest):
+    @door(pg, "inference")
+    async def on_run_code(conv_now, name, system_text, tool_names, calls, temperature, top_p, max_tokens_, seed_, freq_, pres_, rep_,
+                          request: gr.Request):
         code = cs.last_code_block(conv_now[-1]["content"]) if conv_now and conv_now[-1]["role"] == "assistant" else None
         if code is None:
             shown, idx = display(conv_now)
@@ -258,12 +274,13 @@ def build(pg) -> None:
             return
         c = conv_now[:-1]
         tools_now = sorted(set(tool_names or []) | {"python"})
-        async for out in respond(c, name, system_text, tools_now, *rest, prefix=cs.python_call(code),
-                                 lead_in=cs.PYTHON_LEAD_IN):
+        async for out in respond(c, name, system_text, tools_now, calls, temperature, top_p, max_tokens_, seed_, freq_, pres_, rep_,
+                                 prefix=cs.python_call(code), lead_in=cs.PYTHON_LEAD_IN, request=request):
             yield out
 
-    async def on_edit(conv_now, idx, name, system_text, tool_names, calls, temperature, top_p, max_tokens_, seed_, freq_, pres_, rep_,
-                      ev: gr.EditData):
+    @door(pg, "inference")
+    async def on_edit(conv_now, idx, name, system_text, tool_names, calls, temperature, top_p, max_tokens_, seed_, freq_,
+                      pres_, rep_, ev: gr.EditData, request: gr.Request):
         rest = (name, system_text, tool_names, calls, temperature, top_p, max_tokens_, seed_, freq_, pres_, rep_)
         i = idx[ev.index] if isinstance(ev.index, int) and ev.index < len(idx) else None
         if i is None or conv_now[i]["role"] != "user":
@@ -271,9 +288,10 @@ def build(pg) -> None:
             yield shown, conv_now, w, "Only your own messages can be edited.", gr.skip()
             return
         c = conv_now[:i] + [{"role": "user", "content": ev.value if isinstance(ev.value, str) else str(ev.value)}]
-        async for out in respond(c, *rest):
+        async for out in respond(c, *rest, request=request):
             yield out
 
+    @public
     def on_demo(title):
         d = cs.DEMO_BY_TITLE.get(title)
         if d is None:
@@ -281,7 +299,9 @@ def build(pg) -> None:
         return (f"**What to notice.** {d.note}", d.system, cs.SYSTEM_PRESETS[d.system], d.tools, d.temperature,
                 d.max_tokens, d.user, d.repetition_penalty)
 
-    async def on_run_demo(title, name, system_text, tool_names, calls, temperature, top_p, max_tokens_, seed_, freq_, pres_, rep_):
+    @door(pg, "inference")
+    async def on_run_demo(title, name, system_text, tool_names, calls, temperature, top_p, max_tokens_, seed_, freq_, pres_,
+                          rep_, request: gr.Request):
         d = cs.DEMO_BY_TITLE.get(title)
         if d is None:
             yield [], [], [], "Pick a preset first.", gr.skip(), gr.skip()
@@ -293,8 +313,8 @@ def build(pg) -> None:
             text = await asyncio.to_thread(sample_text, name, system_text, c, temperature, top_p, max_tokens_, seed_, freq_, pres_, rep_, d.samples)
             yield shown, c, idx, "done", gr.skip(), text
             return
-        async for out in respond(c, name, system_text, tool_names, calls, temperature, top_p, max_tokens_, seed_, freq_, pres_, rep_,
-                                 prefix=d.prefix, lead_in=d.lead_in):
+        async for out in respond(c, name, system_text, tool_names, calls, temperature, top_p, max_tokens_, seed_, freq_, pres_,
+                                 rep_, prefix=d.prefix, lead_in=d.lead_in, request=request):
             yield (*out, "")
 
     def sample_text(name, system_text, c, temperature, top_p, max_tokens_, seed_, freq_, pres_, rep_, n) -> str:
@@ -305,6 +325,7 @@ def build(pg) -> None:
         return "**The same question, sampled {} times:**\n\n".format(n) + "\n\n".join(
             f"{i + 1}. {_md(a.strip()) or '(empty)'}" for i, a in enumerate(answers))
 
+    @door(pg, "inference")
     async def on_sample(conv_now, name, system_text, temperature, top_p, max_tokens_, seed_, freq_, pres_, rep_):
         c = list(conv_now)
         while c and c[-1]["role"] == "assistant":
@@ -313,6 +334,7 @@ def build(pg) -> None:
             return "Send a message first; this samples the answer to the last one 5 times."
         return await asyncio.to_thread(sample_text, name, system_text, c, temperature, top_p, max_tokens_, seed_, freq_, pres_, rep_, 5)
 
+    @door(pg, "annotator")
     def on_demo_send(conv_now, system_text, request: gr.Request):
         try:
             user = request_user(pg, request, "annotator")
@@ -321,6 +343,7 @@ def build(pg) -> None:
             return f"⚠ {html.escape(str(e))}"
         return f"Saved as SFT demo #{d['demo_id']} (draft). Open it under Labeling → Write demos → My demonstrations."
 
+    @door(pg, "operator")
     def on_rank_send(conv_now, name, system_text, temperature, request: gr.Request):
         try:
             user = request_user(pg, request, "operator")
@@ -338,11 +361,11 @@ def build(pg) -> None:
     demoed = run_demo.click(on_run_demo, [demo, *common], [*outs, samples])
     wire_stop(halt, [sent, submitted, regenerated, retried, ran, edited, demoed], status, STOPPED)
     demo.change(on_demo, [demo], [demo_note, preset, system, tools, temperature, max_tokens, user_in, penalties[2]])
-    preset.input(lambda k: cs.SYSTEM_PRESETS[k], [preset], [system])
-    clear.click(lambda: ([], [], [], "", "", ""), None, [bot, conv, where, status, samples, tokens])
+    preset.input(public(lambda k: cs.SYSTEM_PRESETS[k]), [preset], [system])
+    clear.click(public(lambda: ([], [], [], "", "", "")), None, [bot, conv, where, status, samples, tokens])
     sample5.click(on_sample, [conv, model, system, temperature, top_p, max_tokens, seed, *penalties], [samples])
-    show_tokens.click(lambda m, s, c: tokens_html(pg, m, s, c), [model, system, conv], [tokens])
+    show_tokens.click(public(lambda m, s, c: tokens_html(pg, m, s, c)), [model, system, conv], [tokens])
     to_demo.click(on_demo_send, [conv, system], [label_info])
     to_rank.click(on_rank_send, [conv, model, system, temperature], [label_info])
-    refresh.click(lambda: gr.update(choices=cs.chat_models(pg.registry)), None, model)
+    refresh.click(public(lambda: gr.update(choices=cs.chat_models(pg.registry))), None, model)
     return {"preset": demo}  # what the Start-here tour sets (ui.tour)

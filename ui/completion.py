@@ -23,6 +23,7 @@ from backend.engine import aiterate
 from backend.presets_completion import BASE_MODEL_NOTE, get_preset, presets
 from backend.sampling import SamplingParams
 from ui.fields import RUNNING, penalty_values, repetition_controls, wire_stop
+from ui.login import door, public
 
 EXAMPLE = "The three most useful things to know about transformers are"
 STREAM_EVERY_S = 0.08   # re-render the token view at most this often while streaming
@@ -249,6 +250,8 @@ def build(pg) -> None:
     gr.Markdown("**Inference is sampling.** The model gives a probability to every token of its vocabulary; one is "
                 "picked by a (biased) coin flip, appended, and the loop repeats. Generate, then click any token to see "
                 "what else it could have said. " + BASE_MODEL_NOTE)
+    if not pg.cfg.open_inference:  # this server lets only signed-in users generate
+        gr.Markdown("This server lets only signed-in users generate: sign in at the top of the page.")
     with gr.Row():
         model = gr.Dropdown(_model_choices(pg), value=default, label="Model", scale=3, elem_id="gen-model")
         mode = gr.Radio(["completion", "chat"], value="completion", label="Prompt as", scale=2,
@@ -328,6 +331,7 @@ def build(pg) -> None:
                f"done · {engine.name} · {len(st['tokens'])} tokens · stopped by {finish}"
                + (f" · seed {st['seed']}" if st.get("seed") is not None else ""), st)
 
+    @door(pg, "inference")
     async def generate(name, mode, text, temperature, top_p, top_k, max_tokens, seed, stop, freq, pres, rep_,
                        streaming):
         try:
@@ -348,6 +352,7 @@ def build(pg) -> None:
         except ValueError as e:
             yield tokens_html(st), gr.skip(), gr.skip(), _err(e), st
 
+    @public
     def select_token(st, evt: gr.EventData):
         st = dict(st or {})
         i = getattr(evt, "_data", {}) or {}
@@ -357,6 +362,7 @@ def build(pg) -> None:
         st["selected"] = i
         return tokens_html(st), alternatives_html(st), st
 
+    @door(pg, "inference")
     async def branch(st, temperature, top_p, top_k, max_tokens, seed, stop, freq, pres, rep_, streaming,
                      evt: gr.EventData):
         data = getattr(evt, "_data", {}) or {}
@@ -386,6 +392,7 @@ def build(pg) -> None:
         except ValueError as e:
             yield tokens_html(st), gr.skip(), gr.skip(), _err(e), st
 
+    @door(pg, "inference")
     async def step(st, name, mode, text, temperature, top_p, top_k, seed):
         try:
             engine = await _engine(name)
@@ -407,6 +414,7 @@ def build(pg) -> None:
         return (tokens_html(st), alternatives_html(st), distribution_html(out), text_out,
                 f"step {len(st['tokens'])} · picked {html.escape(_visible(out['token']['text']))} · {engine.name}", st)
 
+    @door(pg, "inference")
     async def score(name, text):
         try:
             engine = await _engine(name)
@@ -414,6 +422,7 @@ def build(pg) -> None:
         except (ValueError, ImportError) as e:
             return f"<div>{_err(e)}</div>"
 
+    @door(pg, "inference")
     async def regurgitate(name, n, tokens, temp, reg_prompt_text):
         if not name:
             return "<div>⚠ pick a model pretrained here (train one in the Training tab, then ↻)</div>"
@@ -426,6 +435,7 @@ def build(pg) -> None:
             return f"<div>{_err(e)}</div>"
         return regurgitation_html(report)
 
+    @public
     def apply_preset(name):
         if not name:
             return (gr.skip(),) * 8
@@ -439,8 +449,8 @@ def build(pg) -> None:
     events = [
         run.click(generate, gen_inputs, gen_outputs),
         prompt.submit(generate, gen_inputs, gen_outputs),
-        resample.click(lambda: str(svc.new_seed()), None, seed).then(generate, gen_inputs, gen_outputs),
-        greedy.click(lambda: 0, None, temperature).then(generate, gen_inputs, gen_outputs),
+        resample.click(public(lambda: str(svc.new_seed())), None, seed).then(generate, gen_inputs, gen_outputs),
+        greedy.click(public(lambda: 0), None, temperature).then(generate, gen_inputs, gen_outputs),
         alts.click(branch, [state, *knobs, stream], gen_outputs),
     ]
     wire_stop(halt, events, status, STOPPED)
@@ -451,6 +461,7 @@ def build(pg) -> None:
     score_btn.click(score, [model, score_text], score_view)
     reg_btn.click(regurgitate, [reg_model, reg_samples, reg_tokens, reg_temp, reg_prompt], reg_view)
 
+    @public
     def refresh_models():
         return gr.update(choices=_model_choices(pg)), gr.update(choices=_pretrained(pg))
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import gradio as gr
 
+from ui.login import public
+
 RUNNING = "⏳"  # a status line that starts with this says a run is going (see wire_stop)
 
 
@@ -20,10 +22,10 @@ def wire_stop(halt: gr.Button, runs: list, status: gr.components.Component, stop
     once a cancelled run is over (it counts as failed), puts `stopped` on the status line if that still said
     the run was going, not over an error such as a missing login."""
     # "stopped" shows the moment Stop is pressed (the cancelled run's end may come a token later).
-    halt.click(lambda s: stopped if (s or "").startswith(RUNNING) else gr.skip(), [status], [status], cancels=runs,
+    halt.click(public(lambda s: stopped if (s or "").startswith(RUNNING) else gr.skip()), [status], [status], cancels=runs,
                show_progress="hidden")
     for run in runs:
-        run.failure(lambda s: stopped if (s or "").startswith(RUNNING) else gr.skip(), [status], [status])
+        run.failure(public(lambda s: stopped if (s or "").startswith(RUNNING) else gr.skip()), [status], [status])
 
 
 def repetition_controls(prefix: str) -> list[gr.Slider]:

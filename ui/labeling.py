@@ -12,7 +12,7 @@ import gradio as gr
 from backend.labels import agreement, exchange, guidelines, progress, rankings, review, sft, snapshots
 from backend.labels.candidates import EXAMPLE_PROMPTS
 from backend.labels.messages import flatten
-from ui.login import request_user
+from ui.login import door, public, request_user
 from ui.ranking_widget import build_ranking_widget
 
 
@@ -56,7 +56,7 @@ def build_sft(pg) -> None:
     gr.Markdown("Write the ideal assistant reply. **Draft with model** gives you a first version to fix; "
                 "the record keeps what the model wrote. Submit keeps every version; Save draft lets you come back.")
     with gr.Accordion("Guidelines", open=False):
-        gr.Markdown(lambda: guidelines.get_guidelines(pg.db))
+        gr.Markdown(public(lambda: guidelines.get_guidelines(pg.db)))
     state = gr.State({"demo_id": None, "prompt_id": None})
     with gr.Row():
         load_btn = gr.Button("Next prompt")
@@ -141,6 +141,7 @@ def build_sft(pg) -> None:
                   f"{payload.get('versions', 0)} submitted version(s). {note}")
         return [*render(payload["messages"]), st, status]
 
+    @door(pg, "annotator")
     @_errors_to_gr
     def load_next(st, request: gr.Request):
         user = request_user(pg, request, "annotator")
@@ -159,12 +160,15 @@ def build_sft(pg) -> None:
             return [gr.skip()] * (len(shown) - 1) + [f"⚠ Not {'submitted' if submit else 'saved'}: {e}"]
         return show(out, "Submitted." if submit else "Draft saved.")
 
+    @door(pg, "annotator")
     def save_draft(text, reply, thinking, tool_rows, st, request: gr.Request):
         return save(text, reply, thinking, tool_rows, st, False, request)
 
+    @door(pg, "annotator")
     def submit(text, reply, thinking, tool_rows, st, request: gr.Request):
         return save(text, reply, thinking, tool_rows, st, True, request)
 
+    @door(pg, "annotator")
     @_errors_to_gr
     def skip(st, request: gr.Request):
         user = request_user(pg, request, "annotator")
@@ -173,6 +177,7 @@ def build_sft(pg) -> None:
         sft.skip(pg.db, user, st["prompt_id"])
         return load_next({}, request)
 
+    @door(pg, "annotator")
     @_errors_to_gr
     def draft(text, model_name, temperature, request: gr.Request):
         request_user(pg, request, "annotator")
@@ -181,6 +186,7 @@ def build_sft(pg) -> None:
             msgs = msgs[:-1]  # drafting again replaces the turn being written
         return render(sft.draft_with_model(getattr(pg, "engines", None), model_name, msgs, temperature))
 
+    @public
     @_errors_to_gr
     def append_user(text, reply, thinking, tool_rows, turn):
         if not turn.strip():
@@ -192,12 +198,14 @@ def build_sft(pg) -> None:
         msgs += [{"role": "user", "content": turn}, {"role": "assistant", "content": ""}]
         return [*render(msgs), ""]
 
+    @door(pg, "annotator")
     @_errors_to_gr
     def list_mine(request: gr.Request):
         user = request_user(pg, request, "annotator")
         rows = sft.list_mine(pg.db, user)
         return gr.update(choices=[(f"#{d['demo_id']} [{d['status']}] {d['first_user_turn'][:60]}", d["demo_id"]) for d in rows])
 
+    @door(pg, "annotator")
     @_errors_to_gr
     def open_demo(demo_id, st, request: gr.Request):
         if demo_id is None:
@@ -205,6 +213,7 @@ def build_sft(pg) -> None:
         user = request_user(pg, request, "annotator")
         return show(sft.get(pg.db, user, int(demo_id)))
 
+    @public
     def sync_preview(text):
         try:
             msgs = json.loads(text or "[]")
@@ -246,6 +255,7 @@ def build_operator(pg) -> None:
     sft_btn = gr.Button("Queue for demonstrations")
     sft_out = gr.Markdown()
 
+    @door(pg, "operator")
     @_errors_to_gr
     def queue_sft(text, system, request: gr.Request):
         user = request_user(pg, request, "operator")
@@ -279,6 +289,7 @@ def build_operator(pg) -> None:
     imp_btn = gr.Button("Import")
     io_out = gr.Markdown(elem_id="op-io")
 
+    @door(pg, "operator")
     @_errors_to_gr
     def create_set(name, model, prompts, examples, k, temp, per_item, upload, request: gr.Request):
         user = request_user(pg, request, "operator")
@@ -293,6 +304,7 @@ def build_operator(pg) -> None:
                 f"`{made['model']}`, {made['annotators_per_item']} annotator(s) per item. Annotators find it under **Rank**.",
                 gr.update(choices=_set_choices(pg), value=made["id"]))
 
+    @door(pg, "operator")
     @_errors_to_gr
     def show_progress(set_id, request: gr.Request):
         request_user(pg, request, "operator")
@@ -307,6 +319,7 @@ def build_operator(pg) -> None:
                 gr.update(value=[[p["items"], p["items_done"], p["rankings_needed"]]],
                           headers=["items", "items done", "rankings needed"]))
 
+    @door(pg, "operator")
     @_errors_to_gr
     def show_agreement(set_id, method, request: gr.Request):
         request_user(pg, request, "operator")
@@ -321,6 +334,7 @@ def build_operator(pg) -> None:
         return (text, gr.update(value=people, headers=["annotator", "items", "tau vs consensus"]),
                 gr.update(value=items, headers=["item", "prompt", "annotators", "mean pairwise tau", "consensus (candidate ids)"]))
 
+    @door(pg, "operator")
     @_errors_to_gr
     def do_export(kind, set_id, request: gr.Request):
         request_user(pg, request, "operator")
@@ -330,6 +344,7 @@ def build_operator(pg) -> None:
         f.close()
         return f.name
 
+    @door(pg, "operator")
     @_errors_to_gr
     def do_snapshot(kind, set_id, request: gr.Request):
         user = request_user(pg, request, "operator")
@@ -338,6 +353,7 @@ def build_operator(pg) -> None:
         return (f"Snapshot **{snap['name']}** ({snap['kind']}, {snap['rows']} rows), hash `{snap['hash'][:16]}…`: pick it "
                 "as the training data of a job on the Training tab.")
 
+    @door(pg, "operator")
     @_errors_to_gr
     def do_import(kind, path, request: gr.Request):
         user = request_user(pg, request, "operator")
@@ -351,7 +367,7 @@ def build_operator(pg) -> None:
             f" into set(s) {', '.join(map(str, out['set_ids']))}." if out.get("set_ids") else ".")
 
     create.click(create_set, [name, model, prompts, examples, k, temp, per_item, upload], [created, set_id])
-    sets_refresh.click(lambda: gr.update(choices=_set_choices(pg)), None, set_id)
+    sets_refresh.click(door(pg, "operator")(lambda: gr.update(choices=_set_choices(pg))), None, set_id)
     prog_btn.click(show_progress, [set_id], [summary, table, items_table])
     agree_btn.click(show_agreement, [set_id, method], [summary, table, items_table])
     export_btn.click(do_export, [kind, set_id], [exported])
@@ -389,6 +405,7 @@ def build_review(pg) -> None:
         return (d, f"**Demo {d['demo_id']}** by {d['author']} ({d['versions']} version(s)). **The user asks:**\n\n{quoted}",
                 reply_text, "", counted())
 
+    @door(pg, "annotator")
     @_errors_to_gr
     def load(request: gr.Request):
         return show(review.next_for_review(pg.db, request_user(pg, request, "annotator")))
@@ -410,9 +427,11 @@ def build_review(pg) -> None:
 
     outs = [shown, asked, reply, note, counts]
     nxt.click(load, None, outs)
+    @door(pg, "annotator")
     def do_accept(d, text, why, request: gr.Request):
         return decide("accept", d, text, why, request)
 
+    @door(pg, "annotator")
     def do_reject(d, text, why, request: gr.Request):
         return decide("reject", d, text, why, request)
 
@@ -421,11 +440,12 @@ def build_review(pg) -> None:
 
 
 def build_guidelines(pg) -> None:
-    text = gr.Markdown(lambda: guidelines.get_guidelines(pg.db))
+    text = gr.Markdown(public(lambda: guidelines.get_guidelines(pg.db)))
     with gr.Accordion("Edit (admins)", open=False):
-        editor = gr.Textbox(lines=16, label="Markdown", value=lambda: guidelines.get_guidelines(pg.db))
+        editor = gr.Textbox(lines=16, label="Markdown", value=public(lambda: guidelines.get_guidelines(pg.db)))
         save = gr.Button("Save guidelines")
 
+    @door(pg, "admin")
     @_errors_to_gr
     def do_save(new, request: gr.Request):
         user = request_user(pg, request, "admin")
@@ -449,6 +469,7 @@ def build_admin(pg) -> None:
     table = gr.Dataframe(headers=USER_COLUMNS, interactive=False, label="Users", elem_id="admin-users")
     refresh = gr.Button("List users", size="sm")
 
+    @door(pg, "admin")
     @_errors_to_gr
     def do_add(name, role, request: gr.Request):
         request_user(pg, request, "admin")
@@ -456,6 +477,7 @@ def build_admin(pg) -> None:
         return (f"Added **{u.name}** ({u.role}). Shown once, pass them on now: password `{password}` · API key "
                 f"`{api_key}`", _user_rows(users.list_users(pg.db)))
 
+    @door(pg, "admin")
     @_errors_to_gr
     def do_disable(name, request: gr.Request):
         me = request_user(pg, request, "admin")
@@ -464,6 +486,7 @@ def build_admin(pg) -> None:
         users.set_active(pg.db, name.strip(), False)
         return _user_rows(users.list_users(pg.db))
 
+    @door(pg, "admin")
     @_errors_to_gr
     def do_list(request: gr.Request):
         request_user(pg, request, "admin")

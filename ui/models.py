@@ -5,7 +5,7 @@ from __future__ import annotations
 import gradio as gr
 import pandas as pd
 
-from ui.login import request_user
+from ui.login import door, public, request_user
 
 COLUMNS = ["name", "kind", "chat", "context", "where", "description"]
 
@@ -51,9 +51,11 @@ def build(pg) -> None:
             remove = gr.Button("Remove (admins)", variant="stop", elem_id="models-remove")
     status = gr.Markdown(elem_id="models-status")
 
+    @public
     def refreshed():
         return _table(pg), gr.update(choices=pg.registry.names())
 
+    @door(pg, "admin")
     def on_add(n, url, rm, env, tok, is_chat, ask, request: gr.Request):
         request_user(pg, request, "admin")
         try:
@@ -65,6 +67,7 @@ def build(pg) -> None:
         return (*refreshed(), f"Added **{spec.name}**: `{spec.remote['model']}` at {spec.remote['base_url']} "
                               f"(context {spec.context_length}).")
 
+    @door(pg, "admin")
     def on_remove(n, request: gr.Request):
         request_user(pg, request, "admin")
         try:
@@ -74,6 +77,7 @@ def build(pg) -> None:
         pg.engines.unload(n)
         return (*refreshed(), f"Removed **{n}**.")
 
+    @door(pg, "operator")
     def on_export(n, f, r, request: gr.Request):
         request_user(pg, request, "operator")
         try:

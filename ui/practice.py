@@ -14,7 +14,7 @@ import pandas as pd
 from backend import chat_service as cs
 from backend import practice as svc
 from ui.fields import RUNNING, parse_seed, penalty_values, repetition_controls, wire_stop
-from ui.login import request_user
+from ui.login import door, public, request_user
 
 INTRO = ("**Practice problems with a known answer.** Pick a model and a problem (a generated one, or type your own "
          "with its exact answer), and sample N solutions at a temperature. Each solution is graded by the rule the "
@@ -140,6 +140,7 @@ def build(pg) -> None:
                                   parse_seed(seed_), template_, None if rm_ == NO_RM else rm_, bool(lenient_),
                                   **penalty_values(freq_, pres_, rep_))
 
+    @public
     def on_new(kind_, scale_):
         p = svc.generated_problem(kind_, random.randrange(10 ** 6), scale_)
         return p.question, p.answer
@@ -158,6 +159,7 @@ def build(pg) -> None:
         finally:
             cancel.set()
 
+    @door(pg, "learner")
     async def on_sample(model_, question_, answer_, n_, temperature_, max_tokens_, seed_, template_, rm_,
                         lenient_, freq_, pres_, rep_, request: gr.Request):
         user = request_user(pg, request, "learner")  # noqa: F841 - the login is the guard
@@ -174,6 +176,7 @@ def build(pg) -> None:
             return
         yield summary_md(r), curve_frame(r["curve"]), curve_table(r["curve"]), "".join(map(card, r["solutions"]))
 
+    @door(pg, "learner")
     async def on_curve(model_, kind_, scale_, m_, pseed, n_, temperature_, max_tokens_, seed_, template_, rm_,
                        lenient_, freq_, pres_, rep_, request: gr.Request):
         request_user(pg, request, "learner")
@@ -204,5 +207,5 @@ def build(pg) -> None:
                             [curve_status, curve_plot, curve_tab, per_problem], show_progress_on=[curve_status])
     wire_stop(halt, [sampled], summary, STOPPED)
     wire_stop(halt_curve, [curved], curve_status, STOPPED)
-    refresh.click(lambda: (gr.update(choices=cs.chat_models(pg.registry)),
-                           gr.update(choices=[NO_RM, *svc.reward_models(pg.registry)])), None, [model, rm])
+    refresh.click(public(lambda: (gr.update(choices=cs.chat_models(pg.registry)),
+                           gr.update(choices=[NO_RM, *svc.reward_models(pg.registry)]))), None, [model, rm])

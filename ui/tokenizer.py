@@ -12,6 +12,7 @@ import pandas as pd
 
 from backend import bpe, corpora
 from backend import tokenizer_explorer as tx
+from ui.login import door, public
 
 # Clicking a chunk copies its ids into the "inspect" box, which shows the merge tree (server side).
 SIZE_JS = """
@@ -47,6 +48,7 @@ def build(pg) -> None:
     def encoding_choices() -> list[str]:
         return tx.list_encodings(data_dir)
 
+    @public
     def view(text, name, show_ws, show_ids, allow_special):
         try:
             enc = tx.get_encoding(name, data_dir)
@@ -57,6 +59,7 @@ def build(pg) -> None:
         chunks = tx.render_presplit_html(tx.presplit(enc, text or "", allow_special), show_ws)
         return tx.counts_markdown(tx.counts(text or "", tokens)), shown, chunks
 
+    @public
     def side_by_side(text, name_a, name_b, show_ws):
         if not name_b:
             return "Pick a second encoding.", ""
@@ -68,6 +71,7 @@ def build(pg) -> None:
             return _error(e), ""
         return summary, tx.render_tokens_html(text or "", tokens_b, enc_b, show_whitespace=show_ws)
 
+    @public
     def inspect(token_id, name):
         try:
             enc = tx.get_encoding(name, data_dir)
@@ -117,18 +121,19 @@ def build(pg) -> None:
                 trigger(side_by_side, [text, enc_a, enc_b, show_ws], [compare_md, compare_html], show_progress="hidden")
             inspect_id.change(inspect, [inspect_id, enc_a], tree, show_progress="hidden")
             for button, (_, preset_text, preset_note) in zip(preset_buttons, tx.PRESETS):
-                button.click(lambda t=preset_text, n=preset_note: (t, f"**What to notice:** {n}"), None, [text, note])
-            refresh.click(lambda: (gr.update(choices=encoding_choices()),) * 2, None, [enc_a, enc_b])
+                button.click(public(lambda t=preset_text, n=preset_note: (t, f"**What to notice:** {n}")), None, [text, note])
+            refresh.click(public(lambda: (gr.update(choices=encoding_choices()),) * 2), None, [enc_a, enc_b])
 
         with gr.Tab("Chat format", id="tok-chat") as chat_tab:
             _chat_tab(data_dir, encoding_choices, chat_tab)
 
         with gr.Tab("Train your own BPE", id="tok-bpe"):
-            _bpe_tab(data_dir, encoding_choices, [enc_a, enc_b])
+            _bpe_tab(pg, encoding_choices, [enc_a, enc_b])
     return {"tabs": tabs, "text": text}  # what the Start-here tour sets (ui.tour)
 
 
 def _chat_tab(data_dir: Path, encoding_choices, tab) -> None:
+    @public
     def render(rows, name, gen_prompt, show_ws):
         messages = [{"role": str(r[0]).strip(), "content": str(r[1])} for r in _rows(rows) if str(r[0]).strip()]
         try:
@@ -169,7 +174,9 @@ def _rows(rows) -> list:
     return list(rows or [])
 
 
-def _bpe_tab(data_dir: Path, encoding_choices, encoding_dropdowns) -> None:
+def _bpe_tab(pg, encoding_choices, encoding_dropdowns) -> None:
+    data_dir = pg.cfg.data_dir
+
     def corpus(source, pasted, files, max_chars):
         if source == "pasted text":
             return corpora.load_corpus(text=pasted or "", max_chars=max_chars)
@@ -182,6 +189,7 @@ def _bpe_tab(data_dir: Path, encoding_choices, encoding_dropdowns) -> None:
     def pattern_of(preset, custom):
         return custom if preset == "custom" else preset
 
+    @public
     def start(source, pasted, files, max_chars, preset, custom, sample, show_ws=True):
         try:
             key = bpe.STEP_SESSIONS.start(corpus(source, pasted, files, int(max_chars)), pattern_of(preset, custom))
@@ -207,6 +215,7 @@ def _bpe_tab(data_dir: Path, encoding_choices, encoding_dropdowns) -> None:
         info = f"{len(trainer.merges)} merges · vocabulary {trainer.vocab_size}"
         return key, info, rows, _recolour(trainer, sample, show_ws)
 
+    @door(pg, "learner")
     def train(source, pasted, files, max_chars, preset, custom, vocab_size, name):
         try:
             text = corpus(source, pasted, files, int(max_chars))
@@ -255,11 +264,11 @@ def _bpe_tab(data_dir: Path, encoding_choices, encoding_dropdowns) -> None:
     corpus_inputs = [source, pasted, files, max_chars, preset, custom]
     start_btn.click(start, corpus_inputs + [sample], [trainer, step_info, merges, sample_html])
     # one queue for both step buttons: a trainer must not be stepped by two events at once
-    step1.click(lambda t, s, m: step(t, 1, s, True, m), [trainer, sample, merges],
+    step1.click(public(lambda t, s, m: step(t, 1, s, True, m)), [trainer, sample, merges],
                 [trainer, step_info, merges, sample_html], concurrency_id="bpe-step")
-    step10.click(lambda t, s, m: step(t, 10, s, True, m), [trainer, sample, merges],
+    step10.click(public(lambda t, s, m: step(t, 10, s, True, m)), [trainer, sample, merges],
                  [trainer, step_info, merges, sample_html], concurrency_id="bpe-step")
-    sample.change(lambda k, s: _recolour(bpe.STEP_SESSIONS.get(k), s, True), [trainer, sample], sample_html,
+    sample.change(public(lambda k, s: _recolour(bpe.STEP_SESSIONS.get(k), s, True)), [trainer, sample], sample_html,
                   show_progress="hidden")
 
     with gr.Row():

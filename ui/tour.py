@@ -5,6 +5,7 @@ from __future__ import annotations
 import gradio as gr
 
 from backend.tour import STEPS, step_markdown
+from ui.login import public
 
 INTRO = ("## Start here\nA guided tour through *Deep Dive into LLMs like ChatGPT*, in the lecture's order: tokens, "
          "pretraining, the base model, SFT, hallucinations and tools, RL, RLHF and the Arena. Each **Open** switches to "
@@ -57,8 +58,9 @@ def wire(opens: list[gr.Button], bar_parts, tabs: gr.Tabs, handles: dict[str, di
                 sets.append(s.value if key == s.target and s.value is not None else gr.skip())
         return i, gr.Row(visible=True), step_markdown(i), gr.Tabs(selected=s.tab), *sets
 
+    # Tour steps only switch tabs and fill presets: public.
     for i, b in enumerate(opens):
-        b.click(lambda i=i: go(i), None, outputs)
-    back.click(lambda i: go(i - 1), at, outputs)
-    nxt.click(lambda i: go(i + 1), at, outputs)
-    close.click(lambda: gr.Row(visible=False), None, bar)
+        b.click(public(lambda i=i: go(i)), None, outputs)
+    back.click(public(lambda i: go(i - 1)), at, outputs)
+    nxt.click(public(lambda i: go(i + 1)), at, outputs)
+    close.click(public(lambda: gr.Row(visible=False)), None, bar)

@@ -17,7 +17,7 @@ from gradio.context import Context
 
 from backend.auth import user_from_request
 from backend.jobs import form, kinds, queue
-from ui.login import request_user
+from ui.login import door, public, request_user
 
 MAX_PLOT_POINTS = 2000
 JOB_COLUMNS = ["id", "kind", "name", "state", "step", "loss", "model", "by"]
@@ -255,6 +255,7 @@ def build(pg) -> None:
     shown = gr.State(here is None)
     timer = gr.Timer(1.0)
     if here is not None and isinstance(here.parent, gr.Tabs):
+        @public
         def on_tab(evt: gr.SelectData) -> bool:
             return evt.value == here.label
 
@@ -266,10 +267,11 @@ def build(pg) -> None:
                 gr.update(visible=show["reward_model"]), d.get("max_steps", 0), d.get("max_seconds", 0),
                 d.get("eval_every", 1), _kind_note(k), _fields_md(k), "{}")
 
-    kind.change(on_kind, kind, [pretrain_box, parent_box, reward_box, max_steps, max_seconds, eval_every, kind_note,
+    kind.change(public(on_kind), kind, [pretrain_box, parent_box, reward_box, max_steps, max_seconds, eval_every, kind_note,
                                fields_md, extra])
-    snap_refresh.click(lambda: gr.update(choices=_data_choices(pg)), None, data)
+    snap_refresh.click(public(lambda: gr.update(choices=_data_choices(pg))), None, data)
 
+    @door(pg, "operator")
     def start_job(k, nm, steps, secs, e_every, pre, corp, tok, s_every, chars, files, par, dat, rm, extra_json,
                   request: gr.Request):
         user = request_user(pg, request, "operator")
@@ -318,15 +320,18 @@ def build(pg) -> None:
             raise gr.Error(str(e))
         return f"Job {job['id']} is now **{job['state']}**" + (" (stopping after this step)" if job["cancel_requested"] else "")
 
+    @door(pg, "operator")
     def cancel_job(job_id, request: gr.Request):
         return act(lambda i, u: queue.cancel_job(pg.db, i, u), job_id, request)
 
+    @door(pg, "operator")
     def resume_job(job_id, request: gr.Request):
         return act(lambda i, u: queue.resume_job(pg.db, pg.cfg, i, u), job_id, request)
 
     cancel.click(cancel_job, job_pick, status)
     resume.click(resume_job, job_pick, status)
 
+    @public
     def tick(st, selected, picked, visible, request: gr.Request):
         skip = gr.skip()
         if not visible:
@@ -382,6 +387,6 @@ def build(pg) -> None:
     timer.tick(tick, [state, job_pick, curve, shown], [state, jobs_table, job_pick, stats, progress_box, loss_plot,
                                                        bpb_plot, samples, log_box, curve_info, curve],
                show_progress="hidden")
-    curve.input(lambda st, key: _curve_plot(st["series"], _second_curve(st["series"], key), st.get("span")),
+    curve.input(public(lambda st, key: _curve_plot(st["series"], _second_curve(st["series"], key), st.get("span"))),
                 [state, curve], bpb_plot)
     return {"kind": kind}  # what the Start-here tour sets (ui.tour)

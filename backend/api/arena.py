@@ -86,7 +86,7 @@ def vote(battle_id: int, body: Vote, request: Request, user: CurrentUser = Depen
         return arena.vote(request.app.state.pg, user, battle_id, body.winner)
 
 
-@router.get("/leaderboard")
+@router.get("/leaderboard", dependencies=[Depends(require("public"))])
 def leaderboard(request: Request, bootstrap: int = 100, seed: int = 0, k: float = 32.0) -> dict:
     with arena_errors():
         return arena.leaderboard(request.app.state.pg.db, bootstrap, seed, k)

@@ -5,7 +5,8 @@ from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from pydantic import BaseModel, Field
 
 from backend import users
-from backend.auth import SESSION_COOKIE, current_user, require
+from backend.auth import SESSION_COOKIE, client_address, require
+from backend.throttle import Throttled
 from backend.users import CurrentUser
 
 router = APIRouter(tags=["auth"])
@@ -21,11 +22,17 @@ class NewUser(BaseModel):
     role: str
 
 
-@router.post("/api/login")
+@router.post("/api/login", dependencies=[Depends(require("public"))])
 def login(body: Login, request: Request, response: Response) -> dict:
     pg = request.app.state.pg
+    who = {"password_account": body.name, "password_address": client_address(request)}
+    try:  # a throttled caller is refused before the (deliberately slow) password hash runs
+        pg.throttle.check(**who)
+    except Throttled as e:
+        raise HTTPException(429, str(e), headers={"Retry-After": str(e.retry_after)}) from None
     user = users.authenticate_password(pg.db, body.name, body.password)
     if user is None:
+        pg.throttle.failed(**who)
         raise HTTPException(401, "wrong name or password")
     token = users.start_session(pg.db, user)
     response.set_cookie(SESSION_COOKIE, token, httponly=True, samesite="strict", max_age=users.SESSION_DAYS * 86400,
@@ -33,7 +40,7 @@ def login(body: Login, request: Request, response: Response) -> dict:
     return {"name": user.name, "role": user.role}
 
 
-@router.post("/api/logout")
+@router.post("/api/logout", dependencies=[Depends(require("public"))])
 def logout(request: Request, response: Response) -> dict:
     token = request.cookies.get(SESSION_COOKIE)
     if token:
@@ -43,7 +50,7 @@ def logout(request: Request, response: Response) -> dict:
 
 
 @router.get("/api/me")
-def me(user: CurrentUser = Depends(current_user)) -> dict:
+def me(user: CurrentUser = Depends(require("learner"))) -> dict:
     return {"id": user.id, "name": user.name, "role": user.role}
 
 

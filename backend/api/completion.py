@@ -15,10 +15,11 @@ Prompts are raw text (no chat template). Errors: unknown model 404; bad fields 4
 """
 from __future__ import annotations
 
-from fastapi import APIRouter, HTTPException, Request
+from fastapi import APIRouter, Depends, HTTPException, Request
 from pydantic import BaseModel, Field, model_validator
 
 from backend import completion as svc
+from backend.auth import require
 from backend.presets_completion import BASE_MODEL_NOTE, presets
 from backend.sampling import SamplingParams
 from models.registry import UnknownModel
@@ -107,39 +108,39 @@ def _call(fn, *args, **kwargs):
 
 
 # Plain `def` routes: FastAPI runs them in its thread pool, off the event loop.
-@router.post("/api/completion/distribution")
+@router.post("/api/completion/distribution", dependencies=[Depends(require("inference"))])
 def distribution(req: DistributionRequest, request: Request) -> dict:
     engine = _engine(request, req.model)
     return _call(lambda: svc.next_token_distribution(engine, _prompt_ids(engine, req), _params(req), req.seed, req.top_n))
 
 
-@router.post("/api/completion/step")
+@router.post("/api/completion/step", dependencies=[Depends(require("inference"))])
 def step(req: DistributionRequest, request: Request) -> dict:
     engine = _engine(request, req.model)
     return _call(lambda: svc.step(engine, _prompt_ids(engine, req), _params(req), req.seed, req.top_n))
 
 
-@router.post("/api/completion/generate")
+@router.post("/api/completion/generate", dependencies=[Depends(require("inference"))])
 def generate(req: GenerateRequest, request: Request) -> dict:
     engine = _engine(request, req.model)
     return _call(lambda: svc.generate_tokens(engine, _prompt_ids(engine, req), _params(req, req.max_tokens),
                                              req.top_logprobs))
 
 
-@router.post("/api/completion/branch")
+@router.post("/api/completion/branch", dependencies=[Depends(require("inference"))])
 def branch(req: BranchRequest, request: Request) -> dict:
     engine = _engine(request, req.model)
     return _call(svc.continue_from, engine, req.prefix_ids, req.token_id, _params(req, req.max_tokens),
                  req.top_logprobs)
 
 
-@router.post("/api/completion/score")
+@router.post("/api/completion/score", dependencies=[Depends(require("inference"))])
 def score(req: ScoreRequest, request: Request) -> dict:
     engine = _engine(request, req.model)
     return _call(svc.score_text, engine, req.text)
 
 
-@router.post("/api/completion/regurgitation")
+@router.post("/api/completion/regurgitation", dependencies=[Depends(require("inference"))])
 def regurgitation(req: RegurgitationRequest, request: Request) -> dict:
     from backend.train.regurgitation import measure_for_model
     pg = request.app.state.pg
@@ -151,6 +152,6 @@ def regurgitation(req: RegurgitationRequest, request: Request) -> dict:
                  temperature=req.temperature, prompt=req.prompt, seed=req.seed)
 
 
-@router.get("/api/completion/presets")
+@router.get("/api/completion/presets", dependencies=[Depends(require("public"))])
 def list_presets() -> dict:
     return {"note": BASE_MODEL_NOTE, "presets": [p.to_dict() for p in presets()]}

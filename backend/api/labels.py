@@ -2,6 +2,7 @@
 imports, snapshots, guidelines. Every route names the least role it admits (backend.auth.require)."""
 from __future__ import annotations
 
+import tempfile
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.concurrency import run_in_threadpool
@@ -205,13 +206,26 @@ def export_jsonl(kind: str, request: Request, set_id: int | None = None, user: C
 @router.post("/imports/{kind}")
 async def import_jsonl(kind: str, request: Request, name: str = Query("import", max_length=150),
                        user: CurrentUser = Depends(operator)) -> dict:
-    raw = await request.body()
+    # Streamed to a temporary file (memory up to 8 MB, then disk; the body limit is AppConfig.max_import_bytes),
+    # then read line by line: a 50 MB file never sits in memory as one string.
+    spool = tempfile.SpooledTemporaryFile(max_size=8 * 2**20)
     try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise HTTPException(422, "the file is not UTF-8 text")
-    with service_errors():
-        return await run_in_threadpool(exchange.import_jsonl, _pg(request).db, user, kind, text, name)
+        async for chunk in request.stream():
+            spool.write(chunk)
+        spool.seek(0)
+        with service_errors():
+            if kind == "sft":
+                try:
+                    return await run_in_threadpool(exchange.import_sft_lines, _pg(request).db, user, spool)
+                except exchange.ImportBusy as e:
+                    raise HTTPException(409, str(e)) from None
+            try:
+                text = spool.read().decode("utf-8")
+            except UnicodeDecodeError:
+                raise HTTPException(422, "the file is not UTF-8 text")
+            return await run_in_threadpool(exchange.import_jsonl, _pg(request).db, user, kind, text, name)
+    finally:
+        spool.close()
 
 
 class SnapshotBody(BaseModel):

@@ -48,13 +48,13 @@ def describe(spec, pg) -> dict:
     return d
 
 
-@router.get("/api/models")
+@router.get("/api/models", dependencies=[Depends(require("public"))])
 def list_models(request: Request) -> dict:
     pg = request.app.state.pg
     return {"models": [describe(s, pg) for s in pg.registry.list()], "default": pg.cfg.default_model}
 
 
-@router.get("/api/models/{name}")
+@router.get("/api/models/{name}", dependencies=[Depends(require("public"))])
 def get_model(name: str, request: Request) -> dict:
     pg = request.app.state.pg
     try:

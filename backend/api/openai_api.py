@@ -17,9 +17,11 @@ import threading
 import time
 import uuid
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from backend.api.guards import too_long
+from backend.auth import require
 from backend.engine import aiterate
 from backend.sampling import SamplingParams
 from models.registry import UnknownModel
@@ -73,6 +75,8 @@ async def read_body(request: Request) -> dict:
     if not isinstance(body, dict):
         raise APIError(400, "request body must be a JSON object")
     _check_strings(body, "")
+    if why := too_long(body, request.app.state.pg.cfg.max_prompt_chars):  # before any tokenizing
+        raise APIError(400, why, "messages" if "messages" in body else "prompt", code="context_length_exceeded")
     return body
 
 
@@ -247,12 +251,12 @@ def model_card(spec) -> dict:
             "max_model_len": spec.context_length}
 
 
-@router.get("/v1/models")
+@router.get("/v1/models", dependencies=[Depends(require("public"))])
 def list_models(request: Request) -> dict:
     return {"object": "list", "data": [model_card(s) for s in request.app.state.pg.registry.list()]}
 
 
-@router.get("/v1/models/{name}")
+@router.get("/v1/models/{name}", dependencies=[Depends(require("public"))])
 def get_model(name: str, request: Request):
     try:
         return model_card(request.app.state.pg.registry.get(name))
@@ -316,7 +320,7 @@ def echo_logprobs(engine, prompt_ids, k):
     return [lp for lp, _ in scored], [None if lp is None else top for lp, top in scored]
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", dependencies=[Depends(require("inference"))])
 @handle_errors
 async def completions(request: Request):
     body = await read_body(request)
@@ -425,7 +429,7 @@ def chat_logprobs(engine, token_id: int, lp: float, top) -> dict:
     return {**entry(token_id, lp), "top_logprobs": [entry(t, v) for t, v in (top or [])]}
 
 
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", dependencies=[Depends(require("inference"))])
 @handle_errors
 async def chat_completions(request: Request):
     body = await read_body(request)

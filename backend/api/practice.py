@@ -63,7 +63,7 @@ class ScalingRequest(Sampling):
     scale: str = "small"
 
 
-@router.get("/problems")
+@router.get("/problems", dependencies=[Depends(require("public"))])
 def problems(kind: str = "apples", seed: int = 0, n: int = 1, scale: str = "small") -> dict:
     with service_errors():
         if not 1 <= n <= 100:
@@ -72,7 +72,7 @@ def problems(kind: str = "apples", seed: int = 0, n: int = 1, scale: str = "smal
         return {"kinds": svc.problem_kinds(), "problems": [p.to_dict() for p in generate(n, seed, [kind], scale)]}
 
 
-@router.get("/reward-models")
+@router.get("/reward-models", dependencies=[Depends(require("public"))])
 def reward_models(request: Request) -> dict:
     return {"reward_models": svc.reward_models(request.app.state.pg.registry)}
 

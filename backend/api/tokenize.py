@@ -15,11 +15,12 @@ Errors: unknown encoding 404, text over MAX_TEXT_CHARS 413, lone surrogates and 
 """
 from __future__ import annotations
 
-from fastapi import APIRouter, HTTPException, Request
+from fastapi import APIRouter, Depends, HTTPException, Request
 from pydantic import BaseModel, Field
 
 from backend import bpe, corpora
 from backend import tokenizer_explorer as tx
+from backend.auth import require
 
 router = APIRouter()
 
@@ -89,31 +90,31 @@ def _bad(e: ValueError):
     return HTTPException(422, str(e))
 
 
-@router.get("/api/encodings")
+@router.get("/api/encodings", dependencies=[Depends(require("public"))])
 def encodings(request: Request) -> dict:
     return {"encodings": tx.list_encodings(_data_dir(request)), "max_text_chars": tx.MAX_TEXT_CHARS}
 
 
-@router.post("/api/tokenize")
+@router.post("/api/tokenize", dependencies=[Depends(require("public"))])
 def tokenize(req: TokenizeRequest, request: Request) -> dict:
     text = _text(req.text)
     return tx.explore(_encoding(request, req.encoding), text, req.allow_special)
 
 
-@router.post("/api/tokenize/compare")
+@router.post("/api/tokenize/compare", dependencies=[Depends(require("public"))])
 def compare(req: CompareRequest, request: Request) -> dict:
     text = _text(req.text)
     return tx.compare(_encoding(request, req.a), _encoding(request, req.b), text)
 
 
-@router.post("/api/tokenize/presplit")
+@router.post("/api/tokenize/presplit", dependencies=[Depends(require("public"))])
 def presplit(req: TokenizeRequest, request: Request) -> dict:
     text = _text(req.text)
     chunks = tx.presplit(_encoding(request, req.encoding), text, req.allow_special)
     return {"encoding": req.encoding, "count": len(chunks), "chunks": chunks}
 
 
-@router.post("/api/tokenize/chat")
+@router.post("/api/tokenize/chat", dependencies=[Depends(require("public"))])
 def chat(req: ChatRequest, request: Request) -> dict:
     try:
         enc = tx.chat_encoding(req.encoding, _data_dir(request))
@@ -127,7 +128,7 @@ def chat(req: ChatRequest, request: Request) -> dict:
         raise _bad(e) from None
 
 
-@router.get("/api/encodings/{name}/merge-tree/{token_id}")
+@router.get("/api/encodings/{name}/merge-tree/{token_id}", dependencies=[Depends(require("public"))])
 def merge_tree(name: str, token_id: int, request: Request) -> dict:
     enc = _encoding(request, name)
     try:
@@ -149,7 +150,7 @@ def _corpus(req: CorpusRequest) -> str:
         raise _bad(e) from None
 
 
-@router.post("/api/bpe/steps")
+@router.post("/api/bpe/steps", dependencies=[Depends(require("public"))])
 def bpe_steps(req: StepsRequest) -> dict:
     text = _corpus(req)
     try:
@@ -162,7 +163,7 @@ def bpe_steps(req: StepsRequest) -> dict:
          "bytes": list(m.bytes), "describe": m.describe()} for m in merges if m is not None]}
 
 
-@router.post("/api/bpe/train")
+@router.post("/api/bpe/train", dependencies=[Depends(require("learner"))])
 def bpe_train(req: TrainRequest, request: Request) -> dict:
     text = _corpus(req)
     try:
@@ -172,7 +173,7 @@ def bpe_train(req: TrainRequest, request: Request) -> dict:
         raise _bad(e) from None
 
 
-@router.post("/api/bpe/curve")
+@router.post("/api/bpe/curve", dependencies=[Depends(require("learner"))])
 def bpe_curve(req: CurveRequest) -> dict:
     text = _corpus(req)
     try:

@@ -7,6 +7,7 @@ Asking for tools (either):
     "tools_enabled": true                      # extension: all built-in tools
 Options: "tool_choice": "auto" (default) | "none"; "max_tool_calls": 0-16 (default 4, extension);
 "assistant_prefix": text the assistant turn starts with, e.g. a scripted <tool_call>…</tool_call> (extension).
+Tools need a signed-in learner (api_key=<user key> or the browser session), whatever --open-inference says.
 Only the built-in tools exist: the server runs them itself, so the answer never ends with
 finish_reason "tool_calls" for the client to execute; n must be 1 and logprobs are not offered.
 
@@ -29,6 +30,7 @@ import threading
 
 from fastapi import Request
 
+from backend.auth import allow
 from backend.engine import aiterate
 from backend.tool_loop import MAX_CALLS, Tools, collect_turn, run_turn
 from models.chat_format import TOOL_ARG
@@ -93,6 +95,8 @@ def finish_of(r) -> str:
 
 async def tool_chat_completion(request: Request, body: dict, engine, messages: list[dict], api) -> object:
     """`api` is backend.api.openai_api (its parsers and helpers, passed in to avoid an import cycle)."""
+    # Tools run code and read the documents: a signed-in learner at least, even where plain chat is open.
+    await allow(request, "learner")
     APIError = api.APIError
     names = parse_tools(body, APIError)
     if api.get_int(body, "n", 1, 1, api.MAX_N) != 1:

@@ -7,15 +7,22 @@
     rankings:     {"prompt": str, "candidates": [str, ...], "ranking": [candidate index, best first],
                    "all_bad": bool, "annotator": str, "set_id": int, "item_id": int}
 
-Imports take the same shapes. Every line is checked first; one bad line refuses the whole file with
-each bad line's number and reason, and a good file is written in one transaction.
+Imports take the same shapes. One bad line refuses the whole file with each bad line's number and reason.
+SFT imports are read line by line and written in batches of STAGE_BATCH rows, each its own short
+transaction, as hidden ("importing") demos; only when every line is good are they published with one
+UPDATE. So annotators' writes wait at most one batch behind an import, never the whole file, and a
+refused or interrupted import leaves nothing visible (`drop_staged` clears leftovers at start).
+Ranking and preference imports are still checked whole and written in one transaction.
 """
 from __future__ import annotations
 
 import json
 from itertools import combinations
 
-from sqlalchemy import func, select
+import threading
+from collections.abc import Iterable
+
+from sqlalchemy import delete, func, select, update
 
 from backend.db import Database
 from backend.db.models import SFTDemo, SFTVersion
@@ -161,10 +168,101 @@ def _check_row(kind: str, obj: dict):
     return prompt, cands, ranking, bool(obj.get("all_bad", False))
 
 
+STAGE_BATCH = 50  # demos per short write transaction while an SFT import is staged
+STAGED = "importing"  # the status of a staged, not yet published, imported demo
+_import_lock = threading.Lock()
+
+
+class ImportBusy(RuntimeError):
+    """Another import is being staged (one at a time: each publishes exactly its own rows)."""
+
+
+def import_sft_lines(db: Database, user: CurrentUser, lines: Iterable[bytes | str]) -> dict:
+    """Stream an SFT JSONL import: check each line, stage good rows in batches, publish all or nothing."""
+    if not _import_lock.acquire(blocking=False):
+        raise ImportBusy("another import is running; try again when it has finished")
+    try:
+        errors: list[tuple[int, str]] = []
+        staged: list[int] = []
+        batch: list = []
+        rows = 0
+        for n, raw in enumerate(lines, start=1):
+            try:
+                line = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+            except UnicodeDecodeError:
+                errors.append((n, "not UTF-8 text"))
+                continue
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+                if not isinstance(obj, dict):
+                    raise ValueError("each line must be a JSON object")
+                messages = _check_row("sft", obj)
+            except json.JSONDecodeError as e:
+                errors.append((n, f"not valid JSON ({e.msg} at column {e.colno})"))
+            except ValueError as e:
+                errors.append((n, str(e)))
+            else:
+                rows += 1
+                if not errors:  # after the first bad line, only check (to report), never write
+                    batch.append(messages)
+                    if len(batch) >= STAGE_BATCH:
+                        staged += _stage(db, user, batch)
+                        batch = []
+            if len(errors) >= MAX_ERRORS:
+                break
+        if not rows and not errors:
+            errors.append((0, "the file has no rows"))
+        if errors:
+            _drop(db, staged)
+            raise ImportRefused(sorted(errors)[:MAX_ERRORS])
+        staged += _stage(db, user, batch)
+        with db.session() as s:  # publish: one short UPDATE makes every row visible at once
+            # ids, not a list (a 50 MB file stages ~10^5 rows): one import runs at a time (_import_lock)
+            # and leftovers of an interrupted one are dropped at start, so the staged rows in range are ours.
+            s.execute(update(SFTDemo).where(SFTDemo.id.between(min(staged), max(staged)), SFTDemo.status == STAGED,
+                                            SFTDemo.user_id == user.id).values(status="submitted"))
+        return {"kind": "sft", "rows": rows}
+    finally:
+        _import_lock.release()
+
+
+def _stage(db: Database, user: CurrentUser, batch: list) -> list[int]:
+    if not batch:
+        return []
+    with db.session() as s:
+        # The messages go into the version only: the demo row stays small, so publishing (an UPDATE that
+        # rewrites every staged row) takes milliseconds, not the ~1 s it took with the messages in it too.
+        demos = [SFTDemo(user_id=user.id, status=STAGED, messages=[]) for _ in batch]
+        s.add_all(demos)
+        s.flush()
+        s.add_all([SFTVersion(demo_id=d.id, version=1, messages=m, user_id=user.id) for d, m in zip(demos, batch)])
+        return [d.id for d in demos]
+
+
+def _drop(db: Database, ids: list[int]) -> None:
+    for i in range(0, len(ids), STAGE_BATCH):
+        chunk = ids[i:i + STAGE_BATCH]
+        with db.session() as s:
+            s.execute(delete(SFTVersion).where(SFTVersion.demo_id.in_(chunk)))
+            s.execute(delete(SFTDemo).where(SFTDemo.id.in_(chunk), SFTDemo.status == STAGED))
+
+
+def drop_staged(db: Database) -> int:
+    """Remove demos an interrupted import left staged (called when the server starts); returns how many."""
+    with db.read() as s:
+        ids = list(s.scalars(select(SFTDemo.id).where(SFTDemo.status == STAGED)))
+    _drop(db, ids)
+    return len(ids)
+
+
 def import_jsonl(db: Database, user: CurrentUser, kind: str, text: str, name: str = "import") -> dict:
-    """Validate every line, then write all of it in one transaction (or nothing)."""
+    """Validate every line, then write all of it (or nothing); SFT goes through import_sft_lines."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {', '.join(KINDS)}, not {kind!r}")
+    if kind == "sft":
+        return import_sft_lines(db, user, text.splitlines())
     rows, errors = _parse_lines(text)
     checked = []
     for n, obj in rows:

@@ -44,7 +44,9 @@ def next_prompt(db: Database, user: CurrentUser) -> dict | None:
 
 
 def _demo_payload(d: SFTDemo) -> dict:
-    return {"demo_id": d.id, "prompt_id": d.prompt_id, "status": d.status, "messages": d.messages,
+    # An imported demo keeps its messages only in its version (exchange._stage: a small row publishes fast).
+    messages = d.messages or (d.versions[-1].messages if d.versions else [])
+    return {"demo_id": d.id, "prompt_id": d.prompt_id, "status": d.status, "messages": messages,
             "versions": len(d.versions), "updated_at": d.updated_at.isoformat()}
 
 
@@ -111,8 +113,9 @@ def get(db: Database, user: CurrentUser, demo_id: int) -> dict:
 def list_mine(db: Database, user: CurrentUser) -> list[dict]:
     with db.read() as s:
         demos = s.scalars(select(SFTDemo).where(SFTDemo.user_id == user.id).order_by(SFTDemo.updated_at.desc())).all()
-        return [{**_demo_payload(d), "first_user_turn": next((m["content"][:120] for m in d.messages if m["role"] == "user"), "")}
-                for d in demos]
+        out = [_demo_payload(d) for d in demos]
+        return [{**p, "first_user_turn": next((m["content"][:120] for m in p["messages"] if m["role"] == "user"), "")}
+                for p in out]
 
 
 def draft_with_model(engines, model: str, messages: list, temperature: float = 0.7, max_tokens: int = 300) -> list[dict]:

@@ -36,11 +36,12 @@ What it does NOT guarantee:
 - Without bubblewrap (or when it cannot create namespaces) there is no network or filesystem isolation:
   `run_python` then refuses with SandboxUnavailable, unless `SandboxLimits.allow_unisolated` is set, in
   which case the code runs with rlimits, a temp dir, a stripped env and a kill of its process group only,
-  and the guard list says `UNISOLATED: network and files reachable`.
+  and the guard list says `UNISOLATED: network and files reachable`. The 503 names the command that
+  installs it (`apt-get install bubblewrap`; `make install` runs it). A failed probe is retried after
+  REPROBE_FAILED_S, so installing bubblewrap needs no restart.
 """
 from __future__ import annotations
 
-import functools
 import os
 import selectors
 import shutil
@@ -172,11 +173,27 @@ def bwrap_args(limits: SandboxLimits, userns: bool, code_fd: int) -> list[str]:
     return args
 
 
-@functools.lru_cache(maxsize=1)
+# The probe's answer is kept: a success for REPROBE_OK_S, a failure only for REPROBE_FAILED_S, so installing
+# bubblewrap (or fixing namespaces) on a running server takes effect without a restart.
+REPROBE_OK_S, REPROBE_FAILED_S = 600.0, 30.0
+_probed: tuple[float, dict] | None = None
+_probe_lock = threading.Lock()
+
+
 def isolation() -> dict:
-    """Probe once: can bwrap make namespaces here, with a user namespace or (as root) without one?"""
+    """Can bwrap make namespaces here, with a user namespace or (as root) without one? (probed, then kept a while)"""
+    global _probed
+    with _probe_lock:
+        now = time.monotonic()
+        if _probed is None or now - _probed[0] > (REPROBE_OK_S if _probed[1]["bwrap"] else REPROBE_FAILED_S):
+            _probed = (now, _probe())
+        return _probed[1]
+
+
+def _probe() -> dict:
     if not shutil.which("bwrap"):
-        return {"bwrap": False, "userns": False, "why": "bwrap is not installed"}
+        return {"bwrap": False, "userns": False,
+                "why": "bwrap is not installed (install it: apt-get install bubblewrap, or run make install)"}
     why = ""
     for userns in (True, False):
         with tempfile.TemporaryFile() as f:
