@@ -198,7 +198,7 @@ def import_sft_lines(db: Database, user: CurrentUser, lines: Iterable[bytes | st
                 obj = json.loads(line)
                 if not isinstance(obj, dict):
                     raise ValueError("each line must be a JSON object")
-                messages = _check_row("sft", obj)
+                checked = _check_row("sft", obj)  # (messages, review state)
             except json.JSONDecodeError as e:
                 errors.append((n, f"not valid JSON ({e.msg} at column {e.colno})"))
             except ValueError as e:
@@ -206,7 +206,7 @@ def import_sft_lines(db: Database, user: CurrentUser, lines: Iterable[bytes | st
             else:
                 rows += 1
                 if not errors:  # after the first bad line, only check (to report), never write
-                    batch.append(messages)
+                    batch.append(checked)
                     if len(batch) >= STAGE_BATCH:
                         staged += _stage(db, user, batch)
                         batch = []
@@ -234,10 +234,10 @@ def _stage(db: Database, user: CurrentUser, batch: list) -> list[int]:
     with db.session() as s:
         # The messages go into the version only: the demo row stays small, so publishing (an UPDATE that
         # rewrites every staged row) takes milliseconds, not the ~1 s it took with the messages in it too.
-        demos = [SFTDemo(user_id=user.id, status=STAGED, messages=[]) for _ in batch]
+        demos = [SFTDemo(user_id=user.id, status=STAGED, messages=[], review=review) for _, review in batch]
         s.add_all(demos)
         s.flush()
-        s.add_all([SFTVersion(demo_id=d.id, version=1, messages=m, user_id=user.id) for d, m in zip(demos, batch)])
+        s.add_all([SFTVersion(demo_id=d.id, version=1, messages=m, user_id=user.id) for d, (m, _) in zip(demos, batch)])
         return [d.id for d in demos]
 
 
@@ -272,15 +272,6 @@ def import_jsonl(db: Database, user: CurrentUser, kind: str, text: str, name: st
             errors.append((n, str(e)))
     if errors:
         raise ImportRefused(sorted(errors)[:MAX_ERRORS])
-    if kind == "sft":
-        from backend.db.models import SFTDemo as Demo
-        with db.session() as s:
-            for messages, review in checked:
-                d = Demo(user_id=user.id, status="submitted", messages=messages, review=review)
-                s.add(d)
-                s.flush()
-                s.add(SFTVersion(demo_id=d.id, version=1, messages=messages, user_id=user.id))
-        return {"kind": kind, "rows": len(checked)}
     return _import_rankings(db, user, kind, checked, name)
 
 
