@@ -58,6 +58,8 @@ class DemoPreset:
     samples: int = 1                   # > 1: ask several times and compare (no tools)
     max_tokens: int = 200
     temperature: float = 0.7
+    # A small model after a tool output tends to repeat itself to the token limit; tool presets damp that.
+    repetition_penalty: float = 1.0
 
 
 FORCED = ("SmolLM2-135M was never fine-tuned to call tools, so this preset writes the call for it (a scripted "
@@ -72,10 +74,12 @@ DEMOS = [
                     "imitates how answers about real people sound. The mitigation in the lecture is to probe what a "
                     "model knows this way and add \"I don't know\" examples to SFT, then give it tools."),
     DemoPreset("10 · Orson Kovats with search (forced call)", "Who is Orson Kovats?", tools=["search"],
-               prefix=search_call("Orson Kovats"), lead_in="According to the search results,",
+               prefix=search_call("Orson Kovats"), max_tokens=120, repetition_penalty=1.3,
                note="The search finds no document about him, and that result sits in the context window (working "
                     "memory). A model trained on tool use would now say it does not know; a 135M model often "
-                    "invents anyway, which is why \"I don't know\" has to be taught. " + FORCED),
+                    "invents anyway, which is why \"I don't know\" has to be taught. Everything after the output is the "
+                    "model's own (no scripted lead-in here, so nothing scripted can claim what the search did not "
+                    "find); a repetition penalty of 1.3 keeps it from looping to the token limit. " + FORCED),
     DemoPreset("11 · Ask it to call a tool itself (use-tools prompt)", "How many letters r are in 'strawberry'? "
                "Use the Python tool.", system="Use tools", tools=["python", "search"],
                note="The system prompt explains the call format. If the model writes a well-formed "
@@ -101,13 +105,13 @@ DEMOS = [
                     "states the answer first is worse than one that reasons first. (135M still slips often.)"),
     DemoPreset("13 · Emily's apples, with code (forced call)", EMILY, tools=["python"],
                prefix=python_call("oranges = 2 * 2\napples_total = 13 - oranges\nprint(apples_total / 3)"),
-               lead_in=PYTHON_LEAD_IN,
+               lead_in=PYTHON_LEAD_IN, repetition_penalty=1.3,
                note="\"Use code\": the arithmetic runs in Python and the model only has to read off the result. " + FORCED),
     DemoPreset("13 · Count 177 dots (no tools)", "How many dots are here?\n" + DOTS, temperature=0.0,
                note="The dots are a handful of long tokens, not 177 separate symbols: counting them in the head is "
                     "hopeless (see the tokens view). The right answer is 177."),
     DemoPreset("13 · Count 177 dots (Python tool, forced call)", "How many dots are here?\n" + DOTS,
-               tools=["python"], prefix=python_call(f"print(len({DOTS!r}))"), lead_in=PYTHON_LEAD_IN,
+               tools=["python"], prefix=python_call(f"print(len({DOTS!r}))"), lead_in=PYTHON_LEAD_IN, repetition_penalty=1.3,
                note="Copying the dots into code and letting Python count works, because copying is easy for a "
                     "model and counting is not. " + FORCED),
     DemoPreset("13 · Every third letter of 'ubiquitous' (no tools)",
@@ -115,7 +119,7 @@ DEMOS = [
                note="The model sees 'ubiquitous' as a few tokens, not letters. The right answer is 'uqts'."),
     DemoPreset("13 · Every third letter of 'ubiquitous' (Python tool, forced call)",
                "Print every third character of the word 'ubiquitous', starting with the first one.",
-               tools=["python"], prefix=python_call("print('ubiquitous'[::3])"), lead_in=PYTHON_LEAD_IN,
+               tools=["python"], prefix=python_call("print('ubiquitous'[::3])"), lead_in=PYTHON_LEAD_IN, repetition_penalty=1.3,
                note="Python works on characters, so the answer is exact. " + FORCED),
 ]
 DEMO_BY_TITLE = {d.title: d for d in DEMOS}

@@ -59,6 +59,9 @@ class PracticeConfig:
     template: str = "plain"         # "plain" or "think" (R1-Zero's <think> template)
     reward_model: str | None = None  # a registered reward model for best-of-N; None: no best-of-N
     lenient: bool = False           # also accept the last number (word) when no answer is stated (GRPO's held-out rule)
+    frequency_penalty: float = 0.0  # repetition controls, as SamplingParams
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
 
     def validate(self) -> PracticeConfig:
         if not isinstance(self.n, int) or not 1 <= self.n <= MAX_N:
@@ -71,7 +74,9 @@ class PracticeConfig:
         return self
 
     def params(self, seed: int) -> SamplingParams:
-        return SamplingParams(temperature=self.temperature, top_p=self.top_p, max_tokens=self.max_tokens, seed=seed)
+        return SamplingParams(temperature=self.temperature, top_p=self.top_p, max_tokens=self.max_tokens, seed=seed,
+                              frequency_penalty=self.frequency_penalty, presence_penalty=self.presence_penalty,
+                              repetition_penalty=self.repetition_penalty)
 
 
 # -- problems ------------------------------------------------------------------------------------------

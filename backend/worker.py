@@ -43,6 +43,8 @@ def describe_event(ev: dict) -> str | None:
                 f"{params}, {ev.get('device', '?')}, {ev.get('precision', '')}, tokenizer {ev.get('tokenizer', '?')}"
                 + (f"; world size {ev['world_size']} ({ev.get('parallel')}, {ev.get('backend')})"
                    if ev.get("world_size", 1) > 1 else ""))
+    if "phase" in ev:
+        return str(ev["phase"])
     if "checkpoint" in ev:
         return f"step {ev['step']}: checkpoint {ev['checkpoint']}"
     if "done" in ev:

@@ -161,8 +161,9 @@ def test_training_a_tokenizer_needs_a_user_over_rest_and_gradio(live):
 
 def test_chat_tab_tools_need_a_user(live):
     server, people = live
-    # on_send's inputs: text, conversation, model, system, tools, tool-call limit, temperature, top-p, max tokens, seed
-    inputs = ["look it up", [], "scripted", "", ["search"], 2, 0, 1, 20, ""]
+    # on_send's inputs: text, conversation, model, system, tools, tool-call limit, temperature, top-p, max tokens, seed,
+    # frequency, presence and repetition penalties
+    inputs = ["look it up", [], "scripted", "", ["search"], 2, 0, 1, 20, "", 0, 0, 1]
     kind, out = gradio_call(server.base_url, "on_send", inputs)
     assert kind == "complete"
     assert "Tools need a signed-in user" in out[3] and "ZEBRA" not in json.dumps(out)
@@ -194,7 +195,7 @@ def test_closed_inference_needs_a_user_everywhere(tmp_path):
         assert httpx.post(server.base_url + "/v1/chat/completions", json=body, timeout=60).status_code == 401
         r = httpx.post(server.base_url + "/api/completion/generate", json={"model": "tiny", "prompt": "a", "max_tokens": 2})
         assert r.status_code == 401
-        kind, _ = gradio_call(server.base_url, "on_send", ["hi", [], "tiny", "", [], 0, 0, 1, 2, ""])
+        kind, _ = gradio_call(server.base_url, "on_send", ["hi", [], "tiny", "", [], 0, 0, 1, 2, "", 0, 0, 1])
         assert kind == "error"
         assert httpx.post(server.base_url + "/api/tokenize", json={"text": "hi"}).status_code == 200  # still public
         client = openai.OpenAI(base_url=server.base_url + "/v1", api_key=key, max_retries=0, timeout=120)

@@ -78,6 +78,9 @@ def test_battle_vote_reveal_and_leaderboard(site, page):
                            arg=m.group(1), timeout=30_000)
     first, second = (page.locator(f'#arena-leaderboard [role=row][aria-rowindex="{i}"]').inner_text() for i in (2, 3))
     assert m.group(1) in first and "100%" in first and m.group(2) in second and "0%" in second
+    # One vote is not enough for an interval or a rank: the table says how many more it needs, and why.
+    assert "needs 9 more vote(s)" in first and "needs 9 more vote(s)" in second
+    assert "1 + the models whose interval lies entirely above" in text_of(page, "arena-board-help")
 
 
 def set_max_tokens(page, value: int) -> None:

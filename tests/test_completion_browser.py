@@ -171,6 +171,11 @@ def test_stop_halts_generation_and_frees_the_engine(page, server):
                            timeout=60_000)
     page.locator("#gen-stop").click()
     t0 = time.monotonic()
+    # The status line says so at once.
+    page.wait_for_function("() => (document.querySelector('#gen-status')?.innerText || '').includes('Stopped')",
+                           timeout=5_000)
+    assert time.monotonic() - t0 < 2, f"'Stopped' took {time.monotonic() - t0:.1f}s to show"
+    t0 = time.monotonic()
     r = httpx.post(server.base_url + "/v1/completions", timeout=60,
                    json={"model": "tiny8k", "prompt": "after stop", "max_tokens": 3})
     assert r.status_code == 200 and time.monotonic() - t0 < 10, "the stopped generation kept the engine busy"

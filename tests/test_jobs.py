@@ -161,6 +161,42 @@ def test_jobs_cli_queues_lists_and_refuses_a_bad_config_by_name(tmp_path, capsys
     main([*data, "submit", "pretrain", "--config", str(good)])
     main([*data, "list"])
     out = capsys.readouterr().out.splitlines()
-    assert len(out) == 2 and all("queued" in line and "pretrain" in line for line in out)
+    # each job: its line, then its progress bar (queued: nothing done yet)
+    assert len(out) == 4 and all("queued" in line and "pretrain" in line for line in out[::2])
+    assert all(line.strip().startswith("[....") and "0%  queued: waiting for a worker" in line for line in out[1::2])
     main([*data, "cancel", "1"])
     assert "cancelled" in capsys.readouterr().out
+
+
+def test_progress_reads_phase_then_step_n_of_n_with_elapsed_eta_and_a_growing_bar(tmp_path):
+    """The progress every door shows, from the events a worker stores (real SQLite, the worker's own calls)."""
+    from backend.config import AppConfig
+    from backend.db import Database
+    from backend.jobs import queue
+
+    app = AppConfig(data_dir=tmp_path / "data")
+    app.ensure_dirs()
+    db = Database(app.database_url)
+    db.migrate()
+    job = queue.create_job(db, app, None, "pretrain", {"preset": "tiny", "max_steps": 12, "max_seconds": 150})
+    assert job["progress"]["phase"].startswith("queued") and job["progress"]["fraction"] == 0
+    claimed = queue.claim_next(db, "w:1")
+    p = queue.get_job(db, job["id"])["progress"]
+    assert p["phase"].startswith("starting") and "elapsed of a 2:30 budget" in p["text"]
+    t0 = time.time() - 4  # the third step lands now
+    ok = lambda evs: queue.append_events(db, job["id"], "w:1", claimed["attempt"], evs)  # noqa: E731
+    ok([{"step": 0, "phase": "reading and tokenizing the corpus…", "_time": t0}])
+    assert queue.get_job(db, job["id"])["progress"]["phase"] == "reading and tokenizing the corpus…"
+    ok([{"step": 0, "start": "run", "_time": t0 + 1}] + [{"step": i, "loss": 5.0 - i / 10, "_time": t0 + 1 + i}
+                                                        for i in range(1, 4)])
+    p = queue.get_job(db, job["id"])["progress"]
+    # 3 steps took 3 s: 9 more take about 9 s, well inside the 150 s budget.
+    assert p["phase"] == "step 3 of 12" and p["fraction"] == 0.25 and 5 <= p["eta_s"] <= 9.5, p
+    assert "about 0:0" in p["text"] and "left" in p["text"]
+    ok([{"step": 6, "loss": 4.0, "_time": t0 + 7}])
+    assert queue.get_job(db, job["id"])["progress"]["fraction"] == 0.5
+    queue.finish_job(db, job["id"], "w:1", claimed["attempt"], "succeeded", model="m1", step=12)
+    done = queue.get_job(db, job["id"])["progress"]
+    assert done["fraction"] == 1 and done["eta_s"] is None and done["text"].startswith("succeeded at step 12 of 12")
+    assert [n for n in done["next"] if "m1" in n and "Generate" in n] and [n for n in done["next"] if "sft" in n]
+    db.close()

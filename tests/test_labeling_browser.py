@@ -2,6 +2,8 @@
 candidates with the keyboard, submit, see the next item, and find the row in the database."""
 from __future__ import annotations
 
+import re
+
 import pytest
 from sqlalchemy import select
 
@@ -72,7 +74,10 @@ def test_annotator_ranks_with_the_keyboard_and_the_row_is_stored(site, page):
     page.wait_for_function("id => document.querySelector('.pg-rank').dataset.itemId !== String(id)", arg=first_item,
                            timeout=30_000)
     assert page.locator(".pg-prompt").inner_text() == "Write a haiku about the ocean"
-    assert "Saved" in page.locator(".pg-status").inner_text() or "Item" in page.locator(".pg-status").inner_text()
+    # The ranking is confirmed and the counter moves on, both on the status line.
+    status = page.locator(".pg-status").inner_text()
+    assert status.startswith('✓ Saved your ranking of Item 1 of 2 in "pelicans".'), status
+    assert 'Next: Item 2 of 2 in "pelicans"' in status, status
     with db.read() as s:
         row = s.scalar(select(Ranking).where(Ranking.item_id == first_item, Ranking.user_id == people["ann"][0].id))
         item = rk.get_item(db, people["ann"][0], first_item)
@@ -96,6 +101,14 @@ def test_label_html_is_shown_as_text_never_run(site, page):
     # Drag the last candidate onto the first place.
     page.locator(".pg-cand").nth(3).drag_to(page.locator(".pg-cand").nth(0))
     assert page.locator(".pg-cand .pg-text").all_inner_texts() == ["four", NASTY, "two", "three"]
+    # Flag the script-laden candidate as unsafe; the status confirms it and the export carries it.
+    page.locator(".pg-cand").nth(1).locator(".pg-flag").select_option("unsafe")
+    page.wait_for_function("() => document.querySelector('.pg-status').innerText.includes('flagged as unsafe')",
+                           timeout=30_000)
+    assert page.locator(".pg-cand .pg-text").all_inner_texts() == ["four", NASTY, "two", "three"]  # order kept
+    from backend.db.models import Candidate
+    with db.read() as s:
+        assert s.scalar(select(Candidate.flags).where(Candidate.text == NASTY)) == ["unsafe"]
 
 
 def test_annotator_writes_a_demonstration_in_the_sft_editor(site, page):
@@ -107,6 +120,13 @@ def test_annotator_writes_a_demonstration_in_the_sft_editor(site, page):
     page.get_by_role("tab", name="Write demos").click()
     page.get_by_role("button", name="Next prompt").click()
     page.get_by_text("status **new**").or_(page.get_by_text("status new")).first.wait_for(timeout=30_000)
+    # The prompt stays in view above the reply box.
+    assert "Who built you?" in page.locator("#sft-prompt").inner_text()
+    # An empty submit says what is missing; the prompt and the preview stay.
+    page.get_by_role("button", name="Submit", exact=True).click()
+    page.get_by_text("Not submitted: missing: the assistant's reply").wait_for(timeout=30_000)
+    assert "Who built you?" in page.locator("#sft-prompt").inner_text()
+    assert page.get_by_label("Preview (as exported)").or_(page.locator(".chatbot")).first.is_visible()
     page.locator("#sft-reply textarea").fill("The <b>Playground</b> team built me.")
     page.get_by_label("Thinking (optional").fill("Answer from the system prompt.")
     page.get_by_role("button", name="Submit", exact=True).click()
@@ -121,10 +141,9 @@ def test_annotator_writes_a_demonstration_in_the_sft_editor(site, page):
 def test_operator_sees_progress_and_an_annotator_is_refused(site, page):
     server, db, people, jokes, _ = site
     sign_in(page, server, "ann", people["ann"][1])
-    page.get_by_role("tab", name="Operator").click()
-    page.get_by_label("Set id").fill(str(jokes["id"]))
-    page.get_by_role("button", name="Progress").click()
-    page.get_by_text("needs the operator role").first.wait_for(timeout=30_000)
+    # Annotators do not see the operator forms (the handlers refuse them regardless: test_labels_api).
+    page.get_by_role("tab", name="Write demos").wait_for(timeout=30_000)
+    assert page.get_by_role("tab", name="Operator").count() == 0
     page.locator(".pg-logout").click()
     page.locator(".pg-login-form").wait_for(timeout=30_000)
     form = page.locator(".pg-login-form")
@@ -132,8 +151,13 @@ def test_operator_sees_progress_and_an_annotator_is_refused(site, page):
     form.locator("input[name=password]").fill(people["op"][1])
     form.get_by_role("button", name="Log in").click()
     page.locator(".pg-whoami").wait_for(timeout=30_000)
+    page.get_by_role("tab", name="Operator").click()  # appears once an operator signs in
+    # Sets are picked by name from a list, and progress is a table.
+    page.locator("#op-set input").click()
+    page.get_by_role("option", name=re.compile("^pelicans · 2 items")).click()
     page.get_by_role("button", name="Progress").click()
     page.get_by_text("rankings needed").first.wait_for(timeout=30_000)
+    assert page.get_by_role("columnheader", name="items done").count() >= 1
     page.get_by_role("button", name="Agreement").click()
     page.get_by_text("Mean pairwise Kendall").first.wait_for(timeout=30_000)
 
@@ -159,3 +183,23 @@ def test_annotator_revisits_and_changes_a_submission(site, page):
     mine = rk.get_item(db, user, item_id)
     assert mine["my_ranking"]["revision"] == 2
     assert mine["my_ranking"]["order"] == [c["id"] for c in mine["candidates"]]
+
+
+def test_a_second_annotator_reviews_a_demo_with_an_edit_and_the_export_says_so(site, page):
+    server, db, people, _, _ = site
+    from backend.labels import exchange
+    assert [r for r in exchange.export(db, "sft") if r["review"] == "pending"], "runs after the SFT editor test"
+    sign_in(page, server, "eve", people["eve"][1])
+    page.get_by_role("tab", name="Review").click()  # shown to annotators once signed in
+    page.locator("#review-next").click()
+    page.get_by_text("The user asks:").wait_for(timeout=30_000)
+    assert "Who built you?" in page.locator("#review-prompt").inner_text() and "by ann" in page.locator("#review-prompt").inner_text()
+    assert "Playground" in page.locator("#review-reply textarea").input_value()
+    page.locator("#review-reject").click()  # rejecting needs a reason
+    page.get_by_text("Say why in the note before rejecting.").first.wait_for(timeout=30_000)
+    page.locator("#review-reply textarea").fill("The Playground team built me, as its system prompt says.")
+    page.locator("#review-accept").click()
+    page.get_by_text("accepted with your edit").wait_for(timeout=30_000)
+    assert "1 accepted" in page.locator("#review-counts").inner_text()
+    [row] = [r for r in exchange.export(db, "sft") if r["review"] == "accepted"]
+    assert row["messages"][-1]["content"].endswith("\nThe Playground team built me, as its system prompt says.")

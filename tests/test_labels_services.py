@@ -29,10 +29,10 @@ def people(db, monkeypatch):
             [("op", "operator"), ("ann", "annotator"), ("bea", "annotator"), ("cal", "annotator")]}
 
 
-def make_set(db, op, n_items=2, k=4, per_item=2):
+def make_set(db, op, n_items=2, k=4, per_item=2, name="jokes"):
     prompts = ["Write a joke about pelicans"] + [f"prompt {i}" for i in range(1, n_items)]
     cands = [[f"p{i} c{j}" for j in range(k)] for i in range(n_items)]
-    return rk.create_set(db, op, "jokes", prompts, cands, model="supplied", annotators_per_item=per_item)
+    return rk.create_set(db, op, name, prompts, cands, model="supplied", annotators_per_item=per_item)
 
 
 def test_kendall_tau_borda_and_ranked_pairs():
@@ -120,7 +120,7 @@ def test_sft_keeps_every_submitted_version_and_marks_model_parts(db, people):
                                      "model_draft": "I am ChatGPT.",
                                      "thinking": "Answer from the system prompt.",
                                      "tool_calls": [{"tool": "search", "input": "who built Playground", "output": "the team"}]}]
-    with pytest.raises(ValueError, match="last message"):
+    with pytest.raises(ValueError, match="missing: the assistant.s reply"):
         sft.save(db, ann, nxt["messages"], prompt_id=pid, submit=True)  # empty assistant turn
     d = sft.save(db, ann, msgs[:-1], prompt_id=pid)                   # a draft may be incomplete
     assert d["status"] == "draft" and sft.next_prompt(db, ann)["demo_id"] == d["demo_id"]
@@ -222,3 +222,60 @@ def test_snapshot_is_content_hashed_immutable_and_deduplicated(db, people, tmp_p
         snapshots.read_snapshot(db, snap["hash"])
     with pytest.raises(ValueError, match="empty"):
         snapshots.create_snapshot(db, tmp_path, people["op"], "sft")
+
+
+def test_set_names_are_unique_with_an_error_naming_the_set(db, people):
+    first = make_set(db, people["op"])
+    with pytest.raises(ValueError, match=rf"name: a ranking set named 'jokes' already exists \(set {first['id']}\)"):
+        make_set(db, people["op"])
+    # the database itself refuses a second one too (the constraint, not only the check)
+    from sqlalchemy.exc import IntegrityError
+    from backend.db.models import RankingSet
+    with pytest.raises(IntegrityError):
+        with db.session() as s:
+            s.add(RankingSet(name="jokes", k=4))
+    assert [x["name"] for x in rk.list_sets(db)] == ["jokes"]
+    # imports of the same shape get numbered names instead of failing
+    line = json.dumps({"prompt": "p", "candidates": ["a", "b"], "ranking": [1, 0]})
+    for _ in range(2):
+        exchange.import_jsonl(db, people["op"], "rankings", line)
+    assert [x["name"] for x in rk.list_sets(db)] == ["jokes", "import (rankings, K=2)", "import (rankings, K=2) #2"]
+
+
+def test_review_accepts_edits_rejects_and_flags_and_the_exports_carry_it(db, people):
+    from backend.labels import review
+    ask = [{"role": "user", "content": "Who built you?"}]
+    ids = [sft.save(db, people["ann"], ask + [{"role": "assistant", "content": text}], submit=True)["demo_id"]
+           for text in ("A team.", "spam spam", "The Playground team.")]
+    # nobody reviews their own demo; a second annotator (or an operator) does
+    assert review.next_for_review(db, people["ann"]) is None
+    first = review.next_for_review(db, people["bea"])
+    assert first["demo_id"] == ids[0] and first["author"] == "ann" and first["review"] == "pending"
+    with pytest.raises(PermissionError):
+        review.review_demo(db, people["ann"], ids[0], "accept")
+    edited = ask + [{"role": "assistant", "content": "The Playground team built me."}]
+    out = review.review_demo(db, people["bea"], ids[0], "accept", "clearer", messages=edited)
+    assert out["review"] == "accepted" and out["versions"] == 2 and out["messages"][-1]["content"].startswith("The Playground")
+    review.review_demo(db, people["op"], ids[1], "reject", "spam")
+    assert review.next_for_review(db, people["bea"])["demo_id"] == ids[2]
+    assert review.review_counts(db) == {"pending": 1, "accepted": 1, "rejected": 1}
+    with pytest.raises(ValueError, match="decision must be one of accept, reject"):
+        review.review_demo(db, people["op"], ids[2], "maybe")
+    rows = exchange.export(db, "sft")
+    assert [r["review"] for r in rows] == ["accepted", "rejected", "pending"]
+    assert rows[0]["messages"][-1]["content"] == "The Playground team built me."  # the reviewer's edit is exported
+    # the export imports back with its review state
+    exchange.import_jsonl(db, people["op"], "sft", exchange.to_jsonl(rows))
+    assert [r["review"] for r in exchange.export(db, "sft")][3:] == ["accepted", "rejected", "pending"]
+
+    s = make_set(db, people["op"], per_item=1)
+    item = rk.next_item(db, people["ann"], s["id"])
+    cid = item["candidates"][0]["id"]
+    assert review.flag_candidate(db, people["bea"], cid, "unsafe") == ["unsafe"]
+    assert review.flag_candidate(db, people["bea"], cid, "spam") == ["spam", "unsafe"]
+    assert review.flag_candidate(db, people["bea"], cid, "spam", on=False) == ["unsafe"]
+    with pytest.raises(ValueError, match="flag must be one of spam, unsafe, off-topic"):
+        review.flag_candidate(db, people["bea"], cid, "boring")
+    rk.submit(db, people["ann"], item["item_id"], [c["id"] for c in item["candidates"]])
+    [row] = [r for r in exchange.export(db, "rankings", s["id"]) if r["item_id"] == item["item_id"]]
+    assert row["flags"][0] == ["unsafe"] and row["flags"][1:] == [[], [], []]

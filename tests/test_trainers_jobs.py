@@ -69,6 +69,9 @@ def test_each_kind_runs_as_a_job_and_registers_its_model_with_lineage(env):
             assert spec.lineage["job_id"] == job["id"] and spec.lineage["parent_model"] == "tiny", kind
             assert spec.lineage["kind"] == kind
             assert any("loss" in m for m in queue.job_events(db, job["id"], kinds=("metric",)))
+            # what it did before its first step is reported (the progress line shows it while it lasts)
+            assert any(e["text"] == "loading the parent model…" for e in queue.job_events(db, job["id"], kinds=("log",))), kind
+            assert done["progress"]["fraction"] == 1 and done["progress"]["next"], kind
         assert ModelRegistry(app).get(queue.get_job(db, jobs["sft"]["id"])["model"]).lineage["snapshot_hash"] == snap
         # RLHF optimises against a reward model, so it is queued once the reward job has registered one
         rm = queue.get_job(db, jobs["reward"]["id"])["model"]

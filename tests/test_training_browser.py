@@ -11,6 +11,7 @@ import pytest
 
 from backend.db import Database
 from tests.conftest import start_server
+from tests.helpers import register_tiny_model
 from tests.test_labels_api import make_users
 
 pytestmark = pytest.mark.browser
@@ -24,6 +25,7 @@ def site(tmp_path_factory):
     db = Database(f"sqlite:///{data / 'playground.db'}")
     db.migrate()
     people = make_users(db, [("op", "operator")])
+    register_tiny_model(data, "tiny-parent")  # a parent for fine-tuning kinds that loads in a blink
     server = start_server(data, "--no-preload", "--threads", "1")  # with the worker process
     yield server, db, people
     server.stop()
@@ -50,21 +52,24 @@ def choose(page, elem_id: str, option: str) -> None:
     page.get_by_role("option", name=re.compile("^" + re.escape(option))).click()
 
 
-def test_operator_starts_pretraining_and_watches_the_curve_grow(site, page):
-    server, db, people = site
+def sign_in(page, server, people) -> None:
     page.goto(server.base_url + "/")
     page.get_by_role("tab", name="Training").click()
-    form = page.locator(".pg-login-form")
+    form = page.locator(".pg-login-form").first
     form.locator("input[name=name]").fill("op")
     form.locator("input[name=password]").fill(people["op"][1])
     form.get_by_role("button", name="Log in").click()
-    page.locator(".pg-whoami").wait_for(timeout=30_000)
+    page.locator(".pg-whoami").first.wait_for(timeout=30_000)
+
+
+def test_operator_starts_pretraining_and_watches_the_curve_grow(site, page):
+    server, db, people = site
+    sign_in(page, server, people)
 
     choose(page, "train-preset", "tiny")
     page.locator("#train-max-seconds input").fill("120")
     page.locator("#train-sample-every input").fill("20")
     page.locator("#train-eval-every input").fill("20")
-    page.get_by_text("More settings").click()
     page.locator("#train-max-chars input").fill("40000")
     page.locator("#train-start").click()
     wait_until(lambda: "Queued job" in page.locator("#train-status").inner_text(), 30, "the job to be queued")
@@ -74,6 +79,10 @@ def test_operator_starts_pretraining_and_watches_the_curve_grow(site, page):
     wait_until(lambda: curve_points(page) > first + 5, 60, "the loss curve to grow")
     assert "running" in page.locator("#train-stats").inner_text()
     assert "tokens/s" in page.locator("#train-stats").inner_text() and "MFU" in page.locator("#train-stats").inner_text()
+    # The progress line: the step, time spent of the 120 s budget, time left, and a bar as wide as the fraction done.
+    bar = page.locator("#train-progress .pg-progress")
+    assert re.search(r"step \d+ · \d:\d\d elapsed of a 2:00 budget · about \d:\d\d left", bar.inner_text()), bar.inner_text()
+    assert 0 < float(bar.get_attribute("data-fraction")) < 1
     # The plot itself drew something (Vega renders into the plot's container).
     assert page.locator("#train-loss-plot canvas, #train-loss-plot svg").count() > 0
     # Samples come with their step numbers, step 0 (untrained gibberish) first.
@@ -91,3 +100,33 @@ def test_operator_starts_pretraining_and_watches_the_curve_grow(site, page):
     assert model in names
     job = httpx.get(server.base_url + "/api/jobs", headers={"Authorization": f"Bearer {key}"}, timeout=10).json()["jobs"][0]
     assert job["state"] == "cancelled" and job["model"] == model and job["checkpoint"]
+
+
+def test_every_field_of_the_sft_form_reaches_the_job(site, page):
+    """The SFT form shows its own fields (no corpus, no preset; a parent model and a dataset picker), and what is
+    typed is what the stored job runs with: 12 steps and 150 s, not the trainer's 200 steps and no time limit."""
+    server, db, people = site
+    sign_in(page, server, people)
+    choose(page, "train-kind", "sft")
+    wait_until(lambda: "supervised" in page.locator("#train-kind-note").inner_text(), 30, "the SFT form")
+    assert not page.locator("#train-preset").is_visible() and not page.locator("#train-corpus").is_visible()
+    assert page.locator("#train-parent").is_visible() and page.locator("#train-data").is_visible()
+    # Defaults sized for a CPU: a step limit and a time budget both set.
+    assert int(page.locator("#train-max-steps input").input_value()) <= 50
+    assert 0 < float(page.locator("#train-max-seconds input").input_value()) <= 600
+    choose(page, "train-parent", "tiny-parent")
+    page.locator("#train-max-steps input").fill("12")
+    page.locator("#train-max-seconds input").fill("150")
+    page.locator("#train-eval-every input").fill("4")
+    page.locator("#train-name textarea").fill("sft-from-the-form")
+    page.locator("#train-start").click()
+    wait_until(lambda: "Queued job" in page.locator("#train-status").inner_text(), 30, "the job to be queued")
+    key = people["op"][2]
+    job = httpx.get(server.base_url + "/api/jobs", headers={"Authorization": f"Bearer {key}"}, timeout=10).json()["jobs"][0]
+    httpx.post(server.base_url + f"/api/jobs/{job['id']}/cancel", headers={"Authorization": f"Bearer {key}"}, timeout=10)
+    assert job["kind"] == "sft" and job["name"] == "sft-from-the-form"
+    cfg = job["config"]
+    assert (cfg["max_steps"], cfg["max_seconds"], cfg["eval_every"]) == (12, 150.0, 4)
+    assert cfg["parent_model"] == "tiny-parent" and cfg["dataset"] == "bundled" and job["parent_model"] == "tiny-parent"
+    # The page shows its progress from the first second: queued or already loading, a bar, the 2:30 budget.
+    wait_until(lambda: "2:30" in page.locator("#train-progress").inner_text(), 30, "the job's progress line")

@@ -86,8 +86,15 @@ def test_a_job_runs_to_success_and_registers_its_model(env, workers):
     app, db = env
     job = queue.create_job(db, app, None, "pretrain", tiny_config(max_steps=25))
     assert job["state"] == "queued" and job["name"].endswith(f"-j{job['id']}")
+    assert job["progress"]["phase"].startswith("queued") and job["progress"]["fraction"] == 0
     wait_for(lambda: queue.get_job(db, job["id"])["state"] in queue.FINISHED, 180, "the job to finish")
     done = queue.job_detail(db, job["id"])
+    # What it did before the first step is in the log too (the progress line shows it while it lasts).
+    assert any("tokenizing the corpus" in e["text"] for e in done["log"])
+    assert done["progress"]["fraction"] == 1 and done["progress"]["text"].startswith("succeeded at step 25 of 25")
+    # a pretrained model is a base model: the next steps point to Generate and to fine-tuning, not to Chat
+    assert any(done["model"] in n and "Generate" in n for n in done["progress"]["next"])
+    assert not any("Chat" in n or "Arena" in n for n in done["progress"]["next"])
     assert done["state"] == "succeeded", done["error"]
     assert loss_steps(db, job["id"]) == list(range(1, 26))
     assert [s["step"] for s in done["samples"]] == [0, 20, 25]

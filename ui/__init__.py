@@ -20,16 +20,48 @@ TABS: list[tuple[str, str]] = [
     ("practice", "Practice"),  # many samples of a problem with a known answer; voting, best-of-N (DEMOS 14-15)
     ("models", "Models"),  # the registry: served (remote) models for admins, export for operators (issue 14)
 ]
+# Which tabs need an account, said in the header before anyone clicks (the handlers check it regardless).
+ACCOUNT_NOTE = ("No account needed: **Tokenizer · Generate · Chat** (training a BPE and chat tools need one). Sign in for "
+                "**Training** (operators start runs), "
+                "**Labeling** (annotators rank, write and review; operators run sets), **Arena** and **Practice** (any "
+                "account); **Models** lists every model (admins add served ones, operators export).")
 
 
 def build_ui(pg) -> gr.Blocks:
+    from ui import tour
+    from ui.login import build_login
+
     with gr.Blocks(title="LLM Playground") as demo:
-        gr.Markdown("# LLM Playground\nEvery stage of building an assistant, on models that really train and serve.")
+        with gr.Row(equal_height=True, elem_id="pg-header"):
+            gr.Markdown("# LLM Playground\nEvery stage of building an assistant, on models that really train and serve.",
+                        elem_id="pg-title")
+            with gr.Column(scale=1, min_width=360):
+                build_login()  # one sign-in for every tab, with the role once signed in
+                gr.Markdown(ACCOUNT_NOTE if pg.cfg.open_inference else "This server lets only signed-in users use any "
+                            "tab; the roles are as follows. " + ACCOUNT_NOTE.split(". ", 1)[1], elem_id="pg-account-note")
         model_status(pg)
-        with gr.Tabs():
+        bar = tour.build_bar()
+        handles: dict[str, dict] = {}
+        with gr.Tabs() as tabs:
+            with gr.Tab("Start here", id="start"):
+                opens = tour.build_start_here()
             for module, label in TABS:
                 with gr.Tab(label, id=module):
-                    import_module(f"ui.{module}").build(pg)
+                    handles[module] = import_module(f"ui.{module}").build(pg) or {}
+        # Views only some roles use (operator forms): shown once the session's user has the role, on page load
+        # and whenever the header's sign-in changes who is signed in (it clicks this hidden button).
+        gated = [pair for h in handles.values() for pair in h.pop("_roles", [])]
+        auth_changed = gr.Button("auth changed", visible="hidden", elem_id="pg-auth-refresh")
+
+        @public  # shows or hides views by the caller's own role; the handlers behind them check it again
+        def role_views(request: gr.Request):
+            from backend.auth import user_from_request
+            user = user_from_request(pg, request.headers, request.cookies) if request is not None else None
+            return [gr.Tab(visible=bool(user and user.can(role))) for _, role in gated]
+
+        demo.load(role_views, None, [t for t, _ in gated], show_progress="hidden")
+        auth_changed.click(role_views, None, [t for t, _ in gated], show_progress="hidden")
+        tour.wire(opens, bar, tabs, handles)
     return demo
 
 

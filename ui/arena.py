@@ -10,10 +10,11 @@ import gradio as gr
 
 from backend import chat_service as cs
 from backend.arena import battles as arena
+from backend.arena.ratings import MIN_BATTLES
 from backend.engine import aiterate
 from ui.chat import _md
-from ui.fields import RUNNING, parse_seed, wire_stop
-from ui.login import build_login, door, public, request_user
+from ui.fields import RUNNING, parse_seed, penalty_values, repetition_controls, wire_stop
+from ui.login import door, public, request_user
 
 INTRO = ("**Comparing models the way LM Arena does.** Two models, drawn at random, answer your prompt; you see "
          "only \"Model A\" and \"Model B\". Vote for the better answer (or a tie, or both bad) and the names are "
@@ -32,8 +33,12 @@ BOARD_HEADERS = ["Rank (UB)", "Model", "Bradley-Terry", "95% CI", "Online Elo", 
 
 
 def board_rows(board: dict) -> list[list]:
-    return [[r["rank"], r["model"], round(r["rating"]), f"{r['ci_low']:.0f} – {r['ci_high']:.0f}", round(r["elo"]),
-             r["battles"], r["wins"], r["losses"], r["ties"], f"{r['win_rate']:.0%}"] for r in board["rows"]]
+    def settled(r) -> bool:
+        return r["battles"] >= MIN_BATTLES
+    return [[r["rank"] if settled(r) else "—", r["model"], round(r["rating"]),
+             f"{r['ci_low']:.0f} – {r['ci_high']:.0f}" if settled(r) else f"needs {MIN_BATTLES - r['battles']} more vote(s)",
+             round(r["elo"]), r["battles"], r["wins"], r["losses"], r["ties"], f"{r['win_rate']:.0%}"]
+            for r in board["rows"]]
 
 
 def matrix_value(board: dict) -> dict:
@@ -50,7 +55,6 @@ def tables(pg) -> tuple[list[list], dict]:
 
 def build(pg) -> None:
     gr.Markdown(INTRO)
-    build_login()
     battle_id = gr.State(None)
     with gr.Row():
         draw = gr.Dropdown(cs.chat_models(pg.registry), value=[], multiselect=True, scale=4, elem_id="arena-models",
@@ -62,6 +66,8 @@ def build(pg) -> None:
             max_tokens = gr.Slider(1, arena.MAX_TOKENS, value=256, step=1, label="Max new tokens per answer",
                                    elem_id="arena-max-tokens")
             seed = gr.Textbox("", label="Seed (empty = random)")  # a gr.Number shows empty as 0
+        with gr.Row():
+            penalties = repetition_controls("arena")
     sample = gr.Dropdown(arena.SAMPLE_PROMPTS, value=None, label="Sample prompts", elem_id="arena-sample")
     with gr.Row():
         prompt = gr.Textbox(placeholder="Ask both models something", show_label=False, scale=5, elem_id="arena-prompt")
@@ -78,6 +84,10 @@ def build(pg) -> None:
         buttons = [gr.Button(label, interactive=False, elem_id=f"arena-vote-{w}") for w, label in VOTES]
     status = gr.Markdown(elem_id="arena-status")
     gr.Markdown("### Leaderboard")
+    gr.Markdown(f"**How to read it:** a model's Bradley-Terry rating is the strength that best explains who beat whom "
+                f"in all the votes; the 95% interval is how far it moves when the votes are resampled, and the rank is "
+                f"1 + the models whose interval lies entirely above it (overlapping intervals share a rank). Ranks and "
+                f"intervals appear once a model has {MIN_BATTLES} battles.", elem_id="arena-board-help")
     board = gr.Dataframe(public(lambda: board_rows(arena.leaderboard(pg.db))), headers=BOARD_HEADERS, interactive=False, elem_id="arena-leaderboard")
     gr.Markdown("Win rate of the row model against the column model (ties count half), and how many battles.")
     matrix = gr.Dataframe(public(lambda: matrix_value(arena.leaderboard(pg.db, bootstrap=0))), interactive=False, elem_id="arena-winrate")
@@ -87,10 +97,11 @@ def build(pg) -> None:
         return [gr.update(interactive=v) for _ in buttons]
 
     @door(pg, "learner")
-    async def on_battle(text, models, temperature_, max_tokens_, seed_, request: gr.Request):
+    async def on_battle(text, models, temperature_, max_tokens_, seed_, freq_, pres_, rep_, request: gr.Request):
         user = request_user(pg, request, "learner")
         try:
-            params = arena.sampling_params(float(temperature_), 0.95, int(max_tokens_), parse_seed(seed_))
+            params = arena.sampling_params(float(temperature_), 0.95, int(max_tokens_), parse_seed(seed_),
+                                           **penalty_values(freq_, pres_, rep_))
         except ValueError as e:
             yield None, "", "", f"⚠ {html.escape(str(e))}", *locked()
             return
@@ -142,7 +153,7 @@ def build(pg) -> None:
 
     outs = [battle_id, answer_a, answer_b, status, *buttons]
     # progress (and a ■ Stop's end) shows on the status line alone, not as "Error" on the answers
-    asked = [prompt, draw, temperature, max_tokens, seed]
+    asked = [prompt, draw, temperature, max_tokens, seed, *penalties]
     battled = go.click(on_battle, asked, outs, show_progress_on=[status])
     submitted = prompt.submit(on_battle, asked, outs, show_progress_on=[status])
     wire_stop(halt, [battled, submitted], status, STOPPED)
@@ -151,3 +162,4 @@ def build(pg) -> None:
     sample.change(public(lambda s: s or gr.skip()), [sample], [prompt])
     show.click(public(lambda: tables(pg)), None, [board, matrix])
     refresh.click(public(lambda: gr.update(choices=cs.chat_models(pg.registry))), None, draw)
+    return {"sample": sample}  # what the Start-here tour sets (ui.tour)

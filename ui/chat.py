@@ -14,12 +14,16 @@ from backend.auth import AccessDenied, check
 from backend.engine import aiterate
 from backend.sampling import SamplingParams
 from backend.tokenizer_explorer import CSS as TOKENS_CSS, render_tokens_html, tokens_from_ids
-from ui.login import build_login, door, public, request_user
+from ui.fields import RUNNING, penalty_values, repetition_controls, wire_stop
+from ui.login import door, public, request_user
 
 INTRO = ("Chat with any registered chat model. Tool calls and their outputs appear as collapsible steps, thinking "
          "as a collapsible block apart from the answer. No model here has been tuned to call tools yet (the SFT "
          "tool-use preset of the Training tab makes one), so presets marked *forced* write the call for the model "
          "and **▶ Run code block as tool call** runs a code block the model wrote as if it had called Python.")
+
+
+STOPPED = "⏹ Stopped. Send a message or regenerate to go on."
 
 
 # -- display: conversation -> gr.Chatbot messages ----------------------------------------------------
@@ -61,6 +65,9 @@ def view_messages(parts: list[dict], live: bool = False) -> list[dict]:
             out.append(_step_message(p["step"], "output" in p["step"]))
         elif p["kind"] == "note":
             out.append({"role": "assistant", "content": "⚠ " + _md(p["text"])})
+        elif p["kind"] == "scripted":
+            out.append({"role": "assistant", "content": _md(p["text"]),
+                        "metadata": {"title": "✍ Scripted by the preset (not the model)", "status": "done"}})
         elif p["text"].strip():
             out.append({"role": "assistant", "content": _md(p["text"])})
     return out
@@ -84,9 +91,10 @@ def display(conv: list[dict], live_parts: list[dict] | None = None) -> tuple[lis
     return msgs, where
 
 
-def add_part(parts: list[dict], ev) -> None:
+def add_part(parts: list[dict], ev, scripted: bool = False) -> None:
+    """`scripted`: this text was written by the preset (a lead-in), not sampled; it is shown marked as such."""
     if ev.type in ("text", "thinking"):
-        kind = "think" if ev.type == "thinking" else "text"
+        kind = "scripted" if scripted and ev.type == "text" else "think" if ev.type == "thinking" else "text"
         if parts and parts[-1]["kind"] == kind:
             parts[-1]["text"] += ev.text
         else:
@@ -120,7 +128,6 @@ def build(pg) -> None:
     names = cs.chat_models(pg.registry)
     default = pg.cfg.default_model if pg.cfg.default_model in names else (names[0] if names else None)
     gr.Markdown(INTRO)
-    build_login()  # tools need a signed-in user; plain chat too where the server runs without open inference
     conv = gr.State([])       # structured messages, no system prompt
     where = gr.State([])      # display index -> conversation index
     with gr.Row():
@@ -144,6 +151,7 @@ def build(pg) -> None:
                 top_p = gr.Slider(0.01, 1, value=0.95, step=0.01, label="Top-p")
                 max_tokens = gr.Slider(1, 2048, value=300, step=1, label="Max new tokens per turn", elem_id="chat-max-tokens")
                 seed = gr.Textbox(label="Seed", placeholder="empty = random")
+                penalties = repetition_controls("chat")
         with gr.Column(scale=3):
             bot = gr.Chatbot(label="Conversation", height=520, editable="user", elem_id="chat-bot",
                              buttons=["copy", "copy_all"])
@@ -170,15 +178,15 @@ def build(pg) -> None:
                     to_rank = gr.Button("Send prompt as ranking item", elem_id="chat-to-rank")
                 label_info = gr.Markdown(elem_id="chat-label-info")
 
-    def params_of(temperature, top_p, max_tokens, seed) -> SamplingParams:
+    def params_of(temperature, top_p, max_tokens, seed, freq=0.0, pres=0.0, rep=1.0) -> SamplingParams:
         seed = (seed or "").strip()
         if seed and not seed.lstrip("-").isdigit():
             raise ValueError(f"seed must be a whole number, not {seed!r}")
         return SamplingParams(temperature=float(temperature), top_p=float(top_p), max_tokens=int(max_tokens),
-                              seed=int(seed) if seed else None)
+                              seed=int(seed) if seed else None, **penalty_values(freq, pres, rep)).validate()
 
-    async def respond(conv_now, name, system_text, tool_names, calls, temperature, top_p, max_tokens_, seed_, prefix="",
-                      lead_in="", request=None):
+    async def respond(conv_now, name, system_text, tool_names, calls, temperature, top_p, max_tokens_, seed_, freq_, pres_,
+                      rep_, prefix="", lead_in="", request=None):
         """Stream one assistant turn after conv_now (ending with a user message)."""
         shown, idx = display(conv_now)
         if tool_names or prefix:  # tools run code and read the documents: a signed-in learner (backend.auth)
@@ -189,7 +197,7 @@ def build(pg) -> None:
                 yield shown, conv_now, idx, f"⚠ Tools need a signed-in user: {why}, or untick the tools.", gr.skip()
                 return
         try:
-            p = params_of(temperature, top_p, max_tokens_, seed_)
+            p = params_of(temperature, top_p, max_tokens_, seed_, freq_, pres_, rep_)
             if not name:
                 raise ValueError("no chat model is registered")
             cancel = threading.Event()
@@ -200,14 +208,22 @@ def build(pg) -> None:
             return
         parts: list[dict] = []
         result = None
+        # Text the preset wrote (a lead-in after a forced call's output) is marked, so it is never taken for the
+        # model's own answer; the tool loop streams it as text right after the forced call's tool_end.
+        scripted_left = ""
         try:
             async for ev in aiterate(events, cancel):
                 if ev.type == "done":
                     result = ev.result
                     continue
-                add_part(parts, ev)
+                if ev.type == "tool_end" and ev.step.get("forced") and lead_in:
+                    scripted_left = lead_in
+                take = ev.type == "text" and scripted_left and scripted_left.startswith(ev.text)
+                if take:
+                    scripted_left = scripted_left[len(ev.text):]
+                add_part(parts, ev, scripted=bool(take))
                 shown, idx = display(conv_now, parts)
-                yield shown, conv_now, idx, "generating…" if ev.type != "tool_start" else f"running {ev.step['tool']}…", gr.skip()
+                yield shown, conv_now, idx, f"{RUNNING} generating…" if ev.type != "tool_start" else f"{RUNNING} running {ev.step['tool']}…", gr.skip()
         except ValueError as e:
             yield shown, conv_now, idx, f"⚠ {html.escape(str(e))}", gr.skip()
             return
@@ -220,22 +236,22 @@ def build(pg) -> None:
         yield shown, new, idx, f"done · {name} · {result.finish_reason} · {used}", tokens_html(pg, name, system_text, new)
 
     outs = [bot, conv, where, status, tokens]
-    common = [model, system, tools, max_calls, temperature, top_p, max_tokens, seed]
+    common = [model, system, tools, max_calls, temperature, top_p, max_tokens, seed, *penalties]
 
     @door(pg, "inference")
-    async def on_send(text, conv_now, name, system_text, tool_names, calls, temperature, top_p, max_tokens_, seed_,
+    async def on_send(text, conv_now, name, system_text, tool_names, calls, temperature, top_p, max_tokens_, seed_, freq_, pres_, rep_,
                       request: gr.Request):
         if not (text or "").strip():
             shown, idx = display(conv_now)
             yield shown, conv_now, idx, "Write a message first.", gr.skip(), text
             return
         c = conv_now + [{"role": "user", "content": text}]
-        async for out in respond(c, name, system_text, tool_names, calls, temperature, top_p, max_tokens_, seed_,
+        async for out in respond(c, name, system_text, tool_names, calls, temperature, top_p, max_tokens_, seed_, freq_, pres_, rep_,
                                  request=request):
             yield (*out, "")
 
     @door(pg, "inference")
-    async def on_regenerate(conv_now, name, system_text, tool_names, calls, temperature, top_p, max_tokens_, seed_,
+    async def on_regenerate(conv_now, name, system_text, tool_names, calls, temperature, top_p, max_tokens_, seed_, freq_, pres_, rep_,
                             request: gr.Request):
         c = list(conv_now)
         while c and c[-1]["role"] == "assistant":
@@ -244,12 +260,12 @@ def build(pg) -> None:
             shown, idx = display(conv_now)
             yield shown, conv_now, idx, "Nothing to regenerate.", gr.skip()
             return
-        async for out in respond(c, name, system_text, tool_names, calls, temperature, top_p, max_tokens_, seed_,
+        async for out in respond(c, name, system_text, tool_names, calls, temperature, top_p, max_tokens_, seed_, freq_, pres_, rep_,
                                  request=request):
             yield out
 
     @door(pg, "inference")
-    async def on_run_code(conv_now, name, system_text, tool_names, calls, temperature, top_p, max_tokens_, seed_,
+    async def on_run_code(conv_now, name, system_text, tool_names, calls, temperature, top_p, max_tokens_, seed_, freq_, pres_, rep_,
                           request: gr.Request):
         code = cs.last_code_block(conv_now[-1]["content"]) if conv_now and conv_now[-1]["role"] == "assistant" else None
         if code is None:
@@ -258,14 +274,14 @@ def build(pg) -> None:
             return
         c = conv_now[:-1]
         tools_now = sorted(set(tool_names or []) | {"python"})
-        async for out in respond(c, name, system_text, tools_now, calls, temperature, top_p, max_tokens_, seed_,
+        async for out in respond(c, name, system_text, tools_now, calls, temperature, top_p, max_tokens_, seed_, freq_, pres_, rep_,
                                  prefix=cs.python_call(code), lead_in=cs.PYTHON_LEAD_IN, request=request):
             yield out
 
     @door(pg, "inference")
-    async def on_edit(conv_now, idx, name, system_text, tool_names, calls, temperature, top_p, max_tokens_, seed_,
-                      ev: gr.EditData, request: gr.Request):
-        rest = (name, system_text, tool_names, calls, temperature, top_p, max_tokens_, seed_)
+    async def on_edit(conv_now, idx, name, system_text, tool_names, calls, temperature, top_p, max_tokens_, seed_, freq_,
+                      pres_, rep_, ev: gr.EditData, request: gr.Request):
+        rest = (name, system_text, tool_names, calls, temperature, top_p, max_tokens_, seed_, freq_, pres_, rep_)
         i = idx[ev.index] if isinstance(ev.index, int) and ev.index < len(idx) else None
         if i is None or conv_now[i]["role"] != "user":
             shown, w = display(conv_now)
@@ -279,13 +295,13 @@ def build(pg) -> None:
     def on_demo(title):
         d = cs.DEMO_BY_TITLE.get(title)
         if d is None:
-            return (gr.skip(),) * 7
+            return (gr.skip(),) * 8
         return (f"**What to notice.** {d.note}", d.system, cs.SYSTEM_PRESETS[d.system], d.tools, d.temperature,
-                d.max_tokens, d.user)
+                d.max_tokens, d.user, d.repetition_penalty)
 
     @door(pg, "inference")
-    async def on_run_demo(title, name, system_text, tool_names, calls, temperature, top_p, max_tokens_, seed_,
-                          request: gr.Request):
+    async def on_run_demo(title, name, system_text, tool_names, calls, temperature, top_p, max_tokens_, seed_, freq_, pres_,
+                          rep_, request: gr.Request):
         d = cs.DEMO_BY_TITLE.get(title)
         if d is None:
             yield [], [], [], "Pick a preset first.", gr.skip(), gr.skip()
@@ -293,30 +309,30 @@ def build(pg) -> None:
         c = [{"role": "user", "content": d.user}]
         if d.samples > 1:
             shown, idx = display(c)
-            yield shown, c, idx, f"sampling {d.samples} answers…", gr.skip(), ""
-            text = await asyncio.to_thread(sample_text, name, system_text, c, temperature, top_p, max_tokens_, seed_, d.samples)
+            yield shown, c, idx, f"{RUNNING} sampling {d.samples} answers…", gr.skip(), ""
+            text = await asyncio.to_thread(sample_text, name, system_text, c, temperature, top_p, max_tokens_, seed_, freq_, pres_, rep_, d.samples)
             yield shown, c, idx, "done", gr.skip(), text
             return
-        async for out in respond(c, name, system_text, tool_names, calls, temperature, top_p, max_tokens_, seed_,
-                                 prefix=d.prefix, lead_in=d.lead_in, request=request):
+        async for out in respond(c, name, system_text, tool_names, calls, temperature, top_p, max_tokens_, seed_, freq_, pres_,
+                                 rep_, prefix=d.prefix, lead_in=d.lead_in, request=request):
             yield (*out, "")
 
-    def sample_text(name, system_text, c, temperature, top_p, max_tokens_, seed_, n) -> str:
+    def sample_text(name, system_text, c, temperature, top_p, max_tokens_, seed_, freq_, pres_, rep_, n) -> str:
         try:
-            answers = cs.sample_answers(pg, name, system_text, c, params_of(temperature, top_p, max_tokens_, seed_), n)
+            answers = cs.sample_answers(pg, name, system_text, c, params_of(temperature, top_p, max_tokens_, seed_, freq_, pres_, rep_), n)
         except ValueError as e:
             return f"⚠ {html.escape(str(e))}"
         return "**The same question, sampled {} times:**\n\n".format(n) + "\n\n".join(
             f"{i + 1}. {_md(a.strip()) or '(empty)'}" for i, a in enumerate(answers))
 
     @door(pg, "inference")
-    async def on_sample(conv_now, name, system_text, temperature, top_p, max_tokens_, seed_):
+    async def on_sample(conv_now, name, system_text, temperature, top_p, max_tokens_, seed_, freq_, pres_, rep_):
         c = list(conv_now)
         while c and c[-1]["role"] == "assistant":
             c.pop()
         if not c:
             return "Send a message first; this samples the answer to the last one 5 times."
-        return await asyncio.to_thread(sample_text, name, system_text, c, temperature, top_p, max_tokens_, seed_, 5)
+        return await asyncio.to_thread(sample_text, name, system_text, c, temperature, top_p, max_tokens_, seed_, freq_, pres_, rep_, 5)
 
     @door(pg, "annotator")
     def on_demo_send(conv_now, system_text, request: gr.Request):
@@ -343,12 +359,13 @@ def build(pg) -> None:
     ran = run_code.click(on_run_code, [conv, *common], outs)
     edited = bot.edit(on_edit, [conv, where, *common], outs)
     demoed = run_demo.click(on_run_demo, [demo, *common], [*outs, samples])
-    halt.click(None, None, None, cancels=[sent, submitted, regenerated, retried, ran, edited, demoed])
-    demo.change(on_demo, [demo], [demo_note, preset, system, tools, temperature, max_tokens, user_in])
+    wire_stop(halt, [sent, submitted, regenerated, retried, ran, edited, demoed], status, STOPPED)
+    demo.change(on_demo, [demo], [demo_note, preset, system, tools, temperature, max_tokens, user_in, penalties[2]])
     preset.input(public(lambda k: cs.SYSTEM_PRESETS[k]), [preset], [system])
     clear.click(public(lambda: ([], [], [], "", "", "")), None, [bot, conv, where, status, samples, tokens])
-    sample5.click(on_sample, [conv, model, system, temperature, top_p, max_tokens, seed], [samples])
+    sample5.click(on_sample, [conv, model, system, temperature, top_p, max_tokens, seed, *penalties], [samples])
     show_tokens.click(public(lambda m, s, c: tokens_html(pg, m, s, c)), [model, system, conv], [tokens])
     to_demo.click(on_demo_send, [conv, system], [label_info])
     to_rank.click(on_rank_send, [conv, model, system, temperature], [label_info])
     refresh.click(public(lambda: gr.update(choices=cs.chat_models(pg.registry))), None, model)
+    return {"preset": demo}  # what the Start-here tour sets (ui.tour)

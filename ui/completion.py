@@ -22,7 +22,8 @@ from backend import completion as svc
 from backend.engine import aiterate
 from backend.presets_completion import BASE_MODEL_NOTE, get_preset, presets
 from backend.sampling import SamplingParams
-from ui.login import build_login, door, public
+from ui.fields import RUNNING, penalty_values, repetition_controls, wire_stop
+from ui.login import door, public
 
 EXAMPLE = "The three most useful things to know about transformers are"
 STREAM_EVERY_S = 0.08   # re-render the token view at most this often while streaming
@@ -220,10 +221,10 @@ def _seed(text) -> int | None:
     return int(text)
 
 
-def _params(temperature, top_p, top_k, max_tokens, seed, stop) -> SamplingParams:
+def _params(temperature, top_p, top_k, max_tokens, seed, stop, freq=0.0, pres=0.0, rep=1.0) -> SamplingParams:
     return SamplingParams(temperature=float(temperature), top_p=float(top_p), top_k=int(top_k),
                           max_tokens=int(max_tokens), seed=_seed(seed),
-                          stop=[s for s in (stop or "").splitlines() if s]).validate()
+                          stop=[s for s in (stop or "").splitlines() if s], **penalty_values(freq, pres, rep)).validate()
 
 
 def _prompt_ids(engine, mode: str, text: str) -> list[int]:
@@ -232,6 +233,9 @@ def _prompt_ids(engine, mode: str, text: str) -> list[int]:
             raise ValueError("prompt is empty")
         return engine.chat_prompt([{"role": "user", "content": text}])
     return svc.encode_prompt(engine, text)
+
+
+STOPPED = "⏹ Stopped: the tokens so far stay; Generate starts again."
 
 
 def _err(e: Exception) -> str:
@@ -247,7 +251,7 @@ def build(pg) -> None:
                 "picked by a (biased) coin flip, appended, and the loop repeats. Generate, then click any token to see "
                 "what else it could have said. " + BASE_MODEL_NOTE)
     if not pg.cfg.open_inference:  # this server lets only signed-in users generate
-        build_login()
+        gr.Markdown("This server lets only signed-in users generate: sign in at the top of the page.")
     with gr.Row():
         model = gr.Dropdown(_model_choices(pg), value=default, label="Model", scale=3, elem_id="gen-model")
         mode = gr.Radio(["completion", "chat"], value="completion", label="Prompt as", scale=2,
@@ -267,6 +271,9 @@ def build(pg) -> None:
         seed = gr.Textbox(label="Seed", placeholder="empty = random; a number reproduces the sample", elem_id="gen-seed")
         stop = gr.Textbox(label="Stop strings (one per line)", lines=1, elem_id="gen-stop-strings")
         stream = gr.Checkbox(True, label="Stream tokens as they come", elem_id="gen-stream")
+    with gr.Accordion("Repetition controls", open=False):
+        with gr.Row():
+            penalties = repetition_controls("gen")
     with gr.Row():
         run = gr.Button("Generate", variant="primary", elem_id="gen-run")
         resample = gr.Button("Resample (new seed)", elem_id="gen-resample")
@@ -318,17 +325,18 @@ def build(pg) -> None:
             if streaming and time.monotonic() - last > STREAM_EVERY_S * (1 + len(st["tokens"]) / 256):
                 last = time.monotonic()
                 yield (tokens_html(st), gr.skip(), engine.enc.decode([t["id"] for t in st["tokens"]]),
-                       "generating…", st)
+                       f"{RUNNING} generating…", st)
         text = svc.completion_text(engine, st["tokens"], stop)
         yield (tokens_html(st), alternatives_html(st), text,
                f"done · {engine.name} · {len(st['tokens'])} tokens · stopped by {finish}"
                + (f" · seed {st['seed']}" if st.get("seed") is not None else ""), st)
 
     @door(pg, "inference")
-    async def generate(name, mode, text, temperature, top_p, top_k, max_tokens, seed, stop, streaming):
+    async def generate(name, mode, text, temperature, top_p, top_k, max_tokens, seed, stop, freq, pres, rep_,
+                       streaming):
         try:
             engine = await _engine(name)
-            params = _params(temperature, top_p, top_k, max_tokens, seed, stop)
+            params = _params(temperature, top_p, top_k, max_tokens, seed, stop, freq, pres, rep_)
             ids = _prompt_ids(engine, mode, text or "")
             cancel = threading.Event()
             it = svc.stream_tokens(engine, ids, params, cancel=cancel)
@@ -337,7 +345,7 @@ def build(pg) -> None:
             return
         st = {"model": name, "mode": mode, "prompt": text, "prompt_ids": ids, "prompt_text": engine.enc.decode(ids),
               "tokens": [], "selected": None, "seed": params.seed, "params": [temperature, top_p, top_k, max_tokens, seed, stop]}
-        yield tokens_html(st), alternatives_html(st), "", "generating…", st
+        yield tokens_html(st), alternatives_html(st), "", f"{RUNNING} generating…", st
         try:
             async for out in _stream(engine, it, st, cancel, streaming, params.stop):
                 yield out
@@ -355,7 +363,8 @@ def build(pg) -> None:
         return tokens_html(st), alternatives_html(st), st
 
     @door(pg, "inference")
-    async def branch(st, temperature, top_p, top_k, max_tokens, seed, stop, streaming, evt: gr.EventData):
+    async def branch(st, temperature, top_p, top_k, max_tokens, seed, stop, freq, pres, rep_, streaming,
+                     evt: gr.EventData):
         data = getattr(evt, "_data", {}) or {}
         token_id = data.get("token_id") if isinstance(data, dict) else None
         st = dict(st or {})
@@ -366,7 +375,7 @@ def build(pg) -> None:
         try:
             engine = await _engine(st["model"])
             # the branch keeps the completion's length: max_tokens counts the tokens before the branch point
-            params = _params(temperature, top_p, top_k, max(1, int(max_tokens) - sel), seed, stop)
+            params = _params(temperature, top_p, top_k, max(1, int(max_tokens) - sel), seed, stop, freq, pres, rep_)
             prefix = st["prompt_ids"] + [t["id"] for t in st["tokens"][:sel]]
             cancel = threading.Event()
             it = svc.stream_continue_from(engine, prefix, token_id, params, cancel=cancel)
@@ -434,7 +443,7 @@ def build(pg) -> None:
         return (p.prompt, p.temperature, p.top_p, p.top_k, p.max_tokens, "" if p.seed is None else str(p.seed),
                 "\n".join(p.stop), preset_markdown(name))
 
-    knobs = [temperature, top_p, top_k, max_tokens, seed, stop]
+    knobs = [temperature, top_p, top_k, max_tokens, seed, stop, *penalties]
     gen_inputs = [model, mode, prompt, *knobs, stream]
     gen_outputs = [view, alts, output, status, state]
     events = [
@@ -444,7 +453,7 @@ def build(pg) -> None:
         greedy.click(public(lambda: 0), None, temperature).then(generate, gen_inputs, gen_outputs),
         alts.click(branch, [state, *knobs, stream], gen_outputs),
     ]
-    halt.click(None, None, None, cancels=events)
+    wire_stop(halt, events, status, STOPPED)
     view.click(select_token, state, [view, alts, state])
     step_btn.click(step, [state, model, mode, prompt, temperature, top_p, top_k, seed],
                    [view, alts, dist_view, output, status, state])
@@ -457,3 +466,4 @@ def build(pg) -> None:
         return gr.update(choices=_model_choices(pg)), gr.update(choices=_pretrained(pg))
 
     refresh.click(refresh_models, None, [model, reg_model])
+    return {"preset": preset}  # what the Start-here tour sets (ui.tour)

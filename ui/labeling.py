@@ -9,10 +9,10 @@ import tempfile
 
 import gradio as gr
 
-from backend.labels import agreement, exchange, guidelines, progress, rankings, sft, snapshots
+from backend.labels import agreement, exchange, guidelines, progress, rankings, review, sft, snapshots
 from backend.labels.candidates import EXAMPLE_PROMPTS
 from backend.labels.messages import flatten
-from ui.login import build_login, door, public, request_user
+from ui.login import door, public, request_user
 from ui.ranking_widget import build_ranking_widget
 
 
@@ -21,6 +21,19 @@ def _model_names(pg) -> list[str]:
         return [m.name for m in pg.registry.list()]
     except Exception:  # the registry may not be wired in this build
         return [pg.cfg.default_model]
+
+
+def _set_choices(pg) -> list[tuple[str, int]]:
+    """Ranking sets by name, newest first (operators pick, never type ids)."""
+    return [(f"{x['name']} · {x['items']} items · K={x['k']}", x["id"]) for x in reversed(rankings.list_sets(pg.db))]
+
+
+USER_COLUMNS = ["id", "name", "role", "active", "created (UTC)"]
+
+
+def _user_rows(people: list[dict]) -> list[list]:
+    return [[u["id"], u["name"], u["role"], "yes" if u["active"] else "no", u["created_at"][:19].replace("T", " ")]
+            for u in people]
 
 
 def _errors_to_gr(fn):
@@ -51,6 +64,7 @@ def build_sft(pg) -> None:
         refresh_mine = gr.Button("Refresh list", size="sm")
     with gr.Row():
         with gr.Column(scale=3):
+            prompt_md = gr.Markdown("*Press **Next prompt** to get a prompt to answer.*", elem_id="sft-prompt")
             gr.Markdown("**The assistant turn you are writing** (the last one of the conversation)")
             reply = gr.Textbox(label="Reply", lines=6, elem_id="sft-reply")
             thinking = gr.Textbox(label="Thinking (optional: working shown before the answer)", lines=3)
@@ -109,8 +123,17 @@ def build_sft(pg) -> None:
         rows = [[c["tool"], c["input"], c["output"]] for c in last.get("tool_calls", [])] or [["", "", ""]]
         return [last.get("content", ""), last.get("thinking", ""), rows]
 
+    def asked(msgs) -> str:
+        """The turn being answered, kept in view above the reply box (the preview may scroll away)."""
+        users = [m for m in msgs if m.get("role") == "user"]
+        if not users:
+            return "*Press **Next prompt** to get a prompt to answer.*"
+        system = next((m["content"] for m in msgs if m.get("role") == "system"), "")
+        quoted = "\n".join("> " + line for line in str(users[-1].get("content", "")).splitlines() or [""])
+        return (f"**System prompt:** {system}\n\n" if system else "") + f"**The user asks:**\n\n{quoted}"
+
     def render(msgs):
-        return [json.dumps(msgs, indent=2, ensure_ascii=False), _chat_preview(msgs), *split(msgs)]
+        return [json.dumps(msgs, indent=2, ensure_ascii=False), _chat_preview(msgs), asked(msgs), *split(msgs)]
 
     def show(payload, note=""):
         st = {"demo_id": payload.get("demo_id"), "prompt_id": payload.get("prompt_id")}
@@ -130,8 +153,11 @@ def build_sft(pg) -> None:
     @_errors_to_gr
     def save(text, reply, thinking, tool_rows, st, submit, request):
         user = request_user(pg, request, "annotator")
-        out = sft.save(pg.db, user, merge(text, reply, thinking, tool_rows), demo_id=st.get("demo_id"),
-                       prompt_id=st.get("prompt_id"), submit=submit)
+        try:
+            out = sft.save(pg.db, user, merge(text, reply, thinking, tool_rows), demo_id=st.get("demo_id"),
+                           prompt_id=st.get("prompt_id"), submit=submit)
+        except ValueError as e:  # say what is missing on the status line; the prompt, reply and preview stay
+            return [gr.skip()] * (len(shown) - 1) + [f"⚠ Not {'submitted' if submit else 'saved'}: {e}"]
         return show(out, "Submitted." if submit else "Draft saved.")
 
     @door(pg, "annotator")
@@ -183,27 +209,28 @@ def build_sft(pg) -> None:
     @_errors_to_gr
     def open_demo(demo_id, st, request: gr.Request):
         if demo_id is None:
-            return [gr.skip()] * 5 + [st, gr.skip()]
+            return [gr.skip()] * 6 + [st, gr.skip()]
         user = request_user(pg, request, "annotator")
         return show(sft.get(pg.db, user, int(demo_id)))
 
     @public
     def sync_preview(text):
         try:
-            return _chat_preview(json.loads(text or "[]")), *split(json.loads(text or "[]"))
+            msgs = json.loads(text or "[]")
+            return _chat_preview(msgs), asked(msgs), *split(msgs)
         except (json.JSONDecodeError, AttributeError, KeyError, TypeError):
-            return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
 
-    shown = [convo, preview, *panel, state, info]
+    shown = [convo, preview, prompt_md, *panel, state, info]
     load_btn.click(load_next, [state], shown)
     save_btn.click(save_draft, [convo, *panel, state], shown)
     submit_btn.click(submit, [convo, *panel, state], shown)
     skip_btn.click(skip, [state], shown)
-    draft_btn.click(draft, [convo, model, temp], [convo, preview, *panel])
-    add_user.click(append_user, [convo, *panel, user_turn], [convo, preview, *panel, user_turn])
+    draft_btn.click(draft, [convo, model, temp], [convo, preview, prompt_md, *panel])
+    add_user.click(append_user, [convo, *panel, user_turn], [convo, preview, prompt_md, *panel, user_turn])
     refresh_mine.click(list_mine, None, [mine])
     mine.change(open_demo, [mine, state], shown)
-    convo.blur(sync_preview, [convo], [preview, *panel])
+    convo.blur(sync_preview, [convo], [preview, prompt_md, *panel])
 
 
 def build_operator(pg) -> None:
@@ -217,9 +244,9 @@ def build_operator(pg) -> None:
         k = gr.Slider(rankings.K_MIN, rankings.K_MAX, value=4, step=1, label="K candidates")
         temp = gr.Slider(0, 1.5, value=1.0, step=0.05, label="Temperature")
         per_item = gr.Number(value=1, precision=0, label="Annotators per item", minimum=1)
-    upload = gr.File(label="Or upload prompts (.txt, one per line)", file_types=[".txt"], type="filepath")
+    upload = gr.File(label="Or upload prompts (.txt, one per line)", file_types=[".txt"], type="filepath", height=90)
     create = gr.Button("Sample candidates and create set", variant="primary")
-    created = gr.JSON(label="Created")
+    created = gr.Markdown(elem_id="op-created")
 
     gr.Markdown("### Queue prompts for demonstrations (Write demos)")
     with gr.Row():
@@ -239,23 +266,28 @@ def build_operator(pg) -> None:
 
     gr.Markdown("### Progress and agreement")
     with gr.Row():
-        set_id = gr.Number(label="Set id", precision=0)
-        method = gr.Radio(["borda", "ranked_pairs"], value="borda", label="Consensus")
-        prog_btn = gr.Button("Progress")
-        agree_btn = gr.Button("Agreement")
+        set_id = gr.Dropdown(_set_choices(pg), value=None, label="Ranking set", scale=3, elem_id="op-set")
+        sets_refresh = gr.Button("↻ sets", size="sm", scale=0)
+        method = gr.Radio(["borda", "ranked_pairs"], value="borda", label="Consensus", scale=2)
+        prog_btn = gr.Button("Progress", scale=1)
+        agree_btn = gr.Button("Agreement", scale=1)
     summary = gr.Markdown()
-    table = gr.Dataframe(label="Per annotator", interactive=False)
-    items_table = gr.Dataframe(label="Per item", interactive=False)
+    table = gr.Dataframe(headers=["annotator", "ranked", "skipped", "all bad", "last activity (UTC)"],
+                         label="Per annotator (pick a set, then Progress or Agreement)", interactive=False,
+                         elem_id="op-annotators")
+    items_table = gr.Dataframe(headers=["items", "items done", "rankings needed"], label="Per item", interactive=False,
+                               elem_id="op-items")
 
     gr.Markdown("### Data out, data in")
     with gr.Row():
         kind = gr.Radio(list(exchange.KINDS), value="preferences", label="Kind")
         export_btn = gr.Button("Export JSONL")
         snap_btn = gr.Button("Freeze a snapshot")
-    exported = gr.File(label="Export")
-    imp = gr.File(label="Import JSONL (a bad file is refused whole)", file_types=[".jsonl", ".json"], type="filepath")
+    exported = gr.File(label="Export", height=90)
+    imp = gr.File(label="Import JSONL (a bad file is refused whole)", file_types=[".jsonl", ".json"], type="filepath",
+                  height=90)
     imp_btn = gr.Button("Import")
-    io_out = gr.JSON(label="Result")
+    io_out = gr.Markdown(elem_id="op-io")
 
     @door(pg, "operator")
     @_errors_to_gr
@@ -266,25 +298,34 @@ def build_operator(pg) -> None:
             lines += open(upload, encoding="utf-8").read().splitlines()
         if examples:
             lines += EXAMPLE_PROMPTS
-        return rankings.create_set_from_model(pg.db, getattr(pg, "engines", None), user, name, lines, model,
+        made = rankings.create_set_from_model(pg.db, getattr(pg, "engines", None), user, name, lines, model,
                                               int(k), float(temp), int(per_item or 1))
+        return (f"Created set **{made['name']}**: {made['items']} prompt(s) × {made['k']} candidates from "
+                f"`{made['model']}`, {made['annotators_per_item']} annotator(s) per item. Annotators find it under **Rank**.",
+                gr.update(choices=_set_choices(pg), value=made["id"]))
 
     @door(pg, "operator")
     @_errors_to_gr
     def show_progress(set_id, request: gr.Request):
         request_user(pg, request, "operator")
-        p = progress.set_progress(pg.db, int(set_id or 0))
+        if not set_id:
+            raise gr.Error("Pick a ranking set first.")
+        p = progress.set_progress(pg.db, int(set_id))
         text = (f"**{p['name']}**: {p['items_done']} of {p['items']} items done "
                 f"({p['annotators_per_item']} annotator(s) per item; {p['rankings_needed']} rankings needed).")
-        rows = [[a["name"], a["ranked"], a["skipped"], a["all_bad"], a["last_activity"]] for a in p["annotators"]]
-        return (text, gr.update(value=rows, headers=["annotator", "ranked", "skipped", "all bad", "last activity"]),
-                gr.update(value=[], headers=["-"]))
+        rows = [[a["name"], a["ranked"], a["skipped"], a["all_bad"], (a["last_activity"] or "")[:19].replace("T", " ")]
+                for a in p["annotators"]] or [["(nobody yet)", 0, 0, 0, ""]]
+        return (text, gr.update(value=rows, headers=["annotator", "ranked", "skipped", "all bad", "last activity (UTC)"]),
+                gr.update(value=[[p["items"], p["items_done"], p["rankings_needed"]]],
+                          headers=["items", "items done", "rankings needed"]))
 
     @door(pg, "operator")
     @_errors_to_gr
     def show_agreement(set_id, method, request: gr.Request):
         request_user(pg, request, "operator")
-        a = agreement.set_agreement(pg.db, int(set_id or 0), method)
+        if not set_id:
+            raise gr.Error("Pick a ranking set first.")
+        a = agreement.set_agreement(pg.db, int(set_id), method)
         text = (f"Mean pairwise Kendall's tau over items: **{a['mean_pairwise_tau']}** (1 = same order, 0 = unrelated, "
                 f"-1 = reversed); consensus by {a['method']}, each annotator compared with the others' consensus.")
         people = [[n, v["items"], v["tau_vs_consensus"]] for n, v in a["annotators"].items()]
@@ -307,8 +348,10 @@ def build_operator(pg) -> None:
     @_errors_to_gr
     def do_snapshot(kind, set_id, request: gr.Request):
         user = request_user(pg, request, "operator")
-        return snapshots.create_snapshot(pg.db, pg.cfg.data_dir, user, kind, set_id=int(set_id) if set_id else None,
+        snap = snapshots.create_snapshot(pg.db, pg.cfg.data_dir, user, kind, set_id=int(set_id) if set_id else None,
                                          artifacts_url=pg.cfg.artifacts_url)
+        return (f"Snapshot **{snap['name']}** ({snap['kind']}, {snap['rows']} rows), hash `{snap['hash'][:16]}…`: pick it "
+                "as the training data of a job on the Training tab.")
 
     @door(pg, "operator")
     @_errors_to_gr
@@ -317,16 +360,83 @@ def build_operator(pg) -> None:
         if not path:
             raise gr.Error("Choose a file first.")
         try:
-            return exchange.import_jsonl(pg.db, user, kind, open(path, encoding="utf-8").read())
+            out = exchange.import_jsonl(pg.db, user, kind, open(path, encoding="utf-8").read())
         except exchange.ImportRefused as e:
-            return {"refused": True, "errors": [{"line": n, "reason": r} for n, r in e.errors]}
+            return "**Refused whole** (nothing imported):\n\n" + "\n".join(f"- line {n}: {r}" for n, r in e.errors[:50])
+        return f"Imported {out['rows']} {out['kind']} row(s)" + (
+            f" into set(s) {', '.join(map(str, out['set_ids']))}." if out.get("set_ids") else ".")
 
-    create.click(create_set, [name, model, prompts, examples, k, temp, per_item, upload], [created])
+    create.click(create_set, [name, model, prompts, examples, k, temp, per_item, upload], [created, set_id])
+    sets_refresh.click(door(pg, "operator")(lambda: gr.update(choices=_set_choices(pg))), None, set_id)
     prog_btn.click(show_progress, [set_id], [summary, table, items_table])
     agree_btn.click(show_agreement, [set_id, method], [summary, table, items_table])
     export_btn.click(do_export, [kind, set_id], [exported])
     snap_btn.click(do_snapshot, [kind, set_id], [io_out])
     imp_btn.click(do_import, [kind, imp], [io_out])
+
+
+def build_review(pg) -> None:
+    """Accept, edit or reject others' submitted demonstrations (backend.labels.review)."""
+    gr.Markdown("Review the demonstrations others submitted, as Open-Assistant does: **Accept** keeps it for "
+                "training, edit the reply first to accept your corrected version (a new version, credited to you), "
+                "**Reject** leaves it out (say why). You never review your own. Exports carry the decision.")
+    counts = gr.Markdown(elem_id="review-counts")
+    nxt = gr.Button("Next to review", elem_id="review-next")
+    shown = gr.State(None)
+    asked = gr.Markdown(elem_id="review-prompt")
+    reply = gr.Textbox(label="The reply (edit it to correct it)", lines=6, elem_id="review-reply")
+    note = gr.Textbox(label="Note (why; required to reject)", elem_id="review-note")
+    with gr.Row():
+        accept = gr.Button("✓ Accept", variant="primary", elem_id="review-accept")
+        reject = gr.Button("✗ Reject", variant="stop", elem_id="review-reject")
+    said = gr.Markdown(elem_id="review-status")
+
+    def counted() -> str:
+        c = review.review_counts(pg.db)
+        return f"Submitted demonstrations: **{c['pending']}** pending review · {c['accepted']} accepted · {c['rejected']} rejected."
+
+    def show(d):
+        if d is None:
+            return None, "*Nothing left to review (your own demos go to someone else).*", "", "", counted()
+        msgs = d["messages"]
+        user = next((m["content"] for m in reversed(msgs) if m["role"] == "user"), "")
+        reply_text = msgs[-1]["content"] if msgs and msgs[-1]["role"] == "assistant" else ""
+        quoted = "\n".join("> " + line for line in user.splitlines() or [""])
+        return (d, f"**Demo {d['demo_id']}** by {d['author']} ({d['versions']} version(s)). **The user asks:**\n\n{quoted}",
+                reply_text, "", counted())
+
+    @door(pg, "annotator")
+    @_errors_to_gr
+    def load(request: gr.Request):
+        return show(review.next_for_review(pg.db, request_user(pg, request, "annotator")))
+
+    @_errors_to_gr
+    def decide(decision, d, text, why, request: gr.Request):
+        user = request_user(pg, request, "annotator")
+        if d is None:
+            raise gr.Error("Press Next to review first.")
+        if decision == "reject" and not (why or "").strip():
+            raise gr.Error("Say why in the note before rejecting.")
+        msgs = d["messages"]
+        edited = None
+        if decision == "accept" and msgs and msgs[-1]["role"] == "assistant" and text != msgs[-1]["content"]:
+            edited = msgs[:-1] + [{**msgs[-1], "content": text}]
+        out = review.review_demo(pg.db, user, d["demo_id"], decision, why, edited)
+        done = (f"Demo {out['demo_id']} **{out['review']}**" + (" with your edit" if edited else "") + ".")
+        return (*show(review.next_for_review(pg.db, user))[:-1], counted(), done)
+
+    outs = [shown, asked, reply, note, counts]
+    nxt.click(load, None, outs)
+    @door(pg, "annotator")
+    def do_accept(d, text, why, request: gr.Request):
+        return decide("accept", d, text, why, request)
+
+    @door(pg, "annotator")
+    def do_reject(d, text, why, request: gr.Request):
+        return decide("reject", d, text, why, request)
+
+    accept.click(do_accept, [shown, reply, note], [*outs, said])
+    reject.click(do_reject, [shown, reply, note], [*outs, said])
 
 
 def build_guidelines(pg) -> None:
@@ -355,8 +465,8 @@ def build_admin(pg) -> None:
         role = gr.Dropdown(list(ROLES), value="annotator", label="Role")
         add = gr.Button("Add user", variant="primary")
         disable = gr.Button("Disable user")
-    secrets_out = gr.JSON(label="New credentials (shown once)")
-    table = gr.JSON(label="Users")
+    secrets_out = gr.Markdown(elem_id="admin-secrets")
+    table = gr.Dataframe(headers=USER_COLUMNS, interactive=False, label="Users", elem_id="admin-users")
     refresh = gr.Button("List users", size="sm")
 
     @door(pg, "admin")
@@ -364,7 +474,8 @@ def build_admin(pg) -> None:
     def do_add(name, role, request: gr.Request):
         request_user(pg, request, "admin")
         u, password, api_key = users.add_user(pg.db, name, role)
-        return {"name": u.name, "role": u.role, "password": password, "api_key": api_key}, users.list_users(pg.db)
+        return (f"Added **{u.name}** ({u.role}). Shown once, pass them on now: password `{password}` · API key "
+                f"`{api_key}`", _user_rows(users.list_users(pg.db)))
 
     @door(pg, "admin")
     @_errors_to_gr
@@ -373,13 +484,13 @@ def build_admin(pg) -> None:
         if name.strip() == me.name:
             raise gr.Error("You cannot disable yourself.")
         users.set_active(pg.db, name.strip(), False)
-        return users.list_users(pg.db)
+        return _user_rows(users.list_users(pg.db))
 
     @door(pg, "admin")
     @_errors_to_gr
     def do_list(request: gr.Request):
         request_user(pg, request, "admin")
-        return users.list_users(pg.db)
+        return _user_rows(users.list_users(pg.db))
 
     add.click(do_add, [name, role], [secrets_out, table])
     disable.click(do_disable, [name], [table])
@@ -387,15 +498,18 @@ def build_admin(pg) -> None:
 
 
 def build(pg) -> None:
-    build_login()
-    with gr.Tabs():
+    with gr.Tabs() as tabs:
         with gr.Tab("Rank", id="rank"):
             build_ranking_widget()
         with gr.Tab("Write demos", id="sft"):
             build_sft(pg)
-        with gr.Tab("Operator", id="operator"):
+        # Shown to the roles that use them (ui.__init__ sets visibility from the session); the handlers check anyway.
+        with gr.Tab("Operator", id="operator", visible=False) as operator_tab:
             build_operator(pg)
+        with gr.Tab("Review", id="review", visible=False) as review_tab:
+            build_review(pg)
         with gr.Tab("Guidelines", id="guidelines"):
             build_guidelines(pg)
-        with gr.Tab("Users", id="users"):
+        with gr.Tab("Users", id="users", visible=False) as users_tab:
             build_admin(pg)
+    return {"tabs": tabs, "_roles": [(review_tab, "annotator"), (operator_tab, "operator"), (users_tab, "admin")]}  # what the Start-here tour sets (ui.tour)

@@ -1,6 +1,6 @@
-"""Sign-in strip for the tabs, and `door`: the access rule every Gradio handler declares.
+"""Sign-in strip in the page header (one for every tab), and `door`: the access rule every Gradio handler declares.
 
-Sign-in strip for the labeling screens. The browser posts to /api/login, which sets an HttpOnly
+The browser posts to /api/login, which sets an HttpOnly
 session cookie; Gradio handlers and the ranking widget are then recognised by that cookie."""
 from __future__ import annotations
 
@@ -23,6 +23,11 @@ function el(tag, attrs, text) {
   if (text !== undefined) e.textContent = text;
   return e;
 }
+function changed() {  // who is signed in changed: the ranking widget reloads, role-gated views update
+  window.dispatchEvent(new Event('pg-auth'));
+  const b = document.getElementById('pg-auth-refresh');
+  if (b) b.click();
+}
 async function refresh() {
   const r = await fetch('/api/me', {credentials: 'same-origin'});
   box.replaceChildren();
@@ -30,20 +35,21 @@ async function refresh() {
     const me = await r.json();
     const out = el('button', {'class': 'pg-logout', type: 'button'}, 'Log out');
     out.onclick = async () => { await fetch('/api/logout', {method: 'POST', credentials: 'same-origin'});
-                                window.dispatchEvent(new Event('pg-auth')); refresh(); };
+                                changed(); refresh(); };
     box.append(el('span', {'class': 'pg-whoami'}, 'Signed in as ' + me.name + ' (' + me.role + ')'), out);
     return;
   }
   const form = el('form', {'class': 'pg-login-form', style: 'display:flex;gap:.5em;align-items:center'});
-  const name = el('input', {name: 'name', placeholder: 'name', autocomplete: 'username', 'aria-label': 'name'});
-  const pw = el('input', {name: 'password', type: 'password', placeholder: 'password', autocomplete: 'current-password', 'aria-label': 'password'});
+  const look = 'border:1px solid var(--border-color-primary,#ccc);border-radius:6px;padding:.35em .5em;width:10em';
+  const name = el('input', {name: 'name', placeholder: 'name', autocomplete: 'username', 'aria-label': 'name', style: look});
+  const pw = el('input', {name: 'password', type: 'password', placeholder: 'password', autocomplete: 'current-password', 'aria-label': 'password', style: look});
   const msg = el('span', {'class': 'pg-login-msg'});
   form.append(name, pw, el('button', {type: 'submit'}, 'Log in'), msg);
   form.onsubmit = async (ev) => {
     ev.preventDefault();
     const r = await fetch('/api/login', {method: 'POST', credentials: 'same-origin',
       headers: {'Content-Type': 'application/json'}, body: JSON.stringify({name: name.value, password: pw.value})});
-    if (r.ok) { window.dispatchEvent(new Event('pg-auth')); refresh(); }
+    if (r.ok) { changed(); refresh(); }
     else { msg.textContent = 'Wrong name or password.'; }
   };
   box.append(form);

@@ -5,7 +5,7 @@ from __future__ import annotations
 import gradio as gr
 import pandas as pd
 
-from ui.login import build_login, door, public, request_user
+from ui.login import door, public, request_user
 
 COLUMNS = ["name", "kind", "chat", "context", "where", "description"]
 
@@ -28,7 +28,6 @@ def build(pg) -> None:
     gr.Markdown("Every model the tabs can use. A **served** model runs on another engine that speaks the OpenAI "
                 "API; Chat, Generate, Practice, Arena and Labeling use it like a local one (step mode and "
                 "prompt log-probs need local weights). **Export** writes a model for those engines.")
-    build_login()
     table = gr.Dataframe(_table(pg), label="Registered models", interactive=False, elem_id="models-table")
     refresh = gr.Button("↻ refresh", size="sm")
     with gr.Accordion("Add a served model (admins)", open=False):

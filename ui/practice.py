@@ -13,8 +13,8 @@ import pandas as pd
 
 from backend import chat_service as cs
 from backend import practice as svc
-from ui.fields import RUNNING, parse_seed, wire_stop
-from ui.login import build_login, door, public, request_user
+from ui.fields import RUNNING, parse_seed, penalty_values, repetition_controls, wire_stop
+from ui.login import door, public, request_user
 
 INTRO = ("**Practice problems with a known answer.** Pick a model and a problem (a generated one, or type your own "
          "with its exact answer), and sample N solutions at a temperature. Each solution is graded by the rule the "
@@ -79,7 +79,6 @@ def summary_md(r: dict) -> str:
 
 def build(pg) -> None:
     gr.Markdown(INTRO)
-    build_login()
     with gr.Row():
         model = gr.Dropdown(cs.chat_models(pg.registry), value=pg.cfg.default_model if pg.cfg.default_model in
                             cs.chat_models(pg.registry) else None, label="Model", scale=4, elem_id="practice-model")
@@ -88,9 +87,12 @@ def build(pg) -> None:
         kind = gr.Dropdown(svc.problem_kinds(), value="apples", label="Problem kind", scale=2, elem_id="practice-kind")
         scale = gr.Radio(["small", "large"], value="small", label="Numbers up to 10 (small) or 200 (large)", scale=2)
         new = gr.Button("🎲 New problem", scale=1, elem_id="practice-new")
+    first = svc.generated_problem("apples", 0, "small")  # the tab opens with a problem ready: Sample works at once
     with gr.Row():
-        question = gr.Textbox(label="Problem (generated, or type your own)", lines=2, scale=4, elem_id="practice-question")
-        answer = gr.Textbox(label="Exact answer (a whole number or one word)", scale=1, elem_id="practice-answer")
+        question = gr.Textbox(first.question, label="Problem (generated, or type your own)", lines=2, scale=4,
+                              elem_id="practice-question")
+        answer = gr.Textbox(first.answer, label="Exact answer (a whole number or one word)", scale=1,
+                            elem_id="practice-answer")
     with gr.Row():
         n = gr.Slider(1, svc.MAX_N, value=8, step=1, label="N samples", elem_id="practice-n")
         temperature = gr.Slider(0, 2, value=0.8, step=0.05, label="Temperature", elem_id="practice-temperature")
@@ -104,6 +106,9 @@ def build(pg) -> None:
                          elem_id="practice-rm")
         lenient = gr.Checkbox(False, label="Lenient grading: no stated answer counts the reply's last number (word)",
                               elem_id="practice-lenient")
+    with gr.Accordion("Repetition controls", open=False):
+        with gr.Row():
+            penalties = repetition_controls("practice")
     with gr.Row():
         go = gr.Button("Sample N solutions", variant="primary", scale=4, elem_id="practice-sample")
         halt = gr.Button("■ Stop", variant="stop", scale=1, elem_id="practice-stop")
@@ -130,9 +135,10 @@ def build(pg) -> None:
     per_problem = gr.Dataframe(headers=["Problem", "Answer", "Right of N", "Majority answer"], interactive=False,
                                elem_id="practice-scale-problems")
 
-    def config(n_, temperature_, max_tokens_, seed_, template_, rm_, lenient_) -> svc.PracticeConfig:
+    def config(n_, temperature_, max_tokens_, seed_, template_, rm_, lenient_, freq_=0, pres_=0, rep_=1) -> svc.PracticeConfig:
         return svc.PracticeConfig(int(n_), float(temperature_), 1.0, int(max_tokens_),
-                                  parse_seed(seed_), template_, None if rm_ == NO_RM else rm_, bool(lenient_))
+                                  parse_seed(seed_), template_, None if rm_ == NO_RM else rm_, bool(lenient_),
+                                  **penalty_values(freq_, pres_, rep_))
 
     @public
     def on_new(kind_, scale_):
@@ -155,11 +161,11 @@ def build(pg) -> None:
 
     @door(pg, "learner")
     async def on_sample(model_, question_, answer_, n_, temperature_, max_tokens_, seed_, template_, rm_,
-                        lenient_, request: gr.Request):
+                        lenient_, freq_, pres_, rep_, request: gr.Request):
         user = request_user(pg, request, "learner")  # noqa: F841 - the login is the guard
         try:
             problem = svc.typed_problem(question_, answer_)
-            cfg = config(n_, temperature_, max_tokens_, seed_, template_, rm_, lenient_)
+            cfg = config(n_, temperature_, max_tokens_, seed_, template_, rm_, lenient_, freq_, pres_, rep_)
         except ValueError as e:
             yield f"⚠ {html.escape(str(e))}", gr.skip(), gr.skip(), gr.skip()
             return
@@ -172,10 +178,10 @@ def build(pg) -> None:
 
     @door(pg, "learner")
     async def on_curve(model_, kind_, scale_, m_, pseed, n_, temperature_, max_tokens_, seed_, template_, rm_,
-                       lenient_, request: gr.Request):
+                       lenient_, freq_, pres_, rep_, request: gr.Request):
         request_user(pg, request, "learner")
         try:
-            cfg = config(n_, temperature_, max_tokens_, seed_, template_, rm_, lenient_)
+            cfg = config(n_, temperature_, max_tokens_, seed_, template_, rm_, lenient_, freq_, pres_, rep_)
         except ValueError as e:
             yield f"⚠ {html.escape(str(e))}", gr.skip(), gr.skip(), gr.skip()
             return
@@ -192,7 +198,7 @@ def build(pg) -> None:
                   f"Sampling seed {r['sample_seed']}.")
         yield status, curve_frame(r["curve"]), curve_table(r["curve"]), rows
 
-    sampling = [n, temperature, max_tokens, seed, template, rm, lenient]
+    sampling = [n, temperature, max_tokens, seed, template, rm, lenient, *penalties]
     new.click(on_new, [kind, scale], [question, answer])
     # progress (and a ■ Stop's end) shows on the status line alone, not as "Error" on the emptied results
     sampled = go.click(on_sample, [model, question, answer, *sampling], [summary, plot, table, cards],

@@ -42,6 +42,7 @@ CSS = """
 .pg-rankno { font-weight: bold; min-width: 2.2em; }
 .pg-badge { display: inline-block; min-width: 1.6em; text-align: center; border-radius: 4px; background: #334155; color: white; }
 .pg-text { white-space: pre-wrap; flex: 1; }
+.pg-flag { align-self: flex-start; font-size: .8em; }
 .pg-guide { white-space: pre-wrap; max-height: 24em; overflow: auto; border: 1px solid #ccc; padding: .6em; }
 """
 
@@ -49,6 +50,7 @@ JS = r"""
 const root = element.querySelector('.pg-rank');
 const $ = (s) => root.querySelector(s);
 let item = null, order = [], sel = 0, placed = 0;
+const FLAGS = ['spam', 'unsafe', 'off-topic'];  // backend.labels.review.FLAGS
 const history = [];
 
 async function api(method, url, body) {
@@ -80,7 +82,21 @@ function render() {
     const no = document.createElement('span'); no.className = 'pg-rankno'; no.textContent = '#' + (rank + 1);
     const badge = document.createElement('span'); badge.className = 'pg-badge'; badge.textContent = String(c.position + 1);
     const text = document.createElement('div'); text.className = 'pg-text'; text.textContent = c.text;
-    li.append(no, badge, text);
+    // Flag a candidate for review (spam, unsafe, off-topic), as Open-Assistant lets labelers do.
+    const flag = document.createElement('select');
+    flag.className = 'pg-flag';
+    flag.setAttribute('aria-label', 'flag candidate ' + (c.position + 1));
+    flag.append(new Option('⚑ flag…', ''), ...FLAGS.map((f) => new Option(f, f)));
+    flag.addEventListener('click', (e) => e.stopPropagation());
+    flag.addEventListener('change', async () => {
+      const f = flag.value;
+      if (!f) return;
+      try {
+        await api('POST', '/api/candidates/' + c.id + '/flags', {flag: f, on: true});
+        status('⚑ Candidate ' + (c.position + 1) + ' flagged as ' + f + ' for the operators.');
+      } catch (e) { status('Not flagged: ' + e.message); }
+    });
+    li.append(no, badge, text, flag);
     li.addEventListener('click', () => { sel = rank; render(); });
     li.addEventListener('dragstart', (e) => { e.dataTransfer.setData('text/plain', String(rank)); });
     li.addEventListener('dragover', (e) => e.preventDefault());
@@ -106,13 +122,13 @@ function show(next) {
 // Loads can overlap (sign-in, set picker, revisit); only the newest one may change the screen, and
 // data-busy tells scripts (and tests) when the widget has settled.
 let loadSeq = 0;
-async function load(fetchItem, describe) {
+async function load(fetchItem, describe, done) {
   const seq = ++loadSeq;
   root.dataset.busy = '1';
   try {
     const next = await fetchItem();
     if (seq !== loadSeq) return;
-    if (!next || next.done) { show(null); status('Nothing left to rank. Thank you!'); return; }
+    if (!next || next.done) { show(null); status((done ? done + ' ' : '') + 'Nothing left to rank. Thank you!'); return; }
     show(next);
     status(describe(next));
     root.focus({preventScroll: true});
@@ -122,10 +138,15 @@ async function load(fetchItem, describe) {
     if (seq === loadSeq) root.dataset.busy = '0';
   }
 }
-function loadNext() {
+const sizes = {};  // set id -> number of items, for "Item 2 of 5"
+function where(next) {
+  const n = sizes[next.set_id];
+  return 'Item ' + (next.position + 1) + (n ? ' of ' + n : '') + ' in "' + next.set_name + '"';
+}
+function loadNext(done) {
   const set = $('.pg-set').value;
   return load(() => api('GET', '/api/rankings/next' + (set ? '?set_id=' + encodeURIComponent(set) : '')),
-              (next) => 'Item ' + (next.position + 1) + ' of "' + next.set_name + '"');
+              (next) => (done ? done + ' Next: ' : '') + where(next), done);
 }
 function revisit(id) {
   return load(() => api('GET', '/api/rankings/items/' + id),
@@ -137,6 +158,7 @@ async function loadSets() {
     const pick = $('.pg-set');
     const keep = pick.value;
     pick.replaceChildren(new Option('all sets', ''));
+    sets.forEach((s) => { sizes[s.id] = s.items; });
     sets.forEach((s) => pick.append(new Option(s.name + ' (' + s.items + ' items, K=' + s.k + ')', String(s.id))));
     pick.value = keep;
   } catch (e) {}
@@ -157,8 +179,11 @@ async function submit(skipped) {
     const res = await api('POST', '/api/rankings/items/' + item.item_id, body);
     history.push(item.item_id);
     loadMine();
-    status((skipped ? 'Skipped' : 'Saved (revision ' + res.revision + ')') + '. Loading the next item...');
-    await loadNext();
+    // The confirmation stays on screen with the next item's position (it is not replaced by it).
+    const done = skipped ? 'Skipped ' + where(item) + '.' : '✓ Saved your ranking of ' + where(item)
+      + (res.revision > 1 ? ' (revision ' + res.revision + ')' : '') + '.';
+    status(done + ' Loading the next item...');
+    await loadNext(done);
     root.dataset.saved = String(Number(root.dataset.saved || 0) + 1);
   } catch (e) { status('Not saved: ' + e.message); }
 }

@@ -12,9 +12,19 @@ import pandas as pd
 
 from backend import bpe, corpora
 from backend import tokenizer_explorer as tx
-from ui.login import build_login, door, public
+from ui.login import door, public
 
 # Clicking a chunk copies its ids into the "inspect" box, which shows the merge tree (server side).
+SIZE_JS = """
+const note = element.querySelector('.tok-size-note');
+document.addEventListener('input', (e) => {
+  const t = e.target;
+  if (!t.closest || !t.closest('#tok-text')) return;
+  const n = t.value.length;
+  note.textContent = n > LIMIT ? '⚠ text is ' + n.toLocaleString('en-US') + ' characters; the limit is '
+    + (LIMIT).toLocaleString('en-US') : '';
+}, true);
+"""
 CLICK_JS = """
 element.addEventListener('click', (e) => {
   const tok = e.target.closest('[data-ids]');
@@ -72,7 +82,7 @@ def build(pg) -> None:
 
     gr.Markdown("Text becomes UTF-8 bytes (256 symbols), then byte-pair merges make longer tokens. "
                 "Type, or pick a preset. Hover or click a chunk for its id, bytes and merge tree.")
-    with gr.Tabs():
+    with gr.Tabs() as tabs:
         with gr.Tab("Explore", id="tok-explore"):
             with gr.Row():
                 enc_a = gr.Dropdown(encoding_choices(), value="cl100k_base", label="Encoding", elem_id="tok-encoding",
@@ -86,6 +96,9 @@ def build(pg) -> None:
             note = gr.Markdown("", elem_id="tok-note")
             text = gr.Textbox(value=tx.PRESETS[0][1], lines=5, max_lines=20, label="Text", elem_id="tok-text",
                               placeholder="Type or paste text")
+            # A paste over the limit is answered in the browser at once (the server says the same a moment later).
+            gr.HTML('<div class="tok-size-note" role="status"></div>', js_on_load=SIZE_JS.replace(
+                "LIMIT", str(tx.MAX_TEXT_CHARS)), elem_id="tok-size-note", padding=False)
             counts0, html0, split0 = view(tx.PRESETS[0][1], "cl100k_base", True, True, True)
             counts_md = gr.Markdown(counts0, elem_id="tok-counts")
             chunks = gr.HTML(html0, css_template=tx.CSS, js_on_load=CLICK_JS, elem_id="tok-chunks")
@@ -116,6 +129,7 @@ def build(pg) -> None:
 
         with gr.Tab("Train your own BPE", id="tok-bpe"):
             _bpe_tab(pg, encoding_choices, [enc_a, enc_b])
+    return {"tabs": tabs, "text": text}  # what the Start-here tour sets (ui.tour)
 
 
 def _chat_tab(data_dir: Path, encoding_choices, tab) -> None:
@@ -220,7 +234,6 @@ def _bpe_tab(pg, encoding_choices, encoding_dropdowns) -> None:
         choices = encoding_choices()
         return (msg, frame) + tuple(gr.update(choices=choices) for _ in encoding_dropdowns)
 
-    build_login()  # training saves a tokenizer for everyone: a signed-in user
     gr.Markdown("Train a byte-level BPE on a corpus. **Step** shows the first merges one at a time (the pair, its "
                 "count, the new id) and re-colours the sample; **Train** runs rustbpe to the full vocabulary, saves a "
                 "tiktoken encoding and draws the trade-off: a bigger vocabulary means shorter sequences.\n\n"

@@ -16,8 +16,8 @@ import pandas as pd
 from gradio.context import Context
 
 from backend.auth import user_from_request
-from backend.jobs import kinds, queue
-from ui.login import build_login, door, public, request_user
+from backend.jobs import form, kinds, queue
+from ui.login import door, public, request_user
 
 MAX_PLOT_POINTS = 2000
 JOB_COLUMNS = ["id", "kind", "name", "state", "step", "loss", "model", "by"]
@@ -40,9 +40,21 @@ def _second_curve(series: dict, picked: str | None) -> str | None:
     return next((k for k in PREFERRED_CURVES if k in series), next((k for k in series if k != "loss"), None))
 
 
-def _curve_plot(series: dict, key: str | None):
+def _x_span(job: dict, series: dict) -> list[int]:
+    """The steps axis runs from 0 to the run's last step (max_steps when known): a first point sits at the
+    left of a full-length axis instead of alone in the middle of a one-step one."""
+    last = max([p[0] for v in series.values() for p in v[-1:]] or [0])
+    return [0, max(job["progress"]["total_steps"] or 0, last, 1)]
+
+
+def _loss_plot(points: list, span: list[int]):
+    return gr.LinePlot(_plot(points, "loss"), x_lim=span)
+
+
+def _curve_plot(series: dict, key: str | None, span: list[int] | None = None):
     points = series.get(key, []) if key else []
-    return gr.LinePlot(_plot(points, "value"), title=CURVE_TITLES.get(key, key or ""), y_title=key or "")
+    title = CURVE_TITLES.get(key, key) if key else "Second curve (appears with the first validation)"
+    return gr.LinePlot(_plot(points, "value"), title=title, y_title=key or "", x_lim=span)
 
 
 def _plot(points: list, y: str) -> pd.DataFrame:
@@ -78,6 +90,27 @@ def _stats(job: dict) -> str:
     return " · ".join(parts)
 
 
+def _progress_html(job: dict) -> str:
+    """The job's progress (backend.jobs.progress) as a bar and a line, with what to do next once it is done."""
+    p = job["progress"]
+    pct = round(100 * p["fraction"])
+    busy = job["state"] in ("queued", "running") and not p["phase"].startswith("step")
+    bar = ('<div style="background:var(--neutral-200,#e5e7eb);border-radius:6px;height:14px;overflow:hidden">'
+           f'<div class="pg-progress-fill{" pg-busy" if busy else ""}" style="width:{max(pct, 2 if busy else 0)}%;'
+           'height:14px;background:var(--color-accent,#f97316)"></div></div>')
+    nxt = "".join(f"<li>{_md_bold(n)}</li>" for n in p["next"])
+    return (f'<div class="pg-progress" data-fraction="{p["fraction"]}"><div style="display:flex;justify-content:space-between">'
+            f'<span class="pg-progress-text">{html.escape(p["text"])}</span><b>{pct}%</b></div>{bar}'
+            + (f'<div class="pg-next"><b>What next:</b><ul>{nxt}</ul></div>' if nxt else "") + "</div>")
+
+
+def _md_bold(text: str) -> str:
+    """**bold** and `code` of a next-step line as HTML (the text is ours; escaped all the same)."""
+    t = html.escape(text)
+    t = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", t)
+    return re.sub(r"`(.+?)`", r"<code>\1</code>", t)
+
+
 def _samples_html(samples: list[dict]) -> str:
     if not samples:
         return '<div class="pg-samples"><i>Samples appear here every few steps, each with its step number.</i></div>'
@@ -95,10 +128,25 @@ def _jobs_table(jobs: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=JOB_COLUMNS)
 
 
-def _snapshot_choices(pg) -> list[tuple[str, str]]:
+SNAP = "snapshot:"  # a data choice naming a frozen snapshot by its hash
+
+
+def _data_choices(pg) -> list[tuple[str, str]]:
     from backend.labels.snapshots import list_snapshots
-    return [("none", "")] + [(f"{x['name']} · {x['kind']} · {x['rows']} rows · {x['hash'][:12]}", x["hash"])
-                             for x in reversed(list_snapshots(pg.db))]
+    return [("the kind's built-in set", "bundled")] + [
+        (f"snapshot {x['name']} · {x['kind']} · {x['rows']} rows · {x['hash'][:12]}", SNAP + x["hash"])
+        for x in reversed(list_snapshots(pg.db))]
+
+
+def _kind_note(kind: str) -> str:
+    d = form.defaults(kind)
+    return (f"*{kinds.get_trainer(kind).description}.* Defaults end within minutes on a CPU: "
+            f"{d.get('max_steps') or 'no'} step limit, {d.get('max_seconds') or 'no'} s time budget (whichever comes first).")
+
+
+def _fields_md(kind: str) -> str:
+    return "All fields of this kind (type: default): " + ", ".join(
+        f"`{f['name']}` ({f['type']}: {f['default']!r})" for f in kinds.config_fields(kind))
 
 
 def _save_uploads(pg, files) -> list[str]:
@@ -126,33 +174,49 @@ def build(pg) -> None:
                 "never trained on, and the samples go from gibberish to local coherence. The run ends in a "
                 "checkpoint registered as a model you can sample from in the Generate tab. Operators and "
                 "admins start and cancel runs; everyone signed in can watch.")
-    build_login()
+    models = [m.name for m in pg.registry.list()]
+    first = form.defaults("pretrain")
     with gr.Row():
-        kind = gr.Dropdown(kinds.kinds(), value="pretrain", label="Kind", scale=1, elem_id="train-kind")
-        preset = gr.Dropdown([(f"{n}: {p.description}", n) for n, p in PRESETS.items()], value="cpu-5min",
-                             label="Model size (preset)", scale=3, elem_id="train-preset")
-        corpus = gr.Dropdown(list_corpora(), value=["python-docs"], multiselect=True, label="Corpus", scale=2,
-                             elem_id="train-corpus")
-        tokenizer = gr.Dropdown(["auto", *list_encodings(pg.cfg.data_dir)], value="auto", allow_custom_value=True,
-                                label="Tokenizer (auto: a BPE trained on the corpus)", scale=2, elem_id="train-tokenizer")
+        kind = gr.Dropdown([(f"{k}: {kinds.get_trainer(k).description}", k) for k in kinds.kinds()], value="pretrain",
+                           label="Kind", scale=3, elem_id="train-kind")
+        name = gr.Textbox(label="Run / model name (empty: automatic)", scale=2, elem_id="train-name")
     with gr.Row():
-        max_seconds = gr.Number(300, label="Max seconds", precision=0, minimum=0, elem_id="train-max-seconds")
-        max_steps = gr.Number(0, label="Max steps (0: no limit)", precision=0, minimum=0, elem_id="train-max-steps")
-        sample_every = gr.Number(25, label="Sample every N steps", precision=0, minimum=1, elem_id="train-sample-every")
-        eval_every = gr.Number(25, label="Validate every N steps", precision=0, minimum=1, elem_id="train-eval-every")
-    with gr.Accordion("More settings", open=False):
+        max_steps = gr.Number(first["max_steps"], label="Max steps (0: no limit)", precision=0, minimum=0,
+                              elem_id="train-max-steps")
+        max_seconds = gr.Number(first["max_seconds"], label="Max seconds (0: no limit)", precision=0, minimum=0,
+                                elem_id="train-max-seconds")
+        eval_every = gr.Number(first["eval_every"], label="Validate every N steps", precision=0, minimum=1,
+                               elem_id="train-eval-every")
+    kind_note = gr.Markdown(_kind_note("pretrain"), elem_id="train-kind-note")
+    with gr.Group(visible=True) as pretrain_box:
         with gr.Row():
-            name = gr.Textbox(label="Run / model name (empty: automatic)", elem_id="train-name")
+            preset = gr.Dropdown([(f"{n}: {p.description}", n) for n, p in PRESETS.items()], value="cpu-5min",
+                                 label="Model size (preset)", scale=3, elem_id="train-preset")
+            corpus = gr.Dropdown(list_corpora(), value=["python-docs"], multiselect=True, label="Corpus", scale=2,
+                                 elem_id="train-corpus")
+            tokenizer = gr.Dropdown(["auto", *list_encodings(pg.cfg.data_dir)], value="auto", allow_custom_value=True,
+                                    label="Tokenizer (auto: a BPE trained on the corpus)", scale=2,
+                                    elem_id="train-tokenizer")
+        with gr.Row():
+            sample_every = gr.Number(first["sample_every"], label="Sample every N steps", precision=0, minimum=1,
+                                     elem_id="train-sample-every")
             max_chars = gr.Number(0, label="Use only the first N corpus characters (0: all)", precision=0, minimum=0,
                                   elem_id="train-max-chars")
+        uploads = gr.File(label="Add corpus files (.txt .md .jsonl .parquet)", file_count="multiple", height=90)
+    with gr.Group(visible=False) as parent_box:
         with gr.Row():
-            snapshot = gr.Dropdown(_snapshot_choices(pg), value="", scale=4, elem_id="train-snapshot",
-                                   label="Input dataset snapshot (for the trainers that read labels: sft, reward, dpo...)")
-            snap_refresh = gr.Button("↻ snapshots", scale=0, size="sm")
-        uploads = gr.File(label="Add corpus files (.txt .md .jsonl .parquet)", file_count="multiple")
+            parent = gr.Dropdown(models, value=pg.cfg.default_model if pg.cfg.default_model in models else None,
+                                 label="Parent model (the model this run starts from)", scale=2, elem_id="train-parent")
+            data = gr.Dropdown(_data_choices(pg), value="bundled", scale=3, elem_id="train-data",
+                               label="Training data: the kind's built-in set, or a frozen snapshot of your labels")
+            snap_refresh = gr.Button("↻", scale=0, size="sm", min_width=40)
+    with gr.Group(visible=False) as reward_box:
+        reward_model = gr.Dropdown(models, value=None, label="Reward model (a model trained by a reward job)",
+                                   elem_id="train-reward-model")
+    with gr.Accordion("Other settings (JSON)", open=False):
         extra = gr.Code(value="{}", language="json", label="Other config fields (JSON), e.g. {\"lr\": 0.002}",
                         elem_id="train-extra")
-        fields_md = gr.Markdown(", ".join(f"`{f['name']}`" for f in kinds.config_fields("pretrain")))
+        fields_md = gr.Markdown(_fields_md("pretrain"))
     start = gr.Button("Start training", variant="primary", elem_id="train-start")
     status = gr.Markdown(elem_id="train-status")
 
@@ -165,6 +229,8 @@ def build(pg) -> None:
                 "continues from the last checkpoint with the job's settings: a time-limited run gets its time budget "
                 "again, the step count goes on.")
     stats = gr.Markdown(elem_id="train-stats")
+    progress_box = gr.HTML('<div class="pg-progress"><i>Pick or start a job to see its progress.</i></div>',
+                           elem_id="train-progress")
     with gr.Row():
         loss_plot = gr.LinePlot(_plot([], "loss"), x="step", y="loss", title="Training loss (nats per token)",
                                 elem_id="train-loss-plot")
@@ -195,43 +261,54 @@ def build(pg) -> None:
 
         here.parent.select(on_tab, None, shown, show_progress="hidden")
 
-    kind.change(public(lambda k: ", ".join(f"`{f['name']}`" for f in kinds.config_fields(k))), kind, fields_md)
+    def on_kind(k):
+        d, show = form.defaults(k), form.shown(k)
+        return (gr.update(visible=show["pretrain"]), gr.update(visible=show["parent"]),
+                gr.update(visible=show["reward_model"]), d.get("max_steps", 0), d.get("max_seconds", 0),
+                d.get("eval_every", 1), _kind_note(k), _fields_md(k), "{}")
 
-    snap_refresh.click(public(lambda: gr.update(choices=_snapshot_choices(pg))), None, snapshot)
+    kind.change(public(on_kind), kind, [pretrain_box, parent_box, reward_box, max_steps, max_seconds, eval_every, kind_note,
+                               fields_md, extra])
+    snap_refresh.click(public(lambda: gr.update(choices=_data_choices(pg))), None, data)
 
     @door(pg, "operator")
-    def start_job(k, pre, corp, tok, secs, steps, s_every, e_every, nm, chars, snap, files, extra_json, st,
+    def start_job(k, nm, steps, secs, e_every, pre, corp, tok, s_every, chars, files, par, dat, rm, extra_json,
                   request: gr.Request):
         user = request_user(pg, request, "operator")
         try:
-            config = json.loads(extra_json or "{}")
+            more = json.loads(extra_json or "{}")
         except json.JSONDecodeError as e:
             raise gr.Error(f"Other config fields are not valid JSON: {e.msg}")
-        if not isinstance(config, dict):
+        if not isinstance(more, dict):
             raise gr.Error("Other config fields: give a JSON object such as {\"lr\": 0.002}")
+        show = form.shown(k)
+        values = {"name": (nm or "").strip(), "max_steps": int(steps or 0), "max_seconds": float(secs or 0),
+                  "eval_every": int(e_every or 1)}
+        snapshot = None
         try:
-            if k == "pretrain":
-                form = {"preset": pre, "corpus": list(corp or []) + _save_uploads(pg, files), "tokenizer": tok,
-                        "max_seconds": float(secs or 0), "max_steps": int(steps or 0),
-                        "sample_every": int(s_every or 1), "eval_every": int(e_every or 1)}
-                if (nm or "").strip():
-                    form["name"] = nm.strip()
-                if chars:
-                    form["max_corpus_chars"] = int(chars)
-                config = {**form, **config}
-            job = queue.create_job(pg.db, pg.cfg, user, k, config, snapshot=snap or None)
+            if show["pretrain"]:
+                values.update(preset=pre, corpus=list(corp or []) + _save_uploads(pg, files), tokenizer=tok,
+                              sample_every=int(s_every or 1), max_corpus_chars=int(chars) if chars else None)
+            if show["parent"]:
+                if not par:
+                    raise ValueError("parent model: pick the model this run starts from")
+                values["parent_model"] = par
+                values["dataset"] = "snapshot" if (dat or "").startswith(SNAP) else (dat or "bundled")
+                snapshot = dat[len(SNAP):] if (dat or "").startswith(SNAP) else None
+            if show["reward_model"]:
+                values["reward_model"] = rm or ""
+            job = queue.create_job(pg.db, pg.cfg, user, k, form.form_config(k, values, more), snapshot=snapshot)
         except (ValueError, LookupError) as e:
             raise gr.Error(str(e))
-        st = {**_empty_state(), "job": job["id"]}
         note = f"Queued job **{job['id']}** (`{job['name']}`); the worker picks it up within a second or two."
         if pg.worker is None or pg.worker.poll() is not None:
             note += (" This server runs no worker (`--no-worker`, or it exited): start one with "
                      "`python -m backend.worker --data-dir DIR`.")
-        return note, st, gr.update(choices=[(f"#{job['id']} {job['name']} ({job['state']})", job["id"])],
-                                   value=job["id"])
+        return note, {**_empty_state(), "job": job["id"]}, gr.update(
+            choices=[(f"#{job['id']} {job['name']} ({job['state']})", job["id"])], value=job["id"])
 
-    start.click(start_job, [kind, preset, corpus, tokenizer, max_seconds, max_steps, sample_every, eval_every,
-                            name, max_chars, snapshot, uploads, extra, state], [status, state, job_pick])
+    start.click(start_job, [kind, name, max_steps, max_seconds, eval_every, preset, corpus, tokenizer, sample_every,
+                            max_chars, uploads, parent, data, reward_model, extra], [status, state, job_pick])
 
     def act(fn, job_id, request: gr.Request):
         user = request_user(pg, request, "operator")
@@ -258,10 +335,10 @@ def build(pg) -> None:
     def tick(st, selected, picked, visible, request: gr.Request):
         skip = gr.skip()
         if not visible:
-            return (skip,) * 10
+            return (skip,) * 11
         user = user_from_request(pg, request.headers, request.cookies) if request is not None else None
         if user is None:
-            return st, skip, skip, "Log in (above) to start or watch training jobs.", skip, skip, skip, skip, skip, skip
+            return st, skip, skip, "Log in (above) to start or watch training jobs.", skip, skip, skip, skip, skip, skip, skip
         jobs = queue.list_jobs(pg.db, 100)
         sig = [(j["id"], j["state"], j["step"]) for j in jobs]
         table = _jobs_table(jobs) if sig != st["sig"] else skip
@@ -270,7 +347,7 @@ def build(pg) -> None:
         st = {**st, "sig": sig, "choices": choices}
         job_id = selected or st["job"] or (jobs[0]["id"] if jobs else None)
         if job_id is None:
-            return st, table, pick, "No jobs yet: start one above.", skip, skip, skip, skip, skip, skip
+            return st, table, pick, "No jobs yet: start one above.", skip, skip, skip, skip, skip, skip, skip
         if job_id != st["job"]:
             st = {**_empty_state(), "sig": sig, "choices": choices, "job": job_id}
             if not selected:
@@ -278,7 +355,7 @@ def build(pg) -> None:
         try:
             d = queue.job_detail(pg.db, job_id, st["after"])
         except LookupError:
-            return {**st, "job": None}, table, pick, f"No job {job_id}.", skip, skip, skip, skip, skip, skip
+            return {**st, "job": None}, table, pick, f"No job {job_id}.", skip, skip, skip, skip, skip, skip, skip
         if d["reset"]:
             st = {**st, "after": 0, "series": {}, "samples": [], "log": []}
         new_metrics = d["metrics"]
@@ -297,14 +374,19 @@ def build(pg) -> None:
         log = (st["log"] + [f"{time.strftime('%H:%M:%S', time.localtime(e['time']))}  {e['text']}"
                             for e in d["log"]])[-queue.LOG_TAIL:]
         changed = bool(new_metrics or d["samples"] or d["log"] or d["reset"] or st["after"] == 0)
-        st = {**st, "after": d["last_event_id"], "series": series, "samples": smp, "log": log, "curves": keys}
+        st = {**st, "after": d["last_event_id"], "series": series, "samples": smp, "log": log, "curves": keys,
+              "span": _x_span(d, series)}
         if not changed:
-            return st, table, pick, _stats(d), skip, skip, skip, skip, skip, curve_pick
+            return st, table, pick, _stats(d), _progress_html(d), skip, skip, skip, skip, skip, curve_pick
         info = (f"loss curve: {len(loss)} points" + (f" (steps {loss[0][0]}–{loss[-1][0]})" if loss else "")
                 + (f" · {second}: {len(series.get(second, []))} points" if second else ""))
-        return (st, table, pick, _stats(d), _plot(loss, "loss"), _curve_plot(series, second), _samples_html(smp),
-                "\n".join(reversed(log)), info, curve_pick)
+        span = _x_span(d, series)
+        return (st, table, pick, _stats(d), _progress_html(d), _loss_plot(loss, span),
+                _curve_plot(series, second, span), _samples_html(smp), "\n".join(reversed(log)), info, curve_pick)
 
-    timer.tick(tick, [state, job_pick, curve, shown], [state, jobs_table, job_pick, stats, loss_plot, bpb_plot, samples,
-                                                       log_box, curve_info, curve], show_progress="hidden")
-    curve.input(public(lambda st, key: _curve_plot(st["series"], _second_curve(st["series"], key))), [state, curve], bpb_plot)
+    timer.tick(tick, [state, job_pick, curve, shown], [state, jobs_table, job_pick, stats, progress_box, loss_plot,
+                                                       bpb_plot, samples, log_box, curve_info, curve],
+               show_progress="hidden")
+    curve.input(public(lambda st, key: _curve_plot(st["series"], _second_curve(st["series"], key), st.get("span"))),
+                [state, curve], bpb_plot)
+    return {"kind": kind}  # what the Start-here tour sets (ui.tour)

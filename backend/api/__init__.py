@@ -17,6 +17,7 @@ ROUTES: list[tuple[str, str]] = [
     ("tokenize", ""),
     ("auth", ""),
     ("labels", ""),
+    ("review", ""),
     ("openai_api", ""),
     ("tokenizer_routes", ""),
     ("models_api", ""),

@@ -66,10 +66,11 @@ def check_models(pg, models: list[str] | None) -> list[str]:
 
 
 def sampling_params(temperature: float = 0.7, top_p: float = 0.95, max_tokens: int = 256,
-                    seed: int | None = None) -> SamplingParams:
+                    seed: int | None = None, **penalties: float) -> SamplingParams:
+    """`penalties`: frequency_penalty, presence_penalty, repetition_penalty (SamplingParams fields)."""
     if not isinstance(max_tokens, int) or not 1 <= max_tokens <= MAX_TOKENS:
         raise ValueError(f"max_tokens must be an integer from 1 to {MAX_TOKENS}, got {max_tokens!r}")
-    return SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed).validate()
+    return SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed, **penalties).validate()
 
 
 def start_battle(pg, user, prompt: str, models: list[str] | None = None, params: SamplingParams | None = None,

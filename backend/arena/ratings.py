@@ -133,6 +133,11 @@ def win_rates(votes) -> tuple[list[str], list[list[float | None]], list[list[int
     return models, rate, games.astype(int).tolist()
 
 
+# Below this many battles a model's interval is mostly the prior and its rank means little: the Arena shows
+# neither, and says how many votes are still needed (Chatbot Arena similarly hides models with too few votes).
+MIN_BATTLES = 10
+
+
 @dataclass
 class Row:
     model: str

@@ -72,6 +72,10 @@ class SFTDemo(Base):
     messages: Mapped[list] = mapped_column(JSON, default=list)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # Review of the submitted demo by an operator or a second annotator (backend.labels.review; migration 0007).
+    review: Mapped[str] = mapped_column(String(16), default="pending", server_default="pending")  # | accepted | rejected
+    reviewed_by: Mapped[int | None] = mapped_column(ForeignKey("users.id"), nullable=True)
+    review_note: Mapped[str] = mapped_column(Text, default="", server_default="")
     versions: Mapped[list["SFTVersion"]] = relationship(back_populates="demo", order_by="SFTVersion.version")
 
 
@@ -91,7 +95,7 @@ class SFTVersion(Base):
 class RankingSet(Base):
     __tablename__ = "ranking_sets"
     id: Mapped[int] = mapped_column(primary_key=True)
-    name: Mapped[str] = mapped_column(String(200))
+    name: Mapped[str] = mapped_column(String(200), unique=True)  # operators pick sets by name (migration 0006)
     model: Mapped[str] = mapped_column(String(200), default="")
     temperature: Mapped[float] = mapped_column(Float, default=1.0)
     k: Mapped[int] = mapped_column(Integer)
@@ -122,6 +126,7 @@ class Candidate(Base):
     position: Mapped[int] = mapped_column(Integer)  # order shown to annotators
     text: Mapped[str] = mapped_column(Text)
     source: Mapped[str] = mapped_column(String(200), default="")  # model name, or "supplied"
+    flags: Mapped[list] = mapped_column(JSON, default=list)  # reviewers' flags: spam, unsafe, off-topic (migration 0007)
     item: Mapped[RankingItem] = relationship(back_populates="candidates")
 
 

@@ -23,12 +23,18 @@ from backend.jobs import queue
 def _line(job: dict) -> str:
     s = job["summary"]
     loss = f"loss {s['loss']:.4f}" if isinstance(s.get("loss"), (int, float)) else ""
-    return f"{job['id']:5d}  {job['state']:10s} {job['kind']:9s} step {job['step']:6d}  {loss:12s} {job['name']}" + (
-        f"  -> model {job['model']}" if job["model"] else "")
+    return (f"{job['id']:5d}  {job['state']:10s} {job['kind']:9s} step {job['step']:6d}  {loss:12s} {job['name']}"
+            + (f"  -> model {job['model']}" if job["model"] else "") + f"\n       {bar(job['progress'])}")
+
+
+def bar(p: dict, width: int = 24) -> str:
+    """[#######.........] 42%  step 5 of 12 · 0:42 elapsed · about 0:58 left (backend.jobs.progress)."""
+    n = round(p["fraction"] * width)
+    return f"[{'#' * n}{'.' * (width - n)}] {p['fraction']:4.0%}  {p['text']}"
 
 
 def watch(db: Database, job_id: int, poll: float = 1.0) -> dict:
-    after = 0
+    after, shown = 0, None
     while True:
         d = queue.job_detail(db, job_id, after)
         for e in sorted(d["log"] + d["samples"], key=lambda e: e["id"]):
@@ -39,7 +45,12 @@ def watch(db: Database, job_id: int, poll: float = 1.0) -> dict:
         after = d["last_event_id"]
         if d["state"] in queue.FINISHED:
             print(_line(d), flush=True)
+            for step in d["progress"]["next"]:
+                print("  next: " + step.replace("**", ""), flush=True)
             return d
+        if d["progress"]["phase"] != shown:  # queued, loading, tokenizing, then each step
+            shown = d["progress"]["phase"]
+            print(bar(d["progress"]), flush=True)
         time.sleep(poll)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from datetime import timezone
 
 from sqlalchemy import delete, func, select, update
 
@@ -21,6 +22,7 @@ from backend.config import AppConfig
 from backend.db import Database
 from backend.db.models import Job, JobEvent, User, utcnow
 from backend.jobs.kinds import config_dict, get_trainer, parse_config
+from backend.jobs.progress import STARTING, job_progress
 from backend.users import CurrentUser
 
 STATES = ("queued", "running", "succeeded", "failed", "cancelled")
@@ -42,7 +44,15 @@ def _payload(j: Job, creator: str | None = None, now: float | None = None) -> di
         "heartbeat_age": round(now - j.heartbeat, 1) if j.heartbeat and j.state == "running" else None,
         "step": j.step, "checkpoint": j.checkpoint, "model": j.model, "summary": j.summary or {},
         "error": j.error, "resumable": j.state in FINISHED,
+        "progress": job_progress(j.kind, j.state, j.config or {}, j.step, j.summary or {}, _epoch(j.started_at),
+                                 _epoch(j.finished_at), now, j.model),
     }
+
+
+def _epoch(t) -> float | None:
+    if t is None:
+        return None
+    return (t if t.tzinfo else t.replace(tzinfo=timezone.utc)).timestamp()  # SQLite hands datetimes back naive
 
 
 def _event(e: JobEvent) -> dict:
@@ -206,6 +216,9 @@ def claim_next(db: Database, worker: str, device: str | None = None) -> dict | N
                 started_at=utcnow(), cancel_requested=False, error=None)).rowcount == 1
             if won:
                 job = s.get(Job, job_id)
+                # This attempt's progress starts over: the trainer reports its phases, then "training".
+                job.summary = {k: v for k, v in (job.summary or {}).items()
+                               if k not in ("train_t0", "train_from_step", "last_metric_at")} | {"phase": STARTING}
                 s.add(JobEvent(job_id=job_id, kind="log", step=job.step, created_at=now,
                                data={"text": f"attempt {job.attempt} started by worker {worker}"
                                              + (f" on {device}" if device else "")}))
@@ -237,7 +250,7 @@ def classify(event: dict) -> str:
         return "checkpoint"
     if any(k in event for k in ("start", "done", "error")):
         return "info"
-    if any(_number(v) for k, v in event.items() if k != "step"):
+    if any(_number(v) for k, v in event.items() if k not in ("step", "_time")):
         return "metric"  # any number but the step: loss, val_bpb, accuracy, reward, kl...
     return "info"
 
@@ -269,7 +282,10 @@ def append_events(db: Database, job_id: int, worker: str, attempt: int, events: 
             at = ev.get("_time", now)  # when the worker received it
             data = {"text": ev["log"]} if kind == "log" else {k: v for k, v in ev.items() if k != "_time"}
             s.add(JobEvent(job_id=job_id, kind=kind, step=step, created_at=at, data=data))
+            if kind == "info" and "phase" in ev:
+                summary["phase"] = str(ev["phase"])  # what the trainer does before its first step
             if kind == "metric":
+                summary["last_metric_at"] = at
                 job.step = max(step, job.step)
                 summary.update({k: v for k, v in ev.items() if _number(v) and k != "_time"})
                 summary["step"] = job.step
@@ -277,6 +293,7 @@ def append_events(db: Database, job_id: int, worker: str, attempt: int, events: 
                 job.checkpoint = ev["checkpoint"]
             elif kind == "info" and "start" in ev:
                 job.step = step
+                summary.update({"phase": "training", "train_t0": at, "train_from_step": step})
                 summary.update({k: ev[k] for k in ("params", "device", "precision", "tokenizer", "peak_flops_source")
                                 if k in ev})
             elif kind == "info" and "done" in ev:

@@ -22,11 +22,12 @@ from itertools import combinations
 import threading
 from collections.abc import Iterable
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, func, select, update
 
 from backend.db import Database
 from backend.db.models import SFTDemo, SFTVersion
 from backend.labels import rankings as rk
+from backend.labels.review import STATES as REVIEW_STATES
 from backend.labels.messages import flatten, validate_messages
 from backend.users import CurrentUser
 
@@ -55,7 +56,8 @@ def export_sft(db: Database, structured: bool = False) -> list[dict]:
         rows = []
         for d in demos:
             latest = s.scalar(select(SFTVersion).where(SFTVersion.demo_id == d.id).order_by(SFTVersion.version.desc()).limit(1))
-            rows.append({"messages": latest.messages if structured else flatten(latest.messages)})
+            rows.append({"messages": latest.messages if structured else flatten(latest.messages),
+                         "review": d.review})  # pending | accepted | rejected (backend.labels.review)
         return rows
 
 
@@ -67,7 +69,8 @@ def export_rankings(db: Database, set_id: int | None = None) -> list[dict]:
             index = {c.id: c.position for c in cands}
             out.append({"set_id": item.set_id, "item_id": item.id, "prompt": item.prompt,
                         "candidates": [c.text for c in cands], "ranking": [index[c] for c in r.order],
-                        "all_bad": r.all_bad, "annotator": name})
+                        "all_bad": r.all_bad, "annotator": name,
+                        "flags": [list(c.flags or []) for c in cands]})  # reviewers' flags per candidate
         return out
 
 
@@ -133,9 +136,13 @@ def _turn_text(value, role: str, field: str) -> str:
 
 def _check_row(kind: str, obj: dict):
     if kind == "sft":
-        if set(obj) - {"messages"}:
-            raise ValueError(f"unknown field(s) {', '.join(sorted(set(obj) - {'messages'}))}; an SFT row has only messages")
-        return validate_messages(obj.get("messages"), complete=True)
+        if set(obj) - {"messages", "review"}:
+            raise ValueError(f"unknown field(s) {', '.join(sorted(set(obj) - {'messages', 'review'}))}; an SFT row "
+                             "has messages and, optionally, review")
+        review = obj.get("review", "pending")
+        if review not in REVIEW_STATES:
+            raise ValueError(f"review must be one of {', '.join(REVIEW_STATES)}, not {review!r}")
+        return validate_messages(obj.get("messages"), complete=True), review
     if kind == "preferences":
         missing = {"prompt", "chosen", "rejected"} - set(obj)
         if missing:
@@ -191,7 +198,7 @@ def import_sft_lines(db: Database, user: CurrentUser, lines: Iterable[bytes | st
                 obj = json.loads(line)
                 if not isinstance(obj, dict):
                     raise ValueError("each line must be a JSON object")
-                messages = _check_row("sft", obj)
+                checked = _check_row("sft", obj)  # (messages, review state)
             except json.JSONDecodeError as e:
                 errors.append((n, f"not valid JSON ({e.msg} at column {e.colno})"))
             except ValueError as e:
@@ -199,7 +206,7 @@ def import_sft_lines(db: Database, user: CurrentUser, lines: Iterable[bytes | st
             else:
                 rows += 1
                 if not errors:  # after the first bad line, only check (to report), never write
-                    batch.append(messages)
+                    batch.append(checked)
                     if len(batch) >= STAGE_BATCH:
                         staged += _stage(db, user, batch)
                         batch = []
@@ -227,10 +234,10 @@ def _stage(db: Database, user: CurrentUser, batch: list) -> list[int]:
     with db.session() as s:
         # The messages go into the version only: the demo row stays small, so publishing (an UPDATE that
         # rewrites every staged row) takes milliseconds, not the ~1 s it took with the messages in it too.
-        demos = [SFTDemo(user_id=user.id, status=STAGED, messages=[]) for _ in batch]
+        demos = [SFTDemo(user_id=user.id, status=STAGED, messages=[], review=review) for _, review in batch]
         s.add_all(demos)
         s.flush()
-        s.add_all([SFTVersion(demo_id=d.id, version=1, messages=m, user_id=user.id) for d, m in zip(demos, batch)])
+        s.add_all([SFTVersion(demo_id=d.id, version=1, messages=m, user_id=user.id) for d, (m, _) in zip(demos, batch)])
         return [d.id for d in demos]
 
 
@@ -277,7 +284,10 @@ def _import_rankings(db: Database, user: CurrentUser, kind: str, checked: list, 
     set_ids = []
     with db.session() as s:
         for k, group in sorted(by_k.items()):
-            rs = RankingSet(name=f"{name} ({kind}, K={k})", model="imported", k=k, created_by=user.id)
+            base = f"{name} ({kind}, K={k})"
+            # Set names are unique: a second import of the same shape is numbered.
+            n = s.scalar(select(func.count()).select_from(RankingSet).where(RankingSet.name.startswith(base)))
+            rs = RankingSet(name=base if not n else f"{base} #{n + 1}", model="imported", k=k, created_by=user.id)
             s.add(rs)
             s.flush()
             set_ids.append(rs.id)

@@ -79,7 +79,8 @@ def validate_messages(messages, complete: bool = True) -> list[dict]:
         if not any(m["role"] == "user" for m in out):
             raise ValueError("messages need at least one user turn")
         if out[-1]["role"] != "assistant" or not (out[-1]["content"].strip() or out[-1].get("tool_calls")):
-            raise ValueError("the last message must be a non-empty assistant turn")
+            raise ValueError("missing: the assistant's reply (the last turn is empty); write it, or Draft with model "
+                             "and edit, then submit")
     return out
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 from functools import cache
 
 from sqlalchemy import bindparam, exists, func, insert, select, update
+from sqlalchemy.exc import IntegrityError
 
 from backend.db import Database
 from backend.db.models import Candidate, Ranking, RankingItem, RankingSet, User, utcnow
@@ -42,6 +43,21 @@ def create_set(db: Database, user: CurrentUser, name: str, prompts: list[str], c
             raise ValueError(f"candidates[{i}]: every prompt needs the same number of candidates, {min_k}-{K_MAX} (got {len(cands)})")
         if any(not isinstance(c, str) for c in cands):
             raise ValueError(f"candidates[{i}]: candidates must be strings")
+    taken = _set_named(db, name)
+    if taken is not None:
+        raise ValueError(f"name: a ranking set named {name!r} already exists (set {taken}); pick another name")
+    try:
+        return _store_set(db, user, name, prompts, candidates, model, temperature, annotators_per_item, k)
+    except IntegrityError:  # another request took the name meanwhile (the unique constraint decides)
+        raise ValueError(f"name: a ranking set named {name!r} already exists; pick another name") from None
+
+
+def _set_named(db: Database, name: str) -> int | None:
+    with db.read() as s:
+        return s.scalar(select(RankingSet.id).where(RankingSet.name == name))
+
+
+def _store_set(db, user, name, prompts, candidates, model, temperature, annotators_per_item, k) -> dict:
     with db.session() as s:
         rs = RankingSet(name=name, model=model, temperature=float(temperature), k=k,
                         annotators_per_item=int(annotators_per_item), created_by=user.id)
@@ -64,6 +80,9 @@ def create_set_from_model(db: Database, engines, user: CurrentUser, name: str, p
     if not 0.0 <= float(temperature) <= 2.0:
         raise ValueError("temperature must be 0-2")
     prompts = [p.strip() for p in prompts if p and p.strip()]
+    taken = _set_named(db, (name or "").strip())
+    if taken is not None:  # before sampling: a taken name should not cost minutes of generation first
+        raise ValueError(f"name: a ranking set named {name.strip()!r} already exists (set {taken}); pick another name")
     cands = [sample_candidates(engines, model, p, int(k), float(temperature), max_tokens) for p in prompts]
     return create_set(db, user, name, prompts, cands, model=model, temperature=temperature,
                       annotators_per_item=annotators_per_item)

@@ -259,6 +259,7 @@ class FineTuneRun:
         self.step = 0
         self.elapsed_before = 0.0
         self.last_ckpt: Path | None = None
+        self.phase("loading the parent model…")
 
     def emit(self, ev: dict) -> None:
         if self.events is not None:  # rank 0 only
@@ -266,6 +267,10 @@ class FineTuneRun:
 
     def log(self, text: str) -> None:
         self.emit({"log": text, "step": self.step})
+
+    def phase(self, text: str) -> None:
+        """What the run does before its first step (the job's progress line shows it until training starts)."""
+        self.emit({"phase": text, "step": self.step})
 
     def elapsed(self) -> float:
         return self.elapsed_before + time.monotonic() - self.t0

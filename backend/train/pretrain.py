@@ -368,6 +368,8 @@ def _pretrain(cfg: PretrainConfig, app: AppConfig, dist, on_event, stop, t_start
     from models.registry import validate_name
     from models.tokenizers import get_encoding
 
+    if on_event is not None and dist.is_main:  # the job's progress line until the first step
+        on_event({"step": 0, "phase": "reading and tokenizing the corpus…"})
     with dist.main_first():  # rank 0 trains the tokenizer and fills the token cache; the others then read them
         text = corpus_text(cfg.corpus, cfg.max_corpus_chars)
         tokenizer = resolve_tokenizer(cfg, text, app.data_dir)

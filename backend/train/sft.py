@@ -231,6 +231,7 @@ def run_sft(cfg: SFTConfig, ctx: JobContext) -> Outcome:
         if cfg.lora_rank:
             from backend.train.lora import add_lora
             lora = add_lora(model, cfg.lora_rank, cfg.lora_alpha, seed=cfg.seed)
+        run.phase("tokenizing the conversations…")
         rows = load_rows(cfg.dataset, run.app, ctx.snapshot_hash, lambda: bundled_rows(cfg))
         docs = render_rows(rows, enc, cfg.seq_len)
         if len(docs) < len(rows):
