@@ -52,7 +52,7 @@ def test_rows_an_interrupted_import_staged_are_dropped_at_start(tmp_path):
     data = tmp_path / "data"
     add_user(data, "op", "operator")
     db = Database(f"sqlite:///{data / 'playground.db'}")
-    exchange._stage(db, CurrentUser(1, "op", "operator"), [ROW["messages"]] * 3)  # what a kill -9 mid-import leaves
+    exchange._stage(db, CurrentUser(1, "op", "operator"), [(ROW["messages"], None)] * 3)  # what a kill -9 mid-import leaves
     assert counts(db) == {exchange.STAGED: 3, "versions": 3}
     server = start_server(data, "--no-preload", "--no-worker")
     try:
