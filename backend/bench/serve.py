@@ -45,6 +45,12 @@ def run_level(base_url: str, model: str, clients: int, tokens: int) -> dict:
 
     def one(i: int) -> None:
         start.wait()
+        try:
+            run_one(i)
+        except Exception as e:  # noqa: BLE001 - a refused or broken request is counted, not fatal
+            out[i] = {"error": f"{type(e).__name__}: {e}"[:200], "stamps": []}
+
+    def run_one(i: int) -> None:
         t0 = time.perf_counter()
         stamps, n = [], 0
         stream = client.chat.completions.create(
@@ -63,15 +69,16 @@ def run_level(base_url: str, model: str, clients: int, tokens: int) -> dict:
     for t in threads:
         t.join()
     done = [o for o in out if o and o["stamps"]]
-    if len(done) < clients:
-        raise RuntimeError(f"{clients - len(done)} of {clients} requests returned no text")
+    if not done:
+        raise RuntimeError(f"none of {clients} requests returned text: {[o and o.get('error') for o in out][:2]}")
     wall = max(o["stamps"][-1] for o in done) - min(o["t0"] for o in done)
     ttft = [o["stamps"][0] - o["t0"] for o in done]
     gaps = [b - a for o in done for a, b in zip(o["stamps"], o["stamps"][1:])]
     total = sum(o["tokens"] for o in done)
     return {"clients": clients, "tok_s": total / wall, "tokens": total, "wall_s": wall,
             "ttft_p50": statistics.median(ttft), "ttft_p99": pct(ttft, 0.99), "ttft_max": max(ttft),
-            "itl_p99": pct(gaps, 0.99) if gaps else None}
+            "itl_p99": pct(gaps, 0.99) if gaps else None, "failed": clients - len(done),
+            "errors": sorted({o["error"] for o in out if o and o.get("error")})[:3]}
 
 
 def start_llama_server(python: str, gguf: str, threads: int, slots: int, ctx: int, workdir: Path):
@@ -164,7 +171,8 @@ def main(argv: list[str] | None = None) -> None:
                 for c in levels:
                     peer[c] = run_level(lurl, "peer", c, args.tokens)
                     print(f"peer, {c} clients: {peer[c]['tok_s']:.1f} tok/s aggregate, first token p50 "
-                          f"{peer[c]['ttft_p50']:.2f} s / worst {peer[c]['ttft_max']:.2f} s", flush=True)
+                          f"{peer[c]['ttft_p50']:.2f} s / worst {peer[c]['ttft_max']:.2f} s, "
+                          f"failed {peer[c]['failed']} {peer[c]['errors']}", flush=True)
             finally:
                 lproc.terminate()
                 lproc.wait(20)
