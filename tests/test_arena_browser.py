@@ -104,6 +104,9 @@ def test_stop_mid_answer_then_the_next_battle_comes_right_back(site, page):
     page.locator("#arena-stop").click()
     page.wait_for_function("() => (document.querySelector('#arena-status')?.innerText || '').includes('Stopped')",
                            timeout=30_000)
+    # Both models stream at once (one batch), so an update already on its way may land just after the Stop's own
+    # "Stopped"; the cancelled run's end then says "Stopped" again. Judge the state once that has settled.
+    page.wait_for_timeout(1500)
     assert "no answers to vote on" in text_of(page, "arena-status")
     answer = text_of(page, "arena-answer-a")
     page.wait_for_timeout(1500)
