@@ -118,6 +118,22 @@ def open_tab(server, tab: str, ready: str, width: int = 1400, height: int = 1600
         browser.close()
 
 
+def set_slider(page, elem_id: str, value) -> None:
+    """Type `value` into a Gradio slider's number box and wait until the slider itself holds it. A slider in an
+    accordion that has just opened may still be mounting and drop the first typing; type again then."""
+    box = page.locator(f"#{elem_id} input[type=number]")
+    for attempt in range(3):
+        box.fill(str(value))
+        box.press("Enter")
+        try:
+            page.wait_for_function("([id, v]) => document.querySelector(`#${id} input[type=range]`)?.value === v",
+                                   arg=[elem_id, str(value)], timeout=5_000)
+            return
+        except Exception:  # noqa: BLE001 - playwright's TimeoutError; the last try re-raises
+            if attempt == 2:
+                raise
+
+
 def log_in(page, name: str, password: str) -> None:
     """Sign in through the visible login strip of the open tab and wait until it says who we are."""
     form = page.locator(".pg-login-form:visible")

@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from tests.conftest import log_in, open_tab, start_server
+from tests.conftest import log_in, open_tab, set_slider, start_server
 from tests.scripted import RAMBLE, register_rambler, register_scripted
 from tests.test_labels_api import database_with_users
 
@@ -84,11 +84,7 @@ def test_battle_vote_reveal_and_leaderboard(site, page):
 
 
 def set_max_tokens(page, value: int) -> None:
-    box = page.locator("#arena-max-tokens input[type=number]")
-    box.fill(str(value))
-    box.press("Enter")
-    page.wait_for_function("(v) => document.querySelector('#arena-max-tokens input[type=range]').value === v",
-                           arg=str(value), timeout=10_000)
+    set_slider(page, "arena-max-tokens", value)
 
 
 def test_stop_mid_answer_then_the_next_battle_comes_right_back(site, page):

@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from tests.conftest import log_in, open_tab, start_server
+from tests.conftest import log_in, open_tab, set_slider, start_server
 from tests.scripted import RAMBLE, register_rambler
 from tests.test_labels_api import database_with_users
 from tests.test_practice import QUESTION, RIGHT, WRONG, register_coin
@@ -57,14 +57,6 @@ def test_sample_solutions_see_them_marked_and_the_vote(site):
         assert "Best-of-N: no reward model chosen" in summary
         table = page.locator("#practice-curve").inner_text()
         assert all(str(k) in table for k in (1, 2, 4, 8)) and "majority@k" in table
-
-
-def set_slider(page, elem_id: str, value: int) -> None:
-    box = page.locator(f"#{elem_id} input[type=number]")
-    box.fill(str(value))
-    box.press("Enter")
-    page.wait_for_function("([id, v]) => document.querySelector(`#${id} input[type=range]`).value === v",
-                           arg=[elem_id, str(value)], timeout=10_000)
 
 
 def summary_of(page) -> str:
