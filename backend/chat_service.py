@@ -13,7 +13,7 @@ import re
 import threading
 from dataclasses import dataclass, field
 
-from backend.sampling import SamplingParams
+from backend.serving.sampling import SamplingParams
 from backend.tool_loop import Tools, label_message, run_turn
 from models.chat_format import END_TOOL_CALL, TOOL_CALL, call_json
 

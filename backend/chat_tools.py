@@ -13,7 +13,7 @@ tool answers (the model's reply after the call) is part of that same turn.
 
 tool_choice: "none" (functions not shown, nothing parsed), "auto" (free text; once the model opens a
 <tool_call> the call is held to the schemas), "required" / a named function (the prompt ends with the
-opening tag and the call is constrained: it always parses and validates). See backend/structured.py.
+opening tag and the call is constrained: it always parses and validates). See backend/serving/structured.py.
 One call per answer: the turn stops at the first closing tag.
 """
 from __future__ import annotations

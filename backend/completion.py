@@ -11,7 +11,7 @@ The Generate tab, the REST API (/api/completion/...) and the tests share these f
 Probabilities come in two kinds, and the view shows both:
 - raw: what the model believes, softmax of its logits at temperature 1 (what log-probs report);
 - filtered: the distribution actually sampled from, shaped by temperature, top-k and top-p through
-  backend.sampling.filtered_probs, the one place the engine shapes it too.
+  backend.serving.sampling.filtered_probs, the one place the engine shapes it too.
 
 The coin flip of step mode is drawn by inverse transform: u ~ Uniform[0, 1) from the request's seeded
 generator, tokens stacked in order of falling probability, and the token whose slice of [0, 1) holds u is
@@ -29,7 +29,7 @@ from typing import Iterator
 
 import torch
 
-from backend.sampling import SamplingParams, filtered_probs, make_generator
+from backend.serving.sampling import SamplingParams, filtered_probs, make_generator
 
 TOP_ALTERNATIVES = 10   # alternatives kept for every generated token (the click-a-token view)
 TOP_N = 20              # tokens listed in a distribution view

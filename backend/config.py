@@ -9,7 +9,7 @@ import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from backend.scheduler import ServeConfig
+from backend.serving.scheduler import ServeConfig
 from models.cache import cache_dir_for
 
 
@@ -36,7 +36,7 @@ class AppConfig:
     preload: bool = True
     # Derived caches (the dequantized bundled model, converted tokenizers): see models/cache.py.
     cache_dir: Path | None = None
-    # How each loaded model serves concurrent requests (continuous batching): backend/scheduler.py.
+    # How each loaded model serves concurrent requests (continuous batching): backend/serving/scheduler.py.
     serve: ServeConfig = field(default_factory=ServeConfig)
     # SearxNG-style web search (GET {url}/search?q=...&format=json) for the search tool; None: local index only.
     web_search_url: str | None = field(default_factory=lambda: os.environ.get("PLAYGROUND_WEB_SEARCH_URL") or None)

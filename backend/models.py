@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
                 where = s.remote["base_url"] + " " + s.remote["model"] if s.remote else (str(s.path) if s.path else "")
                 print(f"{s.name:32s} {s.kind:8s} {s.chat_format or 'base':7s} ctx {s.context_length:6d}  {where}")
         elif args.action == "add-remote":
-            from backend.remote_engine import register_remote
+            from backend.serving.remote_engine import register_remote
             spec = register_remote(registry, args.name, args.base_url, args.remote_model, args.api_key_env,
                                    args.tokenizer, None if args.chat_format == "none" else args.chat_format,
                                    args.context_length, args.description, args.check, args.overwrite)

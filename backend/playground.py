@@ -19,7 +19,7 @@ class Playground:
         from backend.db import Database
         self.db = Database(cfg.database_url)
         self.db.migrate()  # every start brings the schema to the newest migration
-        from backend.model_pool import EnginePool
+        from backend.serving.model_pool import EnginePool
         from models.registry import ModelRegistry
         if cfg.threads > 0:
             import torch

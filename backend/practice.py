@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from itertools import combinations
 
 from backend.datasets.verifiable import GENERATORS, Problem, extract_answer, problems
-from backend.sampling import SamplingParams
+from backend.serving.sampling import SamplingParams
 
 TEMPLATES = ("plain", "think")   # the GRPO trainer's system prompts: PLAIN_SYSTEM, THINK_SYSTEM (R1-Zero)
 MAX_N = 64

@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Iterator
 
-from backend.sampling import SamplingParams
+from backend.serving.sampling import SamplingParams
 from models.chat_format import (END_THINK, END_TOOL_CALL, THINK, TOOL_ARG, TOOL_CALL, Piece, encode_pieces,
                                 has_tool_tokens, render_chat)
 

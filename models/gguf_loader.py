@@ -7,7 +7,7 @@ rotate-half RoPE). Dequantizing takes several seconds, so the result is cached a
 directory (config.json + model.safetensors) in the data directory; later loads read that cache.
 
 The cache also keeps the file's own quantized blocks (Q4_1 and Q8_0 matrices, un-permuted like the
-floats) in gguf_blocks.safetensors: the CPU decode path (backend/decode_step.py) runs on them instead of
+floats) in gguf_blocks.safetensors: the CPU decode path (backend/serving/decode_step.py) runs on them instead of
 the float32 dequantization, reading an eighth of the bytes per token. `load_gguf_blocks` reads them.
 """
 from __future__ import annotations

@@ -53,7 +53,7 @@ class ModelSpec:
     context_length: int
     lineage: dict = field(default_factory=dict)
     description: str = ""
-    # kind "remote": {"base_url", "model", "api_key_env"}: an OpenAI-compatible server serves it (backend/remote_engine.py)
+    # kind "remote": {"base_url", "model", "api_key_env"}: an OpenAI-compatible server serves it (backend/serving/remote_engine.py)
     remote: dict | None = None
 
     def to_dict(self) -> dict:

@@ -116,8 +116,8 @@ def _():
 
 @check("decode")
 def _():
-    from backend.engine import Engine
-    from backend.sampling import SamplingParams
+    from backend.serving.engine import Engine
+    from backend.serving.sampling import SamplingParams
     reg = ModelRegistry(app)
     spec = reg.get("tiny")
     prompt = enc.encode("Hello, how are you today?")

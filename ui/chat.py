@@ -11,8 +11,8 @@ import gradio as gr
 
 from backend import chat_service as cs
 from backend.auth import AccessDenied, check
-from backend.engine import aiterate
-from backend.sampling import SamplingParams
+from backend.serving.engine import aiterate
+from backend.serving.sampling import SamplingParams
 from backend.tokenizer_explorer import CSS as TOKENS_CSS, render_tokens_html, tokens_from_ids
 from ui.fields import RUNNING, penalty_values, repetition_controls, wire_stop
 from ui.login import door, public, request_user

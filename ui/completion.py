@@ -7,7 +7,7 @@ time and shows the whole next-token distribution before and after temperature/to
 coin flip landed. Score a text (log-probs, perplexity), and measure regurgitation of a model trained here.
 
 Layout, HTML rendering and wiring only: backend.completion does the work (the same service as
-/api/completion), through the engine and backend.sampling.filtered_probs.
+/api/completion), through the engine and backend.serving.sampling.filtered_probs.
 """
 from __future__ import annotations
 
@@ -19,9 +19,9 @@ import time
 import gradio as gr
 
 from backend import completion as svc
-from backend.engine import aiterate
+from backend.serving.engine import aiterate
 from backend.presets_completion import BASE_MODEL_NOTE, get_preset, presets
-from backend.sampling import SamplingParams
+from backend.serving.sampling import SamplingParams
 from ui.fields import RUNNING, penalty_values, repetition_controls, wire_stop
 from ui.login import door, public
 

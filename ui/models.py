@@ -22,7 +22,7 @@ def _local_names(pg) -> list[str]:
 
 
 def build(pg) -> None:
-    from backend.remote_engine import register_remote
+    from backend.serving.remote_engine import register_remote
     from models.export import export_dest, export_model
 
     gr.Markdown("Every model the tabs can use. A **served** model runs on another engine that speaks the OpenAI "

@@ -9,7 +9,7 @@ from importlib import import_module
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from backend.scheduler import QueueFull
+from backend.serving.scheduler import QueueFull
 
 # (module under backend.api, URL prefix)
 ROUTES: list[tuple[str, str]] = [

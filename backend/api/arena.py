@@ -27,7 +27,7 @@ from backend.api.errors import service_errors
 from backend.api.openai_api import sse_stream
 from backend.arena import battles as arena
 from backend.auth import require
-from backend.engine import aiterate
+from backend.serving.engine import aiterate
 from backend.users import CurrentUser
 
 router = APIRouter(prefix="/api/arena", tags=["arena"])

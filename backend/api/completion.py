@@ -21,7 +21,7 @@ from pydantic import BaseModel, Field, model_validator
 from backend import completion as svc
 from backend.auth import require
 from backend.presets_completion import BASE_MODEL_NOTE, presets
-from backend.sampling import SamplingParams
+from backend.serving.sampling import SamplingParams
 from models.registry import UnknownModel
 
 router = APIRouter(tags=["completion"])

@@ -65,7 +65,7 @@ def get_model(name: str, request: Request) -> dict:
 
 @router.post("/api/models/remote", status_code=201)
 def add_remote(body: NewRemote, request: Request, user: CurrentUser = Depends(require("admin"))) -> dict:
-    from backend.remote_engine import RemoteError, register_remote
+    from backend.serving.remote_engine import RemoteError, register_remote
     pg = request.app.state.pg
     try:
         spec = register_remote(pg.registry, body.name, body.base_url, body.model, body.api_key_env, body.tokenizer,

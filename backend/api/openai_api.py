@@ -10,7 +10,7 @@ dependencies or middleware.
 Generation runs in a thread, never on the event loop; a client that disconnects cancels its request,
 which frees the engine at the next decode step. Extensions: `top_k`, `repetition_penalty` (vLLM's),
 the built-in tools (backend/api/tool_chat.py). Client-side function calling: backend/chat_tools.py;
-structured output (response_format, forced calls): backend/structured.py.
+structured output (response_format, forced calls): backend/serving/structured.py.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from backend.api import openai_service as svc
 from backend.api.openai_schema import APIError, ChatCompletionRequest, CompletionRequest, parsed
 from backend.auth import require
 from backend.chat_tools import CallStream, parse_answer
-from backend.engine import aiterate
+from backend.serving.engine import aiterate
 
 router = APIRouter(tags=["openai"])
 

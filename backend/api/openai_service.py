@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from backend.api.openai_schema import APIError, ChatCompletionRequest, CompletionRequest, SamplingFields
 from backend.chat_tools import MessageError, to_chat_messages
-from backend.sampling import SamplingParams
+from backend.serving.sampling import SamplingParams
 from models.chat_format import END_TOOL_CALL, TOOL_ARG, render_chat
 from models.registry import UnknownModel
 
@@ -175,7 +175,7 @@ def chat_messages(req: ChatCompletionRequest) -> tuple[list[dict], bool]:
 
 
 def plan_chat(req: ChatCompletionRequest, engine) -> ChatPlan:
-    from backend import structured
+    from backend.serving import structured
     if not getattr(engine.spec, "chat_format", None):
         raise APIError(400, f"model {engine.name!r} is a base model without a chat format; use /v1/completions",
                        "model")
@@ -189,7 +189,7 @@ def plan_chat(req: ChatCompletionRequest, engine) -> ChatPlan:
             prompt = list(render_chat(messages, engine.enc, add_generation_prompt=not open_turn,
                                       continue_final_message=open_turn, functions=functions or None,
                                       open_call=forced).ids)
-        else:  # the engine's own rendering: a remote engine keeps the messages (backend/remote_engine.py)
+        else:  # the engine's own rendering: a remote engine keeps the messages (backend/serving/remote_engine.py)
             prompt = engine.chat_prompt(messages)
     except ValueError as e:
         raise APIError(400, str(e), "messages") from None

@@ -35,7 +35,7 @@ from backend.api import openai_format as fmt
 from backend.api import openai_service as svc
 from backend.api.openai_schema import APIError, ChatCompletionRequest
 from backend.auth import allow
-from backend.engine import aiterate
+from backend.serving.engine import aiterate
 from backend.tool_loop import MAX_CALLS, Tools, collect_turn, run_turn
 from models.chat_format import TOOL_ARG
 

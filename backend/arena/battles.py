@@ -22,7 +22,7 @@ from sqlalchemy.exc import IntegrityError
 from backend import chat_service
 from backend.arena import ratings
 from backend.db.models import ArenaBattle, ArenaVote
-from backend.sampling import SamplingParams
+from backend.serving.sampling import SamplingParams
 
 MAX_PROMPT_CHARS = 8000
 MAX_TOKENS = 2048

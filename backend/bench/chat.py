@@ -81,9 +81,9 @@ def bench_http(args) -> list[dict]:
     import torch
 
     from backend.config import AppConfig
-    from backend.engine import aiterate
-    from backend.model_pool import EnginePool
-    from backend.sampling import SamplingParams
+    from backend.serving.engine import aiterate
+    from backend.serving.model_pool import EnginePool
+    from backend.serving.sampling import SamplingParams
     from models.registry import BUNDLED_NAME, ModelRegistry
 
     torch.set_num_threads(args.threads)

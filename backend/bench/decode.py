@@ -1,7 +1,7 @@
 """python -m backend.bench decode [--threads 2] [--tokens 128] [--samples 8] [--sample-tokens 64] [--repeat 3]
 
 Who is who, measured in one run with the same prompt, the same thread count and the same model weights:
-- single-stream decode, greedy: OUR engine (backend.engine, KV cache + DecodeStep) vs Hugging Face
+- single-stream decode, greedy: OUR engine (backend.serving.engine, KV cache + DecodeStep) vs Hugging Face
   transformers `generate` with LlamaForCausalLM (float32) loaded from the HF-layout cache directory the
   registry writes for the bundled model, in a fresh child process (so no variant measured before it
   leaves it a used allocator). Both generate exactly --tokens new tokens (end-of-text ignored);
@@ -11,7 +11,7 @@ Who is who, measured in one run with the same prompt, the same thread count and 
 - load time of the bundled model into an engine (weights + tokenizer): cold = a fresh cache directory
   (GGUF dequantization and tokenizer conversion included), warm = a new process reading the cache.
 - our variants: gguf (the app's default on a CPU: decode matmuls on the GGUF file's own Q4_1/Q8_0 blocks
-  through our block kernel, backend/q4_kernel.cpp; prefill in float32), gguf-torch (the same blocks through
+  through our block kernel, backend/serving/q4_kernel.cpp; prefill in float32), gguf-torch (the same blocks through
   torch's int4 kernel, bf16 activations: the fallback where ours cannot run), fp32 (PLAYGROUND_QUANT=none: float32 weights, exact to the
   reference), and opt-in bf16 weights (PLAYGROUND_DTYPE=bf16) and int8 (PLAYGROUND_QUANT=int8: int8 rows).
 - agreement of each non-fp32 variant with the fp32 one, on a few chat prompts: teacher-forced along the
@@ -61,7 +61,7 @@ def _median_time(fn, repeat: int) -> float:
 
 def _decode_rate(engine, ids: list[int], tokens: int) -> float:
     """Greedy decode tok/s of one stream after its first token (the prompt's prefill left out)."""
-    from backend.sampling import SamplingParams
+    from backend.serving.sampling import SamplingParams
     first, count = None, 0
     for _ in engine.generate([ids], SamplingParams(temperature=0, max_tokens=tokens)):
         first = first or time.perf_counter()
@@ -83,7 +83,7 @@ def _warm_load_seconds(data_dir: Path, cache_dir: Path, model: str, threads: int
     code = (
         "import time, torch\n"
         f"torch.set_num_threads({threads})\n"
-        "from backend.config import AppConfig\nfrom backend.model_pool import EnginePool\n"
+        "from backend.config import AppConfig\nfrom backend.serving.model_pool import EnginePool\n"
         "from models.registry import ModelRegistry\n"
         f"cfg = AppConfig(data_dir={str(data_dir)!r}, cache_dir={str(cache_dir)!r})\n"
         "t0 = time.perf_counter()\n"
@@ -98,7 +98,7 @@ def agreement(ref, eng, tokens: int, prompts: list[str] = AGREEMENT_PROMPTS) -> 
     """How closely engine `eng` decodes like `ref` (both on the same model): teacher-forced along ref's
     greedy tokens, the share of steps with the same top-1 token and the max |logit diff|; free running,
     the greedy tokens that match before the first divergence (per prompt)."""
-    from backend.sampling import SamplingParams
+    from backend.serving.sampling import SamplingParams
     same = steps = 0
     worst = prefill_worst = 0.0
     prefill_same = 0
@@ -238,13 +238,13 @@ def result(metric, unit, ours, peer, peer_name, goal, higher_is_better=True, **e
 
 
 def constraint_cost(engine, prompt: list[int], tokens: int, repeat: int, variant: str) -> dict:
-    """Single-stream greedy decode held to a JSON schema by llguidance (backend/structured.py: a mask over
+    """Single-stream greedy decode held to a JSON schema by llguidance (backend/serving/structured.py: a mask over
     the vocabulary before each draw, the matcher advanced after it) against the same decode unconstrained;
     both make exactly `tokens` tokens (no stop tokens: once the JSON is complete only <|im_end|> is left)."""
     from dataclasses import replace
 
-    from backend.sampling import SamplingParams
-    from backend.structured import json_constraint
+    from backend.serving.sampling import SamplingParams
+    from backend.serving.structured import json_constraint
     schema = {"type": "object", "properties": {"story": {"type": "string"}}, "required": ["story"]}
     plain = SamplingParams(temperature=0, max_tokens=tokens)
     held = replace(plain, constraint=json_constraint(engine, schema, engine.default_stop_ids()))
@@ -263,8 +263,8 @@ PREFILL_TEXT = " ".join(f"Note {i}: the pelican flew over the harbour at dawn an
 def prefill_row(args, cfg) -> dict:
     """Time to first token of a ~300-token prompt, as a request is served (the app's default engine:
     scheduler, prefill, head, first sample) against transformers' bf16 forward of the same ids."""
-    from backend.model_pool import EnginePool
-    from backend.sampling import SamplingParams
+    from backend.serving.model_pool import EnginePool
+    from backend.serving.sampling import SamplingParams
     from models.registry import ModelRegistry
     engine = EnginePool(ModelRegistry(cfg), cfg, serve=_no_prefix_cache()).get(args.model)
     ids = (engine.chat_prompt([{"role": "user", "content": PREFILL_TEXT}]) if engine.spec.chat_format
@@ -290,7 +290,7 @@ def prefill_row(args, cfg) -> dict:
 
 
 def _no_prefix_cache():
-    from backend.scheduler import ServeConfig
+    from backend.serving.scheduler import ServeConfig
     return ServeConfig(prefix_cache_mb=0)  # every repeat prefills the whole prompt
 
 
@@ -319,8 +319,8 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.set_num_threads(args.threads)
     from backend.config import AppConfig
-    from backend.model_pool import EnginePool
-    from backend.sampling import SamplingParams
+    from backend.serving.model_pool import EnginePool
+    from backend.serving.sampling import SamplingParams
     from models.registry import ModelRegistry
 
     tmp = tempfile.TemporaryDirectory(prefix="bench-decode-")

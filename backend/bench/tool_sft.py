@@ -99,7 +99,7 @@ def correct(ex: Example, answer: str, doc_text: str | None = None) -> bool:
 
 # -- running the questions through the tool loop ----------------------------------------------------
 def evaluate(engine, held: list[Example], tools: Tools, max_tokens: int, label: str, log) -> tuple[dict, list[dict]]:
-    from backend.sampling import SamplingParams
+    from backend.serving.sampling import SamplingParams
     docs = dict(search_docs())
     rows = []
     for i, ex in enumerate(held):
@@ -159,7 +159,7 @@ def cpu_seconds() -> float:
 
 
 def make_engine(name: str, model, enc, tokenizer: str):
-    from backend.engine import Engine
+    from backend.serving.engine import Engine
     from models.registry import ModelSpec
     spec = ModelSpec(name, "trained", None, tokenizer, "chatml", model.cfg.max_seq_len)
     return Engine(spec, model.eval().requires_grad_(False), enc)

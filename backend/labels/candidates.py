@@ -22,7 +22,7 @@ def _check(engines) -> None:
 def sample_candidates(engines, model: str, prompt: str, k: int, temperature: float,
                       max_tokens: int = 200, system: str = "") -> list[str]:
     """K independent replies from `model` to one user prompt (engine: pg.engines.get(model).chat)."""
-    from backend.sampling import SamplingParams
+    from backend.serving.sampling import SamplingParams
     _check(engines)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     completions = engines.get(model).chat(messages, SamplingParams(temperature=temperature, max_tokens=max_tokens), n=k)
@@ -31,6 +31,6 @@ def sample_candidates(engines, model: str, prompt: str, k: int, temperature: flo
 
 def draft_reply(engines, model: str, messages: list[dict], temperature: float = 0.7, max_tokens: int = 300) -> str:
     """The model's reply to a conversation so far (role/content messages), for the annotator to edit."""
-    from backend.sampling import SamplingParams
+    from backend.serving.sampling import SamplingParams
     _check(engines)
     return engines.get(model).chat(messages, SamplingParams(temperature=temperature, max_tokens=max_tokens), n=1)[0].text.strip()

@@ -1,7 +1,7 @@
 """GRPO with verifiable rewards (DeepSeekMath, Shao et al. 2024; used for DeepSeek-R1-Zero and R1).
 
 Each step, for each of prompts_per_step problems:
-  1. sample a group of G = group_size answers with THE sampler (backend.engine.Engine over a copy of the
+  1. sample a group of G = group_size answers with THE sampler (backend.serving.engine.Engine over a copy of the
      policy in eval mode, no grad; temperature 1.0);
   2. reward each by rule: accuracy (1 if the final answer is exactly right, backend/datasets/verifiable.py)
      + format_weight * format (1 if the reply is "<think>...</think> answer", R1-Zero's template);
@@ -168,13 +168,13 @@ def rollout_engine(policy, spec, enc, dtype: torch.dtype | None = None):
     """THE sampler over a frozen copy of the policy (the Engine fuses weights for decoding, so it gets its own).
     dtype bf16: decoding 16 samples at once measured 1.6x fewer CPU-seconds per token than float32 here
     (AMX); the policy trains in float32 weights, so samples come from its bf16 rounding (as vLLM rollouts do)."""
-    from backend.engine import Engine
+    from backend.serving.engine import Engine
     return Engine(spec, copy.deepcopy(policy).eval().requires_grad_(False).to(dtype or policy.dtype), enc)
 
 
 def sample_groups(engine, prompts: list[list[int]], n: int, max_tokens: int, temperature: float, seed: int):
     """Completions of each prompt (n each, prompt-major); each completion's tokens include its stop token."""
-    from backend.sampling import SamplingParams
+    from backend.serving.sampling import SamplingParams
     from models.chat_format import stop_token_ids
     params = SamplingParams(temperature=temperature, max_tokens=max_tokens, seed=seed,
                             stop_token_ids=stop_token_ids(engine.enc))
@@ -354,7 +354,7 @@ def run_grpo(cfg: GRPOConfig, ctx: JobContext) -> Outcome:
                                                "format_reward": round(float(fmt.mean()), 4)}
 
     def evaluate(engine, problems, prompt_ids):
-        from backend.sampling import SamplingParams
+        from backend.serving.sampling import SamplingParams
         from models.chat_format import stop_token_ids
         params = SamplingParams(temperature=0.0, max_tokens=cfg.eval_tokens, stop_token_ids=stop_token_ids(engine.enc))
         comps = engine.complete_batch([prompt_ids(p) for p in problems], params)

@@ -14,7 +14,7 @@ import numpy as np
 import tiktoken
 import torch
 
-from backend.sampling import filtered_probs
+from backend.serving.sampling import filtered_probs
 from models.transformer import Transformer
 
 

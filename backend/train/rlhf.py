@@ -89,7 +89,7 @@ def run_rlhf(cfg: RLHFConfig, ctx: JobContext) -> Outcome:
         return s, {"rm_score": round(float(s.mean()), 4)}
 
     def evaluate(engine, prompts, prompt_ids):
-        from backend.sampling import SamplingParams
+        from backend.serving.sampling import SamplingParams
         from models.chat_format import stop_token_ids
         params = SamplingParams(temperature=0.0, max_tokens=cfg.max_new_tokens, stop_token_ids=stop_token_ids(engine.enc))
         texts = [c.text for c in engine.complete_batch([prompt_ids(p) for p in prompts], params)]

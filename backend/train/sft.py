@@ -140,8 +140,8 @@ def protocol_check(model, enc, tokenizer: str, n: int, seed: int) -> dict:
     import json
 
     from backend.datasets.tool_use import ASSISTANT_NAME, conversations
-    from backend.engine import Engine
-    from backend.sampling import SamplingParams
+    from backend.serving.engine import Engine
+    from backend.serving.sampling import SamplingParams
     from models.chat_format import END_TOOL_CALL, TOOL_CALL, has_tool_tokens, stop_token_ids
     from models.registry import ModelSpec
     if not has_tool_tokens(enc):

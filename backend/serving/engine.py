@@ -1,5 +1,5 @@
 """The inference engine: one model with its tokenizer, KV-cached sampling with streaming, stop handling
-and log-probs, served by a continuous-batching scheduler (backend/scheduler.py).
+and log-probs, served by a continuous-batching scheduler (backend/serving/scheduler.py).
 
     engine = Engine(spec, model, enc)
     for ev in engine.generate([prompt_ids], SamplingParams(max_tokens=50), n=4):
@@ -9,7 +9,7 @@ How a request runs:
 - `generate` checks the request, then submits it to the engine's scheduler, which admits it into the
   running batch beside every other request for this model (whatever door it came from); its events come
   back on the request's own queue. N samples of one prompt share one prefill.
-- Each step samples through backend.sampling (temperature, top-k, top-p, penalties, a constraint, a
+- Each step samples through backend.serving.sampling (temperature, top-k, top-p, penalties, a constraint, a
   per-request generator), so a request's tokens do not depend on who else is in the batch.
 - Text is streamed UTF-8 safely (a character split across tokens is released only when complete) and
   stop strings may span tokens: text that could still become a stop string is held back, and a
@@ -28,9 +28,9 @@ from typing import Iterator
 
 import torch
 
-from backend.decode_step import DecodeStep
-from backend.sampling import SamplingParams, token_logprobs
-from backend.scheduler import FairLock, Scheduler, ServeConfig
+from backend.serving.decode_step import DecodeStep
+from backend.serving.sampling import SamplingParams, token_logprobs
+from backend.serving.scheduler import FairLock, Scheduler, ServeConfig
 
 
 @dataclass
@@ -188,7 +188,7 @@ class Engine:
         self.spec = spec
         self.model = model.eval()
         self.enc = enc
-        # the per-token forward used while decoding (quant/blocks: see backend/decode_step.py)
+        # the per-token forward used while decoding (quant/blocks: see backend/serving/decode_step.py)
         self.step = DecodeStep(self.model, quant, blocks, packed, kernel)
         self.head = self.step.lm_head  # final-norm hidden states -> logits, the same for prefill and decode
         self.context_length = min(int(getattr(spec, "context_length", 0) or model.cfg.max_seq_len), model.cfg.max_seq_len)

@@ -12,7 +12,7 @@
 //
 // Lanes are 16 output rows n; a weight vector holds 16 n x 4 k. A weight vector is loaded once for up
 // to ROWS rows of x (torch's `_weight_int4pack_mm_for_cpu` dequantizes again for every 4 rows, so 8 rows
-// cost it ~3.5x one row). Packing: backend/q4_kernel.py `pack`.
+// cost it ~3.5x one row). Packing: backend/serving/q4_kernel.py `pack`.
 #include <float.h>
 #include <immintrin.h>
 #include <math.h>

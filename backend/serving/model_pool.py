@@ -13,10 +13,10 @@ from collections import OrderedDict
 
 import torch
 
-from backend import q4_kernel
-from backend.decode_step import gguf_supported, load_packed, packed_file_name, save_packed
-from backend.engine import Engine
-from backend.scheduler import FairLock, ServeConfig
+from backend.serving import q4_kernel
+from backend.serving.decode_step import gguf_supported, load_packed, packed_file_name, save_packed
+from backend.serving.engine import Engine
+from backend.serving.scheduler import FairLock, ServeConfig
 from models.device import pick_device
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ QUANT_MODES = ("gguf", "gguf-torch", "none", "int8")
 
 def engine_quant(device: torch.device) -> str:
     """Decode-time weights, PLAYGROUND_QUANT: "gguf" (default) decodes a GGUF-loaded model on the CPU with
-    the file's own 4-bit blocks (backend/decode_step.py; other models stay float) on our block kernel
+    the file's own 4-bit blocks (backend/serving/decode_step.py; other models stay float) on our block kernel
     where the CPU has AVX512-VNNI, else on torch's int4 kernel ("gguf-torch" forces that one), "none"
     decodes with the float weights, "int8" re-quantizes any float32 model to int8 rows (CPU only)."""
     q = os.environ.get("PLAYGROUND_QUANT", "").strip().lower() or "gguf"
@@ -117,8 +117,8 @@ class EnginePool:
                 return eng
             spec = self.registry.get(name)
             stamp = self._stamp(spec)
-            if spec.kind == "remote":  # another server serves it (backend/remote_engine.py): no weights to load
-                from backend.remote_engine import remote_engine
+            if spec.kind == "remote":  # another server serves it (backend/serving/remote_engine.py): no weights to load
+                from backend.serving.remote_engine import remote_engine
                 eng = remote_engine(spec, self.cfg.data_dir)
                 eng.disk_stamp = stamp
                 with self._lock:

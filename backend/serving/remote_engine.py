@@ -21,8 +21,8 @@ from typing import Iterator
 import httpx
 import torch
 
-from backend.engine import Engine, TokenEvent
-from backend.sampling import SamplingParams
+from backend.serving.engine import Engine, TokenEvent
+from backend.serving.sampling import SamplingParams
 
 
 class RemoteUnsupported(ValueError):

@@ -12,16 +12,16 @@ fewer ops and no mask building:
 tests/test_engine.py checks its logits against `Transformer.forward`.
 
 Decoding at batch 1 is memory-bound: float32 weights are ~540 MB read per token for SmolLM2-135M.
-Two weight formats cut that (prefill keeps the float weights either way); backend/model_pool.py picks
+Two weight formats cut that (prefill keeps the float weights either way); backend/serving/model_pool.py picks
 "gguf" for a model loaded from a GGUF file on a CPU unless PLAYGROUND_QUANT says otherwise:
 - quant="gguf": the GGUF file's own blocks (models.gguf_loader.QuantBlocks), as llama.cpp runs them,
   ~1/8 of the float32 bytes per token. Two kernels run them:
-  - ours (`kernel`, backend/q4_kernel.cpp, on CPUs with AVX512-VNNI): x is quantized to two int8
+  - ours (`kernel`, backend/serving/q4_kernel.cpp, on CPUs with AVX512-VNNI): x is quantized to two int8
     digits per block of 32 and each block's dot product is integer (64 multiply-adds an instruction);
     scales stay float32; it measured the same top-1 as float32 on every step of the bench's prompts.
     A weight vector is loaded once for up to 8 rows, so 8 rows cost ~2x one (torch's int4 kernel
     dequantizes again for every 4 rows: 8 rows cost ~3.5x one). Where all of a layer's matrices run
-    on it, the whole layer is one C++ call (backend/decode_layer.cpp: the same math as `__call__`
+    on it, the whole layer is one C++ call (backend/serving/decode_layer.cpp: the same math as `__call__`
     below), because at one token per step ~30 torch ops' dispatch cost as much as the matmuls.
   - torch's CPU int4 kernel where ours cannot run (quant="gguf-torch" forces it):
     `_weight_int4pack_mm_for_cpu`, whose dequant is (q - 8) * scale + zero, so scale = d and
@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from backend import q4_kernel
+from backend.serving import q4_kernel
 from models.gguf_loader import QuantBlocks
 
 
@@ -126,7 +126,7 @@ def save_packed(path: Path, packed: dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 
 def packed_file_name(kernel: bool = False) -> str:
-    if kernel:  # our layout (backend/q4_kernel.pack) goes with the kernel's source
+    if kernel:  # our layout (backend/serving/q4_kernel.pack) goes with the kernel's source
         return f"q4kernel-pack-{q4_kernel.digest()}.safetensors"
     return f"int4pack-torch{torch.__version__}-{torch.backends.cpu.get_cpu_capability()}.safetensors"
 
@@ -145,7 +145,7 @@ class DecodeStep:
                  kernel=None):
         """quant None (the model's own weights), "int8", or "gguf" with `blocks`: the GGUF's quantized
         matrices by HF weight name (models.gguf_loader.load_gguf_blocks) for this model's weights.
-        `kernel`: our block kernel (backend.q4_kernel.load) to run them on; None = torch's int4 kernel.
+        `kernel`: our block kernel (backend.serving.q4_kernel.load) to run them on; None = torch's int4 kernel.
         `packed`: the kernel's operands from an earlier load of the same blocks (see `load_packed`);
         what is missing is packed from `blocks`, and `self.packed` holds them all afterwards."""
         if quant not in (None, "int8", "gguf"):

@@ -1,4 +1,4 @@
-"""Our block-quantized matmul (backend/q4_kernel.cpp): build it, load it, pack GGUF blocks for it, call it.
+"""Our block-quantized matmul (backend/serving/q4_kernel.cpp): build it, load it, pack GGUF blocks for it, call it.
 
 The kernel is plain C++ with AVX512-VNNI intrinsics, compiled here by the system's C++ compiler the first
 time it is needed (~2 s) into a directory of the caller's choice (the model cache directory), keyed by a hash of
@@ -7,7 +7,7 @@ Its OpenMP loop runs on torch's own libgomp (already loaded by torch, and found 
 the two share one thread pool instead of fighting over the cores.
 
 Where it cannot run (no compiler, another CPU, another OS) `load` returns None with the reason logged,
-and decoding falls back to torch's int4 kernel (backend/decode_step.py).
+and decoding falls back to torch's int4 kernel (backend/serving/decode_step.py).
 """
 from __future__ import annotations
 

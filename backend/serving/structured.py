@@ -45,7 +45,7 @@ def ll_tokenizer(enc, n_vocab: int, stop_ids: tuple[int, ...]):
 
 
 class GrammarConstraint:
-    """One sample's matcher (backend.sampling.Constraint)."""
+    """One sample's matcher (backend.serving.sampling.Constraint)."""
 
     def __init__(self, matcher, vocab_size: int, n_words: int, stop_ids: list[int], tokenizer):
         self.matcher, self.vocab_size, self.stop_ids, self.tokenizer = matcher, vocab_size, stop_ids, tokenizer

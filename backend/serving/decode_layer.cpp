@@ -1,5 +1,5 @@
 // One decoder layer of a Llama-family model for one new token per row, in a single call, on our block
-// matmul (q4_kernel.cpp, included: one translation unit, one library). backend/decode_step.py calls it
+// matmul (q4_kernel.cpp, included: one translation unit, one library). backend/serving/decode_step.py calls it
 // once per layer; the math is DecodeStep's (RMSNorm, RoPE, grouped-query attention over the KV cache,
 // SwiGLU), all float32 outside the matmuls.
 //
@@ -147,7 +147,7 @@ static void attend_merge(const float* st, int split, int rep, int hd, float* out
     }
 }
 
-struct Matrix {              // packed operands of one matrix (backend/q4_kernel.py `pack`)
+struct Matrix {              // packed operands of one matrix (backend/serving/q4_kernel.py `pack`)
     const uint8_t* w;
     const uint16_t* scales;
     int q8;                  // 0 = Q4_1, 1 = Q8_0

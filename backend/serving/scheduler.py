@@ -13,7 +13,7 @@ submits a Request here and streams that request's events from its own queue. One
      and give bitwise the keys and values a cold prefill computes;
   3. join: when all of a request's prompts are prefilled, its first tokens are sampled and its rows
      (n per prompt) join the running batch;
-  4. decode: one step (backend.decode_step.DecodeStep) for every row of the batch; each request then
+  4. decode: one step (backend.serving.decode_step.DecodeStep) for every row of the batch; each request then
      samples its own rows with its own generator, penalties, constraint and stop rules.
 
 Rows share one left-padded KV cache (BatchCache): row r's tokens fill slots [pad[r], pos). A row that
@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-from backend.sampling import SamplingParams, apply_penalties, make_generator, sample, token_logprobs
+from backend.serving.sampling import SamplingParams, apply_penalties, make_generator, sample, token_logprobs
 
 log = logging.getLogger(__name__)
 
