@@ -264,6 +264,11 @@ def test_grpo_kl_is_zero_at_step_0_and_curves_are_reported(app):
     assert all(e["response_length"] > 0 for e in steps)
     evals = [e for e in events if "held_out_accuracy" in e]
     assert evals[0]["step"] == 0 and evals[-1]["step"] == 2
+    # The job's progress line says what the minutes before step 1 are spent on: loading, then the first check.
+    phases = [(i, e["phase"]) for i, e in enumerate(events) if "phase" in e]
+    assert [p for _, p in phases] == ["loading the parent model…",
+                                      "checking the starting model on 4 held-out prompts before the first step…"]
+    assert phases[-1][0] < events.index(evals[0])
     assert all(0 <= e["held_out_accuracy"] <= e["held_out_accuracy_lenient"] <= 1 for e in evals)
     assert ModelRegistry(app).get(out.model).lineage["kind"] == "grpo"
     import json

@@ -140,6 +140,8 @@ def _data_choices(pg) -> list[tuple[str, str]]:
 
 def _kind_note(kind: str) -> str:
     d = form.defaults(kind)
+    if not form.shown(kind)["budget"]:
+        return f"*{kinds.get_trainer(kind).description}.* Its time budget is one of its own settings (below)."
     return (f"*{kinds.get_trainer(kind).description}.* Defaults end within minutes on a CPU: "
             f"{d.get('max_steps') or 'no'} step limit, {d.get('max_seconds') or 'no'} s time budget (whichever comes first).")
 
@@ -180,7 +182,7 @@ def build(pg) -> None:
         kind = gr.Dropdown([(f"{k}: {kinds.get_trainer(k).description}", k) for k in kinds.kinds()], value="pretrain",
                            label="Kind", scale=3, elem_id="train-kind")
         name = gr.Textbox(label="Run / model name (empty: automatic)", scale=2, elem_id="train-name")
-    with gr.Row():
+    with gr.Row() as budget_row:
         max_steps = gr.Number(first["max_steps"], label="Max steps (0: no limit)", precision=0, minimum=0,
                               elem_id="train-max-steps")
         max_seconds = gr.Number(first["max_seconds"], label="Max seconds (0: no limit)", precision=0, minimum=0,
@@ -265,10 +267,11 @@ def build(pg) -> None:
         d, show = form.defaults(k), form.shown(k)
         return (gr.update(visible=show["pretrain"]), gr.update(visible=show["parent"]),
                 gr.update(visible=show["reward_model"]), d.get("max_steps", 0), d.get("max_seconds", 0),
-                d.get("eval_every", 1), _kind_note(k), _fields_md(k), "{}")
+                d.get("eval_every", 1), _kind_note(k), _fields_md(k), "{}", gr.update(visible=show["budget"]),
+                gr.update(visible=show["dataset"]), gr.update(visible=show["dataset"]))
 
     kind.change(public(on_kind), kind, [pretrain_box, parent_box, reward_box, max_steps, max_seconds, eval_every, kind_note,
-                               fields_md, extra])
+                               fields_md, extra, budget_row, data, snap_refresh])
     snap_refresh.click(public(lambda: gr.update(choices=_data_choices(pg))), None, data)
 
     @door(pg, "operator")
@@ -282,8 +285,9 @@ def build(pg) -> None:
         if not isinstance(more, dict):
             raise gr.Error("Other config fields: give a JSON object such as {\"lr\": 0.002}")
         show = form.shown(k)
-        values = {"name": (nm or "").strip(), "max_steps": int(steps or 0), "max_seconds": float(secs or 0),
-                  "eval_every": int(e_every or 1)}
+        values = {"name": (nm or "").strip()}
+        if show["budget"]:
+            values.update(max_steps=int(steps or 0), max_seconds=float(secs or 0), eval_every=int(e_every or 1))
         snapshot = None
         try:
             if show["pretrain"]:
@@ -293,6 +297,7 @@ def build(pg) -> None:
                 if not par:
                     raise ValueError("parent model: pick the model this run starts from")
                 values["parent_model"] = par
+            if show["dataset"]:
                 values["dataset"] = "snapshot" if (dat or "").startswith(SNAP) else (dat or "bundled")
                 snapshot = dat[len(SNAP):] if (dat or "").startswith(SNAP) else None
             if show["reward_model"]:

@@ -27,11 +27,11 @@ def field_names(kind: str) -> list[str]:
 
 
 def shown(kind: str) -> dict[str, bool]:
-    """Which groups of the form this kind shows: pretraining's corpus fields, a parent model and a dataset
-    (fine-tuning kinds), a reward model (RLHF)."""
+    """Which groups of the form this kind shows: the step/time budget row, pretraining's corpus fields, a parent
+    model, a dataset (fine-tuning kinds), a reward model (RLHF). A family job has a parent and budgets of its own."""
     names = set(field_names(kind))
-    return {"pretrain": kind == "pretrain", "parent": "parent_model" in names and "dataset" in names,
-            "reward_model": "reward_model" in names}
+    return {"budget": all(k in names for k in COMMON), "pretrain": kind == "pretrain",
+            "parent": "parent_model" in names, "dataset": "dataset" in names, "reward_model": "reward_model" in names}
 
 
 def defaults(kind: str) -> dict:

@@ -33,6 +33,7 @@ TRAINER_MODULES: list[str] = [
     "backend.train.dpo",
     "backend.train.grpo",
     "backend.train.rlhf",
+    "backend.train.family",
 ]
 
 

@@ -3,6 +3,7 @@
     python -m backend.train pretrain --preset cpu-5min --corpus python-docs --max-seconds 300
     python -m backend.train pretrain --config run.yaml --resume
     torchrun --standalone --nproc_per_node 2 -m backend.train sft --config sft.yaml     # 2 processes (DDP)
+    python -m backend.train family --set budget=cpu-1h     # tools, thinking and pelican-RLHF models, one by one
 
 Options given on the command line override the YAML file. Events print as they come (one line each);
 Ctrl-C stops at the end of the current step, keeps a checkpoint and registers the model. Under torchrun
@@ -74,7 +75,9 @@ def _registered_parsers(sub) -> None:
         if kind == "pretrain":
             continue
         p = sub.add_parser(kind, help=get_trainer(kind).description)
-        p.add_argument("--config", required=True, help=f"YAML file of {kind} config fields")
+        p.add_argument("--config", help=f"YAML file of {kind} config fields (default: the config's defaults)")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                       help="one config field, read as YAML (budget=tiny, members=[tools]); overrides --config")
         p.add_argument("--resume", action="store_true", help="continue the run's latest checkpoint")
         p.add_argument("--data-dir", help="the app's data directory (default ./data or $PLAYGROUND_HOME)")
         _job_flags(p)
@@ -124,6 +127,21 @@ def _load_yaml(path: str | None) -> dict:
     if not isinstance(d, dict):
         sys.exit(f"--config: {path} must hold a mapping of config fields")
     return d
+
+
+def _overrides(pairs: list[str]) -> dict:
+    """--set KEY=VALUE pairs, each value read as YAML (so numbers, booleans and lists keep their types)."""
+    import yaml
+    out = {}
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        if not eq or not key.strip():
+            sys.exit(f"--set: expected KEY=VALUE, got {pair!r}")
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            sys.exit(f"--set {key}: {value!r} is not a valid value: {e}")
+    return out
 
 
 def _print_event(ev: dict) -> None:
@@ -182,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"done ({result.reason}) at step {result.step}: loss {result.loss}, val bpb {result.val_bpb}; "
                   f"checkpoint {result.checkpoint}; model {result.model!r}", flush=True)
     else:
-        _run_registered(args, _load_yaml(args.config), stop, emit)
+        _run_registered(args, {**_load_yaml(args.config), **_overrides(args.overrides)}, stop, emit)
 
 
 if __name__ == "__main__":

@@ -112,6 +112,7 @@ def run_dpo(cfg: DPOConfig, ctx: JobContext) -> Outcome:
         parent = extend_for_tokens(parent, enc)
         ref = copy.deepcopy(parent).eval().requires_grad_(False)  # the frozen reference: the parent
         policy = run.model_to_train(lambda: parent).to(run.device).train()
+        run.phase("reading the preference pairs…")
         pairs = to_pairs(load_rows(cfg.dataset, run.app, ctx.snapshot_hash, lambda: bundled_rows(cfg)))
         random.Random(cfg.seed).shuffle(pairs)
         n_val = int(len(pairs) * cfg.val_fraction)

@@ -235,6 +235,7 @@ def policy_optimization(kind: str, cfg: PolicyConfig, ctx: JobContext, train_pro
 
         summary = {}
         if state is None:
+            run.phase(f"checking the starting model on {len(heldout)} held-out prompts before the first step…")
             summary = do_eval()
             run.emit({"step": 0, **summary, **_accuracy(summary)})
             save_curves({"step": 0, **summary, "cpu_s": round(time.process_time() - cpu0, 1)})

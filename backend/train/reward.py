@@ -183,6 +183,7 @@ def run_reward(cfg: RewardConfig, ctx: JobContext) -> Outcome:
         backbone = run.model_to_train(lambda: extend_for_tokens(parent, enc)).to(run.device)
         del parent
         rm = RewardModel(backbone).to(run.device).train()
+        run.phase("reading the rankings…")
         items = group_rankings(load_rows(cfg.dataset, run.app, ctx.snapshot_hash, lambda: bundled_rows(cfg)))
         random.Random(cfg.seed).shuffle(items)
         n_val = max(1, int(len(items) * cfg.val_fraction))

@@ -1,0 +1,168 @@
+"""A model family, one command away: `python -m backend.train family` (and the Training tab's button).
+
+From one parent (the bundled SmolLM2-135M-Instruct by default) the family job trains, one after another:
+
+    <prefix>-tools        SFT on the bundled tool-use conversations: calls search and Python unprompted
+    <prefix>-think-sft    SFT on bundled worked solutions written as <think>…</think> then the answer
+    <prefix>-think        GRPO from it with accuracy + format rewards (DeepSeek-R1's recipe)
+    <prefix>-pelican-rm   a reward model on the bundled pelican-joke rankings
+    <prefix>-pelican      RLHF from the parent against that reward model
+
+Each member is a normal job (its own row, progress, checkpoints, registered model with lineage) that this job
+creates once the member before it is registered (a member's parent must exist when its job is queued) and runs
+right here, in the same worker. A member whose model is already registered is skipped and a member job that
+was stopped is resumed from its checkpoint, so running the family again continues where it stopped.
+
+Budgets (BUDGETS) cap each member's wall clock and steps: "cpu-1h" is sized for the bundled 135M model on 2 CPU
+cores; "tiny" is for tests on toy models.
+"""
+from __future__ import annotations
+
+import dataclasses
+import threading
+from dataclasses import dataclass
+
+from backend.config import AppConfig
+from backend.jobs.kinds import JobContext, Outcome, trainer
+
+# budget -> member -> config fields: a wall-clock cap (max_seconds) and a step cap, so a fast machine does not
+# overtrain. "cpu-1h" adds up to under an hour of wall clock for the bundled 135M model on 2 cores.
+BUDGETS = {
+    "cpu-1h": {"tools": {"max_seconds": 900.0, "max_steps": 300},
+               "think-sft": {"max_seconds": 600.0, "max_steps": 200},
+               "think": {"max_seconds": 900.0, "max_steps": 60},
+               "pelican-rm": {"max_seconds": 300.0, "max_steps": 150},
+               "pelican": {"max_seconds": 600.0, "max_steps": 60}},
+    "tiny": {"tools": {"max_steps": 2, "batch_size": 2, "seq_len": 256, "n_examples": 8, "protocol_check": 2},
+             "think-sft": {"max_steps": 2, "batch_size": 2, "seq_len": 1024, "n_examples": 8},
+             "think": {"max_steps": 1, "group_size": 2, "prompts_per_step": 1, "max_new_tokens": 8,
+                       "n_heldout": 2, "eval_tokens": 4, "eval_every": 1},
+             "pelican-rm": {"max_steps": 2, "batch_size": 2, "n_examples": 8, "max_len": 64},
+             "pelican": {"max_steps": 1, "group_size": 2, "prompts_per_step": 1, "max_new_tokens": 8,
+                         "n_heldout": 2, "eval_every": 1}},
+}
+MEMBERS = ("tools", "think-sft", "think", "pelican-rm", "pelican")
+
+
+@dataclass
+class FamilyConfig:
+    parent_model: str = "smollm2-135m-instruct"  # a registry name: the family's common ancestor
+    prefix: str = "family"                       # members are named <prefix>-<member>
+    budget: str = "cpu-1h"                       # a key of BUDGETS
+    members: list[str] = dataclasses.field(default_factory=lambda: list(MEMBERS))
+    threads: int = 0                             # torch threads per member (0: torch's default)
+
+    def validate(self) -> None:
+        if self.budget not in BUDGETS:
+            raise ValueError(f"budget: one of {', '.join(BUDGETS)}, not {self.budget!r}")
+        unknown = [m for m in self.members if m not in MEMBERS]
+        if unknown or not self.members:
+            raise ValueError(f"members: pick from {', '.join(MEMBERS)}" + (f", not {unknown[0]!r}" if unknown else ""))
+        if "think" in self.members and "think-sft" not in self.members:
+            raise ValueError("members: 'think' (GRPO) starts from 'think-sft'; add it")
+        if "pelican" in self.members and "pelican-rm" not in self.members:
+            raise ValueError("members: 'pelican' (RLHF) needs its reward model 'pelican-rm'; add it")
+
+
+def check(cfg: FamilyConfig, app: AppConfig) -> None:
+    from models.registry import ModelRegistry, validate_name
+    try:
+        spec = ModelRegistry(app).get(cfg.parent_model)
+    except ValueError as e:
+        raise ValueError(f"parent_model: {e}") from None
+    if getattr(spec, "kind", None) == "remote":
+        raise ValueError(f"parent_model: {cfg.parent_model!r} is served by another server; a family trains local weights")
+    try:
+        validate_name(f"{cfg.prefix}-pelican-rm")
+    except ValueError as e:
+        raise ValueError(f"prefix: {e}") from None
+
+
+def plan(cfg: FamilyConfig) -> list[tuple[str, str, dict]]:
+    """(member, job kind, job config) in the order they train; each member's parent is registered before it."""
+    p, name = cfg.parent_model, (lambda m: f"{cfg.prefix}-{m}")
+    common = {"threads": cfg.threads}
+    jobs = {
+        "tools": ("sft", {"parent_model": p, "bundled": "tool-use"}),
+        "think-sft": ("sft", {"parent_model": p, "bundled": "reasoning"}),
+        "think": ("grpo", {"parent_model": name("think-sft"), "think": True}),
+        "pelican-rm": ("reward", {"parent_model": p}),
+        "pelican": ("rlhf", {"parent_model": p, "reward_model": name("pelican-rm")}),
+    }
+    out = []
+    for m in MEMBERS:
+        if m in cfg.members:
+            kind, config = jobs[m]
+            out.append((m, kind, {**config, **common, **BUDGETS[cfg.budget][m], "name": name(m)}))
+    return out
+
+
+def run_family(cfg: FamilyConfig, ctx: JobContext) -> Outcome:
+    from backend.db import Database
+    from backend.jobs import queue
+    from backend.worker import Worker
+    from models.registry import ModelRegistry
+
+    db = Database(ctx.app.database_url)
+    db.migrate()  # from the CLI, on a data directory the app may never have opened
+    registry = ModelRegistry(ctx.app)
+    members = plan(cfg)
+    done: list[str] = []
+    try:
+        for i, (member, kind, config) in enumerate(members, 1):
+            if ctx.stop.is_set():
+                return Outcome("stopped", i - 1, model=done[-1] if done else None, summary={"members": done})
+            if config["name"] in registry.names():
+                ctx.emit({"step": i, "log": f"{member}: {config['name']} is already registered; skipped"})
+                done.append(config["name"])
+                continue
+            job = _member_job(db, ctx.app, queue, kind, config)
+            ctx.emit({"step": i - 1, "phase": f"member {i} of {len(members)}: {member} ({kind}, job {job['id']})"})
+            state = _run_here(db, ctx, Worker, queue, job["id"])
+            if state != "succeeded":
+                if state == "cancelled" or ctx.stop.is_set():
+                    return Outcome("stopped", i - 1, model=done[-1] if done else None, summary={"members": done})
+                raise RuntimeError(f"member {member} (job {job['id']}) ended {state}: {queue.get_job(db, job['id'])['error']}")
+            model = queue.get_job(db, job["id"])["model"]
+            done.append(model)
+            ctx.emit({"step": i, "member": member, "model": model, "job": job["id"]})
+    finally:
+        db.close()
+    ctx.emit({"step": len(members), "done": "members", "models": done})
+    return Outcome("members", len(members), model=done[-1] if done else None, summary={"members": done})
+
+
+def _member_job(db, app, queue, kind: str, config: dict) -> dict:
+    """The member's job: a stopped or failed earlier one of the same name resumes from its checkpoint,
+    else a new one is queued (its config checked now that its parent exists)."""
+    for j in queue.list_jobs(db, limit=500):
+        if j["kind"] == kind and j["name"] == config["name"] and j["state"] in ("cancelled", "failed"):
+            return queue.resume_job(db, app, j["id"])
+    return queue.create_job(db, app, None, kind, config)
+
+
+def _run_here(db, ctx: JobContext, Worker, queue, job_id: int) -> str:
+    """Run queued job `job_id` in this process, as a worker would; the family's stop stops it too."""
+    worker = Worker(ctx.app, db, ctx.device or "cpu")
+    job = queue.claim_next(db, worker.id, ctx.device, job_id=job_id)
+    if job is None:  # the app's own worker took it first: follow it there
+        while (state := queue.get_job(db, job_id)["state"]) not in queue.FINISHED:
+            if ctx.stop.wait(1.0):
+                queue.cancel_job(db, job_id)
+        return state
+    finished = threading.Event()
+
+    def relay_stop():  # the member's own stop flag exists only while it runs
+        while not finished.is_set():
+            if ctx.stop.wait(0.2) and worker._stop is not None:
+                worker._stop.set()
+                return
+    threading.Thread(target=relay_stop, name=f"family-stop-{job_id}", daemon=True).start()
+    try:
+        return worker.run_job(job)
+    finally:
+        finished.set()
+
+
+trainer("family", FamilyConfig, "a model family from one parent: tool use, thinking (SFT then GRPO), pelican RLHF",
+        check=check)(run_family)

@@ -1,0 +1,73 @@
+"""`python -m backend.train family`: one command trains the tool-using, thinking and pelican-RLHF members from one
+parent, each a real job (its own row, events, registered model with lineage), in dependency order; running it
+again skips what is registered. On a tiny byte-level model, with the "tiny" budget, through the real job queue
+(SQLite) and the worker's own job runner."""
+from __future__ import annotations
+
+import pytest
+
+from backend.config import AppConfig
+from backend.db import Database
+from backend.jobs import queue
+from backend.jobs.kinds import JobContext, get_trainer, parse_config
+from backend.train.family import MEMBERS
+from models.registry import ModelRegistry
+from models.tokenizers import get_encoding, save_encoding
+from tests.helpers import make_tiny_model
+from tests.test_trainers import byte_encoding
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory) -> AppConfig:
+    data = tmp_path_factory.mktemp("family") / "data"
+    app = AppConfig(data_dir=data)
+    app.ensure_dirs()
+    save_encoding(byte_encoding(), "bytes", data)
+    enc = get_encoding("bytes+chatml", data)
+    ModelRegistry(app).register("tiny", make_tiny_model(enc.max_token_value + 1, dim=64, n_layers=2, max_seq_len=1024),
+                                "bytes+chatml", "chatml", {"origin": "test"})
+    return app
+
+
+def test_the_family_trains_each_member_as_a_job_in_order_with_lineage_and_a_rerun_skips_them(app):
+    events: list = []
+    cfg = parse_config("family", {"parent_model": "tiny", "budget": "tiny", "prefix": "fam", "threads": 1}, app)
+    out = get_trainer("family").run(cfg, JobContext(app, emit=events.append))
+    names = [f"fam-{m}" for m in MEMBERS]
+    assert out.summary["members"] == names
+
+    db = Database(app.database_url)
+    jobs = sorted(queue.list_jobs(db), key=lambda j: j["id"])
+    assert [(j["kind"], j["name"], j["state"]) for j in jobs] == [
+        ("sft", "fam-tools", "succeeded"), ("sft", "fam-think-sft", "succeeded"), ("grpo", "fam-think", "succeeded"),
+        ("reward", "fam-pelican-rm", "succeeded"), ("rlhf", "fam-pelican", "succeeded")]
+    assert all(queue.job_events(db, j["id"], kinds=("metric",)) for j in jobs)  # each shows its own progress
+
+    reg = ModelRegistry(app)
+    lineage = {n: reg.get(n).lineage for n in names}
+    assert lineage["fam-tools"]["parent_model"] == lineage["fam-think-sft"]["parent_model"] == "tiny"
+    assert lineage["fam-think"]["parent_model"] == "fam-think-sft"  # GRPO starts from the distilled thinker
+    assert lineage["fam-pelican"]["reward_model"] == "fam-pelican-rm"
+    assert all(lineage[n]["job_id"] == j["id"] for n, j in zip(names, jobs))
+    assert "<think>" in get_encoding(reg.get("fam-think").tokenizer, app.data_dir).special_tokens_set
+    phases = [e["phase"] for e in events if "phase" in e]
+    assert phases[0].startswith("member 1 of 5: tools") and phases[-1].startswith("member 5 of 5: pelican")
+
+    again: list = []
+    out = get_trainer("family").run(cfg, JobContext(app, emit=again.append))
+    assert out.summary["members"] == names and len(queue.list_jobs(db)) == len(jobs)  # nothing trained twice
+    assert sum("already registered; skipped" in e.get("log", "") for e in again) == 5
+    db.close()
+
+
+def test_the_cli_refuses_a_family_that_cannot_be_trained_before_training(app, capsys):
+    from backend.train.__main__ import main
+    data = ["--data-dir", str(app.data_dir)]
+    for sets, says in ((["parent_model=nope"], "parent_model"), (["parent_model=tiny", "members=[think]"], "think-sft"),
+                       (["parent_model=tiny", "budget=huge"], "budget"), (["parent_model=tiny", "prefix=a b"], "prefix")):
+        with pytest.raises(SystemExit) as e:
+            main(["family", *[a for s in sets for a in ("--set", s)], *data])
+        assert says in str(e.value.code)
+    with pytest.raises(SystemExit) as e:
+        main(["family", "--set", "budget", *data])
+    assert "KEY=VALUE" in str(e.value.code)
