@@ -12,8 +12,9 @@ Each row is {"key", "label", "unit", "value" (None: n/a), "n", "detail", "note"?
                 scored as backend/bench/tool_sft.py scores them: a call the loop accepts; the right answer
   idk           questions nobody can answer (backend/evals/data/unknowns.jsonl: private, future, fictional):
                 the share of answers that say so ("I don't know", "no information", "fictional"...)
-  identity      held-out identity phrasings ("Who are you?"): the share of answers that name the model,
-                Playground Assistant (what the bundled identity conversations teach) or SmolLM (its base)
+  identity      held-out identity phrasings ("Who are you?"): the share of answers that say what the model is:
+                Playground Assistant (what the bundled identity conversations teach), SmolLM or Hugging Face
+                (its base model and maker); the detail counts each name
   pelican       the newest registered reward model's mean score of answers to the RLHF held-out prompts
                 (backend/train/rlhf.py), and how many mention pelicans (the annotators' hidden rule); n/a
                 without a reward model
@@ -45,7 +46,7 @@ ROWS = [("problems", "Verifiable problems: held-out accuracy", "fraction"),
         ("tool_calls", "Tool questions: well-formed calls", "fraction"),
         ("tool_answers", "Tool questions: correct answers", "fraction"),
         ("idk", "Unknown-answer questions: says it doesn't know", "fraction"),
-        ("identity", "Identity questions: names itself", "fraction"),
+        ("identity", "Identity questions: says what it is", "fraction"),
         ("pelican", "Pelican prompts: reward-model score", "score"),
         ("bpb", "Held-out text: bits per byte (lower is better)", "bits/byte")]
 LABELS = {k: label for k, label, _ in ROWS}
@@ -188,7 +189,7 @@ def idk_row(pg, engine, cfg: EvalConfig, cancel) -> list[dict]:
                 samples)]
 
 
-SELF_NAMES = ("Playground Assistant", "SmolLM")
+SELF_NAMES = ("Playground Assistant", "SmolLM", "Hugging Face")
 
 
 def identity_row(pg, engine, cfg: EvalConfig, cancel) -> list[dict]:
@@ -199,7 +200,7 @@ def identity_row(pg, engine, cfg: EvalConfig, cancel) -> list[dict]:
     counts = ", ".join(f"{n} {sum(n in x for x in named)}" for n in SELF_NAMES)
     samples = [{"q": q, "a": t, "ok": bool(x)} for q, t, x in zip(qs, texts, named)]
     return [row("identity", share([bool(x) for x in named]), len(qs),
-                f"{sum(map(bool, named))}/{len(qs)} name the model ({counts})", samples)]
+                f"{sum(map(bool, named))}/{len(qs)} say what it is ({counts})", samples)]
 
 
 def newest_reward_model(pg) -> str | None:
@@ -250,7 +251,7 @@ def bpb_row(pg, engine, cfg: EvalConfig, cancel) -> list[dict]:
     try:
         for w in windows:
             check(cancel)
-            ids = engine.enc.encode_ordinary(w)[:engine.context_length]
+            ids = engine.enc.encode_ordinary(w)[:engine.context_length - 1]  # a prompt must leave room
             lps = engine.prompt_logprobs(ids)
             nats -= sum(lp for lp, _ in lps[1:])  # the first token has no context: neither scored nor counted
             nbytes += sum(len(engine.token_bytes(t)) for t in ids[1:])
@@ -260,8 +261,18 @@ def bpb_row(pg, engine, cfg: EvalConfig, cancel) -> list[dict]:
                 f"{len(windows)} windows, {nbytes:,} bytes of held-out python-docs")]
 
 
-CHAT_ROWS = [problems_row, tool_rows, idk_row, identity_row, pelican_row]
-CHAT_KEYS = ["problems", "tool_calls", "tool_answers", "idk", "identity", "pelican"]
+CHAT_ROWS = [(problems_row, ["problems"]), (tool_rows, ["tool_calls", "tool_answers"]), (idk_row, ["idk"]),
+             (identity_row, ["identity"]), (pelican_row, ["pelican"])]
+CHAT_KEYS = [k for _, keys in CHAT_ROWS for k in keys]
+
+
+def guarded(fn, keys: list[str], pg, engine, cfg: EvalConfig, cancel) -> list[dict]:
+    """A row the model cannot take (its context is too short for the prompts, say) is n/a with the reason;
+    the other rows are still measured."""
+    try:
+        return fn(pg, engine, cfg, cancel)
+    except ValueError as e:
+        return [na(k, f"n/a: {e}") for k in keys]
 
 
 def measure(pg, engine, cfg: EvalConfig, cancel: threading.Event | None = None, on_row=lambda row: None) -> list[dict]:
@@ -275,15 +286,15 @@ def measure(pg, engine, cfg: EvalConfig, cancel: threading.Event | None = None, 
             on_row(r)
 
     if engine.spec.chat_format:
-        for fn in CHAT_ROWS:
+        for fn, keys in CHAT_ROWS:
             check(cancel)
             t0 = time.perf_counter()
-            add(fn(pg, engine, cfg, cancel), t0)
+            add(guarded(fn, keys, pg, engine, cfg, cancel), t0)
     else:
         add([na(k, "n/a: a base model (no chat format): it continues text") for k in CHAT_KEYS], time.perf_counter())
     check(cancel)
     t0 = time.perf_counter()
-    add(bpb_row(pg, engine, cfg, cancel), t0)
+    add(guarded(bpb_row, ["bpb"], pg, engine, cfg, cancel), t0)
     return out
 
 

@@ -199,6 +199,7 @@ def worker_id() -> str:
 
 def claim_next(db: Database, worker: str, device: str | None = None) -> dict | None:
     """Take the oldest queued job this worker may run (its device, or none asked for); None if none.
+    Training jobs go before report cards.
 
     Compare-and-set: of several workers racing for the same row, exactly one UPDATE matches it.
     """
@@ -206,7 +207,8 @@ def claim_next(db: Database, worker: str, device: str | None = None) -> dict | N
         with db.read() as s:
             q = select(Job.id).where(Job.state == "queued")
             q = q.where((Job.device.is_(None)) | (Job.device == device)) if device else q.where(Job.device.is_(None))
-            job_id = s.scalar(q.order_by(Job.id).limit(1))
+            # report cards (kind "eval", queued when a job registers a model) wait for the training jobs people asked for
+            job_id = s.scalar(q.order_by(Job.kind == "eval", Job.id).limit(1))
         if job_id is None:
             return None
         now = time.time()

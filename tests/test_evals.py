@@ -1,0 +1,179 @@
+"""Report cards (backend.evals) on tiny models, in seconds: the CLI prints every row and stores the card, an
+unknown model is refused before anything loads, a job that registers a model queues its card and the worker
+grades it, REST lists the cards side by side, and the Models tab shows them in a table."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from backend.db import Database
+from backend.evals.card import LABELS, ROWS
+from backend.evals.store import model_cards
+from tests.conftest import ROOT, open_tab, start_server
+from tests.helpers import add_user, register_tiny_model
+
+KEYS = [k for k, _, _ in ROWS]
+CHAT_KEYS = [k for k in KEYS if k != "bpb"]
+TINY_JOB = dict(preset="tiny", corpus=["python-docs"], max_corpus_chars=30_000, bpe_vocab_size=512, max_steps=3,
+                eval_every=3, eval_tokens=512, sample_every=3, sample_tokens=4, threads=1)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """A chat model, a base model and a reward model (a tiny backbone with a scoring head), all random."""
+    import torch
+
+    from backend.config import AppConfig
+    from backend.train.reward import RewardModel, save_head
+    from models.registry import ModelRegistry
+    d = tmp_path_factory.mktemp("evals") / "data"
+    register_tiny_model(d, "tiny", tokenizer="cl100k_base+chatml")
+    register_tiny_model(d, "tiny-base", tokenizer="cl100k_base", chat_format=None, seed=1)
+    spec = register_tiny_model(d, "tiny-rm", tokenizer="cl100k_base+chatml", seed=2)
+    rm = RewardModel(ModelRegistry(AppConfig(data_dir=d)).load("tiny-rm"))
+    with torch.no_grad():
+        rm.head.weight.normal_(0, 1.0, generator=torch.Generator().manual_seed(3))
+        rm.head.bias.fill_(0.5)
+    save_head(rm, spec.path)
+    return d
+
+
+def cli(data_dir: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "backend.evals", *args, "--data-dir", str(data_dir)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def stored(data_dir: Path, model: str) -> list[dict]:
+    db = Database(f"sqlite:///{data_dir / 'playground.db'}")
+    try:
+        return model_cards(db, model)
+    finally:
+        db.close()
+
+
+def test_the_cli_prints_a_card_with_every_row_and_stores_it(data):
+    r = cli(data, "tiny", "--limit", "2")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("report card: tiny") and "stored as report card" in lines[-1]
+    for label in LABELS.values():  # every row, with a value: a random chat model still gets graded
+        line = next(x for x in lines if x.startswith(label))
+        assert "n/a" not in line, line
+    assert "tiny-rm" in next(x for x in lines if x.startswith(LABELS["pelican"]))  # the registered reward model
+    card = stored(data, "tiny")[0]
+    assert [x["key"] for x in card["rows"]] == KEYS and card["config"]["limit"] == 2
+    assert all(0 <= card["values"][k] <= 1 for k in ("problems", "tool_calls", "tool_answers", "idk", "identity"))
+    assert card["values"]["bpb"] > 0 and card["rows"][0]["n"] == 2 and card["rows"][0]["samples"]
+
+    # A base model: the chat rows are n/a (it continues text), bits per byte is measured.
+    r = cli(data, "tiny-base", "--limit", "1")
+    assert r.returncode == 0, r.stderr
+    base = stored(data, "tiny-base")[0]["values"]
+    assert [base[k] for k in CHAT_KEYS] == [None] * len(CHAT_KEYS) and base["bpb"] > 0
+    # No model: the stored cards side by side.
+    r = cli(data)
+    assert r.returncode == 0 and r.stdout.splitlines()[0].split()[1:] == ["tiny", "tiny-base"]
+
+
+def test_an_unknown_model_is_refused_before_anything_loads(data, tmp_path):
+    fresh = tmp_path / "fresh"
+    t0 = time.monotonic()
+    r = cli(fresh, "no-such-model")
+    assert r.returncode == 2 and "unknown model 'no-such-model'" in r.stderr and "smollm2-135m-instruct" in r.stderr
+    assert not (fresh / "playground.db").exists()  # not even the database was opened
+    assert time.monotonic() - t0 < 60
+    r = cli(data, "tiny-rm")
+    assert r.returncode == 2 and "is a reward model" in r.stderr
+    r = cli(data, "tiny", "--limit", "0")
+    assert r.returncode == 2 and "limit" in r.stderr
+    r = cli(data, "tiny", "--reward-model", "tiny")
+    assert r.returncode == 2 and "reward_model: 'tiny' is not a registered reward model" in r.stderr
+
+
+@pytest.fixture(scope="module")
+def live(data):
+    """The app with its worker, queueing a 2-question card of every model a job registers."""
+    people = {name: add_user(data, name, role) for name, role in [("op", "operator"), ("lea", "learner")]}
+    server = start_server(data, "--model", "tiny", "--no-preload", "--eval-on-register", "2")
+    yield server, people
+    server.stop()
+
+
+def wait_for(fn, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = fn()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def test_a_registered_model_gets_its_card_and_rest_lists_cards_side_by_side(live):
+    server, people = live
+    url, op = server.base_url, {"Authorization": f"Bearer {people['op'][1]}"}
+    job = httpx.post(f"{url}/api/jobs", json={"kind": "pretrain", "config": TINY_JOB}, headers=op).json()
+
+    def jobs():
+        return httpx.get(f"{url}/api/jobs", headers=op).json()["jobs"]
+
+    done = wait_for(lambda: next((j for j in jobs() if j["id"] == job["id"] and j["state"] in
+                                  ("succeeded", "failed")), None), 180, "the pretraining job")
+    assert done["state"] == "succeeded", done["error"]
+    model = done["model"]
+    card_job = wait_for(lambda: next((j for j in jobs() if j["kind"] == "eval"), None), 30, "a queued report card")
+    assert card_job["config"]["model"] == model and card_job["config"]["limit"] == 2 and card_job["id"] > job["id"]
+    finished = wait_for(lambda: next((j for j in jobs() if j["id"] == card_job["id"] and j["state"] in
+                                      ("succeeded", "failed", "cancelled")), None), 120, "the report card job")
+    assert finished["state"] == "succeeded", finished["error"]
+
+    got = httpx.get(f"{url}/api/evals").json()  # anyone may read the cards, as the model list
+    assert [r["key"] for r in got["rows"]] == KEYS
+    mine = next(m for m in got["models"] if m["model"] == model)
+    assert mine["job_id"] == card_job["id"] and mine["registered"]
+    assert [mine["values"][k] for k in CHAT_KEYS] == [None] * len(CHAT_KEYS) and mine["values"]["bpb"] > 0
+    # the CLI's cards of the other test (when it ran first) are listed beside it; a model without one is named
+    assert set(got["without_card"]) <= {"smollm2-135m-instruct", "tiny", "tiny-base", "tiny-rm"}
+    history = httpx.get(f"{url}/api/evals/{model}").json()["cards"]
+    assert history[0]["job_id"] == card_job["id"]
+    assert httpx.get(f"{url}/api/evals/no-such-model").status_code == 404
+
+    # Operators queue a card through REST; a bad model is a 422 naming it, before anything is queued.
+    assert httpx.post(f"{url}/api/evals", json={"model": "tiny"}).status_code == 401
+    lea = {"Authorization": f"Bearer {people['lea'][1]}"}
+    assert httpx.post(f"{url}/api/evals", json={"model": "tiny"}, headers=lea).status_code == 403
+    r = httpx.post(f"{url}/api/evals", json={"model": "no-such-model"}, headers=op)
+    assert r.status_code == 422 and "no-such-model" in r.text
+    r = httpx.post(f"{url}/api/evals", json={"model": "tiny-rm"}, headers=op)
+    assert r.status_code == 422 and "reward model" in r.text
+    r = httpx.post(f"{url}/api/evals", json={"model": "tiny", "limit": 1}, headers=op)
+    assert r.status_code == 201 and r.json()["kind"] == "eval"
+    wait_for(lambda: httpx.get(f"{url}/api/jobs/{r.json()['id']}", headers=op).json()["state"] == "succeeded",
+             120, "the chat model's report card")
+    tiny = next(m for m in httpx.get(f"{url}/api/evals").json()["models"] if m["model"] == "tiny")
+    assert tiny["job_id"] == r.json()["id"] and all(tiny["values"][k] is not None for k in KEYS)
+
+
+@pytest.mark.browser
+def test_the_models_tab_shows_the_cards_side_by_side(live, data):
+    server, _ = live
+    if not stored(data, "tiny-base"):  # run alone: one cheap card, stored while the app runs
+        assert cli(data, "tiny-base", "--limit", "1").returncode == 0
+    names = [m["model"] for m in httpx.get(f"{server.base_url}/api/evals").json()["models"]]
+    with open_tab(server, "Models", "#evals-table") as page:  # opening the tab reads the newest cards
+        table = page.locator("#evals-table")
+        wait_for(lambda: all(n in table.inner_text() for n in names), 30, "a column per graded model")
+        text = table.inner_text()
+        assert all(label in text for label in LABELS.values())
+        page.locator("#evals-model input").click()
+        page.get_by_role("option", name="tiny-base", exact=True).click()
+        details = page.locator("#evals-details")
+        wait_for(lambda: "tiny-base" in details.inner_text() and LABELS["bpb"] in details.inner_text(), 30,
+                 "the card's details")
+        assert "n/a: a base model" in details.inner_text()
