@@ -177,3 +177,54 @@ def test_the_models_tab_shows_the_cards_side_by_side(live, data):
         wait_for(lambda: "tiny-base" in details.inner_text() and LABELS["bpb"] in details.inner_text(), 30,
                  "the card's details")
         assert "n/a: a base model" in details.inner_text()
+
+
+def test_a_card_can_add_lm_evaluation_harness_tasks_run_through_our_v1(live, data, tmp_path):
+    """The harness's local-completions model against the running app's /v1, on a local multiple-choice task
+    (tests/test_lm_eval.py's quiz, offline): its accuracy is a row of the card, listed beside the others."""
+    import json
+
+    from tests.test_lm_eval import QUESTIONS, TASK
+    server, _ = live
+    with open(tmp_path / "quiz.jsonl", "w") as f:
+        for q, choices, answer in QUESTIONS:
+            f.write(json.dumps({"question": q, "choices": choices, "answer": answer}) + "\n")
+    (tmp_path / "pg_quiz.yaml").write_text(TASK.format(path=tmp_path / "quiz.jsonl"))
+    os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    try:
+        r = cli(data, "tiny", "--limit", "3", "--lm-eval", "pg_quiz", "--lm-eval-include", str(tmp_path),
+                "--lm-eval-url", server.base_url)  # the server's default model: the harness tokenizes with it
+    finally:
+        for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+            os.environ.pop(k, None)
+    assert r.returncode == 0, r.stderr[-3000:]
+    line = next((x for x in r.stdout.splitlines() if x.startswith("lm-eval pg_quiz: acc ")), r.stdout)
+    assert "3 documents through" in line and "n/a" not in line, line
+    card = stored(data, "tiny")[0]
+    assert 0 <= card["values"]["lm_eval/pg_quiz/acc"] <= 1 and [x["key"] for x in card["rows"]][:len(KEYS)] == KEYS
+    got = httpx.get(f"{server.base_url}/api/evals").json()
+    assert "lm_eval/pg_quiz/acc" in [x["key"] for x in got["rows"]]
+    # Another model than the server's default (another tokenizer): the row says why, the card's own rows stand.
+    r = cli(data, "tiny-base", "--limit", "1", "--lm-eval", "pg_quiz", "--lm-eval-include", str(tmp_path),
+            "--lm-eval-url", server.base_url, "--no-save")
+    row = next(x for x in r.stdout.splitlines() if x.startswith("lm-eval pg_quiz"))
+    assert r.returncode == 0 and "n/a" in row and "start that server with --model tiny-base" in row, row
+    # What the harness did before that check existed: ids of the default model's tokenizer sent to another
+    # model. An id that is no token of its tokenizer is a 400 naming the prompt (it was a 500).
+    bad = httpx.post(f"{server.base_url}/v1/completions", json={"model": "tiny-base", "prompt": [100264], "max_tokens": 1})
+    assert bad.status_code == 400 and "100264" in bad.json()["error"]["message"], bad.text
+
+
+def test_a_remote_model_is_graded_through_the_server_that_serves_it(live, data):
+    """A model another server serves (here: the running app's own "tiny" through its /v1) gets a card through
+    the same engine door as the tabs; bits per byte needs prompt log-probs in this process, so it is n/a."""
+    server, _ = live
+    add = subprocess.run([sys.executable, "-m", "backend.models", "--data-dir", str(data), "add-remote", "tiny-remote",
+                          "--base-url", server.base_url + "/v1", "--model", "tiny", "--tokenizer", "cl100k_base+chatml"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert add.returncode == 0, add.stderr
+    r = cli(data, "tiny-remote", "--limit", "1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    values = stored(data, "tiny-remote")[0]["values"]
+    assert all(values[k] is not None for k in CHAT_KEYS) and values["bpb"] is None
+    assert "remote" in next(x for x in r.stdout.splitlines() if x.startswith(LABELS["bpb"]))

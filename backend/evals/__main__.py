@@ -1,4 +1,5 @@
 """python -m backend.evals MODEL [--limit N] [--max-tokens N] [--reward-model NAME] [--no-save] [--json]
+        [--lm-eval TASKS [--lm-eval-url http://127.0.0.1:7860] [--lm-eval-include DIR]]
    python -m backend.evals                    # no model: the stored cards side by side
 
 Grades a registered model (backend/evals/card.py), prints its report card and stores it in the app's database
@@ -24,6 +25,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=d.max_tokens, help=f"tokens per answer (default {d.max_tokens})")
     p.add_argument("--reward-model", default=d.reward_model, help="for the pelican row (default: the newest one)")
     p.add_argument("--parallel", type=int, default=d.parallel, help=f"tool turns at once (default {d.parallel})")
+    p.add_argument("--lm-eval", default="", metavar="TASKS",
+                   help="also run these lm-evaluation-harness tasks (comma-separated) through a running server's /v1")
+    p.add_argument("--lm-eval-url", default="", help="that server (default http://127.0.0.1:7860)")
+    p.add_argument("--lm-eval-include", default="", metavar="DIR", help="a folder of your own task YAMLs")
     p.add_argument("--no-save", dest="save", action="store_false", help="print the card without storing it")
     p.add_argument("--json", action="store_true", help="print the card as JSON (with sample answers)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -36,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.model is None:
         return compare(app)
     cfg = EvalConfig(model=args.model, limit=args.limit, max_tokens=args.max_tokens, reward_model=args.reward_model,
-                     parallel=args.parallel)
+                     parallel=args.parallel, lm_eval_tasks=[t for t in args.lm_eval.split(",") if t.strip()],
+                     lm_eval_url=args.lm_eval_url, lm_eval_include=args.lm_eval_include)
     try:
         check_model(ModelRegistry(app), cfg)  # before the database, the sandbox or any weights
     except ValueError as e:

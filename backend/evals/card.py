@@ -20,6 +20,9 @@ Each row is {"key", "label", "unit", "value" (None: n/a), "n", "detail", "note"?
                 without a reward model
   bpb           bits per byte of the held-out slice of the python-docs corpus (the pretraining validation
                 split: its last 5%), from prompt log-probs; n/a for remote models (no log-probs here)
+  lm_eval/...   optional (lm_eval_tasks): tasks of EleutherAI's lm-evaluation-harness run through the app's
+                own /v1 (backend/lm_eval_run.py), one row per task and metric, so the numbers compare with
+                published ones; needs the server running and the harness installed (else the row says so)
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from backend.sampling import SamplingParams
@@ -63,6 +66,9 @@ class EvalConfig:
     max_tokens: int = 128           # generated tokens per answer (a tool turn: all its segments)
     reward_model: str = ""          # for the pelican row; "": the newest registered reward model
     parallel: int = 4               # tool turns in flight at once (the scheduler batches them)
+    lm_eval_tasks: list[str] = field(default_factory=list)  # lm-evaluation-harness tasks (limit documents each)
+    lm_eval_url: str = ""           # the server whose /v1 the harness calls; "": this app's own host and port
+    lm_eval_include: str = ""       # a folder of your own task YAMLs (offline tasks over local JSONL)
     name: str | None = None         # the job's name (default eval-<model>-j<id>)
 
     def validate(self) -> "EvalConfig":
@@ -275,6 +281,48 @@ def guarded(fn, keys: list[str], pg, engine, cfg: EvalConfig, cancel) -> list[di
         return [na(k, f"n/a: {e}") for k in keys]
 
 
+def check_tokenizer(pg, engine, url: str) -> None:
+    """The harness tokenizes through the server's /tokenize without naming a model (as with vLLM, one model per
+    server), so the server's default model must share the graded model's tokenizer."""
+    import httpx
+    default = httpx.get(f"{url}/readyz", timeout=30).json().get("default_model")
+    if default != engine.name and (default not in pg.registry.names()
+                                   or pg.registry.get(default).tokenizer != engine.spec.tokenizer):
+        raise ValueError(f"the harness tokenizes with the server's default model {default!r}, whose tokenizer is "
+                         f"not {engine.name}'s ({engine.spec.tokenizer}): start that server with --model {engine.name}")
+
+
+def lm_eval_rows(pg, engine, cfg: EvalConfig, cancel) -> list[dict]:
+    """One row per (task, metric) of the harness's results; a harness that is missing or fails is one n/a row."""
+    from backend.lm_eval_run import run_tasks
+    url = cfg.lm_eval_url or f"http://{pg.cfg.host}:{pg.cfg.port}"
+
+    def extra(key: str, label: str, value, n: int, detail: str) -> dict:
+        out = {"key": key, "label": label, "unit": "score", "value": None if value is None else round(float(value), 4),
+               "n": n, "detail": detail, "samples": []}
+        return out | ({"note": detail} if value is None else {})
+
+    try:
+        check_tokenizer(pg, engine, url)
+        res = run_tasks(url, cfg.model, list(cfg.lm_eval_tasks), cfg.lm_eval_include or None, limit=cfg.limit)
+    except Exception as e:  # noqa: BLE001 - not installed, server down, unknown task: the other rows stand
+        return [extra(f"lm_eval/{'+'.join(cfg.lm_eval_tasks)}", f"lm-eval {', '.join(cfg.lm_eval_tasks)}", None, 0,
+                      f"n/a: {type(e).__name__}: {e}"[:300])]
+    check(cancel)
+    rows = []
+    for task, metrics in res["results"].items():
+        n = int((res.get("n-samples") or {}).get(task, {}).get("effective", 0))
+        for name, value in metrics.items():
+            metric, _, flt = name.partition(",")
+            if (metric.endswith("_stderr") or metric == "sample_len" or isinstance(value, bool)
+                    or not isinstance(value, (int, float))):
+                continue
+            err = metrics.get(f"{metric}_stderr,{flt}")
+            rows.append(extra(f"lm_eval/{task}/{metric}", f"lm-eval {task}: {metric}", value, n,
+                              f"{n} documents through {url}/v1" + (f", stderr {err:.3f}" if isinstance(err, float) else "")))
+    return rows
+
+
 def measure(pg, engine, cfg: EvalConfig, cancel: threading.Event | None = None, on_row=lambda row: None) -> list[dict]:
     """Every row of the card, in ROWS order (chat rows are n/a for a base model)."""
     out = []
@@ -295,6 +343,10 @@ def measure(pg, engine, cfg: EvalConfig, cancel: threading.Event | None = None, 
     check(cancel)
     t0 = time.perf_counter()
     add(guarded(bpb_row, ["bpb"], pg, engine, cfg, cancel), t0)
+    if cfg.lm_eval_tasks:
+        check(cancel)
+        t0 = time.perf_counter()
+        add(lm_eval_rows(pg, engine, cfg, cancel), t0)
     return out
 
 

@@ -47,8 +47,12 @@ def comparison(db, registry, include_removed: bool = False) -> dict:
         models = [_payload(cards[n], True) for n in names if n in cards]
         if include_removed:
             models += [_payload(e, False) for m, e in sorted(cards.items()) if m not in names]
-    return {"rows": [{"key": k, "label": label, "unit": unit} for k, label, unit in ROWS], "models": models,
-            "without_card": [n for n in names if n not in cards]}
+    rows = [{"key": k, "label": label, "unit": unit} for k, label, unit in ROWS]
+    for m in models:  # rows only some cards have (lm-evaluation-harness tasks), in order of first appearance
+        for r in m["rows"]:
+            if r["key"] not in {x["key"] for x in rows}:
+                rows.append({"key": r["key"], "label": r["label"], "unit": r["unit"]})
+    return {"rows": rows, "models": models, "without_card": [n for n in names if n not in cards]}
 
 
 def comparison_table(comp: dict) -> tuple[list[str], list[list[str]]]:
