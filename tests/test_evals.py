@@ -99,7 +99,8 @@ def test_an_unknown_model_is_refused_before_anything_loads(data, tmp_path):
 @pytest.fixture(scope="module")
 def live(data):
     """The app with its worker, queueing a 2-question card of every model a job registers."""
-    people = {name: add_user(data, name, role) for name, role in [("op", "operator"), ("lea", "learner")]}
+    people = {name: add_user(data, name, role) for name, role in [("op", "operator"), ("lea", "learner"),
+                                                                  ("ad", "admin")]}
     server = start_server(data, "--model", "tiny", "--no-preload", "--eval-on-register", "2")
     yield server, people
     server.stop()
@@ -215,16 +216,20 @@ def test_a_card_can_add_lm_evaluation_harness_tasks_run_through_our_v1(live, dat
     assert bad.status_code == 400 and "100264" in bad.json()["error"]["message"], bad.text
 
 
-def test_a_remote_model_is_graded_through_the_server_that_serves_it(live, data):
-    """A model another server serves (here: the running app's own "tiny" through its /v1) gets a card through
-    the same engine door as the tabs; bits per byte needs prompt log-probs in this process, so it is n/a."""
-    server, _ = live
-    add = subprocess.run([sys.executable, "-m", "backend.models", "--data-dir", str(data), "add-remote", "tiny-remote",
-                          "--base-url", server.base_url + "/v1", "--model", "tiny", "--tokenizer", "cl100k_base+chatml"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert add.returncode == 0, add.stderr
-    r = cli(data, "tiny-remote", "--limit", "1")
-    assert r.returncode == 0, r.stderr[-3000:]
-    values = stored(data, "tiny-remote")[0]["values"]
-    assert all(values[k] is not None for k in CHAT_KEYS) and values["bpb"] is None
-    assert "remote" in next(x for x in r.stdout.splitlines() if x.startswith(LABELS["bpb"]))
+def test_a_remote_model_is_graded_through_the_server_that_serves_it(live):
+    """A model another server serves (here: the running app's own "tiny" through its /v1), registered by an admin,
+    gets its card queued and graded through the same engine door as the tabs; bits per byte needs prompt
+    log-probs in this process, so it is n/a."""
+    server, people = live
+    url, admin = server.base_url, {"Authorization": f"Bearer {people['ad'][1]}"}
+    r = httpx.post(f"{url}/api/models/remote", headers=admin, timeout=60, json={
+        "name": "tiny-remote", "base_url": url + "/v1", "model": "tiny", "tokenizer": "cl100k_base+chatml"})
+    assert r.status_code == 201, r.text
+    jobs = httpx.get(f"{url}/api/jobs", headers=admin).json()["jobs"]
+    job = next(j for j in jobs if j["kind"] == "eval" and j["config"]["model"] == "tiny-remote")
+    done = wait_for(lambda: (j := httpx.get(f"{url}/api/jobs/{job['id']}", headers=admin).json())["state"] in
+                    ("succeeded", "failed") and j, 180, "the remote model's report card")
+    assert done["state"] == "succeeded", done["error"]
+    card = httpx.get(f"{url}/api/evals/tiny-remote").json()["cards"][0]
+    assert all(card["values"][k] is not None for k in CHAT_KEYS) and card["values"]["bpb"] is None
+    assert "remote" in next(x for x in card["rows"] if x["key"] == "bpb")["detail"]

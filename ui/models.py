@@ -106,8 +106,11 @@ def build(pg) -> None:
                                    "chatml" if is_chat else None, None, "", ask)
         except (ValueError, LookupError) as e:
             raise gr.Error(str(e))
+        from backend.evals.job import queue_report_card
+        card = queue_report_card(pg.db, pg.cfg, spec.name, "registered as a remote model")
         return (*refreshed(), f"Added **{spec.name}**: `{spec.remote['model']}` at {spec.remote['base_url']} "
-                              f"(context {spec.context_length}).")
+                              f"(context {spec.context_length})." + (f" Its report card is queued (job {card['id']})."
+                                                                     if card else ""))
 
     @door(pg, "admin")
     def on_remove(n, request: gr.Request):
