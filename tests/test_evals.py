@@ -96,6 +96,29 @@ def test_an_unknown_model_is_refused_before_anything_loads(data, tmp_path):
     assert r.returncode == 2 and "reward_model: 'tiny' is not a registered reward model" in r.stderr
 
 
+def test_report_cards_queue_for_chat_and_base_models_only_and_wait_for_training_jobs(data, tmp_path):
+    from backend.config import AppConfig
+    from backend.evals.job import queue_report_card
+    from backend.jobs import queue
+    app = AppConfig(data_dir=data, database_url=f"sqlite:///{tmp_path / 'q.db'}", eval_on_register=3)
+    db = Database(app.database_url)
+    db.migrate()
+    try:
+        assert queue_report_card(db, app, "tiny-rm") is None  # a reward model writes no answers to grade
+        card = queue_report_card(db, app, "tiny", "registered by a test")
+        assert card["kind"] == "eval" and card["config"]["limit"] == 3 and card["name"] == f"eval-tiny-j{card['id']}"
+        off = AppConfig(data_dir=data, database_url=app.database_url, eval_on_register=0)
+        assert queue_report_card(db, off, "tiny") is None
+        # a training job queued after the card still runs first: cards are background work
+        train = queue.create_job(db, app, None, "pretrain", TINY_JOB)
+        assert queue.claim_next(db, "w:1")["id"] == train["id"]
+        assert queue.claim_next(db, "w:1")["id"] == card["id"]
+        with pytest.raises(ValueError, match="unknown model 'nope'"):
+            queue.create_job(db, app, None, "eval", {"model": "nope"})
+    finally:
+        db.close()
+
+
 @pytest.fixture(scope="module")
 def live(data):
     """The app with its worker, queueing a 2-question card of every model a job registers."""
