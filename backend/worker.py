@@ -197,11 +197,8 @@ class Worker:
 
     def queue_report_card(self, model: str, job_id: int) -> None:
         """A job registered `model`: queue its report card (backend/evals/job.py), unless turned off."""
-        try:
-            from backend.evals.job import queue_report_card
-            queue_report_card(self.db, self.app, model, f"registered by job {job_id}")
-        except Exception:  # the job itself succeeded: a card that cannot be queued must not change that
-            log.exception("job %s: could not queue the report card of %s", job_id, model)
+        from backend.evals.job import queue_report_card
+        queue_report_card(self.db, self.app, model, f"registered by job {job_id}")
 
 
 def spawn_worker(app: AppConfig) -> subprocess.Popen:

@@ -62,13 +62,18 @@ trainer("eval", EvalConfig, "report card: grade a registered model (problems, to
 
 def queue_report_card(db, app, model: str, why: str = "") -> dict | None:
     """Queue a small report card of a newly registered model (AppConfig.eval_on_register questions per row;
-    0 turns this off). None when off or when the model is a reward model (it writes no answers to grade)."""
+    0 turns this off). None when off or when the model is a reward model (it writes no answers to grade).
+    Never raises: the registration that called it has happened either way."""
     from backend.jobs import queue
     from backend.practice import reward_models
     from models.registry import ModelRegistry
     limit = int(getattr(app, "eval_on_register", 0) or 0)
-    if limit <= 0 or model in reward_models(ModelRegistry(app)):
+    try:
+        if limit <= 0 or model in reward_models(ModelRegistry(app)):
+            return None
+        job = queue.create_job(db, app, None, "eval", {"model": model, "limit": limit})
+    except Exception:  # noqa: BLE001 - a busy database, a model deleted meanwhile: logged, not fatal
+        log.exception("could not queue the report card of %s", model)
         return None
-    job = queue.create_job(db, app, None, "eval", {"model": model, "limit": limit})
     log.info("queued report card job %s for %s%s", job["id"], model, f" ({why})" if why else "")
     return job
