@@ -4,6 +4,7 @@ grades it, REST lists the cards side by side, and the Models tab shows them in a
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -15,7 +16,7 @@ import pytest
 from backend.db import Database
 from backend.evals.card import LABELS, ROWS
 from backend.evals.store import model_cards
-from tests.conftest import ROOT, open_tab, start_server
+from tests.conftest import ROOT, log_in, open_tab, start_server
 from tests.helpers import add_user, register_tiny_model
 
 KEYS = [k for k, _, _ in ROWS]
@@ -186,7 +187,7 @@ def test_a_registered_model_gets_its_card_and_rest_lists_cards_side_by_side(live
 
 @pytest.mark.browser
 def test_the_models_tab_shows_the_cards_side_by_side(live, data):
-    server, _ = live
+    server, people = live
     if not stored(data, "tiny-base"):  # run alone: one cheap card, stored while the app runs
         assert cli(data, "tiny-base", "--limit", "1").returncode == 0
     names = [m["model"] for m in httpx.get(f"{server.base_url}/api/evals").json()["models"]]
@@ -201,6 +202,15 @@ def test_the_models_tab_shows_the_cards_side_by_side(live, data):
         wait_for(lambda: "tiny-base" in details.inner_text() and LABELS["bpb"] in details.inner_text(), 30,
                  "the card's details")
         assert "n/a: a base model" in details.inner_text()
+        # An operator queues a new card of the chosen model from here (the worker grades it like any job).
+        log_in(page, "op", people["op"][0])
+        page.locator("#evals-limit input").fill("1")
+        page.locator("#evals-grade").click()
+        status = page.locator("#evals-status")
+        said = wait_for(lambda: re.search(r"Queued report card job (\d+)", status.inner_text()), 30, "the queued card")
+    job = httpx.get(f"{server.base_url}/api/jobs/{said.group(1)}", headers={"Authorization": f"Bearer {people['op'][1]}"})
+    assert job.json()["kind"] == "eval" and job.json()["config"]["model"] == "tiny-base"
+    assert job.json()["config"]["limit"] == 1 and job.json()["created_by"] == "op"
 
 
 def test_a_card_can_add_lm_evaluation_harness_tasks_run_through_our_v1(live, data, tmp_path):
