@@ -82,6 +82,15 @@ def test_the_cli_prints_a_card_with_every_row_and_stores_it(data):
     assert r.returncode == 0 and r.stdout.splitlines()[0].split()[1:] == ["tiny", "tiny-base"]
 
 
+def test_saying_so_counts_as_not_knowing_and_a_made_up_answer_does_not():
+    from backend.evals.card import says_idk
+    for text in ["I don't know.", "I\u2019m not sure who that is.", "Veltravia is a fictional country.",
+                 "I do not have any information about the Zarnok Cup.", "I can't know what you are thinking."]:
+        assert says_idk(text), text
+    for text in ["The capital of Veltravia is NovaVastra.", "It was won by the United States.", "Your cat is 4."]:
+        assert not says_idk(text), text
+
+
 def test_an_unknown_model_is_refused_before_anything_loads(data, tmp_path):
     fresh = tmp_path / "fresh"
     t0 = time.monotonic()

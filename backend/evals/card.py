@@ -121,6 +121,11 @@ def share(hits: list[bool]) -> float:
     return sum(hits) / len(hits) if hits else 0.0
 
 
+def by_kind(kinds: list[str], oks: list[bool]) -> str:
+    """'apples 1/6, count 0/5' from each question's kind and whether it was right."""
+    return ", ".join(f"{k} {sum(ok for x, ok in zip(kinds, oks) if x == k)}/{kinds.count(k)}" for k in sorted(set(kinds)))
+
+
 # -- the rows ----------------------------------------------------------------------------------------
 def problems_row(pg, engine, cfg: EvalConfig, cancel) -> list[dict]:
     from backend.datasets.verifiable import problems
@@ -131,9 +136,8 @@ def problems_row(pg, engine, cfg: EvalConfig, cancel) -> list[dict]:
                              for p in probs], cfg.max_tokens, cancel)
     right = [p.check(t) for p, t in zip(probs, texts)]
     lenient = [p.check(t, lenient=True) for p, t in zip(probs, texts)]
-    by_kind = ", ".join(f"{k} {sum(r for p, r in zip(probs, right) if p.kind == k)}/{sum(p.kind == k for p in probs)}"
-                        for k in PROBLEM_KINDS if any(p.kind == k for p in probs))
-    detail = f"{sum(right)}/{len(right)} right ({by_kind}); {sum(lenient)} if the last number or word counts"
+    detail = (f"{sum(right)}/{len(right)} right ({by_kind([p.kind for p in probs], right)}); "
+              f"{sum(lenient)} if the last number or word counts")
     samples = [{"q": p.question, "a": t, "ok": r} for p, t, r in zip(probs, texts, right)]
     return [row("problems", share(right), len(right), detail, samples)]
 
@@ -161,19 +165,18 @@ def tool_rows(pg, engine, cfg: EvalConfig, cancel) -> list[dict]:
         rights.append(correct(ex, r.message["content"], docs.get(ex.expect)))
     samples = [{"q": ex.question, "a": json.dumps(r.message.get("segments") or r.message["content"])[:600], "ok": ok}
                for ex, r, ok in zip(held, turns, rights)]
-    kinds = sorted({ex.kind for ex in held})
-    by_kind = ", ".join(f"{k} {sum(ok for ex, ok in zip(held, rights) if ex.kind == k)}/{sum(ex.kind == k for ex in held)}"
-                        for k in kinds)
-    return [row("tool_calls", share(formed), len(held),
-                f"{sum(formed)}/{len(held)} made a call the tool loop runs; right tool {sum(tool_ok)}/{len(held)}", samples),
-            row("tool_answers", share(rights), len(held), f"{sum(rights)}/{len(held)} right ({by_kind})", samples)]
+    n, kinds = len(held), by_kind([ex.kind for ex in held], rights)
+    return [row("tool_calls", share(formed), n,
+                f"{sum(formed)}/{n} made a call the tool loop runs; right tool {sum(tool_ok)}/{n}", samples),
+            row("tool_answers", share(rights), n, f"{sum(rights)}/{n} right ({kinds})", samples)]
 
 
 # "I don't know", and the other ways of saying so: no information, cannot know, it does not exist.
 IDK = re.compile(r"\b(i\s+(?:do\s+not|don'?t|really\s+don'?t)\s+know|i'?m\s+not\s+sure|i\s+am\s+not\s+sure|"
                  r"not\s+(?:aware|familiar)|no\s+(?:information|data|record|knowledge|way\s+(?:of|to)\s+know)|"
                  r"(?:do\s+not|don'?t|doesn'?t|does\s+not)\s+have\s+(?:any\s+)?(?:information|access|data|knowledge)|"
-                 r"(?:can\s*not|can'?t|unable\s+to|not\s+able\s+to)\s+(?:know|tell|determine|find|provide|answer|say|access|predict)|"
+                 r"(?:can\s*not|can'?t|unable\s+to|not\s+able\s+to)\s+"
+                 r"(?:know|tell|determine|find|provide|answer|say|access|predict)|"
                  r"(?:does\s+not|doesn'?t|do\s+not|don'?t)\s+(?:seem\s+to\s+)?exist|fictional|not\s+a\s+real|"
                  r"unknown\s+to\s+me|impossible\s+to\s+(?:know|say|tell|predict))", re.I)
 
