@@ -55,6 +55,9 @@ class AppConfig:
     # Where models (with their trained tokenizers) and dataset snapshots live when several machines share
     # them: any fsspec URL (file:///shared/path, s3://bucket/prefix). None: inside the data directory.
     artifacts_url: str | None = field(default_factory=lambda: os.environ.get("PLAYGROUND_ARTIFACTS") or None)
+    # A job that registers a model queues its report card (backend/evals) with this many questions per row:
+    # small, so it costs a minute or two on a CPU. 0: no automatic report cards. Env: PLAYGROUND_EVAL_ON_REGISTER.
+    eval_on_register: int = field(default_factory=lambda: int(os.environ.get("PLAYGROUND_EVAL_ON_REGISTER") or 8))
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir).resolve()
@@ -101,6 +104,8 @@ class AppConfig:
                             help="memory for KV blocks of shared prompt prefixes (0 = off)")
         parser.add_argument("--artifacts", dest="artifacts_url", default=None,
                             help="fsspec URL of models and snapshots shared between machines (default $PLAYGROUND_ARTIFACTS, else the data dir)")
+        parser.add_argument("--eval-on-register", type=int, default=None, metavar="N",
+                            help="report card of every model a job registers, N questions per row; 0: none (default $PLAYGROUND_EVAL_ON_REGISTER or 8)")
         parser.add_argument("--web-search-url", default=None, help="SearxNG-style search endpoint for the search tool (default $PLAYGROUND_WEB_SEARCH_URL)")
 
     @classmethod

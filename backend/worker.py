@@ -191,7 +191,14 @@ class Worker:
                          checkpoint=outcome.checkpoint if outcome else None,
                          step=outcome.step if outcome else None)
         log.info("job %s %s", job_id, state)
+        if outcome is not None and outcome.model and state in ("succeeded", "cancelled"):
+            self.queue_report_card(outcome.model, job_id)
         return state
+
+    def queue_report_card(self, model: str, job_id: int) -> None:
+        """A job registered `model`: queue its report card (backend/evals/job.py), unless turned off."""
+        from backend.evals.job import queue_report_card
+        queue_report_card(self.db, self.app, model, f"registered by job {job_id}")
 
 
 def spawn_worker(app: AppConfig) -> subprocess.Popen:
@@ -208,7 +215,8 @@ def spawn_worker(app: AppConfig) -> subprocess.Popen:
     if app.artifacts_url:  # the worker publishes where this server lists (models/artifacts.py)
         env["PLAYGROUND_ARTIFACTS"] = app.artifacts_url
     cmd = [sys.executable, "-m", "backend.worker", "--data-dir", str(app.data_dir), "--device", app.device,
-           "--threads", str(app.threads), "--exit-with-parent", str(os.getpid())]
+           "--threads", str(app.threads), "--eval-on-register", str(app.eval_on_register),
+           "--exit-with-parent", str(os.getpid())]
     return subprocess.Popen(cmd, cwd=root, env=env)
 
 
@@ -243,6 +251,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps: this worker runs jobs on it")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--once", action="store_true", help="run at most one queued job, then exit")
+    p.add_argument("--eval-on-register", type=int, default=None, metavar="N",
+                   help="queue a report card (N questions per row) of every model a job registers; 0: none "
+                        "(default $PLAYGROUND_EVAL_ON_REGISTER or 8)")
     p.add_argument("--max-procs", type=int, default=None,
                    help="most processes one job may launch (default: the GPUs, or on CPU the cores)")
     p.add_argument("--poll", type=float, default=1.0, help="seconds between looks at an empty queue")
@@ -253,6 +264,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     kw = {"device": args.device}
+    if args.eval_on_register is not None:
+        kw["eval_on_register"] = args.eval_on_register
     if args.data_dir:
         kw["data_dir"] = args.data_dir
     if args.database_url:

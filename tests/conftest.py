@@ -92,6 +92,9 @@ def server_factory(tmp_path):
 # Derived caches (the dequantized bundled model, converted tokenizers) are shared by every test's data
 # dir, and kept between runs in the ignored ./data folder, so the bundled model is dequantized once.
 os.environ.setdefault("PLAYGROUND_CACHE_DIR", str(ROOT / "data" / "test-cache"))
+# A job that registers a model queues its report card (backend/evals/job.py): CPU work that the tests of other
+# features do not want beside them. tests/test_evals.py turns it on where it is the behaviour under test.
+os.environ.setdefault("PLAYGROUND_EVAL_ON_REGISTER", "0")
 
 
 # Browser tests drive Debian's chromium (apt) through the playwright package; never `playwright install`.

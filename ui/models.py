@@ -1,9 +1,11 @@
 """Models tab: every registered model; admins add a model that another server serves (vLLM, SGLang,
-llama.cpp, TGI, another playground) or remove one; operators export a model for those engines."""
+llama.cpp, TGI, another playground) or remove one; operators export a model for those engines. Report cards
+(backend.evals): the newest card of every model side by side; operators queue a new one."""
 from __future__ import annotations
 
 import gradio as gr
 import pandas as pd
+from gradio.context import Context
 
 from ui.login import door, public, request_user
 
@@ -15,6 +17,28 @@ def _table(pg) -> pd.DataFrame:
              f"{s.remote['model']} @ {s.remote['base_url']}" if s.remote else ("bundled" if s.kind == "bundled" else ""),
              s.description] for s in pg.registry.list()]
     return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def _cards(pg) -> tuple[pd.DataFrame, str]:
+    """The report cards side by side (backend.evals.store) and a line on the models without one."""
+    from backend.evals.store import comparison, comparison_table
+    comp = comparison(pg.db, pg.registry)
+    columns, rows = comparison_table(comp)
+    note = (f"No card yet: {', '.join(comp['without_card'])}." if comp["without_card"] else "")
+    return pd.DataFrame(rows, columns=columns), note
+
+
+def _card_details(pg, name: str | None) -> str:
+    from backend.evals.card import format_value
+    from backend.evals.store import model_cards
+    cards = model_cards(pg.db, name, limit=1) if name else []
+    if not cards:
+        return ""
+    c = cards[0]
+    lines = [f"**{name}**, graded {c['created_at'][:16].replace('T', ' ')} in {c['seconds']:.0f} s "
+             f"({c['config'].get('limit')} questions per row at most):", ""]
+    lines += [f"- {r['label']}: **{format_value(r)}**: {r['detail']}" for r in c["rows"]]
+    return "\n".join(lines)
 
 
 def _local_names(pg) -> list[str]:
@@ -50,6 +74,24 @@ def build(pg) -> None:
             export = gr.Button("Export (operators)", elem_id="models-export")
             remove = gr.Button("Remove (admins)", variant="stop", elem_id="models-remove")
     status = gr.Markdown(elem_id="models-status")
+    with gr.Accordion("Report cards", open=True):
+        gr.Markdown("The same questions asked of every model, greedy, as nanochat's report: held-out problems with "
+                    "exact answers, tool questions (a call the tool loop runs, the right answer), questions nobody "
+                    "can answer (does it say so?), who it says it is, the reward model's score of its answers to "
+                    "the pelican prompts, and bits per byte of held-out text. A job that registers a model queues "
+                    "its card; `python -m backend.evals MODEL` prints one.")
+        first_table, first_note = _cards(pg)
+        cards = gr.Dataframe(first_table, label="Newest report card of each model", interactive=False,
+                             elem_id="evals-table")
+        cards_note = gr.Markdown(first_note, elem_id="evals-note")
+        with gr.Row():
+            card_model = gr.Dropdown(pg.registry.names(), label="Model", elem_id="evals-model", scale=3)
+            card_limit = gr.Number(8, label="Questions per row", precision=0, minimum=1, maximum=256,
+                                   elem_id="evals-limit", scale=1)
+            grade = gr.Button("Grade it (operators)", elem_id="evals-grade", scale=1)
+            cards_refresh = gr.Button("↻ refresh cards", size="sm", elem_id="evals-refresh", scale=1)
+        card_status = gr.Markdown(elem_id="evals-status")
+        card_details = gr.Markdown(elem_id="evals-details")
 
     @public
     def refreshed():
@@ -64,8 +106,11 @@ def build(pg) -> None:
                                    "chatml" if is_chat else None, None, "", ask)
         except (ValueError, LookupError) as e:
             raise gr.Error(str(e))
+        from backend.evals.job import queue_report_card
+        card = queue_report_card(pg.db, pg.cfg, spec.name, "registered as a remote model")
         return (*refreshed(), f"Added **{spec.name}**: `{spec.remote['model']}` at {spec.remote['base_url']} "
-                              f"(context {spec.context_length}).")
+                              f"(context {spec.context_length})." + (f" Its report card is queued (job {card['id']})."
+                                                                     if card else ""))
 
     @door(pg, "admin")
     def on_remove(n, request: gr.Request):
@@ -86,6 +131,32 @@ def build(pg) -> None:
             raise gr.Error(str(e))
         return f"Exported **{n}** ({f}) to `{out['path']}`" + (f", pushed to {out['url']}" if out.get("url") else ".")
 
+    @public
+    def cards_refreshed(name):
+        t, note = _cards(pg)
+        return t, note, gr.update(choices=pg.registry.names()), _card_details(pg, name)
+
+    @door(pg, "operator")
+    def on_grade(n, limit, request: gr.Request):
+        user = request_user(pg, request, "operator")
+        from backend.jobs import queue
+        try:
+            job = queue.create_job(pg.db, pg.cfg, user, "eval", {"model": n or "", "limit": int(limit or 8)})
+        except (ValueError, LookupError) as e:
+            raise gr.Error(str(e))
+        return (f"Queued report card job {job['id']} ({job['name']}); the worker grades it after the training jobs "
+                "ahead of it. Refresh to see it.")
+
+    here = Context.block if isinstance(Context.block, gr.Tab) else None
+    if here is not None and isinstance(here.parent, gr.Tabs):  # fresh cards whenever this tab is opened
+        @public
+        def on_tab(name, evt: gr.SelectData):
+            return cards_refreshed(name) if evt.value == here.label else (gr.update(),) * 4
+
+        here.parent.select(on_tab, card_model, [cards, cards_note, card_model, card_details], show_progress="hidden")
+    cards_refresh.click(cards_refreshed, card_model, [cards, cards_note, card_model, card_details])
+    card_model.change(public(lambda n: _card_details(pg, n)), card_model, card_details)
+    grade.click(on_grade, [card_model, card_limit], card_status)
     refresh.click(refreshed, None, [table, pick])
     add.click(on_add, [name, base_url, remote_model, key_env, tokenizer, chat, check], [table, pick, status])
     remove.click(on_remove, pick, [table, pick, status])

@@ -179,8 +179,8 @@ def build(pg) -> None:
     models = [m.name for m in pg.registry.list()]
     first = form.defaults("pretrain")
     with gr.Row():
-        kind = gr.Dropdown([(f"{k}: {kinds.get_trainer(k).description}", k) for k in kinds.kinds()], value="pretrain",
-                           label="Kind", scale=3, elem_id="train-kind")
+        kind = gr.Dropdown([(f"{k}: {kinds.get_trainer(k).description}", k) for k in kinds.kinds(training_only=True)],
+                           value="pretrain", label="Kind", scale=3, elem_id="train-kind")
         name = gr.Textbox(label="Run / model name (empty: automatic)", scale=2, elem_id="train-name")
     with gr.Row() as budget_row:
         max_steps = gr.Number(first["max_steps"], label="Max steps (0: no limit)", precision=0, minimum=0,

@@ -26,6 +26,7 @@ ROUTES: list[tuple[str, str]] = [
     ("completion", ""),
     ("arena", ""),
     ("practice", ""),
+    ("evals", ""),
 ]
 
 

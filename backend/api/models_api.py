@@ -3,7 +3,8 @@
     GET    /api/models               -> {"models": [{name, kind, tokenizer, chat_format, context_length, lineage,
                                                      description, remote, loaded}], "default": name}
     GET    /api/models/{name}        -> one of those (404 naming the model when unknown)
-    POST   /api/models/remote        (admin) register a model an OpenAI-compatible server serves
+    POST   /api/models/remote        (admin) register a model an OpenAI-compatible server serves (and queue its
+                                     report card, backend/evals, as a job that registers a model does)
     DELETE /api/models/{name}        (admin) delete a model (a remote one: only its registration)
     POST   /api/models/{name}/export (operator) {format: hf|gguf, push_to_hub?} -> {path, url?}: written
                                      under the data directory's exports/ folder
@@ -76,6 +77,8 @@ def add_remote(body: NewRemote, request: Request, user: CurrentUser = Depends(re
         raise HTTPException(502, str(e))
     except (ValueError, LookupError) as e:
         raise HTTPException(422, str(e))
+    from backend.evals.job import queue_report_card
+    queue_report_card(pg.db, pg.cfg, spec.name, "registered as a remote model")  # graded through its server
     return describe(spec, pg)
 
 

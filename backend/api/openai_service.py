@@ -125,8 +125,12 @@ def completion_prompts(prompt, engine) -> tuple[list[list[int]], list[str]]:
             ids.append(toks)
             texts.append(item)
         else:
+            try:  # an id inside the embedding but not a token of the encoding (a gap among its specials)
+                texts.append(engine.enc.decode(list(item), errors="replace"))
+            except KeyError as e:
+                raise APIError(400, f"prompt: {e.args[0] if e.args else e} (not a token of {engine.name}'s "
+                                    "tokenizer)", "prompt") from None
             ids.append(list(item))
-            texts.append(engine.enc.decode(list(item), errors="replace"))
     return ids, texts
 
 

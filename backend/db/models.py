@@ -238,3 +238,16 @@ class ArenaVote(Base):
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
     winner: Mapped[str] = mapped_column(String(16))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ModelEval(Base):
+    """One report card of a registered model (backend.evals; migration 0008): its rows as JSON, newest
+    per model compared side by side. `model` is the registry name (models live on disk, not in a table)."""
+    __tablename__ = "model_evals"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    model: Mapped[str] = mapped_column(String(200), index=True)
+    job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"), nullable=True)
+    config: Mapped[dict] = mapped_column(JSON, default=dict)  # limit, max_tokens, reward model...
+    rows: Mapped[list] = mapped_column(JSON, default=list)    # [{key, label, unit, value, n, detail, samples...}]
+    seconds: Mapped[float] = mapped_column(Float, default=0.0)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

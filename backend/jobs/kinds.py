@@ -34,6 +34,7 @@ TRAINER_MODULES: list[str] = [
     "backend.train.grpo",
     "backend.train.rlhf",
     "backend.train.family",
+    "backend.evals.job",
 ]
 
 
@@ -76,16 +77,18 @@ class Trainer:
     check: Callable[[Any, AppConfig], None] | None = None
     # The run/model name of job `job_id` when the config names none.
     default_name: Callable[[Any, int], str] | None = None
+    # False for a kind that registers no model (a report card): the Training form lists only kinds that train.
+    trains: bool = True
 
 
 _TRAINERS: dict[str, Trainer] = {}
 _loaded = False
 
 
-def trainer(kind: str, config_cls: type, description: str = "", check=None, default_name=None):
+def trainer(kind: str, config_cls: type, description: str = "", check=None, default_name=None, trains: bool = True):
     """Decorator: register `run(config, ctx) -> Outcome` as the trainer of `kind`."""
     def register(run):
-        _TRAINERS[kind] = Trainer(kind, config_cls, run, description, check, default_name)
+        _TRAINERS[kind] = Trainer(kind, config_cls, run, description, check, default_name, trains)
         return run
     return register
 
@@ -107,9 +110,9 @@ def _load() -> None:
         _loaded = True
 
 
-def kinds() -> list[str]:
+def kinds(training_only: bool = False) -> list[str]:
     _load()
-    return list(_TRAINERS)
+    return [k for k, t in _TRAINERS.items() if t.trains or not training_only]
 
 
 def get_trainer(kind: str) -> Trainer:

@@ -197,18 +197,19 @@ def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def claim_next(db: Database, worker: str, device: str | None = None, job_id: int | None = None) -> dict | None:
+def claim_next(db: Database, worker: str, device: str | None = None, only: int | None = None) -> dict | None:
     """Take the oldest queued job this worker may run (its device, or none asked for); None if none.
-    `job_id`: that job only (a family job runs its members itself).
+    Training jobs go before report cards. `only`: that job alone (a family job runs its members itself).
 
     Compare-and-set: of several workers racing for the same row, exactly one UPDATE matches it.
     """
     for _ in range(20):
         with db.read() as s:
             q = select(Job.id).where(Job.state == "queued")
-            q = q if job_id is None else q.where(Job.id == job_id)
+            q = q if only is None else q.where(Job.id == only)
             q = q.where((Job.device.is_(None)) | (Job.device == device)) if device else q.where(Job.device.is_(None))
-            job_id = s.scalar(q.order_by(Job.id).limit(1))
+            # report cards (kind "eval", queued when a job registers a model) wait for the training jobs people asked for
+            job_id = s.scalar(q.order_by(Job.kind == "eval", Job.id).limit(1))
         if job_id is None:
             return None
         now = time.time()

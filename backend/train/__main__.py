@@ -71,7 +71,7 @@ def _job_flags(p) -> None:
 def _registered_parsers(sub) -> None:
     """Every other trainer kind registered in backend/jobs/kinds.py: its config from a YAML file."""
     from backend.jobs.kinds import get_trainer, kinds
-    for kind in kinds():
+    for kind in kinds(training_only=True):  # report cards: python -m backend.evals
         if kind == "pretrain":
             continue
         p = sub.add_parser(kind, help=get_trainer(kind).description)

@@ -144,7 +144,7 @@ def _member_job(db, app, queue, kind: str, config: dict) -> dict:
 def _run_here(db, ctx: JobContext, Worker, queue, job_id: int) -> str:
     """Run queued job `job_id` in this process, as a worker would; the family's stop stops it too."""
     worker = Worker(ctx.app, db, ctx.device or "cpu")
-    job = queue.claim_next(db, worker.id, ctx.device, job_id=job_id)
+    job = queue.claim_next(db, worker.id, ctx.device, only=job_id)
     if job is None:  # the app's own worker took it first: follow it there
         while (state := queue.get_job(db, job_id)["state"]) not in queue.FINISHED:
             if ctx.stop.wait(1.0):
