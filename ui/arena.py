@@ -15,6 +15,7 @@ from backend.engine import aiterate
 from ui.chat import _md
 from ui.fields import RUNNING, parse_seed, penalty_values, repetition_controls, wire_stop
 from ui.login import door, public, request_user
+from ui.model_lists import model_dropdown
 
 INTRO = ("**Comparing models the way LM Arena does.** Two models, drawn at random, answer your prompt; you see "
          "only \"Model A\" and \"Model B\". Vote for the better answer (or a tie, or both bad) and the names are "
@@ -57,8 +58,8 @@ def build(pg) -> None:
     gr.Markdown(INTRO)
     battle_id = gr.State(None)
     with gr.Row():
-        draw = gr.Dropdown(cs.chat_models(pg.registry), value=[], multiselect=True, scale=4, elem_id="arena-models",
-                           label="Models in the draw (empty = every chat model; two are drawn at random)")
+        draw = model_dropdown(lambda: cs.chat_models(pg.registry), value=[], multiselect=True, scale=4,
+                              elem_id="arena-models", label="Models in the draw (empty = every chat model; two are drawn at random)")
         refresh = gr.Button("↻ models", scale=0, size="sm")
     with gr.Accordion("Sampling (the same for both models)", open=False):
         with gr.Row():

@@ -60,8 +60,9 @@ def check_models(pg, models: list[str] | None) -> list[str]:
         return chat
     for name in models:
         if name not in chat:
-            kind = "a base model without a chat format" if name in pg.registry.names() else "not a registered model"
-            raise ValueError(f"models: {name!r} is {kind}; chat models: {', '.join(chat)}")
+            from models.registry import ROLE_WORDS
+            kind = ROLE_WORDS[pg.registry.get(name).role] if name in pg.registry.names() else "not a registered model"
+            raise ValueError(f"models: {name!r} is {kind}; the arena battles chat models: {', '.join(chat)}")
     return list(models)
 
 
