@@ -187,6 +187,34 @@ def test_votes_in_the_database_make_the_leaderboard(tmp_path):
     pg.db.close()
 
 
+def test_a_vote_where_an_answer_names_its_model_is_set_aside_and_reward_models_never_battle(tmp_path):
+    from backend.arena.identity import identity_leak
+    from tests.helpers import register_reward_model
+    data = tmp_path / "data"
+    for name, line in {**LINES, "delta": "I am delta, your assistant."}.items():
+        register_scripted(data, name, [line], {"\n": line, line: "<|im_end|>"}, tools=False)
+    register_reward_model(data, "judge")
+    pg = Playground(AppConfig(data_dir=data, start_worker=False, preload=False))
+    ann = make_users(pg.db, [("ann", "learner")])["ann"][0]
+    assert "judge" not in arena.check_models(pg, None)  # a reward model scores answers; it is never drawn
+    with pytest.raises(ValueError, match="'judge' is a reward model"):
+        arena.start_battle(pg, ann, "hi", ["alpha", "judge"])
+    counted = arena.run_battle(pg, ann, "Who are you?", ["alpha", "beta"])
+    assert arena.vote(pg, ann, counted["id"], "a")["set_aside"] is None  # "Alpha answers" does not name "alpha"
+    named = arena.run_battle(pg, ann, "Who are you?", ["alpha", "delta"])
+    v = arena.vote(pg, ann, named["id"], "a" if "delta" in named["answer_a"] else "b")
+    side = "A" if "delta" in named["answer_a"] else "B"
+    assert v["set_aside"] == f"answer {side} names delta"
+    assert arena.get_battle(pg, ann, named["id"])["set_aside"] == v["set_aside"]  # stored with the vote
+    board = arena.leaderboard(pg.db, bootstrap=0)
+    assert board["votes"] == 1 and board["set_aside"] == 1
+    assert {r["model"] for r in board["rows"]} == {"alpha", "beta"}  # delta's only battle is not counted
+    # the family name counts in any case: the bundled SmolLM2 saying who it is
+    assert identity_leak(pg.registry, {"a": "Hi!", "b": "I'm smolLM, a small model."},
+                         ["alpha", "smollm2-135m-instruct"]) == "answer B names smollm2-135m-instruct (family SmolLM)"
+    pg.db.close()
+
+
 # -- REST on a real server -----------------------------------------------------------------------------
 ROUTES = [(m, r.path, required_role(r)) for r in arena_api.router.routes if isinstance(r, APIRoute) for m in sorted(r.methods)]
 

@@ -19,7 +19,8 @@ from ui.model_lists import model_dropdown
 
 INTRO = ("**Comparing models the way LM Arena does.** Two models, drawn at random, answer your prompt; you see "
          "only \"Model A\" and \"Model B\". Vote for the better answer (or a tie, or both bad) and the names are "
-         "revealed. Every vote goes into the leaderboard below: a Bradley-Terry model fitted on all votes (ties "
+         "revealed. Every blind vote goes into the leaderboard below (a vote where an answer names its model, e.g. "
+         "\"I am SmolLM\", is set aside, as LM Arena does): a Bradley-Terry model fitted on the votes (ties "
          "count half), with 95% bootstrap intervals, and online Elo beside it for comparison. **What to notice:** "
          "with a handful of votes the intervals are wide and overlap, so the ranks are ties; Elo changes with the "
          "order of the votes, Bradley-Terry does not. Open-ended prompts with no checkable answer (a joke about "
@@ -142,8 +143,11 @@ def build(pg) -> None:
             b = arena.vote(pg, user, bid, winner)
         except (ValueError, LookupError, PermissionError) as e:
             return f"⚠ {html.escape(str(e))}", *locked(), gr.skip(), gr.skip()
+        counted = (f"Battle #{b['id']} is in the leaderboard." if not b["set_aside"] else
+                   f"⚠ Battle #{b['id']} is **set aside** from the leaderboard: {html.escape(b['set_aside'])}, so the "
+                   "vote was not blind (Chatbot Arena drops such votes too).")
         reveal = (f"**Model A was {html.escape(b['model_a'])}, Model B was {html.escape(b['model_b'])}.** "
-                  f"You voted: {VOTE_WORDS[winner]}. Battle #{b['id']} is in the leaderboard.")
+                  f"You voted: {VOTE_WORDS[winner]}. {counted}")
         return reveal, *locked(), *tables(pg)
 
     def voter(winner):

@@ -16,7 +16,7 @@ import random
 import threading
 from typing import Iterator
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
 from backend import chat_service
@@ -166,9 +166,9 @@ def public_view(battle: ArenaBattle, vote: ArenaVote | None) -> dict:
     """What the voter may see: the names only once the battle has its vote."""
     out = {"id": battle.id, "prompt": battle.prompt, "status": battle.status, "answer_a": battle.answer_a,
            "answer_b": battle.answer_b, "params": battle.params, "error": battle.error, "winner": None,
-           "model_a": None, "model_b": None}
+           "model_a": None, "model_b": None, "set_aside": None}
     if vote is not None:
-        out.update(winner=vote.winner, model_a=battle.model_a, model_b=battle.model_b)
+        out.update(winner=vote.winner, model_a=battle.model_a, model_b=battle.model_b, set_aside=vote.set_aside)
     return out
 
 
@@ -188,7 +188,9 @@ def vote(pg, user, battle_id: int, winner: str) -> dict:
                 raise ValueError(f"battle {battle_id} is {battle.status}: there is nothing to vote on yet"
                                  if battle.status == "answering" else
                                  f"battle {battle_id} failed ({battle.error}); start a new one")
-            v = ArenaVote(battle_id=battle_id, user_id=user.id, winner=winner)
+            from backend.arena.identity import identity_leak
+            leak = identity_leak(pg.registry, {"a": battle.answer_a, "b": battle.answer_b}, [battle.model_a, battle.model_b])
+            v = ArenaVote(battle_id=battle_id, user_id=user.id, winner=winner, set_aside=leak)
             s.add(v)
             s.flush()
             return public_view(battle, v)
@@ -197,11 +199,18 @@ def vote(pg, user, battle_id: int, winner: str) -> dict:
 
 
 def all_votes(db) -> list[tuple[str, str, str]]:
-    """Every vote as (model_a, model_b, winner), oldest first (online Elo depends on the order)."""
+    """Every counted vote as (model_a, model_b, winner), oldest first (online Elo depends on the order); votes
+    set aside (an answer named its model) are left out."""
     with db.read() as s:
         rows = s.execute(select(ArenaBattle.model_a, ArenaBattle.model_b, ArenaVote.winner)
-                         .join(ArenaVote, ArenaVote.battle_id == ArenaBattle.id).order_by(ArenaVote.id))
+                         .join(ArenaVote, ArenaVote.battle_id == ArenaBattle.id)
+                         .where(ArenaVote.set_aside.is_(None)).order_by(ArenaVote.id))
         return [tuple(r) for r in rows]
+
+
+def set_aside_count(db) -> int:
+    with db.read() as s:
+        return s.scalar(select(func.count()).select_from(ArenaVote).where(ArenaVote.set_aside.is_not(None)))
 
 
 def leaderboard(db, bootstrap: int = 100, seed: int = 0, k: float = 32.0) -> dict:
@@ -210,4 +219,4 @@ def leaderboard(db, bootstrap: int = 100, seed: int = 0, k: float = 32.0) -> dic
         raise ValueError(f"bootstrap must be an integer from 0 to 1000, got {bootstrap!r}")
     if not k > 0:
         raise ValueError(f"k must be > 0, got {k!r}")
-    return ratings.leaderboard(all_votes(db), bootstrap=bootstrap, seed=seed, k=k)
+    return {**ratings.leaderboard(all_votes(db), bootstrap=bootstrap, seed=seed, k=k), "set_aside": set_aside_count(db)}

@@ -237,4 +237,6 @@ class ArenaVote(Base):
     battle_id: Mapped[int] = mapped_column(ForeignKey("arena_battles.id", ondelete="CASCADE"), unique=True)
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
     winner: Mapped[str] = mapped_column(String(16))
+    # why the vote stays out of the leaderboard (an answer names its model: backend/arena/identity.py); None: counted
+    set_aside: Mapped[str | None] = mapped_column(String(300), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
