@@ -332,9 +332,11 @@ def build(pg) -> None:
                 yield (tokens_html(st), gr.skip(), engine.enc.decode([t["id"] for t in st["tokens"]]),
                        f"{RUNNING} generating…", st)
         text = svc.completion_text(engine, st["tokens"], stop)
+        note = svc.empty_answer_note(engine, st["tokens"], finish, raw=st.get("mode") != "chat")
         yield (tokens_html(st), alternatives_html(st), text,
                f"done · {engine.name} · {len(st['tokens'])} tokens · stopped by {finish}"
-               + (f" · seed {st['seed']}" if st.get("seed") is not None else ""), st)
+               + (f" · seed {st['seed']}" if st.get("seed") is not None else "") + (f"\n\n💡 {note}" if note else ""),
+               st)
 
     @door(pg, "inference")
     async def generate(name, mode, text, temperature, top_p, top_k, max_tokens, seed, stop, freq, pres, rep_,
