@@ -43,15 +43,13 @@ def build_ui(pg) -> gr.Blocks:
         model_status(pg)
         bar = tour.build_bar()
         handles: dict[str, dict] = {}
-        tab_list: list[gr.Tab] = []
         with gr.Tabs() as tabs:
             with gr.Tab("Start here", id="start"):
                 opens = tour.build_start_here()
             for module, label in TABS:
-                with gr.Tab(label, id=module) as tab:
+                with gr.Tab(label, id=module):
                     handles[module] = import_module(f"ui.{module}").build(pg) or {}
-                tab_list.append(tab)
-        model_lists.wire(demo, tab_list)  # a model registered while the app runs is offered without a restart
+        model_lists.wire(demo, tabs)  # a model registered while the app runs is offered without a restart
         # Views only some roles use (operator forms): shown once the session's user has the role, on page load
         # and whenever the header's sign-in changes who is signed in (it clicks this hidden button).
         gated = [pair for h in handles.values() for pair in h.pop("_roles", [])]

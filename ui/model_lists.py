@@ -29,17 +29,23 @@ def take() -> list[tuple[gr.Dropdown, Callable[[], list]]]:
     return lists
 
 
-def wire(demo: gr.Blocks, tabs: list[gr.Tab]) -> None:
-    """Refill every model dropdown made so far on page load and on each tab's select."""
+def wire(demo: gr.Blocks, tabs: gr.Tabs) -> None:
+    """Refill every model dropdown made so far on page load and when a tab of `tabs` is selected (one listener on
+    the Tabs: a select listener on each gr.Tab kept a streaming tab's Stop click from completing). Only lists whose choices
+    changed since this page last got them are sent (a per-page State holds what it shows): an unchanged list is
+    left alone, so a tab switch never disturbs a dropdown someone is using."""
     lists = take()
     if not lists:
         return
+    shown = gr.State([dd.choices for dd, _ in lists])  # what every new page starts with: the build's choices
 
     @public  # model names are public (GET /v1/models)
-    def refresh():
-        return [gr.update(choices=choices()) for _, choices in lists]
+    def refresh(before):
+        now = [[tuple(c) if isinstance(c, (list, tuple)) else (c, c) for c in choices()] for _, choices in lists]
+        updates = [gr.update(choices=new) if new != [tuple(c) for c in (old or [])] else gr.skip()
+                   for new, old in zip(now, before)]
+        return *updates, now
 
-    outputs = [dd for dd, _ in lists]
-    demo.load(refresh, None, outputs, show_progress="hidden")
-    for tab in tabs:
-        tab.select(refresh, None, outputs, show_progress="hidden")
+    outputs = [dd for dd, _ in lists] + [shown]
+    demo.load(refresh, shown, outputs, show_progress="hidden")
+    tabs.select(refresh, shown, outputs, show_progress="hidden")
