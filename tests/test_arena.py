@@ -234,7 +234,8 @@ def live(tmp_path_factory):
 def test_every_arena_route_declares_who_may_use_it():
     assert {(m, p): role for m, p, role in ROUTES} == {
         ("POST", "/api/arena/battles"): "learner", ("GET", "/api/arena/battles/{battle_id}"): "learner",
-        ("POST", "/api/arena/battles/{battle_id}/vote"): "learner", ("GET", "/api/arena/leaderboard"): None}
+        ("POST", "/api/arena/battles/{battle_id}/vote"): "learner", ("GET", "/api/arena/leaderboard"): None,
+        ("POST", "/api/arena/battles/{battle_id}/follow-up"): "learner"}
 
 
 @pytest.mark.parametrize("method,path,role", [r for r in ROUTES if r[2]], ids=lambda x: str(x))
@@ -267,6 +268,29 @@ def test_battle_vote_reveal_over_rest(live):
     assert again.status_code == 422 and "one vote per battle" in again.json()["detail"]
     board = client.get("/api/arena/leaderboard", params={"bootstrap": 20}).json()  # public, no key
     assert board["votes"] >= 1 and board["rows"][0]["model"] == v["model_b"]
+
+
+def test_a_multi_turn_battle_keeps_each_sides_own_history_and_the_vote_judges_it_all(live):
+    client, keys = live
+    b = client.post("/api/arena/battles", headers=keys["ann"], json={"prompt": "Hi.", "models": ["alpha", "gamma"]}).json()
+    r = client.post(f"/api/arena/battles/{b['id']}/follow-up", headers=keys["ann"], json={"prompt": "And then?"})
+    assert r.status_code == 200, r.text
+    two = r.json()
+    assert two["status"] == "ready" and two["prompt"] == "And then?" and two["model_a"] is None
+    assert two["turns"] == [{"prompt": "Hi.", "answer_a": b["answer_a"], "answer_b": b["answer_b"]}]
+    assert {two["answer_a"], two["answer_b"]} == {LINES["alpha"], LINES["gamma"]}
+    assert client.post(f"/api/arena/battles/{b['id']}/follow-up", headers=keys["bob"],
+                       json={"prompt": "x"}).status_code == 403
+    # what each model saw: its own earlier answer, never the other side's
+    from backend.db.models import ArenaBattle
+    battle = ArenaBattle(prompt=two["prompt"], turns=two["turns"])  # as stored: the answer the models were given
+    seen_a = arena.conversation(battle, "a")
+    assert [m["content"] for m in seen_a] == ["Hi.", b["answer_a"], "And then?"]
+    assert b["answer_b"] not in [m["content"] for m in seen_a]
+    v = client.post(f"/api/arena/battles/{b['id']}/vote", headers=keys["ann"], json={"winner": "tie"}).json()
+    assert v["winner"] == "tie" and len(v["turns"]) == 1
+    late = client.post(f"/api/arena/battles/{b['id']}/follow-up", headers=keys["ann"], json={"prompt": "More?"})
+    assert late.status_code == 422 and "already has a vote" in late.json()["detail"]
 
 
 def test_rest_errors_name_the_problem(live):

@@ -2,6 +2,8 @@
 
     b = start_battle(pg, user, "Write a joke about pelicans")      # two distinct chat models drawn at random
     for side, delta in answer_events(pg, user, b["id"]): ...        # A's answer streams, then B's
+    follow_up(pg, user, b["id"], "Now make it shorter"); answer_events(...)  # optional: more turns, each side
+                                                                     # keeping its own history
     vote(pg, user, b["id"], "a")                                     # a | b | tie | both_bad; reveals the names
     leaderboard(pg.db)                                               # backend.arena.ratings on every vote
 
@@ -100,7 +102,6 @@ def answer_events(pg, user, battle_id: int, cancel: threading.Event | None = Non
     if battle.status != "answering":
         raise ValueError(f"battle {battle_id} is {battle.status}, not waiting for its answers")
     params = SamplingParams(**battle.params)
-    conversation = [{"role": "user", "content": battle.prompt}]
     answers = {}
     try:
         for side, model in zip(SIDES, (battle.model_a, battle.model_b)):
@@ -111,7 +112,7 @@ def answer_events(pg, user, battle_id: int, cancel: threading.Event | None = Non
             except Exception as e:  # a model on disk that does not load: say which, plainly
                 raise ModelUnavailable(f"model {side.upper()} could not be loaded: {type(e).__name__}") from e
             result = None
-            for ev in chat_service.turn_events(pg, model, "", conversation, params, [], 0, cancel):
+            for ev in chat_service.turn_events(pg, model, "", conversation(battle, side), params, [], 0, cancel):
                 if ev.type == "text":
                     yield side, ev.text
                 elif ev.type == "done":
@@ -130,6 +131,39 @@ def answer_events(pg, user, battle_id: int, cancel: threading.Event | None = Non
 
 class _Cancelled(Exception):
     pass
+
+
+MAX_TURNS = 8
+
+
+def conversation(battle: ArenaBattle, side: str) -> list[dict]:
+    """What the model of `side` sees: every user turn with its OWN earlier answers (never the other side's)."""
+    messages = []
+    for t in battle.turns or []:
+        messages += [{"role": "user", "content": t["prompt"]}, {"role": "assistant", "content": t[f"answer_{side}"]}]
+    return messages + [{"role": "user", "content": battle.prompt}]
+
+
+def follow_up(pg, user, battle_id: int, prompt: str) -> dict:
+    """Another user turn for both models of a battle not yet voted on (status "answering" again); answer_events
+    then answers it, each model continuing its own conversation. The vote judges the whole conversation."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError("prompt must not be empty")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise ValueError(f"prompt is {len(prompt)} characters; the limit is {MAX_PROMPT_CHARS}")
+    with pg.db.session() as s:
+        battle, existing = _load(pg, user, battle_id, s)
+        if existing is not None:
+            raise ValueError(f"battle {battle_id} already has a vote; start a new battle to talk further")
+        if battle.status != "ready":
+            raise ValueError(f"battle {battle_id} is {battle.status}: a follow-up needs both answers first")
+        if len(battle.turns or []) + 1 >= MAX_TURNS:
+            raise ValueError(f"battle {battle_id} has {MAX_TURNS} turns, the most a battle takes; vote on it")
+        battle.turns = [*(battle.turns or []), {"prompt": battle.prompt, "answer_a": battle.answer_a,
+                                                "answer_b": battle.answer_b}]
+        battle.prompt, battle.answer_a, battle.answer_b, battle.status = prompt, None, None, "answering"
+        s.flush()
+        return public_view(battle, None)
 
 
 def _finish(pg, battle_id: int, **values) -> None:
@@ -166,7 +200,7 @@ def public_view(battle: ArenaBattle, vote: ArenaVote | None) -> dict:
     """What the voter may see: the names only once the battle has its vote."""
     out = {"id": battle.id, "prompt": battle.prompt, "status": battle.status, "answer_a": battle.answer_a,
            "answer_b": battle.answer_b, "params": battle.params, "error": battle.error, "winner": None,
-           "model_a": None, "model_b": None, "set_aside": None}
+           "model_a": None, "model_b": None, "set_aside": None, "turns": list(battle.turns or [])}
     if vote is not None:
         out.update(winner=vote.winner, model_a=battle.model_a, model_b=battle.model_b, set_aside=vote.set_aside)
     return out
@@ -189,7 +223,9 @@ def vote(pg, user, battle_id: int, winner: str) -> dict:
                                  if battle.status == "answering" else
                                  f"battle {battle_id} failed ({battle.error}); start a new one")
             from backend.arena.identity import identity_leak
-            leak = identity_leak(pg.registry, {"a": battle.answer_a, "b": battle.answer_b}, [battle.model_a, battle.model_b])
+            said = {side: "\n".join(t[f"answer_{side}"] or "" for t in [*(battle.turns or []), {
+                "answer_a": battle.answer_a, "answer_b": battle.answer_b}]) for side in SIDES}  # every turn
+            leak = identity_leak(pg.registry, said, [battle.model_a, battle.model_b])
             v = ArenaVote(battle_id=battle_id, user_id=user.id, winner=winner, set_aside=leak)
             s.add(v)
             s.flush()
