@@ -74,6 +74,7 @@ def build(pg) -> None:
     with gr.Row():
         prompt = gr.Textbox(placeholder="Ask both models something", show_label=False, scale=5, elem_id="arena-prompt")
         go = gr.Button("⚔ Battle", variant="primary", scale=1, elem_id="arena-battle")
+        more = gr.Button("↪ Follow up", scale=1, elem_id="arena-follow-up")  # the same two models, another turn
         halt = gr.Button("■ Stop", variant="stop", scale=0, elem_id="arena-stop")
     with gr.Row(equal_height=True):
         with gr.Column():
@@ -116,24 +117,49 @@ def build(pg) -> None:
         except ValueError as e:
             yield None, "", "", f"⚠ {html.escape(str(e))}", *locked()
             return
+        async for out in answering(user, battle):
+            yield out
+
+    def transcript(battle: dict, side: str, latest: str) -> str:
+        """One side's conversation: the earlier turns (prompt, its own answer), then the latest answer."""
+        past = "".join(f"**You:** {_md(t['prompt'])}\n\n{_md(t[f'answer_{side}'])}\n\n---\n\n" for t in battle["turns"])
+        return past + (f"**You:** {_md(battle['prompt'])}\n\n" if battle["turns"] else "") + _md(latest)
+
+    async def answering(user, battle: dict):
+        """Stream the battle's current turn into both answer views; votable when both are in."""
         shown = {"a": "", "b": ""}
         cancel = threading.Event()
+        view = lambda: (transcript(battle, "a", shown["a"]), transcript(battle, "b", shown["b"]))  # noqa: E731
         try:
             async for side, delta in aiterate(arena.answer_events(pg, user, battle["id"], cancel), cancel):
                 shown[side] += delta
-                yield (battle["id"], _md(shown["a"]), _md(shown["b"]),
-                       f"{RUNNING} Model {side.upper()} is answering…", *locked())
+                yield (battle["id"], *view(), f"{RUNNING} Model {side.upper()} is answering…", *locked())
         except Exception as e:  # noqa: BLE001 - the battle is marked failed; say why
-            yield battle["id"], _md(shown["a"]), _md(shown["b"]), f"⚠ {html.escape(str(e))}", *locked()
+            yield battle["id"], *view(), f"⚠ {html.escape(str(e))}", *locked()
             return
         finally:
             cancel.set()  # ■ Stop cancels this task (Gradio's `cancels`, as in the Chat tab): the engine stops
         done = await asyncio.to_thread(arena.get_battle, pg, user, battle["id"])
         if done["status"] != "ready":
-            yield battle["id"], _md(shown["a"]), _md(shown["b"]), STOPPED, *locked()
+            yield battle["id"], *view(), STOPPED, *locked()
             return
-        yield (battle["id"], _md(done["answer_a"]) or "(empty answer)", _md(done["answer_b"]) or "(empty answer)",
-               "Which answer is better? The names appear after your vote.", *locked(True))
+        yield (battle["id"], transcript(done, "a", done["answer_a"]) or "(empty answer)",
+               transcript(done, "b", done["answer_b"]) or "(empty answer)",
+               "Which answer is better? The names appear after your vote; or ↪ Follow up to ask both again "
+               "(each keeps its own conversation).", *locked(True))
+
+    @door(pg, "learner")
+    async def on_follow_up(bid, text, request: gr.Request):
+        user = request_user(pg, request, "learner")
+        try:
+            if bid is None:
+                raise ValueError("start a battle first")
+            battle = await asyncio.to_thread(arena.follow_up, pg, user, bid, text)
+        except (ValueError, LookupError, PermissionError) as e:
+            yield gr.skip(), gr.skip(), gr.skip(), f"⚠ {html.escape(str(e))}", *[gr.skip() for _ in buttons]
+            return
+        async for out in answering(user, battle):
+            yield out
 
     def on_vote(winner, bid, request: gr.Request):
         try:
@@ -161,7 +187,8 @@ def build(pg) -> None:
     asked = [prompt, draw, temperature, max_tokens, seed, *penalties]
     battled = go.click(on_battle, asked, outs, show_progress_on=[status])
     submitted = prompt.submit(on_battle, asked, outs, show_progress_on=[status])
-    wire_stop(halt, [battled, submitted], status, STOPPED)
+    followed = more.click(on_follow_up, [battle_id, prompt], outs, show_progress_on=[status])
+    wire_stop(halt, [battled, submitted, followed], status, STOPPED)
     for (winner, _), button in zip(VOTES, buttons):
         button.click(voter(winner), [battle_id], [status, *buttons, board, matrix])
     sample.change(public(lambda s: s or gr.skip()), [sample], [prompt])
