@@ -28,6 +28,7 @@ from backend.sampling import SamplingParams
 
 MAX_PROMPT_CHARS = 8000
 MAX_TOKENS = 2048
+MAX_TURNS = 8  # user turns in one battle (the first and its follow-ups)
 SIDES = ("a", "b")
 
 SAMPLE_PROMPTS = [  # DEMOS 16-18: open-ended prompts with no checkable answer are what the arena is for
@@ -131,9 +132,6 @@ def answer_events(pg, user, battle_id: int, cancel: threading.Event | None = Non
 
 class _Cancelled(Exception):
     pass
-
-
-MAX_TURNS = 8
 
 
 def conversation(battle: ArenaBattle, side: str) -> list[dict]:
