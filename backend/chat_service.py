@@ -126,8 +126,9 @@ DEMO_BY_TITLE = {d.title: d for d in DEMOS}
 
 
 def chat_models(registry) -> list[str]:
-    """Every registered model that has a chat format."""
-    return [s.name for s in registry.list() if s.chat_format]
+    """Every registered chat model (not base models, not reward models)."""
+    from backend.models import model_names
+    return model_names(registry, "chat")
 
 
 def full_messages(system: str, conversation: list[dict]) -> list[dict]:

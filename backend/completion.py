@@ -158,6 +158,21 @@ def stream_tokens(engine, prompt_ids: list[int], params: SamplingParams, top: in
     yield {"finish_reason": finish}
 
 
+def empty_answer_note(engine, tokens: list[dict], finish: str, raw: bool = True) -> str | None:
+    """Why a completion came back empty, when the model ended at once (its first token was end-of-text); None
+    otherwise. On raw text an instruct model does this often: to it, text outside a chat turn is a finished
+    document (DEMOS 7: a base model continues text, an instruct model answers in the chat format)."""
+    if tokens or finish != "stop":
+        return None
+    said = "The model ended at once: its first token was end-of-text, so there is no text to show. "
+    if raw and getattr(engine.spec, "chat_format", None):
+        return said + (f"{engine.name} is an instruct model: post-training taught it to answer inside the chat "
+                       "format, and raw text with no chat turn looks to it like a finished document. Send it as "
+                       "chat to ask it, or continue text with a base model: pretrain one in the Training tab "
+                       "(kind pretrain, preset cpu-5min: minutes on a CPU) and pick it here.")
+    return said + "Sample again with a temperature above 0, or give it more text to continue."
+
+
 def completion_text(engine, tokens: list[dict], stop: list[str]) -> str:
     """The text of generated tokens as the engine returns it: a matched stop string and what follows are cut
     (the token view still shows the whole token that completed it)."""
@@ -174,6 +189,9 @@ def _collect(engine, prompt_ids: list[int], tokens: Iterator[dict], stop: list[s
         else:
             out["tokens"].append(t)
     out["text"] = completion_text(engine, out["tokens"], stop)
+    note = empty_answer_note(engine, out["tokens"], out["finish_reason"])
+    if note:
+        out["note"] = note
     return out
 
 

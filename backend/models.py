@@ -15,6 +15,16 @@ import sys
 
 from backend.config import AppConfig
 
+# Which models each use offers (models.registry ROLES): a reward model scores and never generates.
+USES = {"chat": ("chat",), "generate": ("chat", "base"), "reward": ("reward",), "any": ("chat", "base", "reward")}
+
+
+def model_names(registry, use: str = "any") -> list[str]:
+    """The registered models fit for `use` (a key of USES), read from the registry each call: every list of
+    models (the tabs' dropdowns, /api, the arena's draw) comes from here, so a model a job registers while
+    the app runs is offered at the next page load or tab switch."""
+    return registry.names(USES[use])
+
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m backend.models", description=__doc__,
@@ -52,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.action == "list":
             for s in registry.list():
                 where = s.remote["base_url"] + " " + s.remote["model"] if s.remote else (str(s.path) if s.path else "")
-                print(f"{s.name:32s} {s.kind:8s} {s.chat_format or 'base':7s} ctx {s.context_length:6d}  {where}")
+                print(f"{s.name:32s} {s.kind:8s} {s.role:7s} ctx {s.context_length:6d}  {where}")
         elif args.action == "add-remote":
             from backend.serving.remote_engine import register_remote
             spec = register_remote(registry, args.name, args.base_url, args.remote_model, args.api_key_env,

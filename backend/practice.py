@@ -179,9 +179,9 @@ def grade(problem: Problem, text: str, lenient: bool = False) -> tuple[str | Non
 
 
 def reward_models(registry) -> list[str]:
-    """Registered models with a reward head (trained by a "reward" job)."""
-    from backend.train.reward import HEAD_FILE
-    return [s.name for s in registry.list() if s.path is not None and (s.path / HEAD_FILE).exists()]
+    """Registered reward models (trained by a "reward" job)."""
+    from backend.models import model_names
+    return model_names(registry, "reward")
 
 
 def check_reward_model(pg, name: str) -> None:

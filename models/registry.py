@@ -43,6 +43,17 @@ class ModelExists(ValueError):
     pass
 
 
+class WrongRole(ValueError):
+    """A model asked to do what its kind cannot (a reward model asked to generate, a chat model to score)."""
+
+
+# What a model is for (ModelSpec.role): "chat" generates with a chat format, "base" continues text, "reward"
+# scores (prompt, answer) with a scalar head and generates nothing (backend/train/reward.py).
+ROLES = ("chat", "base", "reward")
+GENERATES = ("chat", "base")
+REWARD_HEAD_FILE = "reward_head.safetensors"  # beside a reward model's backbone weights
+
+
 @dataclass
 class ModelSpec:
     name: str
@@ -56,10 +67,33 @@ class ModelSpec:
     # kind "remote": {"base_url", "model", "api_key_env"}: an OpenAI-compatible server serves it (backend/serving/remote_engine.py)
     remote: dict | None = None
 
+    @property
+    def role(self) -> str:
+        """"reward" for a reward job's model (its lineage says so before the head file lands), else "chat"
+        with a chat format, "base" without."""
+        if self.lineage.get("kind") == "reward" or (self.path is not None and self.kind != "remote"
+                                                    and (self.path / REWARD_HEAD_FILE).exists()):
+            return "reward"
+        return "chat" if self.chat_format else "base"
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["path"] = None if self.path is None else str(self.path)
+        d["role"] = self.role
         return d
+
+
+ROLE_WORDS = {"chat": "a chat model", "base": "a base model (it continues text)",
+              "reward": "a reward model (it scores answers and generates no text)"}
+
+
+def require_role(spec: ModelSpec, roles: tuple[str, ...], purpose: str) -> ModelSpec:
+    """`spec` if its role is one of `roles`, else WrongRole naming the model, its role and what was asked.
+    Every door that loads a model for a purpose checks here (EnginePool.get: only models that generate)."""
+    if spec.role not in roles:
+        raise WrongRole(f"model {spec.name!r} is {ROLE_WORDS[spec.role]}; {purpose} needs "
+                        f"{' or '.join(ROLE_WORDS[r].split(' (')[0] for r in roles)}")
+    return spec
 
 
 def validate_name(name: str) -> str:
@@ -113,8 +147,9 @@ class ModelRegistry:
                     log.warning("skipping model directory %s: %s", d, e)
         return specs
 
-    def names(self) -> list[str]:
-        return [s.name for s in self.list()]
+    def names(self, roles: tuple[str, ...] | None = None) -> list[str]:
+        """Every registered name, or those whose role is in `roles` (ROLES)."""
+        return [s.name for s in self.list() if roles is None or s.role in roles]
 
     def get(self, name: str) -> ModelSpec:
         if name == BUNDLED_NAME:

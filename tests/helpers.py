@@ -53,6 +53,21 @@ def register_tiny_model(data_dir: Path, name: str = "tiny", tokenizer: str = "cl
                              description="tiny random model for tests", overwrite=True)
 
 
+def register_reward_model(data_dir: Path, name: str = "tiny-rm", tokenizer: str = "cl100k_base", seed: int = 0):
+    """A tiny reward model as a "reward" job leaves one: its backbone registered with the chat format and lineage
+    kind "reward", and its scalar head beside the weights (backend/train/reward.py)."""
+    from backend.config import AppConfig
+    from backend.train.reward import RewardModel, save_head
+    from models.registry import ModelRegistry
+
+    model = make_tiny_model(vocab_size_for(tokenizer, data_dir), seed=seed)
+    spec = ModelRegistry(AppConfig(data_dir=Path(data_dir))).register(
+        name, model, tokenizer=tokenizer, chat_format="chatml", lineage={"kind": "reward", "parent_model": "tiny"},
+        description="tiny reward model for tests", overwrite=True)
+    save_head(RewardModel(model), spec.path)
+    return spec
+
+
 def bigram_model(vocab: int, next_token: dict[int, int], dim: int = 64, max_seq_len: int = 256,
                  n_layers: int = 1) -> Transformer:
     """A real Transformer whose weights make it a deterministic bigram table: after token a, it predicts

@@ -187,6 +187,34 @@ def test_votes_in_the_database_make_the_leaderboard(tmp_path):
     pg.db.close()
 
 
+def test_a_vote_where_an_answer_names_its_model_is_set_aside_and_reward_models_never_battle(tmp_path):
+    from backend.arena.identity import identity_leak
+    from tests.helpers import register_reward_model
+    data = tmp_path / "data"
+    for name, line in {**LINES, "delta": "I am delta, your assistant."}.items():
+        register_scripted(data, name, [line], {"\n": line, line: "<|im_end|>"}, tools=False)
+    register_reward_model(data, "judge")
+    pg = Playground(AppConfig(data_dir=data, start_worker=False, preload=False))
+    ann = make_users(pg.db, [("ann", "learner")])["ann"][0]
+    assert "judge" not in arena.check_models(pg, None)  # a reward model scores answers; it is never drawn
+    with pytest.raises(ValueError, match="'judge' is a reward model"):
+        arena.start_battle(pg, ann, "hi", ["alpha", "judge"])
+    counted = arena.run_battle(pg, ann, "Who are you?", ["alpha", "beta"])
+    assert arena.vote(pg, ann, counted["id"], "a")["set_aside"] is None  # "Alpha answers" does not name "alpha"
+    named = arena.run_battle(pg, ann, "Who are you?", ["alpha", "delta"])
+    v = arena.vote(pg, ann, named["id"], "a" if "delta" in named["answer_a"] else "b")
+    side = "A" if "delta" in named["answer_a"] else "B"
+    assert v["set_aside"] == f"answer {side} names delta"
+    assert arena.get_battle(pg, ann, named["id"])["set_aside"] == v["set_aside"]  # stored with the vote
+    board = arena.leaderboard(pg.db, bootstrap=0)
+    assert board["votes"] == 1 and board["set_aside"] == 1
+    assert {r["model"] for r in board["rows"]} == {"alpha", "beta"}  # delta's only battle is not counted
+    # the family name counts in any case: the bundled SmolLM2 saying who it is
+    assert identity_leak(pg.registry, {"a": "Hi!", "b": "I'm smolLM, a small model."},
+                         ["alpha", "smollm2-135m-instruct"]) == "answer B names smollm2-135m-instruct (family SmolLM)"
+    pg.db.close()
+
+
 # -- REST on a real server -----------------------------------------------------------------------------
 ROUTES = [(m, r.path, required_role(r)) for r in arena_api.router.routes if isinstance(r, APIRoute) for m in sorted(r.methods)]
 
@@ -206,7 +234,8 @@ def live(tmp_path_factory):
 def test_every_arena_route_declares_who_may_use_it():
     assert {(m, p): role for m, p, role in ROUTES} == {
         ("POST", "/api/arena/battles"): "learner", ("GET", "/api/arena/battles/{battle_id}"): "learner",
-        ("POST", "/api/arena/battles/{battle_id}/vote"): "learner", ("GET", "/api/arena/leaderboard"): None}
+        ("POST", "/api/arena/battles/{battle_id}/vote"): "learner", ("GET", "/api/arena/leaderboard"): None,
+        ("POST", "/api/arena/battles/{battle_id}/follow-up"): "learner"}
 
 
 @pytest.mark.parametrize("method,path,role", [r for r in ROUTES if r[2]], ids=lambda x: str(x))
@@ -239,6 +268,29 @@ def test_battle_vote_reveal_over_rest(live):
     assert again.status_code == 422 and "one vote per battle" in again.json()["detail"]
     board = client.get("/api/arena/leaderboard", params={"bootstrap": 20}).json()  # public, no key
     assert board["votes"] >= 1 and board["rows"][0]["model"] == v["model_b"]
+
+
+def test_a_multi_turn_battle_keeps_each_sides_own_history_and_the_vote_judges_it_all(live):
+    client, keys = live
+    b = client.post("/api/arena/battles", headers=keys["ann"], json={"prompt": "Hi.", "models": ["alpha", "gamma"]}).json()
+    r = client.post(f"/api/arena/battles/{b['id']}/follow-up", headers=keys["ann"], json={"prompt": "And then?"})
+    assert r.status_code == 200, r.text
+    two = r.json()
+    assert two["status"] == "ready" and two["prompt"] == "And then?" and two["model_a"] is None
+    assert two["turns"] == [{"prompt": "Hi.", "answer_a": b["answer_a"], "answer_b": b["answer_b"]}]
+    assert {two["answer_a"], two["answer_b"]} == {LINES["alpha"], LINES["gamma"]}
+    assert client.post(f"/api/arena/battles/{b['id']}/follow-up", headers=keys["bob"],
+                       json={"prompt": "x"}).status_code == 403
+    # what each model saw: its own earlier answer, never the other side's
+    from backend.db.models import ArenaBattle
+    battle = ArenaBattle(prompt=two["prompt"], turns=two["turns"])  # as stored: the answer the models were given
+    seen_a = arena.conversation(battle, "a")
+    assert [m["content"] for m in seen_a] == ["Hi.", b["answer_a"], "And then?"]
+    assert b["answer_b"] not in [m["content"] for m in seen_a]
+    v = client.post(f"/api/arena/battles/{b['id']}/vote", headers=keys["ann"], json={"winner": "tie"}).json()
+    assert v["winner"] == "tie" and len(v["turns"]) == 1
+    late = client.post(f"/api/arena/battles/{b['id']}/follow-up", headers=keys["ann"], json={"prompt": "More?"})
+    assert late.status_code == 422 and "already has a vote" in late.json()["detail"]
 
 
 def test_rest_errors_name_the_problem(live):

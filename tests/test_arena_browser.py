@@ -83,6 +83,27 @@ def test_battle_vote_reveal_and_leaderboard(site, page):
     assert "1 + the models whose interval lies entirely above" in text_of(page, "arena-board-help")
 
 
+def test_a_follow_up_turn_goes_to_both_models_and_each_shows_its_own_conversation(site, page):
+    _, people = site
+    log_in(page, "ann", people["ann"][1])
+    pick(page, LINES)
+    page.locator("#arena-prompt textarea").fill("First question?")
+    page.locator("#arena-battle").click()
+    page.wait_for_function("() => !document.querySelector('#arena-vote-a').disabled", timeout=60_000)
+    first_a = text_of(page, "arena-answer-a").strip()
+    page.locator("#arena-prompt textarea").fill("Second question?")
+    page.locator("#arena-follow-up").click()
+    page.wait_for_function("() => (document.querySelector('#arena-answer-a')?.innerText || '').includes('Second question?')"
+                           " && !document.querySelector('#arena-vote-a').disabled", timeout=60_000)
+    a, b = text_of(page, "arena-answer-a"), text_of(page, "arena-answer-b")
+    assert a.count(first_a) == 2 and "First question?" in a  # A's own answer to both turns, never B's
+    other = next(line for line in LINES.values() if line != first_a)
+    assert other not in a and b.count(other) == 2
+    page.locator("#arena-vote-tie").click()
+    page.wait_for_function("() => (document.querySelector('#arena-status')?.innerText || '').includes('Model A was')",
+                           timeout=30_000)
+
+
 def set_max_tokens(page, value: int) -> None:
     set_slider(page, "arena-max-tokens", value)
 

@@ -3,6 +3,7 @@ shaded and clickable, an alternative branches the completion, step mode shows th
 flip, a text gets a perplexity, and Stop frees the engine."""
 from __future__ import annotations
 
+import re
 import time
 
 import httpx
@@ -10,11 +11,13 @@ import pytest
 
 from tests.conftest import open_tab
 from tests.helpers import register_tiny_model
+from tests.scripted import register_scripted
 
 playwright_api = pytest.importorskip("playwright.sync_api")
 pytestmark = pytest.mark.browser
 
 PROMPT = "Once upon a time"
+ANSWER = "2 + 2 = 4."
 
 
 @pytest.fixture(scope="module")
@@ -22,6 +25,9 @@ def server(tmp_path_factory):
     from tests.conftest import start_server
     data = tmp_path_factory.mktemp("genui") / "data"
     register_tiny_model(data, "tiny8k", tokenizer="cl100k_base+chatml", max_seq_len=8192)
+    # an instruct model that, like SmolLM2-Instruct on "What is 2+2?", ends raw text at once and answers in chat
+    register_scripted(data, "instructed", [ANSWER], {"?": "<|endoftext|>", "\n": ANSWER, ANSWER: "<|im_end|>"},
+                      tools=False)
     s = start_server(data, "--model", "tiny8k", "--no-worker")
     yield s
     s.stop()
@@ -183,3 +189,27 @@ def test_stop_halts_generation_and_frees_the_engine(page, server):
     page.wait_for_timeout(1000)  # the output no longer grows once stopped
     assert len(page.locator("#gen-output textarea").input_value()) == length
     assert "done" not in page.locator("#gen-status").inner_text()
+
+
+def test_an_instruct_models_empty_answer_to_raw_text_is_explained(page, server):
+    page.locator("#gen-model input").click()
+    page.get_by_role("option", name=re.compile("^instructed")).click()
+    page.locator("#gen-prompt textarea").fill("What is 2+2?")
+    set_number(page, "gen-temperature", 0)
+    set_number(page, "gen-max-tokens", 8)
+    page.locator("#gen-run").click()
+    page.wait_for_function("() => (document.querySelector('#gen-status')?.innerText || '').startsWith('done')",
+                           timeout=60_000)
+    status = page.locator("#gen-status").inner_text()
+    assert "0 tokens" in status and "its first token was end-of-text" in status
+    assert "instructed is an instruct model" in status and "pretrain one in the Training tab" in status
+    # the REST door says the same
+    r = httpx.post(server.base_url + "/api/completion/generate",
+                   json={"model": "instructed", "prompt": "What is 2+2?", "max_tokens": 8, "temperature": 0})
+    assert r.json()["text"] == "" and "instruct model" in r.json()["note"]
+    # asked in the chat format, it answers
+    page.get_by_label("chat", exact=True).check()
+    page.locator("#gen-run").click()
+    page.wait_for_function("(a) => document.querySelector('#gen-output textarea').value.includes(a)", arg=ANSWER,
+                           timeout=60_000)
+    assert "instruct model" not in page.locator("#gen-status").inner_text()

@@ -4,6 +4,7 @@ the model still loads, pairs per prompt, group-normalised advantages, KL zero at
 model learns the hidden rule), and every kind runs as a job through the worker with lineage."""
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -312,6 +313,33 @@ def test_rlhf_optimises_the_reward_model_score_with_kl_and_the_hacking_preset_dr
     assert PRESETS[hack.preset]["beta"] == 0.0
     with pytest.raises(ValueError, match="reward_model"):
         parse_config("rlhf", {"parent_model": "tiny", "reward_model": "tiny"}, app)
+
+
+def test_rlhf_samples_its_rollouts_from_the_prompts_of_the_snapshot_it_records(app):
+    """A rankings snapshot of distinctive prompts: every step's rollouts come from them, and the lineage names it."""
+    from backend.db import Database
+    from backend.labels.exchange import import_jsonl
+    from backend.labels.snapshots import create_snapshot
+    from backend.users import add_user
+    db = Database(app.database_url)
+    db.migrate()
+    try:
+        op, _, _ = add_user(db, "rlhf-op", "operator")
+        prompts = ["Describe the zebra quilt of Ulan.", "Name three uses of a brass kettle on Mars."]
+        rows = [{"prompt": p, "candidates": [f"{p[:8]} one", f"{p[:8]} two"], "ranking": [0, 1]} for p in prompts]
+        import_jsonl(db, op, "rankings", "".join(json.dumps(r) + "\n" for r in rows))
+        snap = create_snapshot(db, app.data_dir, op, "rankings")["hash"]
+    finally:
+        db.close()
+    events: list = []
+    cfg = parse_config("rlhf", {"parent_model": "tiny", "threads": 1, "reward_model": "rm-test", "dataset": "snapshot",
+                                "max_steps": 3, "group_size": 2, "prompts_per_step": 1, "max_new_tokens": 4,
+                                "eval_every": 3, "n_heldout": 1, "name": "rlhf-snap"}, app)
+    out = get_trainer("rlhf").run(cfg, JobContext(app, emit=events.append, snapshot_hash=snap))
+    steps = [e for e in events if "rm_score" in e]
+    assert len(steps) == 3 and {e["rollout_prompt"] for e in steps} <= set(prompts), steps
+    assert [e["train_prompts"] for e in events if "start" in e] == [2]
+    assert ModelRegistry(app).get(out.model).lineage["snapshot_hash"] == snap
 
 
 def test_verifiable_checker_and_format_reward():

@@ -15,10 +15,12 @@ from backend.serving.engine import aiterate
 from ui.chat import _md
 from ui.fields import RUNNING, parse_seed, penalty_values, repetition_controls, wire_stop
 from ui.login import door, public, request_user
+from ui.model_lists import model_dropdown
 
 INTRO = ("**Comparing models the way LM Arena does.** Two models, drawn at random, answer your prompt; you see "
          "only \"Model A\" and \"Model B\". Vote for the better answer (or a tie, or both bad) and the names are "
-         "revealed. Every vote goes into the leaderboard below: a Bradley-Terry model fitted on all votes (ties "
+         "revealed. Every blind vote goes into the leaderboard below (a vote where an answer names its model, e.g. "
+         "\"I am SmolLM\", is set aside, as LM Arena does): a Bradley-Terry model fitted on the votes (ties "
          "count half), with 95% bootstrap intervals, and online Elo beside it for comparison. **What to notice:** "
          "with a handful of votes the intervals are wide and overlap, so the ranks are ties; Elo changes with the "
          "order of the votes, Bradley-Terry does not. Open-ended prompts with no checkable answer (a joke about "
@@ -57,8 +59,8 @@ def build(pg) -> None:
     gr.Markdown(INTRO)
     battle_id = gr.State(None)
     with gr.Row():
-        draw = gr.Dropdown(cs.chat_models(pg.registry), value=[], multiselect=True, scale=4, elem_id="arena-models",
-                           label="Models in the draw (empty = every chat model; two are drawn at random)")
+        draw = model_dropdown(lambda: cs.chat_models(pg.registry), value=[], multiselect=True, scale=4,
+                              elem_id="arena-models", label="Models in the draw (empty = every chat model; two are drawn at random)")
         refresh = gr.Button("↻ models", scale=0, size="sm")
     with gr.Accordion("Sampling (the same for both models)", open=False):
         with gr.Row():
@@ -72,6 +74,7 @@ def build(pg) -> None:
     with gr.Row():
         prompt = gr.Textbox(placeholder="Ask both models something", show_label=False, scale=5, elem_id="arena-prompt")
         go = gr.Button("⚔ Battle", variant="primary", scale=1, elem_id="arena-battle")
+        more = gr.Button("↪ Follow up", scale=1, elem_id="arena-follow-up")  # the same two models, another turn
         halt = gr.Button("■ Stop", variant="stop", scale=0, elem_id="arena-stop")
     with gr.Row(equal_height=True):
         with gr.Column():
@@ -114,24 +117,49 @@ def build(pg) -> None:
         except ValueError as e:
             yield None, "", "", f"⚠ {html.escape(str(e))}", *locked()
             return
+        async for out in answering(user, battle):
+            yield out
+
+    def transcript(battle: dict, side: str, latest: str) -> str:
+        """One side's conversation: the earlier turns (prompt, its own answer), then the latest answer."""
+        past = "".join(f"**You:** {_md(t['prompt'])}\n\n{_md(t[f'answer_{side}'])}\n\n---\n\n" for t in battle["turns"])
+        return past + (f"**You:** {_md(battle['prompt'])}\n\n" if battle["turns"] else "") + _md(latest)
+
+    async def answering(user, battle: dict):
+        """Stream the battle's current turn into both answer views; votable when both are in."""
         shown = {"a": "", "b": ""}
         cancel = threading.Event()
+        view = lambda: (transcript(battle, "a", shown["a"]), transcript(battle, "b", shown["b"]))  # noqa: E731
         try:
             async for side, delta in aiterate(arena.answer_events(pg, user, battle["id"], cancel), cancel):
                 shown[side] += delta
-                yield (battle["id"], _md(shown["a"]), _md(shown["b"]),
-                       f"{RUNNING} Model {side.upper()} is answering…", *locked())
+                yield (battle["id"], *view(), f"{RUNNING} Model {side.upper()} is answering…", *locked())
         except Exception as e:  # noqa: BLE001 - the battle is marked failed; say why
-            yield battle["id"], _md(shown["a"]), _md(shown["b"]), f"⚠ {html.escape(str(e))}", *locked()
+            yield battle["id"], *view(), f"⚠ {html.escape(str(e))}", *locked()
             return
         finally:
             cancel.set()  # ■ Stop cancels this task (Gradio's `cancels`, as in the Chat tab): the engine stops
         done = await asyncio.to_thread(arena.get_battle, pg, user, battle["id"])
         if done["status"] != "ready":
-            yield battle["id"], _md(shown["a"]), _md(shown["b"]), STOPPED, *locked()
+            yield battle["id"], *view(), STOPPED, *locked()
             return
-        yield (battle["id"], _md(done["answer_a"]) or "(empty answer)", _md(done["answer_b"]) or "(empty answer)",
-               "Which answer is better? The names appear after your vote.", *locked(True))
+        yield (battle["id"], transcript(done, "a", done["answer_a"]) or "(empty answer)",
+               transcript(done, "b", done["answer_b"]) or "(empty answer)",
+               "Which answer is better? The names appear after your vote; or ↪ Follow up to ask both again "
+               "(each keeps its own conversation).", *locked(True))
+
+    @door(pg, "learner")
+    async def on_follow_up(bid, text, request: gr.Request):
+        user = request_user(pg, request, "learner")
+        try:
+            if bid is None:
+                raise ValueError("start a battle first")
+            battle = await asyncio.to_thread(arena.follow_up, pg, user, bid, text)
+        except (ValueError, LookupError, PermissionError) as e:
+            yield gr.skip(), gr.skip(), gr.skip(), f"⚠ {html.escape(str(e))}", *[gr.skip() for _ in buttons]
+            return
+        async for out in answering(user, battle):
+            yield out
 
     def on_vote(winner, bid, request: gr.Request):
         try:
@@ -141,8 +169,11 @@ def build(pg) -> None:
             b = arena.vote(pg, user, bid, winner)
         except (ValueError, LookupError, PermissionError) as e:
             return f"⚠ {html.escape(str(e))}", *locked(), gr.skip(), gr.skip()
+        counted = (f"Battle #{b['id']} is in the leaderboard." if not b["set_aside"] else
+                   f"⚠ Battle #{b['id']} is **set aside** from the leaderboard: {html.escape(b['set_aside'])}, so the "
+                   "vote was not blind (Chatbot Arena drops such votes too).")
         reveal = (f"**Model A was {html.escape(b['model_a'])}, Model B was {html.escape(b['model_b'])}.** "
-                  f"You voted: {VOTE_WORDS[winner]}. Battle #{b['id']} is in the leaderboard.")
+                  f"You voted: {VOTE_WORDS[winner]}. {counted}")
         return reveal, *locked(), *tables(pg)
 
     def voter(winner):
@@ -156,7 +187,8 @@ def build(pg) -> None:
     asked = [prompt, draw, temperature, max_tokens, seed, *penalties]
     battled = go.click(on_battle, asked, outs, show_progress_on=[status])
     submitted = prompt.submit(on_battle, asked, outs, show_progress_on=[status])
-    wire_stop(halt, [battled, submitted], status, STOPPED)
+    followed = more.click(on_follow_up, [battle_id, prompt], outs, show_progress_on=[status])
+    wire_stop(halt, [battled, submitted, followed], status, STOPPED)
     for (winner, _), button in zip(VOTES, buttons):
         button.click(voter(winner), [battle_id], [status, *buttons, board, matrix])
     sample.change(public(lambda s: s or gr.skip()), [sample], [prompt])

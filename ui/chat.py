@@ -16,6 +16,7 @@ from backend.serving.sampling import SamplingParams
 from backend.tokenizer_explorer import CSS as TOKENS_CSS, render_tokens_html, tokens_from_ids
 from ui.fields import RUNNING, penalty_values, repetition_controls, wire_stop
 from ui.login import door, public, request_user
+from ui.model_lists import model_dropdown
 
 INTRO = ("Chat with any registered chat model. Tool calls and their outputs appear as collapsible steps, thinking "
          "as a collapsible block apart from the answer. No model here has been tuned to call tools yet (the SFT "
@@ -131,7 +132,8 @@ def build(pg) -> None:
     conv = gr.State([])       # structured messages, no system prompt
     where = gr.State([])      # display index -> conversation index
     with gr.Row():
-        model = gr.Dropdown(names, value=default, label="Model", scale=3, elem_id="chat-model")
+        model = model_dropdown(lambda: cs.chat_models(pg.registry), value=default, label="Model", scale=3,
+                               elem_id="chat-model")
         refresh = gr.Button("↻ models", scale=0, size="sm")
         tools = gr.CheckboxGroup(["search", "python"], value=["search", "python"], label="Tools the model may call",
                                  scale=2, elem_id="chat-tools")

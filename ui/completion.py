@@ -20,10 +20,12 @@ import gradio as gr
 
 from backend import completion as svc
 from backend.serving.engine import aiterate
+from backend.models import model_names
 from backend.presets_completion import BASE_MODEL_NOTE, get_preset, presets
 from backend.serving.sampling import SamplingParams
 from ui.fields import RUNNING, penalty_values, repetition_controls, wire_stop
 from ui.login import door, public
+from ui.model_lists import model_dropdown
 
 EXAMPLE = "The three most useful things to know about transformers are"
 STREAM_EVERY_S = 0.08   # re-render the token view at most this often while streaming
@@ -196,8 +198,11 @@ def preset_markdown(name: str | None) -> str:
 
 
 def _model_choices(pg) -> list[tuple[str, str]]:
+    """Every model that generates (a reward model only scores), labelled with what it is."""
     out = []
     for s in pg.registry.list():
+        if s.role == "reward":
+            continue
         if s.kind == "bundled":
             label = f"{s.name} (bundled, instruct model)"
         elif s.lineage.get("kind") == "pretrain":
@@ -244,7 +249,7 @@ def _err(e: Exception) -> str:
 
 # -- the tab -------------------------------------------------------------------------------------
 def build(pg) -> None:
-    names = pg.registry.names()
+    names = model_names(pg.registry, "generate")
     default = pg.cfg.default_model if pg.cfg.default_model in names else names[0]
 
     gr.Markdown("**Inference is sampling.** The model gives a probability to every token of its vocabulary; one is "
@@ -253,7 +258,7 @@ def build(pg) -> None:
     if not pg.cfg.open_inference:  # this server lets only signed-in users generate
         gr.Markdown("This server lets only signed-in users generate: sign in at the top of the page.")
     with gr.Row():
-        model = gr.Dropdown(_model_choices(pg), value=default, label="Model", scale=3, elem_id="gen-model")
+        model = model_dropdown(lambda: _model_choices(pg), value=default, label="Model", scale=3, elem_id="gen-model")
         mode = gr.Radio(["completion", "chat"], value="completion", label="Prompt as", scale=2,
                         info="completion = raw text (base-model demos); chat wraps it as one user message")
         refresh = gr.Button("↻ models", scale=0, size="sm")
@@ -299,7 +304,7 @@ def build(pg) -> None:
                     "own training split (or your prompt), sample, and find the longest run copied token for token "
                     "from the training text (`backend/train/regurgitation.py`).")
         with gr.Row():
-            reg_model = gr.Dropdown(_pretrained(pg), value=None, label="Model pretrained here", scale=3,
+            reg_model = model_dropdown(lambda: _pretrained(pg), value=None, label="Model pretrained here", scale=3,
                                     elem_id="gen-reg-model")
             reg_samples = gr.Slider(1, 16, value=4, step=1, label="Samples")
             reg_tokens = gr.Slider(8, 256, value=64, step=1, label="New tokens each")
@@ -327,9 +332,11 @@ def build(pg) -> None:
                 yield (tokens_html(st), gr.skip(), engine.enc.decode([t["id"] for t in st["tokens"]]),
                        f"{RUNNING} generating…", st)
         text = svc.completion_text(engine, st["tokens"], stop)
+        note = svc.empty_answer_note(engine, st["tokens"], finish, raw=st.get("mode") != "chat")
         yield (tokens_html(st), alternatives_html(st), text,
                f"done · {engine.name} · {len(st['tokens'])} tokens · stopped by {finish}"
-               + (f" · seed {st['seed']}" if st.get("seed") is not None else ""), st)
+               + (f" · seed {st['seed']}" if st.get("seed") is not None else "") + (f"\n\n💡 {note}" if note else ""),
+               st)
 
     @door(pg, "inference")
     async def generate(name, mode, text, temperature, top_p, top_k, max_tokens, seed, stop, freq, pres, rep_,

@@ -13,14 +13,14 @@ from backend.labels import agreement, exchange, guidelines, progress, rankings, 
 from backend.labels.candidates import EXAMPLE_PROMPTS
 from backend.labels.messages import flatten
 from ui.login import door, public, request_user
+from ui.model_lists import model_dropdown
 from ui.ranking_widget import build_ranking_widget
 
 
-def _model_names(pg) -> list[str]:
-    try:
-        return [m.name for m in pg.registry.list()]
-    except Exception:  # the registry may not be wired in this build
-        return [pg.cfg.default_model]
+def _chat_models(pg) -> list[str]:
+    """Models that draft and sample candidates: chat models (backend.models.model_names)."""
+    from backend.models import model_names
+    return model_names(pg.registry, "chat")
 
 
 def _set_choices(pg) -> list[tuple[str, int]]:
@@ -72,7 +72,8 @@ def build_sft(pg) -> None:
                                  column_count=3, row_count=1, interactive=True,
                                  label="Tool calls (tool = search or python; input = query or code; output = what it returned)")
             with gr.Row():
-                model = gr.Dropdown(_model_names(pg), value=pg.cfg.default_model, label="Model", scale=2)
+                model = model_dropdown(lambda: _chat_models(pg), value=pg.cfg.default_model, label="Model", scale=2,
+                                       elem_id="label-draft-model")
                 temp = gr.Slider(0, 1.5, value=0.7, step=0.05, label="Temperature", scale=2)
                 draft_btn = gr.Button("Draft with model", scale=1)
             with gr.Row():
@@ -237,7 +238,7 @@ def build_operator(pg) -> None:
     gr.Markdown("### Create a ranking set\nPrompts × K candidates sampled from a model (or supplied in a JSONL import below).")
     with gr.Row():
         name = gr.Textbox(label="Set name", value="pelican jokes")
-        model = gr.Dropdown(_model_names(pg), value=pg.cfg.default_model, label="Model")
+        model = model_dropdown(lambda: _chat_models(pg), value=pg.cfg.default_model, label="Model", elem_id="op-model")
     prompts = gr.Textbox(label="Prompts, one per line", lines=4, value=EXAMPLE_PROMPTS[0])
     with gr.Row():
         examples = gr.Checkbox(label="Add the built-in example prompts", value=False)

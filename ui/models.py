@@ -8,12 +8,13 @@ import pandas as pd
 from gradio.context import Context
 
 from ui.login import door, public, request_user
+from ui.model_lists import model_dropdown
 
-COLUMNS = ["name", "kind", "chat", "context", "where", "description"]
+COLUMNS = ["name", "kind", "role", "context", "where", "description"]
 
 
 def _table(pg) -> pd.DataFrame:
-    rows = [[s.name, s.kind, s.chat_format or "base", s.context_length,
+    rows = [[s.name, s.kind, s.role, s.context_length,
              f"{s.remote['model']} @ {s.remote['base_url']}" if s.remote else ("bundled" if s.kind == "bundled" else ""),
              s.description] for s in pg.registry.list()]
     return pd.DataFrame(rows, columns=COLUMNS)
@@ -67,7 +68,7 @@ def build(pg) -> None:
         add = gr.Button("Add served model", variant="primary", elem_id="remote-add")
     with gr.Accordion("Remove or export a model", open=False):
         with gr.Row():
-            pick = gr.Dropdown(pg.registry.names(), label="Model", elem_id="models-pick")
+            pick = model_dropdown(pg.registry.names, label="Model", elem_id="models-pick")
             fmt = gr.Radio(["hf", "gguf"], value="hf", label="Export format")
             repo = gr.Textbox(label="Push to Hugging Face repo (optional, needs network)", placeholder="user/my-model")
         with gr.Row():

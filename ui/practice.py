@@ -15,6 +15,7 @@ from backend import chat_service as cs
 from backend import practice as svc
 from ui.fields import RUNNING, parse_seed, penalty_values, repetition_controls, wire_stop
 from ui.login import door, public, request_user
+from ui.model_lists import model_dropdown
 
 INTRO = ("**Practice problems with a known answer.** Pick a model and a problem (a generated one, or type your own "
          "with its exact answer), and sample N solutions at a temperature. Each solution is graded by the rule the "
@@ -80,8 +81,8 @@ def summary_md(r: dict) -> str:
 def build(pg) -> None:
     gr.Markdown(INTRO)
     with gr.Row():
-        model = gr.Dropdown(cs.chat_models(pg.registry), value=pg.cfg.default_model if pg.cfg.default_model in
-                            cs.chat_models(pg.registry) else None, label="Model", scale=4, elem_id="practice-model")
+        model = model_dropdown(lambda: cs.chat_models(pg.registry), value=pg.cfg.default_model if pg.cfg.default_model
+                               in cs.chat_models(pg.registry) else None, label="Model", scale=4, elem_id="practice-model")
         refresh = gr.Button("↻ models", scale=0, size="sm")
     with gr.Row():
         kind = gr.Dropdown(svc.problem_kinds(), value="apples", label="Problem kind", scale=2, elem_id="practice-kind")
@@ -102,8 +103,8 @@ def build(pg) -> None:
     with gr.Row():
         template = gr.Radio([("Plain: end with 'The answer is N.'", "plain"), ("R1-Zero: <think> … </think> answer", "think")],
                             value="plain", label="System prompt (the GRPO trainer's)")
-        rm = gr.Dropdown([NO_RM, *svc.reward_models(pg.registry)], value=NO_RM, label="Reward model for best-of-N",
-                         elem_id="practice-rm")
+        rm = model_dropdown(lambda: [NO_RM, *svc.reward_models(pg.registry)], value=NO_RM,
+                            label="Reward model for best-of-N", elem_id="practice-rm")
         lenient = gr.Checkbox(False, label="Lenient grading: no stated answer counts the reply's last number (word)",
                               elem_id="practice-lenient")
     with gr.Accordion("Repetition controls", open=False):

@@ -176,7 +176,9 @@ def build(pg) -> None:
                 "never trained on, and the samples go from gibberish to local coherence. The run ends in a "
                 "checkpoint registered as a model you can sample from in the Generate tab. Operators and "
                 "admins start and cancel runs; everyone signed in can watch.")
-    models = [m.name for m in pg.registry.list()]
+    from backend.models import model_names
+    from ui.model_lists import model_dropdown
+    models = model_names(pg.registry, "generate")
     first = form.defaults("pretrain")
     with gr.Row():
         kind = gr.Dropdown([(f"{k}: {kinds.get_trainer(k).description}", k) for k in kinds.kinds(training_only=True)],
@@ -207,13 +209,14 @@ def build(pg) -> None:
         uploads = gr.File(label="Add corpus files (.txt .md .jsonl .parquet)", file_count="multiple", height=90)
     with gr.Group(visible=False) as parent_box:
         with gr.Row():
-            parent = gr.Dropdown(models, value=pg.cfg.default_model if pg.cfg.default_model in models else None,
+            parent = model_dropdown(lambda: model_names(pg.registry, "generate"), value=pg.cfg.default_model if pg.cfg.default_model in models else None,
                                  label="Parent model (the model this run starts from)", scale=2, elem_id="train-parent")
             data = gr.Dropdown(_data_choices(pg), value="bundled", scale=3, elem_id="train-data",
                                label="Training data: the kind's built-in set, or a frozen snapshot of your labels")
             snap_refresh = gr.Button("↻", scale=0, size="sm", min_width=40)
     with gr.Group(visible=False) as reward_box:
-        reward_model = gr.Dropdown(models, value=None, label="Reward model (a model trained by a reward job)",
+        reward_model = model_dropdown(lambda: model_names(pg.registry, "reward"), value=None,
+                                      label="Reward model (a model trained by a reward job)",
                                    elem_id="train-reward-model")
     with gr.Accordion("Other settings (JSON)", open=False):
         extra = gr.Code(value="{}", language="json", label="Other config fields (JSON), e.g. {\"lr\": 0.002}",

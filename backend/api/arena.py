@@ -5,6 +5,8 @@
          -> {"id", "prompt", "status": "ready", "answer_a", "answer_b", "model_a": null, "model_b": null, ...}
          stream: SSE events {"side": "a"|"b", "delta"} then {"battle": {...}}, ending in data: [DONE]
     GET  /api/arena/battles/{id}                                                   learner (the battle's owner)
+    POST /api/arena/battles/{id}/follow-up {"prompt", "stream"=false}              learner (the owner, before the vote)
+         -> the battle answered again, each model continuing its own conversation; "turns" holds the earlier ones
     POST /api/arena/battles/{id}/vote {"winner": "a"|"b"|"tie"|"both_bad"}         learner (the owner, once)
          -> the battle with "winner", "model_a" and "model_b" revealed
     GET  /api/arena/leaderboard?bootstrap=100&seed=0&k=32                          anyone
@@ -48,6 +50,11 @@ class NewBattle(BaseModel):
     stream: bool = False
 
 
+class FollowUp(BaseModel):
+    prompt: str = Field(min_length=1, max_length=arena.MAX_PROMPT_CHARS)
+    stream: bool = False
+
+
 class Vote(BaseModel):
     winner: str = Field(pattern="^(a|b|tie|both_bad)$")
 
@@ -58,9 +65,22 @@ async def new_battle(body: NewBattle, request: Request, user: CurrentUser = Depe
     with arena_errors():
         params = arena.sampling_params(body.temperature, body.top_p, body.max_tokens, body.seed)
         battle = await asyncio.to_thread(arena.start_battle, pg, user, body.prompt, body.models, params)
+    return await answered(pg, user, battle, body.stream)
+
+
+@router.post("/battles/{battle_id}/follow-up")
+async def follow_up(battle_id: int, body: FollowUp, request: Request, user: CurrentUser = Depends(learner)):
+    pg = request.app.state.pg
+    with arena_errors():
+        battle = await asyncio.to_thread(arena.follow_up, pg, user, battle_id, body.prompt)
+    return await answered(pg, user, battle, body.stream)
+
+
+async def answered(pg, user, battle: dict, stream: bool):
+    """The battle's current turn answered: the battle when done, or (stream) its SSE events."""
     cancel = threading.Event()
     events = arena.answer_events(pg, user, battle["id"], cancel)
-    if not body.stream:
+    if not stream:
         with arena_errors():
             async for _ in aiterate(events, cancel):  # on the engine thread; a client gone cancels the battle
                 pass

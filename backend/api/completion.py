@@ -22,7 +22,7 @@ from backend import completion as svc
 from backend.auth import require
 from backend.presets_completion import BASE_MODEL_NOTE, presets
 from backend.serving.sampling import SamplingParams
-from models.registry import UnknownModel
+from models.registry import UnknownModel, WrongRole
 
 router = APIRouter(tags=["completion"])
 
@@ -86,6 +86,8 @@ def _engine(request: Request, name: str):
         return request.app.state.pg.engines.get(name)
     except UnknownModel as e:
         raise HTTPException(404, str(e)) from None
+    except WrongRole as e:  # a reward model generates no text
+        raise HTTPException(422, str(e)) from None
     except Exception as e:  # noqa: BLE001 - a model on disk that does not load is the server's problem, said plainly
         raise HTTPException(503, f"model {name!r} could not be loaded: {e}") from None
 

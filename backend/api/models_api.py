@@ -1,7 +1,8 @@
 """REST: the models the registry knows, with what the UI needs to show them.
 
-    GET    /api/models               -> {"models": [{name, kind, tokenizer, chat_format, context_length, lineage,
-                                                     description, remote, loaded}], "default": name}
+    GET    /api/models               -> {"models": [{name, kind, role, tokenizer, chat_format, context_length,
+                                                     lineage, description, remote, loaded}], "default": name}
+                                     role: chat | base | reward (a reward model scores answers, generates none)
     GET    /api/models/{name}        -> one of those (404 naming the model when unknown)
     POST   /api/models/remote        (admin) register a model an OpenAI-compatible server serves (and queue its
                                      report card, backend/evals, as a job that registers a model does)

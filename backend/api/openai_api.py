@@ -104,8 +104,9 @@ def model_card(spec) -> dict:
     if spec.path is not None and spec.path.exists():
         created = int(spec.path.stat().st_mtime)
     # max_model_len as vLLM reports it: clients that register this server as a remote model read it
+    # role (chat, base, reward): what the model is for; a reward model only scores, /v1 generation refuses it
     return {"id": spec.name, "object": "model", "created": created, "owned_by": "playground",
-            "max_model_len": spec.context_length}
+            "max_model_len": spec.context_length, "role": spec.role}
 
 
 @router.get("/v1/models", dependencies=[Depends(require("public"))])

@@ -11,7 +11,7 @@ from backend.api.openai_schema import APIError, ChatCompletionRequest, Completio
 from backend.chat_tools import MessageError, to_chat_messages
 from backend.serving.sampling import SamplingParams
 from models.chat_format import END_TOOL_CALL, TOOL_ARG, render_chat
-from models.registry import UnknownModel
+from models.registry import UnknownModel, WrongRole
 
 
 async def get_engine(pg, name: str):
@@ -19,6 +19,8 @@ async def get_engine(pg, name: str):
         return await asyncio.to_thread(pg.engines.get, name)
     except UnknownModel as e:
         raise APIError(404, str(e), "model", code="model_not_found")
+    except WrongRole as e:  # a reward model: it scores answers, it generates none
+        raise APIError(400, str(e), "model", code="model_not_generative")
     except Exception as e:  # noqa: BLE001 - a model on disk that does not load is the server's problem
         raise APIError(503, f"model {name!r} could not be loaded: {e}", "model", type="server_error",
                        code="model_load_failed")

@@ -2,6 +2,8 @@
 
     b = start_battle(pg, user, "Write a joke about pelicans")      # two distinct chat models drawn at random
     for side, delta in answer_events(pg, user, b["id"]): ...        # A's answer streams, then B's
+    follow_up(pg, user, b["id"], "Now make it shorter"); answer_events(...)  # optional: more turns, each side
+                                                                     # keeping its own history
     vote(pg, user, b["id"], "a")                                     # a | b | tie | both_bad; reveals the names
     leaderboard(pg.db)                                               # backend.arena.ratings on every vote
 
@@ -16,7 +18,7 @@ import random
 import threading
 from typing import Iterator
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
 from backend import chat_service
@@ -26,6 +28,7 @@ from backend.serving.sampling import SamplingParams
 
 MAX_PROMPT_CHARS = 8000
 MAX_TOKENS = 2048
+MAX_TURNS = 8  # user turns in one battle (the first and its follow-ups)
 SIDES = ("a", "b")
 
 SAMPLE_PROMPTS = [  # DEMOS 16-18: open-ended prompts with no checkable answer are what the arena is for
@@ -60,8 +63,9 @@ def check_models(pg, models: list[str] | None) -> list[str]:
         return chat
     for name in models:
         if name not in chat:
-            kind = "a base model without a chat format" if name in pg.registry.names() else "not a registered model"
-            raise ValueError(f"models: {name!r} is {kind}; chat models: {', '.join(chat)}")
+            from models.registry import ROLE_WORDS
+            kind = ROLE_WORDS[pg.registry.get(name).role] if name in pg.registry.names() else "not a registered model"
+            raise ValueError(f"models: {name!r} is {kind}; the arena battles chat models: {', '.join(chat)}")
     return list(models)
 
 
@@ -99,7 +103,6 @@ def answer_events(pg, user, battle_id: int, cancel: threading.Event | None = Non
     if battle.status != "answering":
         raise ValueError(f"battle {battle_id} is {battle.status}, not waiting for its answers")
     params = SamplingParams(**battle.params)
-    conversation = [{"role": "user", "content": battle.prompt}]
     answers = {}
     try:
         for side, model in zip(SIDES, (battle.model_a, battle.model_b)):
@@ -110,7 +113,7 @@ def answer_events(pg, user, battle_id: int, cancel: threading.Event | None = Non
             except Exception as e:  # a model on disk that does not load: say which, plainly
                 raise ModelUnavailable(f"model {side.upper()} could not be loaded: {type(e).__name__}") from e
             result = None
-            for ev in chat_service.turn_events(pg, model, "", conversation, params, [], 0, cancel):
+            for ev in chat_service.turn_events(pg, model, "", conversation(battle, side), params, [], 0, cancel):
                 if ev.type == "text":
                     yield side, ev.text
                 elif ev.type == "done":
@@ -129,6 +132,36 @@ def answer_events(pg, user, battle_id: int, cancel: threading.Event | None = Non
 
 class _Cancelled(Exception):
     pass
+
+
+def conversation(battle: ArenaBattle, side: str) -> list[dict]:
+    """What the model of `side` sees: every user turn with its OWN earlier answers (never the other side's)."""
+    messages = []
+    for t in battle.turns or []:
+        messages += [{"role": "user", "content": t["prompt"]}, {"role": "assistant", "content": t[f"answer_{side}"]}]
+    return messages + [{"role": "user", "content": battle.prompt}]
+
+
+def follow_up(pg, user, battle_id: int, prompt: str) -> dict:
+    """Another user turn for both models of a battle not yet voted on (status "answering" again); answer_events
+    then answers it, each model continuing its own conversation. The vote judges the whole conversation."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError("prompt must not be empty")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise ValueError(f"prompt is {len(prompt)} characters; the limit is {MAX_PROMPT_CHARS}")
+    with pg.db.session() as s:
+        battle, existing = _load(pg, user, battle_id, s)
+        if existing is not None:
+            raise ValueError(f"battle {battle_id} already has a vote; start a new battle to talk further")
+        if battle.status != "ready":
+            raise ValueError(f"battle {battle_id} is {battle.status}: a follow-up needs both answers first")
+        if len(battle.turns or []) + 1 >= MAX_TURNS:
+            raise ValueError(f"battle {battle_id} has {MAX_TURNS} turns, the most a battle takes; vote on it")
+        battle.turns = [*(battle.turns or []), {"prompt": battle.prompt, "answer_a": battle.answer_a,
+                                                "answer_b": battle.answer_b}]
+        battle.prompt, battle.answer_a, battle.answer_b, battle.status = prompt, None, None, "answering"
+        s.flush()
+        return public_view(battle, None)
 
 
 def _finish(pg, battle_id: int, **values) -> None:
@@ -165,9 +198,9 @@ def public_view(battle: ArenaBattle, vote: ArenaVote | None) -> dict:
     """What the voter may see: the names only once the battle has its vote."""
     out = {"id": battle.id, "prompt": battle.prompt, "status": battle.status, "answer_a": battle.answer_a,
            "answer_b": battle.answer_b, "params": battle.params, "error": battle.error, "winner": None,
-           "model_a": None, "model_b": None}
+           "model_a": None, "model_b": None, "set_aside": None, "turns": list(battle.turns or [])}
     if vote is not None:
-        out.update(winner=vote.winner, model_a=battle.model_a, model_b=battle.model_b)
+        out.update(winner=vote.winner, model_a=battle.model_a, model_b=battle.model_b, set_aside=vote.set_aside)
     return out
 
 
@@ -187,7 +220,11 @@ def vote(pg, user, battle_id: int, winner: str) -> dict:
                 raise ValueError(f"battle {battle_id} is {battle.status}: there is nothing to vote on yet"
                                  if battle.status == "answering" else
                                  f"battle {battle_id} failed ({battle.error}); start a new one")
-            v = ArenaVote(battle_id=battle_id, user_id=user.id, winner=winner)
+            from backend.arena.identity import identity_leak
+            said = {side: "\n".join(t[f"answer_{side}"] or "" for t in [*(battle.turns or []), {
+                "answer_a": battle.answer_a, "answer_b": battle.answer_b}]) for side in SIDES}  # every turn
+            leak = identity_leak(pg.registry, said, [battle.model_a, battle.model_b])
+            v = ArenaVote(battle_id=battle_id, user_id=user.id, winner=winner, set_aside=leak)
             s.add(v)
             s.flush()
             return public_view(battle, v)
@@ -196,11 +233,18 @@ def vote(pg, user, battle_id: int, winner: str) -> dict:
 
 
 def all_votes(db) -> list[tuple[str, str, str]]:
-    """Every vote as (model_a, model_b, winner), oldest first (online Elo depends on the order)."""
+    """Every counted vote as (model_a, model_b, winner), oldest first (online Elo depends on the order); votes
+    set aside (an answer named its model) are left out."""
     with db.read() as s:
         rows = s.execute(select(ArenaBattle.model_a, ArenaBattle.model_b, ArenaVote.winner)
-                         .join(ArenaVote, ArenaVote.battle_id == ArenaBattle.id).order_by(ArenaVote.id))
+                         .join(ArenaVote, ArenaVote.battle_id == ArenaBattle.id)
+                         .where(ArenaVote.set_aside.is_(None)).order_by(ArenaVote.id))
         return [tuple(r) for r in rows]
+
+
+def set_aside_count(db) -> int:
+    with db.read() as s:
+        return s.scalar(select(func.count()).select_from(ArenaVote).where(ArenaVote.set_aside.is_not(None)))
 
 
 def leaderboard(db, bootstrap: int = 100, seed: int = 0, k: float = 32.0) -> dict:
@@ -209,4 +253,4 @@ def leaderboard(db, bootstrap: int = 100, seed: int = 0, k: float = 32.0) -> dic
         raise ValueError(f"bootstrap must be an integer from 0 to 1000, got {bootstrap!r}")
     if not k > 0:
         raise ValueError(f"k must be > 0, got {k!r}")
-    return ratings.leaderboard(all_votes(db), bootstrap=bootstrap, seed=seed, k=k)
+    return {**ratings.leaderboard(all_votes(db), bootstrap=bootstrap, seed=seed, k=k), "set_aside": set_aside_count(db)}

@@ -225,6 +225,9 @@ class ArenaBattle(Base):
     answer_a: Mapped[str | None] = mapped_column(Text, nullable=True)
     answer_b: Mapped[str | None] = mapped_column(Text, nullable=True)
     params: Mapped[dict] = mapped_column(JSON, default=dict)  # temperature, top_p, max_tokens, seed
+    # the earlier turns of a multi-turn battle, oldest first: [{"prompt", "answer_a", "answer_b"}]; prompt and the
+    # answers above are the latest turn
+    turns: Mapped[list] = mapped_column(JSON, default=list)
     status: Mapped[str] = mapped_column(String(16), default="answering")
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
@@ -237,6 +240,8 @@ class ArenaVote(Base):
     battle_id: Mapped[int] = mapped_column(ForeignKey("arena_battles.id", ondelete="CASCADE"), unique=True)
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
     winner: Mapped[str] = mapped_column(String(16))
+    # why the vote stays out of the leaderboard (an answer names its model: backend/arena/identity.py); None: counted
+    set_aside: Mapped[str | None] = mapped_column(String(300), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 

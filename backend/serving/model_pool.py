@@ -115,7 +115,8 @@ class EnginePool:
             eng = self._current(name)
             if eng is not None:
                 return eng
-            spec = self.registry.get(name)
+            from models.registry import GENERATES, require_role
+            spec = require_role(self.registry.get(name), GENERATES, "generating text")  # before any load
             stamp = self._stamp(spec)
             if spec.kind == "remote":  # another server serves it (backend/serving/remote_engine.py): no weights to load
                 from backend.serving.remote_engine import remote_engine

@@ -290,7 +290,9 @@ def policy_optimization(kind: str, cfg: PolicyConfig, ctx: JobContext, train_pro
             ev = {"step": run.step, "loss": round(loss.item(), 6), "lr": lr, "reward": round(reward_sum / n_answers, 4),
                   "kl": round(kl, 6), "response_length": round(len_sum / n_answers, 2),
                   "sample_s": round(t_sample, 2), "step_s": round(time.perf_counter() - t0, 2),
-                  "elapsed": round(run.elapsed(), 2), "cpu_s": round(time.process_time() - cpu0, 1), **rmetrics}
+                  "elapsed": round(run.elapsed(), 2), "cpu_s": round(time.process_time() - cpu0, 1), **rmetrics,
+                  # where the rollouts came from: the first group's prompt and one of its samples
+                  "rollout_prompt": render(items[0])[-1]["content"], "rollout_sample": samples[0][0][:200]}
             if run.step % cfg.eval_every == 0:
                 summary = do_eval()
                 ev.update(summary)

@@ -30,8 +30,7 @@ import torch.nn.functional as F
 from backend.jobs.kinds import JobContext, Outcome, trainer
 from backend.train.common import (FineTuneConfig, FineTuneRun, amp_for, check_finite, check_parent, default_name_for,
                                   load_parent, make_opt)
-
-HEAD_FILE = "reward_head.safetensors"
+from models.registry import REWARD_HEAD_FILE as HEAD_FILE
 
 
 class RewardModel(nn.Module):

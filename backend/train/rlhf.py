@@ -12,6 +12,10 @@ into "the the the").
 preset "reward-hacking": no KL (beta 0), a higher learning rate and many steps: the RM score keeps
 rising while the samples collapse into whatever the RM over-rewards. That is why RLHF is run briefly
 and stopped (the Deep Dive's point; DEMOS.md 17).
+
+Prompts: those of the dataset the job names and records in its lineage (dataset "snapshot": the job's
+rankings, preferences or SFT snapshot; a .jsonl of such rows), or the bundled ones (dataset "bundled").
+Each step's event names the prompt its first group was sampled from ("rollout_prompt").
 """
 from __future__ import annotations
 
@@ -51,14 +55,36 @@ class RLHFConfig(PolicyConfig):
 
 def check(cfg: RLHFConfig, app) -> None:
     check_parent(cfg, app)
-    from models.registry import ModelRegistry
-    from backend.train.reward import HEAD_FILE
+    from models.registry import ModelRegistry, require_role
     try:
-        spec = ModelRegistry(app).get(cfg.reward_model)
+        require_role(ModelRegistry(app).get(cfg.reward_model), ("reward",), "an RLHF job's reward_model")
     except ValueError as e:
-        raise ValueError(f"reward_model: {e}") from None
-    if spec.path is None or not (spec.path / HEAD_FILE).exists():
-        raise ValueError(f"reward_model: {cfg.reward_model!r} is not a reward model (train one with a reward job)")
+        raise ValueError(f"reward_model: {e} (train one with a reward job)") from None
+
+
+def prompt_of(row: dict) -> str | None:
+    """The user prompt of a dataset row: rankings and preference rows ("prompt": text or chat messages),
+    SFT conversations ("messages": the first user turn)."""
+    p = row.get("prompt")
+    if isinstance(p, str):
+        return p.strip() or None
+    turns = p if isinstance(p, list) else row.get("messages") or []
+    users = [m["content"] for m in turns if isinstance(m, dict) and m.get("role") == "user"
+             and isinstance(m.get("content"), str)]
+    if not users:
+        return None
+    return (users[-1] if isinstance(p, list) else users[0]).strip() or None
+
+
+def train_prompts(cfg: RLHFConfig, app, snapshot_hash: str | None) -> list[str]:
+    """The distinct prompts of the job's dataset, in their first order (bundled: preferences.PROMPTS)."""
+    from backend.datasets import load_rows
+    from backend.datasets.preferences import PROMPTS
+    rows = load_rows(cfg.dataset, app, snapshot_hash, lambda: [{"prompt": p} for p in PROMPTS])
+    prompts = list(dict.fromkeys(p for p in map(prompt_of, rows) if p))
+    if not prompts:
+        raise ValueError(f"dataset: no prompts in {cfg.dataset!r} (rows need a 'prompt' or user 'messages')")
+    return prompts
 
 
 def distinct_ratio(texts: list[str]) -> float:
@@ -67,7 +93,7 @@ def distinct_ratio(texts: list[str]) -> float:
 
 
 def run_rlhf(cfg: RLHFConfig, ctx: JobContext) -> Outcome:
-    from backend.datasets.preferences import PROMPTS, mentions_pelican
+    from backend.datasets.preferences import mentions_pelican
     from backend.train.reward import encode_answer, load_reward_model
     from models.registry import ModelRegistry
     from models.tokenizers import get_encoding
@@ -98,7 +124,7 @@ def run_rlhf(cfg: RLHFConfig, ctx: JobContext) -> Outcome:
                  "held_out_distinct_words": round(distinct_ratio(texts), 4)}, (prompts[0], texts[0]))
 
     held = (HELD_OUT_PROMPTS * (cfg.n_heldout // len(HELD_OUT_PROMPTS) + 1))[:cfg.n_heldout]
-    train = list(PROMPTS)
+    train = train_prompts(cfg, ctx.app, ctx.snapshot_hash)
     random.Random(cfg.seed).shuffle(train)
     out = policy_optimization("rlhf", cfg, ctx, train, held, render, reward_fn, evaluate,
                               f"RLHF of {cfg.parent_model} against {cfg.reward_model} (preset {cfg.preset}, beta {cfg.beta})")
