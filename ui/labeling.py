@@ -361,9 +361,12 @@ def build_operator(pg) -> None:
         if not path:
             raise gr.Error("Choose a file first.")
         try:
-            out = exchange.import_jsonl(pg.db, user, kind, open(path, encoding="utf-8").read())
+            with open(path, "rb") as f:  # read line by line, staged in batches (backend/labels/exchange.py)
+                out = exchange.import_lines(pg.db, user, kind, f)
         except exchange.ImportRefused as e:
             return "**Refused whole** (nothing imported):\n\n" + "\n".join(f"- line {n}: {r}" for n, r in e.errors[:50])
+        except exchange.ImportBusy as e:
+            raise gr.Error(str(e))
         return f"Imported {out['rows']} {out['kind']} row(s)" + (
             f" into set(s) {', '.join(map(str, out['set_ids']))}." if out.get("set_ids") else ".")
 

@@ -214,16 +214,10 @@ async def import_jsonl(kind: str, request: Request, name: str = Query("import", 
             spool.write(chunk)
         spool.seek(0)
         with service_errors():
-            if kind == "sft":
-                try:
-                    return await run_in_threadpool(exchange.import_sft_lines, _pg(request).db, user, spool)
-                except exchange.ImportBusy as e:
-                    raise HTTPException(409, str(e)) from None
             try:
-                text = spool.read().decode("utf-8")
-            except UnicodeDecodeError:
-                raise HTTPException(422, "the file is not UTF-8 text")
-            return await run_in_threadpool(exchange.import_jsonl, _pg(request).db, user, kind, text, name)
+                return await run_in_threadpool(exchange.import_lines, _pg(request).db, user, kind, spool, name)
+            except exchange.ImportBusy as e:
+                raise HTTPException(409, str(e)) from None
     finally:
         spool.close()
 

@@ -11,7 +11,7 @@ apply_runtime_env()  # the app's OMP settings, before any benchmark imports torc
 
 def main() -> None:
     if len(sys.argv) < 2 or sys.argv[1].startswith("-"):
-        sys.exit("usage: python -m backend.bench NAME [options]   (NAME: serve, decode, bpe, labels, pretrain, train, chat, tool_sft, grpo)")
+        sys.exit("usage: python -m backend.bench NAME [options]   (NAME: serve, decode, bpe, labels, pretrain, train, chat, tool_sft, grpo, hardening)")
     name = sys.argv[1]
     try:
         module = import_module(f"backend.bench.{name}")

@@ -130,20 +130,27 @@ def serve_peer(port: int, db_path: str) -> None:
 
 # ---- load: one client for both servers -------------------------------------------------------------
 
-async def annotate(base: str, keys: list[str], set_id: int, rounds: int, think: float = 0.0):
-    """Every key is one annotator: next item, submit its candidates in reverse, pause; `rounds` times.
+async def annotate(base: str, keys: list[str], set_id: int, rounds: int, think: float = 0.0,
+                   stop: asyncio.Event | None = None):
+    """Every key is one annotator: next item, submit its candidates in reverse, pause; `rounds` times, or
+    until `stop` is set or the server stops answering (bench hardening kills it).
     Returns (submit latencies, acknowledged (key, item_id, order), wall seconds)."""
     latencies, acked = [], []
 
     async def annotator(key: str):
         async with httpx.AsyncClient(base_url=base, timeout=60, headers={"Authorization": f"Bearer {key}"}) as c:
             for _ in range(rounds):
-                item = (await c.get("/api/rankings/next", params={"set_id": set_id})).json()
-                if item.get("done"):
+                if stop is not None and stop.is_set():
                     return
-                order = [x["id"] for x in item["candidates"]][::-1]
-                t = time.perf_counter()
-                r = await c.post(f"/api/rankings/items/{item['item_id']}", json={"order": order})
+                try:
+                    item = (await c.get("/api/rankings/next", params={"set_id": set_id})).json()
+                    if item.get("done"):
+                        return
+                    order = [x["id"] for x in item["candidates"]][::-1]
+                    t = time.perf_counter()
+                    r = await c.post(f"/api/rankings/items/{item['item_id']}", json={"order": order})
+                except httpx.TransportError:  # the server is gone: what it acknowledged is in `acked`
+                    return
                 latencies.append(time.perf_counter() - t)
                 if r.status_code == 200:
                     acked.append((key, item["item_id"], order))

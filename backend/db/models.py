@@ -102,6 +102,8 @@ class RankingSet(Base):
     annotators_per_item: Mapped[int] = mapped_column(Integer, default=1)
     created_by: Mapped[int | None] = mapped_column(ForeignKey("users.id"), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # "open", or "importing" while an import stages it: hidden from lists, queues and exports (migration 0008)
+    status: Mapped[str] = mapped_column(String(16), default="open", server_default="open")
     items: Mapped[list["RankingItem"]] = relationship(back_populates="set", order_by="RankingItem.position")
 
 

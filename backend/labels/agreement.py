@@ -72,14 +72,12 @@ CONSENSUS = {"borda": borda, "ranked_pairs": ranked_pairs}
 
 def set_agreement(db: Database, set_id: int, method: str = "borda") -> dict:
     """Per item: consensus and mean pairwise tau; per annotator: mean tau against the others' consensus."""
-    from backend.labels.rankings import rankings_for_set
+    from backend.labels.rankings import open_set, rankings_for_set
     if method not in CONSENSUS:
         raise ValueError(f"method must be one of {', '.join(CONSENSUS)}")
     consensus_of = CONSENSUS[method]
-    from backend.db.models import RankingSet
     with db.read() as s:
-        if s.get(RankingSet, set_id) is None:
-            raise LookupError(f"no ranking set {set_id}")
+        open_set(s, set_id)
         rows = rankings_for_set(s, set_id)
         by_item: dict = defaultdict(list)
         prompts = {}

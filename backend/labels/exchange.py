@@ -8,29 +8,30 @@
                    "all_bad": bool, "annotator": str, "set_id": int, "item_id": int}
 
 Imports take the same shapes. One bad line refuses the whole file with each bad line's number and reason.
-SFT imports are read line by line and written in batches of STAGE_BATCH rows, each its own short
-transaction, as hidden ("importing") demos; only when every line is good are they published with one
-UPDATE. So annotators' writes wait at most one batch behind an import, never the whole file, and a
-refused or interrupted import leaves nothing visible (`drop_staged` clears leftovers at start).
-Ranking and preference imports are still checked whole and written in one transaction.
+Every kind is read line by line and written in batches of STAGE_BATCH rows, each its own short
+transaction, hidden: SFT rows as "importing" demos, rankings and preferences as items of "importing"
+ranking sets (one per K). Only when every line is good are they published with one short UPDATE. So
+annotators' writes wait at most one batch behind an import, never the whole file, and a refused or
+interrupted import leaves nothing visible (`drop_staged` clears a killed one's leftovers at start).
 """
 from __future__ import annotations
 
 import json
-from itertools import combinations
-
+import logging
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from itertools import combinations
 
 from sqlalchemy import delete, func, select, update
 
 from backend.db import Database
-from backend.db.models import SFTDemo, SFTVersion
+from backend.db.models import Candidate, Ranking, RankingItem, RankingSet, SFTDemo, SFTVersion
 from backend.labels import rankings as rk
 from backend.labels.review import STATES as REVIEW_STATES
 from backend.labels.messages import flatten, validate_messages
 from backend.users import CurrentUser
 
+log = logging.getLogger(__name__)
 KINDS = ("sft", "preferences", "rankings")
 MAX_ERRORS = 50
 
@@ -105,23 +106,30 @@ def to_jsonl(rows: list[dict]) -> str:
 
 # ---- imports ---------------------------------------------------------------------------------
 
-def _parse_lines(text: str) -> tuple[list[tuple[int, dict]], list[tuple[int, str]]]:
-    rows, errors = [], []
-    for n, line in enumerate(text.splitlines(), start=1):
+def _read_rows(kind: str, lines: Iterable[bytes | str], errors: list[tuple[int, str]]) -> Iterator[tuple]:
+    """Check a JSONL file line by line: yield each good row's checked form (_check_row), and append
+    (line number, reason) to `errors` for each bad one; stops after MAX_ERRORS bad lines."""
+    for n, raw in enumerate(lines, start=1):
+        try:
+            line = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+        except UnicodeDecodeError:
+            errors.append((n, "not UTF-8 text"))
+            continue
         if not line.strip():
             continue
         try:
             obj = json.loads(line)
+            if not isinstance(obj, dict):
+                raise ValueError("each line must be a JSON object")
+            checked = _check_row(kind, obj)
         except json.JSONDecodeError as e:
             errors.append((n, f"not valid JSON ({e.msg} at column {e.colno})"))
-            continue
-        if not isinstance(obj, dict):
-            errors.append((n, "each line must be a JSON object"))
-            continue
-        rows.append((n, obj))
-    if not rows and not errors:
-        errors.append((0, "the file has no rows"))
-    return rows, errors
+        except ValueError as e:
+            errors.append((n, str(e)))
+        else:
+            yield checked
+        if len(errors) >= MAX_ERRORS:
+            return
 
 
 def _turn_text(value, role: str, field: str) -> str:
@@ -168,8 +176,8 @@ def _check_row(kind: str, obj: dict):
     return prompt, cands, ranking, bool(obj.get("all_bad", False))
 
 
-STAGE_BATCH = 50  # demos per short write transaction while an SFT import is staged
-STAGED = "importing"  # the status of a staged, not yet published, imported demo
+STAGE_BATCH = 50  # rows per short write transaction while an import is staged
+STAGED = "importing"  # the status of staged, not yet published, imported demos and ranking sets
 _import_lock = threading.Lock()
 
 
@@ -177,71 +185,150 @@ class ImportBusy(RuntimeError):
     """Another import is being staged (one at a time: each publishes exactly its own rows)."""
 
 
-def import_sft_lines(db: Database, user: CurrentUser, lines: Iterable[bytes | str]) -> dict:
-    """Stream an SFT JSONL import: check each line, stage good rows in batches, publish all or nothing."""
+def import_lines(db: Database, user: CurrentUser, kind: str, lines: Iterable[bytes | str], name: str = "import") -> dict:
+    """Stream a JSONL import of any kind: check each line, stage good rows hidden in batches, publish all or nothing.
+
+    A refused or failed import drops what it staged; a killed one leaves it hidden until `drop_staged`."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {', '.join(KINDS)}, not {kind!r}")
     if not _import_lock.acquire(blocking=False):
         raise ImportBusy("another import is running; try again when it has finished")
+    stager = _SFTStager(db, user) if kind == "sft" else _RankingStager(db, user, kind, name)
     try:
         errors: list[tuple[int, str]] = []
-        staged: list[int] = []
-        batch: list = []
         rows = 0
-        for n, raw in enumerate(lines, start=1):
-            try:
-                line = raw.decode("utf-8") if isinstance(raw, bytes) else raw
-            except UnicodeDecodeError:
-                errors.append((n, "not UTF-8 text"))
-                continue
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-                if not isinstance(obj, dict):
-                    raise ValueError("each line must be a JSON object")
-                checked = _check_row("sft", obj)  # (messages, review state)
-            except json.JSONDecodeError as e:
-                errors.append((n, f"not valid JSON ({e.msg} at column {e.colno})"))
-            except ValueError as e:
-                errors.append((n, str(e)))
-            else:
-                rows += 1
-                if not errors:  # after the first bad line, only check (to report), never write
-                    batch.append(checked)
-                    if len(batch) >= STAGE_BATCH:
-                        staged += _stage(db, user, batch)
-                        batch = []
-            if len(errors) >= MAX_ERRORS:
-                break
+        for row in _read_rows(kind, lines, errors):
+            rows += 1
+            if not errors:  # after the first bad line, only check (to report), never write
+                stager.add(row)
         if not rows and not errors:
             errors.append((0, "the file has no rows"))
         if errors:
-            _drop(db, staged)
             raise ImportRefused(sorted(errors)[:MAX_ERRORS])
-        staged += _stage(db, user, batch)
-        with db.session() as s:  # publish: one short UPDATE makes every row visible at once
-            # ids, not a list (a 50 MB file stages ~10^5 rows): one import runs at a time (_import_lock)
-            # and leftovers of an interrupted one are dropped at start, so the staged rows in range are ours.
-            s.execute(update(SFTDemo).where(SFTDemo.id.between(min(staged), max(staged)), SFTDemo.status == STAGED,
-                                            SFTDemo.user_id == user.id).values(status="submitted"))
-        return {"kind": "sft", "rows": rows}
+        stager.flush()
+        return {"kind": kind, "rows": rows, **stager.publish()}
+    except BaseException:  # refused, or the reader failed (a client gone, a disk error): leave nothing behind
+        try:
+            stager.drop()
+        except Exception:  # the next start's drop_staged removes the rest
+            log.exception("could not drop a failed import's staged rows")
+        raise
     finally:
         _import_lock.release()
 
 
-def _stage(db: Database, user: CurrentUser, batch: list) -> list[int]:
-    if not batch:
-        return []
-    with db.session() as s:
+def import_jsonl(db: Database, user: CurrentUser, kind: str, text: str, name: str = "import") -> dict:
+    """import_lines over a string (tests, small files)."""
+    return import_lines(db, user, kind, text.splitlines(), name)
+
+
+class _Stager:
+    """Writes checked rows hidden, STAGE_BATCH at a time, each batch its own short transaction (so
+    annotators' writes wait at most one batch); `publish` shows them all with one short UPDATE."""
+
+    def __init__(self, db: Database, user: CurrentUser):
+        self.db, self.user, self.batch = db, user, []
+
+    def add(self, row) -> None:
+        self.batch.append(row)
+        if len(self.batch) >= STAGE_BATCH:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.batch:
+            with self.db.session() as s:
+                self.write(s, self.batch)
+            self.batch = []
+
+    def write(self, s, batch: list) -> None:
+        """Stage one batch inside transaction `s`."""
+        raise NotImplementedError
+
+    def publish(self) -> dict:
+        """Make every staged row visible at once; returns what the import's answer adds."""
+        raise NotImplementedError
+
+    def drop(self) -> None:
+        """Delete what was staged, in short transactions (rows not yet flushed were never written)."""
+        raise NotImplementedError
+
+
+class _SFTStager(_Stager):
+    """Each row (messages, review state) becomes a demo with status STAGED and its first version."""
+
+    def __init__(self, db, user):
+        super().__init__(db, user)
+        self.ids: list[int] = []
+
+    def write(self, s, batch):
         # The messages go into the version only: the demo row stays small, so publishing (an UPDATE that
         # rewrites every staged row) takes milliseconds, not the ~1 s it took with the messages in it too.
-        demos = [SFTDemo(user_id=user.id, status=STAGED, messages=[], review=review) for _, review in batch]
+        demos = [SFTDemo(user_id=self.user.id, status=STAGED, messages=[], review=review) for _, review in batch]
         s.add_all(demos)
         s.flush()
-        s.add_all([SFTVersion(demo_id=d.id, version=1, messages=m, user_id=user.id) for d, (m, _) in zip(demos, batch)])
-        return [d.id for d in demos]
+        s.add_all([SFTVersion(demo_id=d.id, version=1, messages=m, user_id=self.user.id) for d, (m, _) in zip(demos, batch)])
+        self.ids += [d.id for d in demos]
+
+    def publish(self):
+        with self.db.session() as s:
+            # ids, not a list (a 50 MB file stages ~10^5 rows): one import runs at a time (_import_lock)
+            # and leftovers of an interrupted one are dropped at start, so the staged rows in range are ours.
+            s.execute(update(SFTDemo).where(SFTDemo.id.between(min(self.ids), max(self.ids)), SFTDemo.status == STAGED,
+                                            SFTDemo.user_id == self.user.id).values(status="submitted"))
+        return {}
+
+    def drop(self):
+        _drop_demos(self.db, self.ids)
 
 
-def _drop(db: Database, ids: list[int]) -> None:
+class _RankingStager(_Stager):
+    """Each row (prompt, candidates, ranking, all_bad) becomes an item of a new set per K (status STAGED),
+    ranked by the importing user."""
+
+    def __init__(self, db, user, kind: str, name: str):
+        super().__init__(db, user)
+        self.kind, self.name = kind, name
+        self.sets: dict[int, list[int]] = {}  # K -> [set id, next position]
+
+    def _set_for(self, s, k: int) -> list[int]:
+        if k not in self.sets:
+            base = f"{self.name} ({self.kind}, K={k})"
+            # Set names are unique: a second import of the same shape is numbered.
+            n = s.scalar(select(func.count()).select_from(RankingSet).where(RankingSet.name.startswith(base)))
+            rs = RankingSet(name=base if not n else f"{base} #{n + 1}", model="imported", k=k,
+                            created_by=self.user.id, status=STAGED)
+            s.add(rs)
+            s.flush()
+            self.sets[k] = [rs.id, 0]
+        return self.sets[k]
+
+    def write(self, s, batch):
+        items = []
+        for prompt, cands, _, _ in batch:
+            slot = self._set_for(s, len(cands))
+            items.append(RankingItem(set_id=slot[0], position=slot[1], prompt=prompt))
+            slot[1] += 1
+        s.add_all(items)
+        s.flush()
+        cands = [[Candidate(item_id=it.id, position=j, text=c, source="imported") for j, c in enumerate(row[1])]
+                 for it, row in zip(items, batch)]
+        s.add_all([c for cs in cands for c in cs])
+        s.flush()
+        s.add_all([Ranking(item_id=it.id, user_id=self.user.id, order=[cs[i].id for i in ranking], all_bad=all_bad)
+                   for it, cs, (_, _, ranking, all_bad) in zip(items, cands, batch)])
+
+    def publish(self):
+        ids = [set_id for set_id, _ in self.sets.values()]
+        with self.db.session() as s:  # at most one set per K: a tiny UPDATE however big the import
+            s.execute(update(RankingSet).where(RankingSet.id.in_(ids)).values(status=rk.OPEN))
+        return {"set_ids": sorted(ids)}
+
+    def drop(self):
+        for set_id, _ in self.sets.values():
+            _drop_set(self.db, set_id)
+
+
+def _drop_demos(db: Database, ids: list[int]) -> None:
     for i in range(0, len(ids), STAGE_BATCH):
         chunk = ids[i:i + STAGE_BATCH]
         with db.session() as s:
@@ -249,54 +336,28 @@ def _drop(db: Database, ids: list[int]) -> None:
             s.execute(delete(SFTDemo).where(SFTDemo.id.in_(chunk), SFTDemo.status == STAGED))
 
 
+def _drop_set(db: Database, set_id: int) -> None:
+    """Delete a staged set a batch of items at a time (one big cascading DELETE would hold the write lock)."""
+    while True:
+        with db.session() as s:
+            if s.scalar(select(RankingSet.status).where(RankingSet.id == set_id)) != STAGED:
+                return  # gone, or published: never delete what annotators can see
+            chunk = list(s.scalars(select(RankingItem.id).where(RankingItem.set_id == set_id).limit(STAGE_BATCH)))
+            if not chunk:
+                s.execute(delete(RankingSet).where(RankingSet.id == set_id))
+                return
+            s.execute(delete(Ranking).where(Ranking.item_id.in_(chunk)))
+            s.execute(delete(Candidate).where(Candidate.item_id.in_(chunk)))
+            s.execute(delete(RankingItem).where(RankingItem.id.in_(chunk)))
+
+
 def drop_staged(db: Database) -> int:
-    """Remove demos an interrupted import left staged (called when the server starts); returns how many."""
+    """Remove what an interrupted import left staged (called when the server starts); returns how many
+    demos and sets it removed."""
     with db.read() as s:
-        ids = list(s.scalars(select(SFTDemo.id).where(SFTDemo.status == STAGED)))
-    _drop(db, ids)
-    return len(ids)
-
-
-def import_jsonl(db: Database, user: CurrentUser, kind: str, text: str, name: str = "import") -> dict:
-    """Validate every line, then write all of it (or nothing); SFT goes through import_sft_lines."""
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {', '.join(KINDS)}, not {kind!r}")
-    if kind == "sft":
-        return import_sft_lines(db, user, text.splitlines())
-    rows, errors = _parse_lines(text)
-    checked = []
-    for n, obj in rows:
-        try:
-            checked.append(_check_row(kind, obj))
-        except ValueError as e:
-            errors.append((n, str(e)))
-    if errors:
-        raise ImportRefused(sorted(errors)[:MAX_ERRORS])
-    return _import_rankings(db, user, kind, checked, name)
-
-
-def _import_rankings(db: Database, user: CurrentUser, kind: str, checked: list, name: str) -> dict:
-    """Each imported ranking becomes an item of a new set (grouped by K), ranked by the importing user."""
-    from backend.db.models import Candidate, Ranking, RankingItem, RankingSet
-    by_k: dict[int, list] = {}
-    for row in checked:
-        by_k.setdefault(len(row[1]), []).append(row)
-    set_ids = []
-    with db.session() as s:
-        for k, group in sorted(by_k.items()):
-            base = f"{name} ({kind}, K={k})"
-            # Set names are unique: a second import of the same shape is numbered.
-            n = s.scalar(select(func.count()).select_from(RankingSet).where(RankingSet.name.startswith(base)))
-            rs = RankingSet(name=base if not n else f"{base} #{n + 1}", model="imported", k=k, created_by=user.id)
-            s.add(rs)
-            s.flush()
-            set_ids.append(rs.id)
-            for pos, (prompt, cands, ranking, all_bad) in enumerate(group):
-                item = RankingItem(set_id=rs.id, position=pos, prompt=prompt)
-                s.add(item)
-                s.flush()
-                cs = [Candidate(item_id=item.id, position=j, text=c, source="imported") for j, c in enumerate(cands)]
-                s.add_all(cs)
-                s.flush()
-                s.add(Ranking(item_id=item.id, user_id=user.id, order=[cs[i].id for i in ranking], all_bad=all_bad))
-    return {"kind": kind, "rows": len(checked), "set_ids": set_ids}
+        demos = list(s.scalars(select(SFTDemo.id).where(SFTDemo.status == STAGED)))
+        sets = list(s.scalars(select(RankingSet.id).where(RankingSet.status == STAGED)))
+    _drop_demos(db, demos)
+    for set_id in sets:
+        _drop_set(db, set_id)
+    return len(demos) + len(sets)

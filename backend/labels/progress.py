@@ -4,14 +4,13 @@ from __future__ import annotations
 from sqlalchemy import func, select
 
 from backend.db import Database
-from backend.db.models import Ranking, RankingItem, RankingSet, User
+from backend.db.models import Ranking, RankingItem, User
+from backend.labels.rankings import open_set
 
 
 def set_progress(db: Database, set_id: int) -> dict:
     with db.read() as s:
-        rs = s.get(RankingSet, set_id)
-        if rs is None:
-            raise LookupError(f"no ranking set {set_id}")
+        rs = open_set(s, set_id)
         n_items = s.scalar(select(func.count()).where(RankingItem.set_id == set_id))
         ranked = (select(RankingItem.id, func.count(Ranking.id).filter(Ranking.skipped.is_(False)).label("n"))
                   .outerjoin(Ranking, Ranking.item_id == RankingItem.id).where(RankingItem.set_id == set_id)

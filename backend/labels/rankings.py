@@ -2,6 +2,8 @@
 
 A ranking orders candidate ids best to worst. Each (item, annotator) has one row; revisiting changes
 it and bumps its revision. An item is done when `annotators_per_item` people ranked it (skips don't count).
+Only OPEN sets exist for everyone here: a set an import is still staging (status "importing",
+backend/labels/exchange.py) is in no list, queue, item lookup, submit, export or agreement.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from backend.db.models import Candidate, Ranking, RankingItem, RankingSet, User,
 from backend.users import CurrentUser
 
 K_MIN, K_MAX = 4, 9  # candidates sampled per prompt
+OPEN = "open"  # RankingSet.status of a visible set
 MAX_PROMPT = 20_000
 
 
@@ -50,6 +53,14 @@ def create_set(db: Database, user: CurrentUser, name: str, prompts: list[str], c
         return _store_set(db, user, name, prompts, candidates, model, temperature, annotators_per_item, k)
     except IntegrityError:  # another request took the name meanwhile (the unique constraint decides)
         raise ValueError(f"name: a ranking set named {name!r} already exists; pick another name") from None
+
+
+def open_set(s, set_id: int) -> RankingSet:
+    """The set, for readers (progress, agreement); LookupError when there is none or it is still importing."""
+    rs = s.get(RankingSet, set_id)
+    if rs is None or rs.status != OPEN:
+        raise LookupError(f"no ranking set {set_id}")
+    return rs
 
 
 def _set_named(db: Database, name: str) -> int | None:
@@ -94,11 +105,12 @@ def list_sets(db: Database) -> list[dict]:
         return [{"id": r.id, "name": r.name, "model": r.model, "temperature": r.temperature, "k": r.k,
                  "annotators_per_item": r.annotators_per_item, "items": counts.get(r.id, 0),
                  "created_at": r.created_at.isoformat()}
-                for r in s.scalars(select(RankingSet).order_by(RankingSet.id))]
+                for r in s.scalars(select(RankingSet).where(RankingSet.status == OPEN).order_by(RankingSet.id))]
 
 
 # Tables for the hot paths below (Core, not ORM: these run on every annotator click).
 I, S, C, R = RankingItem.__table__, RankingSet.__table__, Candidate.__table__, Ranking.__table__
+IS_OPEN = S.c.status == OPEN
 
 
 def _item_payload(conn, item, user: CurrentUser) -> dict:
@@ -113,7 +125,8 @@ def _item_payload(conn, item, user: CurrentUser) -> dict:
 
 
 def _items_query():
-    return select(I.c.id, I.c.set_id, I.c.position, I.c.prompt, S.c.name, S.c.annotators_per_item).join(S, S.c.id == I.c.set_id)
+    return (select(I.c.id, I.c.set_id, I.c.position, I.c.prompt, S.c.name, S.c.annotators_per_item)
+            .join(S, S.c.id == I.c.set_id).where(IS_OPEN))
 
 
 # Built once per shape: constructing a Core statement costs about as much as SQLite takes to run it.
@@ -124,7 +137,7 @@ def _next_item_query(one_set: bool):
     # One round trip: the item joined with its candidates; the user has no ranking of it yet by construction.
     mine = exists().where(R.c.item_id == I.c.id, R.c.user_id == bindparam("user_id"))
     ranked = select(func.count()).where(R.c.item_id == I.c.id, R.c.skipped.is_(False)).correlate(I).scalar_subquery()
-    first = select(I.c.id).join(S, S.c.id == I.c.set_id).where(~mine, ranked < S.c.annotators_per_item)
+    first = select(I.c.id).join(S, S.c.id == I.c.set_id).where(IS_OPEN, ~mine, ranked < S.c.annotators_per_item)
     if one_set:
         first = first.where(I.c.set_id == bindparam("set_id"))
     first = first.order_by(I.c.set_id, I.c.position).limit(1).scalar_subquery()
@@ -152,7 +165,8 @@ def get_item(db: Database, user: CurrentUser, item_id: int) -> dict:
         return _item_payload(conn, item, user)
 
 
-_CANDIDATE_IDS = select(C.c.id).where(C.c.item_id == bindparam("item_id"))
+_CANDIDATE_IDS = (select(C.c.id).join(I, I.c.id == C.c.item_id).join(S, S.c.id == I.c.set_id)
+                  .where(C.c.item_id == bindparam("item_id"), IS_OPEN))
 
 
 @cache
@@ -205,7 +219,8 @@ def submit(db: Database, user: CurrentUser, item_id: int, order: list[int] | Non
 
 def my_rankings(db: Database, user: CurrentUser, set_id: int | None = None) -> list[dict]:
     with db.read() as s:
-        q = select(Ranking, RankingItem).join(RankingItem).where(Ranking.user_id == user.id).order_by(Ranking.updated_at.desc())
+        q = (select(Ranking, RankingItem).join(RankingItem).join(RankingSet)
+             .where(Ranking.user_id == user.id, RankingSet.status == OPEN).order_by(Ranking.updated_at.desc()))
         if set_id is not None:
             q = q.where(RankingItem.set_id == set_id)
         return [{"item_id": it.id, "set_id": it.set_id, "prompt": it.prompt[:200], "order": r.order,
@@ -216,7 +231,8 @@ def my_rankings(db: Database, user: CurrentUser, set_id: int | None = None) -> l
 def rankings_for_set(s, set_id: int | None = None) -> list[tuple[RankingItem, Ranking, str]]:
     """(item, ranking, annotator name) for every non-skipped full ranking; used by agreement and exports."""
     q = (select(RankingItem, Ranking, User.name).join(Ranking, Ranking.item_id == RankingItem.id)
-         .join(User, User.id == Ranking.user_id).where(Ranking.skipped.is_(False))
+         .join(RankingSet, RankingSet.id == RankingItem.set_id).join(User, User.id == Ranking.user_id)
+         .where(Ranking.skipped.is_(False), RankingSet.status == OPEN)
          .order_by(RankingItem.set_id, RankingItem.position, Ranking.user_id))
     if set_id is not None:
         q = q.where(RankingItem.set_id == set_id)

@@ -7,6 +7,7 @@ from sqlalchemy import func, select
 
 from backend.db import Database
 from backend.db.models import Candidate, SFTDemo, SFTVersion, User, utcnow
+from backend.labels.rankings import OPEN
 from backend.labels.messages import validate_messages
 from backend.users import CurrentUser
 
@@ -71,7 +72,7 @@ def flag_candidate(db: Database, user: CurrentUser, candidate_id: int, flag: str
         raise ValueError(f"flag must be one of {', '.join(FLAGS)}, not {flag!r}")
     with db.session() as s:
         c = s.get(Candidate, candidate_id)
-        if c is None:
+        if c is None or c.item.set.status != OPEN:  # a set an import is staging is not there yet
             raise LookupError(f"no candidate {candidate_id}")
         flags = [f for f in (c.flags or []) if f != flag] + ([flag] if on else [])
         c.flags = sorted(flags)
