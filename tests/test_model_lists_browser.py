@@ -31,12 +31,34 @@ def server(tmp_path_factory):
 
 
 def options(page, elem_id: str) -> list[str]:
-    page.locator(f"#{elem_id} input").click()
-    opts = page.get_by_role("option")
-    opts.first.wait_for(timeout=10_000)
+    """The names a dropdown offers. Gradio opens the list on focus: a list re-rendered by a refresh while it had
+    the focus stays shut, so blur it and click again."""
+    box = page.locator(f"#{elem_id} input")
+    opts = page.locator("[role=option]:visible")  # the open list's (another tab may hold hidden options)
+    for attempt in range(3):
+        box.blur()
+        box.click()
+        try:
+            opts.first.wait_for(timeout=5_000)
+            break
+        except playwright_api.Error:
+            if attempt == 2:
+                raise
     names = [t.replace("✓", "").strip() for t in opts.all_inner_texts()]  # the selected one carries a tick
     page.keyboard.press("Escape")
     return names
+
+
+def offered(page, elem_id: str, name: str, timeout_s: float = 20.0) -> list[str]:
+    """The dropdown's options once `name` is among them (the tab switch's refresh arrives a moment after the
+    switch), or as they are at the deadline."""
+    import time
+    deadline = time.monotonic() + timeout_s
+    while True:
+        names = options(page, elem_id)
+        if any(o.startswith(name) for o in names) or time.monotonic() > deadline:
+            return names
+        page.wait_for_timeout(300)
 
 
 def test_a_model_registered_while_the_app_runs_is_offered_and_answers(server):
@@ -46,8 +68,8 @@ def test_a_model_registered_while_the_app_runs_is_offered_and_answers(server):
         assert "first" in before and "newbie" not in before and "judge" not in before  # judge only scores
         register_scripted(server.data, "newbie", [NEW], {"\n": NEW, NEW: "<|im_end|>"}, tools=False)
         page.get_by_role("tab", name="Generate", exact=True).click()  # switching tabs refreshes every model list
-        assert any(o.startswith("newbie") for o in options(page, "gen-model"))
-        assert not any(o.startswith("judge") for o in options(page, "gen-model"))
+        listed = offered(page, "gen-model", "newbie")
+        assert any(o.startswith("newbie") for o in listed) and not any(o.startswith("judge") for o in listed)
         page.get_by_role("tab", name="Chat", exact=True).click()
         page.locator("#chat-model input").click()
         page.get_by_role("option", name=re.compile("^newbie$")).click()
