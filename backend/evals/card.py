@@ -10,7 +10,7 @@ Each row is {"key", "label", "unit", "value" (None: n/a), "n", "detail", "note"?
   tool_calls    held-out tool questions (backend/datasets/tool_use.py split "heldout", every kind but identity)
   tool_answers  through the real tool loop (backend.tool_loop.run_turn, python sandbox and search index),
                 scored as backend/bench/tool_sft.py scores them: a call the loop accepts; the right answer
-  idk           questions nobody can answer (backend/evals/data/unknowns.jsonl: private, future, fictional):
+  idk           questions nobody can answer (backend/evals/unknowns.jsonl: private, future, fictional):
                 the share of answers that say so ("I don't know", "no information", "fictional"...)
   identity      held-out identity phrasings ("Who are you?"): the share of answers that say what the model is:
                 Playground Assistant (what the bundled identity conversations teach), SmolLM or Hugging Face
@@ -43,7 +43,7 @@ PROBLEM_SEED = 1337 + 99991     # the GRPO trainer's held-out problems (seed + 9
 TOOL_SEED = 1                   # any seed: the held-out split shares no key with training
 TEXT_CHARS = 1000               # characters of held-out text per scored window
 VAL_FRACTION = 0.05             # the pretraining default: the corpus's last 5% is its validation split
-UNKNOWNS = Path(__file__).resolve().parent / "data" / "unknowns.jsonl"
+UNKNOWNS = Path(__file__).with_name("unknowns.jsonl")  # questions nobody can answer (private, future, made up)
 
 ROWS = [("problems", "Verifiable problems: held-out accuracy", "fraction"),
         ("tool_calls", "Tool questions: well-formed calls", "fraction"),
