@@ -146,7 +146,9 @@ def test_bad_input_is_refused_before_queueing(env, kind, config, error):
 
 def test_cli_refuses_a_reward_model_teacher_before_loading(env):
     app, _, _ = env
+    runs = lambda: sorted((app.data_dir / "runs").rglob("*"))  # noqa: E731
+    had = runs()
     r = subprocess.run([sys.executable, "-m", "backend.train", "distill", "--teacher", "rm", "--student", "student",
                         "--data-dir", str(app.data_dir)], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and "teacher: 'rm' is a reward model" in r.stderr, r.stderr
-    assert not (app.data_dir / "runs" / "distill").exists()
+    assert runs() == had  # no run started

@@ -108,7 +108,7 @@ def measure(engine, problems, cfg: DistillConfig, who: str, role: str) -> dict:
             "accuracy": round(sum(p.check(c.text) for p, c in zip(problems, comps)) / n, 4),
             "accuracy_lenient": round(sum(p.check(c.text, lenient=True) for p, c in zip(problems, comps)) / n, 4),
             "think_format": round(sum(format_ok(c.text) for c in comps) / n, 4),
-            "tokens": round(sum(len(c.token_ids) for c in comps) / n, 1), "problems": n}
+            "tokens": round(sum(len(c.token_ids) for c in comps) / n), "problems": n}  # mean answer length
 
 
 def run_distill(cfg: DistillConfig, ctx: JobContext) -> Outcome:

@@ -30,13 +30,21 @@ def serving(app):
             pool.unload(name)
 
 
+# Conversations per request batch: a remote engine sends one HTTP request per conversation at once, and a
+# server may cap a caller's requests in flight (this app's max_requests_per_user is 8 by default).
+CHUNK = 8
+
+
 def ask(engine, conversations: list[list[dict]], params, n: int = 1) -> list[list]:
-    """n completions of each conversation (one batch: the scheduler decodes them together)."""
+    """n completions of each conversation, CHUNK conversations at a time (the scheduler decodes them together)."""
     from dataclasses import replace
     if not params.stop_token_ids:
         params = replace(params, stop_token_ids=engine.default_stop_ids())
-    comps = engine.complete_batch([engine.chat_prompt(m) for m in conversations], params, n=n)
-    return [comps[i * n:(i + 1) * n] for i in range(len(conversations))]
+    out = []
+    for i in range(0, len(conversations), CHUNK):
+        comps = engine.complete_batch([engine.chat_prompt(m) for m in conversations[i:i + CHUNK]], params, n=n)
+        out += [comps[j * n:(j + 1) * n] for j in range(len(comps) // n)]
+    return out
 
 
 def freeze(app, kind: str, rows: list[dict], name: str, meta: dict) -> dict:
@@ -66,7 +74,7 @@ def train_on(kind: str, sft_cfg, ctx: JobContext, snapshot_hash: str, describe: 
 def format_table(table: list[dict]) -> str:
     """Rows of {column: value} as aligned text (the CLI prints it; the job's log shows it)."""
     cols = list(table[0])
-    cell = lambda v: f"{v:.0%}" if isinstance(v, float) else str(v)  # noqa: E731 (rates as percentages)
+    cell = lambda v: f"{v:.0%}" if isinstance(v, float) else ("-" if v is None else str(v))  # noqa: E731 (rates: floats)
     width = {c: max(len(c), *(len(cell(r[c])) for r in table)) for c in cols}
     lines = ["  ".join(c.ljust(width[c]) for c in cols)]
     lines += ["  ".join(cell(r[c]).ljust(width[c]) for c in cols) for r in table]

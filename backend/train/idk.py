@@ -1,6 +1,6 @@
 """Teach a model to say "I don't know" for what it does not know (DEMOS 10; Llama 3's factuality recipe in small).
 
-    python -m backend.train idk --model smollm2-135m-instruct [--samples 4] [--max-steps 40]
+    python -m backend.train idk --model smollm2-135m-instruct [--samples 4] [--max-steps 24]
 
 1. Probe: each question of the bundled set with a known answer (backend/datasets/facts.py, split "probe") is
    asked n_samples times (temperature > 0) through the app's generation entry point; a question is *known*
@@ -35,9 +35,9 @@ class IDKConfig(SFTConfig):
     max_new_tokens: int = 32       # per answer (probe and measurement)
     known_threshold: float = 0.5   # a question is known when at least this share of its samples is right
     idk_answer: str = "I don't know."
-    # SFT: a small set (~80 examples), short rows, the parent's tokenizer
-    max_steps: int = 40
-    batch_size: int = 8
+    # SFT: ~85 short examples (~3,000 tokens): 4 rows of 128 tokens a step, 24 steps ~ 4 epochs
+    max_steps: int = 24
+    batch_size: int = 4
     seq_len: int = 128
     lr: float = 3e-5
     warmup_steps: int = 3
