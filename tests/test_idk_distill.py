@@ -152,3 +152,19 @@ def test_cli_refuses_a_reward_model_teacher_before_loading(env):
                         "--data-dir", str(app.data_dir)], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and "teacher: 'rm' is a reward model" in r.stderr, r.stderr
     assert runs() == had  # no run started
+
+
+def test_a_trace_is_kept_only_when_its_final_answer_is_right():
+    from backend.datasets.verifiable import Problem
+    from backend.train.distill import verified_turn
+    p = Problem("Sofia has 9 pears and gives away 2. How many pears are left?", "7", "totals")
+    assert verified_turn(p, "<think>9 - 2 = 7</think> The answer is 7.", False) == {
+        "role": "assistant", "thinking": "9 - 2 = 7", "content": "The answer is 7."}
+    assert verified_turn(p, "<think>9 - 2 = 7</think> The answer is 8.", False) is None  # wrong final answer
+    assert verified_turn(p, "<think>9 - 2 = 7", False) is None                          # no answer after a thought
+    # untagged: the whole reply is the thinking, the verified answer the clean answer (unless require_think)
+    assert verified_turn(p, "9 - 2 = 7. The answer is 7.", False)["content"] == "The answer is 7."
+    assert verified_turn(p, "9 - 2 = 7. The answer is 7.", True) is None
+    assert verified_turn(p, "So 9 - 2 = 7 pears are left.", False) is None              # states no answer...
+    assert verified_turn(p, "So 9 - 2 = 7 pears are left.", False, lenient=True)        # ...but ends on it
+    assert verified_turn(p, "So 9 - 2 = 6 pears are left.", False, lenient=True) is None

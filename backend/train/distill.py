@@ -9,8 +9,11 @@
    (`python -m backend.models add-remote`) that a bigger model behind vLLM or another server answers for.
 2. Each trace is checked: the final answer it states must be the problem's exact answer (the problem's own
    checker; every bundled problem has one, so no code needs to run). Only verified traces are kept, as
-   {"thinking", "content"} assistant turns (a trace without <think> tags keeps its whole text as the
-   thinking and "The answer is N." as the clean answer, unless require_think), frozen as a snapshot.
+   {"thinking", "content"} assistant turns, frozen as a snapshot. A trace without <think> tags (the bundled
+   135M model seldom writes them) keeps its whole text as the thinking and "The answer is N." as the clean
+   answer, unless require_think; with `lenient` (default) it is right when its last number is the answer, as
+   small models end "... so 9 - 2 = 7 pears are left." without "the answer is" (measured on the bundled
+   model, totals: 1 of 16 traces states the right answer, 5 of 16 end on it).
 3. The student is SFT-trained on them (backend/train/sft.py; tool_tokens makes <think> one token) and
    registered with lineage (student as parent, the snapshot, the job, and the teacher).
 4. Held-out problems, greedy: accuracy, format (<think> then an answer) and length of the student before and
@@ -37,14 +40,15 @@ class DistillConfig(SFTConfig):
     n_problems: int = 64           # problems the teacher answers
     n_samples: int = 2             # traces per problem
     temperature: float = 0.7       # of the teacher's traces
-    teacher_max_tokens: int = 160
+    teacher_max_tokens: int = 128
     require_think: bool = False    # keep only traces the teacher wrote in <think>...</think> form
+    lenient: bool = True           # a trace without tags that states no answer counts by its last number (word)
     n_heldout: int = 16            # held-out problems for the before/after table
-    eval_tokens: int = 160
-    # SFT of the student
-    max_steps: int = 40
-    batch_size: int = 8
-    seq_len: int = 384
+    eval_tokens: int = 128
+    # SFT of the student: a trace with R1's system prompt is ~150-250 tokens; 4 rows of 320 a step
+    max_steps: int = 20
+    batch_size: int = 4
+    seq_len: int = 320
     lr: float = 3e-5
     warmup_steps: int = 3
     eval_every: int = 10
@@ -85,15 +89,19 @@ def messages(question: str) -> list[dict]:
     return [{"role": "system", "content": THINK_SYSTEM}, {"role": "user", "content": question}]
 
 
-def verified_turn(problem, reply: str, require_think: bool) -> dict | None:
-    """The assistant turn {"thinking", "content"} of a trace whose stated final answer is right, else None."""
-    if not problem.check(reply):
-        return None
+def verified_turn(problem, reply: str, require_think: bool, lenient: bool = False) -> dict | None:
+    """The assistant turn {"thinking", "content"} of a right trace, else None. Right: "<think>...</think>
+    answer" whose answer states the problem's answer; without tags (unless require_think), a reply that states
+    it ("The answer is 7."), or with `lenient` one whose last number (word) is it ("... 9 - 2 = 7 pears left.")."""
     m = _THINK.fullmatch(reply)
     if m and "<think>" not in m.group(2):
+        if not problem.check(reply):
+            return None
         return {"role": "assistant", "thinking": m.group(1).strip(), "content": m.group(2).strip()}
     if require_think or "<think>" in reply or "</think>" in reply:
         return None  # tags, but not one well-formed thought then an answer
+    if not problem.check(reply, lenient=lenient):
+        return None
     return {"role": "assistant", "thinking": reply.strip(), "content": f"The answer is {problem.answer}."}
 
 
@@ -132,7 +140,7 @@ def run_distill(cfg: DistillConfig, ctx: JobContext) -> Outcome:
     for p, comps in zip(train, traces):
         for c in comps:
             written += 1
-            turn = verified_turn(p, c.text, cfg.require_think) if c.finish_reason == "stop" else None
+            turn = verified_turn(p, c.text, cfg.require_think, cfg.lenient) if c.finish_reason == "stop" else None
             if turn is None or (p.question, c.text) in seen:
                 continue
             seen.add((p.question, c.text))
