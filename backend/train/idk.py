@@ -10,7 +10,8 @@
 3. Train: the SFT trainer on that snapshot (backend/train/sft.py); the model is registered with lineage
    (parent, snapshot, job) under kind "idk".
 4. Measure on the held-out questions (split "heldout"), known or unknown to the parent by the same probe:
-   greedy answers before (the parent) and after (the new model): the share of refusals on unknowns (up),
+   greedy answers before (the parent) and after (the new model), each as the app serves it (the bundled model
+   decodes its own 4-bit blocks, a trained one its float weights): the share of refusals on unknowns (up),
    of right answers on knowns (kept), and of refusals on knowns (over-refusal). The table is stored with
    the model (lineage "idk"), in the run directory (result.json) and in the job (an event and log lines).
 
