@@ -52,10 +52,15 @@ def test_idk_cli_writes_refusals_for_what_the_model_gets_wrong(tmp_path):
     finally:
         db.close()
     probe = facts("probe")
-    assert [row["messages"][0]["content"] for row in rows] == [f.question for f in probe]
-    for f, row in zip(probe, rows):  # "Rome." is right only where Rome is the answer
+    asked = [row for row in rows if not row.get("repeat")]
+    assert [row["messages"][0]["content"] for row in asked] == [f.question for f in probe]
+    for f, row in zip(probe, asked):  # "Rome." is right only where Rome is the answer
         assert row["messages"][1]["content"] == ("Rome." if "Rome" in f.answers else "I don't know."), f.question
-    assert sum(row["known"] for row in rows) == 1 and lineage["idk"]["examples_idk"] == len(rows) - 1
+    assert sum(row["known"] for row in asked) == 1 and lineage["idk"]["examples_idk"] == len(probe) - 1
+    # balanced: the one known answer is repeated until the answers are as many as the refusals
+    repeats = [row for row in rows if row.get("repeat")]
+    assert len(repeats) == len(probe) - 2 and all(row["messages"][1]["content"] == "Rome." for row in repeats)
+    assert lineage["idk"]["examples_answer"] == lineage["idk"]["examples_idk"]
 
     before, after = lineage["idk"]["table"]
     assert (before["model"], before["when"], after["model"], after["when"]) == ("romer", "before", "romer-idk", "after")

@@ -36,6 +36,9 @@ class IDKConfig(SFTConfig):
     max_new_tokens: int = 32       # per answer (probe and measurement)
     known_threshold: float = 0.5   # a question is known when at least this share of its samples is right
     idk_answer: str = "I don't know."
+    # Measured on SmolLM2-135M without it (54 refusals, 31 answers, 10 steps): refusals on held-out unknowns
+    # 0% -> 92%, but on knowns too (0% -> 88%): "I don't know" for everything. Balanced, the answers weigh as much.
+    balance: bool = True
     # SFT: ~85 short examples (~3,000 tokens): 4 rows of 128 tokens a step, 24 steps ~ 4 epochs
     max_steps: int = 24
     batch_size: int = 4
@@ -134,13 +137,18 @@ def measure(engine, held: list[dict], cfg: IDKConfig, who: str, when: str) -> di
 
 
 def examples(probed: list[dict], cfg: IDKConfig) -> list[dict]:
-    """The SFT rows: "I don't know" for every unknown question, the model's right answer for every known one."""
+    """The SFT rows: "I don't know" for every unknown question, the model's right answer for every known one;
+    with `balance`, the known ones repeated (in order) until there are as many as unknown ones."""
     rows = []
     for p in probed:
         f = p["fact"]
         answer = cfg.idk_answer if not p["known"] else (p["best"] or f"{f.answers[0]}.")
         rows.append({"messages": [{"role": "user", "content": f.question}, {"role": "assistant", "content": answer}],
                      "known": p["known"], "samples_right": p["right"], "samples": cfg.n_samples})
+    known = [r for r in rows if r["known"]]
+    n_unknown = len(rows) - len(known)
+    if cfg.balance and known and len(known) < n_unknown:
+        rows += [{**known[i % len(known)], "repeat": True} for i in range(n_unknown - len(known))]
     return rows
 
 
@@ -159,7 +167,8 @@ def run_idk(cfg: IDKConfig, ctx: JobContext) -> Outcome:
     rows = examples(probed, cfg)
     n_unknown = sum(not p["known"] for p in probed)
     ctx.emit({"log": f"probe: {len(probed) - n_unknown} of {len(probed)} questions known, {n_unknown} answered "
-                     f"wrong -> {n_unknown} \"{cfg.idk_answer}\" examples", "step": 0})
+                     f"wrong -> {n_unknown} \"{cfg.idk_answer}\" examples, {len(rows) - n_unknown} answers"
+                     + (" (the known ones repeated to balance)" if len(rows) > len(probed) else ""), "step": 0})
     snap = freeze(ctx.app, "idk", rows, f"idk-{cfg.parent_model}"[:200],
                   {"parent_model": cfg.parent_model, "n_samples": cfg.n_samples, "temperature": cfg.temperature,
                    "known_threshold": cfg.known_threshold, "facts": cfg.facts})
@@ -173,7 +182,8 @@ def run_idk(cfg: IDKConfig, ctx: JobContext) -> Outcome:
     table = [before, after]
     out = record(ctx.app, out, ctx, "idk", table,
                  {"snapshot_hash": snap["hash"], "probe_questions": len(probed), "probe_unknown": n_unknown,
-                  "examples_idk": n_unknown, "examples_answer": len(rows) - n_unknown, "n_samples": cfg.n_samples,
+                  "probe_known": len(probed) - n_unknown, "examples_idk": n_unknown,
+                  "examples_answer": len(rows) - n_unknown, "n_samples": cfg.n_samples,
                   "heldout_questions": len(held)})
     return out
 
