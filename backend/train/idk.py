@@ -36,8 +36,8 @@ class IDKConfig(SFTConfig):
     max_new_tokens: int = 32       # per answer (probe and measurement)
     known_threshold: float = 0.5   # a question is known when at least this share of its samples is right
     idk_answer: str = "I don't know."
-    # Measured on SmolLM2-135M without it (54 refusals, 31 answers, 10 steps): refusals on held-out unknowns
-    # 0% -> 92%, but on knowns too (0% -> 88%): "I don't know" for everything. Balanced, the answers weigh as much.
+    # The answers weigh as much as the refusals. Measured on SmolLM2-135M, 10 steps: refusals on held-out
+    # unknowns 0% -> 92%, on knowns 0% -> 82% with balance, 88% without (54 refusals, 31 answers).
     balance: bool = True
     # SFT: ~85 short examples (~3,000 tokens): 4 rows of 128 tokens a step, 24 steps ~ 4 epochs
     max_steps: int = 24
