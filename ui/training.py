@@ -87,7 +87,17 @@ def _stats(job: dict) -> str:
         parts.append(f"model **{job['model']}** (in the Generate tab's list)")
     if job["error"]:
         parts.append(f"\n\n⚠ {job['error']}")
-    return " · ".join(parts)
+    return " · ".join(parts) + _table_md(s.get("table"))
+
+
+def _table_md(table) -> str:
+    """A demo's before/after table (idk, distill: backend/train/generated.py) under the job's line."""
+    if not isinstance(table, list) or not table or not isinstance(table[0], dict):
+        return ""
+    cols = list(table[0])
+    cell = lambda v: f"{v:.0%}" if isinstance(v, float) else ("–" if v is None else str(v))  # noqa: E731
+    return ("\n\n" + "| " + " | ".join(c.replace("_", " ") for c in cols) + " |\n|" + "---|" * len(cols) + "\n"
+            + "".join("| " + " | ".join(cell(r.get(c)) for c in cols) + " |\n" for r in table))
 
 
 def _progress_html(job: dict) -> str:

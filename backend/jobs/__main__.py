@@ -45,6 +45,9 @@ def watch(db: Database, job_id: int, poll: float = 1.0) -> dict:
         after = d["last_event_id"]
         if d["state"] in queue.FINISHED:
             print(_line(d), flush=True)
+            if d["summary"].get("table"):
+                from backend.train.generated import format_table
+                print(format_table(d["summary"]["table"]), flush=True)
             for step in d["progress"]["next"]:
                 print("  next: " + step.replace("**", ""), flush=True)
             return d

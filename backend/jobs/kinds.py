@@ -33,6 +33,8 @@ TRAINER_MODULES: list[str] = [
     "backend.train.dpo",
     "backend.train.grpo",
     "backend.train.rlhf",
+    "backend.train.idk",
+    "backend.train.distill",
     "backend.train.family",
     "backend.evals.job",
 ]

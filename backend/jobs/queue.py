@@ -301,6 +301,8 @@ def append_events(db: Database, job_id: int, worker: str, attempt: int, events: 
                                 if k in ev})
             elif kind == "info" and "done" in ev:
                 job.model = ev.get("model") or job.model
+            elif kind == "info" and isinstance(ev.get("table"), list):
+                summary["table"] = ev["table"]  # a demo's before/after table (backend/train/generated.py)
         job.summary = summary
     return True
 

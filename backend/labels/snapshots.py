@@ -30,6 +30,15 @@ def create_snapshot(db: Database, data_dir: Path, user: CurrentUser, kind: str, 
     rows = export(db, kind, set_id)
     if not rows:
         raise ValueError(f"nothing to snapshot: the {kind} export is empty")
+    return snapshot_rows(db, data_dir, kind, rows, name, {"set_id": set_id}, user.id, artifacts_url)
+
+
+def snapshot_rows(db: Database, data_dir: Path, kind: str, rows: list[dict], name: str = "", meta: dict | None = None,
+                  user_id: int | None = None, artifacts_url: str | None = None) -> dict:
+    """Freeze `rows` (an export, or rows a trainer wrote itself, e.g. the "I don't know" examples) into a
+    snapshot; the same rows give the same hash and the existing snapshot."""
+    if not rows:
+        raise ValueError(f"nothing to snapshot: no {kind} rows")
     data = to_jsonl(rows).encode()
     digest = hashlib.sha256(data).hexdigest()
     with db.session() as s:
@@ -51,7 +60,7 @@ def create_snapshot(db: Database, data_dir: Path, user: CurrentUser, kind: str, 
             os.chmod(tmp, 0o444)
             os.replace(tmp, path)  # the file appears whole or not at all
         row = Snapshot(name=name or f"{kind}-{digest[:8]}", kind=kind, content_hash=digest, path=str(path),
-                       rows=len(rows), meta={"set_id": set_id}, created_by=user.id)
+                       rows=len(rows), meta=meta or {}, created_by=user_id)
         s.add(row)
         s.flush()
         return _payload(row)

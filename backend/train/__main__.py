@@ -68,11 +68,51 @@ def _job_flags(p) -> None:
     p.add_argument("--stop-file", help=argparse.SUPPRESS)
 
 
+# Kinds whose config fields are also flags (--max-steps 40), with shorter names for the main ones.
+FLAG_KINDS = {
+    "idk": {"parent_model": "--model", "n_samples": "--samples"},
+    "distill": {"parent_model": "--student", "n_problems": "--problems", "n_samples": "--samples"},
+}
+
+
+def _field_flags(p, kind: str, aliases: dict[str, str]) -> None:
+    """A flag per scalar (or list of strings) field of the kind's config; unset flags leave the YAML's value."""
+    import dataclasses
+    import typing
+
+    from backend.jobs.kinds import get_trainer
+    cls = get_trainer(kind).config_cls
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp, names = hints[f.name], ["--" + f.name.replace("_", "-")]
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if type(None) in typing.get_args(tp) and len(args) == 1:
+            tp = args[0]  # "str | None": a str flag
+        if f.name in aliases:
+            names.insert(0, aliases[f.name])
+        kw = {"dest": f.name, "default": None}
+        if tp is bool:
+            p.add_argument(*names, action=argparse.BooleanOptionalAction, **kw)
+        elif tp in (int, float, str):
+            p.add_argument(*names, type=tp, **kw)
+        elif tp == list[str]:
+            p.add_argument(*names, nargs="+", **kw)
+
+
 def _registered_parsers(sub) -> None:
-    """Every other trainer kind registered in backend/jobs/kinds.py: its config from a YAML file."""
+    """Every other trainer kind registered in backend/jobs/kinds.py: its config from a YAML file (and, for
+    the kinds of FLAG_KINDS, from flags)."""
     from backend.jobs.kinds import get_trainer, kinds
     for kind in kinds(training_only=True):  # report cards: python -m backend.evals
         if kind == "pretrain":
+            continue
+        if kind in FLAG_KINDS:
+            p = sub.add_parser(kind, help=get_trainer(kind).description)
+            p.add_argument("--config", help=f"YAML file of {kind} config fields (flags override it)")
+            p.add_argument("--resume", action="store_true", help="continue the run's latest checkpoint")
+            p.add_argument("--data-dir", help="the app's data directory (default ./data or $PLAYGROUND_HOME)")
+            _field_flags(p, kind, FLAG_KINDS[kind])
+            _job_flags(p)
             continue
         p = sub.add_parser(kind, help=get_trainer(kind).description)
         p.add_argument("--config", help=f"YAML file of {kind} config fields (default: the config's defaults)")
@@ -95,6 +135,9 @@ def _run_registered(args, fields: dict, stop: threading.Event, emit) -> None:
         sys.exit(f"error: {e}")
     if _rank() == 0:
         print(f"done ({out.reason}) at step {out.step}; checkpoint {out.checkpoint}; model {out.model!r}", flush=True)
+        if out.summary.get("table"):
+            from backend.train.generated import format_table
+            print(format_table(out.summary["table"]), flush=True)
 
 
 def _rank() -> int:
@@ -145,6 +188,8 @@ def _overrides(pairs: list[str]) -> dict:
 
 
 def _print_event(ev: dict) -> None:
+    if "table" in ev:
+        return  # printed at the end, with the result
     if "sample" in ev:
         print(f"--- sample at step {ev['step']}: {ev['prompt']!r} ->\n{ev['sample']}\n---", flush=True)
     elif "lr" in ev and not {"loss", "tokens_per_s", "mfu", "elapsed"} <= ev.keys():
@@ -199,6 +244,11 @@ def main(argv: list[str] | None = None) -> None:
         if _rank() == 0:
             print(f"done ({result.reason}) at step {result.step}: loss {result.loss}, val bpb {result.val_bpb}; "
                   f"checkpoint {result.checkpoint}; model {result.model!r}", flush=True)
+    elif args.kind in FLAG_KINDS:
+        fields = _load_yaml(args.config)
+        fields.update({k: v for k, v in vars(args).items() if v is not None and k not in
+                       ("kind", "config", "data_dir", "resume", *job_keys)})
+        _run_registered(args, fields, stop, emit)
     else:
         _run_registered(args, {**_load_yaml(args.config), **_overrides(args.overrides)}, stop, emit)
 

@@ -93,6 +93,24 @@ def check_parent(cfg: FineTuneConfig, app: AppConfig) -> None:
         raise ValueError(f"dataset: {cfg.dataset!r} is neither 'bundled', 'snapshot' nor an existing .jsonl file")
 
 
+def check_chat_model(app: AppConfig, field: str, name: str, trainable: bool = True):
+    """Before loading anything: `name` is a registered chat model (not a reward model, not a base model) and,
+    when `trainable`, its weights are here (a remote model can write text, not be trained). Its spec."""
+    from models.registry import ROLE_WORDS, ModelRegistry
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{field}: name a registered model")
+    try:
+        spec = ModelRegistry(app).get(name)
+    except ValueError as e:
+        raise ValueError(f"{field}: {e}") from None
+    if spec.role != "chat":  # the registry's one notion of what a model is for (models/registry.py ModelSpec.role)
+        raise ValueError(f"{field}: {name!r} is {ROLE_WORDS[spec.role]}; name a chat model")
+    if trainable and spec.kind == "remote":
+        raise ValueError(f"{field}: {name!r} is served by another server ({spec.remote['base_url']}); "
+                         "its weights cannot be trained here")
+    return spec
+
+
 def default_name_for(kind: str):
     def default_name(cfg: FineTuneConfig, job_id: int) -> str:
         suffix = f"-j{job_id}"

@@ -217,10 +217,12 @@ def train_batches(train: list, cfg: SFTConfig, order_rng: random.Random):
         yield x, y, d
 
 
-def run_sft(cfg: SFTConfig, ctx: JobContext) -> Outcome:
+def run_sft(cfg: SFTConfig, ctx: JobContext, kind: str = "sft", describe: str | None = None) -> Outcome:
+    """`kind` and `describe`: a trainer that writes its own SFT snapshot first (idk, distill) trains through
+    here, its run directory and lineage under its own kind."""
     from backend.datasets import load_rows
     from backend.train.pretrain import amp_context
-    run = FineTuneRun("sft", cfg, ctx)
+    run = FineTuneRun(kind, cfg, ctx)
     try:
         torch.manual_seed(cfg.seed)
         parent, enc, spec = load_parent(run.app, cfg.parent_model, run.device)
@@ -248,7 +250,7 @@ def run_sft(cfg: SFTConfig, ctx: JobContext) -> Outcome:
         state = run.restore(opt)
         amp = amp_for(cfg, run.device, model.cfg.dim)
         order_rng = random.Random(cfg.seed + run.step)
-        run.emit({"step": run.step, "start": run.name, "kind": "sft", "parent_model": cfg.parent_model,
+        run.emit({"step": run.step, "start": run.name, "kind": kind, "parent_model": cfg.parent_model,
                   "tokenizer": tok_name, "vocab_size": model.cfg.vocab_size, "params": n_params,
                   "conversations": len(train), "held_out": len(val), "device": str(run.device),
                   "precision": str(amp or torch.float32), "packing": "block-diagonal" if cfg.pack else "one per row",
@@ -299,7 +301,7 @@ def run_sft(cfg: SFTConfig, ctx: JobContext) -> Outcome:
             check = protocol_check(final, enc, tok_name, cfg.protocol_check, cfg.seed)
             if check:
                 run.emit({"step": run.step, **check, "accuracy": check["tool_call_wellformed"]})
-        name = run.register(final, tok_name, f"SFT of {cfg.parent_model} on {cfg.dataset} data "
+        name = run.register(final, tok_name, f"{describe or f'SFT of {cfg.parent_model} on {cfg.dataset} data'} "
                             f"({run.step} steps{', LoRA r=%d' % cfg.lora_rank if cfg.lora_rank else ''})",
                             {"tokenizer": tok_name, "lora_rank": cfg.lora_rank, **check})
         run.emit({"step": run.step, "done": reason, "model": name, "final_loss": last_loss, **check})

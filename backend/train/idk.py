@@ -1,0 +1,193 @@
+"""Teach a model to say "I don't know" for what it does not know (DEMOS 10; Llama 3's factuality recipe in small).
+
+    python -m backend.train idk --model smollm2-135m-instruct [--samples 4] [--max-steps 10]
+
+1. Probe: each question of the bundled set with a known answer (backend/datasets/facts.py, split "probe") is
+   asked n_samples times (temperature > 0) through the app's generation entry point; a question is *known*
+   when at least known_threshold of the samples name the answer, else *unknown*.
+2. Write SFT examples: unknown questions answered "I don't know.", known ones with the model's own right
+   answer (its shortest right sample: its style stays); freeze them as a dataset snapshot (content hash).
+3. Train: the SFT trainer on that snapshot (backend/train/sft.py); the model is registered with lineage
+   (parent, snapshot, job) under kind "idk".
+4. Measure on the held-out questions (split "heldout"), known or unknown to the parent by the same probe:
+   greedy answers before (the parent) and after (the new model), each as the app serves it (the bundled model
+   decodes its own 4-bit blocks, a trained one its float weights): the share of refusals on unknowns (up),
+   of right answers on knowns (kept), and of refusals on knowns (over-refusal). The table is stored with
+   the model (lineage "idk"), in the run directory (result.json) and in the job (an event and log lines).
+
+Budget: the defaults take ~6 minutes (~215 CPU-seconds) on 2 CPU cores with the bundled SmolLM2-135M.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from backend.jobs.kinds import JobContext, Outcome, trainer
+from backend.train.common import check_chat_model, check_parent, default_name_for
+from backend.train.sft import SFTConfig
+
+
+@dataclass
+class IDKConfig(SFTConfig):
+    facts: str = "bundled"         # the questions with known answers: "bundled" or a .jsonl of {"question", "answers", "split"}
+    n_samples: int = 4             # samples per question when probing
+    temperature: float = 0.7       # of the probe's samples
+    max_new_tokens: int = 32       # per answer (probe and measurement)
+    known_threshold: float = 0.5   # a question is known when at least this share of its samples is right
+    idk_answer: str = "I don't know."
+    # The answers weigh as much as the refusals. Measured on SmolLM2-135M, 10 steps: refusals on held-out
+    # unknowns 0% -> 92%, on knowns 0% -> 82% with balance, 88% without (54 refusals, 31 answers).
+    balance: bool = True
+    # SFT: ~100-170 short examples: 4 rows of 128 tokens a step. Measured on SmolLM2-135M, 10 steps (held-out
+    # refusals on unknowns / on knowns, from 0% / 0%): lr 1e-5 0% / 0%, 2e-5 38% / 41%, 3e-5 92% / 82%.
+    max_steps: int = 10
+    batch_size: int = 4
+    seq_len: int = 128
+    lr: float = 3e-5
+    warmup_steps: int = 3
+    eval_every: int = 10
+    checkpoint_every: int = 1000
+    tool_tokens: bool = False
+    protocol_check: int = 0
+
+    def validate(self) -> None:
+        super().validate()
+        if self.n_samples < 1:
+            raise ValueError("n_samples: ask each question at least once (1 or more samples)")
+        if not 0 < self.known_threshold <= 1:
+            raise ValueError("known_threshold: a share in (0, 1]")
+        if self.temperature < 0 or self.max_new_tokens < 1:
+            raise ValueError("temperature must be >= 0 and max_new_tokens at least 1")
+        if not self.idk_answer.strip():
+            raise ValueError("idk_answer: the refusal text must not be empty")
+        if self.dataset != "bundled":
+            raise ValueError("dataset: idk writes its own SFT snapshot; give your questions with `facts` instead")
+        if self.nproc != 1:
+            raise ValueError("nproc: idk runs in one process")
+        if not self.register:
+            raise ValueError("register: idk registers its model (the table's 'after' row measures it)")
+
+
+def check(cfg: IDKConfig, app) -> None:
+    """Before anything loads: a trainable chat model, a valid name, a readable set of questions."""
+    check_chat_model(app, "parent_model", cfg.parent_model)
+    check_parent(cfg, app)
+    if cfg.facts != "bundled" and not Path(cfg.facts).is_file():
+        raise ValueError(f"facts: {cfg.facts!r} is neither 'bundled' nor an existing .jsonl file")
+    questions(cfg)
+
+
+def questions(cfg: IDKConfig):
+    from backend.datasets.facts import facts
+    path = None if cfg.facts == "bundled" else cfg.facts
+    try:
+        probe, held = facts("probe", path), facts("heldout", path)
+    except ValueError as e:
+        raise ValueError(f"facts: {e}") from None
+    if not probe or not held:
+        raise ValueError("facts: the set needs questions in both splits, 'probe' and 'heldout'")
+    return probe, held
+
+
+def probe(engine, items, cfg: IDKConfig) -> list[dict]:
+    """Each question asked n_samples times: {"fact", "right" (samples that name the answer), "known", "best"}."""
+    from backend.serving.sampling import SamplingParams
+    from backend.train.generated import ask
+    params = SamplingParams(temperature=cfg.temperature, max_tokens=cfg.max_new_tokens, seed=cfg.seed)
+    out = []
+    for f, comps in zip(items, ask(engine, [[{"role": "user", "content": f.question}] for f in items], params,
+                                   cfg.n_samples)):
+        right = [whole_answer(f, c.text) for c in comps if f.check(c.text)]
+        right = [t for t in right if t]
+        n_right = sum(f.check(c.text) for c in comps)
+        out.append({"fact": f, "right": n_right, "known": n_right >= cfg.known_threshold * len(comps),
+                    "best": min(right, key=len) if right else None})
+    return out
+
+
+def whole_answer(fact, text: str) -> str | None:
+    """A right sample as an SFT answer: up to the end of the sentence that names the answer (a sample cut by
+    max_new_tokens still gives one), or None when that sentence does not end."""
+    text = text.strip()
+    hit = min((m.end() for a in fact.answers
+               for m in [re.search(r"(?<!\w)" + re.escape(a) + r"(?!\w)", text, re.I)] if m), default=None)
+    if hit is None:
+        return None
+    end = re.search(r"[.!?](\s|$)", text[hit:])
+    if end is None:
+        return None
+    return text[:hit + end.start() + 1]
+
+
+def measure(engine, held: list[dict], cfg: IDKConfig, who: str, when: str) -> dict:
+    """Greedy answers to the held-out questions: the table's row for one model."""
+    from backend.datasets.facts import is_refusal
+    from backend.serving.sampling import SamplingParams
+    from backend.train.generated import ask
+    texts = [c[0].text for c in ask(engine, [[{"role": "user", "content": h["fact"].question}] for h in held],
+                                    SamplingParams(temperature=0.0, max_tokens=cfg.max_new_tokens))]
+    unknown = [t for h, t in zip(held, texts) if not h["known"]]
+    known = [(h["fact"], t) for h, t in zip(held, texts) if h["known"]]
+    rate = lambda xs: round(sum(xs) / len(xs), 4) if xs else None  # noqa: E731
+    return {"model": who, "when": when,
+            "refuses_unknowns": rate([is_refusal(t) for t in unknown]),
+            "right_on_knowns": rate([f.check(t) and not is_refusal(t) for f, t in known]),
+            "refuses_knowns": rate([is_refusal(t) for _, t in known]),
+            "unknowns": len(unknown), "knowns": len(known)}
+
+
+def examples(probed: list[dict], cfg: IDKConfig) -> list[dict]:
+    """The SFT rows: "I don't know" for every unknown question, the model's right answer for every known one;
+    with `balance`, the known ones repeated (in order) until there are as many as unknown ones."""
+    rows = []
+    for p in probed:
+        f = p["fact"]
+        answer = cfg.idk_answer if not p["known"] else (p["best"] or f"{f.answers[0]}.")
+        rows.append({"messages": [{"role": "user", "content": f.question}, {"role": "assistant", "content": answer}],
+                     "known": p["known"], "samples_right": p["right"], "samples": cfg.n_samples})
+    known = [r for r in rows if r["known"]]
+    n_unknown = len(rows) - len(known)
+    if cfg.balance and known and len(known) < n_unknown:
+        rows += [{**known[i % len(known)], "repeat": True} for i in range(n_unknown - len(known))]
+    return rows
+
+
+def run_idk(cfg: IDKConfig, ctx: JobContext) -> Outcome:
+    from backend.train.generated import freeze, record, serving, sft_part, train_on
+    probe_set, held_set = questions(cfg)
+    with serving(ctx.app) as engines:
+        ctx.emit({"phase": f"probing {cfg.parent_model}: {len(probe_set)} questions x {cfg.n_samples} samples…", "step": 0})
+        engine = engines.get(cfg.parent_model)
+        probed = probe(engine, probe_set, cfg)
+        ctx.emit({"phase": "measuring the parent on the held-out questions…", "step": 0})
+        held = probe(engine, held_set, cfg)  # which held-out questions the parent knows
+        before = measure(engine, held, cfg, cfg.parent_model, "before")
+    if ctx.stop.is_set():
+        return Outcome("stopped", 0)
+    rows = examples(probed, cfg)
+    n_unknown = sum(not p["known"] for p in probed)
+    ctx.emit({"log": f"probe: {len(probed) - n_unknown} of {len(probed)} questions known, {n_unknown} answered "
+                     f"wrong -> {n_unknown} \"{cfg.idk_answer}\" examples, {len(rows) - n_unknown} answers"
+                     + (" (the known ones repeated to balance)" if len(rows) > len(probed) else ""), "step": 0})
+    snap = freeze(ctx.app, "idk", rows, f"idk-{cfg.parent_model}"[:200],
+                  {"parent_model": cfg.parent_model, "n_samples": cfg.n_samples, "temperature": cfg.temperature,
+                   "known_threshold": cfg.known_threshold, "facts": cfg.facts})
+    ctx.emit({"log": f"snapshot {snap['hash']} ({snap['rows']} examples)", "step": 0})
+    out = train_on("idk", sft_part(cfg, SFTConfig), ctx, snap["hash"],
+                   f"\"I don't know\" SFT of {cfg.parent_model} ({n_unknown} refusals, {len(rows) - n_unknown} answers)")
+    if not out.model:
+        return out
+    with serving(ctx.app) as engines:
+        after = measure(engines.get(out.model), held, cfg, out.model, "after")
+    table = [before, after]
+    out = record(ctx.app, out, ctx, "idk", table,
+                 {"snapshot_hash": snap["hash"], "probe_questions": len(probed), "probe_unknown": n_unknown,
+                  "probe_known": len(probed) - n_unknown, "examples_idk": n_unknown,
+                  "examples_answer": len(rows) - n_unknown, "n_samples": cfg.n_samples,
+                  "heldout_questions": len(held)})
+    return out
+
+
+trainer("idk", IDKConfig, "\"I don't know\": probe what the model knows, SFT refusals for what it gets wrong, "
+        "measure before/after on held-out questions", check=check, default_name=default_name_for("idk"))(run_idk)

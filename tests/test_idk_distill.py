@@ -1,0 +1,175 @@
+"""The two demonstrations that write their own SFT data (DEMOS 10 and 15), end to end on tiny models:
+
+- `python -m backend.train idk`: a model that answers "Rome." to everything is probed on the bundled questions;
+  the questions it gets wrong become "I don't know." examples, the one it knows keeps its answer; the examples
+  are a snapshot; the trained model is registered with lineage and a before/after table.
+- distill as a job through the real worker, with a remote teacher (another instance of the app on loopback,
+  serving a model that always thinks, then answers 2): only the traces with the right answer are kept.
+- Bad input is refused before any model loads.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from backend.config import AppConfig
+from backend.db import Database
+from backend.jobs import queue
+from backend.labels.snapshots import get_snapshot, read_snapshot
+from models.registry import ModelRegistry
+from models.tokenizers import get_encoding, save_encoding
+from tests.conftest import ROOT, start_server
+from tests.helpers import make_tiny_model
+from tests.scripted import byte_encoding, register_scripted
+from tests.test_worker import start_worker, stop, wait_for
+
+
+def test_idk_cli_writes_refusals_for_what_the_model_gets_wrong(tmp_path):
+    from backend.datasets.facts import facts
+    data = tmp_path / "data"
+    register_scripted(data, "romer", ["Rome."], {"\n": "Rome.", "Rome.": "<|im_end|>"}, tools=False)
+    r = subprocess.run([sys.executable, "-m", "backend.train", "idk", "--model", "romer", "--data-dir", str(data),
+                        "--samples", "2", "--max-steps", "2", "--batch-size", "2", "--seq-len", "128",
+                        "--max-new-tokens", "6", "--threads", "1", "--name", "romer-idk"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    lines = r.stdout.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.startswith("model ") and "refuses_unknowns" in line)
+    assert lines[head + 1].split()[:2] == ["romer", "before"] and lines[head + 2].split()[:2] == ["romer-idk", "after"]
+
+    app = AppConfig(data_dir=data)
+    spec = ModelRegistry(app).get("romer-idk")
+    lineage = spec.lineage
+    assert (lineage["kind"], lineage["parent_model"]) == ("idk", "romer")
+    snap = lineage["snapshot_hash"]
+    assert lineage["idk"]["snapshot_hash"] == snap
+    db = Database(app.database_url)
+    try:
+        assert get_snapshot(db, snap)["meta"]["made_by"] == "idk"
+        rows = read_snapshot(db, snap)  # hash-checked
+    finally:
+        db.close()
+    probe = facts("probe")
+    asked = [row for row in rows if not row.get("repeat")]
+    assert [row["messages"][0]["content"] for row in asked] == [f.question for f in probe]
+    for f, row in zip(probe, asked):  # "Rome." is right only where Rome is the answer
+        assert row["messages"][1]["content"] == ("Rome." if "Rome" in f.answers else "I don't know."), f.question
+    assert sum(row["known"] for row in asked) == 1 and lineage["idk"]["examples_idk"] == len(probe) - 1
+    # balanced: the one known answer is repeated until the answers are as many as the refusals
+    repeats = [row for row in rows if row.get("repeat")]
+    assert len(repeats) == len(probe) - 2 and all(row["messages"][1]["content"] == "Rome." for row in repeats)
+    assert lineage["idk"]["examples_answer"] == lineage["idk"]["examples_idk"]
+
+    before, after = lineage["idk"]["table"]
+    assert (before["model"], before["when"], after["model"], after["when"]) == ("romer", "before", "romer-idk", "after")
+    # before: it never refuses, and it knows the one held-out Rome question
+    assert before["refuses_unknowns"] == 0.0 and before["right_on_knowns"] == 1.0 and before["knowns"] == 1
+    assert before["unknowns"] == len(facts("heldout")) - 1 and after["unknowns"] == before["unknowns"]
+    assert (data / "runs" / "idk" / "romer-idk" / "result.json").exists()
+
+
+THINK = ["Count the letters.", "The answer is 2."]
+THINKER = {"\n": "<think>", "<think>": THINK[0], THINK[0]: "</think>", "</think>": THINK[1], THINK[1]: "<|im_end|>"}
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """A (the trainer's data directory, with a tiny student, a reward model and B's thinker as a remote model),
+    B (another instance of the app serving the thinker)."""
+    data_b = tmp_path_factory.mktemp("teacher") / "data"
+    register_scripted(data_b, "thinker", THINK, THINKER)
+    b = start_server(data_b, "--no-worker", "--no-preload")
+    data = tmp_path_factory.mktemp("distill") / "data"
+    app = AppConfig(data_dir=data)
+    app.ensure_dirs()
+    db = Database(app.database_url)
+    db.migrate()
+    save_encoding(byte_encoding(), "bytes", data)
+    enc = get_encoding("bytes+chatml", data)
+    reg = ModelRegistry(app)
+    for name in ("student", "rm"):
+        reg.register(name, make_tiny_model(enc.max_token_value + 1, max_seq_len=1024), "bytes+chatml", "chatml",
+                     {"origin": "test"})
+    from backend.train.reward import RewardModel, save_head
+    save_head(RewardModel(reg.load("rm")), reg.get("rm").path)  # "rm" is a reward model now
+    reg.add_remote("remote-thinker", b.base_url + "/v1", "thinker", tokenizer="cl100k_base")
+    yield app, db, b
+    db.close()
+    b.stop()
+
+
+DISTILL = {"parent_model": "student", "teacher": "remote-thinker", "kinds": ["count"], "n_problems": 10,
+           "n_samples": 2, "teacher_max_tokens": 16, "n_heldout": 2, "eval_tokens": 4, "max_steps": 2,
+           "batch_size": 2, "seq_len": 1024, "threads": 1, "warmup_steps": 1}
+
+
+def test_distill_job_keeps_only_verified_traces_of_a_remote_teacher(env):
+    from backend.datasets.verifiable import problems
+    app, db, _ = env
+    job = queue.create_job(db, app, None, "distill", DISTILL)
+    worker = start_worker(app)
+    try:
+        wait_for(lambda: queue.get_job(db, job["id"])["state"] in queue.FINISHED, 300, "the distill job")
+    finally:
+        stop(worker)
+    done = queue.job_detail(db, job["id"])
+    assert done["state"] == "succeeded", (done["error"], [e["text"] for e in done["log"]][-12:])
+    lineage = ModelRegistry(app).get(done["model"]).lineage
+    assert (lineage["kind"], lineage["parent_model"], lineage["job_id"]) == ("distill", "student", job["id"])
+    assert lineage["distill"]["teacher"] == "remote-thinker"
+    rows = read_snapshot(db, lineage["snapshot_hash"])
+    assert get_snapshot(db, lineage["snapshot_hash"])["meta"]["teacher"] == "remote-thinker"
+    # the teacher answers 2 to every problem: kept are exactly the problems whose answer is 2, once each
+    right = [p.question for p in problems(10, seed=1337, kinds=["count"]) if p.answer == "2"]
+    assert 0 < len(right) < 10
+    assert [row["messages"][1]["content"] for row in rows] == right
+    for row in rows:
+        assert row["messages"][-1] == {"role": "assistant", "thinking": THINK[0], "content": THINK[1]}
+    assert lineage["distill"]["traces_written"] == 20 and lineage["distill"]["traces_verified"] == len(right)
+    teacher, before, after = lineage["distill"]["table"]
+    assert [teacher["role"], before["role"], after["role"]] == ["teacher", "student before", "student after"]
+    assert teacher["think_format"] == 1.0
+    assert [e for e in done["info"] if e.get("table")][0]["table"] == lineage["distill"]["table"]
+
+
+@pytest.mark.parametrize("kind,config,error", [
+    ("idk", {"parent_model": "nobody"}, "parent_model: unknown model 'nobody'"),
+    ("idk", {"parent_model": "student", "n_samples": 0}, "n_samples: ask each question at least once"),
+    ("idk", {"parent_model": "rm"}, "parent_model: 'rm' is a reward model"),
+    ("idk", {"parent_model": "remote-thinker"}, "cannot be trained here"),
+    ("distill", {"parent_model": "student", "teacher": "rm"}, "teacher: 'rm' is a reward model"),
+    ("distill", {"parent_model": "student", "teacher": "nobody"}, "teacher: unknown model 'nobody'"),
+    ("distill", {"parent_model": "student", "teacher": "student", "n_samples": 0}, "n_samples: the teacher writes at least 1"),
+])
+def test_bad_input_is_refused_before_queueing(env, kind, config, error):
+    app, db, _ = env
+    with pytest.raises(ValueError, match=error):
+        queue.create_job(db, app, None, kind, config)
+
+
+def test_cli_refuses_a_reward_model_teacher_before_loading(env):
+    app, _, _ = env
+    runs = lambda: sorted((app.data_dir / "runs").rglob("*"))  # noqa: E731
+    had = runs()
+    r = subprocess.run([sys.executable, "-m", "backend.train", "distill", "--teacher", "rm", "--student", "student",
+                        "--data-dir", str(app.data_dir)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "teacher: 'rm' is a reward model" in r.stderr, r.stderr
+    assert runs() == had  # no run started
+
+
+def test_a_trace_is_kept_only_when_its_final_answer_is_right():
+    from backend.datasets.verifiable import Problem
+    from backend.train.distill import verified_turn
+    p = Problem("Sofia has 9 pears and gives away 2. How many pears are left?", "7", "totals")
+    assert verified_turn(p, "<think>9 - 2 = 7</think> The answer is 7.", False) == {
+        "role": "assistant", "thinking": "9 - 2 = 7", "content": "The answer is 7."}
+    assert verified_turn(p, "<think>9 - 2 = 7</think> The answer is 8.", False) is None  # wrong final answer
+    assert verified_turn(p, "<think>9 - 2 = 7", False) is None                          # no answer after a thought
+    # untagged: the whole reply is the thinking, the verified answer the clean answer (unless require_think)
+    assert verified_turn(p, "9 - 2 = 7. The answer is 7.", False)["content"] == "The answer is 7."
+    assert verified_turn(p, "9 - 2 = 7. The answer is 7.", True) is None
+    assert verified_turn(p, "So 9 - 2 = 7 pears are left.", False) is None              # states no answer...
+    assert verified_turn(p, "So 9 - 2 = 7 pears are left.", False, lenient=True)        # ...but ends on it
+    assert verified_turn(p, "So 9 - 2 = 6 pears are left.", False, lenient=True) is None
