@@ -143,4 +143,6 @@ def test_stop_mid_answer_then_the_next_battle_comes_right_back(site, page):
                            timeout=30_000)
     page.wait_for_function("() => document.querySelector('#arena-winrate').innerText.includes('50% of 1')",
                            timeout=30_000)
-    assert "of 2" not in text_of(page, "arena-winrate")
+    rows = page.locator("#arena-winrate [role=row]").all_inner_texts()
+    ramblers = [r for r in rows if r.strip().startswith("ramble-")]
+    assert len(ramblers) == 2 and all("of 1" in r and "of 2" not in r for r in ramblers), rows

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import html
 import threading
+import time
 
 import gradio as gr
 
@@ -26,6 +27,7 @@ INTRO = ("**Comparing models the way LM Arena does.** Two models, drawn at rando
          "order of the votes, Bradley-Terry does not. Open-ended prompts with no checkable answer (a joke about "
          "pelicans) are what people-vote arenas are for. Sign in to vote (any account).")
 
+STREAM_EVERY_S = 0.1  # redraw the streaming answers at most this often
 STOPPED = ("⏹ Stopped. This battle has no answers to vote on and stays out of the leaderboard; "
            "start a new one when you like.")
 VOTES = [("a", "👈 A is better"), ("b", "👉 B is better"), ("tie", "🤝 Tie"), ("both_bad", "👎 Both are bad")]
@@ -130,10 +132,15 @@ def build(pg) -> None:
         shown = {"a": "", "b": ""}
         cancel = threading.Event()
         view = lambda: (transcript(battle, "a", shown["a"]), transcript(battle, "b", shown["b"]))  # noqa: E731
+        last = 0.0
         try:
             async for side, delta in aiterate(arena.answer_events(pg, user, battle["id"], cancel), cancel):
                 shown[side] += delta
-                yield (battle["id"], *view(), f"{RUNNING} Model {side.upper()} is answering…", *locked())
+                # Two growing Markdown views re-rendered per token keep the browser busy enough to delay a click
+                # on ■ Stop: redraw at most every STREAM_EVERY_S (the end's own update shows every token).
+                if time.monotonic() - last >= STREAM_EVERY_S:
+                    last = time.monotonic()
+                    yield (battle["id"], *view(), f"{RUNNING} Model {side.upper()} is answering…", *locked())
         except Exception as e:  # noqa: BLE001 - the battle is marked failed; say why
             yield battle["id"], *view(), f"⚠ {html.escape(str(e))}", *locked()
             return
