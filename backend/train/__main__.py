@@ -3,6 +3,7 @@
     python -m backend.train pretrain --preset cpu-5min --corpus python-docs --max-seconds 300
     python -m backend.train pretrain --config run.yaml --resume
     torchrun --standalone --nproc_per_node 2 -m backend.train sft --config sft.yaml     # 2 processes (DDP)
+    python -m backend.train rlhf --set reward_model=rm-a --set held_out_reward_model=rm-b --set preset=reward-hacking
 
 Options given on the command line override the YAML file. Events print as they come (one line each);
 Ctrl-C stops at the end of the current step, keeps a checkpoint and registers the model. Under torchrun
@@ -74,7 +75,9 @@ def _registered_parsers(sub) -> None:
         if kind == "pretrain":
             continue
         p = sub.add_parser(kind, help=get_trainer(kind).description)
-        p.add_argument("--config", required=True, help=f"YAML file of {kind} config fields")
+        p.add_argument("--config", help=f"YAML file of {kind} config fields")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="a config field (the value read as YAML: 3, 1e-5, true, [a, b]); repeatable, wins over --config")
         p.add_argument("--resume", action="store_true", help="continue the run's latest checkpoint")
         p.add_argument("--data-dir", help="the app's data directory (default ./data or $PLAYGROUND_HOME)")
         _job_flags(p)
@@ -124,6 +127,21 @@ def _load_yaml(path: str | None) -> dict:
     if not isinstance(d, dict):
         sys.exit(f"--config: {path} must hold a mapping of config fields")
     return d
+
+
+def _set_fields(pairs: list[str]) -> dict:
+    """--set KEY=VALUE options as config fields."""
+    import yaml
+    out = {}
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        if not eq or not key.strip():
+            sys.exit(f"--set: expected KEY=VALUE, got {pair!r}")
+        try:
+            out[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError as e:
+            sys.exit(f"--set {key}: not a valid value: {e}")
+    return out
 
 
 def _print_event(ev: dict) -> None:
@@ -182,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"done ({result.reason}) at step {result.step}: loss {result.loss}, val bpb {result.val_bpb}; "
                   f"checkpoint {result.checkpoint}; model {result.model!r}", flush=True)
     else:
-        _run_registered(args, _load_yaml(args.config), stop, emit)
+        _run_registered(args, {**_load_yaml(args.config), **_set_fields(args.set)}, stop, emit)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,11 @@ directly: how often answers follow the hidden rule the annotators used (they men
 backend/datasets/preferences.py) and the share of distinct words (it drops when text degenerates
 into "the the the").
 
+With held_out_reward_model (a reward model trained on the other half of the rankings: reward.py's half "a"
+and "b") every step also logs that model's score of the same samples ("held_out_reward"), and every step
+logs distinct-1/2 and repetition of its samples: the independent measures of backend/train/hacking.py,
+which finds the step where they turn (the job view's "reward_hacking").
+
 preset "reward-hacking": no KL (beta 0), a higher learning rate and many steps: the RM score keeps
 rising while the samples collapse into whatever the RM over-rewards. That is why RLHF is run briefly
 and stopped (the Deep Dive's point; DEMOS.md 17).
@@ -17,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import random
-import re
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +29,7 @@ import torch
 from backend.jobs.kinds import JobContext, Outcome, trainer
 from backend.train.common import check_parent, default_name_for
 from backend.train.grpo import PolicyConfig, policy_optimization
+from backend.train.hacking import distinct_n, sample_metrics
 
 PRESETS = {
     "default": {},
@@ -37,6 +42,7 @@ HELD_OUT_PROMPTS = ["Write a joke about the harbour.", "Say something cheerful."
 @dataclass
 class RLHFConfig(PolicyConfig):
     reward_model: str = ""          # a registered reward model (a "reward" job's model)
+    held_out_reward_model: str = ""  # optional: a second reward model, trained on other rankings, that only watches
     preset: str = "default"         # "default" or "reward-hacking" (beta 0, lr 3e-5, 300 steps)
     max_new_tokens: int = 48
     n_heldout: int = 6
@@ -47,23 +53,36 @@ class RLHFConfig(PolicyConfig):
             raise ValueError(f"preset: one of {', '.join(PRESETS)}, not {self.preset!r}")
         if not self.reward_model:
             raise ValueError("reward_model: name the registered reward model to optimise against")
+        if self.held_out_reward_model and self.held_out_reward_model == self.reward_model:
+            raise ValueError("held_out_reward_model: must be another reward model than reward_model (one trained on "
+                             "other rankings, e.g. reward job half 'b' beside half 'a'); a model cannot judge itself")
 
 
 def check(cfg: RLHFConfig, app) -> None:
     check_parent(cfg, app)
+    rm = _reward_spec(app, "reward_model", cfg.reward_model)
+    if cfg.held_out_reward_model:
+        held = _reward_spec(app, "held_out_reward_model", cfg.held_out_reward_model)
+        seen = lambda s: (s.lineage.get("snapshot_hash"), s.lineage.get("rankings"))  # noqa: E731
+        if seen(rm)[1] is not None and seen(rm) == seen(held):
+            raise ValueError(f"held_out_reward_model: {held.name!r} was trained on the same rankings as {rm.name!r} "
+                             f"({seen(rm)[1]}); train it on the other half (reward job field half) to get an independent judge")
+
+
+def _reward_spec(app, field: str, name: str):
     from models.registry import ModelRegistry
     from backend.train.reward import HEAD_FILE
     try:
-        spec = ModelRegistry(app).get(cfg.reward_model)
+        spec = ModelRegistry(app).get(name)
     except ValueError as e:
-        raise ValueError(f"reward_model: {e}") from None
+        raise ValueError(f"{field}: {e}") from None
     if spec.path is None or not (spec.path / HEAD_FILE).exists():
-        raise ValueError(f"reward_model: {cfg.reward_model!r} is not a reward model (train one with a reward job)")
+        raise ValueError(f"{field}: {name!r} is not a reward model but a chat model (train one with a reward job)")
+    return spec
 
 
 def distinct_ratio(texts: list[str]) -> float:
-    words = [w for t in texts for w in re.findall(r"\w+", t.lower())]
-    return len(set(words)) / len(words) if words else 0.0
+    return distinct_n(texts, 1)
 
 
 def run_rlhf(cfg: RLHFConfig, ctx: JobContext) -> Outcome:
@@ -76,17 +95,24 @@ def run_rlhf(cfg: RLHFConfig, ctx: JobContext) -> Outcome:
     rm = load_reward_model(reg, cfg.reward_model, device=ctx.device if ctx.device and cfg.device == "auto" else None)
     rm_enc = get_encoding(reg.get(cfg.reward_model).tokenizer, ctx.app.data_dir)
     max_len = 256
+    held_rm = held_enc = None
+    if cfg.held_out_reward_model:
+        held_rm = load_reward_model(reg, cfg.held_out_reward_model, device=rm.backbone.device)
+        held_enc = get_encoding(reg.get(cfg.held_out_reward_model).tokenizer, ctx.app.data_dir)
 
     @torch.no_grad()
-    def scores(prompts, texts):
-        return rm([encode_answer(rm_enc, p, t, max_len) for p, t in zip(prompts, texts)]).float().cpu()
+    def scores(prompts, texts, model=rm, enc=rm_enc):
+        return model([encode_answer(enc, p, t, max_len) for p, t in zip(prompts, texts)]).float().cpu()
 
     def render(prompt):
         return [{"role": "user", "content": prompt}]
 
     def reward_fn(items, texts):
         s = scores(items, texts)
-        return s, {"rm_score": round(float(s.mean()), 4)}
+        watch = sample_metrics(texts)  # the independent measures, never part of the reward
+        if held_rm is not None:
+            watch["held_out_reward"] = round(float(scores(items, texts, held_rm, held_enc).mean()), 4)
+        return s, {"rm_score": round(float(s.mean()), 4), **watch}
 
     def evaluate(engine, prompts, prompt_ids):
         from backend.sampling import SamplingParams
@@ -104,7 +130,8 @@ def run_rlhf(cfg: RLHFConfig, ctx: JobContext) -> Outcome:
                               f"RLHF of {cfg.parent_model} against {cfg.reward_model} (preset {cfg.preset}, beta {cfg.beta})")
     if out.model:
         from backend.jobs.pretrain import add_lineage
-        add_lineage(ctx.app, out.model, {"reward_model": cfg.reward_model, "preset": cfg.preset})
+        add_lineage(ctx.app, out.model, {"reward_model": cfg.reward_model, "preset": cfg.preset,
+                                         **({"held_out_reward_model": cfg.held_out_reward_model} if held_rm else {})})
     return out
 
 
