@@ -125,3 +125,15 @@ def test_an_rlhf_jobs_view_marks_the_turn_and_shows_samples_from_both_sides(app,
         assert queue.job_detail(db, job["id"], done["last_event_id"])["reward_hacking"] == view
     finally:
         db.close()
+
+
+def test_the_cli_takes_the_held_out_judge_and_refuses_a_bad_one_before_training(app, judges):  # noqa: F811
+    import subprocess
+    import sys
+    cmd = [sys.executable, "-m", "backend.train", "rlhf", "--data-dir", str(app.data_dir), "--set", "parent_model=tiny",
+           "--set", "reward_model=rm-a", "--set", "held_out_reward_model=rm-a"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "held_out_reward_model: must be another reward model" in r.stderr, r.stderr[-2000:]
+    assert not (app.data_dir / "runs" / "rlhf" / "rlhf-tiny").exists()
+    r = subprocess.run(cmd[:-2] + ["--set", "nonsense"], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "--set: expected KEY=VALUE" in r.stderr
