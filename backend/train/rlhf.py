@@ -34,6 +34,11 @@ from backend.train.hacking import distinct_n, sample_metrics
 PRESETS = {
     "default": {},
     "reward-hacking": {"beta": 0.0, "lr": 3e-5, "max_steps": 300},
+    # The same within 15 CPU-minutes (SmolLM2-135M, 1 thread): smaller groups and answers for more updates, a
+    # higher rate, a greedy sample every 5 steps for the before/after pair; give held_out_reward_model too.
+    "reward-hacking-cpu": {"beta": 0.0, "lr": 5e-5, "max_steps": 300, "group_size": 4, "prompts_per_step": 2,
+                           "max_new_tokens": 32, "eval_every": 5, "warmup_steps": 3, "max_cpu_seconds": 900.0,
+                           "checkpoint_every": 1000},
 }
 HELD_OUT_PROMPTS = ["Write a joke about the harbour.", "Say something cheerful.", "Describe a windy afternoon.",
                     "Write one sentence about lunch.", "What is a good name for a cat?", "Tell me about the weather."]
@@ -43,7 +48,7 @@ HELD_OUT_PROMPTS = ["Write a joke about the harbour.", "Say something cheerful."
 class RLHFConfig(PolicyConfig):
     reward_model: str = ""          # a registered reward model (a "reward" job's model)
     held_out_reward_model: str = ""  # optional: a second reward model, trained on other rankings, that only watches
-    preset: str = "default"         # "default" or "reward-hacking" (beta 0, lr 3e-5, 300 steps)
+    preset: str = "default"         # "default", "reward-hacking" (beta 0, lr 3e-5, 300 steps) or "reward-hacking-cpu"
     max_new_tokens: int = 48
     n_heldout: int = 6
 
@@ -132,6 +137,12 @@ def run_rlhf(cfg: RLHFConfig, ctx: JobContext) -> Outcome:
         from backend.jobs.pretrain import add_lineage
         add_lineage(ctx.app, out.model, {"reward_model": cfg.reward_model, "preset": cfg.preset,
                                          **({"held_out_reward_model": cfg.held_out_reward_model} if held_rm else {})})
+    if out.checkpoint:  # the verdict of the whole run in its log (the job view recomputes it live)
+        from pathlib import Path
+        from backend.train.hacking import view_of_run
+        view = view_of_run(Path(out.checkpoint).parent)
+        if view:
+            ctx.emit({"log": view["text"], "step": out.step})
     return out
 
 
