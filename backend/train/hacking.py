@@ -141,8 +141,11 @@ def describe(measure: str, turn: int, last: int, hacked: bool, rise: float, drop
     if hacked:
         return (f"Reward hacking: {name} peaked at step {turn} and fell by {drop:.3f} by step {last}, while the "
                 f"reward model's score rose by {rise:.3f}. Stopping at step {turn} would have kept the best policy.")
-    return (f"{name.capitalize()} peaked at step {turn}; after it the reward changed by {rise:+.3f} and the measure "
-            f"by {-drop:+.3f}, within noise of a plateau: no clear hacking.")
+    if rise <= 0:
+        return (f"{name.capitalize()} peaked at step {turn}, but the reward model's score has not risen since "
+                f"({rise:+.3f}): no reward hacking (the policy got worse on both).")
+    return (f"{name.capitalize()} peaked at step {turn}; since then the reward rose by {rise:.3f} while the measure "
+            f"changed by {-drop:+.3f}, within noise: no clear hacking yet.")
 
 
 def view_of_run(run_dir: Path, window: int = 0) -> dict | None:
