@@ -81,6 +81,11 @@ def test_rlhf_logs_reward_held_out_reward_and_distinct_n_every_step(app, judges)
     for e in steps:
         assert {"reward", "held_out_reward", "distinct_1", "distinct_2", "repetition"} <= e.keys(), e
         assert 0 <= e["distinct_2"] <= 1 and isinstance(e["held_out_reward"], float)
+    import threading
+    samplers = [t for t in threading.enumerate() if t.name == "scheduler-rlhf-watched"]
+    for t in samplers:  # every rollout and evaluation sampler was closed: its thread ends, its policy copy is freed
+        t.join(30)
+    assert not [t for t in samplers if t.is_alive()]
     verdict = [e["log"] for e in events if "log" in e and ("peaked at step" in e["log"] or "No turn yet" in e["log"])]
     assert len(verdict) == 1  # the run ends with its reward-hacking verdict in the log
     lineage = ModelRegistry(app).get(out.model).lineage
