@@ -27,7 +27,7 @@ def constructed_log(turn: int = 30, last: int = 80):
         wiggle = 0.05 * (2, -1, -1, 1, -1)[s % 5]
         shape = s if s <= turn else 2 * turn - s
         metrics.append({"step": s, "loss": 0.1, "reward": 0.05 * s + wiggle, "held_out_reward": 0.05 * shape + wiggle,
-                        "distinct_2": 0.5 + 0.005 * shape + wiggle / 10})
+                        "distinct_2": 0.5 + 0.005 * shape + wiggle / 5})  # noisier
         if s % 10 == 0:
             samples.append({"step": s, "prompt": "Write a joke about the harbour.", "sample": f"answer at {s}"})
     return metrics, [{"step": 0, "prompt": "Write a joke about the harbour.", "sample": "first"}] + samples
@@ -48,6 +48,7 @@ def test_the_turning_point_is_where_the_independent_measure_peaks():
     view = reward_hacking_view(metrics, samples, window=5)
     assert view["measure"] == "held_out_reward" and view["turn_step"] == 30 and view["turns"]["distinct_2"] == 30
     assert view["hacked"] and view["reward_rise_after_turn"] > 2 and view["measure_drop_after_turn"] > 2
+    assert view["by_measure"]["distinct_2"]["hacked"]  # both fell; the marked one fell clearest beyond its noise
     assert view["before"]["sample"] == "answer at 30" and view["after"]["sample"] == "answer at 80"
     assert "peaked at step 30" in view["text"]
     assert [p[0] for p in view["smoothed"]["reward"]] == list(range(1, 81))

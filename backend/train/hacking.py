@@ -9,10 +9,11 @@ The policy is optimised against one reward model; two things it is not optimised
     string or into "the the the".
 Every RLHF step logs reward, held_out_reward, distinct_1, distinct_2 and repetition (backend/train/rlhf.py).
 
-The turning point is the step where the independent measure peaks, on a centred moving average (the
+The turning point is the step where an independent measure peaks, on a centred moving average (the
 per-step numbers are means over a few samples: noisy). The run "hacks" when, after that point, the smoothed
 reward still rises while the smoothed measure ends clearly below its peak (by more than twice the standard
-error of the smoothed curve). The view pairs the greedy sample logged at or just before the turn with the
+error of the smoothed curve). Each measure gets its verdict; the turn marked is that of the measure that
+fell clearest (else the held-out reward model's). The view pairs the greedy sample logged at or just before the turn with the
 last one logged after it: the same held-out prompt, before and after.
 
     python -m backend.train.hacking data/runs/rlhf/NAME     # the view of a finished run, from metrics.jsonl
@@ -98,46 +99,54 @@ def reward_hacking_view(metrics: list[dict], samples: list[dict], window: int = 
     """The turning point of a run, what happened after it, and a sample from each side; None before any step.
 
     metrics: the run's metric events (dicts with "step"); samples: its sample events ("step", "prompt", "sample").
+    Each independent measure gets its own verdict ("by_measure"); the one marked is the measure that fell
+    furthest beyond its noise while the reward rose, else the first of MEASURES the run logs.
     """
     series = step_series(metrics)
-    measure = next((k for k in MEASURES if k in series), None)
-    if measure is None or "reward" not in series:
+    logged = [k for k in MEASURES if k in series]
+    if not logged or "reward" not in series:
         return None
-    n = len(series[measure])
-    window = window or default_window(n)
+    window = window or default_window(len(series[logged[0]]))
     smoothed = {k: list(zip([s for s, _ in pts], smooth([v for _, v in pts], window))) for k, pts in series.items()}
-    turns = {k: turning_point(series[k], window) for k in MEASURES if k in series}
-    turn = turns[measure]
 
     def at(key: str, step: int) -> float:
         return next(v for s, v in smoothed[key] if s == step)
 
-    last = series[measure][-1][0]
-    raw = [v for _, v in series[measure]]
-    noise = statistics.pstdev([v - s for v, (_, s) in zip(raw, smoothed[measure])]) / math.sqrt(window) if n > 1 else 0.0
-    reward_rise = at("reward", last) - at("reward", turn)
-    measure_drop = at(measure, turn) - at(measure, last)
-    hacked = turn < last and reward_rise > 0 and measure_drop > 2 * noise
+    def verdict(key: str) -> dict:
+        turn, last = turning_point(series[key], window), series[key][-1][0]
+        raw = [v for _, v in series[key]]
+        noise = statistics.pstdev([v - s for v, (_, s) in zip(raw, smoothed[key])]) / math.sqrt(window) if len(raw) > 1 else 0.0
+        rise, drop = at("reward", last) - at("reward", turn), at(key, turn) - at(key, last)
+        return {"turn_step": turn, "last_step": last, "hacked": turn < last and rise > 0 and drop > 2 * noise,
+                "reward_rise_after_turn": round(rise, 4), "measure_drop_after_turn": round(drop, 4),
+                "noise": round(noise, 4), "text": describe(key, turn, last, turn < last and rise > 0 and drop > 2 * noise,
+                                                            rise, drop)}
+
+    by_measure = {k: verdict(k) for k in logged}
+    hacked = [k for k in logged if by_measure[k]["hacked"]]
+    measure = max(hacked, key=lambda k: by_measure[k]["measure_drop_after_turn"] / max(by_measure[k]["noise"], 1e-9),
+                  default=logged[0]) if hacked else logged[0]
+    v = by_measure[measure]
+    turn = v["turn_step"]
     ordered = sorted(samples, key=lambda s: s["step"])
     before = next((s for s in reversed(ordered) if s["step"] <= turn), ordered[0] if ordered else None)
     after = next((s for s in reversed(ordered) if s["step"] > turn), None)
     keep = lambda s: s and {"step": s["step"], "prompt": s.get("prompt", ""), "sample": s["sample"]}  # noqa: E731
     return {
-        "measure": measure, "turn_step": turn, "turns": turns, "last_step": last, "window": window,
-        "hacked": hacked, "reward_rise_after_turn": round(reward_rise, 4), "measure_drop_after_turn": round(measure_drop, 4),
-        "noise": round(noise, 4),
+        "measure": measure, **v, "turns": {k: by_measure[k]["turn_step"] for k in logged}, "by_measure": by_measure,
+        "window": window,
         "at_turn": {k: round(at(k, turn), 4) for k in smoothed if any(s == turn for s, _ in smoothed[k])},
         "final": {k: round(smoothed[k][-1][1], 4) for k in smoothed},
-        "smoothed": {k: [[s, round(v, 4)] for s, v in pts] for k, pts in smoothed.items()},
+        "smoothed": {k: [[s, round(x, 4)] for s, x in pts] for k, pts in smoothed.items()},
         "before": keep(before), "after": keep(after),
-        "text": describe(measure, turn, last, hacked, reward_rise, measure_drop),
+        "text": " ".join([v["text"]] + [by_measure[k]["text"] for k in logged if k != measure]),
     }
 
 
 def describe(measure: str, turn: int, last: int, hacked: bool, rise: float, drop: float) -> str:
     name = {"held_out_reward": "the held-out reward model's score", "distinct_2": "distinct-2 of the samples"}[measure]
     if turn >= last:
-        return f"No turn yet: {name} is still at its best at the last step ({last})."
+        return f"No turn yet: {name} is still at its best at the last step, step {last}."
     if hacked:
         return (f"Reward hacking: {name} peaked at step {turn} and fell by {drop:.3f} by step {last}, while the "
                 f"reward model's score rose by {rise:.3f}. Stopping at step {turn} would have kept the best policy.")
