@@ -36,6 +36,10 @@ PRESETS = {
     "reward-hacking": {"beta": 0.0, "lr": 3e-5, "max_steps": 300},
     # The same within 15 CPU-minutes (SmolLM2-135M, 1 thread): smaller groups and answers for more updates, a
     # higher rate, a greedy sample every 5 steps for the before/after pair; give held_out_reward_model too.
+    # Measured (reward models of 40 steps on halves a/b, held-out pairwise accuracy 92.5% / 74.2%): 105 steps in
+    # 893 CPU-s; the RM score rose (-0.15 -> 0.18), distinct-2 peaked at step 46 and fell 0.99 -> 0.13 (all samples
+    # "Phellet of Hails"), the held-out RM's score did not fall (both learned "shorter wins"; answers went to one
+    # or two made-up words from step ~20).
     "reward-hacking-cpu": {"beta": 0.0, "lr": 5e-5, "max_steps": 300, "group_size": 4, "prompts_per_step": 2,
                            "max_new_tokens": 32, "eval_every": 5, "warmup_steps": 3, "max_cpu_seconds": 900.0,
                            "checkpoint_every": 1000},
