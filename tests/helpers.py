@@ -195,3 +195,18 @@ def add_user(data_dir: Path, name: str, role: str) -> tuple[str, str]:
         users._hasher = PasswordHasher()
         db.close()
     return password, key
+
+
+def register_tiny_reward_model(data_dir: Path, name: str, seed: int = 0, tokenizer: str = "cl100k_base"):
+    """A tiny random model with a random scalar head (backend/train/reward.py's files): a reward model that loads
+    in a blink, for tests of what uses one (RLHF forms and jobs), not of what it has learned."""
+    import torch
+    from backend.config import AppConfig
+    from backend.train.reward import RewardModel, save_head
+    from models.registry import ModelRegistry
+
+    register_tiny_model(data_dir, name, tokenizer=tokenizer, seed=seed)
+    registry = ModelRegistry(AppConfig(data_dir=Path(data_dir)))
+    rm = RewardModel(registry.load(name, dtype=torch.float32))
+    torch.nn.init.normal_(rm.head.weight, std=1.0, generator=torch.Generator().manual_seed(seed))
+    return registry.amend(name, lambda d: save_head(rm, d))

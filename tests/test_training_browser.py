@@ -1,6 +1,7 @@
 """The Training tab in headless Chromium against a real server with its worker: sign in as an operator,
 start a short pretraining run of the tiny preset, watch its loss curve grow point by point, see samples
-with their step numbers, cancel it, and find the model it registered in the model list."""
+with their step numbers, cancel it, and find the model it registered in the model list; an RLHF run watched
+by a held-out reward model shows its turning point and a sample from each side of it."""
 from __future__ import annotations
 
 import re
@@ -11,7 +12,7 @@ import pytest
 
 from backend.db import Database
 from tests.conftest import start_server
-from tests.helpers import register_tiny_model
+from tests.helpers import register_tiny_model, register_tiny_reward_model
 from tests.test_labels_api import make_users
 
 pytestmark = pytest.mark.browser
@@ -26,6 +27,9 @@ def site(tmp_path_factory):
     db.migrate()
     people = make_users(db, [("op", "operator")])
     register_tiny_model(data, "tiny-parent")  # a parent for fine-tuning kinds that loads in a blink
+    register_tiny_model(data, "tiny-chat", tokenizer="cl100k_base+chatml")  # RLHF samples chat answers
+    for i, judge in enumerate(("tiny-rm-a", "tiny-rm-b")):  # an RLHF job's reward model and its held-out judge
+        register_tiny_reward_model(data, judge, seed=i + 1, tokenizer="cl100k_base+chatml")
     server = start_server(data, "--no-preload", "--threads", "1")  # with the worker process
     yield server, db, people
     server.stop()
@@ -48,8 +52,8 @@ def wait_until(fn, timeout: float, what: str):
 
 
 def choose(page, elem_id: str, option: str) -> None:
-    page.locator(f"#{elem_id} input").click()
-    page.get_by_role("option", name=re.compile("^" + re.escape(option))).click()
+    page.locator(f"#{elem_id} input").click()  # the options of this dropdown (several lists can hold a name)
+    page.locator(f"#{elem_id}").get_by_role("option", name=re.compile("^" + re.escape(option))).click()
 
 
 def sign_in(page, server, people) -> None:
@@ -130,3 +134,44 @@ def test_every_field_of_the_sft_form_reaches_the_job(site, page):
     assert cfg["parent_model"] == "tiny-parent" and cfg["dataset"] == "bundled" and job["parent_model"] == "tiny-parent"
     # The page shows its progress from the first second: queued or already loading, a bar, the 2:30 budget.
     wait_until(lambda: "2:30" in page.locator("#train-progress").inner_text(), 30, "the job's progress line")
+
+
+def test_an_rlhf_run_with_a_held_out_judge_shows_the_turn_and_samples_side_by_side(site, page):
+    server, db, people = site
+    sign_in(page, server, people)
+    choose(page, "train-kind", "rlhf")
+    wait_until(lambda: page.locator("#train-held-out-reward-model").is_visible(), 30, "the RLHF form")
+    choose(page, "train-parent", "tiny-chat")
+    choose(page, "train-reward-model", "tiny-rm-a")
+    choose(page, "train-held-out-reward-model", "tiny-rm-b")
+    page.locator("#train-max-steps input").fill("4")
+    page.locator("#train-eval-every input").fill("1")
+    page.locator("#train-name textarea").fill("rlhf-watched")
+    page.get_by_text("Other settings (JSON)").click()  # small rollouts: a few seconds a step on the tiny model
+    page.locator("#train-extra .cm-content").fill('{"group_size": 2, "prompts_per_step": 1, "max_new_tokens": 6, '
+                                                  '"n_heldout": 2}')
+    page.locator("#train-start").click()
+    wait_until(lambda: "Queued job" in page.locator("#train-status").inner_text(), 30, "the job to be queued")
+    key = people["op"][2]
+    job = httpx.get(server.base_url + "/api/jobs", headers={"Authorization": f"Bearer {key}"}, timeout=10).json()["jobs"][0]
+    assert job["config"]["held_out_reward_model"] == "tiny-rm-b" and job["config"]["reward_model"] == "tiny-rm-a"
+    assert job["config"]["group_size"] == 2
+    stats = page.locator("#train-stats")
+    wait_until(lambda: re.search(r"succeeded|failed", stats.inner_text()), 180, "the RLHF job to finish")
+    assert "succeeded" in stats.inner_text(), stats.inner_text()
+    view = httpx.get(server.base_url + f"/api/jobs/{job['id']}", headers={"Authorization": f"Bearer {key}"},
+                     timeout=10).json()["reward_hacking"]
+    turn = view["turn_step"]
+    panel = page.locator("#train-hacking").first
+    wait_until(lambda: panel.is_visible() and f"step {turn}" in page.locator("#train-hacking-text").inner_text(), 30,
+               "the reward-hacking panel")
+    assert f"turn at step {turn}" in page.locator("#train-hacking-reward").inner_text()
+    before, after = page.locator("#train-hacking-before"), page.locator("#train-hacking-after")
+    assert f"Before the turn: step {view['before']['step']}" in before.inner_text()
+    assert view["before"]["prompt"] in before.inner_text()
+    if view["after"]:
+        assert f"After the turn: step {view['after']['step']}" in after.inner_text()
+    else:
+        assert "No sample logged after the turn" in after.inner_text()
+    bb, ab = before.bounding_box(), after.bounding_box()
+    assert abs(bb["y"] - ab["y"]) < 5 and bb["x"] + bb["width"] <= ab["x"] + 1  # side by side, before on the left

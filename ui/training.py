@@ -25,7 +25,8 @@ JOB_COLUMNS = ["id", "kind", "name", "state", "step", "loss", "model", "by"]
 PREFERRED_CURVES = ("val_bpb", "held_out_accuracy", "accuracy", "val_loss", "reward", "kl", "response_length")
 CURVE_TITLES = {"loss": "Training loss (nats per token)", "val_bpb": "Validation bits per byte",
                 "held_out_accuracy": "Held-out accuracy", "val_loss": "Validation loss", "kl": "KL to the reference",
-                "response_length": "Mean response length (tokens)", "reward": "Mean reward"}
+                "response_length": "Mean response length (tokens)", "reward": "Mean reward",
+                "held_out_reward": "Held-out reward model's score of the samples", "distinct_2": "Distinct-2 of the samples"}
 NOT_CURVES = {"step", "elapsed", "time", "id"}
 
 
@@ -132,6 +133,43 @@ def _samples_html(samples: list[dict]) -> str:
     return '<div class="pg-samples" style="max-height:32em;overflow-y:auto">' + "".join(rows) + "</div>"
 
 
+HACK_CURVES = {"reward": "reward model (optimised)", "held_out_reward": "held-out reward model",
+               "distinct_2": "distinct-2 of the samples", "distinct_1": "distinct-1 of the samples"}
+
+
+def _hacking_plot(view: dict, keys: tuple[str, ...], title: str):
+    """The smoothed curves of an RLHF run (backend/train/hacking.py) with the turning point as a vertical line."""
+    rows = [[s, v, HACK_CURVES[k]] for k in keys for s, v in view["smoothed"].get(k, [])]
+    if rows:
+        lo, hi = min(r[1] for r in rows), max(r[1] for r in rows)
+        rows += [[view["turn_step"], lo, "turning point"], [view["turn_step"], hi, "turning point"]]
+    return gr.LinePlot(pd.DataFrame(rows or None, columns=["step", "value", "curve"]), x="step", y="value",
+                       color="curve", title=f"{title} · turn at step {view['turn_step']}")
+
+
+def _side_html(sample: dict | None, label: str, side: str) -> str:
+    if not sample:
+        return (f'<div class="pg-hack-{side}"><b>{label}</b><p><i>No sample logged after the turn yet: the run is '
+                "still at its best, or stopped there.</i></p></div>")
+    return (f'<div class="pg-hack-{side}" data-step="{int(sample["step"])}"><b>{label}: step {int(sample["step"])}</b>'
+            f'<pre style="white-space:pre-wrap;margin:.2em 0"><span style="opacity:.6">{html.escape(sample["prompt"])}'
+            f'</span>\n{html.escape(sample["sample"])}</pre></div>')
+
+
+def _hacking_updates(view: dict | None) -> tuple:
+    """The reward-hacking panel of an RLHF job: hidden until the job has logged a step."""
+    if not view:
+        return gr.update(visible=False), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+    at, fin = view["at_turn"], view["final"]
+    nums = " · ".join(f"{HACK_CURVES.get(k, k)} {at[k]:.3f} → {fin[k]:.3f}" for k in HACK_CURVES if k in at and k in fin)
+    md = (f"**{view['text']}**\n\nSmoothed over {view['window']} steps, at the turn → at the last step: {nums}. "
+          f"Independent measure: `{view['measure']}`; the policy is optimised against the reward model only.")
+    return (gr.update(visible=True), md,
+            _hacking_plot(view, ("reward", "held_out_reward"), "Reward model vs held-out reward model"),
+            _hacking_plot(view, ("distinct_1", "distinct_2"), "Distinct-n of the samples"),
+            _side_html(view["before"], "Before the turn", "before"), _side_html(view["after"], "After the turn", "after"))
+
+
 def _jobs_table(jobs: list[dict]) -> pd.DataFrame:
     rows = [[j["id"], j["kind"], j["name"], j["state"], j["step"], _fmt(j["summary"].get("loss"), ".4f"),
              j["model"] or "", j["created_by"] or ""] for j in jobs]
@@ -225,9 +263,14 @@ def build(pg) -> None:
                                label="Training data: the kind's built-in set, or a frozen snapshot of your labels")
             snap_refresh = gr.Button("↻", scale=0, size="sm", min_width=40)
     with gr.Group(visible=False) as reward_box:
-        reward_model = model_dropdown(lambda: model_names(pg.registry, "reward"), value=None,
-                                      label="Reward model (a model trained by a reward job)",
-                                   elem_id="train-reward-model")
+        with gr.Row():
+            reward_model = model_dropdown(lambda: model_names(pg.registry, "reward"), value=None,
+                                          label="Reward model (a model trained by a reward job)",
+                                          elem_id="train-reward-model")
+            held_out_model = model_dropdown(lambda: model_names(pg.registry, "reward"), value=None,
+                                            elem_id="train-held-out-reward-model",
+                                            label="Held-out reward model (optional: trained on the other half of the "
+                                                  "rankings; it only watches, to show reward hacking)")
     with gr.Accordion("Other settings (JSON)", open=False):
         extra = gr.Code(value="{}", language="json", label="Other config fields (JSON), e.g. {\"lr\": 0.002}",
                         elem_id="train-extra")
@@ -255,6 +298,15 @@ def build(pg) -> None:
             bpb_plot = gr.LinePlot(_plot([], "value"), x="step", y="value", title=CURVE_TITLES["val_bpb"],
                                    y_title="val_bpb", elem_id="train-bpb-plot")
     curve_info = gr.Markdown(elem_id="train-curve-info")
+    with gr.Group(visible=False, elem_id="train-hacking") as hack_box:
+        gr.Markdown("#### Reward hacking: the score the policy chases against measures it does not see")
+        hack_md = gr.Markdown(elem_id="train-hacking-text")
+        with gr.Row():
+            hack_plot = gr.LinePlot(x="step", y="value", color="curve", elem_id="train-hacking-reward")
+            distinct_plot = gr.LinePlot(x="step", y="value", color="curve", elem_id="train-hacking-distinct")
+        with gr.Row():
+            before_box = gr.HTML(elem_id="train-hacking-before")
+            after_box = gr.HTML(elem_id="train-hacking-after")
     with gr.Row():
         with gr.Column(scale=3):
             samples = gr.HTML(_samples_html([]), label="Samples", elem_id="train-samples")
@@ -288,7 +340,7 @@ def build(pg) -> None:
     snap_refresh.click(public(lambda: gr.update(choices=_data_choices(pg))), None, data)
 
     @door(pg, "operator")
-    def start_job(k, nm, steps, secs, e_every, pre, corp, tok, s_every, chars, files, par, dat, rm, extra_json,
+    def start_job(k, nm, steps, secs, e_every, pre, corp, tok, s_every, chars, files, par, dat, rm, held_rm, extra_json,
                   request: gr.Request):
         user = request_user(pg, request, "operator")
         try:
@@ -315,6 +367,7 @@ def build(pg) -> None:
                 snapshot = dat[len(SNAP):] if (dat or "").startswith(SNAP) else None
             if show["reward_model"]:
                 values["reward_model"] = rm or ""
+                values["held_out_reward_model"] = held_rm or ""
             job = queue.create_job(pg.db, pg.cfg, user, k, form.form_config(k, values, more), snapshot=snapshot)
         except (ValueError, LookupError) as e:
             raise gr.Error(str(e))
@@ -326,7 +379,8 @@ def build(pg) -> None:
             choices=[(f"#{job['id']} {job['name']} ({job['state']})", job["id"])], value=job["id"])
 
     start.click(start_job, [kind, name, max_steps, max_seconds, eval_every, preset, corpus, tokenizer, sample_every,
-                            max_chars, uploads, parent, data, reward_model, extra], [status, state, job_pick])
+                            max_chars, uploads, parent, data, reward_model, held_out_model, extra],
+                [status, state, job_pick])
 
     def act(fn, job_id, request: gr.Request):
         user = request_user(pg, request, "operator")
@@ -353,10 +407,10 @@ def build(pg) -> None:
     def tick(st, selected, picked, visible, request: gr.Request):
         skip = gr.skip()
         if not visible:
-            return (skip,) * 11
+            return (skip,) * 17
         user = user_from_request(pg, request.headers, request.cookies) if request is not None else None
         if user is None:
-            return st, skip, skip, "Log in (above) to start or watch training jobs.", skip, skip, skip, skip, skip, skip, skip
+            return (st, skip, skip, "Log in (above) to start or watch training jobs.") + (skip,) * 13
         jobs = queue.list_jobs(pg.db, 100)
         sig = [(j["id"], j["state"], j["step"]) for j in jobs]
         table = _jobs_table(jobs) if sig != st["sig"] else skip
@@ -365,7 +419,7 @@ def build(pg) -> None:
         st = {**st, "sig": sig, "choices": choices}
         job_id = selected or st["job"] or (jobs[0]["id"] if jobs else None)
         if job_id is None:
-            return st, table, pick, "No jobs yet: start one above.", skip, skip, skip, skip, skip, skip, skip
+            return (st, table, pick, "No jobs yet: start one above.") + (skip,) * 13
         if job_id != st["job"]:
             st = {**_empty_state(), "sig": sig, "choices": choices, "job": job_id}
             if not selected:
@@ -373,7 +427,7 @@ def build(pg) -> None:
         try:
             d = queue.job_detail(pg.db, job_id, st["after"])
         except LookupError:
-            return {**st, "job": None}, table, pick, f"No job {job_id}.", skip, skip, skip, skip, skip, skip, skip
+            return ({**st, "job": None}, table, pick, f"No job {job_id}.") + (skip,) * 13
         if d["reset"]:
             st = {**st, "after": 0, "series": {}, "samples": [], "log": []}
         new_metrics = d["metrics"]
@@ -395,15 +449,17 @@ def build(pg) -> None:
         st = {**st, "after": d["last_event_id"], "series": series, "samples": smp, "log": log, "curves": keys,
               "span": _x_span(d, series)}
         if not changed:
-            return st, table, pick, _stats(d), _progress_html(d), skip, skip, skip, skip, skip, curve_pick
+            return (st, table, pick, _stats(d), _progress_html(d), skip, skip, skip, skip, skip, curve_pick) + (skip,) * 6
         info = (f"loss curve: {len(loss)} points" + (f" (steps {loss[0][0]}–{loss[-1][0]})" if loss else "")
                 + (f" · {second}: {len(series.get(second, []))} points" if second else ""))
         span = _x_span(d, series)
         return (st, table, pick, _stats(d), _progress_html(d), _loss_plot(loss, span),
-                _curve_plot(series, second, span), _samples_html(smp), "\n".join(reversed(log)), info, curve_pick)
+                _curve_plot(series, second, span), _samples_html(smp), "\n".join(reversed(log)), info, curve_pick,
+                *_hacking_updates(d.get("reward_hacking")))
 
     timer.tick(tick, [state, job_pick, curve, shown], [state, jobs_table, job_pick, stats, progress_box, loss_plot,
-                                                       bpb_plot, samples, log_box, curve_info, curve],
+                                                       bpb_plot, samples, log_box, curve_info, curve, hack_box,
+                                                       hack_md, hack_plot, distinct_plot, before_box, after_box],
                show_progress="hidden")
     curve.input(public(lambda st, key: _curve_plot(st["series"], _second_curve(st["series"], key), st.get("span"))),
                 [state, curve], bpb_plot)

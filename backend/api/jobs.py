@@ -3,7 +3,8 @@
     POST /api/jobs               {"kind": "pretrain", "config": {...}, "snapshot": HASH?, "device": "cpu"?} -> 201 job
     GET  /api/jobs               -> {"jobs": [job, ...]} newest first
     GET  /api/jobs/kinds         -> {"kinds": [{"kind", "description", "fields": [{name, type, default}]}]}
-    GET  /api/jobs/{id}?after=N  -> job + metrics, samples, checkpoints, log tail (events with id > N)
+    GET  /api/jobs/{id}?after=N  -> job + metrics, samples, checkpoints, log tail (events with id > N);
+                                    an RLHF job also "reward_hacking" (backend/train/hacking.py)
     POST /api/jobs/{id}/cancel   -> job (stops after the current step, keeping a checkpoint)
     POST /api/jobs/{id}/resume   {"config": {overrides}}? -> job (queued again; continues its last checkpoint)
 

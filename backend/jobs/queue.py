@@ -125,6 +125,7 @@ def job_detail(db: Database, job_id: int, after: int = 0) -> dict:
 
     A poller passes the largest event id it has seen as `after` and appends; `reset` true means the
     history was rewritten (a resume dropped events past its checkpoint) and the poller starts over.
+    An RLHF job also carries "reward_hacking": the whole run's turning point and samples (None before a step).
     """
     job = get_job(db, job_id)
     with db.read() as s:
@@ -140,7 +141,16 @@ def job_detail(db: Database, job_id: int, after: int = 0) -> dict:
     job["log"] = job_events(db, job_id, after, kinds=("log",), limit=LOG_TAIL)
     job["last_event_id"] = max([after, *(e["id"] for e in events), *(e["id"] for e in job["log"])])
     job["reset"] = reset
+    if job["kind"] == "rlhf":
+        job["reward_hacking"] = _reward_hacking(db, job_id)
     return job
+
+
+def _reward_hacking(db: Database, job_id: int) -> dict | None:
+    """An RLHF job's turning point and its before/after samples (backend/train/hacking.py), from all its events."""
+    from backend.train.hacking import reward_hacking_view
+    events = job_events(db, job_id, 0, kinds=("metric", "sample"))
+    return reward_hacking_view([e for e in events if e["kind"] == "metric"], [e for e in events if e["kind"] == "sample"])
 
 
 def cancel_job(db: Database, job_id: int, user: CurrentUser | None = None, stale_after: float = STALE_AFTER) -> dict:

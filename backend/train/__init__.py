@@ -11,5 +11,6 @@ and share backend/train/common.py (parent model, vocabulary growth, packing, log
     reward  (reward.py) backbone + scalar head, Bradley-Terry over all K-choose-2 pairs per prompt
     dpo     (dpo.py)    preference pairs against a frozen reference, beta 0.1
     grpo    (grpo.py)   verifiable rewards, group-normalised advantages, clipping, KL to the parent
-    rlhf    (rlhf.py)   the GRPO loop with a reward model's score as the reward; reward-hacking preset
+    rlhf    (rlhf.py)   the GRPO loop with a reward model's score as the reward; reward-hacking presets, a
+                        held-out reward model and distinct-n watching every step (hacking.py: the turning point)
 """

@@ -4,6 +4,7 @@
     python -m backend.train pretrain --config run.yaml --resume
     torchrun --standalone --nproc_per_node 2 -m backend.train sft --config sft.yaml     # 2 processes (DDP)
     python -m backend.train family --set budget=cpu-1h     # tools, thinking and pelican-RLHF models, one by one
+    python -m backend.train rlhf --set reward_model=rm-a --set held_out_reward_model=rm-b --set preset=reward-hacking
 
 Options given on the command line override the YAML file. Events print as they come (one line each);
 Ctrl-C stops at the end of the current step, keeps a checkpoint and registers the model. Under torchrun
@@ -181,7 +182,7 @@ def _overrides(pairs: list[str]) -> dict:
         if not eq or not key.strip():
             sys.exit(f"--set: expected KEY=VALUE, got {pair!r}")
         try:
-            out[key.strip()] = yaml.safe_load(value)
+            out[key.strip()] = yaml.safe_load(value) if value.strip() else ""
         except yaml.YAMLError as e:
             sys.exit(f"--set {key}: {value!r} is not a valid value: {e}")
     return out

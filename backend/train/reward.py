@@ -31,6 +31,7 @@ from backend.jobs.kinds import JobContext, Outcome, trainer
 from backend.train.common import (FineTuneConfig, FineTuneRun, amp_for, check_finite, check_parent, default_name_for,
                                   load_parent, make_opt)
 from models.registry import REWARD_HEAD_FILE as HEAD_FILE
+HALVES = ("all", "a", "b")
 
 
 class RewardModel(nn.Module):
@@ -62,9 +63,13 @@ class RewardConfig(FineTuneConfig):
     n_examples: int = 300          # bundled rankings
     k: int = 4                     # bundled candidates per prompt
     val_fraction: float = 0.2      # held-out rankings (never trained on)
+    half: str = "all"              # "all", or "a" / "b": every other ranking of the data, so two reward models
+                                   # never see each other's rankings (RLHF's held-out scorer, DEMOS.md 17)
 
     def validate(self) -> None:
         super().validate()
+        if self.half not in HALVES:
+            raise ValueError(f"half: one of {', '.join(HALVES)}, not {self.half!r}")
         if not 0 < self.val_fraction < 1:
             raise ValueError("val_fraction: must be between 0 and 1")
         if self.max_len < 8 or self.n_examples < 5 or not 2 <= self.k <= 9:
@@ -91,6 +96,11 @@ def group_rankings(rows: list[dict]) -> list[dict]:
     if not out:
         raise ValueError("dataset: no rankings or preference pairs")
     return out
+
+
+def take_half(items: list, half: str) -> list:
+    """Half "a" (items 0, 2, 4...) or "b" (1, 3, 5...) of the rankings in their given order, or all of them."""
+    return items if half == "all" else items[HALVES.index(half) - 1::2]
 
 
 def pairs_of(item: dict) -> tuple[list[str], list[tuple[int, int]]]:
@@ -163,6 +173,13 @@ def full_reward_model(rm: RewardModel, d) -> RewardModel:
     return full.train(rm.training)
 
 
+def rankings_id(cfg: RewardConfig) -> dict:
+    """What names the rankings a reward model trained on (kept in its lineage): two reward models with equal
+    ids saw the same rankings, so one cannot stand in as the other's held-out judge."""
+    return {"dataset": cfg.dataset, "half": cfg.half, **({"seed": cfg.seed, "n_examples": cfg.n_examples, "k": cfg.k}
+                                                          if cfg.dataset == "bundled" else {})}
+
+
 def bundled_rows(cfg: RewardConfig) -> list[dict]:
     from backend.datasets.preferences import rankings
     return rankings(cfg.n_examples, seed=cfg.seed, k=cfg.k)
@@ -183,7 +200,8 @@ def run_reward(cfg: RewardConfig, ctx: JobContext) -> Outcome:
         del parent
         rm = RewardModel(backbone).to(run.device).train()
         run.phase("reading the rankings…")
-        items = group_rankings(load_rows(cfg.dataset, run.app, ctx.snapshot_hash, lambda: bundled_rows(cfg)))
+        items = take_half(group_rankings(load_rows(cfg.dataset, run.app, ctx.snapshot_hash, lambda: bundled_rows(cfg))),
+                          cfg.half)
         random.Random(cfg.seed).shuffle(items)
         n_val = max(1, int(len(items) * cfg.val_fraction))
         val, train = items[:n_val], items[n_val:]
@@ -256,7 +274,8 @@ def run_reward(cfg: RewardConfig, ctx: JobContext) -> Outcome:
         final = full_reward_model(rm, d)
         name = run.register(final.backbone, tok_name, f"reward model from {cfg.parent_model} ({run.step} steps, "
                             f"held-out pairwise accuracy {acc:.1%})",
-                            {"reward_model": True, "held_out_accuracy": acc, "initial_accuracy": acc0})
+                            {"reward_model": True, "held_out_accuracy": acc, "initial_accuracy": acc0,
+                             "rankings": rankings_id(cfg)})
         if name:
             from models.registry import ModelRegistry
             ModelRegistry(run.app).amend(name, lambda d: save_head(final, d))  # shared artifacts: re-published

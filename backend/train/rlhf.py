@@ -9,6 +9,11 @@ directly: how often answers follow the hidden rule the annotators used (they men
 backend/datasets/preferences.py) and the share of distinct words (it drops when text degenerates
 into "the the the").
 
+With held_out_reward_model (a reward model trained on the other half of the rankings: reward.py's half "a"
+and "b") every step also logs that model's score of the same samples ("held_out_reward"), and every step
+logs distinct-1/2 and repetition of its samples: the independent measures of backend/train/hacking.py,
+which finds the step where they turn (the job view's "reward_hacking").
+
 preset "reward-hacking": no KL (beta 0), a higher learning rate and many steps: the RM score keeps
 rising while the samples collapse into whatever the RM over-rewards. That is why RLHF is run briefly
 and stopped (the Deep Dive's point; DEMOS.md 17).
@@ -21,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import random
-import re
 from dataclasses import dataclass
 
 import torch
@@ -29,10 +33,20 @@ import torch
 from backend.jobs.kinds import JobContext, Outcome, trainer
 from backend.train.common import check_parent, default_name_for
 from backend.train.grpo import PolicyConfig, policy_optimization
+from backend.train.hacking import distinct_n, sample_metrics
 
 PRESETS = {
     "default": {},
     "reward-hacking": {"beta": 0.0, "lr": 3e-5, "max_steps": 300},
+    # The same within 15 CPU-minutes (SmolLM2-135M, 1 thread): smaller groups and answers for more updates, a
+    # higher rate, a greedy sample every 5 steps for the before/after pair; give held_out_reward_model too.
+    # Measured (reward models of 40 steps on halves a/b, held-out pairwise accuracy 92.5% / 74.2%): 105 steps in
+    # 893 CPU-s; the RM score rose (-0.15 -> 0.18), distinct-2 peaked at step 46 and fell 0.99 -> 0.13 (all samples
+    # "Phellet of Hails"), the held-out RM's score did not fall (both learned "shorter wins"; answers went to one
+    # or two made-up words from step ~20).
+    "reward-hacking-cpu": {"beta": 0.0, "lr": 5e-5, "max_steps": 300, "group_size": 4, "prompts_per_step": 2,
+                           "max_new_tokens": 32, "eval_every": 5, "warmup_steps": 3, "max_cpu_seconds": 900.0,
+                           "checkpoint_every": 1000},
 }
 HELD_OUT_PROMPTS = ["Write a joke about the harbour.", "Say something cheerful.", "Describe a windy afternoon.",
                     "Write one sentence about lunch.", "What is a good name for a cat?", "Tell me about the weather."]
@@ -41,7 +55,8 @@ HELD_OUT_PROMPTS = ["Write a joke about the harbour.", "Say something cheerful."
 @dataclass
 class RLHFConfig(PolicyConfig):
     reward_model: str = ""          # a registered reward model (a "reward" job's model)
-    preset: str = "default"         # "default" or "reward-hacking" (beta 0, lr 3e-5, 300 steps)
+    held_out_reward_model: str = ""  # optional: a second reward model, trained on other rankings, that only watches
+    preset: str = "default"         # "default", "reward-hacking" (beta 0, lr 3e-5, 300 steps) or "reward-hacking-cpu"
     max_new_tokens: int = 48
     n_heldout: int = 6
 
@@ -51,15 +66,32 @@ class RLHFConfig(PolicyConfig):
             raise ValueError(f"preset: one of {', '.join(PRESETS)}, not {self.preset!r}")
         if not self.reward_model:
             raise ValueError("reward_model: name the registered reward model to optimise against")
+        if self.held_out_reward_model and self.held_out_reward_model == self.reward_model:
+            raise ValueError("held_out_reward_model: must be another reward model than reward_model (one trained on "
+                             "other rankings, e.g. reward job half 'b' beside half 'a'); a model cannot judge itself")
 
 
 def check(cfg: RLHFConfig, app) -> None:
     check_parent(cfg, app)
-    from models.registry import ModelRegistry, require_role
+    rm = _reward_spec(app, "reward_model", cfg.reward_model)
+    if cfg.held_out_reward_model:
+        held = _reward_spec(app, "held_out_reward_model", cfg.held_out_reward_model)
+        seen = lambda s: (s.lineage.get("snapshot_hash"), s.lineage.get("rankings"))  # noqa: E731
+        if seen(rm)[1] is not None and seen(rm) == seen(held):
+            raise ValueError(f"held_out_reward_model: {held.name!r} was trained on the same rankings as {rm.name!r} "
+                             f"({seen(rm)[1]}); train it on the other half (reward job field half) to get an independent judge")
+
+
+def _reward_spec(app, field: str, name: str):
+    """The registered reward model `name` (the registry's role: models/registry.py), else a ValueError naming `field`."""
+    from models.registry import ModelRegistry
     try:
-        require_role(ModelRegistry(app).get(cfg.reward_model), ("reward",), "an RLHF job's reward_model")
+        spec = ModelRegistry(app).get(name)
     except ValueError as e:
-        raise ValueError(f"reward_model: {e} (train one with a reward job)") from None
+        raise ValueError(f"{field}: {e}") from None
+    if spec.role != "reward":
+        raise ValueError(f"{field}: {name!r} is not a reward model but a {spec.role} model (train one with a reward job)")
+    return spec
 
 
 def prompt_of(row: dict) -> str | None:
@@ -88,8 +120,7 @@ def train_prompts(cfg: RLHFConfig, app, snapshot_hash: str | None) -> list[str]:
 
 
 def distinct_ratio(texts: list[str]) -> float:
-    words = [w for t in texts for w in re.findall(r"\w+", t.lower())]
-    return len(set(words)) / len(words) if words else 0.0
+    return distinct_n(texts, 1)
 
 
 def run_rlhf(cfg: RLHFConfig, ctx: JobContext) -> Outcome:
@@ -102,17 +133,24 @@ def run_rlhf(cfg: RLHFConfig, ctx: JobContext) -> Outcome:
     rm = load_reward_model(reg, cfg.reward_model, device=ctx.device if ctx.device and cfg.device == "auto" else None)
     rm_enc = get_encoding(reg.get(cfg.reward_model).tokenizer, ctx.app.data_dir)
     max_len = 256
+    held_rm = held_enc = None
+    if cfg.held_out_reward_model:
+        held_rm = load_reward_model(reg, cfg.held_out_reward_model, device=rm.backbone.device)
+        held_enc = get_encoding(reg.get(cfg.held_out_reward_model).tokenizer, ctx.app.data_dir)
 
     @torch.no_grad()
-    def scores(prompts, texts):
-        return rm([encode_answer(rm_enc, p, t, max_len) for p, t in zip(prompts, texts)]).float().cpu()
+    def scores(prompts, texts, model=rm, enc=rm_enc):
+        return model([encode_answer(enc, p, t, max_len) for p, t in zip(prompts, texts)]).float().cpu()
 
     def render(prompt):
         return [{"role": "user", "content": prompt}]
 
     def reward_fn(items, texts):
         s = scores(items, texts)
-        return s, {"rm_score": round(float(s.mean()), 4)}
+        watch = sample_metrics(texts)  # the independent measures, never part of the reward
+        if held_rm is not None:
+            watch["held_out_reward"] = round(float(scores(items, texts, held_rm, held_enc).mean()), 4)
+        return s, {"rm_score": round(float(s.mean()), 4), **watch}
 
     def evaluate(engine, prompts, prompt_ids):
         from backend.serving.sampling import SamplingParams
@@ -130,7 +168,14 @@ def run_rlhf(cfg: RLHFConfig, ctx: JobContext) -> Outcome:
                               f"RLHF of {cfg.parent_model} against {cfg.reward_model} (preset {cfg.preset}, beta {cfg.beta})")
     if out.model:
         from backend.jobs.pretrain import add_lineage
-        add_lineage(ctx.app, out.model, {"reward_model": cfg.reward_model, "preset": cfg.preset})
+        add_lineage(ctx.app, out.model, {"reward_model": cfg.reward_model, "preset": cfg.preset,
+                                         **({"held_out_reward_model": cfg.held_out_reward_model} if held_rm else {})})
+    if out.checkpoint:  # the verdict of the whole run in its log (the job view recomputes it live)
+        from pathlib import Path
+        from backend.train.hacking import view_of_run
+        view = view_of_run(Path(out.checkpoint).parent)
+        if view:
+            ctx.emit({"log": view["text"], "step": out.step})
     return out
 
 
