@@ -71,3 +71,18 @@ def test_the_cli_refuses_a_family_that_cannot_be_trained_before_training(app, ca
     with pytest.raises(SystemExit) as e:
         main(["family", "--set", "budget", *data])
     assert "KEY=VALUE" in str(e.value.code)
+
+
+def test_the_training_form_queues_a_family_with_a_parent_and_no_step_budget(app):
+    """The Training tab's form (backend.jobs.form): the family kind shows a parent picker but neither the step/time
+    row nor a dataset (its budget is its own setting), and what the form sends queues a family job."""
+    from backend.jobs import form
+    show = form.shown("family")
+    assert show["parent"] and not show["budget"] and not show["dataset"] and not show["reward_model"]
+    db = Database(app.database_url)
+    db.migrate()
+    job = queue.create_job(db, app, None, "family",
+                           form.form_config("family", {"name": "", "parent_model": "tiny"}, {"budget": "tiny"}))
+    assert job["state"] == "queued" and job["config"]["parent_model"] == "tiny" and job["config"]["budget"] == "tiny"
+    queue.cancel_job(db, job["id"])
+    db.close()
