@@ -53,9 +53,22 @@ def register_tiny_model(data_dir: Path, name: str = "tiny", tokenizer: str = "cl
                              description="tiny random model for tests", overwrite=True)
 
 
+def wait_for(fn, timeout: float, what: str, poll: float = 0.1):
+    """fn()'s first truthy value, polled until `timeout` seconds; else an AssertionError naming `what`."""
+    import time
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = fn()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
 def register_reward_model(data_dir: Path, name: str = "tiny-rm", tokenizer: str = "cl100k_base", seed: int = 0):
     """A tiny reward model as a "reward" job leaves one: its backbone registered with the chat format and lineage
-    kind "reward", and its scalar head beside the weights (backend/train/reward.py)."""
+    kind "reward", and a random scalar head (seeded) beside the weights (backend/train/reward.py). It loads in a
+    blink, for tests of what uses a reward model, not of what one has learned."""
     from backend.config import AppConfig
     from backend.train.reward import RewardModel, save_head
     from models.registry import ModelRegistry
@@ -64,7 +77,9 @@ def register_reward_model(data_dir: Path, name: str = "tiny-rm", tokenizer: str 
     spec = ModelRegistry(AppConfig(data_dir=Path(data_dir))).register(
         name, model, tokenizer=tokenizer, chat_format="chatml", lineage={"kind": "reward", "parent_model": "tiny"},
         description="tiny reward model for tests", overwrite=True)
-    save_head(RewardModel(model), spec.path)
+    rm = RewardModel(model)
+    torch.nn.init.normal_(rm.head.weight, std=1.0, generator=torch.Generator().manual_seed(seed))
+    save_head(rm, spec.path)
     return spec
 
 
@@ -195,18 +210,3 @@ def add_user(data_dir: Path, name: str, role: str) -> tuple[str, str]:
         users._hasher = PasswordHasher()
         db.close()
     return password, key
-
-
-def register_tiny_reward_model(data_dir: Path, name: str, seed: int = 0, tokenizer: str = "cl100k_base"):
-    """A tiny random model with a random scalar head (backend/train/reward.py's files): a reward model that loads
-    in a blink, for tests of what uses one (RLHF forms and jobs), not of what it has learned."""
-    import torch
-    from backend.config import AppConfig
-    from backend.train.reward import RewardModel, save_head
-    from models.registry import ModelRegistry
-
-    register_tiny_model(data_dir, name, tokenizer=tokenizer, seed=seed)
-    registry = ModelRegistry(AppConfig(data_dir=Path(data_dir)))
-    rm = RewardModel(registry.load(name, dtype=torch.float32))
-    torch.nn.init.normal_(rm.head.weight, std=1.0, generator=torch.Generator().manual_seed(seed))
-    return registry.amend(name, lambda d: save_head(rm, d))

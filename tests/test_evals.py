@@ -7,7 +7,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -17,7 +16,7 @@ from backend.db import Database
 from backend.evals.card import LABELS, ROWS
 from backend.evals.store import model_cards
 from tests.conftest import ROOT, log_in, open_tab, start_server
-from tests.helpers import add_user, register_tiny_model
+from tests.helpers import add_user, register_tiny_model, wait_for
 
 KEYS = [k for k, _, _ in ROWS]
 CHAT_KEYS = [k for k in KEYS if k != "bpb"]
@@ -93,11 +92,9 @@ def test_saying_so_counts_as_not_knowing_and_a_made_up_answer_does_not():
 
 def test_an_unknown_model_is_refused_before_anything_loads(data, tmp_path):
     fresh = tmp_path / "fresh"
-    t0 = time.monotonic()
     r = cli(fresh, "no-such-model")
     assert r.returncode == 2 and "unknown model 'no-such-model'" in r.stderr and "smollm2-135m-instruct" in r.stderr
     assert not (fresh / "playground.db").exists()  # not even the database was opened
-    assert time.monotonic() - t0 < 60
     r = cli(data, "tiny-rm")
     assert r.returncode == 2 and "is a reward model" in r.stderr
     r = cli(data, "tiny", "--limit", "0")
@@ -138,15 +135,6 @@ def live(data):
     yield server, people
     server.stop()
 
-
-def wait_for(fn, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = fn()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def test_a_registered_model_gets_its_card_and_rest_lists_cards_side_by_side(live):

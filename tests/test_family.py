@@ -6,27 +6,13 @@ from __future__ import annotations
 
 import pytest
 
-from backend.config import AppConfig
 from backend.db import Database
 from backend.jobs import queue
 from backend.jobs.kinds import JobContext, get_trainer, parse_config
 from backend.train.family import MEMBERS
 from models.registry import ModelRegistry
-from models.tokenizers import get_encoding, save_encoding
-from tests.helpers import make_tiny_model
-from tests.test_trainers import byte_encoding
-
-
-@pytest.fixture(scope="module")
-def app(tmp_path_factory) -> AppConfig:
-    data = tmp_path_factory.mktemp("family") / "data"
-    app = AppConfig(data_dir=data)
-    app.ensure_dirs()
-    save_encoding(byte_encoding(), "bytes", data)
-    enc = get_encoding("bytes+chatml", data)
-    ModelRegistry(app).register("tiny", make_tiny_model(enc.max_token_value + 1, dim=64, n_layers=2, max_seq_len=1024),
-                                "bytes+chatml", "chatml", {"origin": "test"})
-    return app
+from models.tokenizers import get_encoding
+from tests.test_trainers import app  # noqa: F401 (fixture: a data directory with a tiny byte-level chat model)
 
 
 def test_the_family_trains_each_member_as_a_job_in_order_with_lineage_and_a_rerun_skips_them(app):

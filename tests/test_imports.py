@@ -8,16 +8,15 @@ import threading
 
 import httpx
 import pytest
-from argon2 import PasswordHasher
 from sqlalchemy import func, select
 
-from backend import users
 from backend.db import Database
 from backend.db.models import Candidate, Ranking, RankingItem, RankingSet, SFTDemo, SFTVersion
 from backend.labels import agreement, exchange, progress, rankings as rk, review, snapshots
 from backend.users import CurrentUser
 from tests.conftest import start_server
 from tests.helpers import add_user
+from tests.test_labels_services import db, people  # noqa: F401 (fixtures: a migrated SQLite file, its users)
 
 ROW = {"messages": [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}]}
 
@@ -54,18 +53,6 @@ def counts(db: Database) -> dict:
         return out
 
 
-@pytest.fixture
-def db(tmp_path):
-    d = Database(f"sqlite:///{tmp_path / 'labels.db'}")
-    d.migrate()
-    yield d
-    d.close()
-
-
-@pytest.fixture
-def people(db, monkeypatch):
-    monkeypatch.setattr(users, "_hasher", PasswordHasher(time_cost=1, memory_cost=1024))
-    return {name: users.add_user(db, name, role)[0] for name, role in [("op", "operator"), ("ann", "annotator")]}
 
 
 def test_a_bad_last_line_after_many_batches_leaves_nothing_and_a_good_file_publishes_all(tmp_path):

@@ -12,7 +12,7 @@ import pytest
 
 from backend.db import Database
 from tests.conftest import start_server
-from tests.helpers import register_tiny_model, register_tiny_reward_model
+from tests.helpers import register_reward_model, register_tiny_model
 from tests.test_labels_api import make_users
 
 pytestmark = pytest.mark.browser
@@ -29,7 +29,7 @@ def site(tmp_path_factory):
     register_tiny_model(data, "tiny-parent")  # a parent for fine-tuning kinds that loads in a blink
     register_tiny_model(data, "tiny-chat", tokenizer="cl100k_base+chatml")  # RLHF samples chat answers
     for i, judge in enumerate(("tiny-rm-a", "tiny-rm-b")):  # an RLHF job's reward model and its held-out judge
-        register_tiny_reward_model(data, judge, seed=i + 1, tokenizer="cl100k_base+chatml")
+        register_reward_model(data, judge, tokenizer="cl100k_base+chatml", seed=i + 1)
     server = start_server(data, "--no-preload", "--threads", "1")  # with the worker process
     yield server, db, people
     server.stop()

@@ -19,6 +19,7 @@ from backend.db import Database
 from backend.jobs import queue
 from backend.train.pretrain import latest_checkpoint
 from models.registry import ModelRegistry
+from tests.helpers import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -57,15 +58,6 @@ def start_worker(app: AppConfig, *args: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "backend.worker", "--data-dir", str(app.data_dir), "--threads", "1",
                              "--poll", "0.2", *args], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
 
-
-def wait_for(fn, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = fn()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def loss_steps(db, job_id) -> list[int]:
