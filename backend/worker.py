@@ -210,8 +210,7 @@ def spawn_worker(app: AppConfig) -> subprocess.Popen:
     root = Path(__file__).resolve().parent.parent
     env = {**os.environ, "DATABASE_URL": app.database_url, "PYTHONUNBUFFERED": "1",
            "PYTHONPATH": os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH", "")) if p)}
-    # The worker shares the CPU with the server: idle OpenMP threads should sleep, not spin (README).
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # how OpenMP threads wait (GOMP_SPINCOUNT, backend/runtime.py) comes with os.environ: app.py set it
     if app.artifacts_url:  # the worker publishes where this server lists (models/artifacts.py)
         env["PLAYGROUND_ARTIFACTS"] = app.artifacts_url
     cmd = [sys.executable, "-m", "backend.worker", "--data-dir", str(app.data_dir), "--device", app.device,

@@ -14,6 +14,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from backend.runtime import apply_runtime_env
+
+apply_runtime_env()  # the app's OpenMP settings (backend/runtime.py) for models run in the test process too
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

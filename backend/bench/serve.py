@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> None:
                                   goal_min=({8: 3.0, 32: 4.0}.get(c))))
     import torch
     print(json.dumps({"bench": "serve", "device": "cpu", "threads": args.threads, "tokens": args.tokens,
-                      "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "torch": torch.__version__.split("+")[0],
+                      "openmp": {k: os.environ[k] for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT") if k in os.environ}, "torch": torch.__version__.split("+")[0],
                       "results": results}))
 
 

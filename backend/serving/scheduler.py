@@ -36,6 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
+from backend.runtime import ThreadGovernor
 from backend.serving.sampling import SamplingParams, apply_penalties, make_generator, sample, token_logprobs
 
 log = logging.getLogger(__name__)
@@ -375,6 +376,9 @@ class Scheduler:
         self._cond = threading.Condition()
         self._closed = False
         self.steps = 0
+        # one thread while other processes keep a core busy (backend/runtime.py); the count set where the
+        # engine was loaded is the most this loop uses
+        self.governor = ThreadGovernor(torch.get_num_threads())
         self._thread = threading.Thread(target=self._loop, daemon=True, name=f"scheduler-{engine.name}")
         self._thread.start()
         _LIVE.add(self)
@@ -432,7 +436,8 @@ class Scheduler:
         return {"running": len({id(r) for r, _ in self.rows}), "rows": self.batch.B, "waiting": len(self.waiting),
                 "prefilling": len(self.prefilling), "kv_cache_mb": round(self.batch.bytes / 2**20, 1),
                 "prefix_cache_mb": round(self.prefix.bytes / 2**20, 1), "prefix_cache_hits": self.prefix.hits,
-                "prefix_cache_lookups": self.prefix.lookups, "steps": self.steps}
+                "prefix_cache_lookups": self.prefix.lookups, "steps": self.steps,
+                "threads": self.governor.current, "other_cores_busy": round(self.governor.others, 2)}
 
     # -- the loop ---------------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -445,6 +450,7 @@ class Scheduler:
                     return
                 calls = list(self.calls)
                 self.calls.clear()
+            self.governor.threads_now()
             try:
                 with self.lock, torch.inference_mode():
                     for run in calls:
