@@ -180,3 +180,19 @@ def test_the_queue_has_a_limit(enc):
     assert e.value.retry_after > 0 and "busy" in str(e.value)
     for g in [running, *waiting]:
         g.close()
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_prefill_on_4bit_blocks_and_bf16_stays_close_to_float(enc, tmp_path, bf16):
+    """Short chunks prefill on the 4-bit blocks, long ones on bf16 copies (backend/serving/prefill.py):
+    the first token's logits stay close to the float32 forward of the same (dequantized) weights."""
+    eng = kernel_engine(enc, tmp_path)
+    from backend.serving.prefill import Prefill
+    eng._prefill = Prefill(eng.model, bf16, eng.step.layers)
+    with torch.inference_mode():
+        for n in (5, 40):  # 5 tokens: the q4 path; 40: bf16 (or the float forward without bf16)
+            ids = enc.encode("the pelican counted the boats in the harbour at dawn " * 8)[:n]
+            got = eng.head(eng.prefill_hidden(ids, eng.model.new_cache(1, n))[:, -1]).float()
+            want = eng.model(torch.tensor([ids]), last_only=True)[:, -1].float()
+            assert got.argmax() == want.argmax()
+            assert (got - want).abs().max() < 0.05 * want.abs().max(), (n, bf16)

@@ -16,8 +16,9 @@ How a request runs:
   matched stop string is cut from the output. Stop tokens end a sample and are not part of it.
 - A cancelled request (its `cancel` event set, or its generator closed) leaves the batch at the next step.
 - Prefill: on a CPU with bf16 matrix units (AMX / avx512_bf16) a model decoding on the GGUF's 4-bit blocks
-  keeps its layer weights in bf16 and prefills under autocast (bf16 matmuls, float32 residual stream,
-  norms, RoPE and KV cache); `python -m backend.bench decode` measures its speed and logit distance.
+  prefills short chunks on the same 4-bit blocks and long ones on bf16 copies of its layer matrices
+  (backend/serving/prefill.py; float32 residual stream, norms, RoPE and KV cache); `python -m backend.bench
+  decode` measures its speed and logit distance.
 """
 from __future__ import annotations
 
@@ -196,34 +197,25 @@ class Engine:
         if bf16_prefill is None:  # only where decoding no longer reads the float layer weights
             bf16_prefill = (self.step.fused is not None and model.device.type == "cpu" and bf16_matmul_fast())
         self.bf16_prefill = bf16_prefill
-        # bf16 copies of the layers' matrices, swapped in for prefill only: embeddings, norms, the residual
-        # stream and the KV cache stay float32, and scoring (prompt_logprobs) keeps the float32 weights
-        self._bf16: list[tuple[torch.nn.Linear, torch.Tensor, torch.Tensor]] = []
+        # prefill (backend/serving/prefill.py): short chunks on the decode step's 4-bit blocks, long ones on bf16
+        # copies of the layer matrices (embeddings, norms, the residual stream and the KV cache stay float32);
+        # scoring (prompt_logprobs) keeps the float32 weights
+        from backend.serving.prefill import Prefill
+        self._prefill = Prefill(self.model, bf16_prefill, self.step.layers if self.step.fused is not None else None)
         if bf16_prefill:
-            for layer in self.model.model.layers:
-                for lin in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
-                            layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
-                    self._bf16.append((lin, lin.weight, torch.nn.Parameter(lin.weight.detach().to(torch.bfloat16),
-                                                                           requires_grad=False)))
             # the float32 weights now serve only exact scoring (prompt_logprobs, step mode): where they are a
             # mapped file, their pages need not stay resident meanwhile
-            release_file_pages([w32 for _, w32, _ in self._bf16] + [self.model.model.embed_tokens.weight])
+            layers = self.model.model.layers
+            release_file_pages([lin.weight for layer in layers for lin in (
+                layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
+                layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj)] + [self.model.model.embed_tokens.weight])
         self.scheduler = Scheduler(self, serve, lock)
 
     event = TokenEvent  # what the scheduler emits
 
     def prefill_hidden(self, ids: list[int], cache) -> torch.Tensor:
         """Continue `cache` (batch 1) with ids; the final-norm hidden states [1, len(ids), dim]."""
-        if not self._bf16:
-            return self.model(torch.tensor([ids], device=self.device), cache, return_hidden=True)
-        try:  # only the scheduler's thread runs the model, so swapping its weights here is safe
-            for lin, _, w16 in self._bf16:
-                lin.weight = w16
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                return self.model(torch.tensor([ids], device=self.device), cache, return_hidden=True).float()
-        finally:
-            for lin, w32, _ in self._bf16:
-                lin.weight = w32
+        return self._prefill(ids, cache)
 
     def close(self) -> None:
         """Stop serving (the pool unloaded this model): waiting and running requests get an error."""
