@@ -63,15 +63,16 @@ class ThreadGovernor:
         return time.monotonic(), _machine_busy_seconds(), _own_seconds()
 
     def threads_now(self) -> int:
-        now = self._sample()
-        wall = now[0] - self._mark[0]
-        if self.max_threads > 1 and now[1] is not None and self._mark[1] is not None and wall >= self.every:
-            self.others = max(0.0, ((now[1] - self._mark[1]) - (now[2] - self._mark[2])) / wall)
-            self._mark = now
-            if self.others > self.busy_cores:
-                self.current = 1
-            elif self.others < self.quiet_cores:
-                self.current = self.max_threads
+        now = time.monotonic()
+        if self.max_threads > 1 and now - self._mark[0] >= self.every:  # /proc/stat once a window, not every step
+            sample = (now, _machine_busy_seconds(), _own_seconds())
+            if sample[1] is not None and self._mark[1] is not None:
+                self.others = max(0.0, ((sample[1] - self._mark[1]) - (sample[2] - self._mark[2])) / (now - self._mark[0]))
+                if self.others > self.busy_cores:
+                    self.current = 1
+                elif self.others < self.quiet_cores:
+                    self.current = self.max_threads
+            self._mark = sample
         if self.current != self._applied:
             import torch
             torch.set_num_threads(self.current)

@@ -8,19 +8,19 @@ of one prompt through every layer, its matmuls on
   oneDNN's GEMM is compute-bound and 2-4x faster than our 8-rows-at-a-time kernel (64 tokens: 42 against 77 ms);
 - elsewhere, `Transformer.forward` on the float weights.
 
-`Transformer.forward` under autocast did the same math in ~50 torch ops a layer: a cast of the activations
-before each of the seven matmuls, a cast of each output, separate q/k/v and gate/up projections and RMSNorm
-built from pow/mean/rsqrt/mul. At a chat prompt's length the ops' fixed cost, not the matmuls, was the prefill
-time (8 tokens: 31 ms, 35 tokens: 42 ms). Here a layer is ~16 ops: q/k/v and gate/up are one matmul each
-(their bf16 matrices concatenated at load), RMSNorm is one fused op, RoPE rotates q and k together, and
-attention reads the float32 KV cache through one SDPA call (grouped-query heads with enable_gqa).
-The residual stream, norms, RoPE and the KV cache stay float32 (as under autocast); tests/test_engine.py
-compares its logits with the float32 forward.
+The bf16 path does in ~16 ops a layer what `Transformer.forward` under autocast did in ~50 (q/k/v and gate/up
+as one matmul each, their bf16 matrices concatenated at load; one fused RMSNorm; RoPE on q and k at once;
+one SDPA call over the float32 KV cache with grouped-query heads). That did not make it faster: at a chat
+prompt's length the time is reading the bf16 weights (35 tokens: 42 ms either way), which is why short
+chunks go to the 4-bit blocks. The residual stream, norms, RoPE and the KV cache stay float32;
+tests/test_scheduler.py compares both paths' logits with the float32 forward.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from models.transformer import rotate_half
 
 
 class Prefill:
@@ -51,7 +51,6 @@ class Prefill:
         x = model.model.embed_tokens.weight[torch.tensor(ids, device=model.device)].float()  # [T, dim]
         cos = model.rope_cos[start:start + T][:, None, :]  # [T, 1, hd]: broadcast over q and k heads
         sin = model.rope_sin[start:start + T][:, None, :]
-        half = hd // 2
         if start == 0:  # the whole prompt so far: plain causal attention
             mask, causal = None, T > 1
         else:  # query t sees every cached slot and the chunk's tokens up to itself
@@ -66,7 +65,7 @@ class Prefill:
                 h = F.rms_norm(x, (self.dim,), ln1, self.eps).to(torch.bfloat16)
                 qkv = (h @ wqkv.T).float()  # [T, (H + 2K) hd]
             qk = qkv[:, :(H + K) * hd].view(T, H + K, hd)
-            qk = qk * cos + torch.cat([-qk[..., half:], qk[..., :half]], dim=-1) * sin
+            qk = qk * cos + rotate_half(qk) * sin
             cache.k[i][0, :, start:start + T] = qk[:, H:].transpose(0, 1)
             cache.v[i][0, :, start:start + T] = qkv[:, (H + K) * hd:].view(T, K, hd).transpose(0, 1)
             q = qk[:, :H].transpose(0, 1)[None]  # [1, H, T, hd]
