@@ -195,17 +195,23 @@ def reward_scores(pg, name: str, questions: list[str], texts: list[str], batch: 
     """The reward model's score of each (question, answer), as the RLHF trainer scores them."""
     import torch
 
+    from backend.serving.compute_thread import run_in_short_thread
     from backend.train.reward import encode_answer, load_reward_model
     from models.tokenizers import get_encoding
     check_reward_model(pg, name)
-    rm = load_reward_model(pg.registry, name, device=pg.engines.device)
-    enc = get_encoding(pg.registry.get(name).tokenizer, pg.cfg.data_dir)
-    rows = [encode_answer(enc, q, t, min(1024, rm.backbone.cfg.max_seq_len)) for q, t in zip(questions, texts)]
-    out: list[float] = []
-    with torch.no_grad():
-        for i in range(0, len(rows), batch):
-            out += rm(rows[i:i + batch]).float().cpu().tolist()
-    return out
+
+    def score() -> list[float]:
+        rm = load_reward_model(pg.registry, name, device=pg.engines.device)
+        enc = get_encoding(pg.registry.get(name).tokenizer, pg.cfg.data_dir)
+        rows = [encode_answer(enc, q, t, min(1024, rm.backbone.cfg.max_seq_len)) for q, t in zip(questions, texts)]
+        out: list[float] = []
+        with torch.no_grad():
+            for i in range(0, len(rows), batch):
+                out += rm(rows[i:i + batch]).float().cpu().tolist()
+        return out
+    # on a thread of its own: a request thread that computed would keep an OpenMP pool that slows every
+    # model's steps (backend/serving/compute_thread.py)
+    return run_in_short_thread(score, name=f"score-{name}")
 
 
 def _check_stopped(cancel: threading.Event | None, comps: list, max_tokens: int) -> None:

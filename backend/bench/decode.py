@@ -319,6 +319,7 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.set_num_threads(args.threads)
     from backend.config import AppConfig
+    from backend.serving.compute_thread import run_in_short_thread
     from backend.serving.model_pool import EnginePool
     from backend.serving.sampling import SamplingParams
     from models.registry import ModelRegistry
@@ -374,7 +375,9 @@ def main(argv: list[str] | None = None) -> None:
         if variant == "fp32":
             ref = engine
         elif ref is not None and engine.spec.chat_format:
-            agree = agreement(ref, engine, args.agreement_tokens)
+            # on a short-lived thread: torch ops on this one would leave a second OpenMP pool that slows
+            # the engines' own thread from then on (backend/serving/compute_thread.py)
+            agree = run_in_short_thread(lambda: agreement(ref, engine, args.agreement_tokens))
             print(f"ours [{variant}] vs fp32: {agree}")
         ours[variant] = (single, batch, ids, agree)
         if variant == "gguf" and args.long_context:
@@ -383,6 +386,8 @@ def main(argv: list[str] | None = None) -> None:
                   f"at {len(prompt)}: {short_rate:.1f} tok/s")
             results.append(result(f"decode at {args.long_context} tokens of context vs short [{variant}]", "tok/s",
                                   long_rate, short_rate, f"ours at a {len(prompt)}-token prompt, same run", 0.8))
+        if engine is not ref:
+            engine.close()
         del pool, engine
 
     # -- transformers ----------------------------------------------------------------------------

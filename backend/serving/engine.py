@@ -31,7 +31,8 @@ import torch
 
 from backend.serving.decode_step import DecodeStep
 from backend.serving.sampling import SamplingParams, token_logprobs
-from backend.serving.scheduler import FairLock, Scheduler, ServeConfig
+from backend.serving.compute_thread import ComputeThread
+from backend.serving.scheduler import Scheduler, ServeConfig
 
 
 @dataclass
@@ -185,7 +186,7 @@ def bf16_matmul_fast() -> bool:
 class Engine:
     def __init__(self, spec, model, enc, quant: str | None = None, blocks: dict | None = None,
                  packed: dict | None = None, kernel=None, serve: ServeConfig | None = None,
-                 lock: FairLock | None = None, bf16_prefill: bool | None = None):
+                 compute: ComputeThread | None = None, bf16_prefill: bool | None = None):
         self.spec = spec
         self.model = model.eval()
         self.enc = enc
@@ -209,7 +210,7 @@ class Engine:
             release_file_pages([lin.weight for layer in layers for lin in (
                 layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
                 layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj)] + [self.model.model.embed_tokens.weight])
-        self.scheduler = Scheduler(self, serve, lock)
+        self.scheduler = Scheduler(self, serve, compute)
 
     event = TokenEvent  # what the scheduler emits
 

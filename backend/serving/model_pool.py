@@ -1,7 +1,10 @@
 """EnginePool: one Engine per model name, loaded lazily through the registry and kept while used.
 
-Each engine serves through its own continuous-batching scheduler; the schedulers share one FIFO lock,
-so on a small machine two models take turns step by step instead of slowing each other down.
+Each engine serves through its own continuous-batching scheduler; one compute thread runs all of them (the
+process's, backend/serving/compute_thread.py), so on a small machine two models take turns step by step
+instead of slowing each other down, and only that thread holds an OpenMP pool. Loads run on a short-lived
+thread of their own: a model being loaded does not stop the others serving, and its OpenMP threads go away
+when it is done.
 """
 from __future__ import annotations
 
@@ -16,7 +19,8 @@ import torch
 from backend.serving import q4_kernel
 from backend.serving.decode_step import gguf_supported, load_packed, packed_file_name, save_packed
 from backend.serving.engine import Engine
-from backend.serving.scheduler import FairLock, ServeConfig
+from backend.serving.compute_thread import run_in_short_thread, shared_compute
+from backend.serving.scheduler import ServeConfig
 from models.device import pick_device
 
 log = logging.getLogger(__name__)
@@ -60,7 +64,8 @@ class EnginePool:
         self.cfg = cfg
         self.max_loaded = max_loaded
         self.serve = serve or getattr(cfg, "serve", None) or ServeConfig()
-        self.lock = FairLock()
+        self.compute = shared_compute()
+        self.compute.use_threads(torch.get_num_threads())  # the app's --threads, set before the pool is made
         self.device = pick_device(cfg.device)
         self.dtype = dtype or engine_dtype(self.device)
         self.quant = engine_quant(self.device) if quant == "env" else (quant or "none")
@@ -126,19 +131,10 @@ class EnginePool:
                     self._engines[name] = eng
                 return eng
             t0 = time.perf_counter()
-            model = self.registry.load(name, device=self.device, dtype=self.dtype)
-            from models.tokenizers import get_encoding
-            enc = get_encoding(spec.tokenizer, self.cfg.data_dir)
-            quant, blocks, packed, pack_file, kernel = self._decode_weights(spec, model)
-            eng = Engine(spec, model, enc, quant=quant, blocks=blocks, packed=packed, kernel=kernel,
-                         serve=self.serve, lock=self.lock)
-            if pack_file is not None and not packed:  # first load here: keep the packing for the next
-                try:
-                    save_packed(pack_file, eng.step.packed)
-                except OSError as e:
-                    log.warning("could not save %s: %s", pack_file, e)
+            eng = run_in_short_thread(lambda: self._load(spec), name=f"load-{name}")
             eng.disk_stamp = stamp
             self.load_seconds[name] = time.perf_counter() - t0
+            quant, kernel = eng.step.quant, eng.step.kernel
             log.info("loaded model %s (%s, %s%s) in %.2fs", name, self.device, self.dtype,
                      f", {quant} decode{' on our kernel' if kernel else ''}" if quant else "", self.load_seconds[name])
             with self._lock:
@@ -148,6 +144,21 @@ class EnginePool:
                     old_engine.close()
                     log.info("unloaded model %s", old)
             return eng
+
+    def _load(self, spec) -> Engine:
+        name = spec.name
+        model = self.registry.load(name, device=self.device, dtype=self.dtype)
+        from models.tokenizers import get_encoding
+        enc = get_encoding(spec.tokenizer, self.cfg.data_dir)
+        quant, blocks, packed, pack_file, kernel = self._decode_weights(spec, model)
+        eng = Engine(spec, model, enc, quant=quant, blocks=blocks, packed=packed, kernel=kernel,
+                     serve=self.serve, compute=self.compute)
+        if pack_file is not None and not packed:  # first load here: keep the packing for the next
+            try:
+                save_packed(pack_file, eng.step.packed)
+            except OSError as e:
+                log.warning("could not save %s: %s", pack_file, e)
+        return eng
 
     def _decode_weights(self, spec, model):
         """(quant, GGUF blocks, packed kernel operands, file to keep them in, our block kernel or None) for

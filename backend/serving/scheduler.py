@@ -1,7 +1,8 @@
 """Continuous batching: one Scheduler per loaded model owns its decode loop, as vLLM's engine core does.
 
 Every door (the /v1 API, the tabs, tool loops, candidate generation) calls `Engine.generate`, which
-submits a Request here and streams that request's events from its own queue. One thread runs the loop:
+submits a Request here and streams that request's events from its own queue. The pool's compute thread
+(backend/serving/compute_thread.py) runs the loop, one iteration of each model's scheduler in turn:
 
   1. admit: waiting requests join in arrival order (FIFO, no overtaking) while the batch has room for
      their rows (`max_batch`; a bigger request runs once the batch is empty). More than `max_queued`
@@ -25,18 +26,16 @@ request's tokens are bitwise the same alone or in any batch (tests/test_schedule
 """
 from __future__ import annotations
 
-import atexit
 import logging
 import queue
 import threading
 import time
-import weakref
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 
 import torch
 
-from backend.runtime import ThreadGovernor
+from backend.serving.compute_thread import ComputeThread, shared_compute
 from backend.serving.sampling import SamplingParams, apply_penalties, make_generator, sample, token_logprobs
 
 log = logging.getLogger(__name__)
@@ -59,35 +58,6 @@ class QueueFull(RuntimeError):
     def __init__(self, waiting: int, retry_after: int):
         super().__init__(f"the server is busy: {waiting} requests are waiting for this model; retry in {retry_after} s")
         self.retry_after = retry_after
-
-
-class FairLock:
-    """A FIFO lock shared by the schedulers of one pool: on a small machine two models computing at once
-    only slow each other down, so their iterations alternate in arrival order."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._queue: deque[object] = deque()
-        self._busy = False
-
-    def __enter__(self):
-        ticket = object()
-        with self._cond:
-            self._queue.append(ticket)
-            while self._busy or self._queue[0] is not ticket:
-                self._cond.wait()
-            self._queue.popleft()
-            self._busy = True
-        return self
-
-    def __exit__(self, *exc):
-        with self._cond:
-            self._busy = False
-            self._cond.notify_all()
-
-    @property
-    def waiting(self) -> int:
-        return len(self._queue)
 
 
 # -- the prefix cache -------------------------------------------------------------------------------
@@ -309,16 +279,6 @@ class Request:
 
 
 _END = object()
-_LIVE: "weakref.WeakSet[Scheduler]" = weakref.WeakSet()
-
-
-@atexit.register
-def _stop_all() -> None:
-    """A loop thread still inside a torch op when the interpreter exits aborts the process: stop them first."""
-    for s in list(_LIVE):
-        s.close(wait=5)
-
-
 class EventStream:
     """An iterator over one request's events. close() (or dropping it) cancels the request, also when it
     was never iterated (a generator's finally would not run then)."""
@@ -360,10 +320,11 @@ class EventStream:
 class Scheduler:
     """Owns one engine's model while it serves: see the module docstring."""
 
-    def __init__(self, engine, cfg: ServeConfig | None = None, lock: FairLock | None = None):
+    def __init__(self, engine, cfg: ServeConfig | None = None, compute: ComputeThread | None = None):
         self.engine = engine
         self.cfg = cfg or ServeConfig()
-        self.lock = lock or FairLock()
+        # the thread that runs this loop, shared by the process's models (backend/serving/compute_thread.py)
+        self.compute = compute or shared_compute()
         self.model = engine.model
         self.batch = BatchCache(self.model, self.cfg.max_batch)
         self.rows: list[tuple[Request, int]] = []       # batch row -> (request, sample index)
@@ -371,17 +332,12 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.prefilling: deque[Request] = deque()
         self.prefix = PrefixCache(self.cfg.block, self.cfg.prefix_cache_mb << 20)
-        self.calls: deque = deque()                     # functions run in the loop's thread between steps
         self.live: dict[int, Request] = {}              # admitted and not yet ended
-        self._cond = threading.Condition()
+        self._cond = self.compute.cond
         self._closed = False
+        self._gone = threading.Event()                  # closed and its requests failed
         self.steps = 0
-        # one thread while other processes keep a core busy (backend/runtime.py); the count set where the
-        # engine was loaded is the most this loop uses
-        self.governor = ThreadGovernor(torch.get_num_threads())
-        self._thread = threading.Thread(target=self._loop, daemon=True, name=f"scheduler-{engine.name}")
-        self._thread.start()
-        _LIVE.add(self)
+        self.compute.add(self)
 
     # -- the doors' side -------------------------------------------------------------------------
     def submit(self, prompts: list[list[int]], params: SamplingParams, n: int,
@@ -406,59 +362,39 @@ class Scheduler:
 
     def call(self, fn):
         """Run fn() in the loop's thread between two steps (exclusive use of the model); its result."""
-        done = threading.Event()
-        box: list = []
-
-        def run():
-            try:
-                box.append((True, fn()))
-            except BaseException as e:  # noqa: BLE001 - handed back to the caller
-                box.append((False, e))
-            done.set()
-
-        with self._cond:
-            self.calls.append(run)
-            self._cond.notify()
-        done.wait()
-        ok, value = box[0]
-        if not ok:
-            raise value
-        return value
+        return self.compute.call(fn)
 
     def close(self, wait: float = 0) -> None:
         with self._cond:
             self._closed = True
             self._cond.notify()
         if wait:
-            self._thread.join(wait)
+            self._gone.wait(wait)
 
     def stats(self) -> dict:
         return {"running": len({id(r) for r, _ in self.rows}), "rows": self.batch.B, "waiting": len(self.waiting),
                 "prefilling": len(self.prefilling), "kv_cache_mb": round(self.batch.bytes / 2**20, 1),
                 "prefix_cache_mb": round(self.prefix.bytes / 2**20, 1), "prefix_cache_hits": self.prefix.hits,
                 "prefix_cache_lookups": self.prefix.lookups, "steps": self.steps,
-                "threads": self.governor.current, "other_cores_busy": round(self.governor.others, 2)}
+                **self.compute.stats()}
 
-    # -- the loop ---------------------------------------------------------------------------------
-    def _loop(self) -> None:
-        while True:
-            with self._cond:
-                while not (self._closed or self.waiting or self.prefilling or self.rows or self.calls):
-                    self._cond.wait()
-                if self._closed:
-                    self._fail_all(RuntimeError(f"model {self.engine.name!r} was unloaded"))
-                    return
-                calls = list(self.calls)
-                self.calls.clear()
-            self.governor.threads_now()
-            try:
-                with self.lock, torch.inference_mode():
-                    for run in calls:
-                        run()
-                    self._iteration()
-            except Exception as e:  # noqa: BLE001 - a failed step fails the requests in it, not the server
-                log.exception("scheduler step failed for %s", self.engine.name)
-                self._fail_all(e)
+    # -- the loop (run by the compute thread) --------------------------------------------------------
+    def has_work(self) -> bool:  # holding self._cond
+        return bool(self._closed or self.waiting or self.prefilling or self.rows)
+
+    def run_once(self) -> bool:
+        """One iteration; True once the scheduler is closed (its requests were failed)."""
+        if self._closed:
+            self._fail_all(RuntimeError(f"model {self.engine.name!r} was unloaded"))
+            self._gone.set()
+            return True
+        try:
+            with torch.inference_mode():
+                self._iteration()
+        except Exception as e:  # noqa: BLE001 - a failed step fails the requests in it, not the server
+            log.exception("scheduler step failed for %s", self.engine.name)
+            self._fail_all(e)
+        return False
 
     def _end(self, req: Request) -> None:
         self.live.pop(id(req), None)
