@@ -23,6 +23,7 @@ torch.set_num_threads(1)
 
 TOK = "bytes+chatml"
 PROBE = "The harbour at noon"  # the fixed prompt whose greedy answer both sides score
+SMALL_BODY = 100_000
 
 
 def register_tiny(data) -> None:
@@ -40,7 +41,8 @@ def setup(tmp_path_factory):
     register_tiny(data_b)  # the same weights as the trainer's parent (make_tiny_model is seeded)
     _, admin_key = add_user(data_b, "ada", "admin")
     _, learner_key = add_user(data_b, "lee", "learner")
-    b = start_server(data_b, "--no-worker", "--no-preload", "--model", "tiny")
+    # a body limit below one weights file: pushes have their own (AppConfig.max_weights_bytes)
+    b = start_server(data_b, "--no-worker", "--no-preload", "--model", "tiny", "--max-body-bytes", str(SMALL_BODY))
     data_a = tmp_path_factory.mktemp("rollout_a") / "data"
     app = AppConfig(data_dir=data_a)
     app.ensure_dirs()
@@ -141,6 +143,7 @@ def test_weight_pushes_are_refused_unless_an_admin_sends_the_models_shapes(setup
     before = server_greedy(b)
     good = ModelRegistry(app).load("tiny", dtype=torch.float32)
     body = weights_file(good)
+    assert len(body) > SMALL_BODY  # B's limit for other bodies
     assert httpx.post(url, content=body).status_code == 401  # anonymous
     assert httpx.post(url, content=body, headers={"Authorization": f"Bearer {b.learner_key}"}).status_code == 403
     admin = {"Authorization": f"Bearer {b.admin_key}"}
