@@ -22,7 +22,9 @@ from tests.test_trainers import byte_encoding
 torch.set_num_threads(1)
 
 TOK = "bytes+chatml"
-PROBE = "The harbour at noon"  # the fixed prompt whose greedy answer both sides score
+# The fixed prompt whose greedy answer both sides score: over two of B's 64-token prefix-cache blocks, so a
+# cache kept across a push would serve the old weights' keys and values
+PROBE = "The harbour at noon, when the boats come in and the gulls circle the nets, smells of salt and tar and fish."
 SMALL_BODY = 100_000
 
 
@@ -205,3 +207,21 @@ def test_rollout_fields_are_checked_before_any_work(fields, named):
             parse_config(kind, {"reward_model": "rm", **fields} if kind == "rlhf" else fields)
     # a foreign server's plain base URL is fine without weight pushes
     parse_config("grpo", {"rollout_server": "http://host:8000", "rollout_model": "m", "weight_sync": "none"})
+
+
+def test_a_model_that_decodes_from_quantized_copies_refuses_pushed_weights(setup):
+    """Its decode step reads int8 (or GGUF) copies that float weights would not reach: 409, not a silent no-op."""
+    from backend.serving.decode_step import quant_supported
+    from backend.serving.engine import Engine
+    from backend.serving.weight_push import CannotSwap, swap_weights
+    if not quant_supported():
+        pytest.skip("no fbgemm on this CPU")
+    app = setup[0]
+    reg = ModelRegistry(app)
+    model = reg.load("tiny", dtype=torch.float32)
+    engine = Engine(reg.get("tiny"), model, get_encoding(TOK, app.data_dir), quant="int8")
+    try:
+        with pytest.raises(CannotSwap, match="PLAYGROUND_QUANT=none"):
+            swap_weights(engine, weights_file(model))
+    finally:
+        engine.close()
