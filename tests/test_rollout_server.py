@@ -190,6 +190,7 @@ def test_an_unreachable_rollout_server_fails_the_run_before_training(setup):
                         name="grpo-unreachable", register=False)
     assert not [e for e in events if "loss" in e or "held_out_accuracy" in e]  # no step, no evaluation
     assert "rollout_server" in [e for e in events if "error" in e][-1]["error"]
+    assert [e["phase"] for e in events if "phase" in e][-1] == f"reaching the rollout server at {url}…"
 
 
 @pytest.mark.parametrize("fields, named", [

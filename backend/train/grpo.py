@@ -210,9 +210,11 @@ def policy_optimization(kind: str, cfg: PolicyConfig, ctx: JobContext, train_pro
             from backend.train.rollout_server import RolloutServer
             from models.registry import ModelRegistry
             from models.tokenizers import get_encoding
+            run.phase(f"reaching the rollout server at {cfg.rollout_server}…")
             tokenizer = ModelRegistry(run.app).get(cfg.parent_model).tokenizer
             server = RolloutServer(cfg, get_encoding(tokenizer, run.app.data_dir), tokenizer)
             run.log(server.describe())
+            run.phase("loading the parent model…")
         parent, enc, spec = load_parent(run.app, cfg.parent_model, run.device)
         ref = copy.deepcopy(parent).eval().requires_grad_(False)
         policy = run.model_to_train(lambda: parent).to(run.device).train()
