@@ -15,9 +15,9 @@ Config fields (PolicyConfig; all empty: the in-process sampler, the default):
                          such as vLLM, whose weight updates need its own NCCL group): the samples come from
                          whatever the server serves, and every step says it was off-policy.
 
-Samples come from /v1/completions (the chat prompt sent as text; n samples per prompt, seed, temperature)
-with logprobs=0, so each sampled token comes back as the server's token, which names the exact id here:
-the server must use the policy's tokenizer. An unreachable server, a model it does not serve or a
+Samples come from /v1/completions (the chat prompt sent as its token ids; n samples per prompt, seed,
+temperature) with logprobs=0, so each sampled token comes back as the server's token, which names the
+exact id here: the server must use the policy's tokenizer. An unreachable server, a model it does not serve or a
 missing key fails the run before the parent model is loaded.
 """
 from __future__ import annotations
@@ -56,12 +56,18 @@ def check_rollout_fields(cfg) -> None:
 
 
 class RolloutEngine(RemoteEngine):
-    """The remote engine that asks for logprobs=0: each sampled token comes back as the server's token
-    (its id here exactly), not as text to tokenize again."""
+    """The remote engine, exact to the token: the prompt goes as its token ids (the completions API takes a
+    list of ids; this app and vLLM do), not as text the server would tokenize again, and logprobs=0 makes
+    each sampled token come back as the server's token, whose id here is exact."""
 
     def complete_batch(self, prompts, params, n=1, cancel=None):
         params = dataclasses.replace(params, logprobs=0) if params.logprobs is None else params
         return RemoteEngine.complete_batch(self, prompts, params, n, cancel)
+
+    def _body(self, prompt, params, n):
+        path, body = RemoteEngine._body(self, prompt, params, n)
+        body["prompt"] = [int(t) for t in prompt]
+        return path, body
 
 
 class RolloutServer:
