@@ -44,7 +44,8 @@ def build_app(cfg: AppConfig) -> FastAPI:
     # Added last = runs first: the body limit answers before anything reads the body.
     app.add_middleware(FairShare, pg=pg)
     app.add_middleware(UnicodeJson)
-    app.add_middleware(BodyLimit, max_body_bytes=cfg.max_body_bytes, max_import_bytes=cfg.max_import_bytes)
+    app.add_middleware(BodyLimit, max_body_bytes=cfg.max_body_bytes, max_import_bytes=cfg.max_import_bytes,
+                       max_weights_bytes=cfg.max_weights_bytes)
     ui = build_ui(pg)
     # Gradio's queue polls for events every 1 ms (progress every 10 ms) while idle: ~7% of a core
     # doing nothing, and a tax on every API request. Gradio's own Windows defaults (50/100 ms) instead.

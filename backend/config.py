@@ -46,6 +46,8 @@ class AppConfig:
     # Request bodies over this are answered 413 before they are read (imports and uploads get the larger one).
     max_body_bytes: int = 4 * 2**20
     max_import_bytes: int = 64 * 2**20
+    # A trainer's weight push (POST /api/models/NAME/weights, admin): a whole float model, read into memory.
+    max_weights_bytes: int = 4 * 2**30
     # A prompt (all of its messages) over this many characters is refused before it is tokenized.
     max_prompt_chars: int = 200_000
     # Expensive requests (generation, tools, training a tokenizer) one caller may have in flight at once;
@@ -92,6 +94,7 @@ class AppConfig:
                             help="let anonymous callers generate plain text (default on; tools, writes, training always need a user)")
         parser.add_argument("--max-body-bytes", type=int, default=None, help=f"413 above this (default {cls.max_body_bytes})")
         parser.add_argument("--max-import-bytes", type=int, default=None, help=f"413 above this for imports and uploads (default {cls.max_import_bytes})")
+        parser.add_argument("--max-weights-bytes", type=int, default=None, help=f"413 above this for pushed model weights (default {cls.max_weights_bytes})")
         parser.add_argument("--max-prompt-chars", type=int, default=None, help=f"prompt limit in characters (default {cls.max_prompt_chars})")
         parser.add_argument("--max-requests-per-user", type=int, default=None, help=f"expensive requests in flight per caller (default {cls.max_requests_per_user})")
         serve = ServeConfig()

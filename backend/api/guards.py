@@ -2,7 +2,7 @@
 
 BodyLimit: a request body over the limit is answered 413 at once: by its Content-Length before a byte
 is read, or, for a chunked body, as soon as the bytes counted so far pass the limit. Imports and
-Gradio uploads get their own, larger limit.
+Gradio uploads get their own, larger limit, and so do pushed model weights (POST /api/models/NAME/weights).
 
 FairShare: an expensive request (generation, the sandbox, training a tokenizer) holds one of its
 caller's slots (backend/fairness.py) until its response, streamed or not, is fully sent; a caller
@@ -45,16 +45,24 @@ async def _send_error(send, status: int, message: str, headers: dict | None = No
     await send({"type": "http.response.body", "body": resp.body})
 
 
+WEIGHTS_PATH = re.compile(r"^/api/models/[^/]+/weights$")  # a trainer's weight push (admin): a whole model
+
+
 class BodyLimit:
-    def __init__(self, app, max_body_bytes: int, max_import_bytes: int):
+    def __init__(self, app, max_body_bytes: int, max_import_bytes: int, max_weights_bytes: int | None = None):
         self.app, self.max_body, self.max_import = app, max_body_bytes, max_import_bytes
+        self.max_weights = max_weights_bytes or max_import_bytes
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope.get("path", "")
-        limit = self.max_import if path.startswith(IMPORT_PATHS) else self.max_body
-        what = "an import" if limit == self.max_import else "a request body"
+        if WEIGHTS_PATH.match(path):
+            limit, what = self.max_weights, "a weights file"
+        elif path.startswith(IMPORT_PATHS):
+            limit, what = self.max_import, "an import"
+        else:
+            limit, what = self.max_body, "a request body"
         message = f"{what} may be at most {limit:,} bytes"
         length = dict(scope.get("headers") or []).get(b"content-length")
         if length is not None:

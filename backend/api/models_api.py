@@ -7,6 +7,10 @@
     POST   /api/models/remote        (admin) register a model an OpenAI-compatible server serves (and queue its
                                      report card, backend/evals, as a job that registers a model does)
     DELETE /api/models/{name}        (admin) delete a model (a remote one: only its registration)
+    POST   /api/models/{name}/weights (admin) body: a safetensors file of the model's parameters (a trainer's
+                                     push, backend/serving/weight_push.py) -> {model, tensors, version}; the
+                                     served model answers with them from its next step (422: names or shapes
+                                     do not fit, nothing swapped; 409: a remote or quantized-decode model)
     POST   /api/models/{name}/export (operator) {format: hf|gguf, push_to_hub?} -> {path, url?}: written
                                      under the data directory's exports/ folder
 """
@@ -109,5 +113,21 @@ async def export_model(name: str, body: ExportBody, request: Request,
         raise HTTPException(404, str(e))
     except HubUnavailable as e:
         raise HTTPException(502, str(e))
+    except ValueError as e:
+        raise HTTPException(422, str(e))
+
+
+@router.post("/api/models/{name}/weights")
+async def push_weights(name: str, request: Request, user: CurrentUser = Depends(require("admin"))) -> dict:
+    from backend.serving.weight_push import CannotSwap, swap_weights
+    pg = request.app.state.pg
+    body = await request.body()  # read only after the caller is known to be an admin
+    try:
+        engine = await run_in_threadpool(pg.engines.get, name)
+        return await run_in_threadpool(swap_weights, engine, body)
+    except UnknownModel as e:
+        raise HTTPException(404, str(e))
+    except CannotSwap as e:
+        raise HTTPException(409, str(e))
     except ValueError as e:
         raise HTTPException(422, str(e))

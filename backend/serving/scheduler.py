@@ -94,6 +94,11 @@ class PrefixCache:
         self.hits += len(found)
         return found
 
+    def clear(self) -> None:
+        """Forget every block (the model's weights changed: backend/serving/weight_push.py)."""
+        self.entries.clear()
+        self.bytes = 0
+
     def store(self, ids: list[int], k: list[torch.Tensor], v: list[torch.Tensor]) -> None:
         """Keep the whole blocks of a prefilled prompt: k, v are its cache's layers [1, K, S, hd]."""
         if self.max_bytes <= 0:

@@ -2,7 +2,8 @@
 
 Each step, for each of prompts_per_step problems:
   1. sample a group of G = group_size answers with THE sampler (backend.serving.engine.Engine over a copy of the
-     policy in eval mode, no grad; temperature 1.0);
+     policy in eval mode, no grad; temperature 1.0), or, with rollout_server set, from a serving engine that
+     gets the policy's weights after every step (backend/train/rollout_server.py, as TRL does with vLLM);
   2. reward each by rule: accuracy (1 if the final answer is exactly right, backend/datasets/verifiable.py)
      + format_weight * format (1 if the reply is "<think>...</think> answer", R1-Zero's template);
   3. advantage A_i = (r_i - mean(r)) / (std(r) + 1e-4) within the group: no value network;
@@ -65,6 +66,11 @@ class PolicyConfig(FineTuneConfig):
     eval_tokens: int = 96
     max_cpu_seconds: float = 0.0   # CPU budget (user+sys of this process since the run began, final eval included); 0: none
     sample_dtype: str = "auto"     # weights the sampler decodes with: "auto" (bf16 where training autocasts to bf16), "bf16", "fp32"
+    # Rollouts from a serving engine instead of the in-process sampler (backend/train/rollout_server.py); "": in-process
+    rollout_server: str = ""       # the server's OpenAI base URL, http://host:port/v1
+    rollout_model: str = ""        # the model it serves the policy under
+    rollout_api_key_env: str = ""  # environment variable with its API key (this app: an admin's, to push weights)
+    weight_sync: str = "push"      # "push": the policy's weights to the server after each step; "none": off-policy rollouts
 
     def global_batch(self) -> tuple[str, int]:
         return "prompts_per_step", self.prompts_per_step
@@ -81,6 +87,8 @@ class PolicyConfig(FineTuneConfig):
             raise ValueError("max_cpu_seconds must not be negative")
         if self.sample_dtype not in ("auto", "bf16", "fp32"):
             raise ValueError(f"sample_dtype: 'auto', 'bf16' or 'fp32', not {self.sample_dtype!r}")
+        from backend.train.rollout_server import check_rollout_fields
+        check_rollout_fields(self)
 
 
 # A preset sets its fields over the config's (as RLHF's presets do).
@@ -195,8 +203,18 @@ def policy_optimization(kind: str, cfg: PolicyConfig, ctx: JobContext, train_pro
     """
     from models.chat_format import render_chat
     run = FineTuneRun(kind, cfg, ctx)
+    server = None
     try:
         torch.manual_seed(cfg.seed)
+        if cfg.rollout_server:  # reached before anything is loaded: a wrong URL fails the run at once
+            from backend.train.rollout_server import RolloutServer
+            from models.registry import ModelRegistry
+            from models.tokenizers import get_encoding
+            run.phase(f"reaching the rollout server at {cfg.rollout_server}…")
+            tokenizer = ModelRegistry(run.app).get(cfg.parent_model).tokenizer
+            server = RolloutServer(cfg, get_encoding(tokenizer, run.app.data_dir), tokenizer)
+            run.log(server.describe())
+            run.phase("loading the parent model…")
         parent, enc, spec = load_parent(run.app, cfg.parent_model, run.device)
         ref = copy.deepcopy(parent).eval().requires_grad_(False)
         policy = run.model_to_train(lambda: parent).to(run.device).train()
@@ -214,6 +232,19 @@ def policy_optimization(kind: str, cfg: PolicyConfig, ctx: JobContext, train_pro
                   "train_prompts": len(train_prompts), "held_out": len(heldout), "device": str(run.device),
                   "resumed": state is not None})
 
+        def push_weights() -> float:
+            """The policy's weights to the rollout server (weight_sync "push"): rank 0 sends, every rank
+            waits for it, so no rank samples from the old weights. Seconds it took."""
+            if server is None or server.sync != "push":
+                return 0.0
+            t = time.perf_counter()
+            full = d.full_model(policy)
+            if d.is_main:
+                server.push(full)
+            d.barrier()
+            return time.perf_counter() - t
+
+        push_weights()  # the server starts from the policy (parent or resumed); a model that does not fit fails here
         curves: list[dict] = []  # the step and eval events, saved as curves.json in the run directory
         eval_cpu = [0.0]
 
@@ -256,10 +287,11 @@ def policy_optimization(kind: str, cfg: PolicyConfig, ctx: JobContext, train_pro
             items = d.take(rng.sample(train_prompts, min(cfg.prompts_per_step, len(train_prompts))),
                            what="prompts_per_step")
             prompts = [prompt_ids(it) for it in items]
-            engine = rollout_engine(d.full_model(policy), spec, enc, sample_dtype)
+            engine = server.engine if server else rollout_engine(d.full_model(policy), spec, enc, sample_dtype)
             samples = sample_groups(engine, prompts, cfg.group_size, cfg.max_new_tokens, cfg.temperature,
                                     seed=cfg.seed * 100003 + run.step + 7919 * d.rank)
-            engine.close()  # ends its scheduler thread: a copy of the policy per step stayed in memory (10 GB at step 15)
+            if server is None:
+                engine.close()  # ends its scheduler thread: a copy of the policy per step stayed in memory (10 GB at step 15)
             del engine
             t_sample = time.perf_counter() - t0
             group_items = [it for it in items for _ in range(cfg.group_size)]
@@ -291,6 +323,7 @@ def policy_optimization(kind: str, cfg: PolicyConfig, ctx: JobContext, train_pro
             opt.zero_grad(set_to_none=True)
             run.step += 1
             check_finite(loss.item(), run.step)
+            push_s = push_weights()
             step_cpu = time.process_time() - c0  # sampling + update, without the evaluation
             ev = {"step": run.step, "loss": round(loss.item(), 6), "lr": lr, "reward": round(reward_sum / n_answers, 4),
                   "kl": round(kl, 6), "response_length": round(len_sum / n_answers, 2),
@@ -298,6 +331,10 @@ def policy_optimization(kind: str, cfg: PolicyConfig, ctx: JobContext, train_pro
                   "elapsed": round(run.elapsed(), 2), "cpu_s": round(time.process_time() - cpu0, 1), **rmetrics,
                   # where the rollouts came from: the first group's prompt and one of its samples
                   "rollout_prompt": render(items[0])[-1]["content"], "rollout_sample": samples[0][0][:200]}
+            if server is not None:
+                ev["rollouts"] = server.base_url + (" (off-policy: weights not synced)" if server.sync == "none" else "")
+                if server.sync == "push":
+                    ev["push_s"] = round(push_s, 2)
             if run.step % cfg.eval_every == 0:
                 summary = do_eval()
                 ev.update(summary)
@@ -320,6 +357,8 @@ def policy_optimization(kind: str, cfg: PolicyConfig, ctx: JobContext, train_pro
         run.emit({"step": run.step, "error": f"{type(e).__name__}: {e}"})
         raise
     finally:
+        if server is not None:
+            server.close()
         run.close()
 
 
