@@ -267,8 +267,10 @@ class Transformer(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.model.embed_tokens.weight.dtype
 
-    def new_cache(self, batch: int, max_len: int | None = None, pad: torch.Tensor | None = None) -> KVCache:
-        return KVCache(self.cfg, batch, max_len or self.cfg.max_seq_len, self.device, self.dtype, pad)
+    def new_cache(self, batch: int, max_len: int | None = None, pad: torch.Tensor | None = None,
+                  dtype: torch.dtype | None = None) -> KVCache:
+        """dtype: the cache's (default: the model's); forward() itself needs the model's."""
+        return KVCache(self.cfg, batch, max_len or self.cfg.max_seq_len, self.device, dtype or self.dtype, pad)
 
     # -- forward ------------------------------------------------------------------------------
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None, return_hidden: bool = False,

@@ -190,9 +190,10 @@ def test_prefill_on_4bit_blocks_and_bf16_stays_close_to_float(enc, tmp_path, bf1
     from backend.serving.prefill import Prefill
     eng._prefill = Prefill(eng.model, bf16, eng.step.layers)
     with torch.inference_mode():
-        for n in (5, 40):  # 5 tokens: the q4 path; 40: bf16 (or the float forward without bf16)
+        for n in (5, 40):  # 5 tokens: the q4 path; 40: bf16 (or the q4 path again without bf16)
             ids = enc.encode("the pelican counted the boats in the harbour at dawn " * 8)[:n]
-            got = eng.head(eng.prefill_hidden(ids, eng.model.new_cache(1, n))[:, -1]).float()
+            assert eng.kv_dtype == torch.float16  # the fused layer's cache (decode_layer.cpp)
+            got = eng.head(eng.prefill_hidden(ids, eng.new_cache(1, n))[:, -1]).float()
             want = eng.model(torch.tensor([ids]), last_only=True)[:, -1].float()
             assert got.argmax() == want.argmax()
             assert (got - want).abs().max() < 0.05 * want.abs().max(), (n, bf16)

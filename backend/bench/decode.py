@@ -110,8 +110,10 @@ def agreement(ref, eng, tokens: int, prompts: list[str] = AGREEMENT_PROMPTS) -> 
             caches = [e.model.new_cache(1, len(ids) + tokens) for e in (ref, eng)]
             logits = [e.model(torch.tensor([ids], device=e.device), c, last_only=True)[:, -1].float()
                       for e, c in zip((ref, eng), caches)]
+            for e, c in zip((ref, eng), caches):  # the float forward filled them; the step reads its own dtype
+                c.k, c.v = [t.to(e.kv_dtype) for t in c.k], [t.to(e.kv_dtype) for t in c.v]
             # the engine's own prefill (bf16 matmuls where it chose them) and head, as it serves a request
-            served = eng.head(eng.prefill_hidden(ids, eng.model.new_cache(1, len(ids)))[:, -1]).float().cpu()
+            served = eng.head(eng.prefill_hidden(ids, eng.new_cache(1, len(ids)))[:, -1]).float().cpu()
             prefill_worst = max(prefill_worst, (logits[0].cpu() - served).abs().max().item())
             prefill_same += int(logits[0].argmax() == served.argmax())
             for _ in range(tokens):

@@ -1,7 +1,13 @@
 // One decoder layer of a Llama-family model for one new token per row, in a single call, on our block
 // matmul (q4_kernel.cpp, included: one translation unit, one library). backend/serving/decode_step.py calls it
 // once per layer; the math is DecodeStep's (RMSNorm, RoPE, grouped-query attention over the KV cache,
-// SwiGLU), all float32 outside the matmuls.
+// SwiGLU), all float32 outside the matmuls; the KV cache is float32 or float16 (decode_layer_f16, the
+// engine's choice).
+//
+// Why float16 keys and values: at long contexts a decode step's time goes to reading the cache (SmolLM2 at
+// 1500 tokens: 69 MB a step in float32, ~8 ms at this machine's ~9 GB/s), so half the bytes is half that
+// time; float16's 11-bit significand rounds a key or value by at most 2^-11 of itself, as llama.cpp's
+// default f16 cache and vLLM's half-precision caches do.
 //
 // Why: at one token per step the torch version of this layer is ~30 small ops, and on a CPU their
 // dispatch cost (~10 us each) was half of a SmolLM2 decode step, as much as all the matmuls.
@@ -64,9 +70,20 @@ static inline __m512 sum16(const __m512* a) {
 // max, sum, acc[hd], where acc = sum_s e^(score_s - max) v_s and sum = sum_s e^(score_s - max), score = q . k_s / sqrt(hd).
 // Chunks of one head's slots (threads' shares) are merged by `attend_merge`.
 static const int PREFETCH = 64;  // slots ahead
+typedef uint16_t half_t;         // IEEE float16 bits: a float16 cache (decode_layer_f16)
 
-template <int REP>
-static void attend_chunk(const float* q, const float* k, const float* v, int from, int to, int hd, float* st) {
+static inline __m512 load_kv(const float* p) { return _mm512_loadu_ps(p); }
+static inline __m512 load_kv(const half_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
+
+// n floats (a multiple of 16) into the cache; float16 rounded to nearest even (as torch's .half())
+static inline void store_kv(float* dst, const float* src, int n) { memcpy(dst, src, n * 4); }
+static inline void store_kv(half_t* dst, const float* src, int n) {
+    for (int i = 0; i < n; i += 16)
+        _mm256_storeu_si256((__m256i*)(dst + i), _mm512_cvtps_ph(_mm512_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+
+template <int REP, typename kv_t>
+static void attend_chunk(const float* q, const kv_t* k, const kv_t* v, int from, int to, int hd, float* st) {
     float *mx[REP], *sum[REP], *acc[REP];
     for (int r = 0; r < REP; r++) {
         mx[r] = st + r * (hd + 2), sum[r] = mx[r] + 1, acc[r] = mx[r] + 2;
@@ -78,10 +95,10 @@ static void attend_chunk(const float* q, const float* k, const float* v, int fro
     for (int s0 = from; s0 < to; s0 += 16) {
         int n = to - s0 < 16 ? to - s0 : 16;
         __mmask16 valid = (__mmask16)((1u << n) - 1);
-        const float* kr[16];  // past the last slot: the last slot again, its lane masked off
+        const kv_t* kr[16];  // past the last slot: the last slot again, its lane masked off
         for (int j = 0; j < 16; j++) kr[j] = k + (size_t)(s0 + (j < n ? j : n - 1)) * hd;
         // the keys and values stream from memory (the cache outgrows the caches): ask for blocks ahead
-        for (int line = 0; line < 16 * hd; line += 16) {
+        for (int line = 0; line < 16 * hd; line += 64 / (int)sizeof(kv_t)) {  // 64-byte lines
             _mm_prefetch((const char*)(k + (size_t)(s0 + PREFETCH) * hd + line), _MM_HINT_T0);
             _mm_prefetch((const char*)(v + (size_t)(s0 + PREFETCH) * hd + line), _MM_HINT_T0);
         }
@@ -91,7 +108,7 @@ static void attend_chunk(const float* q, const float* k, const float* v, int fro
             for (int j = 0; j < 16; j++) {
                 dot[j] = _mm512_setzero_ps();
                 for (int i = 0; i < hd; i += 16)
-                    dot[j] = _mm512_fmadd_ps(_mm512_loadu_ps(q + r * hd + i), _mm512_loadu_ps(kr[j] + i), dot[j]);
+                    dot[j] = _mm512_fmadd_ps(_mm512_loadu_ps(q + r * hd + i), load_kv(kr[j] + i), dot[j]);
             }
             __m512 score = _mm512_mul_ps(sum16(dot), scale);
             float top = _mm512_mask_reduce_max_ps(valid, score);
@@ -106,7 +123,7 @@ static void attend_chunk(const float* q, const float* k, const float* v, int fro
             __m512 a[REP];
             for (int r = 0; r < REP; r++) a[r] = _mm512_mul_ps(_mm512_loadu_ps(acc[r] + i), _mm512_set1_ps(corr[r]));
             for (int j = 0; j < n; j++) {
-                __m512 vj = _mm512_loadu_ps(v + (size_t)(s0 + j) * hd + i);
+                __m512 vj = load_kv(v + (size_t)(s0 + j) * hd + i);
                 for (int r = 0; r < REP; r++) a[r] = _mm512_fmadd_ps(_mm512_set1_ps(p[r][j]), vj, a[r]);
             }
             for (int r = 0; r < REP; r++) _mm512_storeu_ps(acc[r] + i, a[r]);
@@ -116,7 +133,8 @@ static void attend_chunk(const float* q, const float* k, const float* v, int fro
 
 // states of `rep` heads over slots from..to-1 of their kv head; REP is fixed at compile time for the
 // common group sizes, other sizes run head by head (keys then read once per head)
-static void attend_range(const float* q, int rep, const float* k, const float* v, int from, int to, int hd, float* st) {
+template <typename kv_t>
+static void attend_range(const float* q, int rep, const kv_t* k, const kv_t* v, int from, int to, int hd, float* st) {
     switch (rep) {
         case 1: return attend_chunk<1>(q, k, v, from, to, hd, st);
         case 2: return attend_chunk<2>(q, k, v, from, to, hd, st);
@@ -159,11 +177,13 @@ static int run(Matrix m, const float* x, int M, int K, int N, float* y, int thre
 }
 
 // x [B, dim] float32, updated in place (the residual stream). cos/sin: [B, hd] rows, or one row shared
-// (cs_stride 0). Cache k/v: [B, KV, slots, hd] float32; this token goes to slot pos; row b attends to
+// (cs_stride 0). Cache k/v: [B, KV, slots, hd] float32 (decode_layer) or float16 (decode_layer_f16); this
+// token goes to slot pos; row b attends to
 // slots start[b]..pos (start NULL: from 0).
-extern "C" int decode_layer(float* x, int B, int dim, float eps, const float* ln1, Matrix qkv, Matrix o,
+template <typename kv_t>
+static int decode_layer_impl(float* x, int B, int dim, float eps, const float* ln1, Matrix qkv, Matrix o,
                             const float* ln2, Matrix gate_up, Matrix down, int H, int KV, int hd, int hidden,
-                            const float* cos, const float* sin, int cs_stride, float* kc, float* vc, int slots,
+                            const float* cos, const float* sin, int cs_stride, kv_t* kc, kv_t* vc, int slots,
                             int pos, const int64_t* start, int threads) {
     if (dim % 32 || hidden % 32 || hd % 16 || H % KV || pos >= slots) return 1;
     int nq = (H + 2 * KV) * hd, rep = H / KV;
@@ -181,8 +201,8 @@ extern "C" int decode_layer(float* x, int B, int dim, float eps, const float* ln
         for (int j = 0; j < H + KV; j++) rope(row + j * hd, cos + (size_t)b * cs_stride, sin + (size_t)b * cs_stride, hd);
         for (int g = 0; g < KV; g++) {
             size_t slot = (((size_t)b * KV + g) * slots + pos) * hd;
-            memcpy(kc + slot, row + (H + g) * hd, hd * 4);
-            memcpy(vc + slot, row + (H + KV + g) * hd, hd * 4);
+            store_kv(kc + slot, row + (H + g) * hd, hd);
+            store_kv(vc + slot, row + (H + KV + g) * hd, hd);
         }
     }
     {
@@ -224,3 +244,11 @@ done:
     free(mem);
     return rc;
 }
+
+#define DECODE_LAYER_ARGS(kv_t) float* x, int B, int dim, float eps, const float* ln1, Matrix qkv, Matrix o, \
+    const float* ln2, Matrix gate_up, Matrix down, int H, int KV, int hd, int hidden, const float* cos, \
+    const float* sin, int cs_stride, kv_t* kc, kv_t* vc, int slots, int pos, const int64_t* start, int threads
+#define DECODE_LAYER_CALL x, B, dim, eps, ln1, qkv, o, ln2, gate_up, down, H, KV, hd, hidden, cos, sin, cs_stride, \
+    kc, vc, slots, pos, start, threads
+extern "C" int decode_layer(DECODE_LAYER_ARGS(float)) { return decode_layer_impl<float>(DECODE_LAYER_CALL); }
+extern "C" int decode_layer_f16(DECODE_LAYER_ARGS(half_t)) { return decode_layer_impl<half_t>(DECODE_LAYER_CALL); }

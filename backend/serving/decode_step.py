@@ -230,6 +230,9 @@ class DecodeStep:
                     raise ValueError(f"packed operands of layer {i} are {got}, the model needs {list(shapes)}")
             self.fused = [(ln1.detach().float().contiguous(), qkv.matrix, o.matrix, ln2.detach().float().contiguous(),
                            gate_up.matrix, down.matrix) for ln1, qkv, o, ln2, gate_up, down in self.layers]
+        # the KV cache an engine gives this step: float16 for the fused layer (half the bytes a long context
+        # reads each step: decode_layer.cpp), else the model's dtype; the fused layer also takes float32
+        self.kv_dtype = torch.float16 if self.fused is not None else model.dtype
 
     def __call__(self, tokens: torch.Tensor, cache) -> torch.Tensor:
         """tokens [B] at slot cache.pos -> logits [B, V]; the cache advances by one."""
@@ -281,14 +284,15 @@ class DecodeStep:
             cos, sin, stride = model.rope_cos[p].contiguous(), model.rope_sin[p].contiguous(), self.hd
             start = cache.pad.to(torch.int64).contiguous()
         # the C++ layer writes row b's keys at cache[b, :, pos]: sizes are checked here, not there
-        want = (B, self.K, cache.k[0].shape[2], self.hd)
-        if tokens.dim() != 1 or pos >= want[2] or any(
-                t.shape != want or t.dtype != torch.float32 or not t.is_contiguous() for t in cache.k + cache.v):
-            raise ValueError(f"the fused decode step needs tokens [B] and float32 contiguous caches {want} with a "
-                             f"free slot at {pos}")
+        want, kv = (B, self.K, cache.k[0].shape[2], self.hd), cache.k[0].dtype
+        if tokens.dim() != 1 or pos >= want[2] or kv not in (torch.float32, torch.float16) or any(
+                t.shape != want or t.dtype != kv or not t.is_contiguous() for t in cache.k + cache.v):
+            raise ValueError(f"the fused decode step needs tokens [B] and contiguous caches {want}, all float32 or "
+                             f"all float16, with a free slot at {pos}")
         if start is not None and (start.shape != (B,) or int(start.min()) < 0 or int(start.max()) > pos):
             raise ValueError(f"left padding must be {B} counts in 0..{pos}")
-        threads, layer = torch.get_num_threads(), self.kernel.decode_layer
+        threads = torch.get_num_threads()
+        layer = self.kernel.decode_layer_f16 if kv == torch.float16 else self.kernel.decode_layer
         for i, (ln1, qkv, o, ln2, gate_up, down) in enumerate(self.fused):
             k, v = cache.k[i], cache.v[i]
             rc = layer(x.data_ptr(), B, self.dim, self.eps, ln1.data_ptr(), qkv, o, ln2.data_ptr(), gate_up, down,

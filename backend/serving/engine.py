@@ -193,6 +193,7 @@ class Engine:
         # the per-token forward used while decoding (quant/blocks: see backend/serving/decode_step.py)
         self.step = DecodeStep(self.model, quant, blocks, packed, kernel)
         self.head = self.step.lm_head  # final-norm hidden states -> logits, the same for prefill and decode
+        self.kv_dtype = self.step.kv_dtype  # of every KV cache this engine makes (new_cache)
         self.context_length = min(int(getattr(spec, "context_length", 0) or model.cfg.max_seq_len), model.cfg.max_seq_len)
         self._token_bytes: dict[int, bytes] = {}
         if bf16_prefill is None:  # only where decoding no longer reads the float layer weights
@@ -213,6 +214,10 @@ class Engine:
         self.scheduler = Scheduler(self, serve, compute)
 
     event = TokenEvent  # what the scheduler emits
+
+    def new_cache(self, batch: int, max_len: int) -> "KVCache":
+        """A KV cache as the decode step wants it (float16 for the fused 4-bit layer: decode_layer.cpp)."""
+        return self.model.new_cache(batch, max_len, dtype=self.kv_dtype)
 
     def prefill_hidden(self, ids: list[int], cache) -> torch.Tensor:
         """Continue `cache` (batch 1) with ids; the final-norm hidden states [1, len(ids), dim]."""

@@ -12,8 +12,9 @@ The bf16 path does in ~16 ops a layer what `Transformer.forward` under autocast 
 as one matmul each, their bf16 matrices concatenated at load; one fused RMSNorm; RoPE on q and k at once;
 one SDPA call over the float32 KV cache with grouped-query heads). That did not make it faster: at a chat
 prompt's length the time is reading the bf16 weights (35 tokens: 42 ms either way), which is why short
-chunks go to the 4-bit blocks. The residual stream, norms, RoPE and the KV cache stay float32;
-tests/test_scheduler.py compares both paths' logits with the float32 forward.
+chunks go to the 4-bit blocks. The residual stream, norms and RoPE stay float32; the KV cache is the
+engine's (float16 where the decode step is the fused C++ layer); tests/test_scheduler.py compares both
+paths' logits with the float32 forward.
 """
 from __future__ import annotations
 
@@ -40,12 +41,14 @@ class Prefill:
                                 to_bf16(m.gate_proj.weight, m.up_proj.weight), to_bf16(m.down_proj.weight)))
 
     def __call__(self, ids: list[int], cache) -> torch.Tensor:
-        """Continue `cache` (batch 1, float32) with ids; the final-norm hidden states [1, T, dim] (float32)."""
+        """Continue `cache` (batch 1; float32, or float16 for the fused decode layer) with ids; the final-norm
+        hidden states [1, T, dim] (float32)."""
         model, H, K, hd = self.model, self.H, self.K, self.hd
         T, start = len(ids), cache.pos
-        q4 = self.q4_layers is not None and T <= self.q4_rows
+        q4 = self.q4_layers is not None and (T <= self.q4_rows or not self.layers)
         if not (q4 or self.layers):
             return model(torch.tensor([ids], device=model.device), cache, return_hidden=True)
+        kv = cache.k[0].dtype
         if start + T > model.cfg.max_seq_len:
             raise ValueError(f"sequence of {start + T} tokens exceeds the context length {model.cfg.max_seq_len}")
         x = model.model.embed_tokens.weight[torch.tensor(ids, device=model.device)].float()  # [T, dim]
@@ -69,8 +72,12 @@ class Prefill:
             cache.k[i][0, :, start:start + T] = qk[:, H:].transpose(0, 1)
             cache.v[i][0, :, start:start + T] = qkv[:, (H + K) * hd:].view(T, K, hd).transpose(0, 1)
             q = qk[:, :H].transpose(0, 1)[None]  # [1, H, T, hd]
-            y = F.scaled_dot_product_attention(q, cache.k[i][:, :, :start + T], cache.v[i][:, :, :start + T],
-                                               attn_mask=mask, is_causal=causal, enable_gqa=H != K)
+            # attention reads the keys and values back from the cache, so a chunk's own come out of it rounded
+            # as a later chunk or the decode step will see them (float16 caches: decode_layer.cpp)
+            keys, values = cache.k[i][:, :, :start + T], cache.v[i][:, :, :start + T]
+            if kv != torch.float32:
+                keys, values = keys.float(), values.float()
+            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal, enable_gqa=H != K)
             y = y[0].transpose(0, 1).reshape(T, H * hd)
             if q4:
                 x = x + fo(y)

@@ -100,8 +100,9 @@ def load(build_dir: Path) -> ctypes.CDLL | None:
                                    ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
                     fn.restype = ctypes.c_int
                 i, f, p, m = ctypes.c_int, ctypes.c_float, ctypes.c_void_p, Matrix
-                lib.decode_layer.argtypes = [p, i, i, f, p, m, m, p, m, m, i, i, i, i, p, p, i, p, p, i, i, p, i]
-                lib.decode_layer.restype = ctypes.c_int
+                for fn in (lib.decode_layer, lib.decode_layer_f16):  # float32 / float16 KV cache
+                    fn.argtypes = [p, i, i, f, p, m, m, p, m, m, i, i, i, i, p, p, i, p, p, i, i, p, i]
+                    fn.restype = ctypes.c_int
                 _loaded[path] = lib
             return _loaded[path]
         except (OSError, RuntimeError) as e:

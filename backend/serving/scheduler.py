@@ -127,8 +127,8 @@ class BatchCache:
     """One left-padded KV cache for every decoding row: layers of [rows_capacity, K, slots, hd], of which
     rows [0, B) are live. `view()` is the KVCache-shaped object the decode step reads and advances."""
 
-    def __init__(self, model, max_rows: int):
-        self.model, self.max_rows = model, max_rows
+    def __init__(self, model, max_rows: int, dtype: torch.dtype):
+        self.model, self.max_rows, self.dtype = model, max_rows, dtype
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
         self.B = 0
@@ -146,7 +146,7 @@ class BatchCache:
 
     def _realloc(self, rows: int, slots: int) -> None:
         cfg, m = self.model.cfg, self.model
-        dtype = self.k[0].dtype if self.k else m.dtype
+        dtype = self.dtype
         shape = (rows, cfg.n_kv_heads, slots, cfg.head_dim)
         for store in (self.k, self.v):
             for i in range(cfg.n_layers):
@@ -331,7 +331,8 @@ class Scheduler:
         # the thread that runs this loop, shared by the process's models (backend/serving/compute_thread.py)
         self.compute = compute or shared_compute()
         self.model = engine.model
-        self.batch = BatchCache(self.model, self.cfg.max_batch)
+        self.kv_dtype = engine.kv_dtype  # float16 for the fused 4-bit layer (decode_layer.cpp)
+        self.batch = BatchCache(self.model, self.cfg.max_batch, self.kv_dtype)
         self.rows: list[tuple[Request, int]] = []       # batch row -> (request, sample index)
         self.next_tokens: list[int] = []                # batch row -> token to feed at the next step
         self.waiting: deque[Request] = deque()
@@ -413,7 +414,7 @@ class Scheduler:
             r.put(err)
         self.live.clear()
         self.rows, self.next_tokens = [], []
-        self.batch = BatchCache(self.model, self.cfg.max_batch)
+        self.batch = BatchCache(self.model, self.cfg.max_batch, self.kv_dtype)
         self.prefilling.clear()
 
     def _iteration(self) -> None:
@@ -478,7 +479,7 @@ class Scheduler:
         while not req.done_prefill and (budget is None or spent < budget):
             ids = req.prompts[req.next_prompt]
             if req.cache is None:
-                req.cache = model.new_cache(1, len(ids))
+                req.cache = engine.new_cache(1, len(ids))
                 found = self.prefix.lookup(ids)
                 for b, (ks, vs) in enumerate(found):
                     sl = slice(b * self.cfg.block, (b + 1) * self.cfg.block)
