@@ -224,7 +224,7 @@ class CallStream:
         """The call being written is complete: its last argument piece, or its text as content when it is
         no valid call (or one past max_calls); the next call starts afresh."""
         out = []
-        room = self.max_calls is None or self.calls < self.max_calls
+        room = self.header_sent or self.max_calls is None or self.sent < self.max_calls
         if room and split_call(self.call_text, self.names) is not None:
             self.calls += 1
             out = self._arg_deltas(final=True)
