@@ -14,7 +14,11 @@ tool answers (the model's reply after the call) is part of that same turn.
 tool_choice: "none" (functions not shown, nothing parsed), "auto" (free text; once the model opens a
 <tool_call> the call is held to the schemas), "required" / a named function (the prompt ends with the
 opening tag and the call is constrained: it always parses and validates). See backend/serving/structured.py.
-One call per answer: the turn stops at the first closing tag.
+Parallel calls (parallel_tool_calls, OpenAI's default): the model writes its calls back to back,
+<tool_call>…</tool_call><tool_call>…</tool_call>, and the answer ends after the last one; each valid
+call is one entry of `message.tool_calls` (streamed with its own `index`). The client's tool messages
+are rendered after all the calls, in the calls' order (models/chat_format.py). parallel_tool_calls
+false (and a named tool_choice): one call per answer, the turn stops at the first closing tag.
 """
 from __future__ import annotations
 
@@ -89,16 +93,17 @@ def to_chat_messages(raw: list[dict]) -> tuple[list[dict], bool]:
             while j < len(raw) and raw[j]["role"] == "tool":
                 answers[raw[j].get("tool_call_id") or f"#{len(answers)}"] = raw[j].get("content") or ""
                 j += 1
-            for k, c in enumerate(calls):
+            outputs = []
+            for k, c in enumerate(calls):  # all the calls, then their outputs in the same order
                 where = f"messages[{i}].tool_calls[{k}]"
                 segs.append(("call", function_call_json(c["function"]["name"], _arguments(c["function"]["arguments"], where))))
                 output = answers.get(c["id"], answers.get(f"#{k}"))
-                if output is None:
-                    if j < len(raw):
-                        raise MessageError(f"{where} (id {c['id']!r}) has no tool message answering it",
-                                           f"messages[{i}].tool_calls")
-                    break  # the last message: the call is still waiting for its answer
-                segs.append(("output", output))
+                if output is None and (j < len(raw) or answers):
+                    raise MessageError(f"{where} (id {c['id']!r}) has no tool message answering it",
+                                       f"messages[{i}].tool_calls")
+                outputs.append(output)
+            if calls and outputs[0] is not None:  # else the last message: the calls wait for their answers
+                segs += [("output", o) for o in outputs]
                 ends_with_output = True
             if calls and j < len(raw) and raw[j]["role"] == "assistant":
                 i, m = j, raw[j]
@@ -141,16 +146,28 @@ class ParsedAnswer:
     tool_calls: list[dict] = field(default_factory=list)
 
 
-def parse_answer(text: str, names: list[str], forced: bool) -> ParsedAnswer:
-    """A whole generated answer -> content, thinking and the call (when it is a valid call of `names`).
-    `forced`: the prompt ended with the opening tag, so the text starts inside the call."""
+def read_calls(split: TagSplitter, text: str, final: bool = False) -> list[tuple[str, str]]:
+    """split.feed that reads on past each closed call (TagSplitter pauses there for the built-in tool
+    loop's output); returns the pieces and leaves `split.pending_call` set only for the last call, so
+    segments keep one "call" segment per call."""
+    out = split.feed(text, final=final)
+    while split.pending_call and split.buf:
+        split.pending_call = False
+        out += split.feed("", final=final)
+    return out
+
+
+def parse_answer(text: str, names: list[str], forced: bool, max_calls: int | None = None) -> ParsedAnswer:
+    """A whole generated answer -> content, thinking and its calls (those that are valid calls of `names`,
+    at most `max_calls`). `forced`: the prompt ended with the opening tag, so the text starts inside a call."""
     split = TagSplitter()
-    split.feed((TOOL_CALL if forced else "") + text, final=True)
+    read_calls(split, (TOOL_CALL if forced else "") + text, final=True)
     if split.mode == "call":
         split.close_call()  # the engine cut the closing tag
     content, thinking, calls = "", "", []
     for kind, t in split.segments:
-        if kind == "call" and not calls and (found := split_call(t, names)) is not None:
+        room = max_calls is None or len(calls) < max_calls
+        if kind == "call" and room and (found := split_call(t, names)) is not None:
             calls.append({"id": new_call_id(), "type": "function",
                           "function": {"name": found[0], "arguments": found[1]}})
         elif kind == "call":
@@ -163,21 +180,23 @@ def parse_answer(text: str, names: list[str], forced: bool) -> ParsedAnswer:
 
 
 class CallStream:
-    """Streamed answer text -> OpenAI deltas: {"content"}, {"reasoning_content"} and {"tool_calls": [...]}
-    whose first delta names the function and the next ones carry pieces of its arguments.
+    """Streamed answer text -> OpenAI deltas: {"content"}, {"reasoning_content"} and {"tool_calls": [...]}.
+    Each call has its own `index` (0, 1, ... in the order written); its first delta carries the id and
+    the function's name, the next ones pieces of its arguments.
 
     An argument piece is released only when it surely belongs to the arguments: trailing "}" and spaces
     may be the end of the call object and wait for what follows."""
 
-    def __init__(self, names: list[str], forced: bool):
-        self.names = names
+    def __init__(self, names: list[str], forced: bool, max_calls: int | None = None):
+        self.names, self.max_calls = names, max_calls
         self.split = TagSplitter()
-        self.call_text = ""
-        self.header_sent = False
-        self.args_sent = ""
-        self.call_id = new_call_id()
-        self.calls = 0
+        self.sent = 0      # calls whose first delta went out (the next call's index)
+        self.calls = 0     # complete, valid calls
+        self._next_call()
         self.pending = TOOL_CALL if forced else ""
+
+    def _next_call(self) -> None:
+        self.call_text, self.header_sent, self.args_sent, self.call_id = "", False, "", new_call_id()
 
     def _arg_deltas(self, final: bool) -> list[dict]:
         out = []
@@ -185,8 +204,11 @@ class CallStream:
         if m is None or json.loads(f'"{m.group(1)}"') not in self.names:
             return out
         if not self.header_sent:
-            self.header_sent = True
-            out.append({"tool_calls": [{"index": 0, "id": self.call_id, "type": "function",
+            if self.max_calls is not None and self.sent >= self.max_calls:
+                return out
+            self.header_sent, self.index = True, self.sent
+            self.sent += 1
+            out.append({"tool_calls": [{"index": self.index, "id": self.call_id, "type": "function",
                                         "function": {"name": json.loads(f'"{m.group(1)}"'), "arguments": ""}}]})
         if final:
             found = split_call(self.call_text, self.names)
@@ -194,31 +216,43 @@ class CallStream:
         else:
             body = self.call_text[m.end():].rstrip("} \n\t\r")
         if body.startswith(self.args_sent) and len(body) > len(self.args_sent):
-            out.append({"tool_calls": [{"index": 0, "function": {"arguments": body[len(self.args_sent):]}}]})
+            out.append({"tool_calls": [{"index": self.index, "function": {"arguments": body[len(self.args_sent):]}}]})
             self.args_sent = body
+        return out
+
+    def _close_call(self) -> list[dict]:
+        """The call being written is complete: its last argument piece, or its text as content when it is
+        no valid call (or one past max_calls); the next call starts afresh."""
+        out = []
+        room = self.header_sent or self.max_calls is None or self.sent < self.max_calls
+        if room and split_call(self.call_text, self.names) is not None:
+            self.calls += 1
+            out = self._arg_deltas(final=True)
+        elif not self.header_sent:  # not a valid call: it was text after all
+            out = [{"content": TOOL_CALL + self.call_text}]
+        self.split.pending_call = False
+        self._next_call()
         return out
 
     def feed(self, text: str, final: bool = False) -> list[dict]:
         text, self.pending = self.pending + text, ""
         out = []
-        for kind, t in self.split.feed(text, final=final):
-            if kind == "call":
-                if self.calls == 0:
+        while True:
+            for kind, t in self.split.feed(text, final=final):
+                if kind == "call":
                     self.call_text += t
                     out += self._arg_deltas(final=False)
-            elif kind == "think":
-                out.append({"reasoning_content": t})
-            elif t:
-                out.append({"content": t})
-        if final:
-            if self.split.mode == "call":
-                self.split.close_call()
-            if self.call_text or self.split.pending_call:
-                if split_call(self.call_text, self.names) is not None:
-                    self.calls = 1
-                    out += self._arg_deltas(final=True)
-                elif not self.header_sent:  # not a valid call: it was text after all
-                    out.append({"content": TOOL_CALL + self.call_text})
+                elif kind == "think":
+                    out.append({"reasoning_content": t})
+                elif t:
+                    out.append({"content": t})
+            text = ""
+            if not self.split.pending_call:
+                break
+            out += self._close_call()  # its closing tag came in the text: parallel calls go on after it
+        if final and self.split.mode == "call":
+            self.split.close_call()  # the engine cut the closing tag (or max_tokens cut the call)
+            out += self._close_call()
         return out
 
     @property

@@ -17,6 +17,9 @@ Thinking and tool calls (issue 7) live inside ONE assistant turn:
     <tool_output>{what the tool printed}</tool_output>{answer}<|im_end|>\n
 
 (no newlines between the pieces; search calls are {"name":"search","arguments":{"query":"..."}}).
+Parallel calls (client functions, OpenAI's parallel_tool_calls) are written back to back and their
+outputs follow in the same order: <tool_call>{a}</tool_call><tool_call>{b}</tool_call><tool_output>{a's
+result}</tool_output><tool_output>{b's result}</tool_output>{answer} (segments call, call, output, output, text).
 The six tags are special tokens when the encoding has them (`with_tool_tokens`, names "<base>+tools");
 otherwise they are plain text in the same shape, so a plain model still chats and can be prompted to
 call tools. Loss mask: thinking, the call (tags and JSON) and the answer are trained; the tool output
@@ -43,6 +46,8 @@ TOOL_SPECIALS = (THINK, END_THINK, TOOL_CALL, END_TOOL_CALL, TOOL_OUTPUT, END_TO
 TOOLS_SUFFIX = "+tools"
 TOOL_ARG = {"search": "query", "python": "code"}  # the built-in tools and the name of their one argument
 SEGMENT_KINDS = ("think", "call", "output", "text")
+# what tools_prompt adds when parallel calls are allowed
+PARALLEL_NOTE = " To call several at once, write the calls one after another; their results follow in the same order."
 
 
 @dataclass
@@ -77,15 +82,16 @@ def call_json(tool: str, argument: str) -> str:
     return function_call_json(tool, {TOOL_ARG.get(tool, "input"): argument})
 
 
-def tools_prompt(functions: list[dict]) -> str:
+def tools_prompt(functions: list[dict], parallel: bool = False) -> str:
     """What a system turn says about functions the client defines (OpenAI `tools`): the same call
     protocol as the built-in tools, so a model tuned here learns one. Each function is one JSON line
-    {"name", "description"?, "parameters"?}."""
+    {"name", "description"?, "parameters"?}. `parallel`: the model may write several calls at once."""
     lines = [json.dumps({k: f[k] for k in ("name", "description", "parameters") if f.get(k) is not None},
                         ensure_ascii=False) for f in functions]
     return ("You can call functions. To call one, write " + TOOL_CALL + '{"name": "<function name>", "arguments": '
             "{<arguments as JSON>}}" + END_TOOL_CALL + " and its result follows in " + TOOL_OUTPUT + "..."
-            + END_TOOL_OUTPUT + ". The functions:\n" + "\n".join(lines))
+            + END_TOOL_OUTPUT + "." + (PARALLEL_NOTE if parallel else "") + " The functions:\n" + "\n".join(lines))
+
 
 
 def assistant_segments(m: dict) -> list[tuple[str, str]]:
@@ -173,16 +179,17 @@ def check_messages(messages) -> None:
 
 def chat_pieces(messages: list[dict], add_generation_prompt: bool = False,
                 default_system: str | None = DEFAULT_SYSTEM_PROMPT,
-                continue_final_message: bool = False, functions: list[dict] | None = None) -> list[Piece]:
+                continue_final_message: bool = False, functions: list[dict] | None = None,
+                parallel_calls: bool = False) -> list[Piece]:
     check_messages(messages)
     if continue_final_message and (add_generation_prompt or not messages or messages[-1]["role"] != "assistant"):
         raise ValueError("continue_final_message needs a last assistant message and no generation prompt")
     if functions:  # the function list closes the system turn (the default one when there is none)
         if messages and messages[0]["role"] == "system":
-            messages = [{**messages[0], "content": messages[0]["content"] + "\n\n" + tools_prompt(functions)}] + messages[1:]
+            messages = [{**messages[0], "content": messages[0]["content"] + "\n\n" + tools_prompt(functions, parallel_calls)}] + messages[1:]
         else:
             head = (default_system + "\n\n") if default_system else ""
-            messages = [{"role": "system", "content": head + tools_prompt(functions)}] + messages
+            messages = [{"role": "system", "content": head + tools_prompt(functions, parallel_calls)}] + messages
     pieces: list[Piece] = []
     # SmolLM2's template adds its default system prompt when the conversation does not open with one.
     if messages and messages[0]["role"] != "system" and default_system is not None:
@@ -244,14 +251,16 @@ def encode_pieces(pieces: list[Piece], enc: tiktoken.Encoding) -> RenderedChat:
 def render_chat(messages: list[dict], enc: tiktoken.Encoding, add_generation_prompt: bool = False,
                 default_system: str | None = DEFAULT_SYSTEM_PROMPT,
                 continue_final_message: bool = False, functions: list[dict] | None = None,
-                open_call: bool = False) -> RenderedChat:
+                open_call: bool = False, parallel_calls: bool = False) -> RenderedChat:
     """Render a conversation to ids + assistant-loss mask + text. `default_system=None` leaves out the
     system prompt SmolLM2's template inserts when the conversation has none. `continue_final_message`
     leaves the last (assistant) turn open, without <|im_end|>: the context a tool loop continues.
-    `functions`: client-defined functions listed in the system turn (tools_prompt). `open_call` ends the
+    `functions`: client-defined functions listed in the system turn (tools_prompt; `parallel_calls`: it
+    says several calls may be written at once). `open_call` ends the
     rendering with an opening <tool_call> tag: the model's next words are a call (a forced call)."""
     require_chat_tokens(enc)
-    pieces = chat_pieces(messages, add_generation_prompt, default_system, continue_final_message, functions)
+    pieces = chat_pieces(messages, add_generation_prompt, default_system, continue_final_message, functions,
+                         parallel_calls)
     if open_call:
         pieces.append(Piece(TOOL_CALL, tag=True))
     return encode_pieces(pieces, enc)

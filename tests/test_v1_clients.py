@@ -15,14 +15,23 @@ import httpx
 import openai
 import pytest
 
+from backend.chat_tools import to_chat_messages
+from models.chat_format import render_chat
 from tests.conftest import start_server
 from tests.helpers import bigram_model
+from tests.scripted import register_scripted
 
 ENC = "cl100k_base+tools"
 CALL = '{"name":"square","arguments":{"x":7}}'
 ANSWER = "The square is 49."
 TOOLS = [{"type": "function", "function": {
     "name": "square", "description": "x squared",
+    "parameters": {"type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"]}}}]
+PAIR_CALLS = ['{"name":"square","arguments":{"x":7}}', '{"name":"cube","arguments":{"x":2}}']
+PAIR_WORDS = tuple(f"<tool_call>{c}</tool_call>" for c in PAIR_CALLS)
+PAIR_ANSWER = "7 squared is 49 and 2 cubed is 8."
+PAIR_TOOLS = TOOLS + [{"type": "function", "function": {
+    "name": "cube", "description": "x cubed",
     "parameters": {"type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"]}}}]
 
 
@@ -38,12 +47,16 @@ def server(tmp_path_factory):
     special = enc.encode_single_token
     chain = [ids("\n")[0], special("<tool_call>")] + ids(CALL) + [special("</tool_call>")]
     answer = [special("</tool_output>")] + ids(ANSWER) + [special("<|im_end|>")]
+    table = {special("</tool_call>"): special("<tool_output>")}  # after its call, the tool's output
     hello = ids("Hello world") + [enc.eot_token]
-    table = {}
     for seq in (chain, answer, hello):
         table.update(zip(seq[:-1], seq[1:]))
     model = bigram_model(enc.max_token_value + 1, table, max_seq_len=1024)
     ModelRegistry(AppConfig(data_dir=data)).register("caller", model, ENC, "chatml", {"test": True})
+    # plain-text tags: the prompt after the tool outputs ends with the ">" of </tool_output>
+    register_scripted(data, "pair", [], {"\n": PAIR_WORDS[0], PAIR_WORDS[0]: PAIR_WORDS[1],
+                                         PAIR_WORDS[1]: "<|im_end|>", ">": PAIR_ANSWER, PAIR_ANSWER: "<|im_end|>"},
+                      tools=False, words=PAIR_WORDS + (PAIR_ANSWER,))
     s = start_server(data, "--model", "caller", "--no-worker")
     yield s
     s.stop()
@@ -154,3 +167,67 @@ def test_tokenizer_routes_round_trip(server, client):
                                       ("/detokenize", {"tokens": "12"}, 400, "tokens")]:
         r = httpx.post(base + path, json=body)
         assert r.status_code == status and r.json()["error"]["param"] == param, r.text
+
+
+def test_parallel_calls_come_back_as_several_tool_calls(client):
+    r = client.chat.completions.create(model="pair", messages=[{"role": "user", "content": "7 squared, 2 cubed?"}],
+                                       tools=PAIR_TOOLS, temperature=0, max_tokens=20)
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    calls = choice.message.tool_calls
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in calls] == [("square", {"x": 7}), ("cube", {"x": 2})]
+    assert len({c.id for c in calls}) == 2 and all(c.id.startswith("call_") and c.type == "function" for c in calls)
+
+
+def test_parallel_calls_stream_with_one_index_each(client):
+    kw = dict(model="pair", messages=[{"role": "user", "content": "7 squared, 2 cubed?"}], tools=PAIR_TOOLS,
+              temperature=0, max_tokens=20)
+    deltas, finish = [], None
+    for chunk in client.chat.completions.create(stream=True, **kw):
+        for ch in chunk.choices:
+            deltas += ch.delta.tool_calls or []
+            finish = ch.finish_reason or finish
+    assert finish == "tool_calls" and sorted({d.index for d in deltas}) == [0, 1]
+    for i, call in enumerate(PAIR_CALLS):
+        mine = [d for d in deltas if d.index == i]
+        assert mine[0].id.startswith("call_") and mine[0].function.name == json.loads(call)["name"]
+        assert "".join(d.function.arguments or "" for d in mine) == json.dumps(json.loads(call)["arguments"],
+                                                                              separators=(",", ":"))
+    # the openai client's own stream helper accumulates the deltas by index into the same two calls
+    with client.chat.completions.stream(**kw) as stream:
+        final = stream.get_final_completion()
+    calls = final.choices[0].message.tool_calls
+    assert [(c.function.name, c.function.arguments) for c in calls] == [("square", '{"x":7}'), ("cube", '{"x":2}')]
+    assert calls[0].id != calls[1].id
+
+
+def test_parallel_tool_calls_false_keeps_one_call(client):
+    r = client.chat.completions.create(model="pair", messages=[{"role": "user", "content": "7 squared, 2 cubed?"}],
+                                       tools=PAIR_TOOLS, parallel_tool_calls=False, temperature=0, max_tokens=20)
+    [call] = r.choices[0].message.tool_calls
+    assert (call.function.name, call.function.arguments) == ("square", '{"x":7}')
+    assert r.choices[0].finish_reason == "tool_calls" and r.usage.completion_tokens == 1  # decoding stopped there
+
+
+def test_agent_loop_answers_both_calls_and_goes_on(client, server):
+    messages = [{"role": "user", "content": "7 squared, 2 cubed?"}]
+    local = {"square": lambda x: x * x, "cube": lambda x: x ** 3}
+    r = client.chat.completions.create(model="pair", messages=messages, tools=PAIR_TOOLS, temperature=0, max_tokens=20)
+    message = r.choices[0].message
+    messages.append(message.model_dump(exclude_none=True))
+    for call in message.tool_calls:
+        result = local[call.function.name](**json.loads(call.function.arguments))
+        messages.append({"role": "tool", "tool_call_id": call.id, "content": str(result)})
+    done = client.chat.completions.create(model="pair", messages=messages, tools=PAIR_TOOLS, temperature=0,
+                                          max_tokens=20)
+    assert done.choices[0].finish_reason == "stop" and done.choices[0].message.content == PAIR_ANSWER
+    # the prompt holds both calls and then both results, in the calls' order, in the one chat format
+    ids = httpx.post(server.base_url + "/tokenize", json={"model": "pair", "messages": messages}).json()["tokens"]
+    text = httpx.post(server.base_url + "/detokenize", json={"model": "pair", "tokens": ids}).json()["prompt"]
+    assert text.endswith("<|im_start|>assistant\n" + "".join(PAIR_WORDS)
+                         + "<tool_output>49</tool_output><tool_output>8</tool_output>")
+    from models.tokenizers import get_encoding
+    chat, open_turn = to_chat_messages(messages)
+    rendered = render_chat(chat, get_encoding("pair", server.data_dir), continue_final_message=open_turn,
+                           functions=[t["function"] for t in PAIR_TOOLS], parallel_calls=True)
+    assert open_turn and done.usage.prompt_tokens == len(rendered.ids)

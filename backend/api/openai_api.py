@@ -189,7 +189,7 @@ async def chat_completions(request: Request, req: ChatCompletionRequest = Depend
                               for t, v, tp in zip(s.token_ids, s.logprobs, s.top_logprobs)]}
         finish = s.finish_reason
         if plan.names:
-            a = parse_answer(s.text, plan.names, plan.forced)
+            a = parse_answer(s.text, plan.names, plan.forced, plan.max_calls)
             message = fmt.chat_message(a.content, a.tool_calls, a.reasoning)
             finish = "tool_calls" if a.tool_calls else finish
         else:
@@ -200,7 +200,7 @@ async def chat_completions(request: Request, req: ChatCompletionRequest = Depend
 
 async def stream_chat(req: ChatCompletionRequest, engine, plan: svc.ChatPlan, meta: fmt.Meta):
     events, cancel = start(engine, [plan.prompt], plan.params, plan.n)
-    parsers = [CallStream(plan.names, plan.forced) for _ in range(plan.n)] if plan.names else None
+    parsers = [CallStream(plan.names, plan.forced, plan.max_calls) for _ in range(plan.n)] if plan.names else None
     for i in range(plan.n):
         yield fmt.chat_chunk(meta, [fmt.delta_choice(i, {"role": "assistant", "content": ""})])
     count = 0

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from backend.api.openai_schema import APIError, ChatCompletionRequest, CompletionRequest, SamplingFields
 from backend.chat_tools import MessageError, to_chat_messages
 from backend.serving.sampling import SamplingParams
-from models.chat_format import END_TOOL_CALL, TOOL_ARG, render_chat
+from models.chat_format import END_TOOL_CALL, TOOL_ARG, TOOL_OUTPUT, render_chat
 from models.registry import UnknownModel, WrongRole
 
 
@@ -166,6 +166,7 @@ class ChatPlan:
     n: int
     names: list[str]          # client functions the answer may call ([] = plain chat)
     forced: bool              # the prompt ends with an opening <tool_call>
+    max_calls: int | None = None   # 1 unless parallel calls are allowed (None: any number)
 
 
 def chat_messages_of(messages) -> tuple[list[dict], bool]:
@@ -189,12 +190,16 @@ def plan_chat(req: ChatCompletionRequest, engine) -> ChatPlan:
     choice = req.tool_choice or "auto"
     functions = [t.function.model_dump(exclude_none=True) for t in req.tools or []] if choice != "none" else []
     forced = bool(functions) and choice != "auto"
-    called = [f for f in functions if f["name"] == choice.function.name] if hasattr(choice, "function") else functions
+    named = hasattr(choice, "function")
+    called = [f for f in functions if f["name"] == choice.function.name] if named else functions
+    # Parallel calls (OpenAI's default): the calls follow each other, <tool_call>…</tool_call><tool_call>…,
+    # and the answer ends after the last one. A named tool_choice is one call, as in vLLM.
+    parallel = bool(functions) and req.parallel_tool_calls is not False and not named
     try:
         if functions or open_turn:
             prompt = list(render_chat(messages, engine.enc, add_generation_prompt=not open_turn,
                                       continue_final_message=open_turn, functions=functions or None,
-                                      open_call=forced).ids)
+                                      open_call=forced, parallel_calls=parallel).ids)
         else:  # the engine's own rendering: a remote engine keeps the messages (backend/serving/remote_engine.py)
             prompt = engine.chat_prompt(messages)
     except ValueError as e:
@@ -203,21 +208,25 @@ def plan_chat(req: ChatCompletionRequest, engine) -> ChatPlan:
                                                           ("max_tokens", req.max_tokens)], None, "messages")
     stop_ids = engine.default_stop_ids()
     extra_stop: tuple[str, ...] = ()
-    if functions:  # a call ends the answer: the client runs it
-        extra_stop = (END_TOOL_CALL,)
-        if END_TOOL_CALL in engine.enc.special_tokens_set:
-            stop_ids = stop_ids + [engine.enc.encode_single_token(END_TOOL_CALL)]
+    if functions:  # the client runs the calls: the answer ends after the first (or, parallel, after the last)
+        # A model tuned on our format goes on to the tool's output tag after its calls: that ends it too.
+        end = TOOL_OUTPUT if parallel else END_TOOL_CALL
+        extra_stop = (end,)
+        if end in engine.enc.special_tokens_set:
+            stop_ids = stop_ids + [engine.enc.encode_single_token(end)]
     constraint, param = None, None
     fmt = req.response_format
     try:
         if forced:
-            param, constraint = "tool_choice", structured.call_constraint(engine, called, engine.default_stop_ids())
+            param, constraint = "tool_choice", structured.call_constraint(engine, called, engine.default_stop_ids(),
+                                                                          parallel)
         elif fmt is not None and fmt.type != "text":
             schema = fmt.json_schema.schema_ if fmt.type == "json_schema" else None
             param, constraint = "response_format", structured.json_constraint(engine, schema, engine.default_stop_ids())
         elif functions:
-            param, constraint = "tools", structured.triggered_call_constraint(engine, functions, engine.default_stop_ids())
+            param, constraint = "tools", structured.triggered_call_constraint(engine, functions,
+                                                                              engine.default_stop_ids(), parallel)
     except ValueError as e:
         raise APIError(400, str(e), param) from None
     params = sampling_params(req, max_tokens, stop_ids, req.logprobs_k, constraint, extra_stop)
-    return ChatPlan(prompt, params, req.n, [f["name"] for f in functions], forced)
+    return ChatPlan(prompt, params, req.n, [f["name"] for f in functions], forced, None if parallel else 1)

@@ -3,6 +3,7 @@
     factory = json_constraint(engine, schema)        # response_format json_object / json_schema
     factory = call_constraint(engine, functions)      # a forced <tool_call>: tool_choice required / named
     factory = triggered_call_constraint(engine, functions)   # tool_choice auto: free text until <tool_call>
+    (parallel=True: one or more calls back to back, see call_grammar)
     params = replace(params, constraint=factory)      # the engine builds one Constraint per sample
 
 Each sample gets an LLMatcher; before a draw `mask` sets the logits of tokens the grammar forbids to
@@ -23,7 +24,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from models.chat_format import END_TOOL_CALL, TOOL_CALL
+from models.chat_format import END_TOOL_CALL, TOOL_CALL, TOOL_OUTPUT
 
 JSON_OPTIONS = {"whitespace_flexible": False}
 
@@ -95,13 +96,15 @@ class TriggeredConstraint:
             if token_id == self.trigger_id:
                 self.inner = self.make()
             return
-        self.seen = (self.seen + self.engine.token_bytes(token_id))[-64:]
+        self.seen += self.engine.token_bytes(token_id)
         at = self.seen.find(self.trigger_text)
         if at >= 0:
             self.inner = self.make()
             rest = self.seen[at + len(self.trigger_text):]
             if rest:
                 self.inner.matcher.consume_tokens(self.inner.tokenizer.tokenize_bytes(rest))
+        else:  # only a tail that may still become the trigger matters
+            self.seen = self.seen[-(len(self.trigger_text) - 1):]
 
 
 def _factory(engine, grammar: str, stop_ids: list[int]) -> Callable[[], GrammarConstraint]:
@@ -138,22 +141,33 @@ def call_schema(functions: list[dict]) -> dict:
     return options[0] if len(options) == 1 else {"anyOf": options}
 
 
-def call_grammar(engine, functions: list[dict]) -> str:
-    """A call's JSON, then the closing tag: the special token when the encoding has it, else its text."""
+def _tag(enc, tag: str) -> str:
+    """A tag in a lark grammar: its special token when the encoding has it, else its text."""
+    return f"<[{enc.encode_single_token(tag)}]>" if tag in enc.special_tokens_set else json.dumps(tag)
+
+
+def call_grammar(engine, functions: list[dict], parallel: bool = False) -> str:
+    """A call's JSON, then the closing tag. `parallel`: then any number of further calls, each opened
+    by its tag right after the last one closed, and optionally the <tool_output> tag (a model tuned on
+    our format writes it after its calls: the engine stops there, see openai_service.plan_chat)."""
     enc = engine.enc
-    close = f"<[{enc.encode_single_token(END_TOOL_CALL)}]>" if END_TOOL_CALL in enc.special_tokens_set \
-        else json.dumps(END_TOOL_CALL)
     schema = json.dumps(call_schema(functions), ensure_ascii=False)
-    return _llg().LLMatcher.grammar_from_lark(f"start: call {close}\ncall: %json {schema}")
+    close = _tag(enc, END_TOOL_CALL)
+    start = f"start: call {close}"
+    if parallel:
+        start += f" ({_tag(enc, TOOL_CALL)} call {close})* {_tag(enc, TOOL_OUTPUT)}?"
+    return _llg().LLMatcher.grammar_from_lark(f"{start}\ncall: %json {schema}")
 
 
-def call_constraint(engine, functions: list[dict], stop_ids: list[int]) -> Callable[[], GrammarConstraint]:
-    """The sample is exactly one call (the prompt already ends with the opening tag)."""
-    return _factory(engine, call_grammar(engine, functions), stop_ids)
+def call_constraint(engine, functions: list[dict], stop_ids: list[int],
+                    parallel: bool = False) -> Callable[[], GrammarConstraint]:
+    """The sample is one call, or with `parallel` one or more (the prompt already ends with the opening tag)."""
+    return _factory(engine, call_grammar(engine, functions, parallel), stop_ids)
 
 
-def triggered_call_constraint(engine, functions: list[dict], stop_ids: list[int]) -> Callable[[], TriggeredConstraint]:
-    make = call_constraint(engine, functions, stop_ids)
+def triggered_call_constraint(engine, functions: list[dict], stop_ids: list[int],
+                              parallel: bool = False) -> Callable[[], TriggeredConstraint]:
+    make = call_constraint(engine, functions, stop_ids, parallel)
     enc = engine.enc
     trigger_id = enc.encode_single_token(TOOL_CALL) if TOOL_CALL in enc.special_tokens_set else None
     return lambda: TriggeredConstraint(engine, trigger_id, TOOL_CALL.encode(), make)
