@@ -1,6 +1,7 @@
 """Teach a model to say "I don't know" for what it does not know (DEMOS 10; Llama 3's factuality recipe in small).
 
     python -m backend.train idk --model smollm2-135m-instruct [--samples 4] [--max-steps 10]
+    torchrun --standalone --nproc_per_node 2 -m backend.train idk ...   # the SFT on 2 processes
 
 1. Probe: each question of the bundled set with a known answer (backend/datasets/facts.py, split "probe") is
    asked n_samples times (temperature > 0) through the app's generation entry point; a question is *known*
@@ -63,8 +64,6 @@ class IDKConfig(SFTConfig):
             raise ValueError("idk_answer: the refusal text must not be empty")
         if self.dataset != "bundled":
             raise ValueError("dataset: idk writes its own SFT snapshot; give your questions with `facts` instead")
-        if self.nproc != 1:
-            raise ValueError("nproc: idk runs in one process")
         if not self.register:
             raise ValueError("register: idk registers its model (the table's 'after' row measures it)")
 
@@ -153,8 +152,10 @@ def examples(probed: list[dict], cfg: IDKConfig) -> list[dict]:
     return rows
 
 
-def run_idk(cfg: IDKConfig, ctx: JobContext) -> Outcome:
-    from backend.train.generated import freeze, record, serving, sft_part, train_on
+def write_examples(cfg: IDKConfig, ctx: JobContext) -> dict | None:
+    """Probe the parent, write the SFT examples as a snapshot and measure the parent on the held-out questions
+    (one process: rank 0 under torchrun). None when stopped meanwhile."""
+    from backend.train.generated import freeze, serving
     probe_set, held_set = questions(cfg)
     with serving(ctx.app) as engines:
         ctx.emit({"phase": f"probing {cfg.parent_model}: {len(probe_set)} questions x {cfg.n_samples} samples…", "step": 0})
@@ -164,7 +165,7 @@ def run_idk(cfg: IDKConfig, ctx: JobContext) -> Outcome:
         held = probe(engine, held_set, cfg)  # which held-out questions the parent knows
         before = measure(engine, held, cfg, cfg.parent_model, "before")
     if ctx.stop.is_set():
-        return Outcome("stopped", 0)
+        return None
     rows = examples(probed, cfg)
     n_unknown = sum(not p["known"] for p in probed)
     ctx.emit({"log": f"probe: {len(probed) - n_unknown} of {len(probed)} questions known, {n_unknown} answered "
@@ -174,19 +175,30 @@ def run_idk(cfg: IDKConfig, ctx: JobContext) -> Outcome:
                   {"parent_model": cfg.parent_model, "n_samples": cfg.n_samples, "temperature": cfg.temperature,
                    "known_threshold": cfg.known_threshold, "facts": cfg.facts})
     ctx.emit({"log": f"snapshot {snap['hash']} ({snap['rows']} examples)", "step": 0})
-    out = train_on("idk", sft_part(cfg, SFTConfig), ctx, snap["hash"],
-                   f"\"I don't know\" SFT of {cfg.parent_model} ({n_unknown} refusals, {len(rows) - n_unknown} answers)")
-    if not out.model:
-        return out
-    with serving(ctx.app) as engines:
-        after = measure(engines.get(out.model), held, cfg, out.model, "after")
-    table = [before, after]
-    out = record(ctx.app, out, ctx, "idk", table,
-                 {"snapshot_hash": snap["hash"], "probe_questions": len(probed), "probe_unknown": n_unknown,
-                  "probe_known": len(probed) - n_unknown, "examples_idk": n_unknown,
-                  "examples_answer": len(rows) - n_unknown, "n_samples": cfg.n_samples,
-                  "heldout_questions": len(held)})
-    return out
+    return {"snapshot": snap["hash"], "held": held, "before": before, "probed": len(probed),
+            "unknown": n_unknown, "answers": len(rows) - n_unknown}
+
+
+def run_idk(cfg: IDKConfig, ctx: JobContext) -> Outcome:
+    from backend.train.generated import processes, record, serving, sft_part, stopped_early, train_on
+    with processes(cfg, ctx) as d:
+        # Rank 0 alone probes and writes the snapshot (the same code and seed as one process: the same rows);
+        # every rank gets its hash and trains on it.
+        made = d.from_main(lambda: write_examples(cfg, ctx))
+        if made is None:
+            return stopped_early(ctx)
+        n_unknown, n_answers = made["unknown"], made["answers"]
+        out = train_on("idk", sft_part(cfg, SFTConfig), ctx, made["snapshot"],
+                       f"\"I don't know\" SFT of {cfg.parent_model} ({n_unknown} refusals, {n_answers} answers)")
+        if not out.model:
+            return out  # the ranks but 0: rank 0 alone registered the model, it alone measures it
+        with serving(ctx.app) as engines:
+            after = measure(engines.get(out.model), made["held"], cfg, out.model, "after")
+        return record(ctx.app, out, ctx, "idk", [made["before"], after],
+                      {"snapshot_hash": made["snapshot"], "probe_questions": made["probed"], "probe_unknown": n_unknown,
+                       "probe_known": made["probed"] - n_unknown, "examples_idk": n_unknown,
+                       "examples_answer": n_answers, "n_samples": cfg.n_samples,
+                       "heldout_questions": len(made["held"]), "world_size": d.world})
 
 
 trainer("idk", IDKConfig, "\"I don't know\": probe what the model knows, SFT refusals for what it gets wrong, "
