@@ -1,8 +1,8 @@
 """idk and distill (the trainers that write their own SFT data) under torchrun with 2 gloo processes on CPU, against
 the same run in 1 process: rank 0 alone writes the examples, so both runs freeze the same snapshot (same content
 hash, same rows); the SFT on it follows the 1-process loss curve (to tests/test_distributed.TOL); rank 0 alone
-reports and registers one model with its before/after table; and an idk job asking for nproc=2 runs through the
-real worker under torchrun."""
+reports and registers one model with its before/after table; and jobs asking for nproc=2 run through the real
+worker under torchrun: an idk job succeeds, a distill job whose teacher writes nothing right fails with that error."""
 from __future__ import annotations
 
 import pytest
@@ -85,7 +85,7 @@ def test_two_processes_write_the_same_data_follow_the_same_curve_and_register_on
     assert (data / "runs" / kind / f"{kind}2" / "result.json").exists()
 
 
-def test_an_idk_job_asking_for_two_processes_runs_under_torchrun(data):
+def test_jobs_asking_for_two_processes_run_under_torchrun(data):
     app = AppConfig(data_dir=data)
     db = Database(app.database_url)
     db.migrate()
@@ -101,6 +101,13 @@ def test_an_idk_job_asking_for_two_processes_runs_under_torchrun(data):
         lineage = ModelRegistry(app).get(done["model"]).lineage
         assert lineage["job_id"] == job["id"] and lineage["world_size"] == 2
         assert [e for e in detail["info"] if e.get("table")][0]["table"] == lineage["idk"]["table"]
+        # rank 0's data phase fails (a teacher none of whose traces verifies): every rank stops, and the job's
+        # error is rank 0's own, not that of the rank torchrun then terminated
+        bad = queue.create_job(db, app, None, "distill", {**DISTILL, "teacher": "romer", "n_problems": 4,
+                                                         "n_samples": 1, "nproc": 2})
+        failed = wait_for(lambda: (j := queue.get_job(db, bad["id"]))["state"] in queue.FINISHED and j, 300, "the job")
+        assert failed["state"] == "failed" and failed["error"].startswith("rank 0 failed: "), failed["error"]
+        assert "teacher: none of the 4 traces of 'romer' states the right answer" in failed["error"]
         # an odd global batch cannot split over the two processes: refused at the door
         with pytest.raises(ValueError, match="batch_size: 3 does not split evenly over nproc=2"):
             queue.create_job(db, app, None, "idk", {**IDK, "nproc": 2, "batch_size": 3})
