@@ -2,7 +2,8 @@
 the same run in 1 process: rank 0 alone writes the examples, so both runs freeze the same snapshot (same content
 hash, same rows); the SFT on it follows the 1-process loss curve (to tests/test_distributed.TOL); rank 0 alone
 reports and registers one model with its before/after table; and jobs asking for nproc=2 run through the real
-worker under torchrun: an idk job succeeds, a distill job whose teacher writes nothing right fails with that error."""
+worker under torchrun: an idk job succeeds, a distill job whose teacher writes nothing right fails with that error,
+and cancel during the probe stops every rank before training."""
 from __future__ import annotations
 
 import pytest
@@ -15,8 +16,9 @@ from backend.labels.snapshots import read_snapshot
 from models.registry import ModelRegistry
 from models.tokenizers import get_encoding, save_encoding
 from tests.helpers import make_tiny_model
-from tests.scripted import byte_encoding, register_scripted
+from tests.scripted import byte_encoding, register_rambler, register_scripted
 from tests.test_distributed import assert_same, curve, metrics, train
+from tests.test_distributed_jobs import ranks
 from tests.test_idk_distill import THINK, THINKER
 from tests.test_worker import start_worker, stop, wait_for
 
@@ -85,32 +87,59 @@ def test_two_processes_write_the_same_data_follow_the_same_curve_and_register_on
     assert (data / "runs" / kind / f"{kind}2" / "result.json").exists()
 
 
-def test_jobs_asking_for_two_processes_run_under_torchrun(data):
+@pytest.fixture(scope="module")
+def jobs(data):
+    """The app's database and a real worker that launches up to 2 processes."""
     app = AppConfig(data_dir=data)
     db = Database(app.database_url)
     db.migrate()
     worker = start_worker(app, "--max-procs", "2")
-    try:
-        job = queue.create_job(db, app, None, "idk", {**IDK, "nproc": 2})
-        done = wait_for(lambda: (j := queue.get_job(db, job["id"]))["state"] in queue.FINISHED and j, 400, "the job")
-        detail = queue.job_detail(db, job["id"])
-        assert done["state"] == "succeeded", (done["error"], [e["text"] for e in detail["log"]][-12:])
-        log = [e["text"] for e in detail["log"]]
-        assert any("launching 2 processes with torchrun" in t for t in log)
-        assert any("world size 2 (ddp, gloo)" in t for t in log)
-        lineage = ModelRegistry(app).get(done["model"]).lineage
-        assert lineage["job_id"] == job["id"] and lineage["world_size"] == 2
-        assert [e for e in detail["info"] if e.get("table")][0]["table"] == lineage["idk"]["table"]
-        # rank 0's data phase fails (a teacher none of whose traces verifies): every rank stops, and the job's
-        # error is rank 0's own, not that of the rank torchrun then terminated
-        bad = queue.create_job(db, app, None, "distill", {**DISTILL, "teacher": "romer", "n_problems": 4,
-                                                         "n_samples": 1, "nproc": 2})
-        failed = wait_for(lambda: (j := queue.get_job(db, bad["id"]))["state"] in queue.FINISHED and j, 300, "the job")
-        assert failed["state"] == "failed" and failed["error"].startswith("rank 0 failed: "), failed["error"]
-        assert "teacher: none of the 4 traces of 'romer' states the right answer" in failed["error"]
-        # an odd global batch cannot split over the two processes: refused at the door
-        with pytest.raises(ValueError, match="batch_size: 3 does not split evenly over nproc=2"):
-            queue.create_job(db, app, None, "idk", {**IDK, "nproc": 2, "batch_size": 3})
-    finally:
-        stop(worker)
-        db.close()
+    yield app, db
+    stop(worker)
+    db.close()
+
+
+def finished(db, job_id: int, timeout: float = 400) -> dict:
+    return wait_for(lambda: (j := queue.get_job(db, job_id))["state"] in queue.FINISHED and j, timeout, "the job")
+
+
+def test_an_idk_job_asking_for_two_processes_runs_under_torchrun(jobs):
+    app, db = jobs
+    job = queue.create_job(db, app, None, "idk", {**IDK, "nproc": 2})
+    done = finished(db, job["id"])
+    detail = queue.job_detail(db, job["id"])
+    assert done["state"] == "succeeded", (done["error"], [e["text"] for e in detail["log"]][-12:])
+    log = [e["text"] for e in detail["log"]]
+    assert any("launching 2 processes with torchrun" in t for t in log)
+    assert any("world size 2 (ddp, gloo)" in t for t in log)
+    lineage = ModelRegistry(app).get(done["model"]).lineage
+    assert lineage["job_id"] == job["id"] and lineage["world_size"] == 2
+    assert [e for e in detail["info"] if e.get("table")][0]["table"] == lineage["idk"]["table"]
+    # an odd global batch cannot split over the two processes: refused at the door
+    with pytest.raises(ValueError, match="batch_size: 3 does not split evenly over nproc=2"):
+        queue.create_job(db, app, None, "idk", {**IDK, "nproc": 2, "batch_size": 3})
+
+
+def test_a_two_process_job_whose_data_phase_fails_fails_with_its_error(jobs):
+    """Rank 0's teacher writes nothing right: every rank stops, and the job's error is rank 0's own, not that
+    of the rank torchrun then terminated."""
+    app, db = jobs
+    job = queue.create_job(db, app, None, "distill", {**DISTILL, "teacher": "romer", "n_problems": 4,
+                                                      "n_samples": 1, "nproc": 2})
+    failed = finished(db, job["id"], 300)
+    assert failed["state"] == "failed" and failed["error"].startswith("rank 0 failed: "), failed["error"]
+    assert "teacher: none of the 4 traces of 'romer' states the right answer" in failed["error"]
+
+
+def test_cancel_during_the_probe_stops_every_rank_before_training(jobs, data):
+    app, db = jobs
+    register_rambler(data)  # says "la " until max_tokens, slowly: the probe takes a while
+    job = queue.create_job(db, app, None, "idk", {**IDK, "parent_model": "rambler", "max_new_tokens": 256,
+                                                  "nproc": 2, "name": "rambler-idk"})
+    wait_for(lambda: any("probing rambler" in e["text"] for e in queue.job_detail(db, job["id"])["log"]), 120,
+             "the probe to start")
+    queue.cancel_job(db, job["id"])
+    done = finished(db, job["id"], 120)
+    assert done["state"] == "cancelled" and done["model"] is None, done["error"]
+    assert ranks(job["id"]) == {}  # every rank has exited
+    assert "rambler-idk" not in ModelRegistry(app).names() and not (data / "runs" / "idk" / "rambler-idk").exists()

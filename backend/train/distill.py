@@ -130,7 +130,9 @@ def write_traces(cfg: DistillConfig, ctx: JobContext) -> dict | None:
         ctx.emit({"phase": f"{cfg.teacher} writes {cfg.n_samples} traces for each of {len(train)} problems…", "step": 0})
         teacher = engines.get(cfg.teacher)
         params = SamplingParams(temperature=cfg.temperature, max_tokens=cfg.teacher_max_tokens, seed=cfg.seed)
-        traces = ask(teacher, [messages(p.question) for p in train], params, cfg.n_samples)
+        traces = ask(teacher, [messages(p.question) for p in train], params, cfg.n_samples, ctx.stop)
+        if ctx.stop.is_set():
+            return None
         ctx.emit({"phase": "measuring the teacher and the student on held-out problems…", "step": 0})
         teacher_row = measure(teacher, held, cfg, cfg.teacher, "teacher")
         before = {**teacher_row, "role": "student before"} if cfg.teacher == cfg.parent_model else \

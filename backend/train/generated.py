@@ -58,13 +58,18 @@ def serving(app):
 CHUNK = 8
 
 
-def ask(engine, conversations: list[list[dict]], params, n: int = 1) -> list[list]:
-    """n completions of each conversation, CHUNK conversations at a time (the scheduler decodes them together)."""
+def ask(engine, conversations: list[list[dict]], params, n: int = 1, stop=None) -> list[list]:
+    """n completions of each conversation, CHUNK conversations at a time (the scheduler decodes them together).
+    `stop` (a threading.Event): once set, no further chunk is asked, and the answers so far are returned (a
+    cancelled job stops within a chunk, not after the whole set: under torchrun the worker kills ranks that
+    take longer)."""
     from dataclasses import replace
     if not params.stop_token_ids:
         params = replace(params, stop_token_ids=engine.default_stop_ids())
     out = []
     for i in range(0, len(conversations), CHUNK):
+        if stop is not None and stop.is_set():
+            break
         comps = engine.complete_batch([engine.chat_prompt(m) for m in conversations[i:i + CHUNK]], params, n=n)
         out += [comps[j * n:(j + 1) * n] for j in range(len(comps) // n)]
     return out

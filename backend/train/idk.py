@@ -89,14 +89,15 @@ def questions(cfg: IDKConfig):
     return probe, held
 
 
-def probe(engine, items, cfg: IDKConfig) -> list[dict]:
-    """Each question asked n_samples times: {"fact", "right" (samples that name the answer), "known", "best"}."""
+def probe(engine, items, cfg: IDKConfig, stop=None) -> list[dict]:
+    """Each question asked n_samples times: {"fact", "right" (samples that name the answer), "known", "best"}.
+    Once `stop` is set, the questions asked so far only."""
     from backend.serving.sampling import SamplingParams
     from backend.train.generated import ask
     params = SamplingParams(temperature=cfg.temperature, max_tokens=cfg.max_new_tokens, seed=cfg.seed)
     out = []
     for f, comps in zip(items, ask(engine, [[{"role": "user", "content": f.question}] for f in items], params,
-                                   cfg.n_samples)):
+                                   cfg.n_samples, stop)):
         right = [whole_answer(f, c.text) for c in comps if f.check(c.text)]
         right = [t for t in right if t]
         n_right = sum(f.check(c.text) for c in comps)
@@ -160,9 +161,11 @@ def write_examples(cfg: IDKConfig, ctx: JobContext) -> dict | None:
     with serving(ctx.app) as engines:
         ctx.emit({"phase": f"probing {cfg.parent_model}: {len(probe_set)} questions x {cfg.n_samples} samples…", "step": 0})
         engine = engines.get(cfg.parent_model)
-        probed = probe(engine, probe_set, cfg)
+        probed = probe(engine, probe_set, cfg, ctx.stop)
         ctx.emit({"phase": "measuring the parent on the held-out questions…", "step": 0})
-        held = probe(engine, held_set, cfg)  # which held-out questions the parent knows
+        held = probe(engine, held_set, cfg, ctx.stop)  # which held-out questions the parent knows
+        if ctx.stop.is_set():
+            return None
         before = measure(engine, held, cfg, cfg.parent_model, "before")
     if ctx.stop.is_set():
         return None
