@@ -129,9 +129,11 @@ def failure_message(lines: list[str], returncode: int, error_event: dict | None)
     only because their peer vanished), else the first failure's exception."""
     text = "\n".join(lines)
     failures = re.findall(r"rank\s*:\s*(\d+) \(local_rank: \d+\)\s*\n\s*exitcode\s*:\s*(-?\d+) \(pid: (\d+)\)", text)
-    # torchrun itself SIGTERMs the surviving ranks after a failure: a rank killed by another signal comes first
+    # torchrun itself SIGTERMs the surviving ranks after a failure: a rank killed by another signal comes first,
+    # and a SIGTERMed one only when no rank failed with an error of its own (exit status > 0)
+    errored = any(int(code) > 0 for _, code, _ in failures)
     for rank, code, pid in sorted(failures, key=lambda f: int(f[1]) == -signal.SIGTERM):
-        if int(code) < 0:
+        if int(code) < 0 and not (errored and int(code) == -signal.SIGTERM):
             try:
                 name = signal.Signals(-int(code)).name
             except ValueError:
@@ -141,8 +143,10 @@ def failure_message(lines: list[str], returncode: int, error_event: dict | None)
     rank = re.findall(r"rank\s*:\s*(\d+) \(local_rank", root)
     who = f"rank {rank[0]}" if rank else "a rank"
     # the rank's own exception: "[rank1]: ValueError: ..." lines, or the traceback in torchrun's summary
-    exc = [m.group(1) for m in re.finditer(r"^(?:\[rank\d+\]:\s*)?\s*((?:[\w.]+Error|[\w.]+Exception|error): .+)$",
-                                           root, re.M)]
+    pattern = r"^(?:\[rank\d+\]:\s*)?\s*((?:[\w.]+Error|[\w.]+Exception|error): .+)$"
+    exc = [m.group(1) for m in re.finditer(pattern, root, re.M)]
+    if not exc:  # a rank's "error: ..." line (python -m backend.train's exit) comes before torchrun's summary
+        exc = [e for e in re.findall(pattern, text, re.M) if "ChildFailedError" not in e][:1]
     if exc:
         return f"{who} failed: {exc[-1].strip()}"
     if error_event is not None:

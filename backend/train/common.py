@@ -118,6 +118,13 @@ def default_name_for(kind: str):
     return default_name
 
 
+def requested_device(cfg: FineTuneConfig, ctx) -> str:
+    """The device a run asks dist.setup for: the worker's, unless the config names one; else the app's."""
+    if ctx.device and cfg.device == "auto":
+        return ctx.device
+    return cfg.device if cfg.device != "auto" else ctx.app.device
+
+
 # -- models and tokenizers ------------------------------------------------------------------------
 def load_parent(app: AppConfig, name: str, device: torch.device):
     """(model float32 in train mode, encoding, spec) of a registered model."""
@@ -257,8 +264,7 @@ class FineTuneRun:
         self.kind, self.cfg, self.ctx, self.app = kind, cfg, ctx, ctx.app
         self.name = validate_name(cfg.name or default_name_for(kind)(cfg, ctx.job_id or int(time.time())))
         self.dir = self.app.data_dir / "runs" / kind / self.name
-        self.dist = setup(ctx.device if (ctx.device and cfg.device == "auto") else
-                          (cfg.device if cfg.device != "auto" else self.app.device))
+        self.dist = setup(requested_device(cfg, ctx))  # joins the group when the trainer made it first (idk)
         self.device = self.dist.device
         if cfg.threads:
             torch.set_num_threads(cfg.threads)

@@ -22,13 +22,16 @@ Rules that keep N processes equal to one:
   its share. When shares hold different numbers of targets (SFT's masked tokens), scale with `global_mean`.
 - Several backward passes per step (gradient accumulation, one group at a time): all but the last inside
   `d.no_sync(step, last)` so gradients are exchanged once.
-- Collectives (wrap, agree, full_model, optimizer_state, sum) must be called by every rank in the same order;
+- Work done once before training (idk's probe, distill's teacher traces: one dataset snapshot) runs on rank 0
+  inside `d.from_main(make)`, and its result reaches every rank.
+- Collectives (wrap, agree, full_model, optimizer_state, sum, from_main) must be called by every rank in the same order;
   evaluation, sampling, logging, checkpoint writing and registration happen on rank 0 only.
 - NCCL on cuda (one GPU per local rank), gloo on CPU; mps cannot run several processes.
 """
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -38,6 +41,7 @@ import torch.nn as nn
 
 PARALLEL = ("ddp", "fsdp")
 STOP_REASONS = (None, "max_steps", "max_seconds", "max_cpu_seconds", "stopped")
+MAIN_WORK_TIMEOUT = datetime.timedelta(hours=6)  # how long the other ranks wait for rank 0's from_main work
 
 
 def check_parallel_fields(nproc: int, parallel: str, batch_field: str | None = None, batch: int | None = None) -> None:
@@ -204,6 +208,31 @@ class Dist:
         (DDP averages the ranks' gradients; shares with different counts would otherwise weigh unequally.)"""
         (total,) = self.sum(local_count)
         return local_sum * (self.world / max(total, 1.0))
+
+    def from_main(self, make):
+        """make() run by rank 0 alone, its result (any picklable value) on every rank; an exception of make()
+        is raised on every rank. For work that must happen once, before training: idk's probe and distill's
+        teacher traces write one dataset snapshot, and every rank trains on it. A collective.
+        The result travels over a gloo group of its own with a long timeout: the other ranks wait while rank 0
+        generates, possibly for longer than the default group's timeout (NCCL's watchdog stops a wait of 10
+        minutes)."""
+        if not self.active:
+            return make()
+        group = tdist.new_group(backend="gloo", timeout=MAIN_WORK_TIMEOUT)  # every rank, before rank 0 starts
+        box: list = [None]
+        try:
+            if self.is_main:
+                try:
+                    box[0] = ("ok", make())
+                except Exception as e:
+                    box[0] = ("error", e)
+            tdist.broadcast_object_list(box, src=0, group=group)
+        finally:
+            tdist.destroy_process_group(group)
+        status, value = box[0]
+        if status == "error":
+            raise value
+        return value
 
     def barrier(self) -> None:
         if self.active:

@@ -1,6 +1,7 @@
 """Distillation (DEMOS 15; DeepSeek-R1's small models): SFT a student on a teacher's verified reasoning traces.
 
     python -m backend.train distill --teacher TEACHER --student STUDENT [--problems 64] [--samples 2]
+    torchrun --standalone --nproc_per_node 2 -m backend.train distill ...   # the SFT on 2 processes
 
 1. The teacher answers bundled verifiable problems (backend/datasets/verifiable.py: word problems, letter
    counting, spelling, each with an exact answer) under R1's template (backend/train/grpo.py THINK_SYSTEM):
@@ -71,8 +72,6 @@ class DistillConfig(SFTConfig):
             raise ValueError("temperature must be >= 0, teacher_max_tokens and eval_tokens at least 1")
         if self.dataset != "bundled":
             raise ValueError("dataset: distill writes its own SFT snapshot from the teacher's verified traces")
-        if self.nproc != 1:
-            raise ValueError("nproc: distill runs in one process")
         if not self.register:
             raise ValueError("register: distill registers the student (the table's 'after' row measures it)")
 
@@ -119,23 +118,27 @@ def measure(engine, problems, cfg: DistillConfig, who: str, role: str) -> dict:
             "tokens": round(sum(len(c.token_ids) for c in comps) / n), "problems": n}  # mean answer length
 
 
-def run_distill(cfg: DistillConfig, ctx: JobContext) -> Outcome:
+def write_traces(cfg: DistillConfig, ctx: JobContext) -> dict | None:
+    """The teacher's traces, verified and frozen as a snapshot, and the teacher and student measured on the
+    held-out problems (one process: rank 0 under torchrun). None when stopped meanwhile."""
     from backend.datasets.verifiable import problems
     from backend.serving.sampling import SamplingParams
-    from backend.train.generated import ask, freeze, record, serving, sft_part, train_on
+    from backend.train.generated import ask, freeze, serving
     train = problems(cfg.n_problems, seed=cfg.seed, kinds=cfg.kinds, scale=cfg.scale)
     held = problems(cfg.n_heldout, seed=cfg.seed + 99991, kinds=cfg.kinds, scale=cfg.scale)
     with serving(ctx.app) as engines:
         ctx.emit({"phase": f"{cfg.teacher} writes {cfg.n_samples} traces for each of {len(train)} problems…", "step": 0})
         teacher = engines.get(cfg.teacher)
         params = SamplingParams(temperature=cfg.temperature, max_tokens=cfg.teacher_max_tokens, seed=cfg.seed)
-        traces = ask(teacher, [messages(p.question) for p in train], params, cfg.n_samples)
+        traces = ask(teacher, [messages(p.question) for p in train], params, cfg.n_samples, ctx.stop)
+        if ctx.stop.is_set():
+            return None
         ctx.emit({"phase": "measuring the teacher and the student on held-out problems…", "step": 0})
         teacher_row = measure(teacher, held, cfg, cfg.teacher, "teacher")
         before = {**teacher_row, "role": "student before"} if cfg.teacher == cfg.parent_model else \
             measure(engines.get(cfg.parent_model), held, cfg, cfg.parent_model, "student before")
     if ctx.stop.is_set():
-        return Outcome("stopped", 0)
+        return None
     rows, seen, written = [], set(), 0
     for p, comps in zip(train, traces):
         for c in comps:
@@ -154,15 +157,28 @@ def run_distill(cfg: DistillConfig, ctx: JobContext) -> Outcome:
                   {"teacher": cfg.teacher, "kinds": cfg.kinds, "scale": cfg.scale, "traces": written,
                    "verified": len(rows)})
     ctx.emit({"log": f"snapshot {snap['hash']} ({snap['rows']} verified traces)", "step": 0})
-    out = train_on("distill", sft_part(cfg, SFTConfig), ctx, snap["hash"],
-                   f"{cfg.parent_model} distilled from {cfg.teacher} ({len(rows)} verified traces)")
-    if not out.model:
-        return out
-    with serving(ctx.app) as engines:
-        after = measure(engines.get(out.model), held, cfg, out.model, "student after")
-    return record(ctx.app, out, ctx, "distill", [teacher_row, before, after],
-                  {"teacher": cfg.teacher, "snapshot_hash": snap["hash"], "traces_written": written,
-                   "traces_verified": len(rows), "kinds": cfg.kinds, "scale": cfg.scale})
+    return {"snapshot": snap["hash"], "held": held, "teacher_row": teacher_row, "before": before,
+            "written": written, "verified": len(rows)}
+
+
+def run_distill(cfg: DistillConfig, ctx: JobContext) -> Outcome:
+    from backend.train.generated import processes, record, serving, sft_part, stopped_early, train_on
+    with processes(cfg, ctx) as d:
+        # Rank 0 alone asks the teacher and writes the snapshot (the same code and seed as one process: the same
+        # rows); every rank gets its hash and trains on it. An error there (no verified trace) stops every rank.
+        made = d.from_main(lambda: write_traces(cfg, ctx))
+        if made is None:
+            return stopped_early(ctx)
+        out = train_on("distill", sft_part(cfg, SFTConfig), ctx, made["snapshot"],
+                       f"{cfg.parent_model} distilled from {cfg.teacher} ({made['verified']} verified traces)")
+        if not out.model:
+            return out  # the ranks but 0: rank 0 alone registered the student, it alone measures it
+        with serving(ctx.app) as engines:
+            after = measure(engines.get(out.model), made["held"], cfg, out.model, "student after")
+        return record(ctx.app, out, ctx, "distill", [made["teacher_row"], made["before"], after],
+                      {"teacher": cfg.teacher, "snapshot_hash": made["snapshot"], "traces_written": made["written"],
+                       "traces_verified": made["verified"], "kinds": cfg.kinds, "scale": cfg.scale,
+                       "world_size": d.world})
 
 
 trainer("distill", DistillConfig, "distillation: SFT a student on a teacher's verified <think> traces",

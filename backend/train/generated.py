@@ -6,7 +6,10 @@
     out = train_on(kind, sft_cfg, ctx, snap, describe)          # the SFT trainer, lineage under `kind`
     record(app, out, ctx, kind, table, lineage)                  # before/after table: lineage, event, log
 
-Writing the examples runs before the SFT run starts, in one process (nproc 1).
+Under torchrun (nproc > 1) the whole run sits inside `with processes(cfg, ctx) as d:`. Writing the examples
+happens once, on rank 0, inside d.from_main (backend/train/dist.py): the same code on the same seed as one
+process, so the same rows and the same snapshot hash; every rank gets the hash and trains on that snapshot
+through the SFT trainer's own data-parallel path; rank 0 alone measures, records and registers.
 """
 from __future__ import annotations
 
@@ -15,6 +18,26 @@ import dataclasses
 import json
 
 from backend.jobs.kinds import JobContext, Outcome
+
+
+@contextlib.contextmanager
+def processes(cfg, ctx: JobContext):
+    """The torch.distributed group for the whole run (a no-op in one process): made here, before the examples
+    are written, so that rank 0's result can reach the others; the SFT run joins it (dist.setup)."""
+    from backend.train.common import requested_device
+    from backend.train.dist import setup
+    d = setup(requested_device(cfg, ctx))
+    try:
+        yield d
+    finally:
+        d.close()
+
+
+def stopped_early(ctx: JobContext) -> Outcome:
+    """Stopped while writing the examples: no training. The event is the job's end under torchrun (the
+    worker reads the outcome from rank 0's "done" event)."""
+    ctx.emit({"step": 0, "done": "stopped", "model": None})
+    return Outcome("stopped", 0)
 
 
 @contextlib.contextmanager
@@ -35,13 +58,18 @@ def serving(app):
 CHUNK = 8
 
 
-def ask(engine, conversations: list[list[dict]], params, n: int = 1) -> list[list]:
-    """n completions of each conversation, CHUNK conversations at a time (the scheduler decodes them together)."""
+def ask(engine, conversations: list[list[dict]], params, n: int = 1, stop=None) -> list[list]:
+    """n completions of each conversation, CHUNK conversations at a time (the scheduler decodes them together).
+    `stop` (a threading.Event): once set, no further chunk is asked, and the answers so far are returned (a
+    cancelled job stops within a chunk, not after the whole set: under torchrun the worker kills ranks that
+    take longer)."""
     from dataclasses import replace
     if not params.stop_token_ids:
         params = replace(params, stop_token_ids=engine.default_stop_ids())
     out = []
     for i in range(0, len(conversations), CHUNK):
+        if stop is not None and stop.is_set():
+            break
         comps = engine.complete_batch([engine.chat_prompt(m) for m in conversations[i:i + CHUNK]], params, n=n)
         out += [comps[j * n:(j + 1) * n] for j in range(len(comps) // n)]
     return out

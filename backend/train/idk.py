@@ -1,6 +1,7 @@
 """Teach a model to say "I don't know" for what it does not know (DEMOS 10; Llama 3's factuality recipe in small).
 
     python -m backend.train idk --model smollm2-135m-instruct [--samples 4] [--max-steps 10]
+    torchrun --standalone --nproc_per_node 2 -m backend.train idk ...   # the SFT on 2 processes
 
 1. Probe: each question of the bundled set with a known answer (backend/datasets/facts.py, split "probe") is
    asked n_samples times (temperature > 0) through the app's generation entry point; a question is *known*
@@ -63,8 +64,6 @@ class IDKConfig(SFTConfig):
             raise ValueError("idk_answer: the refusal text must not be empty")
         if self.dataset != "bundled":
             raise ValueError("dataset: idk writes its own SFT snapshot; give your questions with `facts` instead")
-        if self.nproc != 1:
-            raise ValueError("nproc: idk runs in one process")
         if not self.register:
             raise ValueError("register: idk registers its model (the table's 'after' row measures it)")
 
@@ -90,14 +89,15 @@ def questions(cfg: IDKConfig):
     return probe, held
 
 
-def probe(engine, items, cfg: IDKConfig) -> list[dict]:
-    """Each question asked n_samples times: {"fact", "right" (samples that name the answer), "known", "best"}."""
+def probe(engine, items, cfg: IDKConfig, stop=None) -> list[dict]:
+    """Each question asked n_samples times: {"fact", "right" (samples that name the answer), "known", "best"}.
+    Once `stop` is set, the questions asked so far only."""
     from backend.serving.sampling import SamplingParams
     from backend.train.generated import ask
     params = SamplingParams(temperature=cfg.temperature, max_tokens=cfg.max_new_tokens, seed=cfg.seed)
     out = []
     for f, comps in zip(items, ask(engine, [[{"role": "user", "content": f.question}] for f in items], params,
-                                   cfg.n_samples)):
+                                   cfg.n_samples, stop)):
         right = [whole_answer(f, c.text) for c in comps if f.check(c.text)]
         right = [t for t in right if t]
         n_right = sum(f.check(c.text) for c in comps)
@@ -153,18 +153,22 @@ def examples(probed: list[dict], cfg: IDKConfig) -> list[dict]:
     return rows
 
 
-def run_idk(cfg: IDKConfig, ctx: JobContext) -> Outcome:
-    from backend.train.generated import freeze, record, serving, sft_part, train_on
+def write_examples(cfg: IDKConfig, ctx: JobContext) -> dict | None:
+    """Probe the parent, write the SFT examples as a snapshot and measure the parent on the held-out questions
+    (one process: rank 0 under torchrun). None when stopped meanwhile."""
+    from backend.train.generated import freeze, serving
     probe_set, held_set = questions(cfg)
     with serving(ctx.app) as engines:
         ctx.emit({"phase": f"probing {cfg.parent_model}: {len(probe_set)} questions x {cfg.n_samples} samples…", "step": 0})
         engine = engines.get(cfg.parent_model)
-        probed = probe(engine, probe_set, cfg)
+        probed = probe(engine, probe_set, cfg, ctx.stop)
         ctx.emit({"phase": "measuring the parent on the held-out questions…", "step": 0})
-        held = probe(engine, held_set, cfg)  # which held-out questions the parent knows
+        held = probe(engine, held_set, cfg, ctx.stop)  # which held-out questions the parent knows
+        if ctx.stop.is_set():
+            return None
         before = measure(engine, held, cfg, cfg.parent_model, "before")
     if ctx.stop.is_set():
-        return Outcome("stopped", 0)
+        return None
     rows = examples(probed, cfg)
     n_unknown = sum(not p["known"] for p in probed)
     ctx.emit({"log": f"probe: {len(probed) - n_unknown} of {len(probed)} questions known, {n_unknown} answered "
@@ -174,19 +178,30 @@ def run_idk(cfg: IDKConfig, ctx: JobContext) -> Outcome:
                   {"parent_model": cfg.parent_model, "n_samples": cfg.n_samples, "temperature": cfg.temperature,
                    "known_threshold": cfg.known_threshold, "facts": cfg.facts})
     ctx.emit({"log": f"snapshot {snap['hash']} ({snap['rows']} examples)", "step": 0})
-    out = train_on("idk", sft_part(cfg, SFTConfig), ctx, snap["hash"],
-                   f"\"I don't know\" SFT of {cfg.parent_model} ({n_unknown} refusals, {len(rows) - n_unknown} answers)")
-    if not out.model:
-        return out
-    with serving(ctx.app) as engines:
-        after = measure(engines.get(out.model), held, cfg, out.model, "after")
-    table = [before, after]
-    out = record(ctx.app, out, ctx, "idk", table,
-                 {"snapshot_hash": snap["hash"], "probe_questions": len(probed), "probe_unknown": n_unknown,
-                  "probe_known": len(probed) - n_unknown, "examples_idk": n_unknown,
-                  "examples_answer": len(rows) - n_unknown, "n_samples": cfg.n_samples,
-                  "heldout_questions": len(held)})
-    return out
+    return {"snapshot": snap["hash"], "held": held, "before": before, "probed": len(probed),
+            "unknown": n_unknown, "answers": len(rows) - n_unknown}
+
+
+def run_idk(cfg: IDKConfig, ctx: JobContext) -> Outcome:
+    from backend.train.generated import processes, record, serving, sft_part, stopped_early, train_on
+    with processes(cfg, ctx) as d:
+        # Rank 0 alone probes and writes the snapshot (the same code and seed as one process: the same rows);
+        # every rank gets its hash and trains on it.
+        made = d.from_main(lambda: write_examples(cfg, ctx))
+        if made is None:
+            return stopped_early(ctx)
+        n_unknown, n_answers = made["unknown"], made["answers"]
+        out = train_on("idk", sft_part(cfg, SFTConfig), ctx, made["snapshot"],
+                       f"\"I don't know\" SFT of {cfg.parent_model} ({n_unknown} refusals, {n_answers} answers)")
+        if not out.model:
+            return out  # the ranks but 0: rank 0 alone registered the model, it alone measures it
+        with serving(ctx.app) as engines:
+            after = measure(engines.get(out.model), made["held"], cfg, out.model, "after")
+        return record(ctx.app, out, ctx, "idk", [made["before"], after],
+                      {"snapshot_hash": made["snapshot"], "probe_questions": made["probed"], "probe_unknown": n_unknown,
+                       "probe_known": made["probed"] - n_unknown, "examples_idk": n_unknown,
+                       "examples_answer": n_answers, "n_samples": cfg.n_samples,
+                       "heldout_questions": len(made["held"]), "world_size": d.world})
 
 
 trainer("idk", IDKConfig, "\"I don't know\": probe what the model knows, SFT refusals for what it gets wrong, "
