@@ -94,3 +94,17 @@ def test_edit_a_past_user_turn_and_continue(page):
                            "!document.querySelector('#chat-bot').innerText.includes('Second question') && "
                            "(document.querySelector('#chat-status')?.innerText || '').includes('done')", timeout=60_000)
     assert page.locator("#chat-bot").inner_text().count("".join(ANSWER)) == 1
+
+
+def test_a_huge_paste_is_answered_with_the_context_limit_in_numbers(page):
+    """200,000 characters pasted and sent: the turn ends at once with a note that says how many tokens the
+    conversation is and how many the model's context window holds, instead of a silent page."""
+    box = page.locator("#chat-input textarea")
+    box.evaluate("(el, n) => { el.value = 'a'.repeat(n); el.dispatchEvent(new Event('input', {bubbles: true})); }",
+                 200_000)
+    page.locator("#chat-send").click()
+    page.wait_for_function("() => document.querySelector('#chat-bot').innerText.includes('context window holds')",
+                           timeout=60_000)
+    note = next(t for t in page.locator("#chat-bot").all_inner_texts() if "context window holds" in t)
+    assert "no room is left for an answer" in note and "2,048" in note, note[-300:]
+    wait_status(page, "done")
