@@ -26,7 +26,7 @@ def server(tmp_path_factory):
     from tests.conftest import start_server
     data = tmp_path_factory.mktemp("chatui") / "data"
     register_scripted(data, "scripted", [THOUGHT, CALL, *ANSWER], CHAIN)
-    register_rambler(data, "rambler", layers=64)  # says "la " slowly (tens of tokens a second) until max_tokens
+    register_rambler(data, "rambler")  # says "la " until max_tokens: a Stop lands mid-answer
     password, _ = add_user(data, "lea", "learner")  # the tools need a signed-in user
     s = start_server(data, "--model", "scripted", "--no-worker")
     s.password = password
