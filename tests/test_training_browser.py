@@ -189,8 +189,10 @@ def test_a_finished_job_offers_its_next_steps_as_buttons_that_open_them(site, pa
     page.locator("#train-eval-every input").fill("2")
     page.locator("#train-name textarea").fill("sft-next")
     page.locator("#train-start").click()
-    stats = page.locator("#train-stats")
-    wait_until(lambda: re.search(r"succeeded|failed", stats.inner_text()), 180, "the SFT job to finish")
+    wait_until(lambda: "Queued job" in page.locator("#train-status").inner_text(), 30, "the job to be queued")
+    stats = page.locator("#train-stats")  # this job's line (an earlier test's job may be shown until the poll)
+    wait_until(lambda: "sft-next" in stats.inner_text() and re.search(r"succeeded|failed", stats.inner_text()), 180,
+               "the SFT job to finish")
     assert "succeeded" in stats.inner_text(), stats.inner_text()
     page.locator("#train-next-chat").wait_for(timeout=30_000)
     assert page.locator("#train-next-rlhf").is_hidden() and page.locator("#train-next-sft").is_hidden()
