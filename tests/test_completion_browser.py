@@ -224,6 +224,9 @@ def test_the_presence_penalty_slider_reaches_the_sampler(page, server):
     penalised = httpx.post(server.base_url + "/v1/completions", timeout=60,
                            json={**body, "presence_penalty": 2.0}).json()["choices"][0]["text"]
     assert penalised != plain
+    page.locator("#gen-model input").click()  # the module shares one page: the tiny model, raw text
+    page.get_by_role("option", name=re.compile("^tiny8k")).click()
+    page.get_by_label("completion", exact=True).check()
     page.get_by_text("Repetition controls").click()
     set_slider(page, "gen-presence-penalty", 2)
     try:
