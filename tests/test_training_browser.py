@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from backend.db import Database
-from tests.conftest import start_server
+from tests.conftest import log_in, start_server
 from tests.helpers import register_reward_model, register_tiny_model
 from tests.test_labels_api import make_users
 
@@ -25,7 +25,7 @@ def site(tmp_path_factory):
     data.mkdir()
     db = Database(f"sqlite:///{data / 'playground.db'}")
     db.migrate()
-    people = make_users(db, [("op", "operator")])
+    people = make_users(db, [("op", "operator"), ("lea", "learner")])
     register_tiny_model(data, "tiny-parent")  # a parent for fine-tuning kinds that loads in a blink
     register_tiny_model(data, "tiny-chat", tokenizer="cl100k_base+chatml")  # RLHF samples chat answers
     for i, judge in enumerate(("tiny-rm-a", "tiny-rm-b")):  # an RLHF job's reward model and its held-out judge
@@ -211,3 +211,11 @@ def test_a_finished_job_offers_its_next_steps_as_buttons_that_open_them(site, pa
     page.locator("#train-next-export").click()
     page.wait_for_function("() => document.querySelector('#models-pick input')?.value === 'sft-next'", timeout=30_000)
     assert page.locator("#models-export").is_visible()  # the export form is open
+
+    # A learner watching the same job is offered what a learner can do: chat with it, put it in the Arena.
+    page.locator("#pg-header .pg-logout").click()
+    log_in(page, "lea", people["lea"][1])
+    page.get_by_role("tab", name="Training", exact=True).click()
+    wait_until(lambda: "sft-next" in stats.inner_text(), 30, "the job's line")
+    page.locator("#train-next-arena").wait_for(timeout=30_000)
+    assert all(page.locator(f"#train-next-{a}").is_hidden() for a in ("rank", "export", "sft", "rlhf"))

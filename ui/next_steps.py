@@ -20,6 +20,7 @@ PLACES = {
     "export": ("Export it", "models", None, "models-pick"),
 }
 TRAINING_KIND = {"sft": "sft", "rlhf": "rlhf"}  # the actions that start a new job of this kind on the Training tab
+OPERATOR_ACTIONS = {"rank", "sft", "rlhf", "export"}  # offered to operators only: the forms they open are theirs
 
 
 @dataclass
@@ -37,17 +38,26 @@ def build() -> NextSteps:
     return NextSteps(row, buttons, gr.State(None))
 
 
-def shown(job: dict | None) -> list:
-    """Row and button visibility for the job shown (`job`: the State's value)."""
-    actions = (job or {}).get("actions") or []
+def shown(job: dict | None, operator: bool) -> list:
+    """Row and button visibility for the job shown (`job`: the State's value) to a user who is an operator or not."""
+    actions = [a for a in (job or {}).get("actions") or [] if operator or a not in OPERATOR_ACTIONS]
     return [gr.Row(visible=bool(actions))] + [gr.Button(visible=a in actions) for a in PLACES]
 
 
-def wire(steps: NextSteps, tabs: gr.Tabs, dropdowns: dict, handles: dict[str, dict]) -> None:
-    """`dropdowns`: elem_id -> (dropdown, its choices function) of every model list (ui.model_lists.wire);
+def wire(pg, steps: NextSteps, tabs: gr.Tabs, dropdowns: dict, handles: dict[str, dict], auth_changed: gr.Button) -> None:
+    """`auth_changed`: the header's sign-in clicks it when who is signed in changes (the buttons follow the role).
+    `dropdowns`: elem_id -> (dropdown, its choices function) of every model list (ui.model_lists.wire);
     `handles`: each tab's controls (ui.build_ui): the Labeling tab's inner "tabs", the Training tab's "kind", the
     Models tab's "export" accordion."""
-    steps.job.change(public(shown), steps.job, [steps.row, *steps.buttons.values()], show_progress="hidden")
+    from backend.auth import user_from_request
+
+    @public  # shows buttons by the caller's own role; what they open checks it again
+    def show(job, request: gr.Request):
+        user = user_from_request(pg, request.headers, request.cookies) if request is not None else None
+        return shown(job, bool(user and user.can("operator")))
+
+    steps.job.change(show, steps.job, [steps.row, *steps.buttons.values()], show_progress="hidden")
+    auth_changed.click(show, steps.job, [steps.row, *steps.buttons.values()], show_progress="hidden")
     for action, (_, tab, subtab, elem_id) in PLACES.items():
         if elem_id not in dropdowns:
             continue
