@@ -49,7 +49,7 @@ def _check_ids(engine, ids: list[int], field: str = "prompt") -> list[int]:
     if min(ids) < 0 or max(ids) >= V:
         raise ValueError(f"{field} token ids must be in [0, {V})")
     if len(ids) >= engine.context_length:
-        raise ValueError(f"{field} of {len(ids)} tokens leaves no room in the context length {engine.context_length}")
+        raise ValueError(f"{field} of {len(ids):,} tokens leaves no room in the context length {engine.context_length:,}")
     return ids
 
 
@@ -132,7 +132,7 @@ def _generation_params(engine, prompt_len: int, params: SamplingParams, top: int
     _check_shape(params)
     room = engine.context_length - prompt_len
     if room <= 0:
-        raise ValueError(f"prompt of {prompt_len} tokens leaves no room in the context length {engine.context_length}")
+        raise ValueError(f"prompt of {prompt_len:,} tokens leaves no room in the context length {engine.context_length:,}")
     return replace(params, logprobs=top, max_tokens=min(params.max_tokens, room),
                    stop_token_ids=params.stop_token_ids or engine.default_stop_ids())
 

@@ -288,8 +288,10 @@ def run_turn(engine, messages: list[dict], params: SamplingParams, tools: Tools,
             room = min(budget, engine.context_length - len(ids))
             if room <= 0:
                 finish = "length"
-                if engine.context_length - len(ids) <= 0:
-                    yield note("the context window is full; the turn ends here")
+                if engine.context_length - len(ids) <= 0:  # e.g. a huge paste: say the numbers, at once
+                    yield note(f"the conversation is {len(ids):,} tokens and this model's context window holds "
+                               f"{engine.context_length:,}: no room is left for an answer. Shorten the message or "
+                               "clear the chat.")
                 break
             stop_tok, finish = None, None
             for ev in engine.generate([ids], replace(base, max_tokens=room), 1, cancel):

@@ -7,7 +7,7 @@ import pytest
 
 from tests.conftest import log_in, open_tab
 from tests.helpers import add_user
-from tests.scripted import register_scripted
+from tests.scripted import RAMBLE, register_rambler, register_scripted
 
 playwright_api = pytest.importorskip("playwright.sync_api")
 pytestmark = pytest.mark.browser
@@ -26,6 +26,7 @@ def server(tmp_path_factory):
     from tests.conftest import start_server
     data = tmp_path_factory.mktemp("chatui") / "data"
     register_scripted(data, "scripted", [THOUGHT, CALL, *ANSWER], CHAIN)
+    register_rambler(data, "rambler")  # says "la " until max_tokens: a Stop lands mid-answer
     password, _ = add_user(data, "lea", "learner")  # the tools need a signed-in user
     s = start_server(data, "--model", "scripted", "--no-worker")
     s.password = password
@@ -94,3 +95,35 @@ def test_edit_a_past_user_turn_and_continue(page):
                            "!document.querySelector('#chat-bot').innerText.includes('Second question') && "
                            "(document.querySelector('#chat-status')?.innerText || '').includes('done')", timeout=60_000)
     assert page.locator("#chat-bot").inner_text().count("".join(ANSWER)) == 1
+
+
+def test_a_huge_paste_is_answered_with_the_context_limit_in_numbers(page):
+    """200,000 characters pasted and sent: the turn ends at once with a note that says how many tokens the
+    conversation is and how many the model's context window holds, instead of a silent page."""
+    box = page.locator("#chat-input textarea")
+    box.evaluate("(el, n) => { el.value = 'a'.repeat(n); el.dispatchEvent(new Event('input', {bubbles: true})); }",
+                 200_000)
+    page.locator("#chat-send").click()
+    page.wait_for_function("() => document.querySelector('#chat-bot').innerText.includes('context window holds')",
+                           timeout=60_000)
+    note = next(t for t in page.locator("#chat-bot").all_inner_texts() if "context window holds" in t)
+    assert "no room is left for an answer" in note and "2,048" in note, note[-300:]
+    wait_status(page, "done")
+
+
+def test_stop_says_stopped_at_once_and_the_answer_stops_growing(page):
+    from tests.conftest import set_slider
+    page.locator("#chat-model input").click()
+    page.get_by_role("option", name="rambler", exact=True).click()
+    page.get_by_text("Sampling", exact=True).click()
+    set_slider(page, "chat-max-tokens", 2048)  # 2048 tokens of the slow rambler: far longer than the test
+    send(page, "Sing.")
+    page.wait_for_function("(w) => document.querySelector('#chat-bot').innerText.split(w).length > 4",
+                           arg=RAMBLE.strip(), timeout=60_000)  # a few tokens in
+    page.locator("#chat-stop").click()
+    wait_status(page, "Stopped", timeout=10_000)
+    page.wait_for_timeout(1500)  # an update already on its way may land just after the Stop; then nothing more
+    answer = page.locator("#chat-bot").inner_text()
+    page.wait_for_timeout(1500)
+    assert page.locator("#chat-bot").inner_text() == answer and "Stopped" in page.locator("#chat-status").inner_text()
+    assert answer.count(RAMBLE.strip()) < 2048

@@ -213,3 +213,24 @@ def test_an_instruct_models_empty_answer_to_raw_text_is_explained(page, server):
     page.wait_for_function("(a) => document.querySelector('#gen-output textarea').value.includes(a)", arg=ANSWER,
                            timeout=60_000)
     assert "instruct model" not in page.locator("#gen-status").inner_text()
+
+
+def test_the_presence_penalty_slider_reaches_the_sampler(page, server):
+    """The Repetition controls are offered on the page and sent with the run: a greedy completion with a presence
+    penalty of 2 is the API's greedy completion with presence_penalty=2, not the unpenalised one."""
+    from tests.conftest import set_slider
+    body = {"model": "tiny8k", "prompt": PROMPT, "max_tokens": 20, "temperature": 0}
+    plain = httpx.post(server.base_url + "/v1/completions", timeout=60, json=body).json()["choices"][0]["text"]
+    penalised = httpx.post(server.base_url + "/v1/completions", timeout=60,
+                           json={**body, "presence_penalty": 2.0}).json()["choices"][0]["text"]
+    assert penalised != plain
+    page.locator("#gen-model input").click()  # the module shares one page: the tiny model, raw text
+    page.get_by_role("option", name=re.compile("^tiny8k")).click()
+    page.get_by_label("completion", exact=True).check()
+    page.get_by_text("Repetition controls").click()
+    set_slider(page, "gen-presence-penalty", 2)
+    try:
+        greedy_completion(page, 20)
+        assert page.locator("#gen-output textarea").input_value() == penalised
+    finally:
+        set_slider(page, "gen-presence-penalty", 0)  # the module shares one page

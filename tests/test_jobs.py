@@ -199,4 +199,5 @@ def test_progress_reads_phase_then_step_n_of_n_with_elapsed_eta_and_a_growing_ba
     done = queue.get_job(db, job["id"])["progress"]
     assert done["fraction"] == 1 and done["eta_s"] is None and done["text"].startswith("succeeded at step 12 of 12")
     assert [n for n in done["next"] if "m1" in n and "Generate" in n] and [n for n in done["next"] if "sft" in n]
+    assert done["next_actions"] == ["generate", "sft", "export"]  # the Training tab's buttons, one per sentence
     db.close()

@@ -262,3 +262,19 @@ def test_bundled_smollm2_answers_through_the_openai_client(tmp_path):
         assert c.choices[0].logprobs.tokens[0] == " Paris"
     finally:
         s.stop()
+
+
+def test_presence_frequency_and_repetition_penalties_cut_the_repeats_of_a_greedy_answer(client):
+    """OpenAI's frequency_penalty and presence_penalty (and the repetition_penalty extension, as vLLM takes it)
+    reach the sampler: a greedy answer of the tiny random model repeats its tokens, the penalised one much less."""
+    def tokens(**kw) -> list[int]:
+        r = client.completions.create(model="tiny", prompt="The", max_tokens=40, temperature=0, logprobs=1, **kw)
+        return r.choices[0].logprobs.tokens
+
+    plain = tokens()
+    repeats = lambda toks: len(toks) - len(set(toks))  # noqa: E731
+    assert repeats(plain) > 10, plain  # a random model's greedy text loops
+    for kw in ({"presence_penalty": 2.0}, {"frequency_penalty": 2.0}, {"extra_body": {"repetition_penalty": 2.0}}):
+        assert repeats(tokens(**kw)) < repeats(plain), kw
+    with pytest.raises(openai.BadRequestError, match="presence_penalty"):
+        tokens(presence_penalty=3.0)  # OpenAI's range is -2..2

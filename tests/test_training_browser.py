@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from backend.db import Database
-from tests.conftest import start_server
+from tests.conftest import log_in, start_server
 from tests.helpers import register_reward_model, register_tiny_model
 from tests.test_labels_api import make_users
 
@@ -25,7 +25,7 @@ def site(tmp_path_factory):
     data.mkdir()
     db = Database(f"sqlite:///{data / 'playground.db'}")
     db.migrate()
-    people = make_users(db, [("op", "operator")])
+    people = make_users(db, [("op", "operator"), ("lea", "learner")])
     register_tiny_model(data, "tiny-parent")  # a parent for fine-tuning kinds that loads in a blink
     register_tiny_model(data, "tiny-chat", tokenizer="cl100k_base+chatml")  # RLHF samples chat answers
     for i, judge in enumerate(("tiny-rm-a", "tiny-rm-b")):  # an RLHF job's reward model and its held-out judge
@@ -175,3 +175,47 @@ def test_an_rlhf_run_with_a_held_out_judge_shows_the_turn_and_samples_side_by_si
         assert "No sample logged after the turn" in after.inner_text()
     bb, ab = before.bounding_box(), after.bounding_box()
     assert abs(bb["y"] - ab["y"]) < 5 and bb["x"] + bb["width"] <= ab["x"] + 1  # side by side, before on the left
+
+
+def test_a_finished_job_offers_its_next_steps_as_buttons_that_open_them(site, page):
+    """A finished SFT job's next steps are buttons: each opens its tab with the new model already picked (Chat,
+    the Arena's draw against its parent, export in the Models tab); none for another kind (no RLHF from an SFT)."""
+    server, db, people = site
+    sign_in(page, server, people)
+    choose(page, "train-kind", "sft")
+    wait_until(lambda: page.locator("#train-parent").is_visible(), 30, "the SFT form")
+    choose(page, "train-parent", "tiny-parent")
+    page.locator("#train-max-steps input").fill("2")
+    page.locator("#train-eval-every input").fill("2")
+    page.locator("#train-name textarea").fill("sft-next")
+    page.locator("#train-start").click()
+    wait_until(lambda: "Queued job" in page.locator("#train-status").inner_text(), 30, "the job to be queued")
+    stats = page.locator("#train-stats")  # this job's line (an earlier test's job may be shown until the poll)
+    wait_until(lambda: "sft-next" in stats.inner_text() and re.search(r"succeeded|failed", stats.inner_text()), 180,
+               "the SFT job to finish")
+    assert "succeeded" in stats.inner_text(), stats.inner_text()
+    page.locator("#train-next-chat").wait_for(timeout=30_000)
+    assert page.locator("#train-next-rlhf").is_hidden() and page.locator("#train-next-sft").is_hidden()
+
+    page.locator("#train-next-chat").click()
+    page.wait_for_function("() => document.querySelector('#chat-model input')?.value === 'sft-next'", timeout=30_000)
+    assert page.locator("#chat-model").is_visible()
+
+    page.get_by_role("tab", name="Training", exact=True).click()
+    page.locator("#train-next-arena").click()
+    draw = page.locator("#arena-models")
+    wait_until(lambda: draw.is_visible() and "sft-next" in draw.inner_text(), 30, "the Arena's draw")
+    assert "tiny-parent" in draw.inner_text()  # against the model it started from
+
+    page.get_by_role("tab", name="Training", exact=True).click()
+    page.locator("#train-next-export").click()
+    page.wait_for_function("() => document.querySelector('#models-pick input')?.value === 'sft-next'", timeout=30_000)
+    assert page.locator("#models-export").is_visible()  # the export form is open
+
+    # A learner watching the same job is offered what a learner can do: chat with it, put it in the Arena.
+    page.locator("#pg-header .pg-logout").click()
+    log_in(page, "lea", people["lea"][1])
+    page.get_by_role("tab", name="Training", exact=True).click()
+    wait_until(lambda: "sft-next" in stats.inner_text(), 30, "the job's line")
+    page.locator("#train-next-arena").wait_for(timeout=30_000)
+    assert all(page.locator(f"#train-next-{a}").is_hidden() for a in ("rank", "export", "sft", "rlhf"))

@@ -28,7 +28,7 @@ ACCOUNT_NOTE = ("No account needed: **Tokenizer · Generate · Chat** (training 
 
 
 def build_ui(pg) -> gr.Blocks:
-    from ui import model_lists, tour
+    from ui import model_lists, next_steps, tour
     from ui.login import build_login
 
     model_lists.take()  # nothing left over from an earlier build
@@ -49,11 +49,13 @@ def build_ui(pg) -> gr.Blocks:
             for module, label in TABS:
                 with gr.Tab(label, id=module):
                     handles[module] = import_module(f"ui.{module}").build(pg) or {}
-        model_lists.wire(demo, tabs)  # a model registered while the app runs is offered without a restart
+        dropdowns = model_lists.wire(demo, tabs)  # a model registered while the app runs is offered without a restart
+        steps = handles["training"].pop("_next")  # a finished job's next steps (wired below, by role)
         # Views only some roles use (operator forms): shown once the session's user has the role, on page load
         # and whenever the header's sign-in changes who is signed in (it clicks this hidden button).
         gated = [pair for h in handles.values() for pair in h.pop("_roles", [])]
         auth_changed = gr.Button("auth changed", visible="hidden", elem_id="pg-auth-refresh")
+        next_steps.wire(pg, steps, tabs, dropdowns, handles, auth_changed)
 
         @public  # shows or hides views by the caller's own role; the handlers behind them check it again
         def role_views(request: gr.Request):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import html
 import threading
+import time
 
 import gradio as gr
 
@@ -24,6 +25,7 @@ INTRO = ("Chat with any registered chat model. Tool calls and their outputs appe
          "and **▶ Run code block as tool call** runs a code block the model wrote as if it had called Python.")
 
 
+STREAM_EVERY_S = 0.1  # redraw the streaming answer at most this often (the turn's end shows all of it)
 STOPPED = "⏹ Stopped. Send a message or regenerate to go on."
 
 
@@ -213,6 +215,7 @@ def build(pg) -> None:
         # Text the preset wrote (a lead-in after a forced call's output) is marked, so it is never taken for the
         # model's own answer; the tool loop streams it as text right after the forced call's tool_end.
         scripted_left = ""
+        last = 0.0
         try:
             async for ev in aiterate(events, cancel):
                 if ev.type == "done":
@@ -224,6 +227,11 @@ def build(pg) -> None:
                 if take:
                     scripted_left = scripted_left[len(ev.text):]
                 add_part(parts, ev, scripted=bool(take))
+                # A redraw per token kept the page too busy to take a click on ■ Stop on a fast model: text is
+                # redrawn at most every STREAM_EVERY_S, tool steps at once.
+                if ev.type == "text" and time.monotonic() - last < STREAM_EVERY_S:
+                    continue
+                last = time.monotonic()
                 shown, idx = display(conv_now, parts)
                 yield shown, conv_now, idx, f"{RUNNING} generating…" if ev.type != "tool_start" else f"{RUNNING} running {ev.step['tool']}…", gr.skip()
         except ValueError as e:

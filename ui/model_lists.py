@@ -29,14 +29,15 @@ def take() -> list[tuple[gr.Dropdown, Callable[[], list]]]:
     return lists
 
 
-def wire(demo: gr.Blocks, tabs: gr.Tabs) -> None:
+def wire(demo: gr.Blocks, tabs: gr.Tabs) -> dict[str, tuple[gr.Dropdown, Callable[[], list]]]:
     """Refill every model dropdown made so far on page load and when a tab of `tabs` is selected (one listener on
     the Tabs: a select listener on each gr.Tab kept a streaming tab's Stop click from completing). Only lists whose choices
     changed since this page last got them are sent (a per-page State holds what it shows): an unchanged list is
-    left alone, so a tab switch never disturbs a dropdown someone is using."""
+    left alone, so a tab switch never disturbs a dropdown someone is using. Returns elem_id -> (dropdown, its
+    choices function) for what else fills them (ui.next_steps)."""
     lists = take()
     if not lists:
-        return
+        return {}
     shown = gr.State([dd.choices for dd, _ in lists])  # what every new page starts with: the build's choices
 
     @public  # model names are public (GET /v1/models)
@@ -49,3 +50,4 @@ def wire(demo: gr.Blocks, tabs: gr.Tabs) -> None:
     outputs = [dd for dd, _ in lists] + [shown]
     demo.load(refresh, shown, outputs, show_progress="hidden")
     tabs.select(refresh, shown, outputs, show_progress="hidden")
+    return {dd.elem_id: (dd, choices) for dd, choices in lists if dd.elem_id}

@@ -66,7 +66,7 @@ def build(pg) -> None:
             chat = gr.Checkbox(True, label="Chat model (ChatML)")
             check = gr.Checkbox(True, label="Ask the server first", elem_id="remote-check")
         add = gr.Button("Add served model", variant="primary", elem_id="remote-add")
-    with gr.Accordion("Remove or export a model", open=False):
+    with gr.Accordion("Remove or export a model", open=False) as export_box:
         with gr.Row():
             pick = model_dropdown(pg.registry.names, label="Model", elem_id="models-pick")
             fmt = gr.Radio(["hf", "gguf"], value="hf", label="Export format")
@@ -162,3 +162,4 @@ def build(pg) -> None:
     add.click(on_add, [name, base_url, remote_model, key_env, tokenizer, chat, check], [table, pick, status])
     remove.click(on_remove, pick, [table, pick, status])
     export.click(on_export, [pick, fmt, repo], status)
+    return {"export": export_box}  # what a finished job's "Export it" opens (ui.next_steps)

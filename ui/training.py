@@ -17,6 +17,7 @@ from gradio.context import Context
 
 from backend.auth import user_from_request
 from backend.jobs import form, kinds, queue
+from ui import next_steps
 from ui.login import door, public, request_user
 
 MAX_PLOT_POINTS = 2000
@@ -289,6 +290,7 @@ def build(pg) -> None:
     stats = gr.Markdown(elem_id="train-stats")
     progress_box = gr.HTML('<div class="pg-progress"><i>Pick or start a job to see its progress.</i></div>',
                            elem_id="train-progress")
+    steps = next_steps.build()  # a finished job's next steps as buttons (wired in ui.build_ui)
     with gr.Row():
         loss_plot = gr.LinePlot(_plot([], "loss"), x="step", y="loss", title="Training loss (nats per token)",
                                 elem_id="train-loss-plot")
@@ -404,6 +406,12 @@ def build(pg) -> None:
     resume.click(resume_job, job_pick, status)
 
     @public
+    def tick_and_next(st, selected, picked, visible, shown_next, request: gr.Request):
+        """tick, and the next-step buttons' job ({"model", "parent", "actions"}) when it changed."""
+        out = tick(st, selected, picked, visible, request)
+        now = out[0].get("next") if isinstance(out[0], dict) and "job" in out[0] else shown_next  # not a skip
+        return (*out, now if now != shown_next else gr.skip())
+
     def tick(st, selected, picked, visible, request: gr.Request):
         skip = gr.skip()
         if not visible:
@@ -428,6 +436,8 @@ def build(pg) -> None:
             d = queue.job_detail(pg.db, job_id, st["after"])
         except LookupError:
             return ({**st, "job": None}, table, pick, f"No job {job_id}.") + (skip,) * 13
+        st = {**st, "next": {"model": d["model"], "parent": d.get("parent_model"),
+                             "actions": d["progress"].get("next_actions", [])}}
         if d["reset"]:
             st = {**st, "after": 0, "series": {}, "samples": [], "log": []}
         new_metrics = d["metrics"]
@@ -457,10 +467,10 @@ def build(pg) -> None:
                 _curve_plot(series, second, span), _samples_html(smp), "\n".join(reversed(log)), info, curve_pick,
                 *_hacking_updates(d.get("reward_hacking")))
 
-    timer.tick(tick, [state, job_pick, curve, shown], [state, jobs_table, job_pick, stats, progress_box, loss_plot,
-                                                       bpb_plot, samples, log_box, curve_info, curve, hack_box,
-                                                       hack_md, hack_plot, distinct_plot, before_box, after_box],
+    timer.tick(tick_and_next, [state, job_pick, curve, shown, steps.job],
+               [state, jobs_table, job_pick, stats, progress_box, loss_plot, bpb_plot, samples, log_box, curve_info,
+                curve, hack_box, hack_md, hack_plot, distinct_plot, before_box, after_box, steps.job],
                show_progress="hidden")
     curve.input(public(lambda st, key: _curve_plot(st["series"], _second_curve(st["series"], key), st.get("span"))),
                 [state, curve], bpb_plot)
-    return {"kind": kind}  # what the Start-here tour sets (ui.tour)
+    return {"kind": kind, "_next": steps}  # the kind is what the Start-here tour sets (ui.tour)

@@ -83,7 +83,7 @@ def start_battle(pg, user, prompt: str, models: list[str] | None = None, params:
     if not isinstance(prompt, str) or not prompt.strip():
         raise ValueError("prompt must not be empty")
     if len(prompt) > MAX_PROMPT_CHARS:
-        raise ValueError(f"prompt is {len(prompt)} characters; the limit is {MAX_PROMPT_CHARS}")
+        raise ValueError(f"prompt is {len(prompt):,} characters; the limit is {MAX_PROMPT_CHARS:,}")
     params = params or sampling_params()
     a, b = pick_pair(check_models(pg, models), rng)
     with pg.db.session() as s:
@@ -148,7 +148,7 @@ def follow_up(pg, user, battle_id: int, prompt: str) -> dict:
     if not isinstance(prompt, str) or not prompt.strip():
         raise ValueError("prompt must not be empty")
     if len(prompt) > MAX_PROMPT_CHARS:
-        raise ValueError(f"prompt is {len(prompt)} characters; the limit is {MAX_PROMPT_CHARS}")
+        raise ValueError(f"prompt is {len(prompt):,} characters; the limit is {MAX_PROMPT_CHARS:,}")
     with pg.db.session() as s:
         battle, existing = _load(pg, user, battle_id, s)
         if existing is not None:

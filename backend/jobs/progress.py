@@ -2,7 +2,8 @@
 GET /api/jobs alike (queue._payload attaches it to every job).
 
     {"phase": "step 5 of 12", "step": 5, "total_steps": 12, "budget_s": 150.0, "elapsed_s": 41.8,
-     "eta_s": 58.0, "fraction": 0.42, "text": "step 5 of 12 · 0:42 elapsed · about 0:58 left", "next": [...]}
+     "eta_s": 58.0, "fraction": 0.42, "text": "step 5 of 12 · 0:42 elapsed · about 0:58 left", "next": [...],
+     "next_actions": ["chat", "arena", ...]}
 
 Before the first step the phase is what the trainer said it is doing ("loading model…", "tokenizing…"), from
 the job's summary, which queue.append_events keeps. The ETA is the smaller of what the steps left take at the
@@ -21,21 +22,30 @@ def clock(seconds: float | None) -> str:
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
 
 
-def next_steps(kind: str, model: str | None) -> list[str]:
-    """What a person can do with a finished job's model."""
+def next_actions(kind: str, model: str | None) -> list[tuple[str, str]]:
+    """What a person can do with a finished job's model: (action, sentence) pairs. The action names a place the
+    Training tab's buttons open with the model picked (ui/next_steps.py); the sentence is the same step in words,
+    for `python -m backend.jobs` and the REST job view."""
     if not model:
         return []
+    export = ("export", f"Export it for other engines: `python -m backend.models export {model} DIR --format hf`.")
     if kind == "pretrain":  # a base model: no chat format, so Generate (not Chat or the Arena) and fine-tuning
-        return [f"Sample from **{model}** in the **Generate** tab (a base model: it continues text, it does not chat).",
-                f"Fine-tune it into an assistant: a **Training** job of kind sft with parent model {model}.",
-                f"Export it for other engines: `python -m backend.models export {model} DIR --format hf`."]
+        return [("generate", f"Sample from **{model}** in the **Generate** tab (a base model: it continues text, it "
+                             "does not chat)."),
+                ("sft", f"Fine-tune it into an assistant: a **Training** job of kind sft with parent model {model}."),
+                export]
     if kind == "reward":
-        return [f"Use **{model}** as the reward model of an RLHF job (kind rlhf, field reward_model).",
-                f"Export it: `python -m backend.models export {model} DIR`."]
-    return [f"Open **{model}** in the **Chat** (or **Generate**) tab: pick it in the model list.",
-            f"Put it in the **Arena** against other models: pick it in \"Models in the draw\".",
-            f"Start a ranking round on its answers: **Labeling → Operator**, model {model}.",
-            f"Export it for other engines: `python -m backend.models export {model} DIR --format hf`."]
+        return [("rlhf", f"Use **{model}** as the reward model of an RLHF job (kind rlhf, field reward_model)."),
+                ("export", f"Export it: `python -m backend.models export {model} DIR`.")]
+    return [("chat", f"Open **{model}** in the **Chat** (or **Generate**) tab: pick it in the model list."),
+            ("arena", f"Put it in the **Arena** against other models: pick it in \"Models in the draw\"."),
+            ("rank", f"Start a ranking round on its answers: **Labeling → Operator**, model {model}."),
+            export]
+
+
+def next_steps(kind: str, model: str | None) -> list[str]:
+    """next_actions in words."""
+    return [text for _, text in next_actions(kind, model)]
 
 
 def job_progress(kind: str, state: str, config: dict, step: int, summary: dict, started: float | None,
@@ -69,6 +79,7 @@ def job_progress(kind: str, state: str, config: dict, step: int, summary: dict, 
     if state == "succeeded":
         fraction = 1.0
     fraction = min(1.0, max(0.0, fraction))
+    actions = next_actions(kind, model) if state == "succeeded" or (state == "cancelled" and model) else []
     parts = [phase if state in ("queued", "running") else f"{state} at step {step}" + (f" of {total}" if total else "")]
     if elapsed is not None:
         parts.append(f"{clock(elapsed)} elapsed" + (f" of a {clock(budget)} budget" if budget else ""))
@@ -79,5 +90,5 @@ def job_progress(kind: str, state: str, config: dict, step: int, summary: dict, 
     return {"phase": phase, "step": step, "total_steps": total, "budget_s": budget,
             "elapsed_s": None if elapsed is None else round(elapsed, 1),
             "eta_s": None if eta is None else round(eta, 1), "fraction": round(fraction, 4),
-            "text": " · ".join(parts), "next": next_steps(kind, model) if state == "succeeded" or (
-                state == "cancelled" and model) else []}
+            "text": " · ".join(parts), "next": [text for _, text in actions],
+            "next_actions": [action for action, _ in actions]}
