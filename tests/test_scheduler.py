@@ -197,3 +197,37 @@ def test_prefill_on_4bit_blocks_and_bf16_stays_close_to_float(enc, tmp_path, bf1
             want = eng.model(torch.tensor([ids]), last_only=True)[:, -1].float()
             assert got.argmax() == want.argmax()
             assert (got - want).abs().max() < 0.05 * want.abs().max(), (n, bf16)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_whole_blocks_prefill_in_one_forward_and_give_the_logits_of_block_by_block(enc, tmp_path, bf16):
+    """On the 4-bit engine a prefill row does not depend on the chunk's other rows, so a prompt's whole blocks
+    go in one forward (the weights read once, not once per block). The first tokens' log-probs are bitwise
+    those of the same prompt with its leading blocks copied from the prefix cache, and of a prefill cut into
+    one-block chunks while another request decodes."""
+    serve = ServeConfig(block=64, prefix_cache_mb=16, prefill_budget=64)
+    eng = kernel_engine(enc, tmp_path, serve)
+    from backend.serving.prefill import Prefill
+    eng._prefill = Prefill(eng.model, bf16, eng.step.layers)
+    system = enc.encode("You are a helpful assistant who answers questions about birds in great detail. " * 16)
+    a, b = system + enc.encode(" Pelicans?"), system + enc.encode(" Penguins and puffins, please?")
+    assert len(system) >= 3 * 64 and eng.prefill_path(3 * 64) == eng.prefill_path(64)
+    params = SamplingParams(temperature=0, max_tokens=4, logprobs=5)
+    seen = []
+    forward = eng.prefill_hidden
+    eng.prefill_hidden = lambda ids, cache: (seen.append(len(ids)), forward(ids, cache))[1]
+    cold = eng.complete(b, params)[0]  # alone: no budget
+    assert max(seen) >= 3 * 64  # several blocks in one forward
+    eng.scheduler.prefix.clear()
+    eng.complete(a, params)  # leaves the shared blocks in the cache
+    warm = eng.complete(b, params)[0]
+    eng.scheduler.prefix.clear()
+    runner = eng.generate([enc.encode("keep going")], SamplingParams(temperature=0, max_tokens=300))
+    next(runner)
+    seen.clear()
+    chunked = eng.complete(b, params)[0]  # 64 prompt tokens an iteration beside the runner
+    runner.close()
+    assert max(seen) <= 64
+    for got in (warm, chunked):
+        assert got.token_ids == cold.token_ids
+        assert got.logprobs == cold.logprobs and got.top_logprobs == cold.top_logprobs

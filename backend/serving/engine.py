@@ -219,6 +219,10 @@ class Engine:
         """A KV cache as the decode step wants it (float16 for the fused 4-bit layer: decode_layer.cpp)."""
         return self.model.new_cache(batch, max_len, dtype=self.kv_dtype)
 
+    def prefill_path(self, tokens: int) -> str:
+        """The weights a prefill chunk of this many tokens runs on (backend/serving/prefill.py Prefill.path)."""
+        return self._prefill.path(tokens)
+
     def prefill_hidden(self, ids: list[int], cache) -> torch.Tensor:
         """Continue `cache` (batch 1) with ids; the final-norm hidden states [1, len(ids), dim]."""
         return self._prefill(ids, cache)

@@ -488,10 +488,19 @@ class Scheduler:
                     for t, s in zip(req.cache.v, vs):
                         t[:, :, sl] = s
                 req.cursor = req.cache.pos = len(found) * self.cfg.block
-            # one block per forward, always on the block grid: a block's keys and values then come out bitwise
-            # the same whether it is computed here or copied from the prefix cache (bf16 and float GEMMs pick
-            # other kernels for other row counts, so a 300-token forward and 32 + 268 differ in the last bits)
-            end = min(len(ids), (req.cursor // self.cfg.block + 1) * self.cfg.block)
+            # chunks end on the block grid, and the prompt's last partial block is a forward of its own: a
+            # block's keys and values then come out bitwise the same whether computed here or copied from the
+            # prefix cache. Where a prefill row does not depend on the chunk's other rows (the 4-bit engine's
+            # bf16 and block-kernel paths, Prefill.path), a chunk takes every whole block the budget allows, so
+            # the weights are read once for them instead of once per block; on the float path (other GEMM
+            # kernels for other row counts) one block.
+            block = self.cfg.block
+            end = min(len(ids), (req.cursor // block + 1) * block)  # the next block, or the prompt's tail
+            if end % block == 0:  # whole blocks: all the budget allows, where that changes no bit
+                limit = len(ids) if budget is None else min(len(ids), req.cursor + budget - spent)
+                more = limit // block * block
+                if more > end and engine.prefill_path(more - req.cursor) == engine.prefill_path(block) != "float":
+                    end = more
             take = end - req.cursor
             chunk = ids[req.cursor:end]
             hidden = engine.prefill_hidden(chunk, req.cache)
