@@ -192,7 +192,6 @@ def test_prefill_on_4bit_blocks_and_bf16_stays_close_to_float(enc, tmp_path, bf1
     with torch.inference_mode():
         for n in (5, 40):  # 5 tokens: the q4 path; 40: bf16 (or the q4 path again without bf16)
             ids = enc.encode("the pelican counted the boats in the harbour at dawn " * 8)[:n]
-            assert eng.kv_dtype == torch.float16  # the fused layer's cache (decode_layer.cpp)
             got = eng.head(eng.prefill_hidden(ids, eng.new_cache(1, n))[:, -1]).float()
             want = eng.model(torch.tensor([ids]), last_only=True)[:, -1].float()
             assert got.argmax() == want.argmax()
@@ -204,9 +203,10 @@ def test_whole_blocks_prefill_in_one_forward_and_give_the_logits_of_block_by_blo
     """On the 4-bit engine a prefill row does not depend on the chunk's other rows, so a prompt's whole blocks
     go in one forward (the weights read once, not once per block). The first tokens' log-probs are bitwise
     those of the same prompt with its leading blocks copied from the prefix cache, and of a prefill cut into
-    one-block chunks while another request decodes."""
-    serve = ServeConfig(block=64, prefix_cache_mb=16, prefill_budget=64)
+    one-block chunks while another request decodes. (With a float16 KV cache too.)"""
+    serve = ServeConfig(block=64, prefix_cache_mb=16, prefill_budget=64, kv_cache_dtype="float16" if bf16 else "auto")
     eng = kernel_engine(enc, tmp_path, serve)
+    assert eng.kv_dtype == (torch.float16 if bf16 else torch.float32)
     from backend.serving.prefill import Prefill
     eng._prefill = Prefill(eng.model, bf16, eng.step.layers)
     system = enc.encode("You are a helpful assistant who answers questions about birds in great detail. " * 16)

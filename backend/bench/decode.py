@@ -268,7 +268,7 @@ def prefill_row(args, cfg) -> dict:
     from backend.serving.model_pool import EnginePool
     from backend.serving.sampling import SamplingParams
     from models.registry import ModelRegistry
-    engine = EnginePool(ModelRegistry(cfg), cfg, serve=_no_prefix_cache()).get(args.model)
+    engine = EnginePool(ModelRegistry(cfg), cfg, serve=_no_prefix_cache(args.kv_cache_dtype)).get(args.model)
     ids = (engine.chat_prompt([{"role": "user", "content": PREFILL_TEXT}]) if engine.spec.chat_format
            else engine.encode(PREFILL_TEXT))[:300]
     one = SamplingParams(temperature=0, max_tokens=1)
@@ -291,9 +291,9 @@ def prefill_row(args, cfg) -> dict:
                   higher_is_better=False, goal_seconds=0.15, bf16_prefill=engine.bf16_prefill)
 
 
-def _no_prefix_cache():
+def _no_prefix_cache(kv_cache_dtype: str = "auto"):
     from backend.serving.scheduler import ServeConfig
-    return ServeConfig(prefix_cache_mb=0)  # every repeat prefills the whole prompt
+    return ServeConfig(prefix_cache_mb=0, kv_cache_dtype=kv_cache_dtype)  # every repeat prefills the whole prompt
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -313,6 +313,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--long-context", type=int, default=1500,
                     help="prompt tokens of the long-context decode row (gguf variant; 0 skips it)")
     ap.add_argument("--long-context-tokens", type=int, default=64, help="new tokens per run of the long-context row")
+    ap.add_argument("--kv-cache-dtype", choices=("auto", "float16"), default="auto",
+                    help="the engine's KV cache (as app.py --kv-cache-dtype)")
     ap.add_argument("--skip-load", action="store_true", help="skip the cold/warm load timing")
     ap.add_argument("--skip-constraint", action="store_true", help="skip the constrained-decoding row")
     ap.add_argument("--llama-python", default=None,
@@ -357,7 +359,8 @@ def main(argv: list[str] | None = None) -> None:
     ref = None
     for variant in variants:
         quant, dtype = VARIANTS[variant]
-        pool = EnginePool(ModelRegistry(cfg), cfg, quant=quant, dtype=dtype)
+        from backend.serving.scheduler import ServeConfig
+        pool = EnginePool(ModelRegistry(cfg), cfg, quant=quant, dtype=dtype, serve=ServeConfig(kv_cache_dtype=args.kv_cache_dtype))
         engine = pool.get(args.model)
         prompt = engine.chat_prompt(PROMPT) if engine.spec.chat_format else engine.encode(PROMPT[0]["content"])
         print(f"ours [{variant}]: {args.model} on {engine.device} ({engine.model.dtype}, decode weights: "

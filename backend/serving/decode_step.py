@@ -230,9 +230,6 @@ class DecodeStep:
                     raise ValueError(f"packed operands of layer {i} are {got}, the model needs {list(shapes)}")
             self.fused = [(ln1.detach().float().contiguous(), qkv.matrix, o.matrix, ln2.detach().float().contiguous(),
                            gate_up.matrix, down.matrix) for ln1, qkv, o, ln2, gate_up, down in self.layers]
-        # the KV cache an engine gives this step: float16 for the fused layer (half the bytes a long context
-        # reads each step: decode_layer.cpp), else the model's dtype; the fused layer also takes float32
-        self.kv_dtype = torch.float16 if self.fused is not None else model.dtype
 
     def __call__(self, tokens: torch.Tensor, cache) -> torch.Tensor:
         """tokens [B] at slot cache.pos -> logits [B, V]; the cache advances by one."""

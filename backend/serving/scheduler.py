@@ -50,6 +50,7 @@ class ServeConfig:
     block: int = 64              # prefill chunk and prefix-cache granularity (tokens): see Scheduler._prefill_some
     prefix_cache_mb: int = 64    # memory bound of the prefix cache (0 = off)
     retry_after: int = 2         # seconds suggested to a client refused for a full queue
+    kv_cache_dtype: str = "auto"  # "float16": half the KV bytes for the fused 4-bit layer (Engine.kv_dtype)
 
 
 class QueueFull(RuntimeError):
