@@ -11,6 +11,7 @@ reads go through a second engine (plain BEGIN, its own pool) and never wait for 
 from __future__ import annotations
 
 import threading
+import weakref
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Iterator
@@ -44,6 +45,10 @@ def _sqlite_engine(url: str, begin: str, pool_size: int) -> Engine:
         # NORMAL in WAL mode: a committed transaction survives a killed process (SIGKILL, OOM);
         # only a power cut can lose the last few commits. FULL would fsync every commit.
         cur.execute("PRAGMA synchronous=NORMAL")
+        # No checkpoint inside a commit: SQLite's automatic one runs in the connection whose commit crossed
+        # 1000 WAL pages, here while it holds the process's write mutex, so an annotator's submit could pay
+        # for copying an import's megabytes into the database. `_Checkpointer` does it beside the writers.
+        cur.execute("PRAGMA wal_autocheckpoint=0")
         cur.close()
 
     # A deferred BEGIN that reads and then writes can fail with SQLITE_BUSY at once when another
@@ -52,6 +57,31 @@ def _sqlite_engine(url: str, begin: str, pool_size: int) -> Engine:
     # listener makes SQLAlchemy dispatch events around every statement (a third of a cheap query's cost).
     engine.dialect.do_begin = lambda dbapi_conn: dbapi_conn.execute(begin)
     return engine
+
+
+class _Checkpointer:
+    """Moves the WAL into the database file every `every` seconds on a connection of its own, with a PASSIVE
+    checkpoint: it takes no write lock, so writers and readers never wait for it (they would for the automatic
+    checkpoint, which runs inside the commit that crosses the WAL's size limit)."""
+
+    def __init__(self, path: str, every: float = 0.5):
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(path, every, self.stop), daemon=True,
+                                       name="sqlite-checkpoint")
+        self.thread.start()
+
+    @staticmethod
+    def _run(path: str, every: float, stop: threading.Event) -> None:
+        import sqlite3
+        conn = sqlite3.connect(path, check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000)
+        try:
+            while not stop.wait(every):
+                try:
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                except sqlite3.Error:  # busy or gone: the next round tries again
+                    pass
+        finally:
+            conn.close()
 
 
 class Database:
@@ -70,6 +100,10 @@ class Database:
             self.engine = create_engine(url, pool_pre_ping=True)
             self._read_engine = self.engine
         self._write_lock = threading.RLock() if self.is_sqlite else nullcontext()
+        self._checkpointer = None
+        if self.is_sqlite and parsed.database and parsed.database != ":memory:":
+            self._checkpointer = _Checkpointer(parsed.database)
+            weakref.finalize(self, self._checkpointer.stop.set)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._read_sessions = sessionmaker(self._read_engine, expire_on_commit=False)
 
@@ -107,5 +141,7 @@ class Database:
         return upgrade(self.engine)
 
     def close(self) -> None:
+        if self._checkpointer is not None:
+            self._checkpointer.stop.set()
         self.engine.dispose()
         self._read_engine.dispose()
