@@ -231,3 +231,24 @@ def test_whole_blocks_prefill_in_one_forward_and_give_the_logits_of_block_by_blo
     for got in (warm, chunked):
         assert got.token_ids == cold.token_ids
         assert got.logprobs == cold.logprobs and got.top_logprobs == cold.top_logprobs
+
+
+def test_a_burst_that_fits_the_batch_is_not_refused_by_the_queue_limit(enc):
+    """Requests arriving at once all wait until the next iteration; the queue limit counts only those the
+    batch has no room for, so a burst the batch can take is never answered 'busy'."""
+    serve = ServeConfig(max_batch=8, max_queued=1)
+    engine = Engine(Spec(), random_model(enc.n_vocab, seed=6), enc, serve=serve)
+    p = SamplingParams(temperature=0, max_tokens=5)
+    with engine.scheduler._cond:  # hold the loop so all six are waiting together, as a burst
+        streams = [engine.generate([enc.encode(f"burst {i}")], p) for i in range(6)]
+    assert all(len(list(s)) == 5 for s in streams)
+    big = SamplingParams(temperature=0, max_tokens=300, stop_token_ids=[enc.n_vocab - 1])  # runs to max_tokens
+    running = [engine.generate([enc.encode("fill")], big, n=8)]  # takes the whole batch
+    next(running[0])
+    assert engine.scheduler.batch.B == 8
+    with engine.scheduler._cond:
+        running.append(engine.generate([enc.encode("waits")], big))  # no room: 1 waiting, the limit
+        with pytest.raises(QueueFull):
+            engine.generate([enc.encode("one too many")], big)
+    for g in running:
+        g.close()

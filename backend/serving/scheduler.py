@@ -6,8 +6,9 @@ submits a Request here and streams that request's events from its own queue. The
 
   1. admit: waiting requests join in arrival order (FIFO, no overtaking) while the batch has room for
      their rows (`max_batch`; a bigger request runs once the batch is empty). More than `max_queued`
-     waiting requests: `QueueFull` at submit time, which the API answers 503 with Retry-After;
-  2. prefill: each admitted prompt is prefilled alone (batch 1), one block of `block` tokens per forward;
+     requests that will have to wait (the batch has no room for them): `QueueFull` at submit time, which
+     the API answers 503 with Retry-After;
+  2. prefill: each admitted prompt is prefilled alone (batch 1), whole blocks of `block` tokens a forward;
      while other rows are decoding at most `prefill_budget` prompt tokens are computed per iteration, so a
      long prompt never stalls the streams already running. Leading blocks found in the prefix cache are
      copied in instead of computed (system prompts, few-shot headers, the history of a multi-turn chat),
@@ -353,7 +354,10 @@ class Scheduler:
         with self._cond:
             if self._closed:
                 raise RuntimeError(f"model {self.engine.name!r} was unloaded")
-            if len(self.waiting) >= self.cfg.max_queued:
+            # the queue limit counts requests that will have to wait: a burst that fits the batch's free rows
+            # is admitted at the next iteration, however fast it came (prefilling ones count a row each here)
+            rows_ahead = self.batch.B + len(self.prefilling) + sum(r.rows for r in self.waiting)
+            if len(self.waiting) >= self.cfg.max_queued and rows_ahead + req.rows > self.cfg.max_batch:
                 raise QueueFull(len(self.waiting), self.cfg.retry_after)
             self.waiting.append(req)
             self._cond.notify()
