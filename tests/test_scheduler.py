@@ -245,7 +245,8 @@ def test_a_burst_that_fits_the_batch_is_not_refused_by_the_queue_limit(enc):
     big = SamplingParams(temperature=0, max_tokens=300, stop_token_ids=[enc.n_vocab - 1])  # runs to max_tokens
     running = [engine.generate([enc.encode("fill")], big, n=8)]  # takes the whole batch
     next(running[0])
-    assert engine.scheduler.batch.B == 8
+    from tests.helpers import wait_for
+    wait_for(lambda: engine.scheduler.batch.B == 8, 30, "the 8 rows to join the batch (after their first token)", 0.01)
     with engine.scheduler._cond:
         running.append(engine.generate([enc.encode("waits")], big))  # no room: 1 waiting, the limit
         with pytest.raises(QueueFull):
