@@ -104,9 +104,8 @@ class ComputeThread:
     def stop(self, wait: float = 5) -> None:
         """Close every scheduler here and let the thread finish its current step (at interpreter exit)."""
         with self.cond:
-            for s in self.schedulers:
-                s._closed = True
-            self.cond.notify()
+            for s in list(self.schedulers):
+                s.close()  # the scheduler's own close (self.cond is re-entrant)
             t = self._thread
         if t is not None and t is not threading.current_thread():
             t.join(wait)
