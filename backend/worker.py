@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -63,6 +64,12 @@ def step_line(ev: dict) -> str:
     if "mfu" in ev:
         parts.append(f"MFU {100 * ev['mfu']:.2f}%")
     return ", ".join(parts)
+
+
+def cpu_seconds() -> float:
+    """User + system CPU time of this process and of its finished children (torchrun ranks)."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 class Worker:
@@ -152,6 +159,7 @@ class Worker:
         beater.start()
         log.info("job %s (%s %s) attempt %s started", job_id, job["kind"], job["name"], attempt)
         state, error, outcome = "failed", None, None
+        cpu0, wall0 = cpu_seconds(), time.monotonic()
         try:
             trainer = get_trainer(job["kind"])
             cfg = parse_config(job["kind"], job["config"], self.app)
@@ -176,6 +184,9 @@ class Worker:
                 emit({"log": line, "step": 0})
             log.warning("job %s failed: %s", job_id, error)
         finally:
+            # what the job cost, in the log: CPU-seconds are comparable across machines with other work running
+            emit({"log": f"{cpu_seconds() - cpu0:.0f} CPU-seconds over {time.monotonic() - wall0:.0f} s wall",
+                  "step": outcome.step if outcome else 0})
             finished.set()
             beater.join()
             self._stop = None

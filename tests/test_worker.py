@@ -94,6 +94,9 @@ def test_a_job_runs_to_success_and_registers_its_model(env, workers):
     assert spec.lineage["job_id"] == job["id"] and spec.lineage["steps"] == 25 and spec.chat_format is None
     assert done["summary"]["tokens_per_s"] > 0 and 0 < done["summary"]["mfu"] < 1
     assert any("finished (max_steps)" in e["text"] for e in done["log"])
+    # what the job cost is its last log line: "N CPU-seconds over M s wall", N > 0
+    cost = [e["text"] for e in done["log"] if "CPU-seconds over" in e["text"]]
+    assert len(cost) == 1 and float(cost[0].split()[0]) > 0, cost
 
 
 def test_cancel_stops_within_seconds_keeps_the_checkpoint_and_resume_continues_the_steps(env, workers):
