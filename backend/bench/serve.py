@@ -1,4 +1,5 @@
-"""python -m backend.bench serve [--clients 1,8,32] [--tokens 64] [--threads 2] [--llama-python PY] [--peer-slots 8]
+"""python -m backend.bench serve [--clients 1,8,32] [--tokens 64] [--threads 2] [--llama-python PY] [--llama-server BIN]
+                               [--peer-slots N]
 
 Many users at once, as they meet the app: the real app (`python app.py`, its own process, the app's runtime
 settings) on the bundled model, and C clients at once, each one streamed chat completion through the
@@ -9,11 +10,15 @@ official `openai` client (distinct prompts, temperature 0.8, a seed each, --toke
 Goals (issue 12): 8 clients >= 3x the aggregate tok/s of 1 client with a worst first token <= 1.5 s;
 32 clients >= 4x.
 
-Peer: llama.cpp's OpenAI-compatible server from llama-cpp-python (`python -m llama_cpp.server`, built in a
-side environment given by --llama-python, never an app dependency) on the same GGUF file, the same thread
-count and the same clients; --peer-slots is passed where that server knows parallel slots. Goals: ours >= 1.5x
-its aggregate tok/s at 8 clients and >= 1.2x its single-stream rate. Without --llama-python (or when it cannot
-import llama_cpp.server) the peer is reported missing, never invented.
+Peers, on the same GGUF file, the same thread count and the same clients (each built in a side environment,
+never an app dependency):
+- --llama-python PY: llama-cpp-python's OpenAI server (`python -m llama_cpp.server`), which answers one request
+  at a time (no parallel slots in 0.3.x);
+- --llama-server BIN: llama.cpp's own `llama-server` (built from the llama.cpp that llama-cpp-python vendors,
+  `cmake --build build --target llama-server`) with --peer-slots parallel slots (default: the most clients)
+  and continuous batching, the stronger peer.
+Goals: ours >= 1.5x a peer's aggregate tok/s at 8 clients and >= 1.2x its single-stream rate. A peer not given
+(or that cannot start) is reported missing, never invented.
 """
 from __future__ import annotations
 
@@ -81,10 +86,8 @@ def run_level(base_url: str, model: str, clients: int, tokens: int) -> dict:
             "errors": sorted({o["error"] for o in out if o and o.get("error")})[:3]}
 
 
-def start_llama_server(python: str, gguf: str, threads: int, slots: int, ctx: int, workdir: Path):
+def start_llama_server(python: str, gguf: str, threads: int, ctx: int, workdir: Path):
     """llama-cpp-python's OpenAI server in its own venv, or an error string."""
-    import httpx
-
     from backend.bench.server import free_port
     ok = subprocess.run([python, "-c", "import llama_cpp.server, llama_cpp; print(llama_cpp.__version__)"],
                         capture_output=True, text=True)
@@ -92,24 +95,46 @@ def start_llama_server(python: str, gguf: str, threads: int, slots: int, ctx: in
         return None, f"llama_cpp.server not importable by {python}: {ok.stderr.strip()[-200:]}"
     version = ok.stdout.strip()
     port = free_port()
-    log = open(workdir / "llama-server.log", "wb")
     cmd = [python, "-m", "llama_cpp.server", "--model", gguf, "--host", "127.0.0.1", "--port", str(port),
            "--n_threads", str(threads), "--n_threads_batch", str(threads), "--n_ctx", str(ctx),
            "--model_alias", "peer"]
+    return wait_for_peer(cmd, port, workdir / "llama-cpp-python-server.log",
+                         f"llama-cpp-python {version} llama_cpp.server (one request at a time), same GGUF, {threads} threads")
+
+
+def start_native_llama_server(binary: str, gguf: str, threads: int, slots: int, ctx: int, workdir: Path):
+    """llama.cpp's own llama-server with `slots` parallel slots (continuous batching), or an error string."""
+    from backend.bench.server import free_port
+    if not Path(binary).is_file():
+        return None, f"llama-server: no such file {binary}"
+    ver = subprocess.run([binary, "--version"], capture_output=True, text=True)
+    version = (ver.stdout + ver.stderr).strip().splitlines()[0] if (ver.stdout + ver.stderr).strip() else "?"
+    port = free_port()
+    cmd = [binary, "--model", gguf, "--host", "127.0.0.1", "--port", str(port), "--threads", str(threads),
+           "--threads-batch", str(threads), "--parallel", str(slots), "--ctx-size", str(ctx * slots),
+           "--cont-batching", "--alias", "peer"]
+    return wait_for_peer(cmd, port, workdir / "llama-server.log",
+                         f"llama.cpp llama-server ({version}), {slots} parallel slots, same GGUF, {threads} threads")
+
+
+def wait_for_peer(cmd: list[str], port: int, log_path: Path, name: str):
+    """Start a peer server and wait for its /v1/models: ((proc, url, name), None) or (None, error)."""
+    import httpx
+    log = open(log_path, "wb")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            return None, f"llama_cpp.server exited with {proc.returncode}: see {workdir / 'llama-server.log'}"
+            return None, f"{cmd[0]} exited with {proc.returncode}: see {log_path}"
         try:
             if httpx.get(url + "/v1/models", timeout=2).status_code == 200:
-                return (proc, url, version), None
+                return (proc, url, name), None
         except httpx.HTTPError:
             pass
         time.sleep(0.3)
     proc.kill()
-    return None, "llama_cpp.server did not start within 120 s"
+    return None, f"{cmd[0]} did not start within 120 s"
 
 
 def result(metric, unit, ours, peer, peer_name, goal, higher_is_better=True, **extra) -> dict:
@@ -129,7 +154,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--llama-python", default=None, help="a Python with llama-cpp-python[server] (side venv)")
-    ap.add_argument("--peer-slots", type=int, default=8)
+    ap.add_argument("--llama-server", default=None, help="llama.cpp's llama-server binary (built from source)")
+    ap.add_argument("--peer-slots", type=int, default=None, help="llama-server's parallel slots (default: the most clients)")
     ap.add_argument("--skip-ours", action="store_true")
     args = ap.parse_args(argv)
     levels = [int(c) for c in args.clients.split(",")]
@@ -155,41 +181,49 @@ def main(argv: list[str] | None = None) -> None:
         finally:
             stop_app(proc)
 
-    peer: dict[int, dict] = {}
-    peer_name = "llama.cpp server: not measured (pass --llama-python PY, a venv with llama-cpp-python[server])"
-    if args.llama_python:
-        from models.gguf_file import find_smollm2_gguf
-        started, err = start_llama_server(args.llama_python, str(find_smollm2_gguf()), args.threads,
-                                          args.peer_slots, 4096, Path(tmp.name))
+    peers: list[tuple[str, dict[int, dict]]] = []  # (name, clients -> figures)
+    from models.gguf_file import find_smollm2_gguf
+    gguf = str(find_smollm2_gguf())
+    starts = [(args.llama_python, lambda: start_llama_server(args.llama_python, gguf, args.threads, 4096, Path(tmp.name))),
+              (args.llama_server, lambda: start_native_llama_server(args.llama_server, gguf, args.threads,
+                                                                    args.peer_slots or max(levels), 2048, Path(tmp.name)))]
+    for given, start in starts:
+        if not given:
+            continue
+        started, err = start()
         if err:
-            peer_name = err
-        else:
-            lproc, lurl, version = started
-            peer_name = f"llama-cpp-python {version} llama_cpp.server, same GGUF, {args.threads} threads"
-            try:
-                run_level(lurl, "peer", 2, 8)
-                for c in levels:
-                    peer[c] = run_level(lurl, "peer", c, args.tokens)
-                    print(f"peer, {c} clients: {peer[c]['tok_s']:.1f} tok/s aggregate, first token p50 "
-                          f"{peer[c]['ttft_p50']:.2f} s / worst {peer[c]['ttft_max']:.2f} s, "
-                          f"failed {peer[c]['failed']} {peer[c]['errors']}", flush=True)
-            finally:
-                lproc.terminate()
-                lproc.wait(20)
-        print(peer_name)
+            print(err)
+            peers.append((err, {}))
+            continue
+        lproc, lurl, name = started
+        figures: dict[int, dict] = {}
+        try:
+            run_level(lurl, "peer", 2, 8)
+            for c in levels:
+                figures[c] = run_level(lurl, "peer", c, args.tokens)
+                print(f"peer ({name}), {c} clients: {figures[c]['tok_s']:.1f} tok/s aggregate, first token p50 "
+                      f"{figures[c]['ttft_p50']:.2f} s / worst {figures[c]['ttft_max']:.2f} s, "
+                      f"failed {figures[c]['failed']} {figures[c]['errors']}", flush=True)
+        finally:
+            lproc.terminate()
+            lproc.wait(20)
+        peers.append((name, figures))
+    if not peers:
+        peers.append(("llama.cpp server: not measured (pass --llama-python PY and/or --llama-server BIN)", {}))
 
     results = []
     one = ours.get(1)
     for c in levels:
-        o, p = ours.get(c), peer.get(c)
-        goal = {1: 1.2, 8: 1.5}.get(c)
-        results.append(result(f"{c} clients: aggregate decode", "tok/s", o and o["tok_s"], p and p["tok_s"],
-                              peer_name, goal, **({} if o is None else {
-                                  "ttft_p50_s": round(o["ttft_p50"], 3), "ttft_p99_s": round(o["ttft_p99"], 3),
-                                  "ttft_max_s": round(o["ttft_max"], 3),
-                                  "itl_p99_s": None if o["itl_p99"] is None else round(o["itl_p99"], 4),
-                                  "tokens": o["tokens"]}),
-                              **({} if p is None else {"peer_ttft_max_s": round(p["ttft_max"], 3)})))
+        o = ours.get(c)
+        for peer_name, figures in peers:
+            p = figures.get(c)
+            results.append(result(f"{c} clients: aggregate decode", "tok/s", o and o["tok_s"], p and p["tok_s"],
+                                  peer_name, {1: 1.2, 8: 1.5}.get(c), **({} if o is None else {
+                                      "ttft_p50_s": round(o["ttft_p50"], 3), "ttft_p99_s": round(o["ttft_p99"], 3),
+                                      "ttft_max_s": round(o["ttft_max"], 3),
+                                      "itl_p99_s": None if o["itl_p99"] is None else round(o["itl_p99"], 4),
+                                      "tokens": o["tokens"]}),
+                                  **({} if p is None else {"peer_ttft_max_s": round(p["ttft_max"], 3)})))
         if one and o and c > 1:
             results.append(result(f"{c} clients vs 1 client (scaling)", "x", o["tok_s"] / one["tok_s"], None,
                                   "no peer: ours at 1 client is the baseline", {8: 3.0, 32: 4.0}.get(c),
