@@ -83,3 +83,34 @@ def test_a_failed_transaction_leaves_nothing(db):
     # Read with the plain sqlite3 module, as another process would.
     con = sqlite3.connect(db.engine.url.database)
     assert con.execute("select count(*) from users").fetchone()[0] == 0
+
+
+def test_upgrading_an_old_database_keeps_the_children_of_the_tables_batch_mode_copies(tmp_path):
+    """Migrations 0006 (ranking_sets), 0007 (sft_demos) and 0011 (both) alter a table on SQLite by copying it
+    and dropping the old one; with foreign keys on, that DROP cascaded to the children (env.py turns them off)."""
+    from backend.db.migrate import current, upgrade
+    d = Database(f"sqlite:///{tmp_path / 'old.db'}")
+    try:
+        assert upgrade(d.engine, "0005") == "0005"
+        now = "2026-01-01 00:00:00"
+        with d.engine.begin() as conn:
+            for sql in (
+                "INSERT INTO users VALUES (1, 'ann', 'annotator', 'x', 'y', 1, :now)",
+                "INSERT INTO ranking_sets VALUES (1, 'old set', 'm', 1.0, 4, 1, 1, :now)",
+                "INSERT INTO ranking_items VALUES (1, 1, 0, 'a prompt')",
+                "INSERT INTO candidates VALUES (1, 1, 0, 'one', 'm'), (2, 1, 1, 'two', 'm')",
+                "INSERT INTO rankings VALUES (1, 1, 1, '[2, 1]', 0, 0, 1, :now, :now)",
+                "INSERT INTO sft_demos VALUES (1, 1, NULL, 'submitted', '[]', :now, :now)",
+                "INSERT INTO sft_versions VALUES (1, 1, 1, '[]', 1, :now)",
+            ):
+                conn.execute(text(sql), {"now": now})
+        d.migrate()
+        with d.engine.connect() as conn:
+            counts = {t: conn.execute(text(f"select count(*) from {t}")).scalar()
+                      for t in ("ranking_sets", "ranking_items", "candidates", "rankings", "sft_demos", "sft_versions")}
+            assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1  # back on after the migration
+        assert counts == {"ranking_sets": 1, "ranking_items": 1, "candidates": 2, "rankings": 1, "sft_demos": 1,
+                          "sft_versions": 1}
+        assert current(d.engine) == d.migrate()
+    finally:
+        d.close()
