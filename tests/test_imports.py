@@ -13,6 +13,7 @@ from sqlalchemy import func, select
 from backend.db import Database
 from backend.db.models import Candidate, Ranking, RankingItem, RankingSet, SFTDemo, SFTVersion
 from backend.labels import agreement, exchange, progress, rankings as rk, review, snapshots
+from backend.labels.visibility import DEMO_VISIBLE, SET_VISIBLE
 from backend.users import CurrentUser
 from tests.conftest import start_server
 from tests.helpers import add_user
@@ -42,11 +43,14 @@ def jsonl(kind: str, n: int, bad_at: int | None = None) -> bytes:
 
 
 def counts(db: Database) -> dict:
-    """Every row an import writes, visible or not."""
+    """Every row an import writes, visible (by status) or not ("staged": its import is not published)."""
     with db.read() as s:
-        demos = s.execute(select(SFTDemo.status, func.count()).group_by(SFTDemo.status)).all()
-        sets = s.execute(select(RankingSet.status, func.count()).group_by(RankingSet.status)).all()
+        demos = s.execute(select(SFTDemo.status, func.count()).where(DEMO_VISIBLE).group_by(SFTDemo.status)).all()
+        sets = s.execute(select(RankingSet.status, func.count()).where(SET_VISIBLE).group_by(RankingSet.status)).all()
         out = {f"demos {status}": n for status, n in demos} | {f"sets {status}": n for status, n in sets}
+        for key, table, shown in (("demos staged", SFTDemo, DEMO_VISIBLE), ("sets staged", RankingSet, SET_VISIBLE)):
+            if n := s.scalar(select(func.count()).select_from(table).where(~shown)):
+                out[key] = n
         for table in (SFTVersion, RankingItem, Candidate, Ranking):
             if n := s.scalar(select(func.count()).select_from(table)):
                 out[table.__tablename__] = n
@@ -99,14 +103,14 @@ def test_what_a_killed_import_staged_is_invisible_everywhere_and_dropped_at_star
     db = Database(f"sqlite:///{data / 'playground.db'}")
     op, ann = CurrentUser(1, "op", "operator"), CurrentUser(2, "ann", "annotator")
     # What a kill -9 mid-import leaves: batches written, never published.
-    demos = exchange._SFTStager(db, op)
+    demos = exchange._SFTStager(db, op, "sft", "killed")
     demos.batch = [(ROW["messages"], "pending")] * 3
     demos.flush()
     sets = exchange._RankingStager(db, op, "rankings", "killed")
     sets.batch = [exchange._check_row("rankings", ranking_row(i)) for i in range(7)]
     sets.flush()
     staged_set = min(set_id for set_id, _ in sets.sets.values())
-    assert counts(db)["sets importing"] == 3 and counts(db)["demos importing"] == 3
+    assert counts(db)["sets staged"] == 3 and counts(db)["demos staged"] == 3
     with db.read() as s:
         item = s.scalar(select(RankingItem).where(RankingItem.set_id == staged_set))
         cand = s.scalar(select(Candidate.id).where(Candidate.item_id == item.id))
@@ -154,7 +158,7 @@ def test_an_annotators_submit_completes_while_a_big_import_is_in_progress(db, pe
     importer.start()
     try:
         assert midway.wait(120)
-        assert counts(db)["sets importing"] == 3  # the import has written, and is still going
+        assert counts(db)["sets staged"] == 3  # the import has written, and is still going
         annotator = threading.Thread(target=annotate)
         annotator.start()
         # The import cannot finish before `release`: the submit completing here means it waited for no

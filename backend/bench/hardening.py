@@ -362,11 +362,14 @@ async def annotate_for(base: str, keys: list[str], set_id: int, think: float, se
 def staged(db) -> int:
     from sqlalchemy import func, select
 
-    from backend.db.models import RankingItem, RankingSet, SFTDemo
-    from backend.labels.exchange import STAGED
+    from backend.db.models import Import, RankingItem, RankingSet, SFTDemo
+    from backend.labels.visibility import PUBLISHED
+    # rows of imports not published: staging, or dropped but not yet deleted
     with db.read() as s:
-        return (s.scalar(select(func.count()).select_from(SFTDemo).where(SFTDemo.status == STAGED))
-                + s.scalar(select(func.count()).select_from(RankingItem).join(RankingSet).where(RankingSet.status == STAGED)))
+        return (s.scalar(select(func.count()).select_from(SFTDemo).join(Import, Import.id == SFTDemo.import_id)
+                         .where(Import.state != PUBLISHED))
+                + s.scalar(select(func.count()).select_from(RankingItem).join(RankingSet)
+                           .join(Import, Import.id == RankingSet.import_id).where(Import.state != PUBLISHED)))
 
 
 def start_server(data: Path, port: int, log: Path) -> subprocess.Popen:

@@ -62,6 +62,20 @@ class SFTPrompt(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
+class Import(Base):
+    """One JSONL import (backend.labels.exchange; migration 0011). Its rows (demos, ranking sets) carry its id and
+    are visible only once it is "published" (backend.labels.visibility): publishing is one UPDATE of this row,
+    however many rows the import wrote. staging -> published, or staging -> dropped (its rows deleted)."""
+    __tablename__ = "imports"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    kind: Mapped[str] = mapped_column(String(32))  # sft | preferences | rankings
+    name: Mapped[str] = mapped_column(String(200), default="")
+    user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"), nullable=True)
+    state: Mapped[str] = mapped_column(String(16), default="staging", server_default="staging", index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    rows: Mapped[int] = mapped_column(Integer, default=0, server_default="0")  # lines imported (set on publish)
+
+
 class SFTDemo(Base):
     """One annotator's demonstration. `messages` is the working copy; submitted versions live in SFTVersion."""
     __tablename__ = "sft_demos"
@@ -76,6 +90,8 @@ class SFTDemo(Base):
     review: Mapped[str] = mapped_column(String(16), default="pending", server_default="pending")  # | accepted | rejected
     reviewed_by: Mapped[int | None] = mapped_column(ForeignKey("users.id"), nullable=True)
     review_note: Mapped[str] = mapped_column(Text, default="", server_default="")
+    # the import that wrote it (None: an annotator did); hidden until that import is published (migration 0011)
+    import_id: Mapped[int | None] = mapped_column(ForeignKey("imports.id"), nullable=True, index=True)
     versions: Mapped[list["SFTVersion"]] = relationship(back_populates="demo", order_by="SFTVersion.version")
 
 
@@ -102,8 +118,10 @@ class RankingSet(Base):
     annotators_per_item: Mapped[int] = mapped_column(Integer, default=1)
     created_by: Mapped[int | None] = mapped_column(ForeignKey("users.id"), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    # "open", or "importing" while an import stages it: hidden from lists, queues and exports (migration 0008)
+    # "open" (migration 0010). Imported sets are "open" too: they are hidden while their import stages them by
+    # import_id (backend.labels.visibility; migration 0011), not by status.
     status: Mapped[str] = mapped_column(String(16), default="open", server_default="open")
+    import_id: Mapped[int | None] = mapped_column(ForeignKey("imports.id"), nullable=True, index=True)
     items: Mapped[list["RankingItem"]] = relationship(back_populates="set", order_by="RankingItem.position")
 
 

@@ -9,10 +9,12 @@
 
 Imports take the same shapes. One bad line refuses the whole file with each bad line's number and reason.
 Every kind is read line by line and written in batches of STAGE_BATCH rows, each its own short
-transaction, hidden: SFT rows as "importing" demos, rankings and preferences as items of "importing"
-ranking sets (one per K). Only when every line is good are they published with one short UPDATE. So
-annotators' writes wait at most one batch behind an import, never the whole file, and a refused or
-interrupted import leaves nothing visible (`drop_staged` clears a killed one's leftovers at start).
+transaction, hidden: SFT rows as submitted demos, rankings and preferences as items of new ranking sets
+(one per K), every one carrying the id of the import's row in `imports`, which stays "staging" meanwhile
+(backend/labels/visibility.py hides such rows from every reader). Only when every line is good is the
+import published: one UPDATE of its `imports` row, whatever the file's size. So annotators' writes wait at
+most one batch behind an import, never the whole file, and a refused or interrupted import leaves nothing
+visible (its rows are deleted in batches; `drop_staged` clears a killed one's leftovers at start).
 """
 from __future__ import annotations
 
@@ -25,8 +27,9 @@ from itertools import combinations
 from sqlalchemy import delete, func, select, update
 
 from backend.db import Database
-from backend.db.models import Candidate, Ranking, RankingItem, RankingSet, SFTDemo, SFTVersion
+from backend.db.models import Candidate, Import, Ranking, RankingItem, RankingSet, SFTDemo, SFTVersion
 from backend.labels import rankings as rk
+from backend.labels import visibility as vis
 from backend.labels.review import STATES as REVIEW_STATES
 from backend.labels.messages import flatten, validate_messages
 from backend.users import CurrentUser
@@ -53,7 +56,7 @@ def _dumps(row: dict) -> str:
 def export_sft(db: Database, structured: bool = False) -> list[dict]:
     """The newest submitted version of every demo, oldest demo first."""
     with db.read() as s:
-        demos = s.scalars(select(SFTDemo).where(SFTDemo.status == "submitted").order_by(SFTDemo.id)).all()
+        demos = s.scalars(select(SFTDemo).where(SFTDemo.status == "submitted", vis.DEMO_VISIBLE).order_by(SFTDemo.id)).all()
         rows = []
         for d in demos:
             latest = s.scalar(select(SFTVersion).where(SFTVersion.demo_id == d.id).order_by(SFTVersion.version.desc()).limit(1))
@@ -176,13 +179,13 @@ def _check_row(kind: str, obj: dict):
     return prompt, cands, ranking, bool(obj.get("all_bad", False))
 
 
-STAGE_BATCH = 50  # rows per short write transaction while an import is staged
-STAGED = "importing"  # the status of staged, not yet published, imported demos and ranking sets
+STAGE_BATCH = 50  # rows per short write transaction while an import is staged (and per delete when one is dropped)
 _import_lock = threading.Lock()
 
 
 class ImportBusy(RuntimeError):
-    """Another import is being staged (one at a time: each publishes exactly its own rows)."""
+    """Another import is being staged (one at a time: two would double the write load annotators wait behind,
+    and race for the numbered names of their ranking sets)."""
 
 
 def import_lines(db: Database, user: CurrentUser, kind: str, lines: Iterable[bytes | str], name: str = "import") -> dict:
@@ -193,7 +196,7 @@ def import_lines(db: Database, user: CurrentUser, kind: str, lines: Iterable[byt
         raise ValueError(f"kind must be one of {', '.join(KINDS)}, not {kind!r}")
     if not _import_lock.acquire(blocking=False):
         raise ImportBusy("another import is running; try again when it has finished")
-    stager = _SFTStager(db, user) if kind == "sft" else _RankingStager(db, user, kind, name)
+    stager = _SFTStager(db, user, kind, name) if kind == "sft" else _RankingStager(db, user, kind, name)
     try:
         errors: list[tuple[int, str]] = []
         rows = 0
@@ -206,7 +209,7 @@ def import_lines(db: Database, user: CurrentUser, kind: str, lines: Iterable[byt
         if errors:
             raise ImportRefused(sorted(errors)[:MAX_ERRORS])
         stager.flush()
-        return {"kind": kind, "rows": rows, **stager.publish()}
+        return {"kind": kind, "rows": rows, **stager.publish(rows)}
     except BaseException:  # refused, or the reader failed (a client gone, a disk error): leave nothing behind
         try:
             stager.drop()
@@ -223,11 +226,13 @@ def import_jsonl(db: Database, user: CurrentUser, kind: str, text: str, name: st
 
 
 class _Stager:
-    """Writes checked rows hidden, STAGE_BATCH at a time, each batch its own short transaction (so
-    annotators' writes wait at most one batch); `publish` shows them all with one short UPDATE."""
+    """Writes checked rows hidden, STAGE_BATCH at a time, each batch its own short transaction (so annotators'
+    writes wait at most one batch). Every row carries the id of this import's `imports` row, made with the first
+    batch, and stays hidden (backend.labels.visibility) until `publish` flips that one row to "published"."""
 
-    def __init__(self, db: Database, user: CurrentUser):
-        self.db, self.user, self.batch = db, user, []
+    def __init__(self, db: Database, user: CurrentUser, kind: str, name: str):
+        self.db, self.user, self.kind, self.name, self.batch = db, user, kind, name, []
+        self.import_id: int | None = None
 
     def add(self, row) -> None:
         self.batch.append(row)
@@ -237,57 +242,57 @@ class _Stager:
     def flush(self) -> None:
         if self.batch:
             with self.db.session() as s:
+                if self.import_id is None:
+                    imp = Import(kind=self.kind, name=self.name[:200], user_id=self.user.id, state=vis.STAGING)
+                    s.add(imp)
+                    s.flush()
+                    self.import_id = imp.id
                 self.write(s, self.batch)
             self.batch = []
 
     def write(self, s, batch: list) -> None:
-        """Stage one batch inside transaction `s`."""
+        """Stage one batch inside transaction `s`, every row with import_id=self.import_id."""
         raise NotImplementedError
 
-    def publish(self) -> dict:
-        """Make every staged row visible at once; returns what the import's answer adds."""
-        raise NotImplementedError
+    def publish(self, rows: int) -> dict:
+        """Make every staged row visible at once: one UPDATE of one row, however big the import."""
+        with self.db.session() as s:
+            done = s.execute(update(Import).where(Import.id == self.import_id, Import.state == vis.STAGING)
+                             .values(state=vis.PUBLISHED, rows=rows)).rowcount
+        if done != 1:  # dropped meanwhile (a server starting on the same database ran drop_staged)
+            raise RuntimeError(f"import {self.import_id} was dropped before it could be published; import the file again")
+        return self.answer()
+
+    def answer(self) -> dict:
+        """What the import's answer adds."""
+        return {}
 
     def drop(self) -> None:
-        """Delete what was staged, in short transactions (rows not yet flushed were never written)."""
-        raise NotImplementedError
+        """Hide what was staged for good, then delete it in short transactions (rows not yet flushed were never
+        written)."""
+        if self.import_id is not None:
+            drop_import(self.db, self.import_id)
 
 
 class _SFTStager(_Stager):
-    """Each row (messages, review state) becomes a demo with status STAGED and its first version."""
-
-    def __init__(self, db, user):
-        super().__init__(db, user)
-        self.ids: list[int] = []
+    """Each row (messages, review state) becomes a submitted demo and its first version."""
 
     def write(self, s, batch):
-        # The messages go into the version only: the demo row stays small, so publishing (an UPDATE that
-        # rewrites every staged row) takes milliseconds, not the ~1 s it took with the messages in it too.
-        demos = [SFTDemo(user_id=self.user.id, status=STAGED, messages=[], review=review) for _, review in batch]
+        # The messages go into the version only (the demo's working copy stays empty: sft._demo_payload reads the
+        # version), so each row's text is written once.
+        demos = [SFTDemo(user_id=self.user.id, status="submitted", messages=[], review=review, import_id=self.import_id)
+                 for _, review in batch]
         s.add_all(demos)
         s.flush()
         s.add_all([SFTVersion(demo_id=d.id, version=1, messages=m, user_id=self.user.id) for d, (m, _) in zip(demos, batch)])
-        self.ids += [d.id for d in demos]
-
-    def publish(self):
-        with self.db.session() as s:
-            # ids, not a list (a 50 MB file stages ~10^5 rows): one import runs at a time (_import_lock)
-            # and leftovers of an interrupted one are dropped at start, so the staged rows in range are ours.
-            s.execute(update(SFTDemo).where(SFTDemo.id.between(min(self.ids), max(self.ids)), SFTDemo.status == STAGED,
-                                            SFTDemo.user_id == self.user.id).values(status="submitted"))
-        return {}
-
-    def drop(self):
-        _drop_demos(self.db, self.ids)
 
 
 class _RankingStager(_Stager):
-    """Each row (prompt, candidates, ranking, all_bad) becomes an item of a new set per K (status STAGED),
-    ranked by the importing user."""
+    """Each row (prompt, candidates, ranking, all_bad) becomes an item of a new set per K, ranked by the
+    importing user."""
 
     def __init__(self, db, user, kind: str, name: str):
-        super().__init__(db, user)
-        self.kind, self.name = kind, name
+        super().__init__(db, user, kind, name)
         self.sets: dict[int, list[int]] = {}  # K -> [set id, next position]
 
     def _set_for(self, s, k: int) -> list[int]:
@@ -296,7 +301,7 @@ class _RankingStager(_Stager):
             # Set names are unique: a second import of the same shape is numbered.
             n = s.scalar(select(func.count()).select_from(RankingSet).where(RankingSet.name.startswith(base)))
             rs = RankingSet(name=base if not n else f"{base} #{n + 1}", model="imported", k=k,
-                            created_by=self.user.id, status=STAGED)
+                            created_by=self.user.id, status=rk.OPEN, import_id=self.import_id)
             s.add(rs)
             s.flush()
             self.sets[k] = [rs.id, 0]
@@ -317,47 +322,52 @@ class _RankingStager(_Stager):
         s.add_all([Ranking(item_id=it.id, user_id=self.user.id, order=[cs[i].id for i in ranking], all_bad=all_bad)
                    for it, cs, (_, _, ranking, all_bad) in zip(items, cands, batch)])
 
-    def publish(self):
-        ids = [set_id for set_id, _ in self.sets.values()]
-        with self.db.session() as s:  # at most one set per K: a tiny UPDATE however big the import
-            s.execute(update(RankingSet).where(RankingSet.id.in_(ids)).values(status=rk.OPEN))
-        return {"set_ids": sorted(ids)}
-
-    def drop(self):
-        for set_id, _ in self.sets.values():
-            _drop_set(self.db, set_id)
+    def answer(self):
+        return {"set_ids": sorted(set_id for set_id, _ in self.sets.values())}
 
 
-def _drop_demos(db: Database, ids: list[int]) -> None:
-    for i in range(0, len(ids), STAGE_BATCH):
-        chunk = ids[i:i + STAGE_BATCH]
-        with db.session() as s:
-            s.execute(delete(SFTVersion).where(SFTVersion.demo_id.in_(chunk)))
-            s.execute(delete(SFTDemo).where(SFTDemo.id.in_(chunk), SFTDemo.status == STAGED))
-
-
-def _drop_set(db: Database, set_id: int) -> None:
-    """Delete a staged set a batch of items at a time (one big cascading DELETE would hold the write lock)."""
+def drop_import(db: Database, import_id: int) -> bool:
+    """Mark an unpublished import "dropped" (its rows stay hidden for good), then delete its rows STAGE_BATCH at a
+    time, each batch its own short transaction (one big cascading DELETE would hold the write lock as long as
+    the import took to stage). False, and nothing deleted, when the import is published: never delete what
+    annotators can see. Safe to repeat: a drop interrupted midway is finished by the next one."""
+    with db.session() as s:
+        state = s.scalar(select(Import.state).where(Import.id == import_id))
+        if state is None or state == vis.PUBLISHED:
+            return False
+        if state != vis.DROPPED:
+            s.execute(update(Import).where(Import.id == import_id).values(state=vis.DROPPED))
     while True:
         with db.session() as s:
-            if s.scalar(select(RankingSet.status).where(RankingSet.id == set_id)) != STAGED:
-                return  # gone, or published: never delete what annotators can see
-            chunk = list(s.scalars(select(RankingItem.id).where(RankingItem.set_id == set_id).limit(STAGE_BATCH)))
+            chunk = list(s.scalars(select(SFTDemo.id).where(SFTDemo.import_id == import_id).limit(STAGE_BATCH)))
             if not chunk:
-                s.execute(delete(RankingSet).where(RankingSet.id == set_id))
-                return
-            s.execute(delete(Ranking).where(Ranking.item_id.in_(chunk)))
-            s.execute(delete(Candidate).where(Candidate.item_id.in_(chunk)))
-            s.execute(delete(RankingItem).where(RankingItem.id.in_(chunk)))
+                break
+            s.execute(delete(SFTVersion).where(SFTVersion.demo_id.in_(chunk)))
+            s.execute(delete(SFTDemo).where(SFTDemo.id.in_(chunk)))
+    with db.read() as s:
+        sets = list(s.scalars(select(RankingSet.id).where(RankingSet.import_id == import_id)))
+    for set_id in sets:
+        while True:
+            with db.session() as s:
+                chunk = list(s.scalars(select(RankingItem.id).where(RankingItem.set_id == set_id).limit(STAGE_BATCH)))
+                if not chunk:
+                    s.execute(delete(RankingSet).where(RankingSet.id == set_id, RankingSet.import_id == import_id))
+                    break
+                s.execute(delete(Ranking).where(Ranking.item_id.in_(chunk)))
+                s.execute(delete(Candidate).where(Candidate.item_id.in_(chunk)))
+                s.execute(delete(RankingItem).where(RankingItem.id.in_(chunk)))
+    return True
 
 
 def drop_staged(db: Database) -> int:
-    """Remove what an interrupted import left staged (called when the server starts); returns how many
-    demos and sets it removed."""
+    """Remove what interrupted imports left (called when the server starts): imports still "staging" (the process
+    was killed before it published) and "dropped" ones whose deleting was cut short. Returns how many imports it
+    cleared."""
     with db.read() as s:
-        demos = list(s.scalars(select(SFTDemo.id).where(SFTDemo.status == STAGED)))
-        sets = list(s.scalars(select(RankingSet.id).where(RankingSet.status == STAGED)))
-    _drop_demos(db, demos)
-    for set_id in sets:
-        _drop_set(db, set_id)
-    return len(demos) + len(sets)
+        ids = set(s.scalars(select(Import.id).where(Import.state == vis.STAGING)))
+        for table in (SFTDemo, RankingSet):
+            ids |= set(s.scalars(select(table.import_id).distinct().join(Import, Import.id == table.import_id)
+                                 .where(Import.state == vis.DROPPED)))
+    for import_id in sorted(ids):
+        drop_import(db, import_id)
+    return len(ids)

@@ -2,8 +2,8 @@
 
 A ranking orders candidate ids best to worst. Each (item, annotator) has one row; revisiting changes
 it and bumps its revision. An item is done when `annotators_per_item` people ranked it (skips don't count).
-Only OPEN sets exist for everyone here: a set an import is still staging (status "importing",
-backend/labels/exchange.py) is in no list, queue, item lookup, submit, export or agreement.
+Only visible sets exist for everyone here: a set an import is still staging (backend/labels/exchange.py; the
+rule is backend/labels/visibility.py) is in no list, queue, item lookup, submit, export or agreement.
 """
 from __future__ import annotations
 
@@ -14,10 +14,11 @@ from sqlalchemy.exc import IntegrityError
 
 from backend.db import Database
 from backend.db.models import Candidate, Ranking, RankingItem, RankingSet, User, utcnow
+from backend.labels.visibility import SET_VISIBLE, is_visible
 from backend.users import CurrentUser
 
 K_MIN, K_MAX = 4, 9  # candidates sampled per prompt
-OPEN = "open"  # RankingSet.status of a visible set
+OPEN = "open"  # RankingSet.status (every set; an imported one is hidden by its import, not its status)
 MAX_PROMPT = 20_000
 
 
@@ -58,7 +59,7 @@ def create_set(db: Database, user: CurrentUser, name: str, prompts: list[str], c
 def open_set(s, set_id: int) -> RankingSet:
     """The set, for readers (progress, agreement); LookupError when there is none or it is still importing."""
     rs = s.get(RankingSet, set_id)
-    if rs is None or rs.status != OPEN:
+    if rs is None or not is_visible(s, rs.import_id):
         raise LookupError(f"no ranking set {set_id}")
     return rs
 
@@ -105,12 +106,11 @@ def list_sets(db: Database) -> list[dict]:
         return [{"id": r.id, "name": r.name, "model": r.model, "temperature": r.temperature, "k": r.k,
                  "annotators_per_item": r.annotators_per_item, "items": counts.get(r.id, 0),
                  "created_at": r.created_at.isoformat()}
-                for r in s.scalars(select(RankingSet).where(RankingSet.status == OPEN).order_by(RankingSet.id))]
+                for r in s.scalars(select(RankingSet).where(SET_VISIBLE).order_by(RankingSet.id))]
 
 
 # Tables for the hot paths below (Core, not ORM: these run on every annotator click).
 I, S, C, R = RankingItem.__table__, RankingSet.__table__, Candidate.__table__, Ranking.__table__
-IS_OPEN = S.c.status == OPEN
 
 
 def _item_payload(conn, item, user: CurrentUser) -> dict:
@@ -126,7 +126,7 @@ def _item_payload(conn, item, user: CurrentUser) -> dict:
 
 def _items_query():
     return (select(I.c.id, I.c.set_id, I.c.position, I.c.prompt, S.c.name, S.c.annotators_per_item)
-            .join(S, S.c.id == I.c.set_id).where(IS_OPEN))
+            .join(S, S.c.id == I.c.set_id).where(SET_VISIBLE))
 
 
 # Built once per shape: constructing a Core statement costs about as much as SQLite takes to run it.
@@ -137,7 +137,7 @@ def _next_item_query(one_set: bool):
     # One round trip: the item joined with its candidates; the user has no ranking of it yet by construction.
     mine = exists().where(R.c.item_id == I.c.id, R.c.user_id == bindparam("user_id"))
     ranked = select(func.count()).where(R.c.item_id == I.c.id, R.c.skipped.is_(False)).correlate(I).scalar_subquery()
-    first = select(I.c.id).join(S, S.c.id == I.c.set_id).where(IS_OPEN, ~mine, ranked < S.c.annotators_per_item)
+    first = select(I.c.id).join(S, S.c.id == I.c.set_id).where(SET_VISIBLE, ~mine, ranked < S.c.annotators_per_item)
     if one_set:
         first = first.where(I.c.set_id == bindparam("set_id"))
     first = first.order_by(I.c.set_id, I.c.position).limit(1).scalar_subquery()
@@ -166,7 +166,7 @@ def get_item(db: Database, user: CurrentUser, item_id: int) -> dict:
 
 
 _CANDIDATE_IDS = (select(C.c.id).join(I, I.c.id == C.c.item_id).join(S, S.c.id == I.c.set_id)
-                  .where(C.c.item_id == bindparam("item_id"), IS_OPEN))
+                  .where(C.c.item_id == bindparam("item_id"), SET_VISIBLE))
 
 
 @cache
@@ -220,7 +220,7 @@ def submit(db: Database, user: CurrentUser, item_id: int, order: list[int] | Non
 def my_rankings(db: Database, user: CurrentUser, set_id: int | None = None) -> list[dict]:
     with db.read() as s:
         q = (select(Ranking, RankingItem).join(RankingItem).join(RankingSet)
-             .where(Ranking.user_id == user.id, RankingSet.status == OPEN).order_by(Ranking.updated_at.desc()))
+             .where(Ranking.user_id == user.id, SET_VISIBLE).order_by(Ranking.updated_at.desc()))
         if set_id is not None:
             q = q.where(RankingItem.set_id == set_id)
         return [{"item_id": it.id, "set_id": it.set_id, "prompt": it.prompt[:200], "order": r.order,
@@ -232,7 +232,7 @@ def rankings_for_set(s, set_id: int | None = None) -> list[tuple[RankingItem, Ra
     """(item, ranking, annotator name) for every non-skipped full ranking; used by agreement and exports."""
     q = (select(RankingItem, Ranking, User.name).join(Ranking, Ranking.item_id == RankingItem.id)
          .join(RankingSet, RankingSet.id == RankingItem.set_id).join(User, User.id == Ranking.user_id)
-         .where(Ranking.skipped.is_(False), RankingSet.status == OPEN)
+         .where(Ranking.skipped.is_(False), SET_VISIBLE)
          .order_by(RankingItem.set_id, RankingItem.position, Ranking.user_id))
     if set_id is not None:
         q = q.where(RankingItem.set_id == set_id)

@@ -7,7 +7,7 @@ from sqlalchemy import func, select
 
 from backend.db import Database
 from backend.db.models import Candidate, SFTDemo, SFTVersion, User, utcnow
-from backend.labels.rankings import OPEN
+from backend.labels.visibility import DEMO_VISIBLE, is_visible
 from backend.labels.messages import validate_messages
 from backend.users import CurrentUser
 
@@ -32,13 +32,13 @@ def next_for_review(db: Database, user: CurrentUser) -> dict | None:
     """The oldest submitted demo still pending review that `user` did not write; None when none is left."""
     with db.read() as s:
         d = s.scalar(select(SFTDemo).where(SFTDemo.status == "submitted", SFTDemo.review == "pending",
-                                           SFTDemo.user_id != user.id).order_by(SFTDemo.id).limit(1))
+                                           SFTDemo.user_id != user.id, DEMO_VISIBLE).order_by(SFTDemo.id).limit(1))
         return None if d is None else _payload(s, d)
 
 
 def review_counts(db: Database) -> dict:
     with db.read() as s:
-        rows = s.execute(select(SFTDemo.review, func.count()).where(SFTDemo.status == "submitted")
+        rows = s.execute(select(SFTDemo.review, func.count()).where(SFTDemo.status == "submitted", DEMO_VISIBLE)
                          .group_by(SFTDemo.review)).all()
     return {state: dict(rows).get(state, 0) for state in STATES}
 
@@ -53,7 +53,7 @@ def review_demo(db: Database, user: CurrentUser, demo_id: int, decision: str, no
     clean = validate_messages(messages, complete=True) if messages is not None else None
     with db.session() as s:
         d = s.get(SFTDemo, demo_id)
-        if d is None or d.status != "submitted":
+        if d is None or d.status != "submitted" or not is_visible(s, d.import_id):
             raise LookupError(f"no submitted demo {demo_id}")
         if d.user_id == user.id:
             raise PermissionError("a demo is reviewed by someone other than its author")
@@ -72,7 +72,7 @@ def flag_candidate(db: Database, user: CurrentUser, candidate_id: int, flag: str
         raise ValueError(f"flag must be one of {', '.join(FLAGS)}, not {flag!r}")
     with db.session() as s:
         c = s.get(Candidate, candidate_id)
-        if c is None or c.item.set.status != OPEN:  # a set an import is staging is not there yet
+        if c is None or not is_visible(s, c.item.set.import_id):  # a set an import is staging is not there yet
             raise LookupError(f"no candidate {candidate_id}")
         flags = [f for f in (c.flags or []) if f != flag] + ([flag] if on else [])
         c.flags = sorted(flags)

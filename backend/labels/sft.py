@@ -10,6 +10,7 @@ from sqlalchemy import exists, func, select
 from backend.db import Database
 from backend.db.models import SFTDemo, SFTPrompt, SFTVersion, utcnow
 from backend.labels.messages import validate_messages
+from backend.labels.visibility import DEMO_VISIBLE, is_visible
 from backend.users import CurrentUser
 
 
@@ -33,7 +34,7 @@ def next_prompt(db: Database, user: CurrentUser) -> dict | None:
     """The user's oldest unfinished draft, else the first queued prompt they have not touched."""
     with db.read() as s:
         draft = s.scalar(select(SFTDemo).where(SFTDemo.user_id == user.id, SFTDemo.status == "draft",
-                                               SFTDemo.prompt_id.is_not(None)).order_by(SFTDemo.id).limit(1))
+                                               SFTDemo.prompt_id.is_not(None), DEMO_VISIBLE).order_by(SFTDemo.id).limit(1))
         if draft is not None:
             return _demo_payload(draft)
         touched = exists().where(SFTDemo.prompt_id == SFTPrompt.id, SFTDemo.user_id == user.id)
@@ -44,7 +45,7 @@ def next_prompt(db: Database, user: CurrentUser) -> dict | None:
 
 
 def _demo_payload(d: SFTDemo) -> dict:
-    # An imported demo keeps its messages only in its version (exchange._stage: a small row publishes fast).
+    # An imported demo keeps its messages only in its version (exchange._SFTStager: staging writes them once).
     messages = d.messages or (d.versions[-1].messages if d.versions else [])
     return {"demo_id": d.id, "prompt_id": d.prompt_id, "status": d.status, "messages": messages,
             "versions": len(d.versions), "updated_at": d.updated_at.isoformat()}
@@ -63,7 +64,7 @@ def save(db: Database, user: CurrentUser, messages: list, demo_id: int | None = 
             s.flush()
         else:
             demo = s.get(SFTDemo, demo_id)
-            if demo is None:
+            if demo is None or not is_visible(s, demo.import_id):
                 raise LookupError(f"no SFT demo {demo_id}")
             if demo.user_id != user.id:
                 raise PermissionError("only the annotator who wrote a demo can edit it")
@@ -100,7 +101,7 @@ def get(db: Database, user: CurrentUser, demo_id: int) -> dict:
     """A demo with its full version history (owner, or an operator reviewing)."""
     with db.read() as s:
         d = s.get(SFTDemo, demo_id)
-        if d is None:
+        if d is None or not is_visible(s, d.import_id):
             raise LookupError(f"no SFT demo {demo_id}")
         if d.user_id != user.id and not user.can("operator"):
             raise PermissionError("this demo belongs to another annotator")
@@ -112,7 +113,7 @@ def get(db: Database, user: CurrentUser, demo_id: int) -> dict:
 
 def list_mine(db: Database, user: CurrentUser) -> list[dict]:
     with db.read() as s:
-        demos = s.scalars(select(SFTDemo).where(SFTDemo.user_id == user.id).order_by(SFTDemo.updated_at.desc())).all()
+        demos = s.scalars(select(SFTDemo).where(SFTDemo.user_id == user.id, DEMO_VISIBLE).order_by(SFTDemo.updated_at.desc())).all()
         out = [_demo_payload(d) for d in demos]
         return [{**p, "first_user_turn": next((m["content"][:120] for m in p["messages"] if m["role"] == "user"), "")}
                 for p in out]
