@@ -8,10 +8,10 @@ import threading
 
 import httpx
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from backend.db import Database
-from backend.db.models import Candidate, Ranking, RankingItem, RankingSet, SFTDemo, SFTVersion
+from backend.db.models import Candidate, Import, Ranking, RankingItem, RankingSet, SFTDemo, SFTVersion
 from backend.labels import agreement, exchange, progress, rankings as rk, review, snapshots
 from backend.labels.visibility import DEMO_VISIBLE, SET_VISIBLE
 from backend.users import CurrentUser
@@ -174,3 +174,213 @@ def test_an_annotators_submit_completes_while_a_big_import_is_in_progress(db, pe
     assert result["import"]["rows"] == 10 * exchange.STAGE_BATCH
     assert [s["id"] for s in rk.list_sets(db)] == [mine["id"], *result["import"]["set_ids"]]
     assert counts(db)["sets open"] == 4
+
+
+class PausedImport:
+    """An import in its own thread that stops after `pause_after` lines (as a slow big file does) until released."""
+
+    def __init__(self, db, user, kind: str, n: int, pause_after: int, name: str = "paused"):
+        self.midway, self.release, self.result = threading.Event(), threading.Event(), {}
+        rows = jsonl(kind, n).splitlines()
+
+        def lines():
+            yield from rows[:pause_after]
+            self.midway.set()
+            assert self.release.wait(120)
+            yield from rows[pause_after:]
+
+        def run():
+            try:
+                self.result["answer"] = exchange.import_lines(db, user, kind, lines(), name=name)
+            except BaseException as e:  # noqa: BLE001 (handed to the test)
+                self.result["error"] = e
+
+        self.thread = threading.Thread(target=run)
+        self.thread.start()
+        assert self.midway.wait(120)
+
+    def finish(self) -> dict:
+        self.release.set()
+        self.thread.join(120)
+        if "error" in self.result:
+            raise self.result["error"]
+        return self.result["answer"]
+
+
+def publish_statements(monkeypatch, db) -> list[str]:
+    """Every SQL statement the publish step of an import sends (filled in as imports publish)."""
+    from sqlalchemy import event
+    said: list[str] = []
+    publish = exchange._Stager.publish
+
+    def recorded(self, rows):
+        def listen(conn, cursor, statement, *args):
+            said.append(statement)
+        event.listen(db.engine, "before_cursor_execute", listen)
+        try:
+            return publish(self, rows)
+        finally:
+            event.remove(db.engine, "before_cursor_execute", listen)
+
+    monkeypatch.setattr(exchange._Stager, "publish", recorded)
+    return said
+
+
+def test_an_sft_import_is_invisible_to_every_reader_while_staging_and_publishes_with_one_update(db, people, tmp_path,
+                                                                                               monkeypatch):
+    from backend.labels import sft
+    op, ann = people["op"], people["ann"]
+    sft.save(db, ann, ROW["messages"], submit=True)  # one demo that is there all along
+    before = {kind: exchange.export(db, kind) for kind in exchange.KINDS}
+    said = publish_statements(monkeypatch, db)
+    n = 4 * exchange.STAGE_BATCH + 3
+    job = PausedImport(db, op, "sft", n, pause_after=3 * exchange.STAGE_BATCH + 1)
+    try:
+        assert counts(db)["demos staged"] == 3 * exchange.STAGE_BATCH
+        with db.read() as s:
+            staged = s.scalar(select(SFTDemo.id).where(SFTDemo.import_id.is_not(None)))
+        for kind in exchange.KINDS:
+            assert exchange.export(db, kind) == before[kind]
+        snap = snapshots.create_snapshot(db, tmp_path, op, "sft")
+        assert snap["rows"] == 1  # only the annotator's demo
+        assert sft.list_mine(db, op) == [] and review.next_for_review(db, ann) is None
+        assert review.next_for_review(db, op)["demo_id"] != staged
+        assert review.review_counts(db) == {"pending": 1, "accepted": 0, "rejected": 0}
+        for look in (lambda: sft.get(db, op, staged), lambda: sft.save(db, op, ROW["messages"], demo_id=staged),
+                     lambda: review.review_demo(db, ann, staged, "accept")):
+            with pytest.raises(LookupError):
+                look()
+    finally:
+        answer = job.finish()
+    assert answer["rows"] == n
+    # Published by flipping the import's one row: not one demo row was rewritten.
+    assert len(said) == 1 and said[0].lstrip().upper().startswith("UPDATE IMPORTS"), said
+    assert len(exchange.export(db, "sft")) == n + 1 and len(sft.list_mine(db, op)) == n
+    assert review.review_counts(db)["pending"] == n + 1 and sft.get(db, op, staged)["versions"] == 1
+    assert snapshots.create_snapshot(db, tmp_path, op, "sft")["rows"] == n + 1
+    assert counts(db) == {"demos submitted": n + 1, "sft_versions": n + 1}
+
+
+def test_a_rankings_import_is_invisible_to_every_reader_while_staging_and_appears_at_once(db, people, tmp_path,
+                                                                                         monkeypatch):
+    op, ann = people["op"], people["ann"]
+    said = publish_statements(monkeypatch, db)
+    n = 3 * exchange.STAGE_BATCH
+    job = PausedImport(db, op, "rankings", n, pause_after=2 * exchange.STAGE_BATCH + 1)
+    try:
+        assert counts(db)["sets staged"] == 3
+        with db.read() as s:
+            set_id = s.scalar(select(RankingSet.id).where(RankingSet.import_id.is_not(None)))
+            item = s.scalar(select(RankingItem.id).where(RankingItem.set_id == set_id))
+            cand = s.scalar(select(Candidate.id).where(Candidate.item_id == item))
+        assert rk.list_sets(db) == [] and rk.next_item(db, ann) is None and rk.my_rankings(db, op) == []
+        for kind in exchange.KINDS:
+            assert exchange.export(db, kind) == []
+            with pytest.raises(ValueError, match="empty"):
+                snapshots.create_snapshot(db, tmp_path, op, kind)
+        for look in (lambda: rk.get_item(db, ann, item), lambda: rk.submit(db, ann, item, [], all_bad=True),
+                     lambda: progress.set_progress(db, set_id), lambda: agreement.set_agreement(db, set_id),
+                     lambda: review.flag_candidate(db, ann, cand, "spam")):
+            with pytest.raises(LookupError):
+                look()
+    finally:
+        answer = job.finish()
+    assert len(said) == 1 and said[0].lstrip().upper().startswith("UPDATE IMPORTS"), said
+    assert [s["id"] for s in rk.list_sets(db)] == answer["set_ids"] and set_id in answer["set_ids"]
+    assert len(exchange.export(db, "rankings")) == n and len(rk.my_rankings(db, op)) == n
+    assert progress.set_progress(db, set_id)["items_done"] == progress.set_progress(db, set_id)["items"] > 0
+    assert agreement.set_agreement(db, set_id)["items"]
+    assert rk.get_item(db, ann, item)["item_id"] == item and review.flag_candidate(db, ann, cand, "spam") == ["spam"]
+    assert rk.submit(db, ann, item, [], all_bad=True)["revision"] == 1
+    assert snapshots.create_snapshot(db, tmp_path, op, "preferences")["rows"] > 0
+    with db.read() as s:
+        assert s.execute(select(Import.kind, Import.state, Import.rows)).all() == [("rankings", "published", n)]
+
+
+def test_refused_and_failed_imports_leave_their_rows_nowhere_and_their_import_dropped(db, people):
+    op = people["op"]
+    for kind in exchange.KINDS:
+        with pytest.raises(exchange.ImportRefused):
+            exchange.import_lines(db, op, kind, jsonl(kind, 3 * exchange.STAGE_BATCH, bad_at=3 * exchange.STAGE_BATCH)
+                                  .splitlines())
+    assert counts(db) == {}
+    with db.read() as s:
+        assert {state for (state,) in s.execute(select(Import.state))} == {"dropped"}
+    # A file refused on its first batch never wrote anything: no import row at all.
+    with db.read() as s:
+        imports = s.scalar(select(func.count()).select_from(Import))
+    with pytest.raises(exchange.ImportRefused):
+        exchange.import_lines(db, op, "sft", jsonl("sft", 3, bad_at=2).splitlines())
+    with db.read() as s:
+        assert s.scalar(select(func.count()).select_from(Import)) == imports
+
+
+def test_an_import_dropped_before_it_publishes_is_not_published(db, people):
+    """A second server starting on the same database ran drop_staged mid-import: the import fails, shows nothing."""
+    op = people["op"]
+    job = PausedImport(db, op, "sft", 2 * exchange.STAGE_BATCH, pause_after=exchange.STAGE_BATCH + 1)
+    try:
+        assert exchange.drop_staged(db) == 1
+    finally:
+        with pytest.raises(RuntimeError, match="dropped before it could be published"):
+            job.finish()
+    assert counts(db) == {} and exchange.export(db, "sft") == []
+
+
+def test_drop_staged_finishes_interrupted_drops_and_never_touches_a_published_import(db, people):
+    op = people["op"]
+    kept = exchange.import_jsonl(db, op, "rankings", jsonl("rankings", 10).decode(), name="kept")
+    published = counts(db)
+    killed = exchange._SFTStager(db, op, "sft", "killed")  # killed while staging
+    killed.batch = [(ROW["messages"], "pending")] * 5
+    killed.flush()
+    cut = exchange._RankingStager(db, op, "rankings", "cut")  # killed while its drop was deleting its rows
+    cut.batch = [exchange._check_row("rankings", ranking_row(i)) for i in range(6)]
+    cut.flush()
+    with db.session() as s:
+        s.execute(update(Import).where(Import.id == cut.import_id).values(state="dropped"))
+    assert counts(db)["demos staged"] == 5 and counts(db)["sets staged"] == 3
+    with db.read() as s:
+        published_id = s.scalar(select(Import.id).where(Import.state == "published"))
+    assert exchange.drop_import(db, published_id) is False  # never delete what annotators can see
+    assert exchange.drop_staged(db) == 2
+    assert counts(db) == published and [s["id"] for s in rk.list_sets(db)] == kept["set_ids"]
+    assert exchange.drop_staged(db) == 0
+    with db.read() as s:
+        assert dict(s.execute(select(Import.name, Import.state)).all()) == {
+            "kept": "published", "killed": "dropped", "cut": "dropped"}
+
+
+def test_rows_the_old_scheme_left_staged_are_hidden_by_migration_0011_and_dropped_at_start(tmp_path):
+    """Before 0011 a killed import left demos and sets with status "importing"; they become a staging import."""
+    from sqlalchemy import text
+
+    from backend.db.migrate import upgrade
+    d = Database(f"sqlite:///{tmp_path / 'old.db'}")
+    try:
+        upgrade(d.engine, "0010")
+        now = "2026-01-01 00:00:00"
+        with d.engine.begin() as conn:
+            for sql in (
+                "INSERT INTO users (id, name, role, password_hash, api_key_hash, active, created_at) "
+                "VALUES (1, 'op', 'operator', 'x', 'y', 1, :now)",
+                "INSERT INTO ranking_sets (id, name, model, temperature, k, annotators_per_item, created_by, created_at, "
+                "status) VALUES (1, 'open', 'm', 1.0, 2, 1, 1, :now, 'open'), (2, 'staged', 'm', 1.0, 2, 1, 1, :now, 'importing')",
+                "INSERT INTO ranking_items (id, set_id, position, prompt) VALUES (1, 1, 0, 'p'), (2, 2, 0, 'q')",
+                "INSERT INTO candidates (id, item_id, position, text, source, flags) VALUES "
+                "(1, 1, 0, 'a', 'm', '[]'), (2, 1, 1, 'b', 'm', '[]'), (3, 2, 0, 'c', 'm', '[]'), (4, 2, 1, 'd', 'm', '[]')",
+                "INSERT INTO sft_demos (id, user_id, status, messages, created_at, updated_at, review, review_note) VALUES "
+                "(1, 1, 'submitted', '[]', :now, :now, 'pending', ''), (2, 1, 'importing', '[]', :now, :now, 'pending', '')",
+                "INSERT INTO sft_versions (id, demo_id, version, messages, user_id, created_at) VALUES "
+                "(1, 1, 1, :m, 1, :now), (2, 2, 1, :m, 1, :now)",
+            ):
+                conn.execute(text(sql), {"now": now, "m": json.dumps(ROW["messages"])})
+        d.migrate()
+        with d.read() as s:
+            assert s.execute(select(Import.kind, Import.state)).all() == [("sft", "staging"), ("rankings", "staging")]
+            assert dict(s.execute(select(SFTDemo.id, SFTDemo.status)).all()) == {1: "submitted", 2: "submitted"}
+        assert [r["id"] for r in rk.list_sets(d)] == [1] and len(exchange.export(d, "sft")) == 1
+        assert exchange.drop_staged(d) == 2
+        assert counts(d) == {"demos submitted": 1, "sets open": 1, "sft_versions": 1, "ranking_items": 1, "candidates": 2}
+    finally:
+        d.close()
