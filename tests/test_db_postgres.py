@@ -4,6 +4,7 @@ Set PLAYGROUND_TEST_POSTGRES_URL to use an existing server instead."""
 from __future__ import annotations
 
 import glob
+import json
 import os
 import shutil
 import subprocess
@@ -117,3 +118,28 @@ def test_label_services_on_postgres(db, people, tmp_path):
     assert len(rk.list_sets(db)) == 1  # nothing partly imported
     snap = snapshots.create_snapshot(db, tmp_path, people["op"], "sft")
     assert snapshots.read_snapshot(db, snap["hash"]) == exchange.export(db, "sft")
+
+
+def test_imports_stage_hidden_publish_and_drop_on_postgres(db, people):
+    op = people["op"]
+    row = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    killed = exchange._SFTStager(db, op, "sft", "killed")  # what a kill -9 mid-import leaves
+    killed.batch = [(row["messages"], "pending")] * 3
+    killed.flush()
+    sets = exchange._RankingStager(db, op, "rankings", "killed")
+    sets.batch = [exchange._check_row("rankings", {"prompt": f"p{i}", "candidates": ["a", "b"], "ranking": [1, 0]})
+                  for i in range(3)]
+    sets.flush()
+    assert exchange.export(db, "sft") == [] and rk.list_sets(db) == [] and sft.list_mine(db, op) == []
+    n = 2 * exchange.STAGE_BATCH + 1
+    out = exchange.import_jsonl(db, op, "sft", "\n".join(json.dumps(row) for _ in range(n)))
+    assert out["rows"] == n and len(exchange.export(db, "sft")) == n
+    assert exchange.drop_staged(db) == 2
+    assert len(exchange.export(db, "sft")) == n and rk.list_sets(db) == []
+    with db.read() as s:
+        from sqlalchemy import func, select
+
+        from backend.db.models import Import, RankingSet, SFTDemo
+        assert s.scalar(select(func.count()).select_from(SFTDemo)) == n
+        assert s.scalar(select(func.count()).select_from(RankingSet)) == 0
+        assert sorted(s.scalars(select(Import.state))) == ["dropped", "dropped", "published"]
