@@ -41,7 +41,7 @@ class Playground:
     def start(self) -> None:
         """Called once when the server starts (after the app is built)."""
         from backend.labels.exchange import drop_staged
-        drop_staged(self.db)  # demos an import staged but never published (the server died mid-import)
+        drop_staged(self.db)  # rows of imports staged but never published (the server died mid-import)
         if self.cfg.start_worker:
             from backend.worker import spawn_worker
             self.worker = spawn_worker(self.cfg)
