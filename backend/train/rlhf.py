@@ -9,10 +9,13 @@ directly: how often answers follow the hidden rule the annotators used (they men
 backend/datasets/preferences.py) and the share of distinct words (it drops when text degenerates
 into "the the the").
 
-With held_out_reward_model (a reward model trained on the other half of the rankings: reward.py's half "a"
-and "b") every step also logs that model's score of the same samples ("held_out_reward"), and every step
-logs distinct-1/2 and repetition of its samples: the independent measures of backend/train/hacking.py,
-which finds the step where they turn (the job view's "reward_hacking").
+With held_out_reward_model (a reward model trained on other rankings, by another rule: a reward job with
+bundled_set "judge", backend/datasets/judge_preferences.py) every step also logs that model's score of the same
+samples ("held_out_reward"), and every step logs distinct-1/2 and repetition of its samples: the independent
+measures of backend/train/hacking.py, which finds the step where they turn (the job view's "reward_hacking").
+A judge trained on the same bundled rule as reward_model (the other half of the same set: reward.py's half
+"a" / "b") is refused: it learned the rule the policy exploits ("shorter wins"), so its score rises with the
+reward while the answers collapse; it cannot see the hacking.
 
 preset "reward-hacking": no KL (beta 0), a higher learning rate and many steps: the RM score keeps
 rising while the samples collapse into whatever the RM over-rewards. That is why RLHF is run briefly
@@ -34,6 +37,7 @@ from backend.jobs.kinds import JobContext, Outcome, trainer
 from backend.train.common import check_parent, default_name_for
 from backend.train.grpo import PolicyConfig, policy_optimization
 from backend.train.hacking import distinct_n, sample_metrics
+from backend.train.reward import bundled_set_of
 
 PRESETS = {
     "default": {},
@@ -79,7 +83,14 @@ def check(cfg: RLHFConfig, app) -> None:
         seen = lambda s: (s.lineage.get("snapshot_hash"), s.lineage.get("rankings"))  # noqa: E731
         if seen(rm)[1] is not None and seen(rm) == seen(held):
             raise ValueError(f"held_out_reward_model: {held.name!r} was trained on the same rankings as {rm.name!r} "
-                             f"({seen(rm)[1]}); train it on the other half (reward job field half) to get an independent judge")
+                             f"({seen(rm)[1]}); train it on other rankings (a reward job with bundled_set 'judge') "
+                             "to get an independent judge")
+        rule = bundled_set_of(rm.lineage)
+        if rule is not None and rule == bundled_set_of(held.lineage):
+            raise ValueError(f"held_out_reward_model: {held.name!r} was trained on the same bundled rule as {rm.name!r} "
+                             f"(bundled_set {rule!r}, only another half of it), so it shares the rule the policy "
+                             "exploits and cannot see the hacking; train the judge with a reward job with bundled_set "
+                             "'judge' (a reader's rule: real words, complete sentences, no repetition, on topic)")
 
 
 def _reward_spec(app, field: str, name: str):
