@@ -12,8 +12,9 @@ held-out pairs whose better answer scores higher) is reported every eval_every s
 Data: dataset "bundled" = the rankings of the field bundled_set: "preferences" (backend/datasets/preferences.py,
 the known hidden rule: pelicans, then shorter) or "judge" (backend/datasets/judge_preferences.py, other prompts
 ranked by what a reader values: real words, complete sentences, no repetition, on topic, 6-25 words; the
-independent judge of an RLHF run against a "preferences" reward model, DEMOS.md 17); "snapshot" = a rankings snapshot ({"prompt", "candidates", "ranking"} rows) or a
-preferences snapshot (pair rows, grouped back per prompt); or a .jsonl of either.
+independent judge of an RLHF run against a "preferences" reward model, DEMOS.md 17); "snapshot" = a rankings
+snapshot ({"prompt", "candidates", "ranking"} rows) or a preferences snapshot (pair rows, grouped back per
+prompt); or a .jsonl of either.
 
 Saved: the backbone as a registered model (HF layout) plus reward_head.safetensors in its directory;
 load_reward_model(registry, name) gives the RewardModel back.
@@ -238,7 +239,8 @@ def run_reward(cfg: RewardConfig, ctx: JobContext) -> Outcome:
         state = run.restore(opt)
         amp = amp_for(cfg, run.device, backbone.cfg.dim)
         run.emit({"step": run.step, "start": run.name, "kind": "reward", "parent_model": cfg.parent_model,
-                  **({"bundled_set": cfg.bundled_set} if cfg.dataset == "bundled" else {}), "params": n_params, "train_rankings": len(train),
+                  **({"bundled_set": cfg.bundled_set} if cfg.dataset == "bundled" else {}), "params": n_params,
+                  "train_rankings": len(train),
                   "held_out_rankings": len(val), "device": str(run.device), "resumed": state is not None})
 
         def accuracy() -> float:
