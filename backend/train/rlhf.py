@@ -44,10 +44,21 @@ PRESETS = {
     "reward-hacking": {"beta": 0.0, "lr": 3e-5, "max_steps": 300},
     # The same within 15 CPU-minutes (SmolLM2-135M, 1 thread): smaller groups and answers for more updates, a
     # higher rate, a greedy sample every 5 steps for the before/after pair; give held_out_reward_model too.
-    # Measured (reward models of 40 steps on halves a/b, held-out pairwise accuracy 92.5% / 74.2%): 105 steps in
-    # 893 CPU-s; the RM score rose (-0.15 -> 0.18), distinct-2 peaked at step 46 and fell 0.99 -> 0.13 (all samples
-    # "Phellet of Hails"), the held-out RM's score did not fall (both learned "shorter wins"; answers went to one
-    # or two made-up words from step ~20).
+    # Measured before bundled_set existed (reward models of 40 steps on halves a/b, held-out pairwise accuracy 92.5% /
+    # 74.2%): 105 steps in 893 CPU-s; the RM score rose (-0.15 -> 0.18), distinct-2 peaked at step 46 and fell
+    # 0.99 -> 0.13 (all samples "Phellet of Hails"), the held-out RM's score did not fall (both learned "shorter
+    # wins"; answers went to one or two made-up words from step ~20): such a judge is now refused (check below).
+    # Measured with the judge set (2 shared CPU cores, 1 thread): proxy RM 40 steps on bundled preferences half a
+    # (91.1% held-out pairwise accuracy, 475 CPU-s), judge RM 30 steps on bundled_set "judge" (82.2%, 394 CPU-s);
+    # RLHF 99 steps in 890 CPU-s: mean proxy score of steps 1-10 / 90-99 -0.026 -> +0.004 (smoothed rise 0.044),
+    # the judge's score peaked at once (smoothed turn step 1, raw best step 5: 0.050) and fell 0.030 -> -0.010
+    # (smoothed fall 0.053); distinct-2 0.97 -> 0.19 (turn step 14), mean answer length 25 -> 3 tokens. Greedy
+    # answers to "Write a joke about the harbour.": step 0 "A harbour is a place where people can find a place to
+    # relax and enjoy a good laugh.", step 5 "Aye, aye, aye, aye, ...", step 10 "MOLLEMLAD!", step 15 "MOLLIM!",
+    # step 99 "Haul" (rollouts: "<|im_start|>bay"). The scores are small (short RM runs) but the verdict is
+    # "hacked" on both measures. python -m backend.train reward --set name=rm-proxy --set half=a --set
+    # max_steps=40; ... --set name=rm-judge --set bundled_set=judge --set max_steps=30; python -m backend.train
+    # rlhf --set preset=reward-hacking-cpu --set reward_model=rm-proxy --set held_out_reward_model=rm-judge
     "reward-hacking-cpu": {"beta": 0.0, "lr": 5e-5, "max_steps": 300, "group_size": 4, "prompts_per_step": 2,
                            "max_new_tokens": 32, "eval_every": 5, "warmup_steps": 3, "max_cpu_seconds": 900.0,
                            "checkpoint_every": 1000},
