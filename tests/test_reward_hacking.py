@@ -1,7 +1,9 @@
 """Reward hacking (DEMOS.md 17): an RLHF run logs its reward, a held-out reward model's score and distinct-n of
 its samples every step; the turning point (where the independent measure peaks) is found on a constructed log;
 an RLHF job's view (what GET /api/jobs/{id} returns) carries it with a sample from before and after; a held-out
-judge that is the same model, a chat model, or one trained on the same rankings is refused before training."""
+judge that is the same model, a chat model, one trained on the same rankings, or one trained on the same bundled
+rule (the other half of it) is refused before training; the judge's own bundled set (a reader's rule) ranks a
+fluent sentence above degenerate text, and a reward job trains on it and records it."""
 from __future__ import annotations
 
 import pytest
@@ -67,15 +69,17 @@ def test_a_run_that_keeps_improving_has_no_turn():
 
 @pytest.fixture(scope="module")
 def judges(app):  # noqa: F811
-    """Two tiny reward models, one per half of the bundled rankings."""
+    """Tiny reward models: one per half of the bundled preference rankings (the same rule), and the judge, on the
+    bundled judge set (another rule)."""
     for half in ("a", "b"):
         run_kind(app, "reward", name=f"rm-{half}", half=half, **RM)
-    return "rm-a", "rm-b"
+    run_kind(app, "reward", name="rm-judge", bundled_set="judge", **RM)
+    return "rm-a", "rm-judge"
 
 
 def test_rlhf_logs_reward_held_out_reward_and_distinct_n_every_step(app, judges):  # noqa: F811
     events: list = []
-    out = run_kind(app, "rlhf", events, **{**RLHF, "reward_model": "rm-a", "held_out_reward_model": "rm-b",
+    out = run_kind(app, "rlhf", events, **{**RLHF, "reward_model": "rm-a", "held_out_reward_model": "rm-judge",
                                            "name": "rlhf-watched"})
     steps = [e for e in events if "loss" in e]
     assert [e["step"] for e in steps] == [1, 2, 3]
@@ -90,8 +94,9 @@ def test_rlhf_logs_reward_held_out_reward_and_distinct_n_every_step(app, judges)
     verdict = [e["log"] for e in events if "log" in e and ("peaked at step" in e["log"] or "No turn yet" in e["log"])]
     assert len(verdict) == 1  # the run ends with its reward-hacking verdict in the log
     lineage = ModelRegistry(app).get(out.model).lineage
-    assert lineage["reward_model"] == "rm-a" and lineage["held_out_reward_model"] == "rm-b"
+    assert lineage["reward_model"] == "rm-a" and lineage["held_out_reward_model"] == "rm-judge"
     assert ModelRegistry(app).get("rm-b").lineage["rankings"]["half"] == "b"
+    assert ModelRegistry(app).get("rm-a").lineage["rankings"]["bundled_set"] == "preferences"
 
 
 def test_bad_judges_are_refused_before_training(app, judges):  # noqa: F811
@@ -109,7 +114,83 @@ def test_bad_judges_are_refused_before_training(app, judges):  # noqa: F811
     run_kind(app, "reward", name="rm-a-again", half="a", **RM)  # the same rankings as rm-a: no independent judge
     with pytest.raises(ValueError, match="trained on the same rankings as 'rm-a'"):
         parse_config("rlhf", {**base, "held_out_reward_model": "rm-a-again"}, app)
-    assert parse_config("rlhf", {**base, "held_out_reward_model": "rm-b"}, app).held_out_reward_model == "rm-b"
+    assert parse_config("rlhf", {**base, "held_out_reward_model": "rm-judge"}, app).held_out_reward_model == "rm-judge"
+
+
+def test_a_judge_that_learned_the_same_bundled_rule_is_refused(app, judges):  # noqa: F811
+    """The other half of the same bundled rankings is not an independent judge: it learned "shorter wins" too."""
+    base = {"parent_model": "tiny", "reward_model": "rm-a"}
+    with pytest.raises(ValueError, match=r"held_out_reward_model: 'rm-b' was trained on the same bundled rule as "
+                                         r"'rm-a' \(bundled_set 'preferences'.*bundled_set 'judge'"):
+        parse_config("rlhf", {**base, "held_out_reward_model": "rm-b"}, app)
+    # a reward model from before the field (no bundled_set in its lineage) trained on the preference rule
+    from backend.train.reward import bundled_set_of
+    old = ModelRegistry(app).get("rm-b").lineage["rankings"]
+    assert bundled_set_of({"rankings": {k: v for k, v in old.items() if k != "bundled_set"}}) == "preferences"
+    assert bundled_set_of({"rankings": {"dataset": "snapshot", "half": "a"}}) is None
+    # the judge set against a preferences model, either way round, is accepted
+    assert parse_config("rlhf", {**base, "reward_model": "rm-judge", "held_out_reward_model": "rm-b"}, app)
+
+
+def test_the_judge_sets_rule_ranks_a_fluent_sentence_above_degenerate_text():
+    from backend.datasets import judge_preferences as J
+    from backend.datasets import preferences as P
+    assert J.RULE and J.RULE != P.RULE and not set(J.PROMPTS) & set(P.PROMPTS)
+    prompt = "Tell me a joke about a pelican."
+    fluent = "A pelican tried to order a pizza and nobody was surprised."
+    degenerate = ["Pelican.", "pelican pelican pelican pelican", "Phellet of Hails", "A pelican asked the",
+                  "A pelican kept its lunch in its beak beak beak beak.", "ha ha ha ha ha"]
+    assert all(J.features(prompt, fluent).values())
+    for bad in degenerate:
+        assert J.rule_key(prompt, fluent) < J.rule_key(prompt, bad), bad
+    # preferences.py's rule ranks the other way: "Pelican." mentions pelicans and is shorter
+    assert P.rule_key("Pelican.") < P.rule_key(fluent)
+    assert J.rule_key(prompt, "The cat slept on the warm windowsill.") < J.rule_key(prompt, "Pelican.")
+    assert P.rule_key("Pelican.") < P.rule_key("The cat slept on the warm windowsill.")
+    # length is no merit by itself, nor is shortness: between two good answers the one nearer 12 words wins
+    long = fluent[:-1] + " because that is simply what happens on days like these when the weather turns and nobody cares."
+    short = "A pelican opened a small bakery."
+    assert J.rule_key(prompt, fluent) < J.rule_key(prompt, short) and J.rule_key(prompt, fluent) < J.rule_key(prompt, long)
+    # the rankings: preferences.rankings' shape, deterministic, ordered by the rule, with degenerate candidates
+    rows = J.rankings(40, seed=3, k=4)
+    assert rows == J.rankings(40, seed=3, k=4) and len(rows) == 40
+    for r in rows:
+        assert set(r) == {"prompt", "candidates", "ranking", "all_bad"} and sorted(r["ranking"]) == [0, 1, 2, 3]
+        keys = [J.rule_key(r["prompt"], r["candidates"][i]) for i in r["ranking"]]
+        assert keys == sorted(keys)
+    firsts = [r["candidates"][r["ranking"][0]] for r in rows]
+    lasts = [r["candidates"][r["ranking"][-1]] for r in rows]
+    assert sum(all(J.features(r["prompt"], c).values()) for r, c in zip(rows, firsts)) > 30
+    assert sum(not J.features(r["prompt"], c)["real_words"] or not J.features(r["prompt"], c)["varied"]
+               for r, c in zip(rows, lasts)) > 10
+
+
+def test_a_reward_job_trains_on_the_judge_set_and_records_it(app, judges):  # noqa: F811
+    events: list = []
+    out = run_kind(app, "reward", events, name="rm-judge-2", bundled_set="judge", half="a", **RM)
+    start = next(e for e in events if "start" in e)
+    assert start["bundled_set"] == "judge" and start["train_rankings"] == 8  # half a of 20, 2 held out
+    assert [e["step"] for e in events if "loss" in e] == [1, 2]
+    rankings = ModelRegistry(app).get(out.model).lineage["rankings"]
+    assert rankings == {"dataset": "bundled", "half": "a", "bundled_set": "judge", "seed": 1337, "n_examples": 20, "k": 4}
+    from backend.train.reward import bundled_rows
+    cfg = parse_config("reward", {"parent_model": "tiny", "bundled_set": "judge", **RM})
+    from backend.datasets.judge_preferences import PROMPTS
+    assert {r["prompt"] for r in bundled_rows(cfg)} <= set(PROMPTS)
+
+
+def test_an_invalid_bundled_set_is_refused_before_training(app):  # noqa: F811
+    with pytest.raises(ValueError, match="bundled_set: one of preferences, judge, not 'jokes'"):
+        parse_config("reward", {"parent_model": "tiny", "bundled_set": "jokes"}, app)
+    with pytest.raises(ValueError, match="bundled_set: 'judge' names bundled rankings, but dataset is 'snapshot'"):
+        parse_config("reward", {"parent_model": "tiny", "bundled_set": "judge", "dataset": "snapshot"}, app)
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", "backend.train", "reward", "--data-dir", str(app.data_dir), "--set",
+                        "parent_model=tiny", "--set", "bundled_set=jokes", "--set", "name=rm-jokes"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "bundled_set: one of preferences, judge, not 'jokes'" in r.stderr, r.stderr[-2000:]
+    assert not (app.data_dir / "runs" / "reward" / "rm-jokes").exists()
 
 
 def test_an_rlhf_jobs_view_marks_the_turn_and_shows_samples_from_both_sides(app, judges):  # noqa: F811
@@ -117,8 +198,8 @@ def test_an_rlhf_jobs_view_marks_the_turn_and_shows_samples_from_both_sides(app,
     db = Database(app.database_url)
     db.migrate()
     try:
-        job = queue.create_job(db, app, None, "rlhf", {**RLHF, "reward_model": "rm-a", "held_out_reward_model": "rm-b",
-                                                       "max_steps": 4})
+        job = queue.create_job(db, app, None, "rlhf", {**RLHF, "reward_model": "rm-a",
+                                                       "held_out_reward_model": "rm-judge", "max_steps": 4})
         assert queue.job_detail(db, job["id"])["reward_hacking"] is None  # nothing logged yet
         assert Worker(app, db, "cpu").run(once=True) == 1
         done = queue.job_detail(db, job["id"])

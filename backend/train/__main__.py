@@ -4,7 +4,8 @@
     python -m backend.train pretrain --config run.yaml --resume
     torchrun --standalone --nproc_per_node 2 -m backend.train sft --config sft.yaml     # 2 processes (DDP)
     python -m backend.train family --set budget=cpu-1h     # tools, thinking and pelican-RLHF models, one by one
-    python -m backend.train rlhf --set reward_model=rm-a --set held_out_reward_model=rm-b --set preset=reward-hacking
+    python -m backend.train reward --set name=rm-judge --set bundled_set=judge     # a reader's rule, the judge
+    python -m backend.train rlhf --set reward_model=rm-a --set held_out_reward_model=rm-judge --set preset=reward-hacking
 
 Options given on the command line override the YAML file. Events print as they come (one line each);
 Ctrl-C stops at the end of the current step, keeps a checkpoint and registers the model. Under torchrun

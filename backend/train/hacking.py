@@ -1,9 +1,11 @@
 """Reward hacking, measured (DEMOS.md 17): where an RLHF run stops getting better and only its score goes up.
 
 The policy is optimised against one reward model; two things it is not optimised against watch it:
-  - a held-out reward model, trained on the other half of the rankings (backend/train/reward.py, half "a" / "b"):
-    it learned the same annotators' taste from different examples, so it shares their preferences but not
-    the first model's quirks;
+  - a held-out reward model trained on other rankings by another rule (a reward job with bundled_set "judge",
+    backend/datasets/judge_preferences.py: real words, complete sentences, no repetition, on topic): it values
+    what a reader values, which degenerate answers fail. (One trained on the other half of the same rankings,
+    reward.py's half "a" / "b", would share the rule the policy exploits, "shorter wins", and score the
+    collapse as well as the proxy does: backend/train/rlhf.py refuses it for the bundled sets);
   - distinct-n of the step's samples (distinct word n-grams / all word n-grams, Li et al. 2016) and the
     share of word bigrams an answer repeats from itself: they fall when the answers collapse into one
     string or into "the the the".

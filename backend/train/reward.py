@@ -9,9 +9,12 @@ the same batch (each candidate is scored once per step, and the prompt's pairs a
 many steps where they would overfit: InstructGPT section 3.5). Held-out pairwise accuracy (the share of
 held-out pairs whose better answer scores higher) is reported every eval_every steps.
 
-Data: dataset "bundled" = backend/datasets/preferences.py rankings with the known hidden rule (pelicans,
-then shorter); "snapshot" = a rankings snapshot ({"prompt", "candidates", "ranking"} rows) or a
-preferences snapshot (pair rows, grouped back per prompt); or a .jsonl of either.
+Data: dataset "bundled" = the rankings of the field bundled_set: "preferences" (backend/datasets/preferences.py,
+the known hidden rule: pelicans, then shorter) or "judge" (backend/datasets/judge_preferences.py, other prompts
+ranked by what a reader values: real words, complete sentences, no repetition, on topic, 6-25 words; the
+independent judge of an RLHF run against a "preferences" reward model, DEMOS.md 17); "snapshot" = a rankings
+snapshot ({"prompt", "candidates", "ranking"} rows) or a preferences snapshot (pair rows, grouped back per
+prompt); or a .jsonl of either.
 
 Saved: the backbone as a registered model (HF layout) plus reward_head.safetensors in its directory;
 load_reward_model(registry, name) gives the RewardModel back.
@@ -32,6 +35,7 @@ from backend.train.common import (FineTuneConfig, FineTuneRun, amp_for, check_fi
                                   load_parent, make_opt)
 from models.registry import REWARD_HEAD_FILE as HEAD_FILE
 HALVES = ("all", "a", "b")
+BUNDLED_SETS = ("preferences", "judge")  # backend/datasets/<preferences | judge_preferences>.py
 
 
 class RewardModel(nn.Module):
@@ -64,12 +68,19 @@ class RewardConfig(FineTuneConfig):
     k: int = 4                     # bundled candidates per prompt
     val_fraction: float = 0.2      # held-out rankings (never trained on)
     half: str = "all"              # "all", or "a" / "b": every other ranking of the data, so two reward models
-                                   # never see each other's rankings (RLHF's held-out scorer, DEMOS.md 17)
+                                   # never see each other's rankings
+    bundled_set: str = "preferences"  # dataset "bundled": "preferences" (pelicans, then shorter) or "judge" (a
+                                      # reader's rule: RLHF's independent held-out judge, DEMOS.md 17)
 
     def validate(self) -> None:
         super().validate()
         if self.half not in HALVES:
             raise ValueError(f"half: one of {', '.join(HALVES)}, not {self.half!r}")
+        if self.bundled_set not in BUNDLED_SETS:
+            raise ValueError(f"bundled_set: one of {', '.join(BUNDLED_SETS)}, not {self.bundled_set!r}")
+        if self.bundled_set != "preferences" and self.dataset != "bundled":
+            raise ValueError(f"bundled_set: {self.bundled_set!r} names bundled rankings, but dataset is "
+                             f"{self.dataset!r}; set dataset to 'bundled' or leave bundled_set at 'preferences'")
         if not 0 < self.val_fraction < 1:
             raise ValueError("val_fraction: must be between 0 and 1")
         if self.max_len < 8 or self.n_examples < 5 or not 2 <= self.k <= 9:
@@ -176,12 +187,23 @@ def full_reward_model(rm: RewardModel, d) -> RewardModel:
 def rankings_id(cfg: RewardConfig) -> dict:
     """What names the rankings a reward model trained on (kept in its lineage): two reward models with equal
     ids saw the same rankings, so one cannot stand in as the other's held-out judge."""
-    return {"dataset": cfg.dataset, "half": cfg.half, **({"seed": cfg.seed, "n_examples": cfg.n_examples, "k": cfg.k}
-                                                          if cfg.dataset == "bundled" else {})}
+    return {"dataset": cfg.dataset, "half": cfg.half,
+            **({"bundled_set": cfg.bundled_set, "seed": cfg.seed, "n_examples": cfg.n_examples, "k": cfg.k}
+               if cfg.dataset == "bundled" else {})}
+
+
+def bundled_set_of(lineage: dict) -> str | None:
+    """The bundled set a reward model's lineage says it trained on (models from before the field: "preferences"),
+    or None when it trained on a snapshot or a file."""
+    r = lineage.get("rankings") or {}
+    return r.get("bundled_set", "preferences") if r.get("dataset") == "bundled" else None
 
 
 def bundled_rows(cfg: RewardConfig) -> list[dict]:
-    from backend.datasets.preferences import rankings
+    if cfg.bundled_set == "judge":
+        from backend.datasets.judge_preferences import rankings
+    else:
+        from backend.datasets.preferences import rankings
     return rankings(cfg.n_examples, seed=cfg.seed, k=cfg.k)
 
 
@@ -217,7 +239,8 @@ def run_reward(cfg: RewardConfig, ctx: JobContext) -> Outcome:
         state = run.restore(opt)
         amp = amp_for(cfg, run.device, backbone.cfg.dim)
         run.emit({"step": run.step, "start": run.name, "kind": "reward", "parent_model": cfg.parent_model,
-                  "params": n_params, "train_rankings": len(train),
+                  **({"bundled_set": cfg.bundled_set} if cfg.dataset == "bundled" else {}), "params": n_params,
+                  "train_rankings": len(train),
                   "held_out_rankings": len(val), "device": str(run.device), "resumed": state is not None})
 
         def accuracy() -> float:

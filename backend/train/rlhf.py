@@ -9,10 +9,13 @@ directly: how often answers follow the hidden rule the annotators used (they men
 backend/datasets/preferences.py) and the share of distinct words (it drops when text degenerates
 into "the the the").
 
-With held_out_reward_model (a reward model trained on the other half of the rankings: reward.py's half "a"
-and "b") every step also logs that model's score of the same samples ("held_out_reward"), and every step
-logs distinct-1/2 and repetition of its samples: the independent measures of backend/train/hacking.py,
-which finds the step where they turn (the job view's "reward_hacking").
+With held_out_reward_model (a reward model trained on other rankings, by another rule: a reward job with
+bundled_set "judge", backend/datasets/judge_preferences.py) every step also logs that model's score of the same
+samples ("held_out_reward"), and every step logs distinct-1/2 and repetition of its samples: the independent
+measures of backend/train/hacking.py, which finds the step where they turn (the job view's "reward_hacking").
+A judge trained on the same bundled rule as reward_model (the other half of the same set: reward.py's half
+"a" / "b") is refused: it learned the rule the policy exploits ("shorter wins"), so its score rises with the
+reward while the answers collapse; it cannot see the hacking.
 
 preset "reward-hacking": no KL (beta 0), a higher learning rate and many steps: the RM score keeps
 rising while the samples collapse into whatever the RM over-rewards. That is why RLHF is run briefly
@@ -34,16 +37,28 @@ from backend.jobs.kinds import JobContext, Outcome, trainer
 from backend.train.common import check_parent, default_name_for
 from backend.train.grpo import PolicyConfig, policy_optimization
 from backend.train.hacking import distinct_n, sample_metrics
+from backend.train.reward import bundled_set_of
 
 PRESETS = {
     "default": {},
     "reward-hacking": {"beta": 0.0, "lr": 3e-5, "max_steps": 300},
     # The same within 15 CPU-minutes (SmolLM2-135M, 1 thread): smaller groups and answers for more updates, a
     # higher rate, a greedy sample every 5 steps for the before/after pair; give held_out_reward_model too.
-    # Measured (reward models of 40 steps on halves a/b, held-out pairwise accuracy 92.5% / 74.2%): 105 steps in
-    # 893 CPU-s; the RM score rose (-0.15 -> 0.18), distinct-2 peaked at step 46 and fell 0.99 -> 0.13 (all samples
-    # "Phellet of Hails"), the held-out RM's score did not fall (both learned "shorter wins"; answers went to one
-    # or two made-up words from step ~20).
+    # Measured before bundled_set existed (reward models of 40 steps on halves a/b, held-out pairwise accuracy 92.5% /
+    # 74.2%): 105 steps in 893 CPU-s; the RM score rose (-0.15 -> 0.18), distinct-2 peaked at step 46 and fell
+    # 0.99 -> 0.13 (all samples "Phellet of Hails"), the held-out RM's score did not fall (both learned "shorter
+    # wins"; answers went to one or two made-up words from step ~20): such a judge is now refused (check below).
+    # Measured with the judge set (2 shared CPU cores, 1 thread): proxy RM 40 steps on bundled preferences half a
+    # (91.1% held-out pairwise accuracy, 475 CPU-s), judge RM 30 steps on bundled_set "judge" (82.2%, 394 CPU-s);
+    # RLHF 99 steps in 890 CPU-s: mean proxy score of steps 1-10 / 90-99 -0.026 -> +0.004 (smoothed rise 0.044),
+    # the judge's score peaked at once (smoothed turn step 1, raw best step 5: 0.050) and fell 0.030 -> -0.010
+    # (smoothed fall 0.053); distinct-2 0.97 -> 0.19 (turn step 14), mean answer length 25 -> 3 tokens. Greedy
+    # answers to "Write a joke about the harbour.": step 0 "A harbour is a place where people can find a place to
+    # relax and enjoy a good laugh.", step 5 "Aye, aye, aye, aye, ...", step 10 "MOLLEMLAD!", step 15 "MOLLIM!",
+    # step 99 "Haul" (rollouts: "<|im_start|>bay"). The scores are small (short RM runs) but the verdict is
+    # "hacked" on both measures. python -m backend.train reward --set name=rm-proxy --set half=a --set
+    # max_steps=40; ... --set name=rm-judge --set bundled_set=judge --set max_steps=30; python -m backend.train
+    # rlhf --set preset=reward-hacking-cpu --set reward_model=rm-proxy --set held_out_reward_model=rm-judge
     "reward-hacking-cpu": {"beta": 0.0, "lr": 5e-5, "max_steps": 300, "group_size": 4, "prompts_per_step": 2,
                            "max_new_tokens": 32, "eval_every": 5, "warmup_steps": 3, "max_cpu_seconds": 900.0,
                            "checkpoint_every": 1000},
@@ -79,7 +94,14 @@ def check(cfg: RLHFConfig, app) -> None:
         seen = lambda s: (s.lineage.get("snapshot_hash"), s.lineage.get("rankings"))  # noqa: E731
         if seen(rm)[1] is not None and seen(rm) == seen(held):
             raise ValueError(f"held_out_reward_model: {held.name!r} was trained on the same rankings as {rm.name!r} "
-                             f"({seen(rm)[1]}); train it on the other half (reward job field half) to get an independent judge")
+                             f"({seen(rm)[1]}); train it on other rankings (a reward job with bundled_set 'judge') "
+                             "to get an independent judge")
+        rule = bundled_set_of(rm.lineage)
+        if rule is not None and rule == bundled_set_of(held.lineage):
+            raise ValueError(f"held_out_reward_model: {held.name!r} was trained on the same bundled rule as {rm.name!r} "
+                             f"(bundled_set {rule!r}, only another half of it), so it shares the rule the policy "
+                             "exploits and cannot see the hacking; train the judge with a reward job with bundled_set "
+                             "'judge' (a reader's rule: real words, complete sentences, no repetition, on topic)")
 
 
 def _reward_spec(app, field: str, name: str):
