@@ -192,6 +192,49 @@ def test_cache_grows_past_its_first_allocation(engine, enc):
     assert c.token_ids == greedy_reference(engine.model, prompt, 150)
 
 
+def test_the_batch_cache_holds_the_rows_in_use_not_the_maximum_batch(enc):
+    """A lone one-sample request holds one row of KV cache (max_batch is 32); rows grow as requests need them."""
+    engine = Engine(Spec(), random_model(enc.n_vocab, seed=4), enc)
+    batch = lambda: engine.scheduler.call(lambda: (engine.scheduler.batch.B, engine.scheduler.batch.capacity))  # noqa: E731
+    one = engine.generate([enc.encode("one row")], SamplingParams(temperature=0, max_tokens=100))
+    next(one)
+    assert batch() == (1, 1)
+    three = engine.generate([enc.encode("three rows")], SamplingParams(temperature=0, max_tokens=100), n=3)
+    next(three)
+    rows, capacity = batch()
+    assert rows == 4 and 4 <= capacity <= 8 < engine.scheduler.cfg.max_batch
+    one.close()
+    three.close()
+    engine.close()
+
+
+def test_the_compute_thread_returns_freed_memory_once_per_idle_period(enc, monkeypatch):
+    """When its queue empties the compute thread calls release_free_memory (malloc_trim) once, not again
+    on every wake-up while idle; the next piece of work starts a new period."""
+    from backend.runtime import release_free_memory
+    from backend.serving import compute_thread
+    assert release_free_memory() in (True, False)  # glibc's malloc_trim, or False where there is none
+    calls = []
+    monkeypatch.setattr(compute_thread, "release_free_memory", lambda: calls.append(1) or True)
+    compute = ComputeThread("trim-test")
+    engine = Engine(Spec(), random_model(enc.n_vocab, seed=6), enc, compute=compute)
+
+    def wait_for(n):
+        deadline = time.monotonic() + 30
+        while compute.trims < n and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return compute.trims
+
+    engine.complete(enc.encode("trim"), SamplingParams(temperature=0, max_tokens=5))
+    assert wait_for(1) == 1
+    for _ in range(3):
+        compute.wake()  # spurious wake-ups while idle: no new period
+    assert compute.call(lambda: (compute.trims, len(calls))) == (1, 1)
+    assert wait_for(2) == 2  # the call was work: idle again afterwards
+    assert engine.scheduler.stats()["memory_trims"] == 2
+    engine.close()
+
+
 def test_models_of_a_pool_share_one_compute_thread_that_ends_with_them(enc):
     """Two models serve at once, their steps alternating on the one thread of their pool (see
     backend/serving/compute_thread.py for why one); when both are unloaded the thread is gone."""
