@@ -190,10 +190,16 @@ def bf16_matmul_fast() -> bool:
 
 PREFILL_WEIGHTS = ("auto", "bf16", "q4")  # Engine(prefill_weights=...), app.py --prefill-weights
 # What "auto" prefills a model decoding on the GGUF's 4-bit blocks with: the same blocks, so the engine holds no
-# float copy of the layer matrices. The trade-off, measured on SmolLM2-135M (2 threads, AMX CPU, 2026-12-06,
-# scripts/measure_prefill_memory.py and scripts/measure_prefill_ttft.py): idle RSS of the app after loading the
-# model and serving one request MEASURED_RSS; time to first token of a 300-token prompt through the engine
-# MEASURED_TTFT. The memory goal of issue 12 (<= 600 MB) wins; --prefill-weights bf16 buys the faster TTFT back.
+# float copy of the layer matrices. The trade-off is memory against time to first token. Measured 2026-12-06 on
+# this project's 2-core AMD EPYC (AVX2 only: the blocks run on torch's int4 kernel, not ours; a loaded machine,
+# load average 7-8), scripts/measure_prefill_memory.py and scripts/measure_prefill_ttft.py:
+#   idle RSS of app.py after loading SmolLM2 and serving one request: q4 609-623 MB (1 run each of 2),
+#   bf16 831 MB, main before this change (float32 prefill) 1148 MB;
+#   300-token TTFT through the engine, 5 interleaved runs, medians: q4 5.34 s, bf16 15.5 s (no bf16 matrix
+#   units here), transformers bf16 forward 16.7 s; the float32 forward alone took ~2.0 s beside q4's 5.4 s.
+# A previous measurement on an AMX/VNNI machine (our kernel) gave idle RSS 499 MB (q4) vs 728 (bf16) and
+# TTFT 0.31 s (q4) vs 0.204 s (bf16; transformers bf16 0.133 s). The memory goal of issue 12 (<= 600 MB)
+# wins; --prefill-weights bf16 buys the TTFT back on CPUs with bf16 matrix units.
 AUTO_PREFILL = "q4"
 
 

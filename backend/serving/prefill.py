@@ -1,7 +1,8 @@
 """A lean prefill for a model decoding on the GGUF's 4-bit blocks (backend/serving/decode_step.py): a chunk
 of one prompt through every layer, its matmuls on one of (Engine(prefill_weights=...) picks; "auto" is
 backend/serving/engine.py AUTO_PREFILL):
-- "q4": the same 4-bit blocks through our kernel (backend/serving/q4_kernel.cpp), every chunk. It holds no
+- "q4": the same 4-bit blocks through our kernel (backend/serving/q4_kernel.cpp; torch's int4 kernel, bf16
+  activations, where ours cannot run: 2.6x slower than float32 at 300 tokens on a 2-core AVX2 EPYC), every chunk. It holds no
   float copy of the weights (the memory goal of issue 12), and its logits are 0.01 from float32's (bf16's:
   0.24-0.29). A chunk's matmuls run on all its rows at once (the weights are read once), and its attention
   in fixed tiles of TILE_ROWS query rows on the absolute position grid (rows [64 t, 64 t + 64)), each tile
@@ -14,7 +15,7 @@ backend/serving/engine.py AUTO_PREFILL):
   once, and 4-bit weights are a quarter of bf16's bytes: on SmolLM2-135M, 2 threads, it beat bf16 up to 24
   tokens and tied at 32), longer ones on bf16 copies of the matrices, where a CPU with bf16 matrix units
   (AMX / avx512_bf16) runs oneDNN's GEMM compute-bound, 2-4x faster than our 8-rows-at-a-time kernel (64
-  tokens: 42 against 77 ms). The copies cost ~230 MB resident for SmolLM2;
+  tokens: 42 against 77 ms). The copies cost ~220 MB resident for SmolLM2 (idle app: 831 against 609-623 MB);
 - "float": `Transformer.forward` on the float weights (models trained here, and where the kernel cannot run).
 
 The bf16 path does in ~16 ops a layer what `Transformer.forward` under autocast did in ~50 (q/k/v and gate/up
