@@ -108,6 +108,11 @@ class AppConfig:
         parser.add_argument("--kv-cache-dtype", choices=("auto", "float16"), default=serve.kv_cache_dtype,
                             help="float16 halves the KV cache of the bundled model's fused 4-bit layer (faster at long "
                                  "contexts; greedy text can part from float32's); auto keeps the model's dtype")
+        parser.add_argument("--prefill-weights", choices=("auto", "bf16", "q4"), default=serve.prefill_weights,
+                            help="what the bundled model's prompts are prefilled on: q4, its 4-bit blocks (no float "
+                                 "copy held: ~240 MB less memory); bf16, copies of its matrices (faster long prompts on "
+                                 "CPUs with AMX/avx512_bf16); auto (default) is q4. Models trained here prefill on "
+                                 "their float weights")
         parser.add_argument("--artifacts", dest="artifacts_url", default=None,
                             help="fsspec URL of models and snapshots shared between machines (default $PLAYGROUND_ARTIFACTS, else the data dir)")
         parser.add_argument("--eval-on-register", type=int, default=None, metavar="N",

@@ -192,6 +192,49 @@ def test_cache_grows_past_its_first_allocation(engine, enc):
     assert c.token_ids == greedy_reference(engine.model, prompt, 150)
 
 
+def test_the_batch_cache_holds_the_rows_in_use_not_the_maximum_batch(enc):
+    """A lone one-sample request holds one row of KV cache (max_batch is 32); rows grow as requests need them."""
+    engine = Engine(Spec(), random_model(enc.n_vocab, seed=4), enc)
+    batch = lambda: engine.scheduler.call(lambda: (engine.scheduler.batch.B, engine.scheduler.batch.capacity))  # noqa: E731
+    one = engine.generate([enc.encode("one row")], SamplingParams(temperature=0, max_tokens=100))
+    next(one)
+    assert batch() == (1, 1)
+    three = engine.generate([enc.encode("three rows")], SamplingParams(temperature=0, max_tokens=100), n=3)
+    next(three)
+    rows, capacity = batch()
+    assert rows == 4 and 4 <= capacity <= 8 < engine.scheduler.cfg.max_batch
+    one.close()
+    three.close()
+    engine.close()
+
+
+def test_the_compute_thread_returns_freed_memory_once_per_idle_period(enc, monkeypatch):
+    """When its queue empties the compute thread calls release_free_memory (malloc_trim) once, not again
+    on every wake-up while idle; the next piece of work starts a new period."""
+    from backend.runtime import release_free_memory
+    from backend.serving import compute_thread
+    assert release_free_memory() in (True, False)  # glibc's malloc_trim, or False where there is none
+    calls = []
+    monkeypatch.setattr(compute_thread, "release_free_memory", lambda: calls.append(1) or True)
+    compute = ComputeThread("trim-test")
+    engine = Engine(Spec(), random_model(enc.n_vocab, seed=6), enc, compute=compute)
+
+    def wait_for(n):
+        deadline = time.monotonic() + 30
+        while compute.trims < n and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return compute.trims
+
+    engine.complete(enc.encode("trim"), SamplingParams(temperature=0, max_tokens=5))
+    assert wait_for(1) == 1
+    for _ in range(3):
+        compute.wake()  # spurious wake-ups while idle: no new period
+    assert compute.call(lambda: compute.trims) == 1 and calls  # (calls: every compute thread's)
+    assert wait_for(2) == 2  # the call was work: idle again afterwards
+    assert engine.scheduler.stats()["memory_trims"] == 2
+    engine.close()
+
+
 def test_models_of_a_pool_share_one_compute_thread_that_ends_with_them(enc):
     """Two models serve at once, their steps alternating on the one thread of their pool (see
     backend/serving/compute_thread.py for why one); when both are unloaded the thread is gone."""
@@ -358,6 +401,102 @@ def test_gguf_step_from_kept_packing_decodes_like_the_first_load(which, tmp_path
         a, b = model.new_cache(1, 8), model.new_cache(1, 8)
         for t in (5, 6, 7):
             assert torch.equal(first(torch.tensor([t]), a), later(torch.tensor([t]), b))
+
+
+def smollm2_shaped_model() -> Transformer:
+    """Two layers with SmolLM2-135M's attention (576 wide, 9 query heads of 64 over 3 KV heads): at these
+    shapes SDPA's result for a row changed with the chunk's length (chunks of 100 tokens, torch 2.13), which
+    the smaller random_model's did not show."""
+    cfg = ModelConfig(vocab_size=512, dim=576, n_layers=2, n_heads=9, n_kv_heads=3, hidden_dim=1152, max_seq_len=512)
+    model = Transformer(cfg).init_weights(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(8)
+    return model.eval()
+
+
+def q4_engine(enc, which: str, tmp_path, serve=None) -> Engine:
+    """A tiny GGUF-like model (Q4_1 layers, Q8_0 tied head) decoding and prefilling on its 4-bit blocks,
+    through torch's int4 kernel or ours."""
+    from backend.serving import q4_kernel
+    from backend.serving.decode_step import gguf_supported
+    if not gguf_supported(torch.device("cpu")):
+        pytest.skip("no CPU int4 kernel in this torch")
+    kernel = q4_kernel.load(tmp_path) if which == "ours" else None
+    if which == "ours" and kernel is None:
+        pytest.skip("our kernel does not build or run here (see the log)")
+    model = smollm2_shaped_model()
+    eng = Engine(Spec(), model, enc, quant="gguf", blocks=gguf_like(model), kernel=kernel, serve=serve,
+                 prefill_weights="q4")
+    assert eng.prefill_weights == "q4" and eng.prefill_path(1) == eng.prefill_path(300) == "q4"
+    assert (eng.step.fused is not None) == (which == "ours")
+    return eng
+
+
+@pytest.mark.parametrize("kv", ["auto", "float16"])
+@pytest.mark.parametrize("which", ["torch int4", "ours"])
+def test_q4_prefill_gives_the_same_bits_however_the_prompt_is_chunked(enc, tmp_path, which, kv):
+    """The q4 prefill's attention runs in fixed tiles of TILE_ROWS rows on the absolute position grid and its
+    matmuls' rows do not depend on each other, so a ~200-token prompt prefilled in one go or in chunks of 17,
+    64 or 100 tokens gives bitwise the same last-token logits and KV cache (before the tiles a chunked prefill
+    of SmolLM2 was not bitwise the one-shot one). Served: a prompt cut by a 17-token prefill budget while
+    another request decodes gets bitwise the log-probs it gets alone."""
+    from backend.serving.scheduler import ServeConfig
+    eng = q4_engine(enc, which, tmp_path, ServeConfig(prefill_budget=17, prefix_cache_mb=0, kv_cache_dtype=kv))
+    ids = [(7 * i * i + 3 * i + 1) % 512 for i in range(203)]
+
+    def prefill(cuts):
+        def run():
+            cache, pos = eng.new_cache(1, len(ids)), 0
+            for cut in cuts:
+                hidden = eng.prefill_hidden(ids[pos:pos + cut], cache)
+                pos += cut
+            return eng.head(hidden[:, -1]).float(), cache
+        return eng.scheduler.call(run)
+
+    one, one_cache = prefill([len(ids)])
+    for size in (17, 64, 100):
+        cuts = [size] * (len(ids) // size) + [len(ids) % size]
+        got, cache = prefill(cuts)
+        assert torch.equal(got, one), size
+        for a, b in zip(cache.k + cache.v, one_cache.k + one_cache.v):
+            assert torch.equal(a[:, :, :len(ids)], b[:, :, :len(ids)]), size
+    params = SamplingParams(temperature=0, max_tokens=3, logprobs=3)
+    alone = eng.complete(ids, params)[0]  # nothing else running: one forward
+    runner = eng.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=200))
+    next(runner)
+    seen = []
+    forward = eng.prefill_hidden
+    eng.prefill_hidden = lambda chunk, cache: (seen.append(len(chunk)), forward(chunk, cache))[1]
+    chunked = eng.complete(ids, params)[0]
+    runner.close()
+    assert max(seen) == 17 and len(seen) == -(-len(ids) // 17)  # cut by the budget, off the block grid
+    assert chunked.token_ids == alone.token_ids and chunked.logprobs == alone.logprobs
+    assert chunked.top_logprobs == alone.top_logprobs
+
+
+def test_prefill_weights_choice(enc, tmp_path):
+    """auto prefills a 4-bit model on its blocks (AUTO_PREFILL: no float copies), bf16 only when asked;
+    models trained here keep their float forward whatever is asked; a bad value is refused by name."""
+    from backend.serving.engine import AUTO_PREFILL
+    from backend.serving.scheduler import ServeConfig
+    assert AUTO_PREFILL == "q4"
+    eng = q4_engine(enc, "torch int4", tmp_path)
+    assert eng._prefill.layers == []  # no bf16 copies held
+    model = random_model(512, seed=11)
+    blocks = gguf_like(model)
+    auto = Engine(Spec(), model, enc, quant="gguf", blocks=blocks, serve=ServeConfig(prefill_weights="auto"))
+    bf16 = Engine(Spec(), model, enc, quant="gguf", blocks=blocks, prefill_weights="bf16")
+    assert auto.prefill_weights == "q4" and auto._prefill.layers == []
+    assert bf16.prefill_weights == "bf16" and len(bf16._prefill.layers) == model.cfg.n_layers
+    assert bf16.prefill_path(300) == "bf16" and auto.scheduler.stats()["prefill_weights"] == "q4"
+    for asked in ("auto", "bf16", "q4"):
+        assert Engine(Spec(), random_model(512), enc, prefill_weights=asked).prefill_weights == "float"
+    with pytest.raises(ValueError, match="prefill_weights: one of auto, bf16, q4, not 'int8'"):
+        Engine(Spec(), random_model(512), enc, prefill_weights="int8")
+    for e in (eng, auto, bf16):
+        e.close()
 
 
 @pytest.mark.slow

@@ -52,7 +52,7 @@ def kernel_engine(enc, tmp_path, serve=None) -> Engine:
         pytest.skip("our 4-bit kernel does not build or run on this CPU (needs g++ and AVX512-VNNI)")
     model = random_model(enc.n_vocab + (-enc.n_vocab) % 16, seed=3)  # a head the kernel can tile, as SmolLM2's
     eng = Engine(Spec(), model, enc, quant="gguf", blocks=gguf_like(model), kernel=kernel, serve=serve,
-                 bf16_prefill=False)
+                 prefill_weights="q4")
     assert eng.step.fused is not None and type(eng.head).__name__ == "BlockLinear"
     return eng
 
@@ -188,7 +188,7 @@ def test_prefill_on_4bit_blocks_and_bf16_stays_close_to_float(enc, tmp_path, bf1
     the first token's logits stay close to the float32 forward of the same (dequantized) weights."""
     eng = kernel_engine(enc, tmp_path)
     from backend.serving.prefill import Prefill
-    eng._prefill = Prefill(eng.model, bf16, eng.step.layers)
+    eng._prefill = Prefill(eng.model, "bf16" if bf16 else "q4", eng.step.layers)
     with torch.inference_mode():
         for n in (5, 40):  # 5 tokens: the q4 path; 40: bf16 (or the q4 path again without bf16)
             ids = enc.encode("the pelican counted the boats in the harbour at dawn " * 8)[:n]
@@ -208,7 +208,7 @@ def test_whole_blocks_prefill_in_one_forward_and_give_the_logits_of_block_by_blo
     eng = kernel_engine(enc, tmp_path, serve)
     assert eng.kv_dtype == (torch.float16 if bf16 else torch.float32)
     from backend.serving.prefill import Prefill
-    eng._prefill = Prefill(eng.model, bf16, eng.step.layers)
+    eng._prefill = Prefill(eng.model, "bf16" if bf16 else "q4", eng.step.layers)
     system = enc.encode("You are a helpful assistant who answers questions about birds in great detail. " * 16)
     a, b = system + enc.encode(" Pelicans?"), system + enc.encode(" Penguins and puffins, please?")
     assert len(system) >= 3 * 64 and eng.prefill_path(3 * 64) == eng.prefill_path(64)

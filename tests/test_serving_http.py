@@ -159,3 +159,38 @@ def test_bundled_model_gives_a_request_the_same_tokens_alone_and_among_eight(tmp
         assert together == solo
     finally:
         s.stop()
+
+
+def test_a_bad_prefill_weights_value_is_refused_with_a_clear_message(tmp_path):
+    """app.py --prefill-weights takes auto, bf16 or q4; anything else stops it before it serves, naming the flag."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+    proc = subprocess.run([sys.executable, str(ROOT / "app.py"), "--data-dir", str(tmp_path / "data"), "--no-worker",
+                           "--prefill-weights", "int8"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    err = proc.stderr.splitlines()[-1]
+    assert "--prefill-weights: invalid choice: 'int8'" in err and all(w in err for w in ("auto", "bf16", "q4")), err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("weights", ["q4", "bf16"])
+def test_the_app_answers_with_either_prefill_weights(tmp_path, weights):
+    """The bundled model served with --prefill-weights q4 (its 4-bit blocks) or bf16 (bf16 copies): both answer
+    a chat request with a ~300-token prompt, and /readyz names what the model prefills on (the 4-bit choices
+    apply where it decodes on its GGUF blocks: torch's CPU int4 kernel or ours; elsewhere "float")."""
+    import torch
+
+    from backend.serving.decode_step import gguf_supported
+    s = start_server(tmp_path / "data", "--no-worker", "--prefill-weights", weights)
+    try:
+        client = openai.OpenAI(base_url=s.base_url + "/v1", api_key="unused", max_retries=0, timeout=300)
+        notes = " ".join(f"Note {i}: the pelican counted the boats." for i in range(30))
+        r = client.chat.completions.create(model="smollm2-135m-instruct", max_tokens=8, temperature=0,
+                                           messages=[{"role": "user", "content": notes + " How many notes?"}])
+        assert r.usage.prompt_tokens >= 250 and r.choices[0].message.content
+        serving = httpx.get(s.base_url + "/readyz", timeout=5).json()["serving"]["smollm2-135m-instruct"]
+        assert serving["prefill_weights"] == (weights if gguf_supported(torch.device("cpu")) else "float")
+    finally:
+        s.stop()

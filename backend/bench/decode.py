@@ -11,7 +11,7 @@ Who is who, measured in one run with the same prompt, the same thread count and 
 - load time of the bundled model into an engine (weights + tokenizer): cold = a fresh cache directory
   (GGUF dequantization and tokenizer conversion included), warm = a new process reading the cache.
 - our variants: gguf (the app's default on a CPU: decode matmuls on the GGUF file's own Q4_1/Q8_0 blocks
-  through our block kernel, backend/serving/q4_kernel.cpp; prefill in float32), gguf-torch (the same blocks through
+  through our block kernel, backend/serving/q4_kernel.cpp; prefill on --prefill-weights, as app.py), gguf-torch (the same blocks through
   torch's int4 kernel, bf16 activations: the fallback where ours cannot run), fp32 (PLAYGROUND_QUANT=none: float32 weights, exact to the
   reference), and opt-in bf16 weights (PLAYGROUND_DTYPE=bf16) and int8 (PLAYGROUND_QUANT=int8: int8 rows).
 - agreement of each non-fp32 variant with the fp32 one, on a few chat prompts: teacher-forced along the
@@ -268,12 +268,13 @@ def prefill_row(args, cfg) -> dict:
     from backend.serving.model_pool import EnginePool
     from backend.serving.sampling import SamplingParams
     from models.registry import ModelRegistry
-    engine = EnginePool(ModelRegistry(cfg), cfg, serve=_no_prefix_cache(args.kv_cache_dtype)).get(args.model)
+    engine = EnginePool(ModelRegistry(cfg), cfg, serve=_no_prefix_cache(args.kv_cache_dtype, args.prefill_weights)).get(args.model)
     ids = (engine.chat_prompt([{"role": "user", "content": PREFILL_TEXT}]) if engine.spec.chat_format
            else engine.encode(PREFILL_TEXT))[:300]
     one = SamplingParams(temperature=0, max_tokens=1)
     t = _median_time(lambda: engine.complete(ids, one), args.repeat)
-    print(f"ours: {len(ids)}-token prompt, time to first token {t:.3f} s (bf16 prefill: {engine.bf16_prefill})")
+    print(f"ours: {len(ids)}-token prompt, time to first token {t:.3f} s (prefill weights: {engine.prefill_weights}, "
+          f"--prefill-weights {args.prefill_weights})")
     peer, name = None, "transformers forward (bf16)"
     if not args.skip_peer:
         spec = ModelRegistry(cfg).get(args.model)
@@ -288,12 +289,13 @@ def prefill_row(args, cfg) -> dict:
     else:
         name = "skipped (--skip-peer)"
     return result(f"prefill {len(ids)} tokens: time to first token", "s", t, peer, name, 2.0,
-                  higher_is_better=False, goal_seconds=0.15, bf16_prefill=engine.bf16_prefill)
+                  higher_is_better=False, goal_seconds=0.15, prefill_weights=engine.prefill_weights)
 
 
-def _no_prefix_cache(kv_cache_dtype: str = "auto"):
+def _no_prefix_cache(kv_cache_dtype: str = "auto", prefill_weights: str = "auto"):
     from backend.serving.scheduler import ServeConfig
-    return ServeConfig(prefix_cache_mb=0, kv_cache_dtype=kv_cache_dtype)  # every repeat prefills the whole prompt
+    # every repeat prefills the whole prompt
+    return ServeConfig(prefix_cache_mb=0, kv_cache_dtype=kv_cache_dtype, prefill_weights=prefill_weights)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -315,6 +317,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--long-context-tokens", type=int, default=64, help="new tokens per run of the long-context row")
     ap.add_argument("--kv-cache-dtype", choices=("auto", "float16"), default="auto",
                     help="the engine's KV cache (as app.py --kv-cache-dtype)")
+    ap.add_argument("--prefill-weights", choices=("auto", "bf16", "q4"), default="auto",
+                    help="what the 4-bit variants prefill on (as app.py --prefill-weights): every row, the prefill row included")
     ap.add_argument("--skip-load", action="store_true", help="skip the cold/warm load timing")
     ap.add_argument("--skip-constraint", action="store_true", help="skip the constrained-decoding row")
     ap.add_argument("--llama-python", default=None,
@@ -360,7 +364,8 @@ def main(argv: list[str] | None = None) -> None:
     for variant in variants:
         quant, dtype = VARIANTS[variant]
         from backend.serving.scheduler import ServeConfig
-        pool = EnginePool(ModelRegistry(cfg), cfg, quant=quant, dtype=dtype, serve=ServeConfig(kv_cache_dtype=args.kv_cache_dtype))
+        pool = EnginePool(ModelRegistry(cfg), cfg, quant=quant, dtype=dtype,
+                          serve=ServeConfig(kv_cache_dtype=args.kv_cache_dtype, prefill_weights=args.prefill_weights))
         engine = pool.get(args.model)
         prompt = engine.chat_prompt(PROMPT) if engine.spec.chat_format else engine.encode(PROMPT[0]["content"])
         print(f"ours [{variant}]: {args.model} on {engine.device} ({engine.model.dtype}, decode weights: "

@@ -12,6 +12,11 @@ scoring) runs on short-lived threads (`run_in_short_thread`) whose pools go away
 There is one per process (`shared_compute`), used by every engine unless it is given another. The thread
 starts with the first scheduler or call and exits when no scheduler is left, so a process with nothing
 loaded holds no OpenMP pool either.
+
+Each time its queue empties (no call waiting, no scheduler with work) the thread hands the memory freed
+meanwhile back to the OS before it sleeps (backend/runtime.py release_free_memory, once per idle period):
+glibc keeps a freed prefill's activations and a finished batch's KV cache otherwise, and an idle server's
+RSS would stay at its busiest.
 """
 from __future__ import annotations
 
@@ -23,7 +28,7 @@ from collections import deque
 
 import torch
 
-from backend.runtime import ThreadGovernor
+from backend.runtime import ThreadGovernor, release_free_memory
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +60,7 @@ class ComputeThread:
         self._calls: deque = deque()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self.trims = 0  # idle periods that began with release_free_memory()
         # one thread while other processes keep a core busy (backend/runtime.py); the count in force when
         # the pool was made is the most the steps use
         self.governor = ThreadGovernor(torch.get_num_threads())
@@ -116,18 +122,32 @@ class ComputeThread:
             self._thread = threading.Thread(target=self._loop, daemon=True, name=self.name)
             self._thread.start()
 
+    def _idle(self) -> bool:  # holding self.cond
+        return not (self._calls or any(s.has_work() for s in self.schedulers))
+
     def _loop(self) -> None:
         self.governor.reset()
+        trimmed = True  # nothing computed yet: nothing to give back
         while True:
             with self.cond:
-                while not (self._calls or any(s.has_work() for s in self.schedulers)):
-                    if not self.schedulers:  # nothing loaded: exit, and the OpenMP pool with the thread
-                        self._thread = None
-                        return
-                    self.cond.wait()
-                calls = list(self._calls)
-                self._calls.clear()
-                busy = [s for s in self.schedulers if s.has_work()]
+                if self._idle() and not trimmed:
+                    trim = True  # the queue just emptied: give the freed memory back (below, not holding the lock)
+                else:
+                    trim = False
+                    while self._idle():
+                        if not self.schedulers:  # nothing loaded: exit, and the OpenMP pool with the thread
+                            self._thread = None
+                            return
+                        self.cond.wait()
+                    calls = list(self._calls)
+                    self._calls.clear()
+                    busy = [s for s in self.schedulers if s.has_work()]
+            if trim:  # once per idle period: a prefill's activations, a finished batch's KV cache
+                release_free_memory()
+                self.trims += 1
+                trimmed = True
+                continue
+            trimmed = False
             self.governor.threads_now()
             for run in calls:
                 run()
@@ -137,7 +157,8 @@ class ComputeThread:
                         self.schedulers.remove(s)
 
     def stats(self) -> dict:
-        return {"threads": self.governor.current, "other_cores_busy": round(self.governor.others, 2)}
+        return {"threads": self.governor.current, "other_cores_busy": round(self.governor.others, 2),
+                "memory_trims": self.trims}
 
 
 _SHARED: ComputeThread | None = None

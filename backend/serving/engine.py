@@ -15,14 +15,17 @@ How a request runs:
   stop strings may span tokens: text that could still become a stop string is held back, and a
   matched stop string is cut from the output. Stop tokens end a sample and are not part of it.
 - A cancelled request (its `cancel` event set, or its generator closed) leaves the batch at the next step.
-- Prefill: on a CPU with bf16 matrix units (AMX / avx512_bf16) a model decoding on the GGUF's 4-bit blocks
-  prefills short chunks on the same 4-bit blocks and long ones on bf16 copies of its layer matrices
-  (backend/serving/prefill.py; float32 residual stream, norms, RoPE and KV cache); `python -m backend.bench
-  decode` measures its speed and logit distance.
+- Prefill (backend/serving/prefill.py; float32 residual stream, norms, RoPE and KV cache): a model decoding on
+  the GGUF's 4-bit blocks prefills on the same blocks by default (AUTO_PREFILL: no float copy of the weights
+  held, and a prompt's logits are bitwise the same however it is chunked), or with prefill_weights="bf16"
+  (app.py --prefill-weights) long chunks on bf16 copies of its layer matrices, faster on CPUs with bf16 matrix
+  units (AMX / avx512_bf16) for more memory; models trained here prefill on their float weights.
+  `python -m backend.bench decode` measures its speed and logit distance.
 """
 from __future__ import annotations
 
 import codecs
+import logging
 import threading
 from dataclasses import dataclass, field, replace
 from typing import Iterator
@@ -33,6 +36,8 @@ from backend.serving.decode_step import DecodeStep
 from backend.serving.sampling import SamplingParams, token_logprobs
 from backend.serving.compute_thread import ComputeThread
 from backend.serving.scheduler import Scheduler, ServeConfig
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -183,10 +188,41 @@ def bf16_matmul_fast() -> bool:
     return " amx_bf16" in flags or " avx512_bf16" in flags
 
 
+PREFILL_WEIGHTS = ("auto", "bf16", "q4")  # Engine(prefill_weights=...), app.py --prefill-weights
+# What "auto" prefills a model decoding on the GGUF's 4-bit blocks with: the same blocks, so the engine holds no
+# float copy of the layer matrices. The trade-off is memory against time to first token. Measured 2026-12-06 on
+# this project's 2-core AMD EPYC (AVX2 only: the blocks run on torch's int4 kernel, not ours; a loaded machine,
+# load average 7-8), scripts/measure_prefill_memory.py and scripts/measure_prefill_ttft.py:
+#   idle RSS of app.py after loading SmolLM2 and serving one request: q4 609-623 MB (1 run each of 2),
+#   bf16 831 MB, main before this change (float32 prefill) 1148 MB;
+#   300-token TTFT through the engine, 5 interleaved runs, medians: q4 5.34 s, bf16 15.5 s (no bf16 matrix
+#   units here), transformers bf16 forward 16.7 s; the float32 forward alone took ~2.0 s beside q4's 5.4 s.
+# A previous measurement on an AMX/VNNI machine (our kernel) gave idle RSS 499 MB (q4) vs 728 (bf16) and
+# TTFT 0.31 s (q4) vs 0.204 s (bf16; transformers bf16 0.133 s). The memory goal of issue 12 (<= 600 MB)
+# wins; --prefill-weights bf16 buys the TTFT back on CPUs with bf16 matrix units.
+AUTO_PREFILL = "q4"
+
+
+def prefill_choice(asked: str, step) -> str:
+    """The weights prefill runs on ("q4", "bf16" or "float", backend/serving/prefill.py) for a request of
+    `asked` (PREFILL_WEIGHTS) and a decode step: the 4-bit choices only where decoding runs on the GGUF's
+    blocks (our kernel or torch's int4 kernel), so that nothing else reads the float layer weights."""
+    if asked not in PREFILL_WEIGHTS:
+        raise ValueError(f"prefill_weights: one of {', '.join(PREFILL_WEIGHTS)}, not {asked!r}")
+    if step.quant != "gguf" or step.model.device.type != "cpu":
+        return "float"  # models trained here (and int8 / GPU engines): unchanged
+    want = AUTO_PREFILL if asked == "auto" else asked
+    if want == "bf16" and not bf16_matmul_fast():
+        log.warning("bf16 prefill asked on a CPU without bf16 matrix units (AMX / avx512_bf16): it will be slow")
+    return want
+
+
 class Engine:
     def __init__(self, spec, model, enc, quant: str | None = None, blocks: dict | None = None,
                  packed: dict | None = None, kernel=None, serve: ServeConfig | None = None,
-                 compute: ComputeThread | None = None, bf16_prefill: bool | None = None):
+                 compute: ComputeThread | None = None, prefill_weights: str | None = None):
+        """prefill_weights: "auto", "bf16" or "q4" (PREFILL_WEIGHTS; None: the ServeConfig's, default "auto"),
+        for a model that decodes on the GGUF's 4-bit blocks; other models prefill on their float weights."""
         self.spec = spec
         self.model = model.eval()
         self.enc = enc
@@ -203,15 +239,13 @@ class Engine:
         self.kv_dtype = torch.float16 if kv == "float16" and self.step.fused is not None else self.model.dtype
         self.context_length = min(int(getattr(spec, "context_length", 0) or model.cfg.max_seq_len), model.cfg.max_seq_len)
         self._token_bytes: dict[int, bytes] = {}
-        if bf16_prefill is None:  # only where decoding no longer reads the float layer weights
-            bf16_prefill = (self.step.fused is not None and model.device.type == "cpu" and bf16_matmul_fast())
-        self.bf16_prefill = bf16_prefill
-        # prefill (backend/serving/prefill.py): short chunks on the decode step's 4-bit blocks, long ones on bf16
-        # copies of the layer matrices (embeddings, norms, the residual stream and the KV cache stay float32);
-        # scoring (prompt_logprobs) keeps the float32 weights
+        # prefill (backend/serving/prefill.py): "q4" (the decode step's 4-bit blocks), "bf16" (short chunks on the
+        # 4-bit blocks, long ones on bf16 copies of the layer matrices) or "float" (the model's own forward: models
+        # trained here, and the 4-bit model where our kernel cannot run); scoring (prompt_logprobs) keeps float32
+        self.prefill_weights = prefill_choice(prefill_weights or (serve or ServeConfig()).prefill_weights, self.step)
         from backend.serving.prefill import Prefill
-        self._prefill = Prefill(self.model, bf16_prefill, self.step.layers if self.step.fused is not None else None)
-        if bf16_prefill:
+        self._prefill = Prefill(self.model, self.prefill_weights, self.step.layers if self.step.quant == "gguf" else None)
+        if self.prefill_weights != "float":
             # the float32 weights now serve only exact scoring (prompt_logprobs, step mode): where they are a
             # mapped file, their pages need not stay resident meanwhile
             layers = self.model.model.layers
@@ -229,6 +263,11 @@ class Engine:
     def prefill_path(self, tokens: int) -> str:
         """The weights a prefill chunk of this many tokens runs on (backend/serving/prefill.py Prefill.path)."""
         return self._prefill.path(tokens)
+
+    @property
+    def prefill_any_cut(self) -> bool:
+        """Whether a prompt may be cut into prefill chunks anywhere without changing a bit (the q4 path's tiles)."""
+        return self.prefill_weights == "q4"
 
     def prefill_hidden(self, ids: list[int], cache) -> torch.Tensor:
         """Continue `cache` (batch 1) with ids; the final-norm hidden states [1, len(ids), dim]."""

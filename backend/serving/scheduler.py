@@ -52,6 +52,7 @@ class ServeConfig:
     prefix_cache_mb: int = 64    # memory bound of the prefix cache (0 = off)
     retry_after: int = 2         # seconds suggested to a client refused for a full queue
     kv_cache_dtype: str = "auto"  # "float16": half the KV bytes for the fused 4-bit layer (Engine.kv_dtype)
+    prefill_weights: str = "auto"  # "auto" | "bf16" | "q4": what a 4-bit model prefills on (engine.py AUTO_PREFILL)
 
 
 class QueueFull(RuntimeError):
@@ -161,12 +162,14 @@ class BatchCache:
         self._view = None
 
     def _ensure(self, rows: int, slots: int) -> None:
-        """Room for `rows` rows and `slots` slots (grown by doubling, capped by the context length)."""
+        """Room for `rows` rows and `slots` slots. Rows start at those needed (a lone request of one sample holds
+        one row, not `max_batch` nor a guess: on SmolLM2 a row of 1,000 float32 slots is 46 MB) and grow by
+        doubling, capped by max_rows; slots grow by doubling, capped by the context length."""
         cap_rows, cap_slots = self.capacity, self.slots
         if rows <= cap_rows and slots <= cap_slots:
             return
         max_slots = self.model.cfg.max_seq_len
-        new_rows = max(rows, min(self.max_rows, max(4, 2 * cap_rows))) if rows > cap_rows else cap_rows
+        new_rows = max(rows, min(self.max_rows, 2 * cap_rows)) if rows > cap_rows else cap_rows
         new_slots = max(slots, min(max_slots, max(64, 2 * cap_slots))) if slots > cap_slots else cap_slots
         self._realloc(new_rows, new_slots)
 
@@ -384,7 +387,8 @@ class Scheduler:
 
     def stats(self) -> dict:
         return {"running": len({id(r) for r, _ in self.rows}), "rows": self.batch.B, "waiting": len(self.waiting),
-                "prefilling": len(self.prefilling), "kv_cache_mb": round(self.batch.bytes / 2**20, 1),
+                "prefilling": len(self.prefilling), "prefill_weights": self.engine.prefill_weights,
+                "kv_cache_mb": round(self.batch.bytes / 2**20, 1),
                 "prefix_cache_mb": round(self.prefix.bytes / 2**20, 1), "prefix_cache_hits": self.prefix.hits,
                 "prefix_cache_lookups": self.prefix.lookups, "steps": self.steps,
                 **self.compute.stats()}
@@ -493,16 +497,19 @@ class Scheduler:
                     for t, s in zip(req.cache.v, vs):
                         t[:, :, sl] = s
                 req.cursor = req.cache.pos = len(found) * self.cfg.block
-            # chunks end on the block grid, and the prompt's last partial block is a forward of its own: a
-            # block's keys and values then come out bitwise the same whether computed here or copied from the
-            # prefix cache. Where a prefill row does not depend on the chunk's other rows (the 4-bit engine's
-            # bf16 and block-kernel paths, Prefill.path), a chunk takes every whole block the budget allows, so
-            # the weights are read once for them instead of once per block; on the float path (other GEMM
-            # kernels for other row counts) one block.
+            # On the 4-bit engine's q4 prefill (Prefill.path, TILE_ROWS) a row's result does not depend on how the
+            # prompt is cut, so a chunk takes all the budget allows, the weights read once for all its rows.
+            # Elsewhere chunks end on the block grid, and the prompt's last partial block is a forward of its own:
+            # a block's keys and values then come out bitwise the same whether computed here or copied from the
+            # prefix cache. Where a prefill row does not depend on the chunk's other rows (the bf16 path), a chunk
+            # takes every whole block the budget allows; on the float path (other GEMM kernels for other row
+            # counts) one block.
             block = self.cfg.block
+            limit = len(ids) if budget is None else min(len(ids), req.cursor + budget - spent)
             end = min(len(ids), (req.cursor // block + 1) * block)  # the next block, or the prompt's tail
-            if end % block == 0:  # whole blocks: all the budget allows, where that changes no bit
-                limit = len(ids) if budget is None else min(len(ids), req.cursor + budget - spent)
+            if engine.prefill_any_cut:
+                end = limit
+            elif end % block == 0:  # whole blocks: all the budget allows, where that changes no bit
                 more = limit // block * block
                 if more > end and engine.prefill_path(more - req.cursor) == engine.prefill_path(block) != "float":
                     end = more
