@@ -49,7 +49,7 @@ def kernel_engine(enc, tmp_path, serve=None) -> Engine:
     from backend.serving import q4_kernel
     kernel = q4_kernel.load(tmp_path)
     if kernel is None:
-        pytest.skip("our 4-bit kernel does not build or run on this CPU (needs g++ and AVX512-VNNI)")
+        pytest.skip("our 4-bit kernel does not build or run on this CPU (needs g++ and AVX512-VNNI or AVX2)")
     model = random_model(enc.n_vocab + (-enc.n_vocab) % 16, seed=3)  # a head the kernel can tile, as SmolLM2's
     eng = Engine(Spec(), model, enc, quant="gguf", blocks=gguf_like(model), kernel=kernel, serve=serve,
                  prefill_weights="q4")

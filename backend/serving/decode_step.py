@@ -16,7 +16,7 @@ Two weight formats cut that (prefill keeps the float weights either way); backen
 "gguf" for a model loaded from a GGUF file on a CPU unless PLAYGROUND_QUANT says otherwise:
 - quant="gguf": the GGUF file's own blocks (models.gguf_loader.QuantBlocks), as llama.cpp runs them,
   ~1/8 of the float32 bytes per token. Two kernels run them:
-  - ours (`kernel`, backend/serving/q4_kernel.cpp, on CPUs with AVX512-VNNI): x is quantized to two int8
+  - ours (`kernel`, backend/serving/q4_kernel.cpp, on CPUs with AVX512-VNNI or AVX2): x is quantized to two int8
     digits per block of 32 and each block's dot product is integer (64 multiply-adds an instruction);
     scales stay float32; it measured the same top-1 as float32 on every step of the bench's prompts.
     A weight vector is loaded once for up to 8 rows, so 8 rows cost ~2x one (torch's int4 kernel
@@ -127,7 +127,7 @@ def save_packed(path: Path, packed: dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 def packed_file_name(kernel: bool = False) -> str:
     if kernel:  # our layout (backend/serving/q4_kernel.pack) goes with the kernel's source
-        return f"q4kernel-pack-{q4_kernel.digest()}.safetensors"
+        return f"q4kernel-pack-{q4_kernel.pack_digest()}.safetensors"
     return f"int4pack-torch{torch.__version__}-{torch.backends.cpu.get_cpu_capability()}.safetensors"
 
 

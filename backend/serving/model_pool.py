@@ -47,7 +47,7 @@ QUANT_MODES = ("gguf", "gguf-torch", "none", "int8")
 def engine_quant(device: torch.device) -> str:
     """Decode-time weights, PLAYGROUND_QUANT: "gguf" (default) decodes a GGUF-loaded model on the CPU with
     the file's own 4-bit blocks (backend/serving/decode_step.py; other models stay float) on our block kernel
-    where the CPU has AVX512-VNNI, else on torch's int4 kernel ("gguf-torch" forces that one), "none"
+    where the CPU has AVX512-VNNI or AVX2, else on torch's int4 kernel ("gguf-torch" forces that one), "none"
     decodes with the float weights, "int8" re-quantizes any float32 model to int8 rows (CPU only)."""
     q = os.environ.get("PLAYGROUND_QUANT", "").strip().lower() or "gguf"
     q = {"fp32": "none", "float32": "none", "float": "none"}.get(q, q)

@@ -14,7 +14,11 @@
 // to ROWS rows of x (torch's `_weight_int4pack_mm_for_cpu` dequantizes again for every 4 rows, so 8 rows
 // cost it ~3.5x one row). Packing: backend/serving/q4_kernel.py `pack`.
 #include <float.h>
+#if defined(__AVX512VNNI__)
 #include <immintrin.h>
+#else
+#include "avx2_shim.h"  // CPUs with AVX2 only: the same code, each 512-bit vector as two 256-bit halves
+#endif
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>

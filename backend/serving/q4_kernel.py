@@ -1,8 +1,10 @@
 """Our block-quantized matmul (backend/serving/q4_kernel.cpp): build it, load it, pack GGUF blocks for it, call it.
 
 The kernel is plain C++ with AVX512-VNNI intrinsics, compiled here by the system's C++ compiler the first
-time it is needed (~2 s) into a directory of the caller's choice (the model cache directory), keyed by a hash of
+time it is needed (~2-4 s) into a directory of the caller's choice (the model cache directory), keyed by a hash of
 its source and flags, and loaded with ctypes: no Python headers or torch headers, so the build is quick.
+On a CPU with AVX2 but no AVX512-VNNI the same source is built with -mavx2 and avx2_shim.h runs each
+512-bit vector as two 256-bit halves: the same integer math, so the same batch-invariant results.
 Its OpenMP loop runs on torch's own libgomp (already loaded by torch, and found first by its soname), so
 the two share one thread pool instead of fighting over the cores.
 
@@ -29,10 +31,14 @@ from models.gguf_loader import QuantBlocks
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).with_name(n) for n in ("decode_layer.cpp", "q4_kernel.cpp")]  # the first includes the second
-FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl",
-         "-mavx512vnni", "-mf16c", "-mfma"]
-CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c", "fma"}  # as /proc/cpuinfo names them
+SOURCES = [Path(__file__).with_name(n) for n in ("decode_layer.cpp", "q4_kernel.cpp", "avx2_shim.h")]  # the first includes the others
+COMMON_FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp"]
+# (name, compiler flags, the CPU flags they need as /proc/cpuinfo names them), the fastest first
+VARIANTS = [
+    ("avx512vnni", ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mf16c", "-mfma"],
+     {"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c", "fma"}),
+    ("avx2", ["-mavx2", "-mf16c", "-mfma"], {"avx2", "f16c", "fma"}),
+]
 TILE_BYTES = {"Q4_1": 256, "Q8_0": 512}  # per 16 rows x 32 inputs
 
 _lock = threading.Lock()
@@ -44,28 +50,51 @@ class Matrix(ctypes.Structure):
     _fields_ = [("w", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("q8", ctypes.c_int)]
 
 
-def cpu_supported() -> bool:
+def _cpu_flags() -> set[str]:
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return False
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    return CPU_FLAGS <= set(flags)
+        return set()
+    return set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
 
 
-def digest() -> str:
+def runnable_variants() -> list[str]:
+    """The builds this CPU can run, the fastest first (a CPU with AVX512-VNNI runs the AVX2 build too)."""
+    have = _cpu_flags()
+    return [name for name, _, needs in VARIANTS if needs <= have]
+
+
+def variant() -> str | None:
+    """The build this CPU runs ("avx512vnni" or "avx2"), or None where it runs neither."""
+    return next(iter(runnable_variants()), None)
+
+
+def cpu_supported() -> bool:
+    return variant() is not None
+
+
+def flags(name: str) -> list[str]:
+    return COMMON_FLAGS + next(f for n, f, _ in VARIANTS if n == name)
+
+
+def digest(name: str) -> str:
     """Names the build and the packing kept on disk: a change to the sources, the flags or `pack` renames both."""
-    text = b"".join(p.read_bytes() for p in SOURCES) + " ".join(FLAGS).encode() + inspect.getsource(pack).encode()
+    text = b"".join(p.read_bytes() for p in SOURCES) + " ".join(flags(name)).encode() + pack_digest().encode()
     return hashlib.sha256(text).hexdigest()[:16]
 
 
-def library_path(build_dir: Path) -> Path:
-    return Path(build_dir) / f"q4_kernel-{digest()}.so"
+def pack_digest() -> str:
+    """Names the packed weights kept on disk (one layout for every build): a change to `pack` renames them."""
+    return hashlib.sha256(inspect.getsource(pack).encode()).hexdigest()[:16]
 
 
-def build(build_dir: Path) -> Path:
-    """Compile the kernel into build_dir (once; atomic rename, so concurrent builders do not clash)."""
-    path = library_path(build_dir)
+def library_path(build_dir: Path, name: str) -> Path:
+    return Path(build_dir) / f"q4_kernel-{name}-{digest(name)}.so"
+
+
+def build(build_dir: Path, name: str) -> Path:
+    """Compile the kernel's `name` variant into build_dir (once; atomic rename, so concurrent builders do not clash)."""
+    path = library_path(build_dir, name)
     if path.exists():
         return path
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
@@ -75,7 +104,7 @@ def build(build_dir: Path) -> Path:
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
         out = Path(tmp) / path.name
         try:
-            proc = subprocess.run([cxx, *FLAGS, str(SOURCES[0]), "-o", str(out)], capture_output=True, text=True,
+            proc = subprocess.run([cxx, *flags(name), str(SOURCES[0]), "-o", str(out)], capture_output=True, text=True,
                                   timeout=300, check=False)
         except subprocess.TimeoutExpired:
             raise RuntimeError(f"{cxx} took over 300 s") from None
@@ -85,14 +114,17 @@ def build(build_dir: Path) -> Path:
     return path
 
 
-def load(build_dir: Path) -> ctypes.CDLL | None:
-    """The kernel library (built on first use), or None where it cannot run here (the reason is logged)."""
-    if not cpu_supported():
-        log.info("q4 kernel: this CPU lacks one of %s; using torch's int4 kernel", sorted(CPU_FLAGS))
+def load(build_dir: Path, name: str | None = None) -> ctypes.CDLL | None:
+    """The kernel library (built on first use; `name`: a build from `runnable_variants`, default the fastest),
+    or None where it cannot run here (the reason is logged)."""
+    name = name or variant()
+    if name is None:
+        log.info("q4 kernel: this CPU has neither %s; using torch's int4 kernel",
+                 " nor ".join(str(sorted(needs)) for _, _, needs in VARIANTS))
         return None
     with _lock:
         try:
-            path = build(build_dir)
+            path = build(build_dir, name)
             if path not in _loaded:
                 lib = ctypes.CDLL(str(path))
                 for fn in (lib.q4_matmul, lib.q8_matmul):
