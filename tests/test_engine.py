@@ -505,8 +505,9 @@ def test_bundled_model_decodes_on_its_gguf_blocks_close_to_float32(tmp_path, mon
     trained here on its float weights. Against float32 decoding, fed float32's greedy tokens on two chat
     prompts x 32 steps: our kernel (two int8 digits per input) measured 100% same top-1 and max |logit
     diff| 0.01 (4 prompts x 48 steps), greedy text identical throughout; torch's int4 kernel (bf16
-    rounding) 97-100% and 0.3-0.7, greedy text identical for 22+ tokens. Thresholds leave margin; a
-    broken mapping scores ~0% top-1."""
+    rounding) 97-100% and 0.3-0.7, greedy text identical for 22+ tokens on an AVX512 machine, but on an AVX2
+    one (torch's other int4 code path) 95% and 0.56, one prompt's greedy text parting after 5 tokens at a
+    near tie. Thresholds leave margin; a broken mapping scores ~0% top-1."""
     from backend.serving import q4_kernel
     from backend.bench.decode import AGREEMENT_PROMPTS, agreement
     from backend.config import AppConfig
@@ -528,8 +529,8 @@ def test_bundled_model_decodes_on_its_gguf_blocks_close_to_float32(tmp_path, mon
     assert torch_int4.step.quant == "gguf" and torch_int4.step.kernel is None
     # Served requests also prefill in bf16 on CPUs with bf16 matrix units (first-token logits measured within
     # 0.2-0.37 of float32, same top-1), so free-running greedy text may part from float32's after a dozen tokens.
-    for eng, top1, diff, matched in ((engine, 0.98, 0.2, 8), (torch_int4, 0.9, 1.5, 8)) if ours else \
-            ((engine, 0.9, 1.5, 8),):
+    for eng, top1, diff, matched in ((engine, 0.98, 0.2, 8), (torch_int4, 0.9, 1.5, 3)) if ours else \
+            ((engine, 0.9, 1.5, 3),):
         out = agreement(ref, eng, tokens=32, prompts=AGREEMENT_PROMPTS[:2])
         assert out["top1_agreement"] >= top1, out
         assert 0 < out["max_abs_logit_diff"] < diff, out
