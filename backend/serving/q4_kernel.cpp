@@ -24,7 +24,10 @@
 #include <stdlib.h>
 #include <string.h>
 
-enum { ROWS = 8 };  // rows of x per pass over a weight tile: 2 accumulators + 1 total each, 24 of 32 zmm
+#ifndef KERNEL_ROWS
+#define KERNEL_ROWS 8
+#endif
+enum { ROWS = KERNEL_ROWS };  // rows of x per pass over a weight tile: 2 accumulators + 1 total each, 24 of 32 zmm
 
 struct Xq {               // x quantized, per group of ROWS rows, quad-major: a tile reads a row's 4 inputs
     const int32_t* q;     // [K/4][ROWS]: xq[k..k+3] of each row as one int32
@@ -34,10 +37,14 @@ struct Xq {               // x quantized, per group of ROWS rows, quad-major: a 
     const int32_t* corr;  // [ROWS][KB]: 128 * sum(256 xq + xq2) (Q8_0)
 };
 
-// acc, acc2 += the dots of weight vector w with row r's quad i: first and second digit
-#define DOT(w, i, r) do { \
-        acc[r] = _mm512_dpbusd_epi32(acc[r], w, _mm512_set1_epi32(x.q[(i) * ROWS + (r)])); \
-        acc2[r] = _mm512_dpbusd_epi32(acc2[r], w, _mm512_set1_epi32(x.q2[(i) * ROWS + (r)])); \
+#ifndef DPBUSD_U4  // vpdpbusd where the unsigned operand's bytes are < 16 (4-bit weights); the AVX2 shim has
+#define DPBUSD_U4 _mm512_dpbusd_epi32  // a cheaper exact form for those
+#endif
+
+// acc, acc2 += the dots (by `dp`) of weight vector w with row r's quad i: first and second digit
+#define DOT(dp, w, i, r) do { \
+        acc[r] = dp(acc[r], w, _mm512_set1_epi32(x.q[(i) * ROWS + (r)])); \
+        acc2[r] = dp(acc2[r], w, _mm512_set1_epi32(x.q2[(i) * ROWS + (r)])); \
     } while (0)
 
 static inline __m512i combine(__m512i acc, __m512i acc2) {  // 256 acc + acc2, exact: |256 acc| < 2^31
@@ -58,8 +65,8 @@ static void q4_tile(Xq x, int KB, const uint8_t* w, const uint16_t* dm, float* y
             __m512i raw = _mm512_loadu_si512(w + 64 * v);
             __m512i lo = _mm512_and_si512(raw, low4), hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low4);
             for (int r = 0; r < MR; r++) {
-                DOT(lo, 2 * v, r);
-                DOT(hi, 2 * v + 1, r);
+                DOT(DPBUSD_U4, lo, 2 * v, r);
+                DOT(DPBUSD_U4, hi, 2 * v + 1, r);
             }
         }
         __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)dm));
@@ -83,11 +90,23 @@ static void q8_tile(Xq x, int KB, const uint8_t* w, const uint16_t* dm, float* y
         for (int r = 0; r < MR; r++) acc[r] = acc2[r] = _mm512_setzero_si512();
         for (int v = 0; v < 8; v++) {
             __m512i q = _mm512_loadu_si512(w + 64 * v);
-            for (int r = 0; r < MR; r++) DOT(q, v, r);
+#ifdef Q8_SIGNED_DOT  // the AVX2 shim: dot(q - 128, x) directly, so no correction below
+            Q8Signed qs = q8_signed(q);
+            for (int r = 0; r < MR; r++) {
+                acc[r] = q8_signed_dot(acc[r], qs, _mm512_set1_epi32(x.q[v * ROWS + r]));
+                acc2[r] = q8_signed_dot(acc2[r], qs, _mm512_set1_epi32(x.q2[v * ROWS + r]));
+            }
+#else
+            for (int r = 0; r < MR; r++) DOT(_mm512_dpbusd_epi32, q, v, r);
+#endif
         }
         __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)dm));
         for (int r = 0; r < MR; r++) {
+#ifdef Q8_SIGNED_DOT
+            __m512i dot = combine(acc[r], acc2[r]);
+#else
             __m512i dot = _mm512_sub_epi32(combine(acc[r], acc2[r]), _mm512_set1_epi32(x.corr[r * KB + b]));
+#endif
             tot[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(d, _mm512_set1_ps(x.scale[r * KB + b])),
                                      tot[r]);
         }
@@ -98,8 +117,8 @@ static void q8_tile(Xq x, int KB, const uint8_t* w, const uint16_t* dm, float* y
 typedef void (*tile_fn)(Xq, int, const uint8_t*, const uint16_t*, float*, int);
 
 #define TILE_TABLE(name) {name<1>, name<2>, name<3>, name<4>, name<5>, name<6>, name<7>, name<8>}
-static const tile_fn Q4_TILES[ROWS] = TILE_TABLE(q4_tile);
-static const tile_fn Q8_TILES[ROWS] = TILE_TABLE(q8_tile);
+static const tile_fn Q4_TILES[8] = TILE_TABLE(q4_tile);  // the first ROWS are used
+static const tile_fn Q8_TILES[8] = TILE_TABLE(q8_tile);
 
 static inline __m512i clamp127(__m512i v) {
     return _mm512_min_epi32(_mm512_set1_epi32(127), _mm512_max_epi32(_mm512_set1_epi32(-127), v));
