@@ -194,3 +194,20 @@ def test_the_app_answers_with_either_prefill_weights(tmp_path, weights):
         assert serving["prefill_weights"] == (weights if gguf_supported(torch.device("cpu")) else "float")
     finally:
         s.stop()
+
+
+@pytest.mark.slow
+def test_serve_bench_runs_at_toy_size(capsys):
+    """`python -m backend.bench serve` keeps working against the real app (its own process): every level
+    measured, the scaling row computed, and a peer not given reported missing rather than invented."""
+    import json
+
+    from backend.bench import serve
+    serve.main(["--clients", "1,2", "--tokens", "4", "--repeat", "2"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert sum(line.startswith("round ") for line in lines) == 4  # 2 rounds x 2 levels, one server
+    by_metric = {r["metric"]: r for r in json.loads(lines[-1])["results"]}
+    assert by_metric["1 clients: aggregate decode"]["ours"] > 0 and by_metric["2 clients: aggregate decode"]["ours"] > 0
+    assert by_metric["2 clients vs 1 client (scaling)"]["ours"] > 0
+    assert by_metric["1 clients: aggregate decode"]["peer"] is None
+    assert "not measured" in by_metric["1 clients: aggregate decode"]["peer_name"]

@@ -1,5 +1,5 @@
 """python -m backend.bench serve [--clients 1,8,32] [--tokens 64] [--threads 2] [--llama-python PY] [--llama-server BIN]
-                               [--peer-slots N]
+                               [--peer-slots N] [--repeat 3]
 
 Many users at once, as they meet the app: the real app (`python app.py`, its own process, the app's runtime
 settings) on the bundled model, and C clients at once, each one streamed chat completion through the
@@ -42,7 +42,9 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
 
 
-def run_level(base_url: str, model: str, clients: int, tokens: int) -> dict:
+def run_level(base_url: str, model: str, clients: int, tokens: int, round_no: int = 0) -> dict:
+    """`clients` streamed chats at once; each round's prompts are new (a numbered first line), so no server
+    answers a round from its prompt cache of the round before."""
     import openai
     client = openai.OpenAI(base_url=base_url + "/v1", api_key="unused", max_retries=0, timeout=600)
     start = threading.Barrier(clients)
@@ -59,7 +61,8 @@ def run_level(base_url: str, model: str, clients: int, tokens: int) -> dict:
         t0 = time.perf_counter()
         stamps, n = [], 0
         stream = client.chat.completions.create(
-            model=model, messages=[{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}], max_tokens=tokens,
+            model=model, messages=[{"role": "user", "content": f"Question {round_no}.{i}: {QUESTIONS[i % len(QUESTIONS)]}"}],
+            max_tokens=tokens,
             temperature=0.8, seed=i, stream=True, stream_options={"include_usage": True})
         for ch in stream:
             if ch.choices and ch.choices[0].delta.content:
@@ -97,7 +100,10 @@ def start_llama_server(python: str, gguf: str, threads: int, ctx: int, workdir: 
     port = free_port()
     cmd = [python, "-m", "llama_cpp.server", "--model", gguf, "--host", "127.0.0.1", "--port", str(port),
            "--n_threads", str(threads), "--n_threads_batch", str(threads), "--n_ctx", str(ctx),
-           "--model_alias", "peer"]
+           "--model_alias", "peer",
+           # its default cuts a streaming answer short when the next request arrives (7 of 8 clients then got
+           # empty answers); queued, every client is served in turn, as a user of it would configure it
+           "--interrupt_requests", "False"]
     return wait_for_peer(cmd, port, workdir / "llama-cpp-python-server.log",
                          f"llama-cpp-python {version} llama_cpp.server (one request at a time), same GGUF, {threads} threads")
 
@@ -157,6 +163,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--llama-server", default=None, help="llama.cpp's llama-server binary (built from source)")
     ap.add_argument("--peer-slots", type=int, default=None, help="llama-server's parallel slots (default: the most clients)")
     ap.add_argument("--skip-ours", action="store_true")
+    ap.add_argument("--repeat", type=int, default=3, help="rounds of every level on every server (median reported)")
     args = ap.parse_args(argv)
     levels = [int(c) for c in args.clients.split(",")]
 
@@ -166,48 +173,56 @@ def main(argv: list[str] | None = None) -> None:
     root = Path(__file__).resolve().parents[2]
     cache = Path(os.environ.get("PLAYGROUND_CACHE_DIR") or root / "data" / "cache")
     tmp = tempfile.TemporaryDirectory(prefix="bench-serve-")
-    ours: dict[int, dict] = {}
-    if not args.skip_ours:
-        # one script plays every client from one address: lift the per-caller limit (backend/fairness.py)
-        proc, url = start_app(tmp.name, cache, args.threads, "--max-batch", str(max(levels)),
-                              "--max-requests-per-user", str(2 * max(levels)))
-        try:
-            run_level(url, args.model, 2, 8)  # warm-up
+    # Every server is started first, then measured in turns (each level on each server, --repeat rounds), so
+    # a slow spell of a shared machine falls on all of them alike; a level's figure is its median-rate round.
+    servers: list[tuple[str, str, str, subprocess.Popen]] = []  # (name, url, model, process)
+    errors: list[str] = []
+    try:
+        if not args.skip_ours:
+            # one script plays every client from one address: lift the per-caller limit (backend/fairness.py)
+            proc, url = start_app(tmp.name, cache, args.threads, "--max-batch", str(max(levels)),
+                                  "--max-requests-per-user", str(2 * max(levels)))
+            servers.append(("ours", url, args.model, proc))
+        from models.gguf_file import find_smollm2_gguf
+        gguf = str(find_smollm2_gguf())
+        starts = [(args.llama_python, lambda: start_llama_server(args.llama_python, gguf, args.threads, 4096, Path(tmp.name))),
+                  (args.llama_server, lambda: start_native_llama_server(args.llama_server, gguf, args.threads,
+                                                                        args.peer_slots or max(levels), 2048, Path(tmp.name)))]
+        for given, start in starts:
+            if given:
+                started, err = start()
+                if err:
+                    print(err)
+                    errors.append(err)
+                else:
+                    lproc, lurl, name = started
+                    servers.append((name, lurl, "peer", lproc))
+        rounds: dict[str, dict[int, list[dict]]] = {name: {c: [] for c in levels} for name, *_ in servers}
+        for name, url, model, _ in servers:
+            run_level(url, model, 2, 8)  # warm-up
+        for r in range(args.repeat):
             for c in levels:
-                ours[c] = run_level(url, args.model, c, args.tokens)
-                print(f"ours, {c} clients: {ours[c]['tok_s']:.1f} tok/s aggregate, first token p50 "
-                      f"{ours[c]['ttft_p50']:.2f} s / p99 {ours[c]['ttft_p99']:.2f} s / worst {ours[c]['ttft_max']:.2f} s, "
-                      f"inter-token p99 {ours[c]['itl_p99'] or 0:.3f} s", flush=True)
-        finally:
-            stop_app(proc)
+                for name, url, model, _ in servers:
+                    f = run_level(url, model, c, args.tokens, round_no=r + 1)
+                    rounds[name][c].append(f)
+                    print(f"round {r + 1}, {name}, {c} clients: {f['tok_s']:.1f} tok/s aggregate, first token p50 "
+                          f"{f['ttft_p50']:.2f} s / p99 {f['ttft_p99']:.2f} s / worst {f['ttft_max']:.2f} s, "
+                          f"inter-token p99 {f['itl_p99'] or 0:.3f} s, failed {f['failed']} {f['errors']}", flush=True)
+    finally:
+        for name, _, _, proc in servers:
+            if name == "ours":
+                stop_app(proc)
+            else:
+                proc.terminate()
+                proc.wait(20)
 
-    peers: list[tuple[str, dict[int, dict]]] = []  # (name, clients -> figures)
-    from models.gguf_file import find_smollm2_gguf
-    gguf = str(find_smollm2_gguf())
-    starts = [(args.llama_python, lambda: start_llama_server(args.llama_python, gguf, args.threads, 4096, Path(tmp.name))),
-              (args.llama_server, lambda: start_native_llama_server(args.llama_server, gguf, args.threads,
-                                                                    args.peer_slots or max(levels), 2048, Path(tmp.name)))]
-    for given, start in starts:
-        if not given:
-            continue
-        started, err = start()
-        if err:
-            print(err)
-            peers.append((err, {}))
-            continue
-        lproc, lurl, name = started
-        figures: dict[int, dict] = {}
-        try:
-            run_level(lurl, "peer", 2, 8)
-            for c in levels:
-                figures[c] = run_level(lurl, "peer", c, args.tokens)
-                print(f"peer ({name}), {c} clients: {figures[c]['tok_s']:.1f} tok/s aggregate, first token p50 "
-                      f"{figures[c]['ttft_p50']:.2f} s / worst {figures[c]['ttft_max']:.2f} s, "
-                      f"failed {figures[c]['failed']} {figures[c]['errors']}", flush=True)
-        finally:
-            lproc.terminate()
-            lproc.wait(20)
-        peers.append((name, figures))
+    def median_round(fs: list[dict]) -> dict:
+        return sorted(fs, key=lambda f: f["tok_s"])[len(fs) // 2]
+
+    ours = {c: median_round(fs) for c, fs in rounds.get("ours", {}).items()}
+    peers: list[tuple[str, dict[int, dict]]] = [(name, {c: median_round(fs) for c, fs in by_level.items()})
+                                                for name, by_level in rounds.items() if name != "ours"]
+    peers += [(err, {}) for err in errors]
     if not peers:
         peers.append(("llama.cpp server: not measured (pass --llama-python PY and/or --llama-server BIN)", {}))
 
