@@ -97,6 +97,15 @@ def test_the_fused_step_refuses_a_cache_of_another_batch(kernel):
         assert step(torch.tensor([12]), cache).shape == (1, 512)  # the cache is still usable
 
 
+def test_a_build_this_cpu_cannot_run_is_refused_not_loaded(tmp_path, monkeypatch, caplog):
+    """Asked for a build whose instructions this CPU lacks, load says so and returns None (loading it would
+    kill the process with an illegal instruction at the first matmul)."""
+    monkeypatch.setattr(q4_kernel, "_cpu_flags", lambda: {"avx2", "f16c", "fma"})
+    assert q4_kernel.runnable_variants() == ["avx2"]
+    assert q4_kernel.load(tmp_path / "fresh", "avx512vnni") is None
+    assert "cannot run the avx512vnni build" in caplog.text and not (tmp_path / "fresh").exists()
+
+
 def test_without_a_compiler_load_says_why_and_returns_none(tmp_path, monkeypatch, caplog):
     """No C++ compiler (a machine without build tools): load logs why and returns None, and the pool then
     decodes the GGUF blocks on torch's int4 kernel (backend/serving/model_pool.py)."""

@@ -122,6 +122,9 @@ def load(build_dir: Path, name: str | None = None) -> ctypes.CDLL | None:
         log.info("q4 kernel: this CPU has neither %s; using torch's int4 kernel",
                  " nor ".join(str(sorted(needs)) for _, _, needs in VARIANTS))
         return None
+    if name not in runnable_variants():  # it would die on an illegal instruction, not raise
+        log.warning("q4 kernel: this CPU cannot run the %s build; using torch's int4 kernel", name)
+        return None
     with _lock:
         try:
             path = build(build_dir, name)
