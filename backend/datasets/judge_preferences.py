@@ -24,6 +24,8 @@ from __future__ import annotations
 import random
 import re
 
+from backend.datasets.preferences import distinct_candidates
+
 RULE = ("one point each for: only real words, a complete sentence (3 words or more, capital letter to . ! or ?), "
         "no word or pair of words repeated, on the prompt's topic, 6 to 25 words; more points rank higher; between "
         "answers with as many points the one nearer 12 words ranks higher (not the shorter), then by text")
@@ -163,11 +165,7 @@ def rankings(n: int = 300, seed: int = 0, k: int = 4) -> list[dict]:
     out = []
     for _ in range(n):
         prompt = rng.choice(PROMPTS)
-        cands: list[str] = []
-        while len(cands) < k:
-            c = candidate(rng, prompt)
-            if c not in cands:
-                cands.append(c)
+        cands = distinct_candidates(k, lambda: candidate(rng, prompt))
         order = sorted(range(k), key=lambda i: rule_key(prompt, cands[i]))
         out.append({"prompt": prompt, "candidates": cands, "ranking": order, "all_bad": False})
     return out

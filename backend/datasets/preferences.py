@@ -45,6 +45,16 @@ def candidate(rng: random.Random, pelican: bool) -> str:
     return s
 
 
+def distinct_candidates(k: int, make) -> list[str]:
+    """k different texts from make() (a seeded generator's draws), in the order drawn."""
+    cands: list[str] = []
+    while len(cands) < k:
+        c = make()
+        if c not in cands:
+            cands.append(c)
+    return cands
+
+
 def rankings(n: int = 300, seed: int = 0, k: int = 4) -> list[dict]:
     """n ranked items of k distinct candidates each, ranked by the hidden rule (deterministic for a seed)."""
     if not 2 <= k <= 9:
@@ -52,11 +62,7 @@ def rankings(n: int = 300, seed: int = 0, k: int = 4) -> list[dict]:
     rng = random.Random(seed)
     out = []
     for _ in range(n):
-        cands: list[str] = []
-        while len(cands) < k:
-            c = candidate(rng, rng.random() < 0.5)
-            if c not in cands:
-                cands.append(c)
+        cands = distinct_candidates(k, lambda: candidate(rng, rng.random() < 0.5))
         order = sorted(range(k), key=lambda i: rule_key(cands[i]))
         out.append({"prompt": rng.choice(PROMPTS), "candidates": cands, "ranking": order, "all_bad": False})
     return out
