@@ -6,7 +6,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 7860
 PYTEST_ARGS ?=
 
-.PHONY: install run test browser postgres sandbox bench clean
+.PHONY: install run test browser postgres sandbox compiler bench clean
 
 # Debian packages, installed when missing (root, as on these machines; else the command to run is printed).
 APT := DEBIAN_FRONTEND=noninteractive apt-get install -y -qq
@@ -24,7 +24,12 @@ $(STAMP): requirements.txt requirements-test.txt
 sandbox:
 	@command -v bwrap >/dev/null || $(call apt_get,bubblewrap)
 
-install: $(STAMP) sandbox
+# Our 4-bit kernel (backend/serving/q4_kernel.py) is compiled on first use by the system's g++; without it the
+# bundled model decodes on torch's slower int4 kernel.
+compiler:
+	@command -v g++ >/dev/null || $(call apt_get,g++)
+
+install: $(STAMP) sandbox compiler
 
 run: install
 	$(PY) app.py --host $(HOST) --port $(PORT)
