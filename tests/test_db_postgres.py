@@ -143,3 +143,19 @@ def test_imports_stage_hidden_publish_and_drop_on_postgres(db, people):
         assert s.scalar(select(func.count()).select_from(SFTDemo)) == n
         assert s.scalar(select(func.count()).select_from(RankingSet)) == 0
         assert sorted(s.scalars(select(Import.state))) == ["dropped", "dropped", "published"]
+
+
+def test_migration_0011_moves_the_old_schemes_leftovers_to_a_staging_import_on_postgres(pg_server):
+    """The same upgrade as on SQLite (tests/test_imports.py): rows an interrupted import left with status
+    "importing" become a staging import's rows, hidden, and are dropped at start."""
+    from tests.test_imports import check_0011_converts_old_leftovers
+    name = "t_" + uuid.uuid4().hex[:12]
+    admin = Database(pg_server)
+    with admin.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
+        c.exec_driver_sql(f"CREATE DATABASE {name}")
+    admin.close()
+    d = Database(pg_server.replace("/postgres?", f"/{name}?"))
+    try:
+        check_0011_converts_old_leftovers(d)
+    finally:
+        d.close()

@@ -351,36 +351,55 @@ def test_drop_staged_finishes_interrupted_drops_and_never_touches_a_published_im
             "kept": "published", "killed": "dropped", "cut": "dropped"}
 
 
-def test_rows_the_old_scheme_left_staged_are_hidden_by_migration_0011_and_dropped_at_start(tmp_path):
-    """Before 0011 a killed import left demos and sets with status "importing"; they become a staging import."""
-    from sqlalchemy import text
+def check_0011_converts_old_leftovers(d: Database) -> None:
+    """On an unmigrated database of any dialect (SQLite here, PostgreSQL in tests/test_db_postgres.py): at 0010, what
+    a killed import left under the old scheme (demos and sets with status "importing"); after the upgrade to the
+    head those rows belong to a staging import, hidden from readers, and dropped at start."""
+    import datetime as dt
+
+    import sqlalchemy as sa
 
     from backend.db.migrate import upgrade
+    upgrade(d.engine, "0010")
+    now = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+    S, N, F, J, B, T = sa.String, sa.Integer, sa.Float, sa.JSON, sa.Boolean, sa.DateTime(timezone=True)
+
+    def table(table_name, **cols):  # typed columns, so each dialect gets its own JSON, boolean and time values
+        return sa.table(table_name, *[sa.column(c, kind) for c, kind in cols.items()])
+    messages = ROW["messages"]
+    rows = [
+        (table("users", id=N, name=S, role=S, password_hash=S, api_key_hash=S, active=B, created_at=T),
+         [dict(id=1, name="op", role="operator", password_hash="x", api_key_hash="y", active=True, created_at=now)]),
+        (table("ranking_sets", id=N, name=S, model=S, temperature=F, k=N, annotators_per_item=N, created_by=N,
+               created_at=T, status=S),
+         [dict(id=i, name=name, model="m", temperature=1.0, k=2, annotators_per_item=1, created_by=1, created_at=now,
+               status=status) for i, name, status in ((1, "open", "open"), (2, "staged", "importing"))]),
+        (table("ranking_items", id=N, set_id=N, position=N, prompt=S),
+         [dict(id=1, set_id=1, position=0, prompt="p"), dict(id=2, set_id=2, position=0, prompt="q")]),
+        (table("candidates", id=N, item_id=N, position=N, text=S, source=S, flags=J),
+         [dict(id=i + 1, item_id=1 + i // 2, position=i % 2, text="abcd"[i], source="m", flags=[]) for i in range(4)]),
+        (table("sft_demos", id=N, user_id=N, status=S, messages=J, created_at=T, updated_at=T, review=S, review_note=S),
+         [dict(id=i, user_id=1, status=status, messages=[], created_at=now, updated_at=now, review="pending",
+               review_note="") for i, status in ((1, "submitted"), (2, "importing"))]),
+        (table("sft_versions", id=N, demo_id=N, version=N, messages=J, user_id=N, created_at=T),
+         [dict(id=i, demo_id=i, version=1, messages=messages, user_id=1, created_at=now) for i in (1, 2)]),
+    ]
+    with d.engine.begin() as conn:
+        for t, values in rows:
+            conn.execute(sa.insert(t), values)
+    d.migrate()
+    with d.read() as s:
+        assert s.execute(select(Import.kind, Import.state)).all() == [("sft", "staging"), ("rankings", "staging")]
+        assert dict(s.execute(select(SFTDemo.id, SFTDemo.status)).all()) == {1: "submitted", 2: "submitted"}
+    assert [r["id"] for r in rk.list_sets(d)] == [1] and len(exchange.export(d, "sft")) == 1
+    assert exchange.drop_staged(d) == 2
+    assert counts(d) == {"demos submitted": 1, "sets open": 1, "sft_versions": 1, "ranking_items": 1, "candidates": 2}
+
+
+def test_rows_the_old_scheme_left_staged_are_hidden_by_migration_0011_and_dropped_at_start(tmp_path):
+    """Before 0011 a killed import left demos and sets with status "importing"; they become a staging import."""
     d = Database(f"sqlite:///{tmp_path / 'old.db'}")
     try:
-        upgrade(d.engine, "0010")
-        now = "2026-01-01 00:00:00"
-        with d.engine.begin() as conn:
-            for sql in (
-                "INSERT INTO users (id, name, role, password_hash, api_key_hash, active, created_at) "
-                "VALUES (1, 'op', 'operator', 'x', 'y', 1, :now)",
-                "INSERT INTO ranking_sets (id, name, model, temperature, k, annotators_per_item, created_by, created_at, "
-                "status) VALUES (1, 'open', 'm', 1.0, 2, 1, 1, :now, 'open'), (2, 'staged', 'm', 1.0, 2, 1, 1, :now, 'importing')",
-                "INSERT INTO ranking_items (id, set_id, position, prompt) VALUES (1, 1, 0, 'p'), (2, 2, 0, 'q')",
-                "INSERT INTO candidates (id, item_id, position, text, source, flags) VALUES "
-                "(1, 1, 0, 'a', 'm', '[]'), (2, 1, 1, 'b', 'm', '[]'), (3, 2, 0, 'c', 'm', '[]'), (4, 2, 1, 'd', 'm', '[]')",
-                "INSERT INTO sft_demos (id, user_id, status, messages, created_at, updated_at, review, review_note) VALUES "
-                "(1, 1, 'submitted', '[]', :now, :now, 'pending', ''), (2, 1, 'importing', '[]', :now, :now, 'pending', '')",
-                "INSERT INTO sft_versions (id, demo_id, version, messages, user_id, created_at) VALUES "
-                "(1, 1, 1, :m, 1, :now), (2, 2, 1, :m, 1, :now)",
-            ):
-                conn.execute(text(sql), {"now": now, "m": json.dumps(ROW["messages"])})
-        d.migrate()
-        with d.read() as s:
-            assert s.execute(select(Import.kind, Import.state)).all() == [("sft", "staging"), ("rankings", "staging")]
-            assert dict(s.execute(select(SFTDemo.id, SFTDemo.status)).all()) == {1: "submitted", 2: "submitted"}
-        assert [r["id"] for r in rk.list_sets(d)] == [1] and len(exchange.export(d, "sft")) == 1
-        assert exchange.drop_staged(d) == 2
-        assert counts(d) == {"demos submitted": 1, "sets open": 1, "sft_versions": 1, "ranking_items": 1, "candidates": 2}
+        check_0011_converts_old_leftovers(d)
     finally:
         d.close()
