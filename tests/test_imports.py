@@ -4,6 +4,7 @@ interrupted import leaves nothing visible, and annotators' writes do not wait be
 from __future__ import annotations
 
 import json
+import re
 import threading
 
 import httpx
@@ -283,8 +284,14 @@ def test_a_rankings_import_is_invisible_to_every_reader_while_staging_and_appear
                      lambda: review.flag_candidate(db, ann, cand, "spam")):
             with pytest.raises(LookupError):
                 look()
+        with db.read() as s:  # its name is held, and the refusal says by what (not by a set no reader can open)
+            name, import_id = s.execute(select(RankingSet.name, RankingSet.import_id).where(RankingSet.id == set_id)).one()
+        with pytest.raises(ValueError, match=rf"name: '{re.escape(name)}' is held by import {import_id}, still in progress"):
+            rk.create_set(db, op, name, ["a prompt"], [["one", "two", "three", "four"]])
     finally:
         answer = job.finish()
+    with pytest.raises(ValueError, match=rf"a ranking set named '{re.escape(name)}' already exists \(set {set_id}\)"):
+        rk.create_set(db, op, name, ["a prompt"], [["one", "two", "three", "four"]])
     assert len(said) == 1 and said[0].lstrip().upper().startswith("UPDATE IMPORTS"), said
     assert [s["id"] for s in rk.list_sets(db)] == answer["set_ids"] and set_id in answer["set_ids"]
     assert len(exchange.export(db, "rankings")) == n and len(rk.my_rankings(db, op)) == n

@@ -47,9 +47,7 @@ def create_set(db: Database, user: CurrentUser, name: str, prompts: list[str], c
             raise ValueError(f"candidates[{i}]: every prompt needs the same number of candidates, {min_k}-{K_MAX} (got {len(cands)})")
         if any(not isinstance(c, str) for c in cands):
             raise ValueError(f"candidates[{i}]: candidates must be strings")
-    taken = _set_named(db, name)
-    if taken is not None:
-        raise ValueError(f"name: a ranking set named {name!r} already exists (set {taken}); pick another name")
+    _check_name_free(db, name)
     try:
         return _store_set(db, user, name, prompts, candidates, model, temperature, annotators_per_item, k)
     except IntegrityError:  # another request took the name meanwhile (the unique constraint decides)
@@ -64,9 +62,17 @@ def open_set(s, set_id: int) -> RankingSet:
     return rs
 
 
-def _set_named(db: Database, name: str) -> int | None:
+def _check_name_free(db: Database, name: str) -> None:
+    """ValueError when a set holds the name: a visible one by its id, one of an import still staging by that
+    import (its set is not readable yet, and publishing it would collide with a new set of the same name)."""
     with db.read() as s:
-        return s.scalar(select(RankingSet.id).where(RankingSet.name == name))
+        row = s.execute(select(RankingSet.id, RankingSet.import_id).where(RankingSet.name == name)).first()
+        if row is None:
+            return
+        if is_visible(s, row.import_id):
+            raise ValueError(f"name: a ranking set named {name!r} already exists (set {row.id}); pick another name")
+    raise ValueError(f"name: {name!r} is held by import {row.import_id}, still in progress (its sets appear when it "
+                     f"publishes, and the name is freed if it fails); pick another name")
 
 
 def _store_set(db, user, name, prompts, candidates, model, temperature, annotators_per_item, k) -> dict:
@@ -92,9 +98,7 @@ def create_set_from_model(db: Database, engines, user: CurrentUser, name: str, p
     if not 0.0 <= float(temperature) <= 2.0:
         raise ValueError("temperature must be 0-2")
     prompts = [p.strip() for p in prompts if p and p.strip()]
-    taken = _set_named(db, (name or "").strip())
-    if taken is not None:  # before sampling: a taken name should not cost minutes of generation first
-        raise ValueError(f"name: a ranking set named {name.strip()!r} already exists (set {taken}); pick another name")
+    _check_name_free(db, (name or "").strip())  # before sampling: a taken name should not cost minutes first
     cands = [sample_candidates(engines, model, p, int(k), float(temperature), max_tokens) for p in prompts]
     return create_set(db, user, name, prompts, cands, model=model, temperature=temperature,
                       annotators_per_item=annotators_per_item)
