@@ -72,3 +72,16 @@ def test_the_training_form_queues_a_family_with_a_parent_and_no_step_budget(app)
     assert job["state"] == "queued" and job["config"]["parent_model"] == "tiny" and job["config"]["budget"] == "tiny"
     queue.cancel_job(db, job["id"])
     db.close()
+
+
+def test_the_cli_reads_a_learning_rate_written_2e_5_as_a_number(app, tmp_path):
+    """PyYAML (YAML 1.1) reads 2e-5 as the string '2e-5' and the run was refused with "lr: expected a number";
+    from --set and from a --config file it now reaches the trainer as 2e-05 (the refusal is then the parent's)."""
+    from backend.train.__main__ import main
+    data = ["--data-dir", str(app.data_dir)]
+    config = tmp_path / "sft.yaml"
+    config.write_text("lr: 3E-4\nparent_model: nope\n")
+    for args in (["--set", "lr=2e-5", "--set", "parent_model=nope"], ["--config", str(config)]):
+        with pytest.raises(SystemExit) as e:
+            main(["sft", *args, *data])
+        assert "parent_model" in str(e.value.code) and "lr" not in str(e.value.code), e.value.code

@@ -159,12 +159,27 @@ def _watch_stop_file(path: str, stop: threading.Event) -> None:
     threading.Thread(target=watch, name="stop-file", daemon=True).start()
 
 
+def _yaml(text: str):
+    """Safe YAML, with 2e-5 read as a number: PyYAML follows YAML 1.1, whose floats need a dot ("2.0e-5"),
+    and would pass a learning rate written the usual way on as the string '2e-5' (YAML 1.2 and JSON read it
+    as a number, as we do)."""
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+                                 list("-+.0123456789"))
+    return yaml.load(text, Loader=Loader)
+
+
 def _load_yaml(path: str | None) -> dict:
     if not path:
         return {}
     import yaml
     try:
-        d = yaml.safe_load(Path(path).read_text()) or {}
+        d = _yaml(Path(path).read_text()) or {}
     except OSError as e:
         sys.exit(f"--config: cannot read {path}: {e.strerror}")
     except yaml.YAMLError as e:
@@ -183,7 +198,7 @@ def _overrides(pairs: list[str]) -> dict:
         if not eq or not key.strip():
             sys.exit(f"--set: expected KEY=VALUE, got {pair!r}")
         try:
-            out[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+            out[key.strip()] = _yaml(value) if value.strip() else ""
         except yaml.YAMLError as e:
             sys.exit(f"--set {key}: {value!r} is not a valid value: {e}")
     return out
