@@ -144,8 +144,8 @@ def test_engine_on_the_kernel_decodes_what_the_float_model_scores_best(kernel):
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("pad", [None, [0, 37, 250]], ids=["one-row", "three-rows-padded"])
 def test_the_fused_step_attends_over_a_long_context_as_the_float_step(kernel, threads, pad):
-    """~650 cached slots (many 16-slot blocks and a ragged last one, split across threads where rows x kv
-    heads leave threads idle) with SmolLM2's head shape (3 query heads of 64 per kv head) and sharp
+    """~650 cached slots (many 8- or 16-slot blocks and a ragged last one, in chunks of 256 slots whose states are
+    merged) with SmolLM2's head shape (3 query heads of 64 per kv head) and sharp
     attention (queries scaled up): the kernel step against the float32 step, both fed the float step's
     greedy tokens. Measured max |logit diff| ~1e-4 (what the matmuls' rounding leaves); a slip in the
     softmax or in merging the threads' shares is O(0.1)."""
@@ -177,6 +177,44 @@ def test_the_fused_step_attends_over_a_long_context_as_the_float_step(kernel, th
     finally:
         torch.set_num_threads(before)
     assert 0 < worst < 2e-3, worst
+
+
+def test_a_long_context_row_gets_the_same_logits_alone_beside_a_padded_row_and_on_any_thread_count(kernel):
+    """Batch invariance past one attention chunk: a row's 500 cached slots, alone in its cache (1 or 2 threads),
+    and copied behind 200 slots of left padding into a batch of 2 (2 or 3 threads): the fused step gives that
+    row bitwise the same logits for 8 steps. (The slots were once split one share a thread, and only when rows x
+    kv heads left a thread idle: alone and among others, or on 1 and 2 threads, the sums ran in other orders.)"""
+    model = make_tiny_model(512, dim=192, n_heads=3, n_kv_heads=1, hidden_dim=128, seed=11)
+    step = DecodeStep(model, "gguf", gguf_like(model), kernel=kernel)
+    assert step.fused is not None
+    L, P = 500, 200
+
+    def cache(batch: bool):
+        """the row's slots alone (seeded), or behind P slots of padding beside a second row"""
+        g = torch.Generator().manual_seed(5)
+        solo, beside = model.new_cache(1, 720), model.new_cache(2, 720, pad=torch.tensor([P, 0]))
+        for s, b in zip(solo.k + solo.v, beside.k + beside.v):
+            b.copy_(torch.randn(b.shape, generator=g))
+            s[:, :, :L] = b[:1, :, P:P + L]
+        solo.pos, beside.pos = L, P + L
+        return beside if batch else solo
+
+    before = torch.get_num_threads()
+    runs = []
+    try:
+        with torch.inference_mode():
+            for batch, threads in ((False, 1), (False, 2), (True, 2), (True, 3)):
+                c = cache(batch)
+                torch.set_num_threads(threads)
+                tokens, out = torch.tensor([7, 9][:c.batch]), []
+                for i in range(8):
+                    out.append(step(tokens, c)[0])
+                    tokens = torch.tensor([(31 * i + 5) % 512, 11][:c.batch])  # the row's tokens: the same each run
+                runs.append(torch.stack(out))
+    finally:
+        torch.set_num_threads(before)
+    for other in runs[1:]:
+        assert torch.equal(runs[0], other), (runs[0] - other).abs().max().item()
 
 
 def test_the_fused_step_on_a_float16_cache_stays_close_to_float32(kernel):
