@@ -560,7 +560,7 @@ def test_decode_bench_runs_at_toy_size(capsys):
     assert "single-stream decode (greedy) [fp32]" in by_metric and "2 samples x 2 tokens [gguf]" in by_metric
     assert by_metric["decode at 200 tokens of context vs short [gguf]"]["peer"] > 0  # our short-prompt rate
     assert all(r["ours"] > 0 for r in out["results"] if r["unit"] == "tok/s")
-    [llama] = [r for m, r in by_metric.items() if m.endswith("vs llama.cpp")]  # measured, or said why not
+    [llama] = [r for m, r in by_metric.items() if m.endswith("vs llama.cpp, decode only")]  # measured, or said why not
     assert (llama["peer"] or 0) > 0 or "llama" in llama["peer_name"]
     agree = by_metric["agreement with fp32 [gguf]: teacher-forced top-1"]
     assert 0 <= agree["ours"] <= 1 and agree["prompts"] == 4 and len(agree["greedy_tokens_matched"]) == 4
