@@ -83,14 +83,19 @@ static inline void store_kv(half_t* dst, const float* src, int n) {
         _mm256_storeu_si256((__m256i*)(dst + i), _mm512_cvtps_ph(_mm512_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
 
-template <int REP, typename kv_t>
-static void attend_chunk(const float* q, const kv_t* k, const kv_t* v, int from, int to, int hd, float* st) {
-    float *mx[REP], *sum[REP], *acc[REP];
-    for (int r = 0; r < REP; r++) {
+// head r's state at st + r (hd + 2), as nothing seen yet: max -inf, sum 0, acc 0; its three parts' addresses
+static inline void empty_states(float* st, int rep, int hd, float** mx, float** sum, float** acc) {
+    for (int r = 0; r < rep; r++) {
         mx[r] = st + r * (hd + 2), sum[r] = mx[r] + 1, acc[r] = mx[r] + 2;
         *mx[r] = -INFINITY, *sum[r] = 0.0f;
         memset(acc[r], 0, hd * 4);
     }
+}
+
+template <int REP, typename kv_t>
+static void attend_chunk(const float* q, const kv_t* k, const kv_t* v, int from, int to, int hd, float* st) {
+    float *mx[REP], *sum[REP], *acc[REP];
+    empty_states(st, REP, hd, mx, sum, acc);
     const __m512 scale = _mm512_set1_ps(1.0f / sqrtf((float)hd));
     alignas(64) float p[REP][16];
     for (int s0 = from; s0 < to; s0 += 16) {
@@ -153,11 +158,7 @@ static inline __m256 exp8(__m256 x) { return exp512(em512{x, x}).lo; }  // both 
 template <int REP, typename kv_t>
 static void attend_chunk8(const float* q, const kv_t* k, const kv_t* v, int from, int to, int hd, float* st) {
     float *mx[REP], *sum[REP], *acc[REP];
-    for (int r = 0; r < REP; r++) {
-        mx[r] = st + r * (hd + 2), sum[r] = mx[r] + 1, acc[r] = mx[r] + 2;
-        *mx[r] = -INFINITY, *sum[r] = 0.0f;
-        memset(acc[r], 0, hd * 4);
-    }
+    empty_states(st, REP, hd, mx, sum, acc);
     const __m256 scale = _mm256_set1_ps(1.0f / sqrtf((float)hd)), ninf = _mm256_set1_ps(-INFINITY);
     const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     alignas(32) float p[REP][8];
