@@ -179,20 +179,23 @@ def test_the_fused_step_attends_over_a_long_context_as_the_float_step(kernel, th
     assert 0 < worst < 2e-3, worst
 
 
-def test_a_long_context_row_gets_the_same_logits_alone_beside_a_padded_row_and_on_any_thread_count(kernel):
-    """Batch invariance past one attention chunk: a row's 500 cached slots, alone in its cache (1 or 2 threads),
-    and copied behind 200 slots of left padding into a batch of 2 (2 or 3 threads): the fused step gives that
-    row bitwise the same logits for 8 steps. (The slots were once split one share a thread, and only when rows x
-    kv heads left a thread idle: alone and among others, or on 1 and 2 threads, the sums ran in other orders.)"""
+@pytest.mark.parametrize("L", [255, 256, 500], ids=lambda n: f"{n}-slots")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
+def test_a_long_context_row_gets_the_same_logits_alone_behind_left_padding_and_on_any_thread_count(kernel, dtype, L):
+    """Batch invariance past one attention chunk: a row's L cached slots (one or two 256-slot chunks), alone in its
+    cache (1 or 2 threads), and copied behind 200 slots of left padding beside an unpadded row (2 or 3 threads):
+    the fused step gives that row bitwise the same logits for 8 steps. (The slots were once split one share a
+    thread, and only when rows x kv heads left a thread idle: alone and among others, or on 1 and 2 threads, the
+    sums ran in other orders.)"""
     model = make_tiny_model(512, dim=192, n_heads=3, n_kv_heads=1, hidden_dim=128, seed=11)
     step = DecodeStep(model, "gguf", gguf_like(model), kernel=kernel)
     assert step.fused is not None
-    L, P = 500, 200
+    P = 200
 
     def cache(batch: bool):
         """the row's slots alone (seeded), or behind P slots of padding beside a second row"""
         g = torch.Generator().manual_seed(5)
-        solo, beside = model.new_cache(1, 720), model.new_cache(2, 720, pad=torch.tensor([P, 0]))
+        solo, beside = model.new_cache(1, 720, dtype=dtype), model.new_cache(2, 720, pad=torch.tensor([P, 0]), dtype=dtype)
         for s, b in zip(solo.k + solo.v, beside.k + beside.v):
             b.copy_(torch.randn(b.shape, generator=g))
             s[:, :, :L] = b[:1, :, P:P + L]

@@ -68,7 +68,7 @@ static inline __m512 sum16(const __m512* a) {
 // The softmax state of `REP` query heads (sharing one kv head) over slots from..to-1 of it, in one pass
 // over the keys and values, 16 slots at a time (online softmax): head r's state at st + r (hd + 2) is
 // max, sum, acc[hd], where acc = sum_s e^(score_s - max) v_s and sum = sum_s e^(score_s - max), score = q . k_s / sqrt(hd).
-// Chunks of one head's slots (threads' shares) are merged by `attend_merge`.
+// A row's slots are attended in fixed chunks (ATTEND_CHUNK), whose states `attend_merge` merges.
 static const int PREFETCH = 64;  // slots ahead
 static const int ATTEND_CHUNK = 256;  // slots a work item attends over (decode_layer_impl)
 typedef uint16_t half_t;         // IEEE float16 bits: a float16 cache (decode_layer_f16)
@@ -298,7 +298,8 @@ static int decode_layer_impl(float* x, int B, int dim, float eps, const float* l
         size_t size = (size_t)rep * (hd + 2);
         float* st = (float*)malloc((size_t)items * split * size * 4);
         if (!st) { rc = 2; goto done; }
-        #pragma omp parallel for num_threads(threads) schedule(static)
+        // round robin: a long row's chunks spread over the threads while a short padded row's are empty
+        #pragma omp parallel for num_threads(threads) schedule(static, 1)
         for (int it = 0; it < items * split; it++) {
             int bg = it / split, c = it % split, b = bg / KV, g = bg % KV;
             int from = start ? (int)start[b] : 0, lo = from + c * ATTEND_CHUNK, hi = lo + ATTEND_CHUNK;
