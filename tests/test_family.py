@@ -85,3 +85,6 @@ def test_the_cli_reads_a_learning_rate_written_2e_5_as_a_number(app, tmp_path):
         with pytest.raises(SystemExit) as e:
             main(["sft", *args, *data])
         assert "parent_model" in str(e.value.code) and "lr" not in str(e.value.code), e.value.code
+    with pytest.raises(SystemExit) as e:  # 1e400 reads as inf: refused by name, before anything else
+        main(["sft", "--set", "lr=1e400", "--set", "parent_model=nope", *data])
+    assert "lr: expected a finite number, got inf" in str(e.value.code), e.value.code

@@ -349,9 +349,15 @@ def test_drop_staged_finishes_interrupted_drops_and_never_touches_a_published_im
     assert counts(db)["demos staged"] == 5 and counts(db)["sets staged"] == 3
     with db.read() as s:
         published_id = s.scalar(select(Import.id).where(Import.state == "published"))
+        held = s.scalar(select(RankingSet.name).where(RankingSet.import_id == cut.import_id))
+    four = [["one", "two", "three", "four"]]
+    with pytest.raises(ValueError, match=rf"held by import {cut.import_id}, which failed and is being removed"):
+        rk.create_set(db, op, held, ["a prompt"], four)
     assert exchange.drop_import(db, published_id) is False  # never delete what annotators can see
     assert exchange.drop_staged(db) == 2
     assert counts(db) == published and [s["id"] for s in rk.list_sets(db)] == kept["set_ids"]
+    made = rk.create_set(db, op, held, ["a prompt"], four)  # the name is free again
+    assert [s["id"] for s in rk.list_sets(db)] == kept["set_ids"] + [made["id"]]
     assert exchange.drop_staged(db) == 0
     with db.read() as s:
         assert dict(s.execute(select(Import.name, Import.state)).all()) == {

@@ -279,3 +279,16 @@ def test_review_accepts_edits_rejects_and_flags_and_the_exports_carry_it(db, peo
     rk.submit(db, people["ann"], item["item_id"], [c["id"] for c in item["candidates"]])
     [row] = [r for r in exchange.export(db, "rankings", s["id"]) if r["item_id"] == item["item_id"]]
     assert row["flags"][0] == ["unsafe"] and row["flags"][1:] == [[], [], []]
+
+
+def test_a_set_sampled_from_a_model_refuses_a_bad_or_taken_name_before_sampling(db, people):
+    """Sampling K candidates a prompt takes minutes: the name is checked first (no engine is touched)."""
+    first = make_set(db, people["op"])
+
+    class NoEngines:
+        def get(self, name):
+            raise AssertionError("sampled before the name was checked")
+    for name, says in (("", "name must be 1-200 characters"), ("x" * 201, "name must be 1-200 characters"),
+                       ("jokes", rf"already exists \(set {first['id']}\)")):
+        with pytest.raises(ValueError, match=says):
+            rk.create_set_from_model(db, NoEngines(), people["op"], name, ["a prompt"], "any-model", 4, 1.0)

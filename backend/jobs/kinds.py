@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import threading
 import types
 import typing
@@ -219,6 +220,8 @@ def _check(key: str, value, tp):
         raise bad
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):  # 1e400 reads as inf: no config field means that
+                raise ValueError(f"{key}: expected a finite number, got {value!r}")
             return float(value)
         raise bad
     if tp is str:

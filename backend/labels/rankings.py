@@ -13,8 +13,8 @@ from sqlalchemy import bindparam, exists, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from backend.db import Database
-from backend.db.models import Candidate, Ranking, RankingItem, RankingSet, User, utcnow
-from backend.labels.visibility import SET_VISIBLE, is_visible
+from backend.db.models import Candidate, Import, Ranking, RankingItem, RankingSet, User, utcnow
+from backend.labels.visibility import PUBLISHED, SET_VISIBLE, STAGING, is_visible
 from backend.users import CurrentUser
 
 K_MIN, K_MAX = 4, 9  # candidates sampled per prompt
@@ -29,9 +29,7 @@ def create_set(db: Database, user: CurrentUser, name: str, prompts: list[str], c
 
     Validates everything before writing; one transaction, so a bad set leaves nothing behind.
     """
-    name = (name or "").strip()
-    if not name or len(name) > 200:
-        raise ValueError("name must be 1-200 characters")
+    name = _check_name(name)
     prompts = [p.strip() for p in prompts if p and p.strip()]
     if not prompts:
         raise ValueError("prompts: give at least one prompt")
@@ -51,6 +49,7 @@ def create_set(db: Database, user: CurrentUser, name: str, prompts: list[str], c
     try:
         return _store_set(db, user, name, prompts, candidates, model, temperature, annotators_per_item, k)
     except IntegrityError:  # another request took the name meanwhile (the unique constraint decides)
+        _check_name_free(db, name)  # says who holds it
         raise ValueError(f"name: a ranking set named {name!r} already exists; pick another name") from None
 
 
@@ -62,17 +61,28 @@ def open_set(s, set_id: int) -> RankingSet:
     return rs
 
 
+def _check_name(name: str | None) -> str:
+    name = (name or "").strip()
+    if not name or len(name) > 200:
+        raise ValueError("name must be 1-200 characters")
+    return name
+
+
 def _check_name_free(db: Database, name: str) -> None:
-    """ValueError when a set holds the name: a visible one by its id, one of an import still staging by that
-    import (its set is not readable yet, and publishing it would collide with a new set of the same name)."""
+    """ValueError when a set holds the name: a visible set by its id; a set of an unpublished import by that
+    import (its set is not readable, and publishing it would collide with a new set of the same name)."""
     with db.read() as s:
-        row = s.execute(select(RankingSet.id, RankingSet.import_id).where(RankingSet.name == name)).first()
-        if row is None:
-            return
-        if is_visible(s, row.import_id):
-            raise ValueError(f"name: a ranking set named {name!r} already exists (set {row.id}); pick another name")
-    raise ValueError(f"name: {name!r} is held by import {row.import_id}, still in progress (its sets appear when it "
-                     f"publishes, and the name is freed if it fails); pick another name")
+        row = s.execute(select(RankingSet.id, RankingSet.import_id, Import.state)
+                        .outerjoin(Import, Import.id == RankingSet.import_id).where(RankingSet.name == name)).first()
+    if row is None:
+        return
+    if row.import_id is None or row.state == PUBLISHED:
+        raise ValueError(f"name: a ranking set named {name!r} already exists (set {row.id}); pick another name")
+    if row.state == STAGING:
+        raise ValueError(f"name: {name!r} is held by import {row.import_id}, still in progress (its sets appear when "
+                         f"it publishes, and the name is freed if it fails); pick another name")
+    raise ValueError(f"name: {name!r} is held by import {row.import_id}, which failed and is being removed (the name "
+                     f"is free once its rows are gone, at the latest when the server next starts); pick another name")
 
 
 def _store_set(db, user, name, prompts, candidates, model, temperature, annotators_per_item, k) -> dict:
@@ -98,7 +108,7 @@ def create_set_from_model(db: Database, engines, user: CurrentUser, name: str, p
     if not 0.0 <= float(temperature) <= 2.0:
         raise ValueError("temperature must be 0-2")
     prompts = [p.strip() for p in prompts if p and p.strip()]
-    _check_name_free(db, (name or "").strip())  # before sampling: a taken name should not cost minutes first
+    _check_name_free(db, _check_name(name))  # before sampling: a bad or taken name should not cost minutes first
     cands = [sample_candidates(engines, model, p, int(k), float(temperature), max_tokens) for p in prompts]
     return create_set(db, user, name, prompts, cands, model=model, temperature=temperature,
                       annotators_per_item=annotators_per_item)

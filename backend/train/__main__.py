@@ -169,7 +169,7 @@ def _yaml(text: str):
 
     class Loader(yaml.SafeLoader):
         pass
-    Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+$"),
                                  list("-+.0123456789"))
     return yaml.load(text, Loader=Loader)
 
