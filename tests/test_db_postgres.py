@@ -58,14 +58,19 @@ def pg_server(tmp_path_factory):
         shutil.rmtree(root, ignore_errors=True)
 
 
-def fresh_database(pg_server: str) -> Database:
-    """A new, migrated database on the throwaway server."""
+def empty_database(pg_server: str) -> Database:
+    """A new database on the throwaway server, no tables yet."""
     name = "t_" + uuid.uuid4().hex[:12]
     admin = Database(pg_server)
     with admin.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
         c.exec_driver_sql(f"CREATE DATABASE {name}")
     admin.close()
-    d = Database(pg_server.replace("/postgres?", f"/{name}?"))
+    return Database(pg_server.replace("/postgres?", f"/{name}?"))
+
+
+def fresh_database(pg_server: str) -> Database:
+    """A new, migrated database on the throwaway server."""
+    d = empty_database(pg_server)
     d.migrate()
     return d
 
@@ -149,12 +154,7 @@ def test_migration_0011_moves_the_old_schemes_leftovers_to_a_staging_import_on_p
     """The same upgrade as on SQLite (tests/test_imports.py): rows an interrupted import left with status
     "importing" become a staging import's rows, hidden, and are dropped at start."""
     from tests.test_imports import check_0011_converts_old_leftovers
-    name = "t_" + uuid.uuid4().hex[:12]
-    admin = Database(pg_server)
-    with admin.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
-        c.exec_driver_sql(f"CREATE DATABASE {name}")
-    admin.close()
-    d = Database(pg_server.replace("/postgres?", f"/{name}?"))
+    d = empty_database(pg_server)
     try:
         check_0011_converts_old_leftovers(d)
     finally:
