@@ -87,11 +87,22 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotate_half(x) * sin
 
 
+def kv_slot_width(head_dim: int, dtype: torch.dtype) -> int:
+    """Cache elements a slot of one kv head takes: head_dim, and for an int8 cache the float16 scales' bytes
+    after the values, one scale per 32 (llama.cpp's q8_0; backend/serving/kv_quant.py)."""
+    if dtype != torch.int8:
+        return head_dim
+    if head_dim % 32:
+        raise ValueError(f"an int8 KV cache needs a head size that is a multiple of 32, not {head_dim}")
+    return head_dim + head_dim // 16
+
+
 class KVCache:
-    """Preallocated keys and values for every layer: [B, n_kv_heads, max_len, head_dim] each."""
+    """Preallocated keys and values for every layer: [B, n_kv_heads, max_len, head_dim] each (an int8 cache's
+    slots are wider: their scales follow the values, backend/serving/kv_quant.py)."""
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device, dtype, pad: torch.Tensor | None = None):
-        shape = (batch, cfg.n_kv_heads, max_len, cfg.head_dim)
+        shape = (batch, cfg.n_kv_heads, max_len, kv_slot_width(cfg.head_dim, dtype))
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
         self.pos = 0  # slots filled so far (same for every row)

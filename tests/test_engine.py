@@ -434,7 +434,7 @@ def q4_engine(enc, which: str, tmp_path, serve=None) -> Engine:
     return eng
 
 
-@pytest.mark.parametrize("kv", ["auto", "float16"])
+@pytest.mark.parametrize("kv", ["auto", "float16", "int8"])
 @pytest.mark.parametrize("which", ["torch int4", "ours"])
 def test_q4_prefill_gives_the_same_bits_however_the_prompt_is_chunked(enc, tmp_path, which, kv):
     """The q4 prefill's attention runs in fixed tiles of TILE_ROWS rows on the absolute position grid and its
@@ -444,6 +444,8 @@ def test_q4_prefill_gives_the_same_bits_however_the_prompt_is_chunked(enc, tmp_p
     another request decodes gets bitwise the log-probs it gets alone."""
     from backend.serving.scheduler import ServeConfig
     eng = q4_engine(enc, which, tmp_path, ServeConfig(prefill_budget=17, prefix_cache_mb=0, kv_cache_dtype=kv))
+    assert eng.kv_dtype == ({"auto": torch.float32, "float16": torch.float16, "int8": torch.int8}[kv] if which == "ours"
+                            else torch.float32)  # torch's int4 kernel: the model's float32 cache whatever is asked
     ids = [(7 * i * i + 3 * i + 1) % 512 for i in range(203)]
 
     def prefill(cuts):

@@ -7,6 +7,7 @@ import torch
 
 from backend.serving import q4_kernel
 from backend.serving.decode_step import DecodeStep
+from backend.serving.kv_quant import cast, dequantize, quantize
 from models.gguf_loader import QuantBlocks
 from tests.helpers import decode_against_float, gguf_like, make_tiny_model
 
@@ -180,7 +181,7 @@ def test_the_fused_step_attends_over_a_long_context_as_the_float_step(kernel, th
 
 
 @pytest.mark.parametrize("L", [255, 256, 500], ids=lambda n: f"{n}-slots")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.int8], ids=["float32", "float16", "int8"])
 def test_a_long_context_row_gets_the_same_logits_alone_behind_left_padding_and_on_any_thread_count(kernel, dtype, L):
     """Batch invariance past one attention chunk: a row's L cached slots (one or two 256-slot chunks), alone in its
     cache (1 or 2 threads), and copied behind 200 slots of left padding beside an unpadded row (2 or 3 threads):
@@ -197,7 +198,7 @@ def test_a_long_context_row_gets_the_same_logits_alone_behind_left_padding_and_o
         g = torch.Generator().manual_seed(5)
         solo, beside = model.new_cache(1, 720, dtype=dtype), model.new_cache(2, 720, pad=torch.tensor([P, 0]), dtype=dtype)
         for s, b in zip(solo.k + solo.v, beside.k + beside.v):
-            b.copy_(torch.randn(b.shape, generator=g))
+            b.copy_(cast(torch.randn(*b.shape[:3], model.cfg.head_dim, generator=g), dtype))
             s[:, :, :L] = b[:1, :, P:P + L]
         solo.pos, beside.pos = L, P + L
         return beside if batch else solo
@@ -220,11 +221,14 @@ def test_a_long_context_row_gets_the_same_logits_alone_behind_left_padding_and_o
         assert torch.equal(runs[0], other), (runs[0] - other).abs().max().item()
 
 
-def test_the_fused_step_on_a_float16_cache_stays_close_to_float32(kernel):
-    """With --kv-cache-dtype float16 the engine gives the fused layer a float16 KV cache (half the bytes a long
-    context reads a step: decode_layer.cpp). Against the same step on a float32 cache, over a 600-token context, the logits move by
-    the keys' and values' rounding (float16: 2^-11 relative) and the greedy tokens stay the same; the step's
-    own writes into the cache are float16 of what it computed."""
+@pytest.mark.parametrize("dtype", [torch.float16, torch.int8], ids=["float16", "int8"])
+def test_the_fused_step_on_a_smaller_cache_stays_close_to_float32(kernel, dtype):
+    """With --kv-cache-dtype float16 (or int8) the engine gives the fused layer a float16 (int8) KV cache: half
+    (about a quarter of) the bytes a long context reads a step (decode_layer.cpp). Against the same step on a
+    float32 cache, over a 600-token context, the logits move by the keys' and values' rounding (float16: 2^-11
+    relative; int8: half a step of 1/127 of a 32-value block's largest) and the greedy tokens stay the same;
+    the step's own writes into the cache are bitwise what the prefill writes for the same values
+    (`.half()`, kv_quant.quantize)."""
     model = make_tiny_model(512, dim=192, n_heads=3, n_kv_heads=1, hidden_dim=128, seed=11)
     step = DecodeStep(model, "gguf", gguf_like(model), kernel=kernel)
     assert step.fused is not None
@@ -233,16 +237,35 @@ def test_the_fused_step_on_a_float16_cache_stays_close_to_float32(kernel):
     with torch.inference_mode():
         a = model.new_cache(2, 640, pad=pad)
         model(idx, a)
-        b = model.new_cache(2, 640, pad=pad.clone(), dtype=torch.float16)
+        b = model.new_cache(2, 640, pad=pad.clone(), dtype=dtype)
         b.pos = a.pos
         for t, s in zip(b.k + b.v, a.k + a.v):
-            t.copy_(s)
+            t.copy_(cast(s, dtype))
         tokens, worst = idx[:, -1], 0.0
         for _ in range(12):
             la, lb = step(tokens, a), step(tokens, b)
             worst = max(worst, (la - lb).abs().max().item())
             assert torch.equal(la.argmax(-1), lb.argmax(-1))
             tokens = la.argmax(-1)
-        written = slice(a.pos - 12, a.pos)
-        assert torch.equal(b.k[0][:, :, written], a.k[0][:, :, written].half())
-    assert 0 < worst < 0.02 * la.abs().max().item(), worst
+        written = slice(a.pos - 12, a.pos)  # layer 0's keys and values depend on the token alone
+        for t, s in ((b.k[0], a.k[0]), (b.v[0], a.v[0])):
+            assert torch.equal(t[:, :, written], cast(s[:, :, written], dtype))
+    assert 0 < worst < {torch.float16: 0.02, torch.int8: 0.1}[dtype] * la.abs().max().item(), worst
+
+
+def test_the_int8_cache_layout_holds_each_value_within_half_a_step():
+    """kv_quant's int8 slot (llama.cpp's q8_0): 64 values then two float16 scales, 68 bytes; each value comes back
+    within half a step (a step: its 32-block's max / 127; plus the scale's float16 rounding), an all-zero block as
+    zeros, and a block's largest value as +-127 steps."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 2, 5, 64, generator=g) * torch.tensor([0.05, 1.0, 40.0]).view(3, 1, 1, 1)  # scales above float16's subnormals
+    x[0, 0, 0] = 0.0
+    q = quantize(x)
+    assert q.dtype == torch.int8 and q.shape == (3, 2, 5, 68)
+    back = dequantize(q)
+    step = x.unflatten(-1, (2, 32)).abs().amax(-1, keepdim=True) / 127
+    # half a step, and the float16 scale's rounding (2^-11 of it) times at most 127 steps
+    assert ((back - x).unflatten(-1, (2, 32)).abs() <= step * (0.5 + 127 / 2048 + 1e-4)).all()
+    assert ((back - x).unflatten(-1, (2, 32)).abs() > step * 0.45).any()  # and it does round that far
+    assert torch.equal(back[0, 0, 0], torch.zeros(64))
+    assert (q[..., :64].abs().unflatten(-1, (2, 32)).amax(-1)[1:] == 127).all()

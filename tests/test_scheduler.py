@@ -33,8 +33,8 @@ class Spec:
     chat_format: str | None = None
 
 
-def random_model(vocab: int, seed: int = 0, max_seq_len: int = 512, layers: int = 2) -> Transformer:
-    cfg = ModelConfig(vocab_size=vocab, dim=64, n_layers=layers, n_heads=4, n_kv_heads=2, hidden_dim=128,
+def random_model(vocab: int, seed: int = 0, max_seq_len: int = 512, layers: int = 2, heads=(4, 2)) -> Transformer:
+    cfg = ModelConfig(vocab_size=vocab, dim=64, n_layers=layers, n_heads=heads[0], n_kv_heads=heads[1], hidden_dim=128,
                       max_seq_len=max_seq_len)
     model = Transformer(cfg).init_weights(seed)
     with torch.no_grad():  # larger weights than the training init: varied text, not one repeated token
@@ -44,13 +44,14 @@ def random_model(vocab: int, seed: int = 0, max_seq_len: int = 512, layers: int 
     return model.eval()
 
 
-def kernel_engine(enc, tmp_path, serve=None) -> Engine:
-    """A tiny model decoding as the bundled one does: GGUF-like 4-bit blocks on our kernel (fused layers)."""
+def kernel_engine(enc, tmp_path, serve=None, heads=(4, 2)) -> Engine:
+    """A tiny model decoding as the bundled one does: GGUF-like 4-bit blocks on our kernel (fused layers);
+    heads (query, kv) of dim 64 between them."""
     from backend.serving import q4_kernel
     kernel = q4_kernel.load(tmp_path)
     if kernel is None:
         pytest.skip("our 4-bit kernel does not build or run on this CPU (needs g++ and AVX512-VNNI or AVX2)")
-    model = random_model(enc.n_vocab + (-enc.n_vocab) % 16, seed=3)  # a head the kernel can tile, as SmolLM2's
+    model = random_model(enc.n_vocab + (-enc.n_vocab) % 16, seed=3, heads=heads)  # a head the kernel can tile, as SmolLM2's
     eng = Engine(Spec(), model, enc, quant="gguf", blocks=gguf_like(model), kernel=kernel, serve=serve,
                  prefill_weights="q4")
     assert eng.step.fused is not None and type(eng.head).__name__ == "BlockLinear"
@@ -198,15 +199,18 @@ def test_prefill_on_4bit_blocks_and_bf16_stays_close_to_float(enc, tmp_path, bf1
             assert (got - want).abs().max() < 0.05 * want.abs().max(), (n, bf16)
 
 
-@pytest.mark.parametrize("bf16", [False, True])
-def test_whole_blocks_prefill_in_one_forward_and_give_the_logits_of_block_by_block(enc, tmp_path, bf16):
+@pytest.mark.parametrize("bf16,kv", [(False, "auto"), (True, "float16"), (False, "int8")])
+def test_whole_blocks_prefill_in_one_forward_and_give_the_logits_of_block_by_block(enc, tmp_path, bf16, kv):
     """On the 4-bit engine a prefill row does not depend on the chunk's other rows, so a prompt's whole blocks
     go in one forward (the weights read once, not once per block). The first tokens' log-probs are bitwise
     those of the same prompt with its leading blocks copied from the prefix cache, and of a prefill cut into
-    one-block chunks while another request decodes. (With a float16 KV cache too.)"""
-    serve = ServeConfig(block=64, prefix_cache_mb=16, prefill_budget=64, kv_cache_dtype="float16" if bf16 else "auto")
-    eng = kernel_engine(enc, tmp_path, serve)
-    assert eng.kv_dtype == (torch.float16 if bf16 else torch.float32)
+    one-block chunks while another request decodes. (With float16 and int8 KV caches too: int8 on heads of 32,
+    its layout's block; asked on heads of 16, the engine keeps float32.)"""
+    serve = ServeConfig(block=64, prefix_cache_mb=16, prefill_budget=64, kv_cache_dtype=kv)
+    if kv == "int8":
+        assert kernel_engine(enc, tmp_path, serve).kv_dtype == torch.float32  # heads of 16
+    eng = kernel_engine(enc, tmp_path, serve, heads=(2, 1) if kv == "int8" else (4, 2))
+    assert eng.kv_dtype == {"auto": torch.float32, "float16": torch.float16, "int8": torch.int8}[kv]
     from backend.serving.prefill import Prefill
     eng._prefill = Prefill(eng.model, "bf16" if bf16 else "q4", eng.step.layers)
     system = enc.encode("You are a helpful assistant who answers questions about birds in great detail. " * 16)

@@ -42,6 +42,8 @@ from pathlib import Path
 
 import torch
 
+from backend.serving.scheduler import KV_CACHE_DTYPES
+
 PROMPT = [{"role": "user", "content": "Write a short story about a robot who learns to paint."}]
 AGREEMENT_PROMPTS = ["Write a short story about a robot who learns to paint.", "What is the capital of France?",
                      "Explain recursion in Python with an example.", "List three fruits and their colors."]
@@ -99,6 +101,7 @@ def agreement(ref, eng, tokens: int, prompts: list[str] = AGREEMENT_PROMPTS) -> 
     """How closely engine `eng` decodes like `ref` (both on the same model): teacher-forced along ref's
     greedy tokens, the share of steps with the same top-1 token and the max |logit diff|; free running,
     the greedy tokens that match before the first divergence (per prompt)."""
+    from backend.serving.kv_quant import cast
     from backend.serving.sampling import SamplingParams
     same = steps = 0
     worst = prefill_worst = 0.0
@@ -112,7 +115,7 @@ def agreement(ref, eng, tokens: int, prompts: list[str] = AGREEMENT_PROMPTS) -> 
             logits = [e.model(torch.tensor([ids], device=e.device), c, last_only=True)[:, -1].float()
                       for e, c in zip((ref, eng), caches)]
             for e, c in zip((ref, eng), caches):  # the float forward filled them; the step reads its own dtype
-                c.k, c.v = [t.to(e.kv_dtype) for t in c.k], [t.to(e.kv_dtype) for t in c.v]
+                c.k, c.v = [cast(t, e.kv_dtype) for t in c.k], [cast(t, e.kv_dtype) for t in c.v]
             # the engine's own prefill (bf16 matmuls where it chose them) and head, as it serves a request
             served = eng.head(eng.prefill_hidden(ids, eng.new_cache(1, len(ids)))[:, -1]).float().cpu()
             prefill_worst = max(prefill_worst, (logits[0].cpu() - served).abs().max().item())
@@ -316,7 +319,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--long-context", type=int, default=1500,
                     help="prompt tokens of the long-context decode row (gguf variant; 0 skips it)")
     ap.add_argument("--long-context-tokens", type=int, default=64, help="new tokens per run of the long-context row")
-    ap.add_argument("--kv-cache-dtype", choices=("auto", "float16"), default="auto",
+    ap.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
                     help="the engine's KV cache (as app.py --kv-cache-dtype)")
     ap.add_argument("--prefill-weights", choices=("auto", "bf16", "q4"), default="auto",
                     help="what the 4-bit variants prefill on (as app.py --prefill-weights): every row, the prefill row included")

@@ -1,13 +1,15 @@
 // One decoder layer of a Llama-family model for one new token per row, in a single call, on our block
 // matmul (q4_kernel.cpp, included: one translation unit, one library). backend/serving/decode_step.py calls it
 // once per layer; the math is DecodeStep's (RMSNorm, RoPE, grouped-query attention over the KV cache,
-// SwiGLU), all float32 outside the matmuls; the KV cache is float32 or float16 (decode_layer_f16, the
-// engine's choice).
+// SwiGLU), all float32 outside the matmuls; the KV cache is float32, float16 (decode_layer_f16) or int8
+// (decode_layer_q8), the engine's choice.
 //
 // Why float16 keys and values: at long contexts a decode step's time goes to reading the cache (SmolLM2 at
 // 1500 tokens: 69 MB a step in float32, ~8 ms at this machine's ~9 GB/s), so half the bytes is half that
 // time; float16's 11-bit significand rounds a key or value by at most 2^-11 of itself, as llama.cpp's
-// default f16 cache and vLLM's half-precision caches do.
+// default f16 cache and vLLM's half-precision caches do. The int8 cache is llama.cpp's q8_0 (`--cache-type-k
+// q8_0`): a slot's hd values as int8 then one float16 scale per 32 of them, hd + hd/16 bytes (68 for hd 64,
+// a quarter of float32's 256), rounding a value by at most half a step of 1/127 of its block's largest.
 //
 // Why: at one token per step the torch version of this layer is ~30 small ops, and on a CPU their
 // dispatch cost (~10 us each) was half of a SmolLM2 decode step, as much as all the matmuls.
@@ -73,6 +75,13 @@ static const int PREFETCH = 64;  // slots ahead
 static const int ATTEND_CHUNK = 256;  // slots a work item attends over (decode_layer_impl)
 typedef uint16_t half_t;         // IEEE float16 bits: a float16 cache (decode_layer_f16)
 
+struct q8_t { int8_t b; };        // a byte of an int8 cache slot (decode_layer_q8; backend/serving/kv_quant.py)
+static const int Q8_BLOCK = 32;  // values per float16 scale
+
+// cache elements from one slot to the next of a kv head: hd values, plus the scales for int8
+template <typename kv_t> static inline size_t kv_ld(int hd) { return hd; }
+template <> inline size_t kv_ld<q8_t>(int hd) { return hd + hd / 16; }
+
 static inline __m512 load_kv(const float* p) { return _mm512_loadu_ps(p); }
 static inline __m512 load_kv(const half_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p)); }
 
@@ -81,6 +90,22 @@ static inline void store_kv(float* dst, const float* src, int n) { memcpy(dst, s
 static inline void store_kv(half_t* dst, const float* src, int n) {
     for (int i = 0; i < n; i += 16)
         _mm256_storeu_si256((__m256i*)(dst + i), _mm512_cvtps_ph(_mm512_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+// int8, as kv_quant.quantize (bitwise): per 32 values d = max|x| / 127, q = round-half-even(x * (1 / d)),
+// d kept as float16 after the n values
+static inline void store_kv(q8_t* dst, const float* src, int n) {
+    for (int b = 0; b < n / Q8_BLOCK; b++) {
+        const float* x = src + b * Q8_BLOCK;
+        float amax = 0.0f;
+        for (int i = 0; i < Q8_BLOCK; i++) amax = fabsf(x[i]) > amax ? fabsf(x[i]) : amax;
+        float d = amax / 127.0f, inv = d > 0.0f ? 1.0f / d : 0.0f;
+        for (int i = 0; i < Q8_BLOCK; i++) {
+            float r = nearbyintf(x[i] * inv);  // the default rounding mode: to nearest, ties to even
+            dst[b * Q8_BLOCK + i].b = (int8_t)(r > 127.0f ? 127.0f : r < -127.0f ? -127.0f : r);
+        }
+        uint16_t h = _cvtss_sh(d, _MM_FROUND_TO_NEAREST_INT);
+        memcpy(dst + n + 2 * b, &h, 2);
+    }
 }
 
 // head r's state at st + r (hd + 2), as nothing seen yet: max -inf, sum 0, acc 0; its three parts' addresses
@@ -137,13 +162,27 @@ static void attend_chunk(const float* q, const kv_t* k, const kv_t* v, int from,
     }
 }
 
-#if !defined(__AVX512VNNI__)
-// The AVX2 build's version of attend_chunk: 8 slots a block (one ymm of scores), each key and value read (and
-// converted from float16) once for all REP heads. attend_chunk through the shim re-read and re-converted every
-// key once per head and spilled its 16 two-register accumulators: at 1500 tokens of context it ran at a third
-// of this machine's memory speed (SmolLM2, 30 layers, float16 cache: 5.7 ms a token on one core, 35 MB read).
-static inline __m256 load_kv8(const float* p) { return _mm256_loadu_ps(p); }
-static inline __m256 load_kv8(const half_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
+// The AVX2 build's version of attend_chunk (and both builds' for an int8 cache): 8 slots a block (one ymm of
+// scores), each key and value read (and converted) once for all REP heads. attend_chunk through the shim
+// re-read and re-converted every key once per head and spilled its 16 two-register accumulators: at 1500
+// tokens of context it ran at a third of this machine's memory speed (SmolLM2, 30 layers, float16 cache:
+// 5.7 ms a token on one core, 35 MB read).
+// values i..i+15 of a slot (`row`) as two ymm
+static inline void load_kv16(const float* row, int i, int, __m256& a, __m256& b) {
+    a = _mm256_loadu_ps(row + i), b = _mm256_loadu_ps(row + i + 8);
+}
+static inline void load_kv16(const half_t* row, int i, int, __m256& a, __m256& b) {
+    a = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(row + i)));
+    b = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(row + i + 8)));
+}
+static inline void load_kv16(const q8_t* row, int i, int hd, __m256& a, __m256& b) {  // i % 16 == 0: one scale
+    uint16_t h;
+    memcpy(&h, row + hd + 2 * (i / Q8_BLOCK), 2);
+    __m256 d = _mm256_set1_ps(_cvtsh_ss(h));
+    __m128i q = _mm_loadu_si128((const __m128i*)(row + i));
+    a = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), d);
+    b = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(q, 8))), d);
+}
 
 // lane j = the sum of a[j]'s 8 lanes (hadd pairs, then the two 128-bit halves)
 static inline __m256 sum8(const __m256* a) {
@@ -153,7 +192,15 @@ static inline __m256 sum8(const __m256* a) {
     return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
 }
 
+#if defined(__AVX512VNNI__)
+static inline __m256 exp8(__m256 x) { return _mm512_castps512_ps256(exp512(_mm512_zextps256_ps512(x))); }
+static inline float em_hsum8(__m256 v) { return _mm512_reduce_add_ps(_mm512_zextps256_ps512(v)); }
+static inline float em_hmax8(__m256 v) {
+    return _mm512_mask_reduce_max_ps((__mmask16)0xFF, _mm512_zextps256_ps512(v));
+}
+#else
 static inline __m256 exp8(__m256 x) { return exp512(em512{x, x}).lo; }  // both halves computed: once a block, cheap
+#endif
 
 template <int REP, typename kv_t>
 static void attend_chunk8(const float* q, const kv_t* k, const kv_t* v, int from, int to, int hd, float* st) {
@@ -163,15 +210,17 @@ static void attend_chunk8(const float* q, const kv_t* k, const kv_t* v, int from
     const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     alignas(32) float p[REP][8];
     __m256 dot[REP][8];
+    const size_t ld = kv_ld<kv_t>(hd);
     for (int s0 = from; s0 < to; s0 += 8) {
         int n = to - s0 < 8 ? to - s0 : 8;
         __m256 valid = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(n), lane));
         for (int j = 0; j < 8; j++) {  // past the last slot: the last slot again, its lane masked off
-            const kv_t* kj = k + (size_t)(s0 + (j < n ? j : n - 1)) * hd;
+            const kv_t* kj = k + (size_t)(s0 + (j < n ? j : n - 1)) * ld;
             __m256 a[REP][2];  // two partial sums a head: chains half as long
             for (int r = 0; r < REP; r++) a[r][0] = a[r][1] = _mm256_setzero_ps();
             for (int i = 0; i < hd; i += 16) {
-                __m256 k0 = load_kv8(kj + i), k1 = load_kv8(kj + i + 8);
+                __m256 k0, k1;
+                load_kv16(kj, i, hd, k0, k1);
                 for (int r = 0; r < REP; r++) {
                     a[r][0] = _mm256_fmadd_ps(_mm256_loadu_ps(q + r * hd + i), k0, a[r][0]);
                     a[r][1] = _mm256_fmadd_ps(_mm256_loadu_ps(q + r * hd + i + 8), k1, a[r][1]);
@@ -197,7 +246,8 @@ static void attend_chunk8(const float* q, const kv_t* k, const kv_t* v, int from
                 a[r][1] = _mm256_mul_ps(_mm256_loadu_ps(acc[r] + i + 8), _mm256_set1_ps(corr[r]));
             }
             for (int j = 0; j < n; j++) {
-                __m256 v0 = load_kv8(v + (size_t)(s0 + j) * hd + i), v1 = load_kv8(v + (size_t)(s0 + j) * hd + i + 8);
+                __m256 v0, v1;
+                load_kv16(v + (size_t)(s0 + j) * ld, i, hd, v0, v1);
                 for (int r = 0; r < REP; r++) {
                     __m256 w = _mm256_broadcast_ss(&p[r][j]);
                     a[r][0] = _mm256_fmadd_ps(w, v0, a[r][0]);
@@ -211,21 +261,32 @@ static void attend_chunk8(const float* q, const kv_t* k, const kv_t* v, int from
         }
     }
 }
+#if !defined(__AVX512VNNI__)
 #define attend_chunk attend_chunk8
 #endif
+
+// the build's attention for float32 / float16 caches; an int8 cache's is attend_chunk8 in both builds
+template <int REP, typename kv_t>
+static inline void attend_block(const float* q, const kv_t* k, const kv_t* v, int from, int to, int hd, float* st) {
+    attend_chunk<REP>(q, k, v, from, to, hd, st);
+}
+template <int REP>
+static inline void attend_block(const float* q, const q8_t* k, const q8_t* v, int from, int to, int hd, float* st) {
+    attend_chunk8<REP>(q, k, v, from, to, hd, st);
+}
 
 // states of `rep` heads over slots from..to-1 of their kv head; REP is fixed at compile time for the
 // common group sizes, other sizes run head by head (keys then read once per head)
 template <typename kv_t>
 static void attend_range(const float* q, int rep, const kv_t* k, const kv_t* v, int from, int to, int hd, float* st) {
     switch (rep) {
-        case 1: return attend_chunk<1>(q, k, v, from, to, hd, st);
-        case 2: return attend_chunk<2>(q, k, v, from, to, hd, st);
-        case 3: return attend_chunk<3>(q, k, v, from, to, hd, st);
-        case 4: return attend_chunk<4>(q, k, v, from, to, hd, st);
-        case 8: return attend_chunk<8>(q, k, v, from, to, hd, st);
+        case 1: return attend_block<1>(q, k, v, from, to, hd, st);
+        case 2: return attend_block<2>(q, k, v, from, to, hd, st);
+        case 3: return attend_block<3>(q, k, v, from, to, hd, st);
+        case 4: return attend_block<4>(q, k, v, from, to, hd, st);
+        case 8: return attend_block<8>(q, k, v, from, to, hd, st);
     }
-    for (int r = 0; r < rep; r++) attend_chunk<1>(q + r * hd, k, v, from, to, hd, st + r * (hd + 2));
+    for (int r = 0; r < rep; r++) attend_block<1>(q + r * hd, k, v, from, to, hd, st + r * (hd + 2));
 }
 
 // out[rep][hd] = softmax-weighted values from `split` chunk states (each rep * (hd + 2) floats)
@@ -260,15 +321,16 @@ static int run(Matrix m, const float* x, int M, int K, int N, float* y, int thre
 }
 
 // x [B, dim] float32, updated in place (the residual stream). cos/sin: [B, hd] rows, or one row shared
-// (cs_stride 0). Cache k/v: [B, KV, slots, hd] float32 (decode_layer) or float16 (decode_layer_f16); this
-// token goes to slot pos; row b attends to
-// slots start[b]..pos (start NULL: from 0).
+// (cs_stride 0). Cache k/v: [B, KV, slots, hd] float32 (decode_layer) or float16 (decode_layer_f16), or
+// [B, KV, slots, hd + hd/16] int8 (decode_layer_q8, hd % 32 == 0); this token goes to slot pos; row b
+// attends to slots start[b]..pos (start NULL: from 0).
 template <typename kv_t>
 static int decode_layer_impl(float* x, int B, int dim, float eps, const float* ln1, Matrix qkv, Matrix o,
                             const float* ln2, Matrix gate_up, Matrix down, int H, int KV, int hd, int hidden,
                             const float* cos, const float* sin, int cs_stride, kv_t* kc, kv_t* vc, int slots,
                             int pos, const int64_t* start, int threads) {
-    if (dim % 32 || hidden % 32 || hd % 16 || H % KV || pos >= slots) return 1;
+    const size_t ld = kv_ld<kv_t>(hd);
+    if (dim % 32 || hidden % 32 || hd % 16 || H % KV || pos >= slots || (ld != (size_t)hd && hd % Q8_BLOCK)) return 1;
     int nq = (H + 2 * KV) * hd, rep = H / KV;
     size_t floats = (size_t)B * (dim + nq + H * hd + 3 * hidden + dim);
     float* mem = (float*)malloc(floats * 4);
@@ -283,7 +345,7 @@ static int decode_layer_impl(float* x, int B, int dim, float eps, const float* l
         float* row = qkv_out + (size_t)b * nq;
         for (int j = 0; j < H + KV; j++) rope(row + j * hd, cos + (size_t)b * cs_stride, sin + (size_t)b * cs_stride, hd);
         for (int g = 0; g < KV; g++) {
-            size_t slot = (((size_t)b * KV + g) * slots + pos) * hd;
+            size_t slot = (((size_t)b * KV + g) * slots + pos) * ld;
             store_kv(kc + slot, row + (H + g) * hd, hd);
             store_kv(vc + slot, row + (H + KV + g) * hd, hd);
         }
@@ -303,7 +365,7 @@ static int decode_layer_impl(float* x, int B, int dim, float eps, const float* l
         for (int it = 0; it < items * split; it++) {
             int bg = it / split, c = it % split, b = bg / KV, g = bg % KV;
             int from = start ? (int)start[b] : 0, lo = from + c * ATTEND_CHUNK, hi = lo + ATTEND_CHUNK;
-            size_t base = ((size_t)b * KV + g) * slots * hd;
+            size_t base = ((size_t)b * KV + g) * slots * ld;
             attend_range(qkv_out + (size_t)b * nq + g * rep * hd, rep, kc + base, vc + base, lo,
                          hi < pos + 1 ? hi : pos + 1, hd, st + (size_t)it * size);
         }
@@ -337,3 +399,4 @@ done:
     kc, vc, slots, pos, start, threads
 extern "C" int decode_layer(DECODE_LAYER_ARGS(float)) { return decode_layer_impl<float>(DECODE_LAYER_CALL); }
 extern "C" int decode_layer_f16(DECODE_LAYER_ARGS(half_t)) { return decode_layer_impl<half_t>(DECODE_LAYER_CALL); }
+extern "C" int decode_layer_q8(DECODE_LAYER_ARGS(q8_t)) { return decode_layer_impl<q8_t>(DECODE_LAYER_CALL); }

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from backend.serving import q4_kernel
+from backend.serving.kv_quant import slot_width
 from models.gguf_loader import QuantBlocks
 
 
@@ -281,15 +282,17 @@ class DecodeStep:
             cos, sin, stride = model.rope_cos[p].contiguous(), model.rope_sin[p].contiguous(), self.hd
             start = cache.pad.to(torch.int64).contiguous()
         # the C++ layer writes row b's keys at cache[b, :, pos]: sizes are checked here, not there
-        want, kv = (B, self.K, cache.k[0].shape[2], self.hd), cache.k[0].dtype
-        if tokens.dim() != 1 or pos >= want[2] or kv not in (torch.float32, torch.float16) or any(
+        kv = cache.k[0].dtype
+        layer = {torch.float32: self.kernel.decode_layer, torch.float16: self.kernel.decode_layer_f16,
+                 torch.int8: self.kernel.decode_layer_q8}.get(kv)
+        want = (B, self.K, cache.k[0].shape[2], slot_width(self.hd, kv) if layer else self.hd)
+        if tokens.dim() != 1 or pos >= want[2] or layer is None or any(
                 t.shape != want or t.dtype != kv or not t.is_contiguous() for t in cache.k + cache.v):
-            raise ValueError(f"the fused decode step needs tokens [B] and contiguous caches {want}, all float32 or "
-                             f"all float16, with a free slot at {pos}")
+            raise ValueError(f"the fused decode step needs tokens [B] and contiguous caches {want}, all float32, "
+                             f"all float16 or all int8, with a free slot at {pos}")
         if start is not None and (start.shape != (B,) or int(start.min()) < 0 or int(start.max()) > pos):
             raise ValueError(f"left padding must be {B} counts in 0..{pos}")
         threads = torch.get_num_threads()
-        layer = self.kernel.decode_layer_f16 if kv == torch.float16 else self.kernel.decode_layer
         for i, (ln1, qkv, o, ln2, gate_up, down) in enumerate(self.fused):
             k, v = cache.k[i], cache.v[i]
             rc = layer(x.data_ptr(), B, self.dim, self.eps, ln1.data_ptr(), qkv, o, ln2.data_ptr(), gate_up, down,

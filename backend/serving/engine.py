@@ -35,7 +35,8 @@ import torch
 from backend.serving.decode_step import DecodeStep
 from backend.serving.sampling import SamplingParams, token_logprobs
 from backend.serving.compute_thread import ComputeThread
-from backend.serving.scheduler import Scheduler, ServeConfig
+from backend.serving.kv_quant import BLOCK as KV_BLOCK
+from backend.serving.scheduler import KV_CACHE_DTYPES, Scheduler, ServeConfig
 
 log = logging.getLogger(__name__)
 
@@ -234,10 +235,16 @@ class Engine:
         # llama.cpp's default f16 cache; measured on SmolLM2: decode at 1500 tokens 12.3 instead of 15.6 ms a
         # step on an AVX-512 machine, 146 instead of 110 tok/s on an AVX2 one, but greedy text parted from
         # float32's after 11-17 tokens on 3 of 5 prompts)
+        # int8 (llama.cpp's q8_0, backend/serving/kv_quant.py) reads a quarter of float32's bytes
         kv = (serve or ServeConfig()).kv_cache_dtype
-        if kv not in ("auto", "float16"):
-            raise ValueError(f"kv_cache_dtype: 'auto' or 'float16', not {kv!r}")
-        self.kv_dtype = torch.float16 if kv == "float16" and self.step.fused is not None else self.model.dtype
+        if kv not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype: one of {', '.join(KV_CACHE_DTYPES)}, not {kv!r}")
+        fused = {"float16": torch.float16, "int8": torch.int8}.get(kv) if self.step.fused is not None else None
+        if fused == torch.int8 and model.cfg.head_dim % KV_BLOCK:
+            log.warning("%s: an int8 KV cache needs heads of a multiple of %d values, not %d; keeping %s",
+                        spec.name, KV_BLOCK, model.cfg.head_dim, model.dtype)
+            fused = None
+        self.kv_dtype = fused or self.model.dtype
         self.context_length = min(int(getattr(spec, "context_length", 0) or model.cfg.max_seq_len), model.cfg.max_seq_len)
         self._token_bytes: dict[int, bytes] = {}
         # prefill (backend/serving/prefill.py): "q4" (the decode step's 4-bit blocks), "bf16" (short chunks on the
@@ -258,7 +265,7 @@ class Engine:
     event = TokenEvent  # what the scheduler emits
 
     def new_cache(self, batch: int, max_len: int) -> "KVCache":
-        """A KV cache as the decode step wants it (float16 for the fused 4-bit layer: decode_layer.cpp)."""
+        """A KV cache as the decode step wants it (float16 or int8 for the fused 4-bit layer: decode_layer.cpp)."""
         return self.model.new_cache(batch, max_len, dtype=self.kv_dtype)
 
     def prefill_path(self, tokens: int) -> str:

@@ -21,7 +21,7 @@ backend/serving/engine.py AUTO_PREFILL):
 The bf16 path does in ~16 ops a layer what `Transformer.forward` under autocast did in ~50 (q/k/v and gate/up
 as one matmul each, their bf16 matrices concatenated at load; one fused RMSNorm; RoPE on q and k at once;
 one SDPA call over the float32 KV cache with grouped-query heads). The residual stream, norms and RoPE stay
-float32 on both; the KV cache is the engine's (float16 where the decode step is the fused C++ layer);
+float32 on both; the KV cache is the engine's (float16 or int8 where the decode step is the fused C++ layer);
 tests/test_scheduler.py compares both paths' logits with the float32 forward, and tests/test_engine.py the
 q4 path's chunked prefill with the one-shot one.
 """
@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from backend.serving.kv_quant import as_float, store
 from models.transformer import rotate_half
 
 
@@ -80,9 +81,7 @@ class Prefill:
             lo, hi, end = max(a, start), min(a + TILE_ROWS, start + T), a + TILE_ROWS
             qt = q.new_zeros(TILE_ROWS, H, hd)
             qt[lo - a:hi - a] = q[lo - start:hi - start]
-            keys, values = k[:, :, :end], v[:, :, :end]
-            if keys.dtype != torch.float32:
-                keys, values = keys.float(), values.float()
+            keys, values = as_float(k[:, :, :end]), as_float(v[:, :, :end])
             if keys.shape[2] < end:  # a cache shorter than the tile: its missing slots are masked anyway
                 pad = (0, 0, 0, end - keys.shape[2])
                 keys, values = F.pad(keys, pad), F.pad(values, pad)
@@ -92,7 +91,7 @@ class Prefill:
         return out.reshape(T, H * hd)
 
     def __call__(self, ids: list[int], cache) -> torch.Tensor:
-        """Continue `cache` (batch 1; float32, or float16 for the fused decode layer) with ids; the final-norm
+        """Continue `cache` (batch 1; float32, or float16 / int8 for the fused decode layer) with ids; the final-norm
         hidden states [1, T, dim] (float32)."""
         model, H, K, hd = self.model, self.H, self.K, self.hd
         T, start = len(ids), cache.pos
@@ -100,7 +99,6 @@ class Prefill:
         if path == "float":
             return model(torch.tensor([ids], device=model.device), cache, return_hidden=True)
         q4 = path == "q4"
-        kv = cache.k[0].dtype
         if start + T > model.cfg.max_seq_len:
             raise ValueError(f"sequence of {start + T} tokens exceeds the context length {model.cfg.max_seq_len}")
         x = model.model.embed_tokens.weight[torch.tensor(ids, device=model.device)].float()  # [T, dim]
@@ -121,10 +119,10 @@ class Prefill:
                 qkv = (h @ wqkv.T).float()  # [T, (H + 2K) hd]
             qk = qkv[:, :(H + K) * hd].view(T, H + K, hd)
             qk = qk * cos + rotate_half(qk) * sin
-            cache.k[i][0, :, start:start + T] = qk[:, H:].transpose(0, 1)
-            cache.v[i][0, :, start:start + T] = qkv[:, (H + K) * hd:].view(T, K, hd).transpose(0, 1)
+            store(cache.k[i], (0, slice(None), slice(start, start + T)), qk[:, H:].transpose(0, 1))
+            store(cache.v[i], (0, slice(None), slice(start, start + T)), qkv[:, (H + K) * hd:].view(T, K, hd).transpose(0, 1))
             # attention reads the keys and values back from the cache, so a chunk's own come out of it rounded
-            # as a later chunk or the decode step will see them (float16 caches: decode_layer.cpp)
+            # as a later chunk or the decode step will see them (float16 and int8 caches: decode_layer.cpp)
             if q4:
                 y = self._attend_tiles(qk[:, :H], cache.k[i], cache.v[i], start)
                 x = x + fo(y).float()
@@ -132,9 +130,7 @@ class Prefill:
                 x = x + fd(F.silu(gu[:, :self.hidden]) * gu[:, self.hidden:]).float()
                 continue
             q = qk[:, :H].transpose(0, 1)[None]  # [1, H, T, hd]
-            keys, values = cache.k[i][:, :, :start + T], cache.v[i][:, :, :start + T]
-            if kv != torch.float32:
-                keys, values = keys.float(), values.float()
+            keys, values = as_float(cache.k[i][:, :, :start + T]), as_float(cache.v[i][:, :, :start + T])
             y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal, enable_gqa=H != K)
             y = y[0].transpose(0, 1).reshape(T, H * hd)
             x = x + (y.to(torch.bfloat16) @ wo.T).float()

@@ -135,7 +135,7 @@ def load(build_dir: Path, name: str | None = None) -> ctypes.CDLL | None:
                                    ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
                     fn.restype = ctypes.c_int
                 i, f, p, m = ctypes.c_int, ctypes.c_float, ctypes.c_void_p, Matrix
-                for fn in (lib.decode_layer, lib.decode_layer_f16):  # float32 / float16 KV cache
+                for fn in (lib.decode_layer, lib.decode_layer_f16, lib.decode_layer_q8):  # float32 / float16 / int8 KV cache
                     fn.argtypes = [p, i, i, f, p, m, m, p, m, m, i, i, i, i, p, p, i, p, p, i, i, p, i]
                     fn.restype = ctypes.c_int
                 _loaded[path] = lib

@@ -37,9 +37,15 @@ from dataclasses import dataclass
 import torch
 
 from backend.serving.compute_thread import ComputeThread, shared_compute
+from backend.serving.kv_quant import slot_width
 from backend.serving.sampling import SamplingParams, apply_penalties, make_generator, sample, token_logprobs
 
 log = logging.getLogger(__name__)
+
+
+# the KV caches a fused 4-bit engine keeps (Engine.kv_dtype): the model's own (float32), half the bytes
+# (float16) or about a quarter (int8: llama.cpp's q8_0, backend/serving/kv_quant.py)
+KV_CACHE_DTYPES = ("auto", "float16", "int8")
 
 
 @dataclass
@@ -51,7 +57,7 @@ class ServeConfig:
     block: int = 64              # prefill chunk and prefix-cache granularity (tokens): see Scheduler._prefill_some
     prefix_cache_mb: int = 64    # memory bound of the prefix cache (0 = off)
     retry_after: int = 2         # seconds suggested to a client refused for a full queue
-    kv_cache_dtype: str = "auto"  # "float16": half the KV bytes for the fused 4-bit layer (Engine.kv_dtype)
+    kv_cache_dtype: str = "auto"  # KV_CACHE_DTYPES: "float16" / "int8" for the fused 4-bit layer (Engine.kv_dtype)
     prefill_weights: str = "auto"  # "auto" | "bf16" | "q4": what a 4-bit model prefills on (engine.py AUTO_PREFILL)
 
 
@@ -150,7 +156,7 @@ class BatchCache:
     def _realloc(self, rows: int, slots: int) -> None:
         cfg, m = self.model.cfg, self.model
         dtype = self.dtype
-        shape = (rows, cfg.n_kv_heads, slots, cfg.head_dim)
+        shape = (rows, cfg.n_kv_heads, slots, slot_width(cfg.head_dim, dtype))
         for store in (self.k, self.v):
             for i in range(cfg.n_layers):
                 t = torch.zeros(shape, device=m.device, dtype=dtype)
