@@ -92,8 +92,8 @@ def kv_slot_width(head_dim: int, dtype: torch.dtype) -> int:
     after the values, one scale per 32 (llama.cpp's q8_0; backend/serving/kv_quant.py)."""
     if dtype != torch.int8:
         return head_dim
-    if head_dim % 32:
-        raise ValueError(f"an int8 KV cache needs a head size that is a multiple of 32, not {head_dim}")
+    if head_dim % 64 or head_dim > 256:  # scales read in pairs, at most 8 (decode_layer.cpp q8_scales8)
+        raise ValueError(f"an int8 KV cache needs a head size of 64, 128, 192 or 256, not {head_dim}")
     return head_dim + head_dim // 16
 
 

@@ -204,12 +204,12 @@ def test_whole_blocks_prefill_in_one_forward_and_give_the_logits_of_block_by_blo
     """On the 4-bit engine a prefill row does not depend on the chunk's other rows, so a prompt's whole blocks
     go in one forward (the weights read once, not once per block). The first tokens' log-probs are bitwise
     those of the same prompt with its leading blocks copied from the prefix cache, and of a prefill cut into
-    one-block chunks while another request decodes. (With float16 and int8 KV caches too: int8 on heads of 32,
-    its layout's block; asked on heads of 16, the engine keeps float32.)"""
+    one-block chunks while another request decodes. (With float16 and int8 KV caches too: int8 on heads of 64,
+    the size the C++ layer reads; asked on heads of 16, the engine keeps float32.)"""
     serve = ServeConfig(block=64, prefix_cache_mb=16, prefill_budget=64, kv_cache_dtype=kv)
     if kv == "int8":
         assert kernel_engine(enc, tmp_path, serve).kv_dtype == torch.float32  # heads of 16
-    eng = kernel_engine(enc, tmp_path, serve, heads=(2, 1) if kv == "int8" else (4, 2))
+    eng = kernel_engine(enc, tmp_path, serve, heads=(1, 1) if kv == "int8" else (4, 2))
     assert eng.kv_dtype == {"auto": torch.float32, "float16": torch.float16, "int8": torch.int8}[kv]
     from backend.serving.prefill import Prefill
     eng._prefill = Prefill(eng.model, "bf16" if bf16 else "q4", eng.step.layers)

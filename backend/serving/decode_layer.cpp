@@ -167,21 +167,35 @@ static void attend_chunk(const float* q, const kv_t* k, const kv_t* v, int from,
 // re-read and re-converted every key once per head and spilled its 16 two-register accumulators: at 1500
 // tokens of context it ran at a third of this machine's memory speed (SmolLM2, 30 layers, float16 cache:
 // 5.7 ms a token on one core, 35 MB read).
-// values i..i+15 of a slot (`row`) as two ymm
-static inline void load_kv16(const float* row, int i, int, __m256& a, __m256& b) {
+// values i..i+15 of a slot (`row`) as two ymm; an int8 cache's unscaled (attend_chunk8 applies the scales)
+static inline void load_kv16(const float* row, int i, __m256& a, __m256& b) {
     a = _mm256_loadu_ps(row + i), b = _mm256_loadu_ps(row + i + 8);
 }
-static inline void load_kv16(const half_t* row, int i, int, __m256& a, __m256& b) {
+static inline void load_kv16(const half_t* row, int i, __m256& a, __m256& b) {
     a = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(row + i)));
     b = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(row + i + 8)));
 }
-static inline void load_kv16(const q8_t* row, int i, int hd, __m256& a, __m256& b) {  // i % 16 == 0: one scale
-    uint16_t h;
-    memcpy(&h, row + hd + 2 * (i / Q8_BLOCK), 2);
-    __m256 d = _mm256_set1_ps(_cvtsh_ss(h));
+static inline void load_kv16(const q8_t* row, int i, __m256& a, __m256& b) {
     __m128i q = _mm_loadu_si128((const __m128i*)(row + i));
-    a = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), d);
-    b = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(q, 8))), d);
+    a = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
+    b = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(q, 8)));
+}
+
+// The scales of slots s0..s0+7 (past the last slot n - 1: the last slot's) as d[b] = block b's 8 scales,
+// for an int8 cache with hd % 64 == 0 (scales in pairs: one 32-bit word). Loaded into registers, not through
+// an array on the stack (whose narrow stores a wide load cannot forward from: a stall a block).
+static inline void q8_scales8(const q8_t* kv, int s0, int n, size_t ld, int hd, __m256* d) {
+    const __m256i even = _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, -1, -1, -1, -1, -1, -1, -1, -1,
+                                          0, 1, 4, 5, 8, 9, 12, 13, -1, -1, -1, -1, -1, -1, -1, -1);
+    const __m256i odd = _mm256_add_epi8(even, _mm256_setr_epi8(2, 2, 2, 2, 2, 2, 2, 2, 0, 0, 0, 0, 0, 0, 0, 0,
+                                                                2, 2, 2, 2, 2, 2, 2, 2, 0, 0, 0, 0, 0, 0, 0, 0));
+    int32_t w[8];
+    for (int pair = 0; pair < hd / (2 * Q8_BLOCK); pair++) {
+        for (int j = 0; j < 8; j++) memcpy(w + j, kv + (size_t)(s0 + (j < n ? j : n - 1)) * ld + hd + 4 * pair, 4);
+        __m256i x = _mm256_setr_epi32(w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]);
+        d[2 * pair] = _mm256_cvtph_ps(_mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_shuffle_epi8(x, even), 0x08)));
+        d[2 * pair + 1] = _mm256_cvtph_ps(_mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_shuffle_epi8(x, odd), 0x08)));
+    }
 }
 
 // lane j = the sum of a[j]'s 8 lanes (hadd pairs, then the two 128-bit halves)
@@ -190,6 +204,12 @@ static inline __m256 sum8(const __m256* a) {
     __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
     __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
     return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+static inline __m256i sum8i(const __m256i* a) {  // the same for int32 lanes (exact)
+    __m256i t0 = _mm256_hadd_epi32(a[0], a[1]), t1 = _mm256_hadd_epi32(a[2], a[3]);
+    __m256i t2 = _mm256_hadd_epi32(a[4], a[5]), t3 = _mm256_hadd_epi32(a[6], a[7]);
+    __m256i u0 = _mm256_hadd_epi32(t0, t1), u1 = _mm256_hadd_epi32(t2, t3);
+    return _mm256_add_epi32(_mm256_permute2x128_si256(u0, u1, 0x20), _mm256_permute2x128_si256(u0, u1, 0x31));
 }
 
 #if defined(__AVX512VNNI__)
@@ -202,44 +222,87 @@ static inline float em_hmax8(__m256 v) {
 static inline __m256 exp8(__m256 x) { return exp512(em512{x, x}).lo; }  // both halves computed: once a block, cheap
 #endif
 
+// An int8 cache's slot is scaled per 32 values: a key's dot with a query is summed per 32-value block and each
+// block's sum (8 slots at once) times its scales; a value's scale goes into its softmax weight. Scaling each
+// value as it is read instead made the int8 attention slower than the float16 one (compute-bound).
 template <int REP, typename kv_t>
 static void attend_chunk8(const float* q, const kv_t* k, const kv_t* v, int from, int to, int hd, float* st) {
+    const bool q8 = sizeof(kv_t) == 1;
+    const int blk = q8 ? Q8_BLOCK : hd;  // values sharing a scale (float: the whole slot, no scale)
     float *mx[REP], *sum[REP], *acc[REP];
     empty_states(st, REP, hd, mx, sum, acc);
     const __m256 scale = _mm256_set1_ps(1.0f / sqrtf((float)hd)), ninf = _mm256_set1_ps(-INFINITY);
     const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    alignas(32) float p[REP][8];
+    alignas(32) float p[REP][8], pv[REP][8];
     __m256 dot[REP][8];
     const size_t ld = kv_ld<kv_t>(hd);
+    __m256i qq[REP][8];  // int8 cache: the queries as int8 per 32 values (hd <= 256), scales dq
+    float dq[REP][8];
+    for (int r = 0; q8 && r < REP; r++)
+        for (int b = 0; b < hd / Q8_BLOCK; b++) {
+            q8_t t[Q8_BLOCK + 2];
+            store_kv(t, q + r * hd + b * Q8_BLOCK, Q8_BLOCK);
+            qq[r][b] = _mm256_loadu_si256((const __m256i*)t);
+            uint16_t h;
+            memcpy(&h, t + Q8_BLOCK, 2);
+            dq[r][b] = _cvtsh_ss(h);
+        }
     for (int s0 = from; s0 < to; s0 += 8) {
         int n = to - s0 < 8 ? to - s0 : 8;
         __m256 valid = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(n), lane));
-        for (int j = 0; j < 8; j++) {  // past the last slot: the last slot again, its lane masked off
-            const kv_t* kj = k + (size_t)(s0 + (j < n ? j : n - 1)) * ld;
-            __m256 a[REP][2];  // two partial sums a head: chains half as long
-            for (int r = 0; r < REP; r++) a[r][0] = a[r][1] = _mm256_setzero_ps();
-            for (int i = 0; i < hd; i += 16) {
-                __m256 k0, k1;
-                load_kv16(kj, i, hd, k0, k1);
-                for (int r = 0; r < REP; r++) {
-                    a[r][0] = _mm256_fmadd_ps(_mm256_loadu_ps(q + r * hd + i), k0, a[r][0]);
-                    a[r][1] = _mm256_fmadd_ps(_mm256_loadu_ps(q + r * hd + i + 8), k1, a[r][1]);
+        __m256 score[REP], dk[8], dv[8];  // int8 cache: the 8 slots' key and value scales per block
+        if (q8) {
+            q8_scales8((const q8_t*)k, s0, n, ld, hd, dk);
+            q8_scales8((const q8_t*)v, s0, n, ld, hd, dv);
+        }
+        for (int b0 = 0; b0 < hd; b0 += blk) {
+            if (q8) {  // int8 keys against the int8 queries: exact integer dots of 32 values (as llama.cpp's q8_0)
+                const __m256i ones = _mm256_set1_epi16(1);
+                __m256i isum[REP][8];
+                for (int j = 0; j < 8; j++) {
+                    const int8_t* kj = (const int8_t*)k + (size_t)(s0 + (j < n ? j : n - 1)) * ld + b0;
+                    __m256i kb = _mm256_loadu_si256((const __m256i*)kj), ka = _mm256_sign_epi8(kb, kb);
+                    for (int r = 0; r < REP; r++)  // |k| (u8) times q with k's sign: pairs within int16
+                        isum[r][j] = _mm256_madd_epi16(_mm256_maddubs_epi16(ka, _mm256_sign_epi8(qq[r][b0 / blk], kb)), ones);
                 }
+                for (int r = 0; r < REP; r++) {
+                    __m256 dr = _mm256_mul_ps(dk[b0 / blk], _mm256_set1_ps(dq[r][b0 / blk]));
+                    __m256 sr = _mm256_cvtepi32_ps(sum8i(isum[r]));
+                    score[r] = b0 ? _mm256_fmadd_ps(sr, dr, score[r]) : _mm256_mul_ps(sr, dr);
+                }
+                continue;
             }
-            for (int r = 0; r < REP; r++) dot[r][j] = _mm256_add_ps(a[r][0], a[r][1]);
+            for (int j = 0; j < 8; j++) {  // past the last slot: the last slot again, its lane masked off
+                const kv_t* kj = k + (size_t)(s0 + (j < n ? j : n - 1)) * ld;
+                __m256 a[REP][2];  // two partial sums a head: chains half as long
+                for (int r = 0; r < REP; r++) a[r][0] = a[r][1] = _mm256_setzero_ps();
+                for (int i = b0; i < b0 + blk; i += 16) {
+                    __m256 k0, k1;
+                    load_kv16(kj, i, k0, k1);
+                    for (int r = 0; r < REP; r++) {
+                        a[r][0] = _mm256_fmadd_ps(_mm256_loadu_ps(q + r * hd + i), k0, a[r][0]);
+                        a[r][1] = _mm256_fmadd_ps(_mm256_loadu_ps(q + r * hd + i + 8), k1, a[r][1]);
+                    }
+                }
+                for (int r = 0; r < REP; r++) dot[r][j] = _mm256_add_ps(a[r][0], a[r][1]);
+            }
+            for (int r = 0; r < REP; r++) score[r] = sum8(dot[r]);
         }
         float corr[REP];
         for (int r = 0; r < REP; r++) {
-            __m256 score = _mm256_mul_ps(sum8(dot[r]), scale);
-            float top = em_hmax8(_mm256_blendv_ps(ninf, score, valid));
+            score[r] = _mm256_mul_ps(score[r], scale);
+            float top = em_hmax8(_mm256_blendv_ps(ninf, score[r], valid));
             top = top > *mx[r] ? top : *mx[r];
             corr[r] = expf(*mx[r] - top);  // 0 on the first block (max = -inf)
             *mx[r] = top;
-            __m256 e = _mm256_and_ps(valid, exp8(_mm256_sub_ps(score, _mm256_set1_ps(top))));
+            __m256 e = _mm256_and_ps(valid, exp8(_mm256_sub_ps(score[r], _mm256_set1_ps(top))));
             *sum[r] = *sum[r] * corr[r] + em_hsum8(e);
             _mm256_store_ps(p[r], e);
         }
         for (int i = 0; i < hd; i += 16) {
+            if (q8 && i % blk == 0)  // the weights times this block's value scales
+                for (int r = 0; r < REP; r++) _mm256_store_ps(pv[r], _mm256_mul_ps(_mm256_load_ps(p[r]), dv[i / blk]));
+            const float (*w)[8] = q8 ? pv : p;
             __m256 a[REP][2];
             for (int r = 0; r < REP; r++) {
                 a[r][0] = _mm256_mul_ps(_mm256_loadu_ps(acc[r] + i), _mm256_set1_ps(corr[r]));
@@ -247,11 +310,11 @@ static void attend_chunk8(const float* q, const kv_t* k, const kv_t* v, int from
             }
             for (int j = 0; j < n; j++) {
                 __m256 v0, v1;
-                load_kv16(v + (size_t)(s0 + j) * ld, i, hd, v0, v1);
+                load_kv16(v + (size_t)(s0 + j) * ld, i, v0, v1);
                 for (int r = 0; r < REP; r++) {
-                    __m256 w = _mm256_broadcast_ss(&p[r][j]);
-                    a[r][0] = _mm256_fmadd_ps(w, v0, a[r][0]);
-                    a[r][1] = _mm256_fmadd_ps(w, v1, a[r][1]);
+                    __m256 wj = _mm256_broadcast_ss(&w[r][j]);
+                    a[r][0] = _mm256_fmadd_ps(wj, v0, a[r][0]);
+                    a[r][1] = _mm256_fmadd_ps(wj, v1, a[r][1]);
                 }
             }
             for (int r = 0; r < REP; r++) {
@@ -330,7 +393,8 @@ static int decode_layer_impl(float* x, int B, int dim, float eps, const float* l
                             const float* cos, const float* sin, int cs_stride, kv_t* kc, kv_t* vc, int slots,
                             int pos, const int64_t* start, int threads) {
     const size_t ld = kv_ld<kv_t>(hd);
-    if (dim % 32 || hidden % 32 || hd % 16 || H % KV || pos >= slots || (ld != (size_t)hd && hd % Q8_BLOCK)) return 1;
+    if (dim % 32 || hidden % 32 || hd % 16 || H % KV || pos >= slots || (ld != (size_t)hd && (hd % 64 || hd > 256)))
+        return 1;
     int nq = (H + 2 * KV) * hd, rep = H / KV;
     size_t floats = (size_t)B * (dim + nq + H * hd + 3 * hidden + dim);
     float* mem = (float*)malloc(floats * 4);

@@ -35,8 +35,8 @@ import torch
 from backend.serving.decode_step import DecodeStep
 from backend.serving.sampling import SamplingParams, token_logprobs
 from backend.serving.compute_thread import ComputeThread
-from backend.serving.kv_quant import BLOCK as KV_BLOCK
 from backend.serving.scheduler import KV_CACHE_DTYPES, Scheduler, ServeConfig
+from models.transformer import kv_slot_width
 
 log = logging.getLogger(__name__)
 
@@ -240,10 +240,12 @@ class Engine:
         if kv not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype: one of {', '.join(KV_CACHE_DTYPES)}, not {kv!r}")
         fused = {"float16": torch.float16, "int8": torch.int8}.get(kv) if self.step.fused is not None else None
-        if fused == torch.int8 and model.cfg.head_dim % KV_BLOCK:
-            log.warning("%s: an int8 KV cache needs heads of a multiple of %d values, not %d; keeping %s",
-                        spec.name, KV_BLOCK, model.cfg.head_dim, model.dtype)
-            fused = None
+        if fused == torch.int8:
+            try:
+                kv_slot_width(model.cfg.head_dim, fused)
+            except ValueError as e:
+                log.warning("%s: %s; keeping %s", spec.name, e, model.dtype)
+                fused = None
         self.kv_dtype = fused or self.model.dtype
         self.context_length = min(int(getattr(spec, "context_length", 0) or model.cfg.max_seq_len), model.cfg.max_seq_len)
         self._token_bytes: dict[int, bytes] = {}
