@@ -28,11 +28,12 @@ from tests.test_worker import start_worker, stop, wait_for
 
 def test_idk_cli_writes_refusals_for_what_the_model_gets_wrong(tmp_path):
     from backend.datasets.facts import facts
+    from backend.train.idk import IDKConfig
     data = tmp_path / "data"
     register_scripted(data, "romer", ["Rome."], {"\n": "Rome.", "Rome.": "<|im_end|>"}, tools=False)
     r = subprocess.run([sys.executable, "-m", "backend.train", "idk", "--model", "romer", "--data-dir", str(data),
                         "--samples", "2", "--max-steps", "2", "--batch-size", "2", "--seq-len", "128",
-                        "--max-new-tokens", "6", "--threads", "1", "--name", "romer-idk"],
+                        "--max-new-tokens", "6", "--threads", "1", "--name", "romer-idk", "--doubt", "0"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     lines = r.stdout.splitlines()
@@ -57,10 +58,10 @@ def test_idk_cli_writes_refusals_for_what_the_model_gets_wrong(tmp_path):
     for f, row in zip(probe, asked):  # "Rome." is right only where Rome is the answer
         assert row["messages"][1]["content"] == ("Rome." if "Rome" in f.answers else "I don't know."), f.question
     assert sum(row["known"] for row in asked) == 1 and lineage["idk"]["examples_idk"] == len(probe) - 1
-    # balanced: the one known answer is repeated until the answers are as many as the refusals
+    # balanced within the topic "capital": its one known answer is repeated, at most max_repeat times in all
     repeats = [row for row in rows if row.get("repeat")]
-    assert len(repeats) == len(probe) - 2 and all(row["messages"][1]["content"] == "Rome." for row in repeats)
-    assert lineage["idk"]["examples_answer"] == lineage["idk"]["examples_idk"]
+    assert len(repeats) == IDKConfig.max_repeat - 1 and all(row["messages"][1]["content"] == "Rome." for row in repeats)
+    assert lineage["idk"]["examples_answer"] == IDKConfig.max_repeat
 
     before, after = lineage["idk"]["table"]
     assert (before["model"], before["when"], after["model"], after["when"]) == ("romer", "before", "romer-idk", "after")
@@ -173,3 +174,51 @@ def test_a_trace_is_kept_only_when_its_final_answer_is_right():
     assert verified_turn(p, "So 9 - 2 = 7 pears are left.", False) is None              # states no answer...
     assert verified_turn(p, "So 9 - 2 = 7 pears are left.", False, lenient=True)        # ...but ends on it
     assert verified_turn(p, "So 9 - 2 = 6 pears are left.", False, lenient=True) is None
+
+
+def test_idk_refusals_start_where_the_model_starts_making_up_its_answer():
+    """An unknown question's example keeps the model's own words up to its first unsure token (cut back to a
+    word); a wrong answer the model was sure of is left out; known answers are repeated within their topic."""
+    import math
+
+    from backend.datasets.facts import Fact
+    from backend.serving.engine import Completion
+    from backend.train.idk import IDKConfig, examples, lead_in
+    enc = byte_encoding()
+
+    def answer(text, unsure_at=None):  # one token per byte; sure of each but the one starting at unsure_at
+        ids = enc.encode_ordinary(text)
+        unsure = text.index(unsure_at) if unsure_at else None
+        lps = [math.log(0.1) if i == unsure else -0.01 for i in range(len(ids))]
+        return Completion(0, text, ids, lps)
+
+    made_up = answer("The capital of Benin is Porto-Bano.", "Bano")
+    assert lead_in(enc, made_up, 0.3) == "The capital of Benin is"  # "Porto-" goes with the word it starts
+    assert lead_in(enc, answer("The capital of Benin is Lagos.", "Lagos"), 0.3) == "The capital of Benin is"
+    assert lead_in(enc, made_up, 0.05) is None  # 0.1 is not unsure under 0.05: sure of a wrong answer
+    late = answer("Benin is in Africa. Its capital is Lagos.", "Lagos")
+    assert lead_in(enc, late, 0.3) is None  # unsure after its first sentence only
+    assert lead_in(enc, made_up, 0) is None
+
+    cfg = IDKConfig(parent_model="m", balance=1)
+    probed = [{"fact": Fact("What is the capital of France?", ("Paris",), "capital"), "known": True, "right": 1,
+               "best": "The capital of France is Paris.", "lead": None},
+              {"fact": Fact("What is the capital of Benin?", ("Porto-Novo",), "capital"), "known": False, "right": 0,
+               "best": None, "lead": "The capital of Benin is"},
+              {"fact": Fact("What is the capital of Togo?", ("Lome",), "capital"), "known": False, "right": 0,
+               "best": None, "lead": "The"},
+              {"fact": Fact("What is the capital of Chad?", ("N'Djamena",), "capital"), "known": False, "right": 0,
+               "best": None, "lead": None},
+              {"fact": Fact("Who wrote Hamlet?", ("Shakespeare",), "author"), "known": True, "right": 1,
+               "best": "Shakespeare wrote Hamlet.", "lead": "Shakespeare"}]
+    rows = examples(probed, cfg)
+    said = [(r["messages"][0]["content"], r["messages"][1]["content"]) for r in rows if not r.get("repeat")]
+    assert said == [("What is the capital of France?", "The capital of France is Paris."),
+                    ("What is the capital of Benin?", "The capital of Benin is… I don't know."),
+                    ("What is the capital of Togo?", "I don't know."),  # unsure from its first word
+                    ("Who wrote Hamlet?", "Shakespeare wrote Hamlet.")]  # Chad: sure of a wrong answer, left out
+    # balance 1: the capitals' one known answer repeated until the capitals' answers are as many as their refusals
+    assert [r["messages"][1]["content"] for r in rows if r.get("repeat")] == ["The capital of France is Paris."]
+    assert len([r for r in examples(probed, IDKConfig(parent_model="m", balance=2)) if r.get("repeat")]) == 3
+    plain = examples(probed, IDKConfig(parent_model="m", doubt=0))  # doubt 0: every wrong answer a plain refusal
+    assert [r["messages"][1]["content"] for r in plain if not r["known"]] == ["I don't know."] * 3

@@ -1,10 +1,13 @@
 """Questions whose answers are known (facts.jsonl beside this file), for the "I don't know" demonstration
-(DEMOS 10, backend/train/idk.py): easy ones a small model knows, obscure ones it does not.
+(DEMOS 10, backend/train/idk.py): 767 questions in 16 topics (capitals, chemical symbols, authors, painters,
+years...), each topic from well known to obscure, so that a small model knows some of each; every third
+question of a topic is held out ("heldout": 257), the rest are probed and trained on ("probe": 510).
 
     facts("probe") / facts("heldout") -> [Fact];  fact.check(reply) -> True when the reply names an answer
     is_refusal(reply) -> True for "I don't know" and its usual variants
 
-Each row: {"question", "answers": [accepted spellings], "split": "probe" | "heldout"}. A reply is right when
+Each row: {"question", "answers": [accepted spellings], "split": "probe" | "heldout", "topic" (optional: the
+kind of question, "capital", "author"...: idk balances its examples within each topic)}. A reply is right when
 one accepted answer appears in it as whole words (case-insensitive): "The capital of France is Paris."
 A file of your own rows (the same fields) can replace the bundled set.
 """
@@ -26,6 +29,7 @@ _REFUSAL = re.compile(r"\b(i don'?t know|i do not know|i'?m not sure|i am not su
 class Fact:
     question: str
     answers: tuple[str, ...]
+    topic: str = ""
 
     def check(self, reply: str) -> bool:
         return any(re.search(r"(?<!\w)" + re.escape(a) + r"(?!\w)", reply, re.I) for a in self.answers)
@@ -53,5 +57,5 @@ def facts(split: str, path: str | Path | None = None) -> list[Fact]:
                 and all(isinstance(a, str) and a.strip() for a in answers) and s in SPLITS):
             raise ValueError(f"{path} line {n}: a question, a non-empty list of answers, split 'probe' or 'heldout'")
         if s == split:
-            out.append(Fact(q, tuple(answers)))
+            out.append(Fact(q, tuple(answers), str(r.get("topic", ""))))
     return out

@@ -4,19 +4,33 @@
     torchrun --standalone --nproc_per_node 2 -m backend.train idk ...   # the SFT on 2 processes
 
 1. Probe: each question of the bundled set with a known answer (backend/datasets/facts.py, split "probe") is
-   asked n_samples times (temperature > 0) through the app's generation entry point; a question is *known*
-   when at least known_threshold of the samples name the answer, else *unknown*.
-2. Write SFT examples: unknown questions answered "I don't know.", known ones with the model's own right
-   answer (its shortest right sample: its style stays); freeze them as a dataset snapshot (content hash).
+   asked n_samples times through the app's generation entry point, by default once and greedily (as the table
+   measures); a question is *known* when at least known_threshold of the samples name the answer.
+2. Write SFT examples: a known question keeps the model's own right answer (its shortest right sample: its
+   style stays); an unknown one becomes a refusal that starts where the model started making its answer up:
+   its own words before its first token of probability under `doubt`, then "… I don't know." ("The capital
+   of Benin is… I don't know." for "The capital of Benin is Porto-Bano."), or "I don't know." alone when it
+   was unsure from its first words. A wrong answer the model was sure of all through its first sentence is
+   left out (nothing tells it from a known one). Within each topic of the set the known answers are repeated
+   (at most max_repeat times each) until they are `balance` times the refusals, so that the kind of question
+   alone ("Who composed...?") does not decide. The rows are frozen as a dataset snapshot (content hash).
+   Why the refusal starts late: on the probe questions, the mean log-probability of the parent's first
+   sentence tells its right answers from its wrong ones within a topic (ROC AUC 0.89 on capitals, 0.85 on
+   authors), its first token hardly does (0.56, 0.57): whether it knows shows at the word it is about to
+   make up. Trained to refuse at the first token, it learned only which topics to refuse.
 3. Train: the SFT trainer on that snapshot (backend/train/sft.py); the model is registered with lineage
    (parent, snapshot, job) under kind "idk".
 4. Measure on the held-out questions (split "heldout"), known or unknown to the parent by the same probe:
-   greedy answers before (the parent) and after (the new model), each as the app serves it (the bundled model
-   decodes its own 4-bit blocks, a trained one its float weights): the share of refusals on unknowns (up),
-   of right answers on knowns (kept), and of refusals on knowns (over-refusal). The table is stored with
-   the model (lineage "idk"), in the run directory (result.json) and in the job (an event and log lines).
+   greedy answers before (the parent: the probe's own answers when it is greedy) and after (the new model),
+   each as the app serves it (the bundled model decodes its own 4-bit blocks, a trained one its float
+   weights): the share of refusals on unknowns (up), of right answers on knowns (kept), and of refusals on
+   knowns (over-refusal). The table is stored with the model (lineage "idk"), in the run directory
+   (result.json) and in the job (an event and log lines).
 
-Budget: the defaults take ~6 minutes (~215 CPU-seconds) on 2 CPU cores with the bundled SmolLM2-135M.
+Budget: the defaults take ~9.5 minutes (~1,000 CPU-seconds) on 2 CPU cores (shared) with the bundled
+SmolLM2-135M: the greedy probe of 767 questions ~2-4 minutes, 80 SFT steps ~4, the model after ~1.5. Held out,
+they give refusals on unknowns 0% -> 21%, right answers on knowns 100% -> 74%, refusals on knowns 0% -> 16%:
+a 135M model learns that it may not know far better than when (README.md, "idk").
 """
 from __future__ import annotations
 
@@ -31,23 +45,29 @@ from backend.train.sft import SFTConfig
 
 @dataclass
 class IDKConfig(SFTConfig):
-    facts: str = "bundled"         # the questions with known answers: "bundled" or a .jsonl of {"question", "answers", "split"}
-    n_samples: int = 4             # samples per question when probing
-    temperature: float = 0.7       # of the probe's samples
+    facts: str = "bundled"         # questions with known answers: "bundled", or a .jsonl of {"question", "answers",
+    #                                "split", "topic" (optional)}
+    n_samples: int = 1             # samples per question when probing: 1 at temperature 0 is the greedy answer the
+    temperature: float = 0.0       # table measures (and 4 samples at 0.7 cost ~4x the probe's time)
     max_new_tokens: int = 32       # per answer (probe and measurement)
     known_threshold: float = 0.5   # a question is known when at least this share of its samples is right
     idk_answer: str = "I don't know."
-    # The answers weigh as much as the refusals. Measured on SmolLM2-135M, 10 steps: refusals on held-out
-    # unknowns 0% -> 92%, on knowns 0% -> 82% with balance, 88% without (54 refusals, 31 answers).
-    balance: bool = True
-    # SFT: ~100-170 short examples: 4 rows of 128 tokens a step. Measured on SmolLM2-135M, 10 steps (held-out
-    # refusals on unknowns / on knowns, from 0% / 0%): lr 1e-5 0% / 0%, 2e-5 38% / 41%, 3e-5 92% / 82%.
-    max_steps: int = 10
+    doubt: float = 0.3             # a refusal starts at the answer's first token under this probability (0: none)
+    # Per topic, the known answers repeated to `balance` x the refusals (each at most max_repeat times): the share of
+    # refusals the model learns. Measured on SmolLM2-135M (80 steps, lr 2e-5; validation questions carved from the
+    # probe split, refusals on unknowns / right on knowns / refusals on knowns): balance 1.5: 48% / 65% / 29%,
+    # 2: 30% / 77% / 12%. Plain refusals ("I don't know." alone, balance over all topics) learned only topics.
+    balance: float = 2.0
+    max_repeat: int = 4
+    # SFT: ~550 short examples (510 probe questions), 4 rows of 128 tokens (~10 examples) a step: 80 steps ~1.5
+    # epochs. More steps or a higher lr refuse more of both (lr 3e-5, 100 steps, balance 1.5: 64% / 48% / 42%);
+    # LoRA r=16 at lr 1e-4 hardly refused (10% / 77% / 10%).
+    max_steps: int = 80
     batch_size: int = 4
     seq_len: int = 128
-    lr: float = 3e-5
-    warmup_steps: int = 3
-    eval_every: int = 10
+    lr: float = 2e-5
+    warmup_steps: int = 5
+    eval_every: int = 80
     checkpoint_every: int = 1000
     tool_tokens: bool = False
     protocol_check: int = 0
@@ -58,6 +78,8 @@ class IDKConfig(SFTConfig):
             raise ValueError("n_samples: ask each question at least once (1 or more samples)")
         if not 0 < self.known_threshold <= 1:
             raise ValueError("known_threshold: a share in (0, 1]")
+        if self.balance < 0 or self.max_repeat < 1 or not 0 <= self.doubt < 1:
+            raise ValueError("balance must be >= 0, max_repeat at least 1 and doubt a probability in [0, 1)")
         if self.temperature < 0 or self.max_new_tokens < 1:
             raise ValueError("temperature must be >= 0 and max_new_tokens at least 1")
         if not self.idk_answer.strip():
@@ -94,7 +116,7 @@ def probe(engine, items, cfg: IDKConfig, stop=None) -> list[dict]:
     Once `stop` is set, the questions asked so far only."""
     from backend.serving.sampling import SamplingParams
     from backend.train.generated import ask
-    params = SamplingParams(temperature=cfg.temperature, max_tokens=cfg.max_new_tokens, seed=cfg.seed)
+    params = SamplingParams(temperature=cfg.temperature, max_tokens=cfg.max_new_tokens, seed=cfg.seed, logprobs=0)
     out = []
     for f, comps in zip(items, ask(engine, [[{"role": "user", "content": f.question}] for f in items], params,
                                    cfg.n_samples, stop)):
@@ -102,8 +124,26 @@ def probe(engine, items, cfg: IDKConfig, stop=None) -> list[dict]:
         right = [t for t in right if t]
         n_right = sum(f.check(c.text) for c in comps)
         out.append({"fact": f, "right": n_right, "known": n_right >= cfg.known_threshold * len(comps),
-                    "best": min(right, key=len) if right else None})
+                    "best": min(right, key=len) if right else None, "text": comps[0].text,
+                    "lead": lead_in(engine.enc, comps[0], cfg.doubt)})
     return out
+
+
+def lead_in(enc, comp, doubt: float) -> str | None:
+    """The words of an answer before its first token of probability under `doubt` (the first word the model
+    makes up: "The capital of Benin is" of "The capital of Benin is Porto-Bano."), or None when no token of
+    its first sentence is that unsure (the model was sure of a wrong answer)."""
+    import math
+    ids, lps = comp.token_ids, comp.logprobs or []
+    i = next((i for i, lp in enumerate(lps) if lp < math.log(doubt)), None) if doubt > 0 else None
+    if i is None:
+        return None
+    text, more = enc.decode(ids[:i]), enc.decode(ids[:i + 1])
+    if re.search(r"[.!?\n]", text):
+        return None
+    if not more[len(text):len(text) + 1].isspace():
+        text = text[:max(text.rfind(" "), 0)]  # the uncertain token goes on a word: that word goes too
+    return text.rstrip(" ,:;-")
 
 
 def whole_answer(fact, text: str) -> str | None:
@@ -120,13 +160,15 @@ def whole_answer(fact, text: str) -> str | None:
     return text[:hit + end.start() + 1]
 
 
-def measure(engine, held: list[dict], cfg: IDKConfig, who: str, when: str) -> dict:
-    """Greedy answers to the held-out questions: the table's row for one model."""
+def measure(engine, held: list[dict], cfg: IDKConfig, who: str, when: str, texts: list[str] | None = None) -> dict:
+    """Greedy answers to the held-out questions (`texts` when they are already known): the table's row for one
+    model."""
     from backend.datasets.facts import is_refusal
     from backend.serving.sampling import SamplingParams
     from backend.train.generated import ask
-    texts = [c[0].text for c in ask(engine, [[{"role": "user", "content": h["fact"].question}] for h in held],
-                                    SamplingParams(temperature=0.0, max_tokens=cfg.max_new_tokens))]
+    if texts is None:
+        texts = [c[0].text for c in ask(engine, [[{"role": "user", "content": h["fact"].question}] for h in held],
+                                        SamplingParams(temperature=0.0, max_tokens=cfg.max_new_tokens))]
     unknown = [t for h, t in zip(held, texts) if not h["known"]]
     known = [(h["fact"], t) for h, t in zip(held, texts) if h["known"]]
     rate = lambda xs: round(sum(xs) / len(xs), 4) if xs else None  # noqa: E731
@@ -138,18 +180,25 @@ def measure(engine, held: list[dict], cfg: IDKConfig, who: str, when: str) -> di
 
 
 def examples(probed: list[dict], cfg: IDKConfig) -> list[dict]:
-    """The SFT rows: "I don't know" for every unknown question, the model's right answer for every known one;
-    with `balance`, the known ones repeated (in order) until there are as many as unknown ones."""
+    """The SFT rows: a refusal for each unknown question (its lead-in, if any, then "… I don't know."; none for
+    a wrong answer the model was sure of), the model's right answer for each known one; then, within each
+    topic, the known ones repeated (in order, each at most max_repeat times) until they are `balance` times
+    the topic's refusals."""
     rows = []
     for p in probed:
         f = p["fact"]
-        answer = cfg.idk_answer if not p["known"] else (p["best"] or f"{f.answers[0]}.")
+        if not p["known"] and p["lead"] is None and cfg.doubt > 0:
+            continue  # sure of a wrong answer: nothing the model could tell apart from what it knows
+        lead = p["lead"] or ""
+        refusal = f"{lead}… {cfg.idk_answer}" if cfg.doubt > 0 and len(lead.split()) >= 2 else cfg.idk_answer
+        answer = refusal if not p["known"] else (p["best"] or f"{f.answers[0]}.")
         rows.append({"messages": [{"role": "user", "content": f.question}, {"role": "assistant", "content": answer}],
-                     "known": p["known"], "samples_right": p["right"], "samples": cfg.n_samples})
-    known = [r for r in rows if r["known"]]
-    n_unknown = len(rows) - len(known)
-    if cfg.balance and known and len(known) < n_unknown:
-        rows += [{**known[i % len(known)], "repeat": True} for i in range(n_unknown - len(known))]
+                     "known": p["known"], "samples_right": p["right"], "samples": cfg.n_samples, "topic": f.topic})
+    for topic in dict.fromkeys(p["fact"].topic for p in probed):
+        mine = [r for r in rows if r["topic"] == topic]
+        known = [r for r in mine if r["known"]]
+        want = min(round(cfg.balance * (len(mine) - len(known))), cfg.max_repeat * len(known))
+        rows += [{**known[i % len(known)], "repeat": True} for i in range(max(0, want - len(known)))]
     return rows
 
 
@@ -166,20 +215,23 @@ def write_examples(cfg: IDKConfig, ctx: JobContext) -> dict | None:
         held = probe(engine, held_set, cfg, ctx.stop)  # which held-out questions the parent knows
         if ctx.stop.is_set():
             return None
-        before = measure(engine, held, cfg, cfg.parent_model, "before")
+        greedy = cfg.temperature == 0 and cfg.n_samples == 1  # the probe's answers are the measured ones
+        before = measure(engine, held, cfg, cfg.parent_model, "before", [h["text"] for h in held] if greedy else None)
     if ctx.stop.is_set():
         return None
     rows = examples(probed, cfg)
-    n_unknown = sum(not p["known"] for p in probed)
+    n_unknown, n_idk = sum(not p["known"] for p in probed), sum(not r["known"] for r in rows)
     ctx.emit({"log": f"probe: {len(probed) - n_unknown} of {len(probed)} questions known, {n_unknown} answered "
-                     f"wrong -> {n_unknown} \"{cfg.idk_answer}\" examples, {len(rows) - n_unknown} answers"
-                     + (" (the known ones repeated to balance)" if len(rows) > len(probed) else ""), "step": 0})
+                     f"wrong -> {n_idk} \"{cfg.idk_answer}\" examples ({n_unknown - n_idk} sure of a wrong answer "
+                     f"left out), {len(rows) - n_idk} answers"
+                     + (" (known ones repeated to balance)" if any(r.get("repeat") for r in rows) else ""), "step": 0})
     snap = freeze(ctx.app, "idk", rows, f"idk-{cfg.parent_model}"[:200],
                   {"parent_model": cfg.parent_model, "n_samples": cfg.n_samples, "temperature": cfg.temperature,
-                   "known_threshold": cfg.known_threshold, "facts": cfg.facts})
+                   "known_threshold": cfg.known_threshold, "facts": cfg.facts, "doubt": cfg.doubt,
+                   "balance": cfg.balance, "max_repeat": cfg.max_repeat})
     ctx.emit({"log": f"snapshot {snap['hash']} ({snap['rows']} examples)", "step": 0})
     return {"snapshot": snap["hash"], "held": held, "before": before, "probed": len(probed),
-            "unknown": n_unknown, "answers": len(rows) - n_unknown}
+            "unknown": n_unknown, "idk": n_idk, "answers": len(rows) - n_idk}
 
 
 def run_idk(cfg: IDKConfig, ctx: JobContext) -> Outcome:
@@ -190,16 +242,16 @@ def run_idk(cfg: IDKConfig, ctx: JobContext) -> Outcome:
         made = d.from_main(lambda: write_examples(cfg, ctx))
         if made is None:
             return stopped_early(ctx)
-        n_unknown, n_answers = made["unknown"], made["answers"]
+        n_unknown, n_idk, n_answers = made["unknown"], made["idk"], made["answers"]
         out = train_on("idk", sft_part(cfg, SFTConfig), ctx, made["snapshot"],
-                       f"\"I don't know\" SFT of {cfg.parent_model} ({n_unknown} refusals, {n_answers} answers)")
+                       f"\"I don't know\" SFT of {cfg.parent_model} ({n_idk} refusals, {n_answers} answers)")
         if not out.model:
             return out  # the ranks but 0: rank 0 alone registered the model, it alone measures it
         with serving(ctx.app) as engines:
             after = measure(engines.get(out.model), made["held"], cfg, out.model, "after")
         return record(ctx.app, out, ctx, "idk", [made["before"], after],
                       {"snapshot_hash": made["snapshot"], "probe_questions": made["probed"], "probe_unknown": n_unknown,
-                       "probe_known": made["probed"] - n_unknown, "examples_idk": n_unknown,
+                       "probe_known": made["probed"] - n_unknown, "examples_idk": n_idk,
                        "examples_answer": n_answers, "n_samples": cfg.n_samples,
                        "heldout_questions": len(made["held"]), "world_size": d.world})
 
