@@ -44,8 +44,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from backend.serving import q4_kernel
-from backend.serving.kv_quant import slot_width
 from models.gguf_loader import QuantBlocks
+from models.transformer import kv_slot_width
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -231,6 +231,9 @@ class DecodeStep:
                     raise ValueError(f"packed operands of layer {i} are {got}, the model needs {list(shapes)}")
             self.fused = [(ln1.detach().float().contiguous(), qkv.matrix, o.matrix, ln2.detach().float().contiguous(),
                            gate_up.matrix, down.matrix) for ln1, qkv, o, ln2, gate_up, down in self.layers]
+            # the C++ layer for each KV cache dtype (float32, float16, int8: decode_layer.cpp)
+            self.fused_layer = {torch.float32: kernel.decode_layer, torch.float16: kernel.decode_layer_f16,
+                                torch.int8: kernel.decode_layer_q8}
 
     def __call__(self, tokens: torch.Tensor, cache) -> torch.Tensor:
         """tokens [B] at slot cache.pos -> logits [B, V]; the cache advances by one."""
@@ -283,9 +286,8 @@ class DecodeStep:
             start = cache.pad.to(torch.int64).contiguous()
         # the C++ layer writes row b's keys at cache[b, :, pos]: sizes are checked here, not there
         kv = cache.k[0].dtype
-        layer = {torch.float32: self.kernel.decode_layer, torch.float16: self.kernel.decode_layer_f16,
-                 torch.int8: self.kernel.decode_layer_q8}.get(kv)
-        want = (B, self.K, cache.k[0].shape[2], slot_width(self.hd, kv) if layer else self.hd)
+        layer = self.fused_layer.get(kv)
+        want = (B, self.K, cache.k[0].shape[2], kv_slot_width(self.hd, kv) if layer else self.hd)
         if tokens.dim() != 1 or pos >= want[2] or layer is None or any(
                 t.shape != want or t.dtype != kv or not t.is_contiguous() for t in cache.k + cache.v):
             raise ValueError(f"the fused decode step needs tokens [B] and contiguous caches {want}, all float32, "

@@ -1,7 +1,7 @@
 """The int8 KV cache (ServeConfig.kv_cache_dtype "int8"), llama.cpp's q8_0 cache (`--cache-type-k q8_0`).
 
 A slot of one kv head holds its hd values as int8, then one float16 scale d per 32 of them (hd + hd/16 bytes:
-68 for SmolLM2's hd 64, where float32 takes 256 and float16 128). Per 32 values d = max|x| / 127 and
+68 for SmolLM2's hd 64, where float32 takes 256 and float16 128; models/transformer.py kv_slot_width). Per 32 values d = max|x| / 127 and
 q = round-half-even(x * (1 / d)), so a value moves by at most half a step, d / 2. A decode step at a long
 context is memory-bound (it streams the cache once per token), so a quarter of the bytes is what lets it keep
 pace with a short one (issue 12's long-context goal).
@@ -11,8 +11,6 @@ the prefill (backend/serving/prefill.py) writes and reads the cache through them
 from __future__ import annotations
 
 import torch
-
-from models.transformer import kv_slot_width as slot_width  # noqa: F401 (the layout's width, for the serving code)
 
 BLOCK = 32  # values per float16 scale
 

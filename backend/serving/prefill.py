@@ -77,11 +77,13 @@ class Prefill:
         each row sees the same shapes and mask whatever chunk it came in. Returns [T, H * hd]."""
         T, H, hd = q.shape
         out = q.new_empty(T, H, hd)
+        # the slots any tile reads, as float32 once (a float16 or int8 cache converted once a layer, not once a tile)
+        k, v = as_float(k[:, :, :start + T]), as_float(v[:, :, :start + T])
         for a in range(start // TILE_ROWS * TILE_ROWS, start + T, TILE_ROWS):
             lo, hi, end = max(a, start), min(a + TILE_ROWS, start + T), a + TILE_ROWS
             qt = q.new_zeros(TILE_ROWS, H, hd)
             qt[lo - a:hi - a] = q[lo - start:hi - start]
-            keys, values = as_float(k[:, :, :end]), as_float(v[:, :, :end])
+            keys, values = k[:, :, :end], v[:, :, :end]
             if keys.shape[2] < end:  # a cache shorter than the tile: its missing slots are masked anyway
                 pad = (0, 0, 0, end - keys.shape[2])
                 keys, values = F.pad(keys, pad), F.pad(values, pad)

@@ -37,8 +37,8 @@ from dataclasses import dataclass
 import torch
 
 from backend.serving.compute_thread import ComputeThread, shared_compute
-from backend.serving.kv_quant import slot_width
 from backend.serving.sampling import SamplingParams, apply_penalties, make_generator, sample, token_logprobs
+from models.transformer import kv_slot_width
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ class BatchCache:
     def _realloc(self, rows: int, slots: int) -> None:
         cfg, m = self.model.cfg, self.model
         dtype = self.dtype
-        shape = (rows, cfg.n_kv_heads, slots, slot_width(cfg.head_dim, dtype))
+        shape = (rows, cfg.n_kv_heads, slots, kv_slot_width(cfg.head_dim, dtype))
         for store in (self.k, self.v):
             for i in range(cfg.n_layers):
                 t = torch.zeros(shape, device=m.device, dtype=dtype)
