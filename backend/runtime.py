@@ -30,6 +30,22 @@ def apply_runtime_env() -> dict[str, str]:
     return {k: os.environ[k] for k in ("OMP_WAIT_POLICY", *RUNTIME_ENV) if k in os.environ}
 
 
+def exit_process(code: int | None) -> None:
+    """End a command-line run that has done its work: atexit handlers (the compute thread's join among them),
+    stdio flushed, then os._exit, skipping the interpreter's module teardown. Why: torch's tensors freed during
+    that teardown can reach a noexcept C++ destructor and abort the process ("terminate called without an
+    active exception", pytorch/pytorch#176747); backend.evals exited -6 so once in CI after printing its card."""
+    import atexit
+    import sys
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing left to tell
+            pass
+    os._exit(code if isinstance(code, int) else 0)
+
+
 _LIBC: list = []  # [the C library handle, or None where it has no malloc_trim], looked up once
 
 

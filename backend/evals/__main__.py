@@ -92,4 +92,5 @@ def compare(app: AppConfig) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from backend.runtime import exit_process
+    exit_process(main())

@@ -271,4 +271,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    from backend.runtime import exit_process
     main()
+    exit_process(0)
