@@ -269,3 +269,12 @@ def test_the_int8_cache_layout_holds_each_value_within_half_a_step():
     assert ((back - x).unflatten(-1, (2, 32)).abs() > step * 0.45).any()  # and it does round that far
     assert torch.equal(back[0, 0, 0], torch.zeros(64))
     assert (q[..., :64].abs().unflatten(-1, (2, 32)).amax(-1)[1:] == 127).all()
+
+
+def test_the_ceiling_loop_does_every_multiply_add_it_counts(kernel):
+    """backend.bench decode's prefill ceiling times peak_dpbusd_u4: each thread's 8 chains of 64 multiply-adds (7 x 3)
+    run every round (the sum says so exactly, for 1 and 2 threads), and the rate it gives is a plain number."""
+    per_round = 8 * 64 * 7 * 3
+    assert kernel.peak_dpbusd_u4(1, 1000) == 1000 * per_round
+    assert kernel.peak_dpbusd_u4(2, 1000) == 2 * 1000 * per_round
+    assert 1e9 < q4_kernel.int8_peak_ops(kernel, 1, seconds=0.05) < 1e14

@@ -167,3 +167,17 @@ def test_bf16_autocast_training_step_on_packed_rows_stays_close_to_fp32():
     assert abs(loss16 - loss32) < 0.01 * loss32
     for name, g in grads32.items():
         assert (grads16[name] - g).norm() < 0.05 * g.norm(), name
+
+
+def test_prefill_flops_count_the_matmuls_torch_counts():
+    """backend.bench decode's prefill ceiling divides prefill_flops by the CPU's peak: its weight matmuls are the
+    ones torch's FLOP counter sees in a forward (which also runs the output layer on every token, not the last)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from backend.train.metrics import prefill_flops
+    cfg = ModelConfig(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128, max_seq_len=256)
+    model, T = Transformer(cfg).eval(), 48
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.randint(0, 512, (1, T)))
+    attention = 4 * cfg.n_layers * cfg.n_heads * cfg.head_dim * T * (T + 1) / 2  # causal: token t sees t + 1
+    assert counter.get_total_flops() == prefill_flops(cfg, T) - attention + 2 * cfg.vocab_size * cfg.dim * (T - 1)

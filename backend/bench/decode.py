@@ -26,7 +26,13 @@ Who is who, measured in one run with the same prompt, the same thread count and 
   Python cannot import `llama_cpp`, and refused when its first greedy token is not ours (a broken harness).
 - decode at a long context (--long-context tokens of prompt, gguf variant): greedy decode rate (new tokens
   after the first / their time, prefill left out) against our own rate at the short prompt, measured
-  interleaved in the same run (goal: the long rate >= 0.8x the short one).
+  interleaved in the same run (goal: the long rate >= 0.8x the short one); beside it, llama.cpp's own ratio on
+  the same two prompts (`llama_cpp_ratio`, --llama-python).
+- prefill: time to first token of a ~300-token prompt (goal <= 0.15 s and >= 2x transformers bf16); beside it,
+  llama.cpp's prompt processing of the same ids (`llama_cpp_seconds`) and the ceiling: the prompt's model FLOPs
+  (backend/train/metrics.py prefill_flops) over this CPU's int8 multiply-add rate measured with our kernel's
+  own instructions and nothing else (q4_kernel.int8_peak_ops): `floor_seconds`, the least time any prefill
+  built on them could take here, and `share_of_ceiling`, how much of it ours reaches.
 Timings are the median of --repeat runs after a warm-up run.
 """
 from __future__ import annotations
@@ -72,11 +78,15 @@ def _decode_rate(engine, ids: list[int], tokens: int) -> float:
     return (count - 1) / (time.perf_counter() - first)
 
 
-def long_context_rates(engine, context: int, tokens: int, repeat: int) -> tuple[float, float]:
-    """(short-prompt, long-prompt) median decode rates, runs interleaved so load on the machine hits both."""
+def long_context_prompts(engine, context: int) -> tuple[list[int], list[int]]:
     short = engine.chat_prompt(PROMPT)
     text = " ".join(f"Fact {i}: pelicans can fly long distances over the sea." for i in range(context // 8))
-    long = engine.chat_prompt([{"role": "user", "content": text + " Summarize."}])[:context]
+    return short, engine.chat_prompt([{"role": "user", "content": text + " Summarize."}])[:context]
+
+
+def long_context_rates(engine, context: int, tokens: int, repeat: int) -> tuple[float, float]:
+    """(short-prompt, long-prompt) median decode rates, runs interleaved so load on the machine hits both."""
+    short, long = long_context_prompts(engine, context)
     rates = [(_decode_rate(engine, short, tokens), _decode_rate(engine, long, tokens)) for _ in range(repeat + 1)][1:]
     return statistics.median(r[0] for r in rates), statistics.median(r[1] for r in rates)
 
@@ -217,6 +227,43 @@ print(json.dumps({"tok_s": tokens / seconds, "tokens": ids, "version": llama_cpp
 """
 
 
+LLAMA_PREFILL = CHILD_PRELUDE + """
+try:
+    import llama_cpp
+except ImportError as e:
+    print(json.dumps({"error": f"llama.cpp (llama-cpp-python) not importable by {sys.executable}: {e}"}))
+    raise SystemExit
+llm = llama_cpp.Llama(model_path=args["gguf"], n_threads=args["threads"], n_threads_batch=args["threads"],
+                      n_ctx=512, n_batch=512, n_ubatch=512, verbose=False)
+def prefill():
+    llm.reset()  # no prompt cache between runs
+    llm.eval(args["prompt"])  # one batch: llama.cpp's own prompt processing
+print(json.dumps({"seconds": median_time(prefill, args["repeat"]), "version": llama_cpp.__version__}))
+"""
+
+
+LLAMA_LONG = CHILD_PRELUDE + """
+try:
+    import llama_cpp
+    import numpy as np
+except ImportError as e:
+    print(json.dumps({"error": f"llama.cpp (llama-cpp-python) not importable by {sys.executable}: {e}"}))
+    raise SystemExit
+llm = llama_cpp.Llama(model_path=args["gguf"], n_threads=args["threads"], n_threads_batch=args["threads"],
+                      n_ctx=len(args["long"]) + args["tokens"] + 8, n_batch=512, verbose=False)
+def rate(prompt):  # greedy decode only, after the prompt, as ours is timed
+    llm.reset()
+    llm.eval(prompt)
+    t0 = time.perf_counter()
+    for _ in range(args["tokens"]):
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1), shape=(llm.n_vocab(),))
+        llm.eval([int(np.argmax(logits))])
+    return args["tokens"] / (time.perf_counter() - t0)
+rates = [(rate(args["short"]), rate(args["long"])) for _ in range(args["repeat"] + 1)][1:]
+print(json.dumps({"short": statistics.median(r[0] for r in rates), "long": statistics.median(r[1] for r in rates)}))
+"""
+
+
 def run_child(python: str, code: str, args: dict, what: str) -> dict:
     """A peer's JSON line from `python -c code json(args)`, or {"error": why}."""
     try:
@@ -292,8 +339,39 @@ def prefill_row(args, cfg) -> dict:
             print(f"transformers bf16 forward of the same {len(ids)} ids: {peer:.3f} s")
     else:
         name = "skipped (--skip-peer)"
+    extra = prefill_ceiling(engine, cfg, len(ids), t, args.threads)
+    if spec_gguf(engine):  # llama.cpp's own prompt processing of the same ids, same GGUF
+        got = run_child(args.llama_python or sys.executable, LLAMA_PREFILL, {"gguf": spec_gguf(engine), "threads":
+                        args.threads, "repeat": args.repeat, "prompt": ids}, "llama.cpp prefill")
+        extra["llama_cpp_seconds"] = round(got["seconds"], 3) if "seconds" in got else got["error"]
+        print(f"llama.cpp prefill of the same {len(ids)} ids: " +
+              (f"{got['seconds']:.3f} s" if "seconds" in got else got["error"]))
     return result(f"prefill {len(ids)} tokens: time to first token", "s", t, peer, name, 2.0,
-                  higher_is_better=False, goal_seconds=0.15, prefill_weights=engine.prefill_weights)
+                  higher_is_better=False, goal_seconds=0.15, prefill_weights=engine.prefill_weights, **extra)
+
+
+def spec_gguf(engine) -> str | None:
+    """The GGUF file the bundled model is read from (llama.cpp's input); None for other models."""
+    return str(engine.spec.path) if engine.spec.kind == "bundled" else None
+
+
+def prefill_ceiling(engine, cfg, tokens: int, seconds: float, threads: int) -> dict:
+    """The prompt's model FLOPs (backend/train/metrics.py prefill_flops) against this CPU's ceiling for our
+    kernels' int8 multiply-adds (q4_kernel.int8_peak_ops): the least time a prefill built on them could take
+    here, and the share of that ceiling ours reaches. Where our kernel does not run, nothing is claimed."""
+    from backend.serving import q4_kernel
+    from backend.train.metrics import prefill_flops
+    flops = prefill_flops(engine.model.cfg, tokens)
+    lib = q4_kernel.load(cfg.cache_dir / "kernels")
+    if lib is None:
+        return {"model_gflop": round(flops / 1e9, 2)}
+    peak = q4_kernel.int8_peak_ops(lib, threads)
+    floor = flops / peak
+    print(f"{tokens} tokens = {flops / 1e9:.1f} GFLOP; this CPU's int8 multiply-add ceiling ({q4_kernel.variant()} "
+          f"build, {threads} threads, no memory traffic): {peak / 1e9:.0f} GOP/s, so at least {floor:.3f} s "
+          f"(goal 0.15 s); ours reaches {100 * floor / seconds:.0f}% of that ceiling")
+    return {"model_gflop": round(flops / 1e9, 2), "int8_peak_gops": round(peak / 1e9, 1),
+            "floor_seconds": round(floor, 3), "share_of_ceiling": round(floor / seconds, 3)}
 
 
 def _no_prefix_cache(kv_cache_dtype: str = "auto", prefill_weights: str = "auto"):
@@ -401,8 +479,19 @@ def main(argv: list[str] | None = None) -> None:
             short_rate, long_rate = long_context_rates(engine, args.long_context, args.long_context_tokens, args.repeat)
             print(f"ours [{variant}] decode at {args.long_context} tokens of context: {long_rate:.1f} tok/s, "
                   f"at {len(prompt)}: {short_rate:.1f} tok/s")
+            extra = {}
+            if spec_gguf(engine):  # llama.cpp's own ratio on the same prompts: what the best CPU engine keeps
+                short_ids, long_ids = long_context_prompts(engine, args.long_context)
+                got = run_child(args.llama_python or sys.executable, LLAMA_LONG,
+                                {"gguf": spec_gguf(engine), "threads": args.threads, "tokens": args.long_context_tokens,
+                                 "repeat": args.repeat, "short": short_ids, "long": long_ids}, "llama.cpp long context")
+                extra["llama_cpp_ratio"] = round(got["long"] / got["short"], 3) if "long" in got else got["error"]
+                print("llama.cpp on the same prompts: " + (f"{got['long']:.1f} tok/s at {len(long_ids)}, "
+                      f"{got['short']:.1f} at {len(short_ids)}: {got['long'] / got['short']:.2f}" if "long" in got
+                      else got["error"]))
             results.append(result(f"decode at {args.long_context} tokens of context vs short [{variant}]", "tok/s",
-                                  long_rate, short_rate, f"ours at a {len(prompt)}-token prompt, same run", 0.8))
+                                  long_rate, short_rate, f"ours at a {len(prompt)}-token prompt, same run", 0.8,
+                                  **extra))
         if engine is not ref:
             engine.close()
         del pool, engine

@@ -194,3 +194,27 @@ extern "C" int q8_matmul(const float* x, int M, int K, const uint8_t* w, const u
                          int threads) {
     return matmul(Q8_TILES, 512, 16, x, M, K, w, dm, N, y, threads);
 }
+
+// The ceiling of the kernels' inner product on this CPU: `rounds` rounds of 8 independent DPBUSD_U4 chains
+// (64 u8 x s8 multiply-adds each, the 4-bit weights' form: vpdpbusd, or on AVX2 vpmaddubsw + vpmaddwd +
+// vpaddd per half) on each of `threads` threads, no memory traffic. backend/bench/decode.py times it: no
+// kernel built on these instructions multiplies faster here (real ones also unpack nibbles, load, scale).
+// Returns a sum of the accumulators so that the work cannot be optimised away.
+extern "C" long long peak_dpbusd_u4(int threads, long long rounds) {
+    long long sink = 0;
+    #pragma omp parallel num_threads(threads) reduction(+:sink)
+    {
+        __m512i u = _mm512_set1_epi8(7), s = _mm512_set1_epi8(3), acc[8];
+        for (int k = 0; k < 8; k++) acc[k] = _mm512_setzero_si512();
+        for (long long i = 0; i < rounds; i++) {
+#ifdef __AVX512F__
+            asm volatile("" : "+v"(u), "+v"(s));  // opaque to the compiler: every round multiplies anew
+#else
+            asm volatile("" : "+x"(u.lo), "+x"(u.hi), "+x"(s.lo), "+x"(s.hi));
+#endif
+            for (int k = 0; k < 8; k++) acc[k] = DPBUSD_U4(acc[k], u, s);
+        }
+        for (int k = 0; k < 8; k++) sink += _mm512_reduce_add_epi32(acc[k]);
+    }
+    return sink;
+}

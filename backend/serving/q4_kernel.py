@@ -130,6 +130,7 @@ def load(build_dir: Path, name: str | None = None) -> ctypes.CDLL | None:
             path = build(build_dir, name)
             if path not in _loaded:
                 lib = ctypes.CDLL(str(path))
+                lib.peak_dpbusd_u4.argtypes, lib.peak_dpbusd_u4.restype = [ctypes.c_int, ctypes.c_longlong], ctypes.c_longlong
                 for fn in (lib.q4_matmul, lib.q8_matmul):
                     fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
                                    ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
@@ -200,3 +201,28 @@ class BlockLinear:
         if rc:
             raise RuntimeError(f"q4 kernel failed (code {rc}) on input {tuple(x.shape)}")
         return y
+
+
+def int8_peak_ops(lib: ctypes.CDLL, threads: int, seconds: float = 0.3) -> float:
+    """Operations per second (a multiply-add counts 2, as FLOPs do) of the kernels' inner product on this CPU with
+    `threads` threads and nothing else: q4_kernel.cpp's peak_dpbusd_u4 timed, the best of 3 runs of ~`seconds`.
+    A ceiling for our kernels here, which also unpack, load and scale: a prefill's model FLOPs over it is the
+    least time any kernel built on these instructions could take."""
+    import time
+    macs_per_round = 8 * 64 * threads  # 8 chains of 64 multiply-adds per thread
+    rounds = 1 << 16
+    while True:  # grow the run until it is long enough to time
+        t0 = time.perf_counter()
+        lib.peak_dpbusd_u4(threads, rounds)
+        dt = time.perf_counter() - t0
+        if dt > seconds / 4:
+            break
+        rounds *= 4
+    rounds = max(1, int(rounds * seconds / dt))
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        lib.peak_dpbusd_u4(threads, rounds)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * macs_per_round * rounds / best
+

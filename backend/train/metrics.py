@@ -36,6 +36,16 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     return 6 * n + attention
 
 
+def prefill_flops(cfg: ModelConfig, tokens: int) -> float:
+    """Forward FLOPs of a prompt of `tokens` tokens as a server prefills it: every matmul weight once per token
+    (2 FLOPs a weight), causal attention (each token's scores and weighted sum over itself and those before it),
+    and the output layer for the last token only (the first sampled token's logits)."""
+    head = cfg.vocab_size * cfg.dim
+    n = cfg.num_params() - head * (1 if cfg.tie_embeddings else 2) - cfg.dim * (2 * cfg.n_layers + 1)
+    attention = 4 * cfg.n_layers * cfg.n_heads * cfg.head_dim * tokens * (tokens + 1) / 2
+    return 2 * n * tokens + attention + 2 * head
+
+
 def _cpu_ghz() -> float:
     try:
         with open("/proc/cpuinfo") as f:
