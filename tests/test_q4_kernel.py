@@ -32,6 +32,14 @@ def random_blocks(kind: str, N: int, K: int, g: torch.Generator) -> QuantBlocks:
     return QuantBlocks(kind, torch.randint(-128, 128, (N, K), generator=g, dtype=torch.int8), d)
 
 
+def q8_rounded(x: torch.Tensor) -> torch.Tensor:
+    """x as one int8 per value, per block of 32 (llama.cpp's q8 activations; q4_kernel.cpp quantize, one digit)."""
+    b = x.reshape(x.shape[0], -1, 32)
+    amax = b.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    return (torch.round(b * inv) * (amax / 127.0)).reshape(x.shape)
+
+
 @pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
 def test_kernel_computes_the_blocks_matmul(kernel, kind):
     """Against float64 on the dequantized blocks, for 1 row up to past two groups of 8 rows, on heavy-tailed
@@ -181,15 +189,16 @@ def test_the_fused_step_attends_over_a_long_context_as_the_float_step(kernel, th
 
 
 @pytest.mark.parametrize("L", [255, 256, 500], ids=lambda n: f"{n}-slots")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.int8], ids=["float32", "float16", "int8"])
-def test_a_long_context_row_gets_the_same_logits_alone_behind_left_padding_and_on_any_thread_count(kernel, dtype, L):
+@pytest.mark.parametrize("dtype,acts", [(torch.float32, "int16"), (torch.float16, "int16"), (torch.int8, "int16"),
+                                        (torch.float32, "int8")], ids=["float32", "float16", "int8", "int8-activations"])
+def test_a_long_context_row_gets_the_same_logits_alone_behind_left_padding_and_on_any_thread_count(kernel, dtype, acts, L):
     """Batch invariance past one attention chunk: a row's L cached slots (one or two 256-slot chunks), alone in its
     cache (1 or 2 threads), and copied behind 200 slots of left padding beside an unpadded row (2 or 3 threads):
     the fused step gives that row bitwise the same logits for 8 steps. (The slots were once split one share a
     thread, and only when rows x kv heads left a thread idle: alone and among others, or on 1 and 2 threads, the
     sums ran in other orders.)"""
     model = make_tiny_model(512, dim=192, n_heads=3, n_kv_heads=1, hidden_dim=128, seed=11)
-    step = DecodeStep(model, "gguf", gguf_like(model), kernel=kernel)
+    step = DecodeStep(model, "gguf", gguf_like(model), kernel=kernel, activations=acts)
     assert step.fused is not None
     P = 200
 
@@ -278,3 +287,27 @@ def test_the_ceiling_loop_does_every_multiply_add_it_counts(kernel):
     assert kernel.peak_dpbusd_u4(1, 1000) == 1000 * per_round
     assert kernel.peak_dpbusd_u4(2, 1000) == 2 * 1000 * per_round
     assert 1e9 < q4_kernel.int8_peak_ops(kernel, 1, seconds=0.05) < 1e14
+
+
+@pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
+def test_int8_activations_round_each_input_once_as_llama_cpp_does(kernel, kind):
+    """--kernel-activations int8: each input is one int8 per value of its 32-block (half the multiplies). The
+    result is the float64 matmul of the inputs so rounded (to float32 accumulation), and it is measurably
+    farther from the unrounded matmul than the default two digits are."""
+    g = torch.Generator().manual_seed(2)
+    blocks = random_blocks(kind, 96, 160, g)
+    packed = q4_kernel.pack(blocks)
+    one, two = (q4_kernel.BlockLinear(kernel, *packed, activations=a) for a in ("int8", "int16"))
+    w = blocks.dequantize().double()
+    for rows in (1, 8, 9):
+        x = torch.randn(rows, 160, generator=g) * torch.rand(rows, 160, generator=g) ** 4 * 10
+        exact, rounded = x.double() @ w.T, q8_rounded(x).double() @ w.T
+        if kind == "Q4_1":  # the blocks' minimum m multiplies the sum of the unrounded inputs (kept exactly)
+            m = blocks.m.double().repeat_interleave(32, 1)
+            rounded = q8_rounded(x).double() @ (w - m).T + x.double() @ m.T
+        top = exact.abs().max()
+        assert (one(x).double() - rounded).abs().max() <= 2e-5 * top, rows
+        assert (one(x).double() - exact).abs().max() > 10 * (two(x).double() - exact).abs().max(), rows
+    with pytest.raises(ValueError, match="activations: one of int16, int8"):
+        q4_kernel.BlockLinear(kernel, *packed, activations="int4")
+

@@ -58,6 +58,16 @@ def kernel_engine(enc, tmp_path, serve=None, heads=(4, 2)) -> Engine:
     return eng
 
 
+def q4_kernel_digits(acts: str) -> int:
+    from backend.serving.q4_kernel import ACTIVATION_DIGITS
+    return ACTIVATION_DIGITS[acts]
+
+
+def test_an_unknown_kernel_activation_is_refused_before_the_engine_is_built(enc, tmp_path):
+    with pytest.raises(ValueError, match="kernel_activations: one of int16, int8, not 'int4'"):
+        kernel_engine(enc, tmp_path, serve=ServeConfig(kernel_activations="int4"))
+
+
 def run_together(engine, jobs: list[tuple[list[int], SamplingParams, int]]):
     """Start every request at once (each in its own thread, as the HTTP doors do); their token ids."""
     out = [None] * len(jobs)
@@ -83,10 +93,14 @@ def eight_requests(enc):
             for i, t in enumerate(texts)]
 
 
-def test_a_request_gives_the_same_tokens_alone_and_in_a_batch_of_8_on_the_4bit_kernel(enc, tmp_path):
+@pytest.mark.parametrize("acts", ["int16", "int8"])
+def test_a_request_gives_the_same_tokens_alone_and_in_a_batch_of_8_on_the_4bit_kernel(enc, tmp_path, acts):
     """Exact equality: on our kernel each row's dot products are integers and its attention starts at its
-    own first slot, so neither the batch size, the row's place nor the padding changes a bit."""
-    engine = kernel_engine(enc, tmp_path)
+    own first slot, so neither the batch size, the row's place nor the padding changes a bit; with
+    --kernel-activations int8 (one int8 digit an input, prefill and decode alike) as with the default."""
+    engine = kernel_engine(enc, tmp_path, serve=ServeConfig(kernel_activations=acts))
+    linears = [engine.head, *(f for layer in engine.step.layers for f in layer if hasattr(f, "digits"))]
+    assert len(linears) > 1 and {f.digits for f in linears} == {q4_kernel_digits(acts)}
     jobs = eight_requests(enc)
     solo = [[c.token_ids for c in engine.complete(ids, p, n)] for ids, p, n in jobs]
     assert run_together(engine, jobs) == solo

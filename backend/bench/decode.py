@@ -319,7 +319,7 @@ def prefill_row(args, cfg) -> dict:
     from backend.serving.model_pool import EnginePool
     from backend.serving.sampling import SamplingParams
     from models.registry import ModelRegistry
-    engine = EnginePool(ModelRegistry(cfg), cfg, serve=_no_prefix_cache(args.kv_cache_dtype, args.prefill_weights)).get(args.model)
+    engine = EnginePool(ModelRegistry(cfg), cfg, serve=_no_prefix_cache(args)).get(args.model)
     ids = (engine.chat_prompt([{"role": "user", "content": PREFILL_TEXT}]) if engine.spec.chat_format
            else engine.encode(PREFILL_TEXT))[:300]
     one = SamplingParams(temperature=0, max_tokens=1)
@@ -374,10 +374,11 @@ def prefill_ceiling(engine, cfg, tokens: int, seconds: float, threads: int) -> d
             "floor_seconds": round(floor, 3), "share_of_ceiling": round(floor / seconds, 3)}
 
 
-def _no_prefix_cache(kv_cache_dtype: str = "auto", prefill_weights: str = "auto"):
+def _no_prefix_cache(args):
     from backend.serving.scheduler import ServeConfig
     # every repeat prefills the whole prompt
-    return ServeConfig(prefix_cache_mb=0, kv_cache_dtype=kv_cache_dtype, prefill_weights=prefill_weights)
+    return ServeConfig(prefix_cache_mb=0, kv_cache_dtype=args.kv_cache_dtype, prefill_weights=args.prefill_weights,
+                       kernel_activations=args.kernel_activations)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -401,6 +402,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="the engine's KV cache (as app.py --kv-cache-dtype)")
     ap.add_argument("--prefill-weights", choices=("auto", "bf16", "q4"), default="auto",
                     help="what the 4-bit variants prefill on (as app.py --prefill-weights): every row, the prefill row included")
+    ap.add_argument("--kernel-activations", choices=("int16", "int8"), default="int16",
+                    help="how the 4-bit kernel rounds its inputs (as app.py --kernel-activations): every row")
     ap.add_argument("--skip-load", action="store_true", help="skip the cold/warm load timing")
     ap.add_argument("--skip-constraint", action="store_true", help="skip the constrained-decoding row")
     ap.add_argument("--llama-python", default=None,
@@ -447,7 +450,8 @@ def main(argv: list[str] | None = None) -> None:
         quant, dtype = VARIANTS[variant]
         from backend.serving.scheduler import ServeConfig
         pool = EnginePool(ModelRegistry(cfg), cfg, quant=quant, dtype=dtype,
-                          serve=ServeConfig(kv_cache_dtype=args.kv_cache_dtype, prefill_weights=args.prefill_weights))
+                          serve=ServeConfig(kv_cache_dtype=args.kv_cache_dtype, prefill_weights=args.prefill_weights,
+                                            kernel_activations=args.kernel_activations))
         engine = pool.get(args.model)
         prompt = engine.chat_prompt(PROMPT) if engine.spec.chat_format else engine.encode(PROMPT[0]["content"])
         print(f"ours [{variant}]: {args.model} on {engine.device} ({engine.model.dtype}, decode weights: "
@@ -550,7 +554,9 @@ def main(argv: list[str] | None = None) -> None:
                               0.5, greedy_tokens_matched=same[best], ours_prefill_included=round(ours[best][0], 1)))
 
     print(json.dumps({"bench": "decode", "device": "cpu" if not torch.cuda.is_available() else "cuda",
-                      "threads": args.threads, "torch": torch.__version__.split("+")[0], "results": results}))
+                      "threads": args.threads, "torch": torch.__version__.split("+")[0],
+                      "kv_cache_dtype": args.kv_cache_dtype, "kernel_activations": args.kernel_activations,
+                      "results": results}))
 
 
 if __name__ == "__main__":

@@ -164,6 +164,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--peer-slots", type=int, default=None, help="llama-server's parallel slots (default: the most clients)")
     ap.add_argument("--skip-ours", action="store_true")
     ap.add_argument("--repeat", type=int, default=3, help="rounds of every level on every server (median reported)")
+    ap.add_argument("--app-args", default="", help="more flags for our app.py, e.g. '--kernel-activations int8'")
     args = ap.parse_args(argv)
     levels = [int(c) for c in args.clients.split(",")]
 
@@ -181,7 +182,7 @@ def main(argv: list[str] | None = None) -> None:
         if not args.skip_ours:
             # one script plays every client from one address: lift the per-caller limit (backend/fairness.py)
             proc, url = start_app(tmp.name, cache, args.threads, "--max-batch", str(max(levels)),
-                                  "--max-requests-per-user", str(2 * max(levels)))
+                                  "--max-requests-per-user", str(2 * max(levels)), *args.app_args.split())
             servers.append(("ours", url, args.model, proc))
         from models.gguf_file import find_smollm2_gguf
         gguf = str(find_smollm2_gguf())
@@ -245,6 +246,7 @@ def main(argv: list[str] | None = None) -> None:
                                   goal_min=({8: 3.0, 32: 4.0}.get(c))))
     import torch
     print(json.dumps({"bench": "serve", "device": "cpu", "threads": args.threads, "tokens": args.tokens,
+                      "app_args": args.app_args,
                       "openmp": {k: os.environ[k] for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT") if k in os.environ}, "torch": torch.__version__.split("+")[0],
                       "results": results}))
 

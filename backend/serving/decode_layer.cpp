@@ -376,11 +376,12 @@ struct Matrix {              // packed operands of one matrix (backend/serving/q
     const uint8_t* w;
     const uint16_t* scales;
     int q8;                  // 0 = Q4_1, 1 = Q8_0
+    int digits;              // int8 digits per input value: 2, or 1 (q4_kernel.cpp q4_matmul)
 };
 
 static int run(Matrix m, const float* x, int M, int K, int N, float* y, int threads) {
-    return m.q8 ? matmul(Q8_TILES, 512, 16, x, M, K, m.w, m.scales, N, y, threads)
-                : matmul(Q4_TILES, 256, 32, x, M, K, m.w, m.scales, N, y, threads);
+    return m.q8 ? matmul(Q8_TILES, 512, 16, x, M, K, m.w, m.scales, N, y, threads, m.digits)
+                : matmul(Q4_TILES, 256, 32, x, M, K, m.w, m.scales, N, y, threads, m.digits);
 }
 
 // x [B, dim] float32, updated in place (the residual stream). cos/sin: [B, hd] rows, or one row shared

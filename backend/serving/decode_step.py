@@ -143,12 +143,14 @@ def gguf_supported(device: torch.device) -> bool:
 
 class DecodeStep:
     def __init__(self, model, quant: str | None = None, blocks: dict | None = None, packed: dict | None = None,
-                 kernel=None):
+                 kernel=None, activations: str = "int16"):
         """quant None (the model's own weights), "int8", or "gguf" with `blocks`: the GGUF's quantized
         matrices by HF weight name (models.gguf_loader.load_gguf_blocks) for this model's weights.
         `kernel`: our block kernel (backend.serving.q4_kernel.load) to run them on; None = torch's int4 kernel.
         `packed`: the kernel's operands from an earlier load of the same blocks (see `load_packed`);
-        what is missing is packed from `blocks`, and `self.packed` holds them all afterwards."""
+        what is missing is packed from `blocks`, and `self.packed` holds them all afterwards.
+        `activations`: how our kernel rounds its inputs (q4_kernel.ACTIVATION_DIGITS: "int16" or "int8"), for
+        every matrix, so prefill and decode, alone or batched, round alike."""
         if quant not in (None, "int8", "gguf"):
             raise ValueError(f"quant must be None, 'int8' or 'gguf', not {quant!r}")
         if quant == "int8" and (model.device.type != "cpu" or not quant_supported()):
@@ -177,7 +179,7 @@ class DecodeStep:
             if self.kernel is not None:
                 if key not in self.packed:
                     self.packed[key] = q4_kernel.pack(_stack(parts))
-                return q4_kernel.BlockLinear(self.kernel, *self.packed[key])
+                return q4_kernel.BlockLinear(self.kernel, *self.packed[key], activations=activations)
             if key not in self.packed:
                 self.packed[key] = _int4_pack(_stack(parts))
             return _int4_linear(*self.packed[key], in_features)

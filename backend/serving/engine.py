@@ -33,6 +33,7 @@ from typing import Iterator
 import torch
 
 from backend.serving.decode_step import DecodeStep
+from backend.serving.q4_kernel import ACTIVATION_DIGITS
 from backend.serving.sampling import SamplingParams, token_logprobs
 from backend.serving.compute_thread import ComputeThread
 from backend.serving.scheduler import KV_CACHE_DTYPES, Scheduler, ServeConfig
@@ -228,7 +229,10 @@ class Engine:
         self.model = model.eval()
         self.enc = enc
         # the per-token forward used while decoding (quant/blocks: see backend/serving/decode_step.py)
-        self.step = DecodeStep(self.model, quant, blocks, packed, kernel)
+        acts = (serve or ServeConfig()).kernel_activations
+        if acts not in ACTIVATION_DIGITS:
+            raise ValueError(f"kernel_activations: one of {', '.join(ACTIVATION_DIGITS)}, not {acts!r}")
+        self.step = DecodeStep(self.model, quant, blocks, packed, kernel, activations=acts)
         self.head = self.step.lm_head  # final-norm hidden states -> logits, the same for prefill and decode
         # the dtype of every KV cache this engine makes (new_cache): the model's, or float16 for the fused 4-bit
         # layer where ServeConfig.kv_cache_dtype asks (half the bytes a long context reads each step, as

@@ -42,9 +42,10 @@ struct Xq {               // x quantized, per group of ROWS rows, quad-major: a 
 #endif
 
 // acc, acc2 += the dots (by `dp`) of weight vector w with row r's quad i: first and second digit
+// (D == 1: x has one digit, the second is zero and not multiplied)
 #define DOT(dp, w, i, r) do { \
         acc[r] = dp(acc[r], w, _mm512_set1_epi32(x.q[(i) * ROWS + (r)])); \
-        acc2[r] = dp(acc2[r], w, _mm512_set1_epi32(x.q2[(i) * ROWS + (r)])); \
+        if (D == 2) acc2[r] = dp(acc2[r], w, _mm512_set1_epi32(x.q2[(i) * ROWS + (r)])); \
     } while (0)
 
 static inline __m512i combine(__m512i acc, __m512i acc2) {  // 256 acc + acc2, exact: |256 acc| < 2^31
@@ -53,7 +54,7 @@ static inline __m512i combine(__m512i acc, __m512i acc2) {  // 256 acc + acc2, e
 
 // Q4_1 tile (16 rows n): per block 4 vectors of 64 bytes; byte 4i+c of vector v holds q[n=i, k=8v+c] in
 // its low nibble and q[i, 8v+4+c] in its high nibble. scales: [KB][d x 16, m x 16] fp16.
-template <int MR>
+template <int MR, int D>
 static void q4_tile(Xq x, int KB, const uint8_t* w, const uint16_t* dm, float* y, int N) {
     const __m512i low4 = _mm512_set1_epi8(15);
     __m512 tot[MR];
@@ -81,7 +82,7 @@ static void q4_tile(Xq x, int KB, const uint8_t* w, const uint16_t* dm, float* y
 
 // Q8_0 tile: per block 8 vectors of 64 bytes; byte 4i+c of vector v holds q[n=i, k=4v+c] + 128.
 // scales: [KB][d x 16] fp16.
-template <int MR>
+template <int MR, int D>
 static void q8_tile(Xq x, int KB, const uint8_t* w, const uint16_t* dm, float* y, int N) {
     __m512 tot[MR];
     for (int r = 0; r < MR; r++) tot[r] = _mm512_setzero_ps();
@@ -94,7 +95,7 @@ static void q8_tile(Xq x, int KB, const uint8_t* w, const uint16_t* dm, float* y
             Q8Signed qs = q8_signed(q);
             for (int r = 0; r < MR; r++) {
                 acc[r] = q8_signed_dot(acc[r], qs, _mm512_set1_epi32(x.q[v * ROWS + r]));
-                acc2[r] = q8_signed_dot(acc2[r], qs, _mm512_set1_epi32(x.q2[v * ROWS + r]));
+                if (D == 2) acc2[r] = q8_signed_dot(acc2[r], qs, _mm512_set1_epi32(x.q2[v * ROWS + r]));
             }
 #else
             for (int r = 0; r < MR; r++) DOT(_mm512_dpbusd_epi32, q, v, r);
@@ -116,9 +117,10 @@ static void q8_tile(Xq x, int KB, const uint8_t* w, const uint16_t* dm, float* y
 
 typedef void (*tile_fn)(Xq, int, const uint8_t*, const uint16_t*, float*, int);
 
-#define TILE_TABLE(name) {name<1>, name<2>, name<3>, name<4>, name<5>, name<6>, name<7>, name<8>}
-static const tile_fn Q4_TILES[8] = TILE_TABLE(q4_tile);  // the first ROWS are used
-static const tile_fn Q8_TILES[8] = TILE_TABLE(q8_tile);
+#define TILE_ROW(name, D) {name<1, D>, name<2, D>, name<3, D>, name<4, D>, name<5, D>, name<6, D>, name<7, D>, name<8, D>}
+#define TILE_TABLE(name) {TILE_ROW(name, 1), TILE_ROW(name, 2)}
+static const tile_fn Q4_TILES[2][8] = TILE_TABLE(q4_tile);  // [digits - 1][rows - 1]; the first ROWS are used
+static const tile_fn Q8_TILES[2][8] = TILE_TABLE(q8_tile);
 
 static inline __m512i clamp127(__m512i v) {
     return _mm512_min_epi32(_mm512_set1_epi32(127), _mm512_max_epi32(_mm512_set1_epi32(-127), v));
@@ -126,8 +128,10 @@ static inline __m512i clamp127(__m512i v) {
 
 // x float32 [M, K] -> per block of 32: xq = round(x / dx) in -127..127 with dx = max|x| / 127 (0 for a
 // zero block), xq2 = round(256 (x / dx - xq)) clamped to -127..127, dx / 256, sum(x), the Q8_0 correction.
+// digits 1: xq2 = 0, x rounded to one int8 per value as llama.cpp's q8 activations are (half the multiplies;
+// the kernel then skips the second digit's dots).
 static void quantize(const float* x, int M, int K, int32_t* xq, int32_t* xq2, float* scale, float* sum,
-                     int32_t* corr) {
+                     int32_t* corr, int digits) {
     int KB = K / 32;
     const __m512 k256 = _mm512_set1_ps(256.0f);
     for (int r = 0; r < M; r++) {
@@ -141,8 +145,11 @@ static void quantize(const float* x, int M, int K, int32_t* xq, int32_t* xq2, fl
             __m512 inv = _mm512_set1_ps(amax >= FLT_MIN ? 127.0f / amax : 0.0f);
             __m512 va = _mm512_mul_ps(a, inv), vc = _mm512_mul_ps(c, inv);
             __m512i ia = _mm512_cvtps_epi32(va), ic = _mm512_cvtps_epi32(vc);  // round to nearest even
-            __m512i ra = clamp127(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_sub_ps(va, _mm512_cvtepi32_ps(ia)), k256)));
-            __m512i rc = clamp127(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_sub_ps(vc, _mm512_cvtepi32_ps(ic)), k256)));
+            __m512i ra = _mm512_setzero_si512(), rc = _mm512_setzero_si512();
+            if (digits == 2) {
+                ra = clamp127(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_sub_ps(va, _mm512_cvtepi32_ps(ia)), k256)));
+                rc = clamp127(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_sub_ps(vc, _mm512_cvtepi32_ps(ic)), k256)));
+            }
             alignas(64) int8_t digits[2][32];
             _mm_store_si128((__m128i*)digits[0], _mm512_cvtepi32_epi8(ia));
             _mm_store_si128((__m128i*)(digits[0] + 16), _mm512_cvtepi32_epi8(ic));
@@ -161,9 +168,10 @@ static void quantize(const float* x, int M, int K, int32_t* xq, int32_t* xq2, fl
     }
 }
 
-static int matmul(const tile_fn* tiles, size_t tile_bytes, size_t tile_scales, const float* x, int M, int K,
-                  const uint8_t* w, const uint16_t* dm, int N, float* y, int threads) {
-    if (M <= 0 || K % 32 || N % 16) return 1;
+static int matmul(const tile_fn (*table)[8], size_t tile_bytes, size_t tile_scales, const float* x, int M, int K,
+                  const uint8_t* w, const uint16_t* dm, int N, float* y, int threads, int digits) {
+    if (M <= 0 || K % 32 || N % 16 || (digits != 1 && digits != 2)) return 1;
+    const tile_fn* tiles = table[digits - 1];
     int KB = K / 32, NT = N / 16, groups = (M + ROWS - 1) / ROWS;
     size_t padded = (size_t)groups * ROWS, nq = padded * K / 4, ns = padded * KB;
     int32_t* ints = (int32_t*)calloc(2 * nq + ns, 4);  // xq, xq2, corr
@@ -171,7 +179,7 @@ static int matmul(const tile_fn* tiles, size_t tile_bytes, size_t tile_scales, c
     if (!ints || !floats) { free(ints); free(floats); return 2; }
     int32_t *xq = ints, *xq2 = ints + nq, *corr = ints + 2 * nq;
     float *scale = floats, *sum = floats + ns;
-    quantize(x, M, K, xq, xq2, scale, sum, corr);
+    quantize(x, M, K, xq, xq2, scale, sum, corr, digits);
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int t = 0; t < NT; t++)
         for (int g = 0; g < groups; g++) {
@@ -185,14 +193,16 @@ static int matmul(const tile_fn* tiles, size_t tile_bytes, size_t tile_scales, c
     return 0;
 }
 
+// digits: 2 = x as two int8 digits per value (~15 bits: errors of 2-5e-5 of the largest output, measured in
+// tests/test_q4_kernel.py), 1 = one (llama.cpp's q8 activations: half the multiplies, 3-9e-3)
 extern "C" int q4_matmul(const float* x, int M, int K, const uint8_t* w, const uint16_t* dm, int N, float* y,
-                         int threads) {
-    return matmul(Q4_TILES, 256, 32, x, M, K, w, dm, N, y, threads);
+                         int threads, int digits) {
+    return matmul(Q4_TILES, 256, 32, x, M, K, w, dm, N, y, threads, digits);
 }
 
 extern "C" int q8_matmul(const float* x, int M, int K, const uint8_t* w, const uint16_t* dm, int N, float* y,
-                         int threads) {
-    return matmul(Q8_TILES, 512, 16, x, M, K, w, dm, N, y, threads);
+                         int threads, int digits) {
+    return matmul(Q8_TILES, 512, 16, x, M, K, w, dm, N, y, threads, digits);
 }
 
 // The ceiling of the kernels' inner product on this CPU: `rounds` rounds of 8 independent DPBUSD_U4 chains

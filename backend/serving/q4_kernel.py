@@ -47,7 +47,7 @@ _loaded: dict[Path, ctypes.CDLL] = {}
 
 class Matrix(ctypes.Structure):
     """decode_layer.cpp's `Matrix`: one packed matrix."""
-    _fields_ = [("w", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("q8", ctypes.c_int)]
+    _fields_ = [("w", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("q8", ctypes.c_int), ("digits", ctypes.c_int)]
 
 
 def _cpu_flags() -> set[str]:
@@ -133,7 +133,7 @@ def load(build_dir: Path, name: str | None = None) -> ctypes.CDLL | None:
                 lib.peak_dpbusd_u4.argtypes, lib.peak_dpbusd_u4.restype = [ctypes.c_int, ctypes.c_longlong], ctypes.c_longlong
                 for fn in (lib.q4_matmul, lib.q8_matmul):
                     fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
-                                   ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
+                                   ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
                     fn.restype = ctypes.c_int
                 i, f, p, m = ctypes.c_int, ctypes.c_float, ctypes.c_void_p, Matrix
                 for fn in (lib.decode_layer, lib.decode_layer_f16, lib.decode_layer_q8):  # float32 / float16 / int8 KV cache
@@ -173,11 +173,20 @@ def pack(blocks: QuantBlocks) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(w), torch.from_numpy(np.ascontiguousarray(scales).view(np.uint16).view(np.int16))
 
 
+# how the kernel rounds its float inputs (ServeConfig.kernel_activations) -> int8 digits per value: two (~15 bits,
+# the default: within a few 1e-5 of float), or one as llama.cpp's q8 activations (half the multiplies: a
+# prefill and a batched decode are compute-bound here, ~1.4x faster; ~1e-2 of float)
+ACTIVATION_DIGITS = {"int16": 2, "int8": 1}
+
+
 class BlockLinear:
     """x float32 [M, K] -> float32 [M, N] = x @ W.T on packed blocks (see `pack`; the kind follows from
-    the bytes per tile)."""
+    the bytes per tile); `activations`: a key of ACTIVATION_DIGITS."""
 
-    def __init__(self, lib: ctypes.CDLL, weights: torch.Tensor, scales: torch.Tensor):
+    def __init__(self, lib: ctypes.CDLL, weights: torch.Tensor, scales: torch.Tensor, activations: str = "int16"):
+        if activations not in ACTIVATION_DIGITS:
+            raise ValueError(f"activations: one of {', '.join(ACTIVATION_DIGITS)}, not {activations!r}")
+        self.digits = ACTIVATION_DIGITS[activations]
         NT, KB, nbytes = weights.shape
         kind = next((k for k, n in TILE_BYTES.items() if n == nbytes), None)
         if kind is None or tuple(scales.shape) != (NT, KB, 32 if kind == "Q4_1" else 16):
@@ -185,7 +194,7 @@ class BlockLinear:
         self.fn = lib.q4_matmul if kind == "Q4_1" else lib.q8_matmul
         self.weights, self.scales = weights.contiguous(), scales.contiguous()
         self.N, self.K = NT * 16, KB * 32
-        self.matrix = Matrix(self.weights.data_ptr(), self.scales.data_ptr(), int(kind == "Q8_0"))
+        self.matrix = Matrix(self.weights.data_ptr(), self.scales.data_ptr(), int(kind == "Q8_0"), self.digits)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != torch.float32 or not x.is_contiguous():
@@ -197,7 +206,7 @@ class BlockLinear:
         if M == 0:
             return y
         rc = self.fn(x.data_ptr(), M, self.K, self.weights.data_ptr(), self.scales.data_ptr(), self.N, y.data_ptr(),
-                     torch.get_num_threads())
+                     torch.get_num_threads(), self.digits)
         if rc:
             raise RuntimeError(f"q4 kernel failed (code {rc}) on input {tuple(x.shape)}")
         return y

@@ -59,6 +59,7 @@ class ServeConfig:
     retry_after: int = 2         # seconds suggested to a client refused for a full queue
     kv_cache_dtype: str = "auto"  # KV_CACHE_DTYPES: "float16" / "int8" for the fused 4-bit layer (Engine.kv_dtype)
     prefill_weights: str = "auto"  # "auto" | "bf16" | "q4": what a 4-bit model prefills on (engine.py AUTO_PREFILL)
+    kernel_activations: str = "int16"  # "int16" | "int8": how our 4-bit kernel rounds inputs (q4_kernel.ACTIVATION_DIGITS)
 
 
 class QueueFull(RuntimeError):
