@@ -199,25 +199,30 @@ def first_token():
 print(json.dumps({"seconds": median_time(first_token, args["repeat"])}))
 """
 
-LLAMA_CPP = CHILD_PRELUDE + """
+LLAMA_PRELUDE = CHILD_PRELUDE + """
 try:
     import llama_cpp
     import numpy as np
 except ImportError as e:
     print(json.dumps({"error": f"llama.cpp (llama-cpp-python) not importable by {sys.executable}: {e}"}))
     raise SystemExit
-prompt, tokens = args["prompt"], args["tokens"]
-llm = llama_cpp.Llama(model_path=args["gguf"], n_threads=args["threads"], n_threads_batch=args["threads"],
-                      n_ctx=max(512, len(prompt) + tokens + 1), verbose=False)
-def last_logits():  # llm.scores is only filled with logits_all=True (llama-cpp-python 0.3.36)
+def open_llama(n_ctx, **kw):
+    return llama_cpp.Llama(model_path=args["gguf"], n_threads=args["threads"], n_threads_batch=args["threads"],
+                           n_ctx=n_ctx, verbose=False, **kw)
+def last_logits(llm):  # llm.scores is only filled with logits_all=True (llama-cpp-python 0.3.36)
     return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1), shape=(llm.n_vocab(),))
+"""
+
+LLAMA_CPP = LLAMA_PRELUDE + """
+prompt, tokens = args["prompt"], args["tokens"]
+llm = open_llama(max(512, len(prompt) + tokens + 1))
 def run(out):
     llm.reset()  # no prompt cache between runs
     for t in prompt:  # a token at a time: its batched (AMX) matmul crashed on this CPU (llama-cpp-python 0.3.36)
         llm.eval([t])
     t0 = time.perf_counter()
     for _ in range(tokens):  # greedy, past end-of-text like ours
-        out.append(int(np.argmax(last_logits())))
+        out.append(int(np.argmax(last_logits(llm))))
         llm.eval([out[-1]])
     return time.perf_counter() - t0
 ids = []
@@ -226,43 +231,26 @@ seconds = statistics.median(run([]) for _ in range(args["repeat"]))
 print(json.dumps({"tok_s": tokens / seconds, "tokens": ids, "version": llama_cpp.__version__}))
 """
 
-
-LLAMA_PREFILL = CHILD_PRELUDE + """
-try:
-    import llama_cpp
-except ImportError as e:
-    print(json.dumps({"error": f"llama.cpp (llama-cpp-python) not importable by {sys.executable}: {e}"}))
-    raise SystemExit
-llm = llama_cpp.Llama(model_path=args["gguf"], n_threads=args["threads"], n_threads_batch=args["threads"],
-                      n_ctx=512, n_batch=512, n_ubatch=512, verbose=False)
+LLAMA_PREFILL = LLAMA_PRELUDE + """
+llm = open_llama(512, n_batch=512, n_ubatch=512)
 def prefill():
     llm.reset()  # no prompt cache between runs
     llm.eval(args["prompt"])  # one batch: llama.cpp's own prompt processing
 print(json.dumps({"seconds": median_time(prefill, args["repeat"]), "version": llama_cpp.__version__}))
 """
 
-
-LLAMA_LONG = CHILD_PRELUDE + """
-try:
-    import llama_cpp
-    import numpy as np
-except ImportError as e:
-    print(json.dumps({"error": f"llama.cpp (llama-cpp-python) not importable by {sys.executable}: {e}"}))
-    raise SystemExit
-llm = llama_cpp.Llama(model_path=args["gguf"], n_threads=args["threads"], n_threads_batch=args["threads"],
-                      n_ctx=len(args["long"]) + args["tokens"] + 8, n_batch=512, verbose=False)
+LLAMA_LONG = LLAMA_PRELUDE + """
+llm = open_llama(len(args["long"]) + args["tokens"] + 8, n_batch=512)
 def rate(prompt):  # greedy decode only, after the prompt, as ours is timed
     llm.reset()
     llm.eval(prompt)
     t0 = time.perf_counter()
     for _ in range(args["tokens"]):
-        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1), shape=(llm.n_vocab(),))
-        llm.eval([int(np.argmax(logits))])
+        llm.eval([int(np.argmax(last_logits(llm)))])
     return args["tokens"] / (time.perf_counter() - t0)
 rates = [(rate(args["short"]), rate(args["long"])) for _ in range(args["repeat"] + 1)][1:]
 print(json.dumps({"short": statistics.median(r[0] for r in rates), "long": statistics.median(r[1] for r in rates)}))
 """
-
 
 def run_child(python: str, code: str, args: dict, what: str) -> dict:
     """A peer's JSON line from `python -c code json(args)`, or {"error": why}."""
