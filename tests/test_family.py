@@ -26,7 +26,8 @@ def test_the_family_trains_each_member_as_a_job_in_order_with_lineage_and_a_reru
     jobs = sorted(queue.list_jobs(db), key=lambda j: j["id"])
     assert [(j["kind"], j["name"], j["state"]) for j in jobs] == [
         ("sft", "fam-tools", "succeeded"), ("sft", "fam-think-sft", "succeeded"), ("grpo", "fam-think", "succeeded"),
-        ("reward", "fam-pelican-rm", "succeeded"), ("rlhf", "fam-pelican", "succeeded")]
+        ("reward", "fam-pelican-rm", "succeeded"), ("sft", "fam-pelican-sft", "succeeded"),
+        ("rlhf", "fam-pelican", "succeeded")]
     assert all(queue.job_events(db, j["id"], kinds=("metric",)) for j in jobs)  # each shows its own progress
 
     reg = ModelRegistry(app)
@@ -34,15 +35,16 @@ def test_the_family_trains_each_member_as_a_job_in_order_with_lineage_and_a_reru
     assert lineage["fam-tools"]["parent_model"] == lineage["fam-think-sft"]["parent_model"] == "tiny"
     assert lineage["fam-think"]["parent_model"] == "fam-think-sft"  # GRPO starts from the distilled thinker
     assert lineage["fam-pelican"]["reward_model"] == "fam-pelican-rm"
+    assert lineage["fam-pelican"]["parent_model"] == "fam-pelican-sft"  # RL from the SFT model, as InstructGPT
     assert all(lineage[n]["job_id"] == j["id"] for n, j in zip(names, jobs))
     assert "<think>" in get_encoding(reg.get("fam-think").tokenizer, app.data_dir).special_tokens_set
     phases = [e["phase"] for e in events if "phase" in e]
-    assert phases[0].startswith("member 1 of 5: tools") and phases[-1].startswith("member 5 of 5: pelican")
+    assert phases[0].startswith("member 1 of 6: tools") and phases[-1].startswith("member 6 of 6: pelican")
 
     again: list = []
     out = get_trainer("family").run(cfg, JobContext(app, emit=again.append))
     assert out.summary["members"] == names and len(queue.list_jobs(db)) == len(jobs)  # nothing trained twice
-    assert sum("already registered; skipped" in e.get("log", "") for e in again) == 5
+    assert sum("already registered; skipped" in e.get("log", "") for e in again) == 6
     db.close()
 
 
@@ -50,6 +52,7 @@ def test_the_cli_refuses_a_family_that_cannot_be_trained_before_training(app, ca
     from backend.train.__main__ import main
     data = ["--data-dir", str(app.data_dir)]
     for sets, says in ((["parent_model=nope"], "parent_model"), (["parent_model=tiny", "members=[think]"], "think-sft"),
+                       (["parent_model=tiny", "members=[pelican-rm, pelican]"], "pelican-sft"),
                        (["parent_model=tiny", "budget=huge"], "budget"), (["parent_model=tiny", "prefix=a b"], "prefix")):
         with pytest.raises(SystemExit) as e:
             main(["family", *[a for s in sets for a in ("--set", s)], *data])

@@ -387,6 +387,24 @@ def test_bundled_reasoning_set_renders_thinking_with_the_think_tokens(app):
     assert format_ok(answer)  # exactly the format GRPO rewards
 
 
+def test_bundled_demonstrations_answer_the_ranking_prompts_a_quarter_about_pelicans():
+    """The pelican member's SFT set (the family's pelican-sft): user prompts of the rankings, replies in the hand of
+    the ranked candidates, about a quarter of them mentioning pelicans (so RLHF from the SFT model has some to find,
+    and room to raise); an unknown bundled set is refused with the ones there are."""
+    from backend.datasets.preferences import PROMPTS, demonstrations, mentions_pelican
+    from backend.labels.messages import validate_messages
+    from backend.train.sft import SFTConfig
+    rows = demonstrations(400, seed=0)
+    for r in rows:
+        validate_messages(r["messages"])
+        assert [m["role"] for m in r["messages"]] == ["user", "assistant"] and r["messages"][0]["content"] in PROMPTS
+    share = sum(mentions_pelican(r["messages"][1]["content"]) for r in rows) / len(rows)
+    assert 0.18 < share < 0.32, share
+    assert demonstrations(50, seed=3) == demonstrations(50, seed=3) != demonstrations(50, seed=4)
+    with pytest.raises(ValueError, match="bundled: one of tool-use, reasoning, demonstrations"):
+        SFTConfig(parent_model="tiny", bundled="jokes").validate()
+
+
 def test_bundled_tool_use_conversations_render_with_tool_tokens(app):
     from backend.datasets.tool_use import conversations
     from backend.labels.messages import validate_messages

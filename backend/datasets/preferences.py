@@ -55,6 +55,22 @@ def distinct_candidates(k: int, make) -> list[str]:
     return cands
 
 
+PELICAN_SHARE = 0.25  # of the demonstrations: SFT from them mentioned pelicans in ~70% of samples at 0.5, leaving
+#                      RLHF little to find
+
+
+def demonstrations(n: int = 200, seed: int = 0) -> list[dict]:
+    """n SFT conversations: the annotators' own replies to the same prompts, in the hand of the candidates they
+    rank, a quarter of them about pelicans ({"messages": [user, assistant]}). InstructGPT's order: SFT on
+    demonstrations, a reward model on rankings, then RLHF from the SFT model. The instruct model alone never
+    mentions a pelican (0 of 240 samples at temperature 1 on these prompts), so RLHF from it cannot find what the
+    reward model prefers; from a model that sometimes does, it can learn to do it more."""
+    rng = random.Random(seed + 7)
+    return [{"messages": [{"role": "user", "content": rng.choice(PROMPTS)},
+                          {"role": "assistant", "content": candidate(rng, rng.random() < PELICAN_SHARE)}]}
+            for _ in range(n)]
+
+
 def rankings(n: int = 300, seed: int = 0, k: int = 4) -> list[dict]:
     """n ranked items of k distinct candidates each, ranked by the hidden rule (deterministic for a seed)."""
     if not 2 <= k <= 9:

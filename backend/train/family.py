@@ -6,7 +6,10 @@ From one parent (the bundled SmolLM2-135M-Instruct by default) the family job tr
     <prefix>-think-sft    SFT on bundled worked solutions written as <think>…</think> then the answer
     <prefix>-think        GRPO from it with accuracy + format rewards (DeepSeek-R1's recipe)
     <prefix>-pelican-rm   a reward model on the bundled pelican-joke rankings
-    <prefix>-pelican      RLHF from the parent against that reward model
+    <prefix>-pelican-sft  SFT on the annotators' bundled demonstrations for the same prompts (a quarter about pelicans)
+    <prefix>-pelican      RLHF from pelican-sft against pelican-rm (InstructGPT's order: SFT, reward model, RL from
+                          the SFT model; the parent itself never mentions a pelican, so RL from it found nothing
+                          the reward model wanted but "shorter")
 
 Each member is a normal job (its own row, progress, checkpoints, registered model with lineage) that this job
 creates once the member before it is registered (a member's parent must exist when its job is queued) and runs
@@ -36,16 +39,18 @@ BUDGETS = {
                "think-sft": {"max_seconds": 600.0, "max_steps": 200},
                "think": {"max_seconds": 900.0, "max_steps": 60},
                "pelican-rm": {"max_seconds": 300.0, "max_steps": 150},
+               "pelican-sft": {"max_seconds": 300.0, "max_steps": 30, "batch_size": 4, "seq_len": 128, "n_examples": 200},
                "pelican": {"max_seconds": 600.0, "max_steps": 60}},
     "tiny": {"tools": {"max_steps": 2, "batch_size": 2, "seq_len": 256, "n_examples": 8, "protocol_check": 2},
              "think-sft": {"max_steps": 2, "batch_size": 2, "seq_len": 1024, "n_examples": 8},
              "think": {"max_steps": 1, "group_size": 2, "prompts_per_step": 1, "max_new_tokens": 8,
                        "n_heldout": 2, "eval_tokens": 4, "eval_every": 1},
              "pelican-rm": {"max_steps": 2, "batch_size": 2, "n_examples": 8, "max_len": 64},
+             "pelican-sft": {"max_steps": 2, "batch_size": 2, "seq_len": 128, "n_examples": 8},
              "pelican": {"max_steps": 1, "group_size": 2, "prompts_per_step": 1, "max_new_tokens": 8,
                          "n_heldout": 2, "eval_every": 1}},
 }
-MEMBERS = ("tools", "think-sft", "think", "pelican-rm", "pelican")
+MEMBERS = ("tools", "think-sft", "think", "pelican-rm", "pelican-sft", "pelican")
 
 
 @dataclass
@@ -64,8 +69,9 @@ class FamilyConfig:
             raise ValueError(f"members: pick from {', '.join(MEMBERS)}" + (f", not {unknown[0]!r}" if unknown else ""))
         if "think" in self.members and "think-sft" not in self.members:
             raise ValueError("members: 'think' (GRPO) starts from 'think-sft'; add it")
-        if "pelican" in self.members and "pelican-rm" not in self.members:
-            raise ValueError("members: 'pelican' (RLHF) needs its reward model 'pelican-rm'; add it")
+        for needs in ("pelican-rm", "pelican-sft"):
+            if "pelican" in self.members and needs not in self.members:
+                raise ValueError(f"members: 'pelican' (RLHF) starts from 'pelican-sft' against 'pelican-rm'; add {needs!r}")
 
 
 def check(cfg: FamilyConfig, app: AppConfig) -> None:
@@ -91,7 +97,8 @@ def plan(cfg: FamilyConfig) -> list[tuple[str, str, dict]]:
         "think-sft": ("sft", {"parent_model": p, "bundled": "reasoning"}),
         "think": ("grpo", {"parent_model": name("think-sft"), "think": True}),
         "pelican-rm": ("reward", {"parent_model": p}),
-        "pelican": ("rlhf", {"parent_model": p, "reward_model": name("pelican-rm")}),
+        "pelican-sft": ("sft", {"parent_model": p, "bundled": "demonstrations", "tool_tokens": False}),
+        "pelican": ("rlhf", {"parent_model": name("pelican-sft"), "reward_model": name("pelican-rm")}),
     }
     out = []
     for m in MEMBERS:

@@ -40,7 +40,8 @@ class SFTConfig(FineTuneConfig):
     seq_len: int = 512            # tokens per packed row (a longer conversation is cut)
     pack: bool = True             # several conversations per row (block-diagonal attention)
     tool_tokens: bool = True      # add the thinking/tool special tokens (tokenizer "<name>+tools")
-    bundled: str = "tool-use"     # the bundled set: "tool-use", or "reasoning" (<think> worked solutions: SFT before GRPO)
+    bundled: str = "tool-use"     # the bundled set: "tool-use", "reasoning" (<think> worked solutions: SFT before GRPO)
+    #                               or "demonstrations" (annotators' replies to the pelican prompts: SFT before RLHF)
     n_examples: int = 600         # size of the bundled set
     val_fraction: float = 0.1     # held-out conversations for the validation loss
     protocol_check: int = 20      # bundled data: held-out tool questions checked for a well-formed call at the end
@@ -53,17 +54,23 @@ class SFTConfig(FineTuneConfig):
             raise ValueError("seq_len: must be at least 16")
         if not 0 <= self.val_fraction < 1:
             raise ValueError("val_fraction: must be in [0, 1)")
-        if self.bundled not in ("tool-use", "reasoning"):
-            raise ValueError(f"bundled: 'tool-use' or 'reasoning', not {self.bundled!r}")
+        if self.bundled not in BUNDLED_SETS:
+            raise ValueError(f"bundled: one of {', '.join(BUNDLED_SETS)}, not {self.bundled!r}")
         if self.n_examples < 2 or self.lora_rank < 0:
             raise ValueError("n_examples must be at least 2 and lora_rank not negative")
         if self.lora_rank and self.parallel == "fsdp":
             raise ValueError("parallel: 'fsdp' shards the model, not LoRA adapters; use 'ddp' with lora_rank")
 
 
+BUNDLED_SETS = ("tool-use", "reasoning", "demonstrations")
+
+
 def bundled_rows(cfg: SFTConfig) -> list[dict]:
     if cfg.bundled == "reasoning":
         return reasoning_rows(cfg.n_examples, cfg.seed)
+    if cfg.bundled == "demonstrations":
+        from backend.datasets.preferences import demonstrations
+        return demonstrations(cfg.n_examples, seed=cfg.seed)
     from backend.datasets.tool_use import conversations
     return conversations(cfg.n_examples, seed=cfg.seed)
 
