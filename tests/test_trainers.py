@@ -453,6 +453,22 @@ def test_bundled_reasoning_set_renders_thinking_with_the_think_tokens(app):
     assert format_ok(answer)  # exactly the format GRPO rewards
 
 
+def test_the_reasoning_set_mixes_terse_and_worked_thinking_on_the_same_problems():
+    """terse_fraction swaps that share of the worked solutions for a glance at the answer; the problems,
+    and the answers, stay the same; every terse thought still states the right answer."""
+    from backend.datasets.verifiable import problems
+    from backend.train.sft import reasoning_rows
+    worked, mixed = reasoning_rows(200, seed=3), reasoning_rows(200, seed=3, terse_fraction=0.5)
+    probs = problems(200, seed=4, kinds=("apples", "count", "spell"))
+    assert [r["messages"][1:2] for r in worked] == [r["messages"][1:2] for r in mixed]
+    assert all(r["messages"][2]["thinking"] == p.solution for r, p in zip(worked, probs))
+    terse = [p for r, p in zip(mixed, probs) if r["messages"][2]["thinking"] == p.short]
+    assert 70 < len(terse) < 130 and all(p.short and p.short != p.solution for p in probs)
+    assert all(p.check(f"<think>{p.short}</think>", lenient=True) or p.answer in p.short for p in terse)
+    with pytest.raises(ValueError, match="terse_fraction"):
+        parse_config("sft", {"bundled": "reasoning", "terse_fraction": 1.5})
+
+
 def test_bundled_tool_use_conversations_render_with_tool_tokens(app):
     from backend.datasets.tool_use import conversations
     from backend.labels.messages import validate_messages
