@@ -47,18 +47,6 @@ BUDGETS = {
 }
 MEMBERS = ("tools", "think-sft", "think", "pelican-rm", "pelican")
 
-# The thinking pair's recipe (any budget). Goal: DeepSeek-R1's two curves, held-out accuracy AND response length
-# rising over the GRPO steps, rewarded for accuracy + format alone (no reward pays for length).
-# - think-sft teaches two habits on the same problems: half its solutions think the steps through, half state the
-#   answer at a glance (sft.reasoning_rows' terse_fraction). RL amplifies what its starting model already does
-#   (Gandhi et al. 2025, "Cognitive Behaviors that Enable Self-Improving Reasoners"); with both habits in the
-#   parent, GRPO's accuracy reward alone decides which one grows, and the steps are longer.
-# - think uses Dr. GRPO's loss (Liu et al. 2025, "Understanding R1-Zero-like Training"; TRL loss_type="dr_grpo",
-#   scale_rewards="none"): GRPO's per-answer 1/|o| gives a short right answer a larger push per token than a long
-#   right one, which favours the terse habit for its length alone; dividing by the std weighs near-unanimous groups most.
-THINK_SFT = {"terse_fraction": 0.5}
-THINK_GRPO = {"loss_type": "dr_grpo", "scale_rewards": "none", "lr": 1e-5}
-
 
 @dataclass
 class FamilyConfig:
@@ -100,8 +88,8 @@ def plan(cfg: FamilyConfig) -> list[tuple[str, str, dict]]:
     common = {"threads": cfg.threads}
     jobs = {
         "tools": ("sft", {"parent_model": p, "bundled": "tool-use"}),
-        "think-sft": ("sft", {"parent_model": p, "bundled": "reasoning", **THINK_SFT}),
-        "think": ("grpo", {"parent_model": name("think-sft"), "think": True, **THINK_GRPO}),
+        "think-sft": ("sft", {"parent_model": p, "bundled": "reasoning"}),
+        "think": ("grpo", {"parent_model": name("think-sft"), "think": True}),
         "pelican-rm": ("reward", {"parent_model": p}),
         "pelican": ("rlhf", {"parent_model": p, "reward_model": name("pelican-rm")}),
     }

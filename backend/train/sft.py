@@ -76,10 +76,11 @@ def reasoning_rows(n: int, seed: int, terse_fraction: float = 0.0) -> list[dict]
     (the cold-start SFT of DeepSeek-R1 before its RL; GRPO's prompts use the same system prompt).
 
     terse_fraction: that share of the problems (drawn at random) think only the answer at a glance ("Each apple
-    costs 3.") instead of the steps, so the SFT model has both habits and GRPO, rewarded for accuracy alone,
-    shows which one earns it: RL amplifies the behaviours its starting model already has (Gandhi et al. 2025,
-    "Cognitive Behaviors that Enable Self-Improving Reasoners": a model primed with step-by-step traces grew its
-    answers and its accuracy under RL; one without them did not)."""
+    costs 3.") instead of the steps, so that the SFT model has both habits and GRPO, rewarded for accuracy alone,
+    can show which one earns it (RL amplifies behaviours its starting model already has: Gandhi et al. 2025,
+    "Cognitive Behaviors that Enable Self-Improving Reasoners"). Tried once for the family's think pair (0.5, 20
+    SFT steps at a decaying lr, then Dr. GRPO): the SFT model looped and copied the template, and GRPO's held-out
+    accuracy and lengths did not rise in ~12 steps; not used by the family."""
     import random
     from backend.datasets.verifiable import problems
     from backend.train.grpo import THINK_SYSTEM
