@@ -240,6 +240,50 @@ def test_advantages_are_group_normalised():
     assert torch.equal(group_advantages(torch.ones(4), 4), torch.zeros(4))  # all equal: no signal
 
 
+def test_scale_rewards_group_batch_and_none():
+    from backend.train.grpo import group_advantages
+    r = torch.tensor([1.0, 0.0, 0.0, 1.5, 3.0, 3.0, 2.0, 0.0])
+    centred = (r.view(2, 4) - r.view(2, 4).mean(1, keepdim=True)).view(-1)
+    assert torch.allclose(group_advantages(r, 4, "none"), centred)  # Dr. GRPO: no std division
+    assert torch.allclose(group_advantages(r, 4, "batch"), centred / (r.std() + 1e-4))
+    assert torch.allclose(group_advantages(r, 4, "batch", batch_std=2.0), centred / (2.0 + 1e-4))
+    assert not torch.allclose(group_advantages(r, 4, "group"), group_advantages(r, 4, "batch"))
+
+
+def test_each_loss_type_is_its_formula_and_a_step_fed_by_groups_adds_up_to_it(app):
+    """On a tiny model's real log-probs (ratio 1, beta 0, so the per-token loss is -A_i): grpo averages each
+    answer's tokens then the answers, bnpo/dapo divide the sum over all tokens by their number, dr_grpo by
+    answers x max_new_tokens; the long answer's share of the gradient differs between them."""
+    from backend.train.grpo import LOSS_TYPES, group_logprobs, grpo_loss, loss_normalizer
+    model = ModelRegistry(app).load("tiny", dtype=torch.float32)
+    prompt, answers = [5, 9, 70, 71, 72], [[40, 41, 42], [43], [44, 45, 46, 47, 48, 49, 50], [51, 52]]
+    lens = torch.tensor([3.0, 1.0, 7.0, 2.0])
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    max_new = 10
+    expected = {"grpo": float(-(adv).mean()), "bnpo": float(-(adv * lens).sum() / lens.sum()),
+                "dapo": float(-(adv * lens).sum() / lens.sum()),
+                "dr_grpo": float(-(adv * lens).sum() / (len(answers) * max_new))}
+    grads = {}
+    for lt in LOSS_TYPES:
+        model.zero_grad()
+        logp, mask = group_logprobs(model, prompt, answers)
+        norm = loss_normalizer(lt, [len(a) for a in answers], max_new, float(lens.sum()), 1)
+        loss, kl = grpo_loss(logp, logp.detach(), logp.detach(), mask, adv, 0.2, 0.0, lt, norm)
+        assert math.isclose(loss.item(), expected[lt], rel_tol=1e-5, abs_tol=1e-7), lt
+        assert kl == 0.0
+        loss.backward()
+        grads[lt] = model.lm_head.weight.grad.clone()
+        # two halves of the batch, each with the step's normalizer, add up to the same loss
+        halves = [grpo_loss(*(t[s] for t in (logp, logp.detach(), logp.detach(), mask, adv)), 0.2, 0.0, lt, norm)[0]
+                  for s in (slice(0, 2), slice(2, 4))]
+        assert math.isclose(sum(h.item() for h in halves), expected[lt], rel_tol=1e-5, abs_tol=1e-7), lt
+    assert torch.allclose(grads["bnpo"], grads["dapo"])  # one process: the same
+    for a, b in [("grpo", "bnpo"), ("grpo", "dr_grpo"), ("bnpo", "dr_grpo")]:
+        assert not torch.allclose(grads[a], grads[b], rtol=1e-3, atol=1e-8), (a, b)
+    with pytest.raises(ValueError, match="dr_grpo"):
+        grpo_loss(logp, logp.detach(), logp.detach(), mask, adv, 0.2, 0.0, "dr_grpo")
+
+
 def test_shared_prompt_logprobs_equal_the_full_forward_with_the_same_gradient(app):
     from backend.train.common import completion_logprobs
     from backend.train.grpo import group_logprobs
@@ -313,6 +357,28 @@ def test_rlhf_optimises_the_reward_model_score_with_kl_and_the_hacking_preset_dr
     assert PRESETS[hack.preset]["beta"] == 0.0
     with pytest.raises(ValueError, match="reward_model"):
         parse_config("rlhf", {"parent_model": "tiny", "reward_model": "tiny"}, app)
+
+
+def test_the_loss_type_reaches_the_training_step(app):
+    """RLHF's reward model scores every answer differently, so advantages are not zero; with beta 0 and one
+    update a step (ratio 1) the "grpo" loss is -mean(A) = 0, while "dr_grpo"'s is -sum(A_i |o_i|) / (N x
+    max_new_tokens), not 0 for answers of different lengths (the SFT-trained tiny model ends its answers)."""
+    common = dict(parent_model="sft-test", reward_model="rm-test", max_steps=1, group_size=6, prompts_per_step=1,
+                  max_new_tokens=64, eval_every=100, n_heldout=2, lr=1e-3, beta=0.0, register=False)
+    runs = {}
+    for lt in ("grpo", "dr_grpo"):
+        events: list = []
+        run_kind(app, "rlhf", events, name=f"rlhf-{lt}", loss_type=lt, scale_rewards="none", **common)
+        (runs[lt],) = [e for e in events if "loss" in e]
+    assert 0 < runs["grpo"]["truncated"] < 1  # some answers end, some are cut: lengths differ
+    assert abs(runs["grpo"]["loss"]) < 1e-6
+    assert abs(runs["dr_grpo"]["loss"]) > 1e-5
+    # with every cut answer out of the loss, a different number
+    events = []
+    run_kind(app, "rlhf", events, name="rlhf-masked", loss_type="dr_grpo", scale_rewards="none",
+             mask_truncated_completions=True, **common)
+    (masked,) = [e for e in events if "loss" in e]
+    assert masked["response_length"] == runs["dr_grpo"]["response_length"] and masked["loss"] != runs["dr_grpo"]["loss"]
 
 
 def test_rlhf_samples_its_rollouts_from_the_prompts_of_the_snapshot_it_records(app):
@@ -405,6 +471,22 @@ def test_bundled_demonstrations_answer_the_ranking_prompts_a_quarter_about_pelic
         SFTConfig(parent_model="tiny", bundled="jokes").validate()
 
 
+def test_the_reasoning_set_mixes_terse_and_worked_thinking_on_the_same_problems():
+    """terse_fraction swaps that share of the worked solutions for a glance at the answer; the problems,
+    and the answers, stay the same; every terse thought still states the right answer."""
+    from backend.datasets.verifiable import problems
+    from backend.train.sft import reasoning_rows
+    worked, mixed = reasoning_rows(200, seed=3), reasoning_rows(200, seed=3, terse_fraction=0.5)
+    probs = problems(200, seed=4, kinds=("apples", "count", "spell"))
+    assert [r["messages"][1:2] for r in worked] == [r["messages"][1:2] for r in mixed]
+    assert all(r["messages"][2]["thinking"] == p.solution for r, p in zip(worked, probs))
+    terse = [p for r, p in zip(mixed, probs) if r["messages"][2]["thinking"] == p.short]
+    assert 70 < len(terse) < 130 and all(p.short and p.short != p.solution for p in probs)
+    assert all(p.check(f"<think>{p.short}</think>", lenient=True) or p.answer in p.short for p in terse)
+    with pytest.raises(ValueError, match="terse_fraction"):
+        parse_config("sft", {"bundled": "reasoning", "terse_fraction": 1.5})
+
+
 def test_bundled_tool_use_conversations_render_with_tool_tokens(app):
     from backend.datasets.tool_use import conversations
     from backend.labels.messages import validate_messages
@@ -430,6 +512,10 @@ def test_bundled_tool_use_conversations_render_with_tool_tokens(app):
 def test_bad_configs_name_the_field(app):
     with pytest.raises(ValueError, match="group_size"):
         parse_config("grpo", {"group_size": 1})
+    with pytest.raises(ValueError, match="loss_type"):
+        parse_config("grpo", {"loss_type": "ppo"})
+    with pytest.raises(ValueError, match="scale_rewards"):
+        parse_config("rlhf", {"reward_model": "rm-test", "scale_rewards": "std"}, app)
     with pytest.raises(ValueError, match="parent_model"):
         parse_config("sft", {"parent_model": "no-such-model"}, app)
     with pytest.raises(ValueError, match="beta"):

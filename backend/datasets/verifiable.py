@@ -40,6 +40,7 @@ class Problem:
     answer: str          # the exact answer: an integer as text, or letters
     kind: str            # "apples" | "count" | "spell" | "gsm8k"
     solution: str = ""   # worked steps that end in the answer (for SFT before RL)
+    short: str = ""      # the answer stated at a glance, no steps (the terse thinking of SFT's mixed set)
 
     def check(self, reply: str, lenient: bool = False) -> bool:
         got = extract_answer(reply, numeric=self.answer.lstrip("-").isdigit(), lenient=lenient)
@@ -106,7 +107,7 @@ def apples(rng: random.Random, scale: str = "small") -> Problem:
              f"The total cost of all the fruit is ${total}. What is the cost of each {s1}?")
         sol = (f"The {p2} cost {o} * {po} = {o * po}. The {p1} cost {total} - {o * po} = {total - o * po}. "
                f"Each {s1} costs {total - o * po} / {a} = {pa}.")
-        return Problem(q, str(pa), "apples", sol)
+        return Problem(q, str(pa), "apples", sol, f"Each {s1} costs {pa}.")
     return totals(rng, scale, name, "apples")
 
 
@@ -117,10 +118,10 @@ def totals(rng: random.Random, scale: str = "small", name: str | None = None, ki
     s, p = rng.choice(FRUITS)
     if rng.random() < 0.5:
         q = f"{name} has {a} {p} and buys {b} more. How many {p} does {name} have now?"
-        return Problem(q, str(a + b), kind, f"{a} + {b} = {a + b}.")
+        return Problem(q, str(a + b), kind, f"{a} + {b} = {a + b}.", f"{name} has {a + b} {p} now.")
     big, small = max(a, b), min(a, b)
     q = f"{name} has {big} {p} and gives away {small}. How many {p} are left?"
-    return Problem(q, str(big - small), kind, f"{big} - {small} = {big - small}.")
+    return Problem(q, str(big - small), kind, f"{big} - {small} = {big - small}.", f"{big - small} {p} are left.")
 
 
 def count(rng: random.Random, scale: str = "small") -> Problem:
@@ -129,7 +130,7 @@ def count(rng: random.Random, scale: str = "small") -> Problem:
     n = word.count(letter)
     q = f"How many times does the letter '{letter}' appear in the word '{word}'?"
     sol = f"Spelled out: {'-'.join(word)}. The letter '{letter}' appears {n} time{'s' if n != 1 else ''}."
-    return Problem(q, str(n), "count", sol)
+    return Problem(q, str(n), "count", sol, f"'{word}' has {n} '{letter}'.")
 
 
 def spell(rng: random.Random, scale: str = "small") -> Problem:
@@ -139,7 +140,7 @@ def spell(rng: random.Random, scale: str = "small") -> Problem:
     nth = {2: "second", 3: "third"}[k]
     q = f"What do you get if you take every {nth} letter of the word '{word}', starting with letter number {k}?"
     sol = f"Spelled out: {'-'.join(word)}. Every {nth} letter: {'-'.join(ans)}. Together: {ans}."
-    return Problem(q, ans, "spell", sol)
+    return Problem(q, ans, "spell", sol, f"Every {nth} letter of '{word}' gives {ans}.")
 
 
 GENERATORS = {"apples": apples, "totals": totals, "count": count, "spell": spell}

@@ -6,13 +6,16 @@ Each step, for each of prompts_per_step problems:
      gets the policy's weights after every step (backend/train/rollout_server.py, as TRL does with vLLM);
   2. reward each by rule: accuracy (1 if the final answer is exactly right, backend/datasets/verifiable.py)
      + format_weight * format (1 if the reply is "<think>...</think> answer", R1-Zero's template);
-  3. advantage A_i = (r_i - mean(r)) / (std(r) + 1e-4) within the group: no value network;
+  3. advantage A_i = (r_i - mean(r)) / (std(r) + 1e-4) within the group: no value network (scale_rewards
+     "group"; "batch": the std of the whole step's rewards; "none": r_i - mean(r) alone, as Dr. GRPO);
   4. loss per token t of answer i (a differentiable forward of the policy):
         -min(ratio * A_i, clip(ratio, 1 - eps, 1 + eps) * A_i) + beta * KL_t
      ratio = pi / pi_old (pi_old = the policy that sampled: one update per batch, as TRL's default
      num_iterations=1, so ratio = 1 in value and the clip matters only with several updates);
      KL_t = exp(ref - logp) - (ref - logp) - 1 (the unbiased "k3" estimator, DeepSeekMath eq. 4) to the
-     frozen parent; averaged over each answer's tokens, then over answers (DeepSeekMath's GRPO loss).
+     frozen parent; averaged over each answer's tokens, then over answers (DeepSeekMath's GRPO loss,
+     loss_type "grpo"), or summed over all tokens and divided by one number for the step (loss_type "bnpo",
+     "dapo", "dr_grpo"; grpo_loss says which and why).
 
 Defaults and where they come from: group_size 8 (TRL GRPOConfig num_generations=8; DeepSeekMath used 64),
 clip eps 0.2 (DeepSeekMath, TRL epsilon=0.2), beta 0.04 (DeepSeekMath and TRL's default before v0.19;
@@ -71,6 +74,11 @@ class PolicyConfig(FineTuneConfig):
     rollout_model: str = ""        # the model it serves the policy under
     rollout_api_key_env: str = ""  # environment variable with its API key (this app: an admin's, to push weights)
     weight_sync: str = "push"      # "push": the policy's weights to the server after each step; "none": off-policy rollouts
+    # How the per-token losses add up and how rewards become advantages: TRL GRPOConfig's fields and values
+    # (grpo_loss, group_advantages). Our defaults are DeepSeekMath's GRPO (TRL's default is now "dapo").
+    loss_type: str = "grpo"        # "grpo", "bnpo", "dr_grpo" or "dapo"
+    scale_rewards: str = "group"   # "group", "batch" or "none" (Dr. GRPO: no std division)
+    mask_truncated_completions: bool = False  # answers cut at max_new_tokens leave the loss (DAPO's overlong filter)
 
     def global_batch(self) -> tuple[str, int]:
         return "prompts_per_step", self.prompts_per_step
@@ -85,11 +93,17 @@ class PolicyConfig(FineTuneConfig):
             raise ValueError("beta must be >= 0, clip_eps in (0, 1), temperature > 0")
         if self.max_cpu_seconds < 0:
             raise ValueError("max_cpu_seconds must not be negative")
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss_type: one of {', '.join(LOSS_TYPES)}, not {self.loss_type!r}")
+        if self.scale_rewards not in ("group", "batch", "none"):
+            raise ValueError(f"scale_rewards: 'group', 'batch' or 'none', not {self.scale_rewards!r}")
         if self.sample_dtype not in ("auto", "bf16", "fp32"):
             raise ValueError(f"sample_dtype: 'auto', 'bf16' or 'fp32', not {self.sample_dtype!r}")
         from backend.train.rollout_server import check_rollout_fields
         check_rollout_fields(self)
 
+
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 
 # A preset sets its fields over the config's (as RLHF's presets do).
 PRESETS = {
@@ -128,22 +142,66 @@ class GRPOConfig(PolicyConfig):
             raise ValueError(f"preset: one of {', '.join(PRESETS)}, not {self.preset!r}")
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
-    """(r - group mean) / (group std + 1e-4), groups of group_size consecutive rewards."""
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group",
+                     batch_std: float | None = None) -> torch.Tensor:
+    """r - group mean, divided by (std + 1e-4) of the group ("group", GRPO), of all the rewards given ("batch",
+    TRL's scale_rewards="batch"; batch_std: that std over every process's rewards), or not at all ("none");
+    groups of group_size consecutive rewards.
+
+    Dr. GRPO (Liu et al. 2025, "Understanding R1-Zero-like Training", sec. 3.1) drops the std: dividing by it
+    weighs the groups that are almost all right or almost all wrong (small std) most, a question-difficulty bias."""
     r = rewards.view(-1, group_size)
-    return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-4)).view(-1)
+    a = r - r.mean(1, keepdim=True)
+    if scale == "group":
+        a = a / (r.std(1, keepdim=True) + 1e-4)
+    elif scale == "batch":
+        std = batch_std if batch_std is not None else float(rewards.std()) if rewards.numel() > 1 else 0.0
+        a = a / (std + 1e-4)
+    elif scale != "none":
+        raise ValueError(f"scale_rewards: 'group', 'batch' or 'none', not {scale!r}")
+    return a.view(-1)
 
 
-def grpo_loss(logp, old_logp, ref_logp, mask, adv, clip_eps: float, beta: float):
-    """(loss, mean KL per token). All [N, L] but adv [N]."""
+def grpo_loss(logp, old_logp, ref_logp, mask, adv, clip_eps: float, beta: float, loss_type: str = "grpo",
+              normalizer: float | None = None):
+    """(loss, mean KL per token). All [N, L] but adv [N].
+
+    How the per-token losses become one number, by TRL's loss_type (GRPOTrainer._compute_loss):
+      "grpo"     each answer's mean over its tokens, then the mean over answers (DeepSeekMath). The 1/|o_i| favours
+                 short answers when right (each token gets a larger share of a positive advantage) and long ones
+                 when wrong (a smaller share of the penalty): Dr. GRPO (Liu et al. 2025, sec. 3.1) traces the
+                 growth of wrong answers' length in R1-Zero-like runs to it;
+      "bnpo"     the sum over all tokens / the number of tokens in this process's batch;
+      "dapo"     the same over every process's tokens (DAPO, Yu et al. 2025: every token weighs the same);
+      "dr_grpo"  the sum over all tokens / (answers x max_new_tokens), a constant (Dr. GRPO): no length bias.
+    normalizer: what the sum (or, for "grpo", the sum of the answers' means) is divided by, for the whole step
+    when a step's batch is fed one group at a time (the groups' losses then add up to the step's); None: this
+    batch alone ("dr_grpo" needs it: answers x max_new_tokens)."""
     ratio = torch.exp(logp - old_logp)
     a = adv[:, None]
     surrogate = torch.min(ratio * a, torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * a)
     d = ref_logp - logp
     kl = torch.exp(d) - d - 1
     per_token = -surrogate + beta * kl
-    per_seq = (per_token * mask).sum(1) / mask.sum(1).clamp_min(1)
-    return per_seq.mean(), float((kl.detach() * mask).sum() / mask.sum().clamp_min(1))
+    kl_mean = float((kl.detach() * mask).sum() / mask.sum().clamp_min(1))
+    if loss_type == "grpo":
+        per_seq = (per_token * mask).sum(1) / mask.sum(1).clamp_min(1)
+        return per_seq.sum() / (normalizer if normalizer is not None else len(per_seq)), kl_mean
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type: one of {', '.join(LOSS_TYPES)}, not {loss_type!r}")
+    if normalizer is None:
+        if loss_type == "dr_grpo":
+            raise ValueError("loss_type 'dr_grpo' divides by answers x max_new_tokens: pass it as normalizer")
+        normalizer = float(mask.sum())
+    return (per_token * mask).sum() / max(normalizer, 1.0), kl_mean
+
+
+def loss_normalizer(loss_type: str, lengths: list[int], max_new_tokens: int, all_tokens: float, world: int) -> float:
+    """grpo_loss's normalizer for a step whose answers (this process's) have `lengths` tokens in the loss;
+    all_tokens: the tokens in the loss of every process's answers. DDP averages the processes' gradients, so
+    "dapo" divides by all_tokens / world (TRL: num_items_in_batch / num_processes)."""
+    return {"grpo": float(len(lengths)), "bnpo": float(sum(lengths)), "dapo": all_tokens / world,
+            "dr_grpo": float(len(lengths) * max_new_tokens)}[loss_type]
 
 
 def group_logprobs(model, prompt: list[int], completions: list[list[int]], amp=None):
@@ -181,7 +239,8 @@ def rollout_engine(policy, spec, enc, dtype: torch.dtype | None = None):
 
 
 def sample_groups(engine, prompts: list[list[int]], n: int, max_tokens: int, temperature: float, seed: int):
-    """Completions of each prompt (n each, prompt-major); each completion's tokens include its stop token."""
+    """(text, token ids, truncated) of each prompt's n completions (prompt-major); the ids include the stop
+    token; truncated: cut at max_tokens (no stop token)."""
     from backend.serving.sampling import SamplingParams
     from models.chat_format import stop_token_ids
     params = SamplingParams(temperature=temperature, max_tokens=max_tokens, seed=seed,
@@ -190,7 +249,7 @@ def sample_groups(engine, prompts: list[list[int]], n: int, max_tokens: int, tem
     out = []
     for c in comps:
         ids = list(c.token_ids) + ([c.stop_token_id] if c.stop_token_id is not None else [])
-        out.append((c.text, ids or [stop_token_ids(engine.enc)[0]]))
+        out.append((c.text, ids or [stop_token_ids(engine.enc)[0]], c.finish_reason == "length"))
     return out
 
 
@@ -295,9 +354,18 @@ def policy_optimization(kind: str, cfg: PolicyConfig, ctx: JobContext, train_pro
             del engine
             t_sample = time.perf_counter() - t0
             group_items = [it for it in items for _ in range(cfg.group_size)]
-            rewards, rmetrics = reward_fn(group_items, [t for t, _ in samples])
-            adv = group_advantages(rewards, cfg.group_size).to(run.device)
-            C = [ids for _, ids in samples]
+            rewards, rmetrics = reward_fn(group_items, [t for t, _, _ in samples])
+            batch_std = None
+            if cfg.scale_rewards == "batch":  # the std of every process's rewards this step
+                n_r, s1, s2 = d.sum(float(rewards.numel()), float(rewards.sum()), float((rewards ** 2).sum()))
+                batch_std = (max(s2 - s1 * s1 / n_r, 0.0) / max(n_r - 1, 1.0)) ** 0.5
+            adv = group_advantages(rewards, cfg.group_size, cfg.scale_rewards, batch_std).to(run.device)
+            C = [ids for _, ids, _ in samples]
+            truncated = [cut for _, _, cut in samples]
+            # the tokens each answer puts in the loss: none for a cut answer under mask_truncated_completions
+            in_loss = [0 if cut and cfg.mask_truncated_completions else len(c) for c, cut in zip(C, truncated)]
+            (all_tokens,) = d.sum(float(sum(in_loss)))
+            normalizer = loss_normalizer(cfg.loss_type, in_loss, cfg.max_new_tokens, all_tokens, d.world)
             lr = run.lr()
             for g in opt.param_groups:
                 g["lr"] = lr
@@ -308,12 +376,18 @@ def policy_optimization(kind: str, cfg: PolicyConfig, ctx: JobContext, train_pro
                     ref_logp, _ = group_logprobs(ref, prompt, C[rows], amp)  # also with beta 0: the KL curve is shown
                 with d.no_sync(step, last=g == len(prompts) - 1):  # the ranks exchange gradients once a step
                     logp, mask = step(lambda m: group_logprobs(m, prompt, C[rows], amp))
-                    loss, kl = grpo_loss(logp, logp.detach(), ref_logp, mask, adv[rows], cfg.clip_eps, cfg.beta)
-                    (loss / len(prompts)).backward()  # equal groups: the mean over all answers
-                loss_sum += loss.item() / len(prompts)
-                kl_sum, n_tokens = kl_sum + kl * float(mask.sum()), n_tokens + float(mask.sum())
-            kl_sum, n_tokens, len_sum, n_answers, reward_sum = d.sum(kl_sum, n_tokens, sum(len(c) for c in C), len(C),
-                                                                     float(rewards.sum()))
+                    kl_mask = mask
+                    if cfg.mask_truncated_completions:
+                        mask = mask * torch.tensor([0.0 if cut else 1.0 for cut in truncated[rows]], device=mask.device)[:, None]
+                    loss, _ = grpo_loss(logp, logp.detach(), ref_logp, mask, adv[rows], cfg.clip_eps, cfg.beta,
+                                        cfg.loss_type, normalizer)
+                    loss.backward()  # the groups' losses add up to the step's (normalizer: the whole step's)
+                    kl = float((torch.exp(ref_logp - logp.detach()) - (ref_logp - logp.detach()) - 1).mul(kl_mask).sum()
+                               / kl_mask.sum().clamp_min(1))
+                loss_sum += loss.item()
+                kl_sum, n_tokens = kl_sum + kl * float(kl_mask.sum()), n_tokens + float(kl_mask.sum())
+            kl_sum, n_tokens, len_sum, n_answers, reward_sum, n_cut = d.sum(kl_sum, n_tokens, sum(len(c) for c in C),
+                                                                            len(C), float(rewards.sum()), sum(truncated))
             (loss_sum,) = d.mean(loss_sum)
             rmetrics = dict(zip(rmetrics, (round(v, 4) for v in d.mean(*rmetrics.values()))))
             loss, kl = torch.tensor(loss_sum), kl_sum / max(n_tokens, 1.0)
@@ -327,6 +401,7 @@ def policy_optimization(kind: str, cfg: PolicyConfig, ctx: JobContext, train_pro
             step_cpu = time.process_time() - c0  # sampling + update, without the evaluation
             ev = {"step": run.step, "loss": round(loss.item(), 6), "lr": lr, "reward": round(reward_sum / n_answers, 4),
                   "kl": round(kl, 6), "response_length": round(len_sum / n_answers, 2),
+                  "truncated": round(n_cut / n_answers, 4),
                   "sample_s": round(t_sample, 2), "step_s": round(time.perf_counter() - t0, 2),
                   "elapsed": round(run.elapsed(), 2), "cpu_s": round(time.process_time() - cpu0, 1), **rmetrics,
                   # where the rollouts came from: the first group's prompt and one of its samples
