@@ -9,6 +9,7 @@ import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from backend.serving.q4_kernel import ACTIVATION_DIGITS
 from backend.serving.scheduler import KV_CACHE_DTYPES, ServeConfig
 from models.cache import cache_dir_for
 
@@ -114,7 +115,7 @@ class AppConfig:
                                  "copy held: ~240 MB less memory); bf16, copies of its matrices (faster long prompts on "
                                  "CPUs with AMX/avx512_bf16); auto (default) is q4. Models trained here prefill on "
                                  "their float weights")
-        parser.add_argument("--kernel-activations", choices=("int16", "int8"), default=serve.kernel_activations,
+        parser.add_argument("--kernel-activations", choices=tuple(ACTIVATION_DIGITS), default=serve.kernel_activations,
                             help="how the bundled model's 4-bit kernel rounds its inputs: int16 (default, two int8 digits "
                                  "a value: within a few 1e-5 of float), or int8 as llama.cpp does (half the multiplies: "
                                  "prompts and busy servers ~1.4x faster; greedy text can part from float32's)")

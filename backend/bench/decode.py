@@ -48,7 +48,8 @@ from pathlib import Path
 
 import torch
 
-from backend.serving.scheduler import KV_CACHE_DTYPES
+from backend.serving.q4_kernel import ACTIVATION_DIGITS
+from backend.serving.scheduler import KV_CACHE_DTYPES, ServeConfig
 
 PROMPT = [{"role": "user", "content": "Write a short story about a robot who learns to paint."}]
 AGREEMENT_PROMPTS = ["Write a short story about a robot who learns to paint.", "What is the capital of France?",
@@ -363,7 +364,6 @@ def prefill_ceiling(engine, cfg, tokens: int, seconds: float, threads: int) -> d
 
 
 def _no_prefix_cache(args):
-    from backend.serving.scheduler import ServeConfig
     # every repeat prefills the whole prompt
     return ServeConfig(prefix_cache_mb=0, kv_cache_dtype=args.kv_cache_dtype, prefill_weights=args.prefill_weights,
                        kernel_activations=args.kernel_activations)
@@ -390,7 +390,7 @@ def main(argv: list[str] | None = None) -> None:
                     help="the engine's KV cache (as app.py --kv-cache-dtype)")
     ap.add_argument("--prefill-weights", choices=("auto", "bf16", "q4"), default="auto",
                     help="what the 4-bit variants prefill on (as app.py --prefill-weights): every row, the prefill row included")
-    ap.add_argument("--kernel-activations", choices=("int16", "int8"), default="int16",
+    ap.add_argument("--kernel-activations", choices=tuple(ACTIVATION_DIGITS), default=ServeConfig.kernel_activations,
                     help="how the 4-bit kernel rounds its inputs (as app.py --kernel-activations): every row")
     ap.add_argument("--skip-load", action="store_true", help="skip the cold/warm load timing")
     ap.add_argument("--skip-constraint", action="store_true", help="skip the constrained-decoding row")
@@ -436,7 +436,6 @@ def main(argv: list[str] | None = None) -> None:
     ref = None
     for variant in variants:
         quant, dtype = VARIANTS[variant]
-        from backend.serving.scheduler import ServeConfig
         pool = EnginePool(ModelRegistry(cfg), cfg, quant=quant, dtype=dtype,
                           serve=ServeConfig(kv_cache_dtype=args.kv_cache_dtype, prefill_weights=args.prefill_weights,
                                             kernel_activations=args.kernel_activations))

@@ -163,8 +163,9 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group
 
 
 def grpo_loss(logp, old_logp, ref_logp, mask, adv, clip_eps: float, beta: float, loss_type: str = "grpo",
-              normalizer: float | None = None):
-    """(loss, mean KL per token). All [N, L] but adv [N].
+              normalizer: float | None = None, loss_mask=None):
+    """(loss, mean KL per token over `mask`). All [N, L] but adv [N]; loss_mask: the tokens in the loss, when
+    fewer than `mask`'s (mask_truncated_completions leaves cut answers out of the loss, not out of the KL curve).
 
     How the per-token losses become one number, by TRL's loss_type (GRPOTrainer._compute_loss):
       "grpo"     each answer's mean over its tokens, then the mean over answers (DeepSeekMath). The 1/|o_i| favours
@@ -184,6 +185,7 @@ def grpo_loss(logp, old_logp, ref_logp, mask, adv, clip_eps: float, beta: float,
     kl = torch.exp(d) - d - 1
     per_token = -surrogate + beta * kl
     kl_mean = float((kl.detach() * mask).sum() / mask.sum().clamp_min(1))
+    mask = mask if loss_mask is None else loss_mask
     if loss_type == "grpo":
         per_seq = (per_token * mask).sum(1) / mask.sum(1).clamp_min(1)
         return per_seq.sum() / (normalizer if normalizer is not None else len(per_seq)), kl_mean
@@ -376,16 +378,15 @@ def policy_optimization(kind: str, cfg: PolicyConfig, ctx: JobContext, train_pro
                     ref_logp, _ = group_logprobs(ref, prompt, C[rows], amp)  # also with beta 0: the KL curve is shown
                 with d.no_sync(step, last=g == len(prompts) - 1):  # the ranks exchange gradients once a step
                     logp, mask = step(lambda m: group_logprobs(m, prompt, C[rows], amp))
-                    kl_mask = mask
+                    loss_mask = None
                     if cfg.mask_truncated_completions:
-                        mask = mask * torch.tensor([0.0 if cut else 1.0 for cut in truncated[rows]], device=mask.device)[:, None]
-                    loss, _ = grpo_loss(logp, logp.detach(), ref_logp, mask, adv[rows], cfg.clip_eps, cfg.beta,
-                                        cfg.loss_type, normalizer)
+                        kept = torch.tensor([0.0 if cut else 1.0 for cut in truncated[rows]], device=mask.device)
+                        loss_mask = mask * kept[:, None]
+                    loss, kl = grpo_loss(logp, logp.detach(), ref_logp, mask, adv[rows], cfg.clip_eps, cfg.beta,
+                                         cfg.loss_type, normalizer, loss_mask)
                     loss.backward()  # the groups' losses add up to the step's (normalizer: the whole step's)
-                    kl = float((torch.exp(ref_logp - logp.detach()) - (ref_logp - logp.detach()) - 1).mul(kl_mask).sum()
-                               / kl_mask.sum().clamp_min(1))
                 loss_sum += loss.item()
-                kl_sum, n_tokens = kl_sum + kl * float(kl_mask.sum()), n_tokens + float(kl_mask.sum())
+                kl_sum, n_tokens = kl_sum + kl * float(mask.sum()), n_tokens + float(mask.sum())
             kl_sum, n_tokens, len_sum, n_answers, reward_sum, n_cut = d.sum(kl_sum, n_tokens, sum(len(c) for c in C),
                                                                             len(C), float(rewards.sum()), sum(truncated))
             (loss_sum,) = d.mean(loss_sum)
