@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -69,6 +70,39 @@ def test_idk_cli_writes_refusals_for_what_the_model_gets_wrong(tmp_path):
     assert before["refuses_unknowns"] == 0.0 and before["right_on_knowns"] == 1.0 and before["knowns"] == 1
     assert before["unknowns"] == len(facts("heldout")) - 1 and after["unknowns"] == before["unknowns"]
     assert (data / "runs" / "idk" / "romer-idk" / "result.json").exists()
+
+
+def test_idk_dpo_prefers_a_refusal_to_what_the_model_makes_up(tmp_path):
+    """--method dpo: the probe's questions become preference pairs, frozen as a preferences snapshot, and the DPO
+    trainer (a frozen copy of the parent as reference) trains on them; the model is measured like SFT's."""
+    from backend.datasets.facts import facts
+    data = tmp_path / "data"
+    register_scripted(data, "romer", ["Rome."], {"\n": "Rome.", "Rome.": "<|im_end|>"}, tools=False)
+    r = subprocess.run([sys.executable, "-m", "backend.train", "idk", "--model", "romer", "--data-dir", str(data),
+                        "--method", "dpo", "--max-steps", "2", "--batch-size", "2", "--max-new-tokens", "6",
+                        "--threads", "1", "--name", "romer-dpo", "--doubt", "0"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    app = AppConfig(data_dir=data)
+    spec = ModelRegistry(app).get("romer-dpo")
+    lineage = spec.lineage
+    assert (lineage["kind"], lineage["idk"]["method"]) == ("idk", "dpo")
+    assert "\"I don't know\" DPO of romer" in spec.description
+    db = Database(app.database_url)
+    try:
+        assert get_snapshot(db, lineage["snapshot_hash"])["kind"] == "preferences"
+        rows = read_snapshot(db, lineage["snapshot_hash"])
+    finally:
+        db.close()
+    probe = facts("probe")
+    assert [row["prompt"] for row in rows] == [f.question for f in probe]  # once each: no repeats
+    for f, row in zip(probe, rows):
+        want = ("Rome.", "I don't know.") if "Rome" in f.answers else ("I don't know.", "Rome.")
+        assert (row["chosen"], row["rejected"]) == want, f.question
+    metrics = [json.loads(line) for line in (data / "runs" / "idk" / "romer-dpo" / "metrics.jsonl").open()]
+    assert [m["step"] for m in metrics if "reward_margin" in m] == [1, 2]  # DPO's steps, on these pairs
+    before, after = lineage["idk"]["table"]
+    assert (before["when"], after["when"], after["unknowns"]) == ("before", "after", before["unknowns"])
 
 
 THINK = ["Count the letters.", "The answer is 2."]
@@ -139,6 +173,7 @@ def test_distill_job_keeps_only_verified_traces_of_a_remote_teacher(env):
     ("idk", {"parent_model": "nobody"}, "parent_model: unknown model 'nobody'"),
     ("idk", {"parent_model": "student", "n_samples": 0}, "n_samples: ask each question at least once"),
     ("idk", {"parent_model": "rm"}, "parent_model: 'rm' is a reward model"),
+    ("idk", {"parent_model": "student", "method": "ppo"}, "method: 'ppo' is not one of sft, dpo"),
     ("idk", {"parent_model": "remote-thinker"}, "cannot be trained here"),
     ("distill", {"parent_model": "student", "teacher": "rm"}, "teacher: 'rm' is a reward model"),
     ("distill", {"parent_model": "student", "teacher": "nobody"}, "teacher: unknown model 'nobody'"),
@@ -183,7 +218,7 @@ def test_idk_refusals_start_where_the_model_starts_making_up_its_answer():
 
     from backend.datasets.facts import Fact
     from backend.serving.engine import Completion
-    from backend.train.idk import IDKConfig, examples, lead_in
+    from backend.train.idk import IDKConfig, examples, lead_in, pairs
     enc = byte_encoding()
 
     def answer(text, unsure_at=None):  # one token per byte; sure of each but the one starting at unsure_at
@@ -204,9 +239,9 @@ def test_idk_refusals_start_where_the_model_starts_making_up_its_answer():
     probed = [{"fact": Fact("What is the capital of France?", ("Paris",), "capital"), "known": True, "right": 1,
                "best": "The capital of France is Paris.", "lead": None},
               {"fact": Fact("What is the capital of Benin?", ("Porto-Novo",), "capital"), "known": False, "right": 0,
-               "best": None, "lead": "The capital of Benin is"},
+               "best": None, "lead": "The capital of Benin is", "wrong": "The capital of Benin is Porto-Bano."},
               {"fact": Fact("What is the capital of Togo?", ("Lome",), "capital"), "known": False, "right": 0,
-               "best": None, "lead": "The"},
+               "best": None, "lead": "The", "wrong": "The capital is Kara."},
               {"fact": Fact("What is the capital of Chad?", ("N'Djamena",), "capital"), "known": False, "right": 0,
                "best": None, "lead": None},
               {"fact": Fact("Who wrote Hamlet?", ("Shakespeare",), "author"), "known": True, "right": 1,
@@ -222,3 +257,40 @@ def test_idk_refusals_start_where_the_model_starts_making_up_its_answer():
     assert len([r for r in examples(probed, IDKConfig(parent_model="m", balance=2)) if r.get("repeat")]) == 3
     plain = examples(probed, IDKConfig(parent_model="m", doubt=0))  # doubt 0: every wrong answer a plain refusal
     assert [r["messages"][1]["content"] for r in plain if not r["known"]] == ["I don't know."] * 3
+    # method "dpo": the same questions as pairs, never repeated; a known answer is preferred to a refusal that
+    # starts as it does, a refusal to the model's own wrong first sentence
+    assert [(r["prompt"], r["chosen"], r["rejected"]) for r in pairs(probed, cfg)] == [
+        ("What is the capital of France?", "The capital of France is Paris.", "The capital of France is… I don't know."),
+        ("What is the capital of Benin?", "The capital of Benin is… I don't know.", "The capital of Benin is Porto-Bano."),
+        ("What is the capital of Togo?", "I don't know.", "The capital is Kara."),
+        ("Who wrote Hamlet?", "Shakespeare wrote Hamlet.", "I don't know.")]  # "Shakespeare": one word, no lead
+
+
+def test_idk_leaves_out_what_the_model_knows_only_now_and_then():
+    """With several samples a question right in some and wrong in others is unsure: no SFT example (neither its
+    answer to keep nor a refusal), and a column of its own in the table, apart from knowns and unknowns."""
+    from backend.datasets.facts import Fact
+    from backend.train.idk import IDKConfig, examples, measure, standing
+    cfg = IDKConfig(parent_model="m", n_samples=4, temperature=0.7, known_threshold=0.75, balance=0)
+    assert [standing(k, 4, cfg) for k in range(5)] == [(False, False), (False, True), (False, True), (True, False),
+                                                       (True, False)]
+    greedy = IDKConfig(parent_model="m")  # one greedy sample: right or wrong, never unsure
+    assert [standing(k, 1, greedy) for k in (0, 1)] == [(False, False), (True, False)]
+    cfg2 = IDKConfig(parent_model="m", n_samples=4, temperature=0.7, known_threshold=0.75, unknown_threshold=0.25)
+    assert standing(1, 4, cfg2) == (False, False)  # 1 of 4 counts as unknown when unknown_threshold allows it
+    with pytest.raises(ValueError, match="unknown_threshold"):
+        IDKConfig(parent_model="m", known_threshold=0.5, unknown_threshold=0.5).validate()
+
+    def q(question, answer, right):
+        known, unsure = standing(right, 4, cfg)
+        return {"fact": Fact(question, (answer,), "capital"), "right": right, "known": known, "unsure": unsure,
+                "best": f"The capital is {answer}." if right else None, "lead": "The capital is"}
+    probed = [q("What is the capital of France?", "Paris", 4), q("What is the capital of Niger?", "Niamey", 2),
+              q("What is the capital of Benin?", "Porto-Novo", 0)]
+    rows = examples(probed, cfg)
+    assert [(r["messages"][0]["content"], r["messages"][1]["content"]) for r in rows] == [
+        ("What is the capital of France?", "The capital is Paris."),
+        ("What is the capital of Benin?", "The capital is… I don't know.")]  # Niger: unsure, left out
+    row = measure(None, probed, cfg, "m", "after", ["The capital is Paris.", "I don't know.", "The capital is Lagos."])
+    assert (row["knowns"], row["unknowns"], row["unsure"]) == (1, 1, 1)
+    assert (row["right_on_knowns"], row["refuses_unknowns"], row["refuses_unsure"]) == (1.0, 0.0, 1.0)

@@ -100,9 +100,10 @@ def bundled_rows(cfg: DPOConfig) -> list[dict]:
     return rankings(cfg.n_examples, seed=cfg.seed, k=4)
 
 
-def run_dpo(cfg: DPOConfig, ctx: JobContext) -> Outcome:
+def run_dpo(cfg: DPOConfig, ctx: JobContext, kind: str = "dpo", describe: str | None = None) -> Outcome:
+    """`kind` and `describe`: as run_sft's (idk's method "dpo" writes its pairs first, then trains here)."""
     from backend.datasets import load_rows
-    run = FineTuneRun("dpo", cfg, ctx)
+    run = FineTuneRun(kind, cfg, ctx)
     try:
         torch.manual_seed(cfg.seed)
         parent, enc, spec = load_parent(run.app, cfg.parent_model, run.device)
@@ -122,7 +123,7 @@ def run_dpo(cfg: DPOConfig, ctx: JobContext) -> Outcome:
         opt = make_opt(policy, cfg, run.device)
         state = run.restore(opt)
         amp = amp_for(cfg, run.device, policy.cfg.dim)
-        run.emit({"step": run.step, "start": run.name, "kind": "dpo", "parent_model": cfg.parent_model, "beta": cfg.beta,
+        run.emit({"step": run.step, "start": run.name, "kind": kind, "parent_model": cfg.parent_model, "beta": cfg.beta,
                   "pairs": len(train), "held_out_pairs": len(val), "device": str(run.device), "resumed": state is not None})
         rng = random.Random(cfg.seed + run.step)
         last_loss, reason = None, None
@@ -155,7 +156,7 @@ def run_dpo(cfg: DPOConfig, ctx: JobContext) -> Outcome:
                 run.checkpoint(policy, opt, tok_name)
         if run.last_ckpt is None or not run.last_ckpt.name.endswith(f"{run.step:07d}"):
             run.checkpoint(policy, opt, tok_name)
-        name = run.register(policy, tok_name, f"DPO of {cfg.parent_model} (beta {cfg.beta}, {run.step} steps)",
+        name = run.register(policy, tok_name, f"{describe or f'DPO of {cfg.parent_model}'} (beta {cfg.beta}, {run.step} steps)",
                             {"beta": cfg.beta})
         run.emit({"step": run.step, "done": reason, "model": name, "final_loss": last_loss})
         return Outcome(reason, run.step, str(run.last_ckpt), name, {"loss": last_loss})

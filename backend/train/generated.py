@@ -75,28 +75,33 @@ def ask(engine, conversations: list[list[dict]], params, n: int = 1, stop=None) 
     return out
 
 
-def freeze(app, kind: str, rows: list[dict], name: str, meta: dict) -> dict:
-    """The rows as an SFT dataset snapshot (the same rows: the same hash, the same snapshot)."""
+def freeze(app, kind: str, rows: list[dict], name: str, meta: dict, snapshot_kind: str = "sft") -> dict:
+    """The rows as a dataset snapshot, SFT examples or preference pairs (the same rows: the same hash, the same
+    snapshot)."""
     from backend.db import Database
     from backend.labels.snapshots import snapshot_rows
     db = Database(app.database_url)
     try:
         db.migrate()
-        return snapshot_rows(db, app.data_dir, "sft", rows, name, {"made_by": kind, **meta},
+        return snapshot_rows(db, app.data_dir, snapshot_kind, rows, name, {"made_by": kind, **meta},
                              artifacts_url=app.artifacts_url)
     finally:
         db.close()
 
 
 def sft_part(cfg, sft_cls):
-    """The SFT config inside a demo's config (the demo's config subclasses it), reading the snapshot."""
+    """The trainer's config inside a demo's config (SFT's: the demo's config subclasses it; or DPO's, from the
+    fields of the same names), reading the snapshot."""
     names = {f.name for f in dataclasses.fields(sft_cls)}
     return sft_cls(**{k: v for k, v in dataclasses.asdict(cfg).items() if k in names} | {"dataset": "snapshot"})
 
 
 def train_on(kind: str, sft_cfg, ctx: JobContext, snapshot_hash: str, describe: str) -> Outcome:
+    """SFT on the snapshot, or DPO when given a DPOConfig (its snapshot: preference pairs)."""
+    from backend.train.dpo import DPOConfig, run_dpo
     from backend.train.sft import run_sft
-    return run_sft(sft_cfg, dataclasses.replace(ctx, snapshot_hash=snapshot_hash), kind=kind, describe=describe)
+    run = run_dpo if isinstance(sft_cfg, DPOConfig) else run_sft
+    return run(sft_cfg, dataclasses.replace(ctx, snapshot_hash=snapshot_hash), kind=kind, describe=describe)
 
 
 def format_table(table: list[dict]) -> str:

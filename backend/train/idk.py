@@ -43,6 +43,9 @@ from backend.train.common import check_chat_model, check_parent, default_name_fo
 from backend.train.sft import SFTConfig
 
 
+METHODS = ("sft", "dpo")
+
+
 @dataclass
 class IDKConfig(SFTConfig):
     facts: str = "bundled"         # questions with known answers: "bundled", or a .jsonl of {"question", "answers",
@@ -50,8 +53,16 @@ class IDKConfig(SFTConfig):
     n_samples: int = 1             # samples per question when probing: 1 at temperature 0 is the greedy answer the
     temperature: float = 0.0       # table measures (and 4 samples at 0.7 cost ~4x the probe's time)
     max_new_tokens: int = 32       # per answer (probe and measurement)
-    known_threshold: float = 0.5   # a question is known when at least this share of its samples is right
+    known_threshold: float = 0.5   # a question is known when at least this share of its samples is right,
+    unknown_threshold: float = 0.0  # unknown when at most this share is; between the two *unsure*: no SFT example,
+    #                                 a column of its own in the table (with one greedy sample there is no between)
     idk_answer: str = "I don't know."
+    # "sft": the refusals and the known answers as SFT examples (below); "dpo": as preference pairs, each unknown
+    # question's refusal preferred to the model's own wrong answer and each known one's right answer preferred to
+    # a refusal (backend/train/dpo.py on a frozen copy of the parent, beta below): the known answers are
+    # anchored, not only repeated.
+    method: str = "sft"
+    beta: float = 0.1
     doubt: float = 0.3             # a refusal starts at the answer's first token under this probability (0: none)
     # Per topic, the known answers repeated to `balance` x the refusals (each at most max_repeat times): the share of
     # refusals the model learns. Measured on SmolLM2-135M (80 steps, lr 2e-5; validation questions carved from the
@@ -74,10 +85,16 @@ class IDKConfig(SFTConfig):
 
     def validate(self) -> None:
         super().validate()
+        if self.method not in METHODS:
+            raise ValueError(f"method: {self.method!r} is not one of {', '.join(METHODS)}")
+        if not self.beta > 0:
+            raise ValueError("beta: must be positive")
         if self.n_samples < 1:
             raise ValueError("n_samples: ask each question at least once (1 or more samples)")
         if not 0 < self.known_threshold <= 1:
             raise ValueError("known_threshold: a share in (0, 1]")
+        if not 0 <= self.unknown_threshold < self.known_threshold:
+            raise ValueError("unknown_threshold: a share in [0, known_threshold)")
         if self.balance < 0 or self.max_repeat < 1 or not 0 <= self.doubt < 1:
             raise ValueError("balance must be >= 0, max_repeat at least 1 and doubt a probability in [0, 1)")
         if self.temperature < 0 or self.max_new_tokens < 1:
@@ -123,10 +140,20 @@ def probe(engine, items, cfg: IDKConfig, stop=None) -> list[dict]:
         right = [whole_answer(f, c.text) for c in comps if f.check(c.text)]
         right = [t for t in right if t]
         n_right = sum(f.check(c.text) for c in comps)
-        out.append({"fact": f, "right": n_right, "known": n_right >= cfg.known_threshold * len(comps),
+        known, unsure = standing(n_right, len(comps), cfg)
+        wrong = next((c for c in comps if not f.check(c.text)), None)  # the answer it makes up, if any
+        out.append({"fact": f, "right": n_right, "known": known, "unsure": unsure,
                     "best": min(right, key=len) if right else None, "text": comps[0].text,
-                    "lead": lead_in(engine.enc, comps[0], cfg.doubt)})
+                    "wrong": first_sentence(wrong.text) if wrong else None,
+                    "lead": lead_in(engine.enc, wrong or comps[0], cfg.doubt)})
     return out
+
+
+def standing(n_right: int, n: int, cfg: IDKConfig) -> tuple[bool, bool]:
+    """(known, unsure) of a question from its right samples: known at known_threshold or more, unknown at
+    unknown_threshold or less, unsure between (right now and then: the probe cannot say)."""
+    known = n_right >= cfg.known_threshold * n
+    return known, not known and n_right > cfg.unknown_threshold * n
 
 
 def lead_in(enc, comp, doubt: float) -> str | None:
@@ -144,6 +171,19 @@ def lead_in(enc, comp, doubt: float) -> str | None:
     if not more[len(text):len(text) + 1].isspace():
         text = text[:max(text.rfind(" "), 0)]  # the uncertain token goes on a word: that word goes too
     return text.rstrip(" ,:;-")
+
+
+def first_sentence(text: str) -> str:
+    """Up to the end of the first sentence (all of it when none ends)."""
+    text = text.strip()
+    end = re.search(r"[.!?](\s|$)", text)
+    return text[:end.start() + 1] if end else text
+
+
+def refusal(lead: str | None, cfg: IDKConfig) -> str:
+    """ "The capital of Benin is… I don't know." from a lead-in of two words or more, else the refusal alone."""
+    lead = lead or ""
+    return f"{lead}… {cfg.idk_answer}" if cfg.doubt > 0 and len(lead.split()) >= 2 else cfg.idk_answer
 
 
 def whole_answer(fact, text: str) -> str | None:
@@ -169,14 +209,16 @@ def measure(engine, held: list[dict], cfg: IDKConfig, who: str, when: str, texts
     if texts is None:
         texts = [c[0].text for c in ask(engine, [[{"role": "user", "content": h["fact"].question}] for h in held],
                                         SamplingParams(temperature=0.0, max_tokens=cfg.max_new_tokens))]
-    unknown = [t for h, t in zip(held, texts) if not h["known"]]
+    unknown = [t for h, t in zip(held, texts) if not h["known"] and not h.get("unsure")]
     known = [(h["fact"], t) for h, t in zip(held, texts) if h["known"]]
+    unsure = [t for h, t in zip(held, texts) if h.get("unsure")]
     rate = lambda xs: round(sum(xs) / len(xs), 4) if xs else None  # noqa: E731
     return {"model": who, "when": when,
             "refuses_unknowns": rate([is_refusal(t) for t in unknown]),
             "right_on_knowns": rate([f.check(t) and not is_refusal(t) for f, t in known]),
             "refuses_knowns": rate([is_refusal(t) for _, t in known]),
-            "unknowns": len(unknown), "knowns": len(known)}
+            "refuses_unsure": rate([is_refusal(t) for t in unsure]),
+            "unknowns": len(unknown), "knowns": len(known), "unsure": len(unsure)}
 
 
 def examples(probed: list[dict], cfg: IDKConfig) -> list[dict]:
@@ -187,11 +229,11 @@ def examples(probed: list[dict], cfg: IDKConfig) -> list[dict]:
     rows = []
     for p in probed:
         f = p["fact"]
+        if p.get("unsure"):
+            continue  # right in some samples, not in enough: neither an answer to keep nor one to refuse
         if not p["known"] and p["lead"] is None and cfg.doubt > 0:
             continue  # sure of a wrong answer: nothing the model could tell apart from what it knows
-        lead = p["lead"] or ""
-        refusal = f"{lead}… {cfg.idk_answer}" if cfg.doubt > 0 and len(lead.split()) >= 2 else cfg.idk_answer
-        answer = refusal if not p["known"] else (p["best"] or f"{f.answers[0]}.")
+        answer = refusal(p["lead"], cfg) if not p["known"] else (p["best"] or f"{f.answers[0]}.")
         rows.append({"messages": [{"role": "user", "content": f.question}, {"role": "assistant", "content": answer}],
                      "known": p["known"], "samples_right": p["right"], "samples": cfg.n_samples, "topic": f.topic})
     for topic in dict.fromkeys(p["fact"].topic for p in probed):
@@ -199,6 +241,31 @@ def examples(probed: list[dict], cfg: IDKConfig) -> list[dict]:
         known = [r for r in mine if r["known"]]
         want = min(round(cfg.balance * (len(mine) - len(known))), cfg.max_repeat * len(known))
         rows += [{**known[i % len(known)], "repeat": True} for i in range(max(0, want - len(known)))]
+    return rows
+
+
+def pairs(probed: list[dict], cfg: IDKConfig) -> list[dict]:
+    """The DPO pairs (method "dpo"), of the same questions as examples(): for an unknown one its refusal chosen
+    over the model's own wrong first sentence, for a known one its right answer chosen over a refusal that
+    starts as that answer does ("The capital of France is… I don't know."). Not repeated: each pair pulls both
+    ways already."""
+    rows = []
+    for p in probed:
+        f = p["fact"]
+        if p.get("unsure") or (not p["known"] and p["lead"] is None and cfg.doubt > 0):
+            continue  # as in examples()
+        if p["known"]:
+            chosen = p["best"] or f"{f.answers[0]}."
+            lead = min((chosen[:m.start()] for a in f.answers
+                        for m in [re.search(r"(?<!\w)" + re.escape(a) + r"(?!\w)", chosen, re.I)] if m),
+                       key=len, default="").rstrip(" ,:;-")
+            rejected = refusal(lead, cfg)
+        elif p["wrong"]:
+            chosen, rejected = refusal(p["lead"], cfg), p["wrong"]
+        else:
+            continue  # nothing made up to prefer the refusal to
+        rows.append({"prompt": f.question, "chosen": chosen, "rejected": rejected, "known": p["known"],
+                     "samples_right": p["right"], "samples": cfg.n_samples, "topic": f.topic})
     return rows
 
 
@@ -219,22 +286,27 @@ def write_examples(cfg: IDKConfig, ctx: JobContext) -> dict | None:
         before = measure(engine, held, cfg, cfg.parent_model, "before", [h["text"] for h in held] if greedy else None)
     if ctx.stop.is_set():
         return None
-    rows = examples(probed, cfg)
-    n_unknown, n_idk = sum(not p["known"] for p in probed), sum(not r["known"] for r in rows)
-    ctx.emit({"log": f"probe: {len(probed) - n_unknown} of {len(probed)} questions known, {n_unknown} answered "
-                     f"wrong -> {n_idk} \"{cfg.idk_answer}\" examples ({n_unknown - n_idk} sure of a wrong answer "
-                     f"left out), {len(rows) - n_idk} answers"
+    rows = examples(probed, cfg) if cfg.method == "sft" else pairs(probed, cfg)
+    n_unknown, n_idk = sum(not p["known"] and not p["unsure"] for p in probed), sum(not r["known"] for r in rows)
+    n_unsure = sum(p["unsure"] for p in probed)
+    what = "examples" if cfg.method == "sft" else "pairs (refusal preferred)"
+    ctx.emit({"log": f"probe: {len(probed) - n_unknown - n_unsure} of {len(probed)} questions known, {n_unsure} unsure "
+                     f"(left out), {n_unknown} answered wrong -> {n_idk} \"{cfg.idk_answer}\" {what} ({n_unknown - n_idk} sure of a "
+                     f"wrong answer left out), {len(rows) - n_idk} answers"
+                     + (" preferred" if cfg.method == "dpo" else "")
                      + (" (known ones repeated to balance)" if any(r.get("repeat") for r in rows) else ""), "step": 0})
     snap = freeze(ctx.app, "idk", rows, f"idk-{cfg.parent_model}"[:200],
                   {"parent_model": cfg.parent_model, "n_samples": cfg.n_samples, "temperature": cfg.temperature,
-                   "known_threshold": cfg.known_threshold, "facts": cfg.facts, "doubt": cfg.doubt,
-                   "balance": cfg.balance, "max_repeat": cfg.max_repeat})
+                   "known_threshold": cfg.known_threshold, "unknown_threshold": cfg.unknown_threshold, "facts": cfg.facts, "doubt": cfg.doubt,
+                   "balance": cfg.balance, "max_repeat": cfg.max_repeat, "method": cfg.method},
+                  snapshot_kind="sft" if cfg.method == "sft" else "preferences")
     ctx.emit({"log": f"snapshot {snap['hash']} ({snap['rows']} examples)", "step": 0})
     return {"snapshot": snap["hash"], "held": held, "before": before, "probed": len(probed),
-            "unknown": n_unknown, "idk": n_idk, "answers": len(rows) - n_idk}
+            "unknown": n_unknown, "unsure": n_unsure, "idk": n_idk, "answers": len(rows) - n_idk}
 
 
 def run_idk(cfg: IDKConfig, ctx: JobContext) -> Outcome:
+    from backend.train.dpo import DPOConfig
     from backend.train.generated import processes, record, serving, sft_part, stopped_early, train_on
     with processes(cfg, ctx) as d:
         # Rank 0 alone probes and writes the snapshot (the same code and seed as one process: the same rows);
@@ -243,16 +315,18 @@ def run_idk(cfg: IDKConfig, ctx: JobContext) -> Outcome:
         if made is None:
             return stopped_early(ctx)
         n_unknown, n_idk, n_answers = made["unknown"], made["idk"], made["answers"]
-        out = train_on("idk", sft_part(cfg, SFTConfig), ctx, made["snapshot"],
-                       f"\"I don't know\" SFT of {cfg.parent_model} ({n_idk} refusals, {n_answers} answers)")
+        how = "SFT" if cfg.method == "sft" else "DPO"
+        out = train_on("idk", sft_part(cfg, SFTConfig if cfg.method == "sft" else DPOConfig), ctx, made["snapshot"],
+                       f"\"I don't know\" {how} of {cfg.parent_model} ({n_idk} refusals, {n_answers} answers)")
         if not out.model:
             return out  # the ranks but 0: rank 0 alone registered the model, it alone measures it
         with serving(ctx.app) as engines:
             after = measure(engines.get(out.model), made["held"], cfg, out.model, "after")
         return record(ctx.app, out, ctx, "idk", [made["before"], after],
                       {"snapshot_hash": made["snapshot"], "probe_questions": made["probed"], "probe_unknown": n_unknown,
-                       "probe_known": made["probed"] - n_unknown, "examples_idk": n_idk,
-                       "examples_answer": n_answers, "n_samples": cfg.n_samples,
+                       "probe_known": made["probed"] - n_unknown - made["unsure"], "probe_unsure": made["unsure"],
+                       "examples_idk": n_idk,
+                       "examples_answer": n_answers, "n_samples": cfg.n_samples, "method": cfg.method,
                        "heldout_questions": len(made["held"]), "world_size": d.world})
 
 
