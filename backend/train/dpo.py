@@ -156,7 +156,8 @@ def run_dpo(cfg: DPOConfig, ctx: JobContext, kind: str = "dpo", describe: str | 
                 run.checkpoint(policy, opt, tok_name)
         if run.last_ckpt is None or not run.last_ckpt.name.endswith(f"{run.step:07d}"):
             run.checkpoint(policy, opt, tok_name)
-        name = run.register(policy, tok_name, f"{describe or f'DPO of {cfg.parent_model}'} (beta {cfg.beta}, {run.step} steps)",
+        what = describe or f"DPO of {cfg.parent_model}"
+        name = run.register(policy, tok_name, f"{what} (beta {cfg.beta}, {run.step} steps)",
                             {"beta": cfg.beta})
         run.emit({"step": run.step, "done": reason, "model": name, "final_loss": last_loss})
         return Outcome(reason, run.step, str(run.last_ckpt), name, {"loss": last_loss})
