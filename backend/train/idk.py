@@ -47,10 +47,10 @@ from pathlib import Path
 
 from backend.jobs.kinds import JobContext, Outcome, trainer
 from backend.train.common import check_chat_model, check_parent, default_name_for
+from backend.train.dpo import DPOConfig
 from backend.train.sft import SFTConfig
 
-
-METHODS = ("sft", "dpo")
+SENTENCE_END = re.compile(r"[.!?](\s|$)")
 
 
 @dataclass
@@ -92,8 +92,8 @@ class IDKConfig(SFTConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.method not in METHODS:
-            raise ValueError(f"method: {self.method!r} is not one of {', '.join(METHODS)}")
+        if self.method not in WRITES:
+            raise ValueError(f"method: {self.method!r} is not one of {', '.join(WRITES)}")
         if not self.beta > 0:
             raise ValueError("beta: must be positive")
         if self.n_samples < 1:
@@ -183,7 +183,7 @@ def lead_in(enc, comp, doubt: float) -> str | None:
 def first_sentence(text: str) -> str:
     """Up to the end of the first sentence (all of it when none ends)."""
     text = text.strip()
-    end = re.search(r"[.!?](\s|$)", text)
+    end = SENTENCE_END.search(text)
     return text[:end.start() + 1] if end else text
 
 
@@ -205,7 +205,7 @@ def whole_answer(fact, text: str) -> str | None:
     hit = min((m.end() for m in named(fact, text)), default=None)
     if hit is None:
         return None
-    end = re.search(r"[.!?](\s|$)", text[hit:])
+    end = SENTENCE_END.search(text[hit:])
     if end is None:
         return None
     return text[:hit + end.start() + 1]
@@ -277,6 +277,11 @@ def pairs(probed: list[dict], cfg: IDKConfig) -> list[dict]:
     return rows
 
 
+# A method's rows from the probe, the kind of snapshot they are frozen as, what one row is called, and the config
+# of the trainer that reads them.
+WRITES = {"sft": (examples, "sft", "examples", SFTConfig), "dpo": (pairs, "preferences", "pairs", DPOConfig)}
+
+
 def write_examples(cfg: IDKConfig, ctx: JobContext) -> dict | None:
     """Probe the parent, write the SFT examples as a snapshot and measure the parent on the held-out questions
     (one process: rank 0 under torchrun). None when stopped meanwhile."""
@@ -294,10 +299,10 @@ def write_examples(cfg: IDKConfig, ctx: JobContext) -> dict | None:
         before = measure(engine, held, cfg, cfg.parent_model, "before", [h["text"] for h in held] if greedy else None)
     if ctx.stop.is_set():
         return None
-    rows = examples(probed, cfg) if cfg.method == "sft" else pairs(probed, cfg)
+    write, snapshot_kind, what, _ = WRITES[cfg.method]
+    rows = write(probed, cfg)
     n_unknown, n_idk = sum(not p["known"] and not p["unsure"] for p in probed), sum(not r["known"] for r in rows)
     n_unsure = sum(p["unsure"] for p in probed)
-    what = "examples" if cfg.method == "sft" else "pairs"  # dpo: "I don't know." or the answer preferred
     ctx.emit({"log": f"probe: {len(probed) - n_unknown - n_unsure} of {len(probed)} questions known, {n_unsure} "
                      f"unsure (left out), {n_unknown} answered wrong -> {n_idk} \"{cfg.idk_answer}\" {what} "
                      f"({n_unknown - n_idk} sure of a wrong answer left out), {len(rows) - n_idk} answer {what}"
@@ -307,14 +312,13 @@ def write_examples(cfg: IDKConfig, ctx: JobContext) -> dict | None:
                    "known_threshold": cfg.known_threshold, "unknown_threshold": cfg.unknown_threshold,
                    "facts": cfg.facts, "doubt": cfg.doubt, "balance": cfg.balance, "max_repeat": cfg.max_repeat,
                    "method": cfg.method},
-                  snapshot_kind="sft" if cfg.method == "sft" else "preferences")
+                  snapshot_kind)
     ctx.emit({"log": f"snapshot {snap['hash']} ({snap['rows']} examples)", "step": 0})
     return {"snapshot": snap["hash"], "held": held, "before": before, "probed": len(probed),
             "unknown": n_unknown, "unsure": n_unsure, "idk": n_idk, "answers": len(rows) - n_idk}
 
 
 def run_idk(cfg: IDKConfig, ctx: JobContext) -> Outcome:
-    from backend.train.dpo import DPOConfig
     from backend.train.generated import processes, record, serving, sft_part, stopped_early, train_on
     with processes(cfg, ctx) as d:
         # Rank 0 alone probes and writes the snapshot (the same code and seed as one process: the same rows);
@@ -323,9 +327,9 @@ def run_idk(cfg: IDKConfig, ctx: JobContext) -> Outcome:
         if made is None:
             return stopped_early(ctx)
         n_unknown, n_idk, n_answers = made["unknown"], made["idk"], made["answers"]
-        how = "SFT" if cfg.method == "sft" else "DPO"
-        out = train_on("idk", sft_part(cfg, SFTConfig if cfg.method == "sft" else DPOConfig), ctx, made["snapshot"],
-                       f"\"I don't know\" {how} of {cfg.parent_model} ({n_idk} refusals, {n_answers} answers)")
+        describe = (f"\"I don't know\" {cfg.method.upper()} of {cfg.parent_model} ({n_idk} refusals, "
+                    f"{n_answers} answers)")
+        out = train_on("idk", sft_part(cfg, WRITES[cfg.method][3]), ctx, made["snapshot"], describe)
         if not out.model:
             return out  # the ranks but 0: rank 0 alone registered the model, it alone measures it
         with serving(ctx.app) as engines:
