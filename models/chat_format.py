@@ -251,18 +251,21 @@ def encode_pieces(pieces: list[Piece], enc: tiktoken.Encoding) -> RenderedChat:
 def render_chat(messages: list[dict], enc: tiktoken.Encoding, add_generation_prompt: bool = False,
                 default_system: str | None = DEFAULT_SYSTEM_PROMPT,
                 continue_final_message: bool = False, functions: list[dict] | None = None,
-                open_call: bool = False, parallel_calls: bool = False) -> RenderedChat:
+                open_call: bool = False, parallel_calls: bool = False, open_think: bool = False) -> RenderedChat:
     """Render a conversation to ids + assistant-loss mask + text. `default_system=None` leaves out the
     system prompt SmolLM2's template inserts when the conversation has none. `continue_final_message`
     leaves the last (assistant) turn open, without <|im_end|>: the context a tool loop continues.
     `functions`: client-defined functions listed in the system turn (tools_prompt; `parallel_calls`: it
     says several calls may be written at once). `open_call` ends the
-    rendering with an opening <tool_call> tag: the model's next words are a call (a forced call)."""
+    rendering with an opening <tool_call> tag: the model's next words are a call (a forced call); `open_think`
+    with an opening <think> tag, as DeepSeek-R1's own template does to make sure the model thinks."""
     require_chat_tokens(enc)
     pieces = chat_pieces(messages, add_generation_prompt, default_system, continue_final_message, functions,
                          parallel_calls)
     if open_call:
         pieces.append(Piece(TOOL_CALL, tag=True))
+    if open_think:
+        pieces.append(Piece(THINK, tag=True))
     return encode_pieces(pieces, enc)
 
 

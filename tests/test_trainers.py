@@ -487,6 +487,34 @@ def test_the_reasoning_set_mixes_terse_and_worked_thinking_on_the_same_problems(
         parse_config("sft", {"bundled": "reasoning", "terse_fraction": 1.5})
 
 
+def test_the_reasoning_set_can_hold_only_the_problems_grpo_will_ask():
+    """kinds: the think-sft set drawn from the same kinds as the GRPO run after it; an unknown kind is refused by
+    name before anything loads."""
+    from backend.train.sft import reasoning_rows
+    rows = reasoning_rows(40, seed=1, terse_fraction=0.5, kinds=["count"])
+    assert all(r["messages"][1]["content"].startswith("How many times does the letter") for r in rows)
+    with pytest.raises(ValueError, match="kinds: unknown problem kind 'riddles'"):
+        parse_config("sft", {"bundled": "reasoning", "kinds": ["riddles"]})
+
+
+def test_grpo_think_answers_start_inside_an_opened_think_tag(app):
+    """open_think (DeepSeek-R1's template): the prompt ends with <think>, so every rollout is a thought; the rewards,
+    the rollout sample and the held-out sample read "<think>" + what was sampled."""
+    from models.chat_format import render_chat
+    enc = get_encoding("bytes+chatml+tools", app.data_dir)
+    msgs = [{"role": "user", "content": "2 + 2?"}]
+    opened = render_chat(msgs, enc, add_generation_prompt=True, open_think=True).ids
+    assert opened[:-1] == render_chat(msgs, enc, add_generation_prompt=True).ids
+    assert opened[-1] == enc.encode_single_token("<think>")
+    for open_think in (True, False):
+        events: list = []
+        run_kind(app, "grpo", events, max_steps=1, group_size=2, prompts_per_step=1, max_new_tokens=6, eval_every=1,
+                 n_heldout=2, eval_tokens=4, name=f"grpo-open-{int(open_think)}", register=False, open_think=open_think)
+        rollout = next(e["rollout_sample"] for e in events if "rollout_sample" in e)
+        held_out = [e["sample"] for e in events if "sample" in e]
+        assert all(t.startswith("<think>") for t in [rollout, *held_out]) == open_think
+
+
 def test_bundled_tool_use_conversations_render_with_tool_tokens(app):
     from backend.datasets.tool_use import conversations
     from backend.labels.messages import validate_messages

@@ -127,6 +127,8 @@ class GRPOConfig(PolicyConfig):
     kinds: list[str] = dataclasses.field(default_factory=lambda: ["apples"])  # verifiable problem kinds
     scale: str = "small"            # numbers up to 10 ("small") or 200 ("large")
     think: bool = True              # R1-Zero's <think> template and a format reward
+    open_think: bool = True         # think: the answer starts inside an opened <think> tag (DeepSeek-R1's template
+    #                                 enforces it); the rewards read "<think>" + the sampled text
     format_weight: float = 0.5      # reward = accuracy + format_weight * format
     n_train: int = 2000             # bundled training problems (seed) ; held-out ones use another seed
 
@@ -256,11 +258,14 @@ def sample_groups(engine, prompts: list[list[int]], n: int, max_tokens: int, tem
 
 
 def policy_optimization(kind: str, cfg: PolicyConfig, ctx: JobContext, train_prompts: list, heldout: list,
-                        render: Callable, reward_fn: Callable, evaluate: Callable, describe: str) -> Outcome:
+                        render: Callable, reward_fn: Callable, evaluate: Callable, describe: str,
+                        opened: str = "") -> Outcome:
     """The loop GRPO and RLHF share.
 
     render(item) -> chat messages; reward_fn(items, texts) -> (rewards tensor, metrics dict);
-    evaluate(engine, heldout) -> (metrics dict with "held_out_accuracy" or other numbers, a sample (prompt, text)).
+    evaluate(engine, heldout, prompt_ids) -> (metrics dict with "held_out_accuracy" or other numbers, a sample
+    (prompt, text)). opened: a tag every answer starts inside ("<think>"): the prompt ends with it, and the texts
+    that reward_fn and evaluate see begin with it.
     """
     from models.chat_format import render_chat
     run = FineTuneRun(kind, cfg, ctx)
@@ -287,7 +292,8 @@ def policy_optimization(kind: str, cfg: PolicyConfig, ctx: JobContext, train_pro
         amp = amp_for(cfg, run.device, policy.cfg.dim)
         sample_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "auto": amp}[cfg.sample_dtype]
         cpu0 = time.process_time()  # CPU seconds (user+sys, all threads) of this run: a load-independent budget
-        prompt_ids = lambda item: render_chat(render(item), enc, add_generation_prompt=True).ids  # noqa: E731
+        prompt_ids = lambda item: render_chat(render(item), enc, add_generation_prompt=True,  # noqa: E731
+                                              open_think=bool(opened)).ids
         run.emit({"step": run.step, "start": run.name, "kind": kind, "parent_model": cfg.parent_model,
                   "group_size": cfg.group_size, "beta": cfg.beta, "clip_eps": cfg.clip_eps, "peak_lr": cfg.lr,
                   "train_prompts": len(train_prompts), "held_out": len(heldout), "device": str(run.device),
@@ -351,6 +357,7 @@ def policy_optimization(kind: str, cfg: PolicyConfig, ctx: JobContext, train_pro
             engine = server.engine if server else rollout_engine(d.full_model(policy), spec, enc, sample_dtype)
             samples = sample_groups(engine, prompts, cfg.group_size, cfg.max_new_tokens, cfg.temperature,
                                     seed=cfg.seed * 100003 + run.step + 7919 * d.rank)
+            samples = [(opened + text, ids, cut) for text, ids, cut in samples]
             if server is None:
                 engine.close()  # ends its scheduler thread: a copy of the policy per step stayed in memory (10 GB at step 15)
             del engine
@@ -481,16 +488,18 @@ def run_grpo(cfg: GRPOConfig, ctx: JobContext) -> Outcome:
         from models.chat_format import stop_token_ids
         params = SamplingParams(temperature=0.0, max_tokens=cfg.eval_tokens, stop_token_ids=stop_token_ids(engine.enc))
         comps = engine.complete_batch([prompt_ids(p) for p in problems], params)
-        right = [p.check(c.text) for p, c in zip(problems, comps)]
-        lenient = [p.check(c.text, lenient=True) for p, c in zip(problems, comps)]
+        texts = [opened + c.text for c in comps]
+        right = [p.check(t) for p, t in zip(problems, texts)]
+        lenient = [p.check(t, lenient=True) for p, t in zip(problems, texts)]
         return ({"held_out_accuracy": round(sum(right) / len(right), 4),
                  "held_out_accuracy_lenient": round(sum(lenient) / len(lenient), 4),
-                 "held_out_format": round(sum(format_ok(c.text) for c in comps) / len(comps), 4),
+                 "held_out_format": round(sum(format_ok(t) for t in texts) / len(texts), 4),
                  "held_out_length": round(sum(len(c.token_ids) for c in comps) / len(comps), 2)},
-                (problems[0].question, comps[0].text))
+                (problems[0].question, texts[0]))
 
+    opened = "<think>" if cfg.think and cfg.open_think else ""
     return policy_optimization("grpo", cfg, ctx, train, heldout, render, reward_fn, evaluate,
-                               f"GRPO of {cfg.parent_model} on {'+'.join(cfg.kinds)} problems")
+                               f"GRPO of {cfg.parent_model} on {'+'.join(cfg.kinds)} problems", opened)
 
 
 trainer("grpo", GRPOConfig, "GRPO with verifiable rewards (accuracy + format), group-normalised advantages, KL to the parent",

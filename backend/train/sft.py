@@ -23,6 +23,7 @@ The end-to-end check (held-out questions through the real tool loop, tuned vs un
 """
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass
 
@@ -44,6 +45,7 @@ class SFTConfig(FineTuneConfig):
     #                               or "demonstrations" (annotators' replies to the pelican prompts: SFT before RLHF)
     n_examples: int = 600         # size of the bundled set
     terse_fraction: float = 0.0   # "reasoning": the share whose thinking states the answer at a glance, no steps
+    kinds: list[str] = dataclasses.field(default_factory=lambda: ["apples", "count", "spell"])  # "reasoning": problem kinds
     val_fraction: float = 0.1     # held-out conversations for the validation loss
     protocol_check: int = 20      # bundled data: held-out tool questions checked for a well-formed call at the end
     lora_rank: int = 0            # 0: full fine-tune; >0: LoRA adapters of this rank (backend/train/lora.py)
@@ -55,6 +57,10 @@ class SFTConfig(FineTuneConfig):
             raise ValueError("seq_len: must be at least 16")
         if not 0 <= self.terse_fraction <= 1:
             raise ValueError("terse_fraction: must be in [0, 1]")
+        from backend.datasets.verifiable import GENERATORS
+        bad = [k for k in self.kinds if k not in GENERATORS]
+        if bad or not self.kinds:
+            raise ValueError(f"kinds: unknown problem kind {bad[0] if bad else None!r}; kinds: {', '.join(GENERATORS)}")
         if not 0 <= self.val_fraction < 1:
             raise ValueError("val_fraction: must be in [0, 1)")
         if self.bundled not in BUNDLED_SETS:
@@ -70,7 +76,7 @@ BUNDLED_SETS = ("tool-use", "reasoning", "demonstrations")
 
 def bundled_rows(cfg: SFTConfig) -> list[dict]:
     if cfg.bundled == "reasoning":
-        return reasoning_rows(cfg.n_examples, cfg.seed, cfg.terse_fraction)
+        return reasoning_rows(cfg.n_examples, cfg.seed, cfg.terse_fraction, cfg.kinds)
     if cfg.bundled == "demonstrations":
         from backend.datasets.preferences import demonstrations
         return demonstrations(cfg.n_examples, seed=cfg.seed)
@@ -78,22 +84,24 @@ def bundled_rows(cfg: SFTConfig) -> list[dict]:
     return conversations(cfg.n_examples, seed=cfg.seed)
 
 
-def reasoning_rows(n: int, seed: int, terse_fraction: float = 0.0) -> list[dict]:
+def reasoning_rows(n: int, seed: int, terse_fraction: float = 0.0,
+                   kinds: tuple[str, ...] | list[str] = ("apples", "count", "spell")) -> list[dict]:
     """Verifiable problems answered in R1's format: the worked steps as thinking, then "The answer is N."
     (the cold-start SFT of DeepSeek-R1 before its RL; GRPO's prompts use the same system prompt).
 
     terse_fraction: that share of the problems (drawn at random) think only the answer at a glance ("Each apple
     costs 3.") instead of the steps, so that the SFT model has both habits and GRPO, rewarded for accuracy alone,
     can show which one earns it (RL amplifies behaviours its starting model already has: Gandhi et al. 2025,
-    "Cognitive Behaviors that Enable Self-Improving Reasoners"). Tried once for the family's think pair (0.5, 20
-    SFT steps at a decaying lr, then Dr. GRPO): the SFT model looped and copied the template, and GRPO's held-out
-    accuracy and lengths did not rise in ~12 steps; not used by the family."""
+    "Cognitive Behaviors that Enable Self-Improving Reasoners"). The family's think pair uses 0.75 on "apples" with
+    tool_tokens off: its SFT model thinks at a glance 86% of the time (30% right) and works the steps out 14% (70%
+    right), and GRPO turns it into the worked habit. With new <think> tag tokens (tool_tokens on) the same SFT left
+    <think> at 38% and its rollouts looped "think think…"."""
     import random
     from backend.datasets.verifiable import problems
     from backend.train.grpo import THINK_SYSTEM
     rng = random.Random(seed + 2)
     rows = []
-    for p in problems(n, seed=seed + 1, kinds=("apples", "count", "spell")):
+    for p in problems(n, seed=seed + 1, kinds=kinds):
         thinking = p.short if p.short and rng.random() < terse_fraction else p.solution
         rows.append({"messages": [{"role": "system", "content": THINK_SYSTEM}, {"role": "user", "content": p.question},
                                   {"role": "assistant", "thinking": thinking, "content": f"The answer is {p.answer}."}]})
