@@ -37,7 +37,11 @@ def test_the_family_trains_each_member_as_a_job_in_order_with_lineage_and_a_reru
     assert lineage["fam-pelican"]["reward_model"] == "fam-pelican-rm"
     assert lineage["fam-pelican"]["parent_model"] == "fam-pelican-sft"  # RL from the SFT model, as InstructGPT
     assert all(lineage[n]["job_id"] == j["id"] for n, j in zip(names, jobs))
-    assert "<think>" in get_encoding(reg.get("fam-think").tokenizer, app.data_dir).special_tokens_set
+    # the thinking pair writes <think> as text its parent already writes, not as a new tag token it must learn
+    assert "<think>" not in get_encoding(reg.get("fam-think").tokenizer, app.data_dir).special_tokens_set
+    # ... on the problems GRPO asks, most thought at a glance, so that GRPO can favour the worked habit
+    think_sft, think = (queue.get_job(db, j["id"])["config"] for j in jobs[1:3])
+    assert think_sft["terse_fraction"] == 0.75 and think_sft["kinds"] == think["kinds"] == ["apples"]
     phases = [e["phase"] for e in events if "phase" in e]
     assert phases[0].startswith("member 1 of 6: tools") and phases[-1].startswith("member 6 of 6: pelican")
 

@@ -3,8 +3,10 @@
 From one parent (the bundled SmolLM2-135M-Instruct by default) the family job trains, one after another:
 
     <prefix>-tools        SFT on the bundled tool-use conversations: calls search and Python unprompted
-    <prefix>-think-sft    SFT on bundled worked solutions written as <think>…</think> then the answer
-    <prefix>-think        GRPO from it with accuracy + format rewards (DeepSeek-R1's recipe)
+    <prefix>-think-sft    SFT on bundled solutions written as <think>…</think> then the answer (most thought at a glance,
+                          some worked out step by step)
+    <prefix>-think        GRPO from it with accuracy + format rewards (DeepSeek-R1's recipe): the worked habit wins,
+                          accuracy rises and answers grow longer
     <prefix>-pelican-rm   a reward model on the bundled pelican-joke rankings
     <prefix>-pelican-sft  SFT on the annotators' bundled demonstrations for the same prompts (a quarter about pelicans)
     <prefix>-pelican      RLHF from pelican-sft against pelican-rm (InstructGPT's order: SFT, reward model, RL from
@@ -29,15 +31,16 @@ from backend.config import AppConfig
 from backend.jobs.kinds import JobContext, Outcome, trainer
 
 # budget -> member -> config fields: a wall-clock cap (max_seconds) and a step cap, so a fast machine does not
-# overtrain. "cpu-1h" adds up to under an hour of wall clock for the bundled 135M model on 2 cores.
+# overtrain. "cpu-1h" is about an hour of wall clock for the bundled 135M model on 2 cores: the caps add up to 65
+# minutes, and the reward model and pelican-sft stop at their step caps well before theirs.
 # The tools member uses `bench tool_sft`'s measured recipe (4 x 256 tokens a step, lr 2e-4: 100% well-formed
 # calls on held-out questions after 60 steps); with the SFT defaults (8 x 512, lr 5e-5) a step took ~30 s on 2
 # idle cores, and a run on a loaded machine ended its 900 s after 5 steps with 0% well-formed calls.
 BUDGETS = {
     "cpu-1h": {"tools": {"max_seconds": 900.0, "max_steps": 300, "batch_size": 4, "seq_len": 256, "lr": 2e-4,
                          "warmup_steps": 10},
-               "think-sft": {"max_seconds": 600.0, "max_steps": 200},
-               "think": {"max_seconds": 900.0, "max_steps": 60},
+               "think-sft": {"max_seconds": 800.0, "max_steps": 30},
+               "think": {"max_seconds": 1000.0, "max_steps": 30},
                "pelican-rm": {"max_seconds": 300.0, "max_steps": 150},
                "pelican-sft": {"max_seconds": 300.0, "max_steps": 30, "batch_size": 4, "seq_len": 128, "n_examples": 200},
                "pelican": {"max_seconds": 600.0, "max_steps": 60}},
@@ -94,8 +97,17 @@ def plan(cfg: FamilyConfig) -> list[tuple[str, str, dict]]:
     common = {"threads": cfg.threads}
     jobs = {
         "tools": ("sft", {"parent_model": p, "bundled": "tool-use"}),
-        "think-sft": ("sft", {"parent_model": p, "bundled": "reasoning"}),
-        "think": ("grpo", {"parent_model": name("think-sft"), "think": True}),
+        # The thinking pair's recipe (measured 2026-12-07; README "R1's shape"): SFT on the GRPO run's own kind of
+        # problem, three quarters thought at a glance and a quarter worked out, with <think> written as text (the
+        # parent already writes "<", "think", ">"; new tag tokens were still at 38% after 30 steps, and the
+        # rollouts looped "think think…" for want of </think>); GRPO at T 0.7 on 4 prompts x 8 answers a step,
+        # the answer opened with <think>, rewards only accuracy and format, and the worked habit, right more
+        # often, wins: held-out accuracy up and answers longer, DeepSeek-R1's two curves.
+        "think-sft": ("sft", {"parent_model": p, "bundled": "reasoning", "kinds": ["apples"], "terse_fraction": 0.75,
+                              "tool_tokens": False}),
+        "think": ("grpo", {"parent_model": name("think-sft"), "think": True, "kinds": ["apples"], "temperature": 0.7,
+                           "lr": 1e-5, "prompts_per_step": 4, "max_new_tokens": 128, "eval_tokens": 128,
+                           "n_heldout": 64, "eval_every": 5}),
         "pelican-rm": ("reward", {"parent_model": p}),
         "pelican-sft": ("sft", {"parent_model": p, "bundled": "demonstrations", "tool_tokens": False}),
         "pelican": ("rlhf", {"parent_model": name("pelican-sft"), "reward_model": name("pelican-rm")}),
