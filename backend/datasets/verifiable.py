@@ -146,12 +146,18 @@ def spell(rng: random.Random, scale: str = "small") -> Problem:
 GENERATORS = {"apples": apples, "totals": totals, "count": count, "spell": spell}
 
 
+def check_kinds(kinds, also: tuple[str, ...] = ()) -> None:
+    """Refuse an empty list or a kind that is not a generator (nor one of `also`, such as "gsm8k"), by name."""
+    names = (*GENERATORS, *also)
+    bad = [k for k in kinds if k not in names]
+    if bad or not kinds:
+        raise ValueError(f"kinds: unknown problem kind {bad[0] if bad else None!r}; kinds: {', '.join(names)}")
+
+
 def problems(n: int, seed: int = 0, kinds: tuple[str, ...] | list[str] = ("apples", "count", "spell"),
              scale: str = "small") -> list[Problem]:
     """n problems, deterministic for a seed (different seeds: the train and held-out sets)."""
-    bad = [k for k in kinds if k not in GENERATORS]
-    if bad or not kinds:
-        raise ValueError(f"kinds: unknown problem kind {bad[0] if bad else None!r}; kinds: {', '.join(GENERATORS)}")
+    check_kinds(kinds)
     _limit(scale)
     rng = random.Random(seed)
     return [GENERATORS[kinds[i % len(kinds)]](rng, scale) for i in range(n)]

@@ -58,10 +58,8 @@ class DistillConfig(SFTConfig):
 
     def validate(self) -> None:
         super().validate()
-        from backend.datasets.verifiable import GENERATORS
-        bad = [k for k in self.kinds if k not in GENERATORS]
-        if bad or not self.kinds:
-            raise ValueError(f"kinds: unknown problem kind {bad[0] if bad else None!r}; kinds: {', '.join(GENERATORS)}")
+        from backend.datasets.verifiable import check_kinds
+        check_kinds(self.kinds)
         if self.scale not in ("small", "large"):
             raise ValueError("scale: 'small' or 'large'")
         if self.n_samples < 1:

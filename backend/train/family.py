@@ -97,7 +97,7 @@ def plan(cfg: FamilyConfig) -> list[tuple[str, str, dict]]:
     common = {"threads": cfg.threads}
     jobs = {
         "tools": ("sft", {"parent_model": p, "bundled": "tool-use"}),
-        # The thinking pair's recipe (measured 2026-12-07; README "R1's shape"): SFT on the GRPO run's own kind of
+        # The thinking pair's recipe (measured 2026-12-07; README "R1's two curves"): SFT on the GRPO run's own kind of
         # problem, three quarters thought at a glance and a quarter worked out, with <think> written as text (the
         # parent already writes "<", "think", ">"; new tag tokens were still at 38% after 30 steps, and the
         # rollouts looped "think think…" for want of </think>); GRPO at T 0.7 on 4 prompts x 8 answers a step,

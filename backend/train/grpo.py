@@ -134,10 +134,8 @@ class GRPOConfig(PolicyConfig):
 
     def validate(self) -> None:
         super().validate()
-        from backend.datasets.verifiable import GENERATORS
-        bad = [k for k in self.kinds if k not in GENERATORS and k != "gsm8k"]
-        if bad or not self.kinds:
-            raise ValueError(f"kinds: unknown problem kind {bad[0] if bad else None!r}; kinds: {', '.join(GENERATORS)}, gsm8k")
+        from backend.datasets.verifiable import check_kinds
+        check_kinds(self.kinds, also=("gsm8k",))
         if self.scale not in ("small", "large"):
             raise ValueError("scale: 'small' or 'large'")
         if self.preset not in PRESETS:

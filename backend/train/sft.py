@@ -57,10 +57,8 @@ class SFTConfig(FineTuneConfig):
             raise ValueError("seq_len: must be at least 16")
         if not 0 <= self.terse_fraction <= 1:
             raise ValueError("terse_fraction: must be in [0, 1]")
-        from backend.datasets.verifiable import GENERATORS
-        bad = [k for k in self.kinds if k not in GENERATORS]
-        if bad or not self.kinds:
-            raise ValueError(f"kinds: unknown problem kind {bad[0] if bad else None!r}; kinds: {', '.join(GENERATORS)}")
+        from backend.datasets.verifiable import check_kinds
+        check_kinds(self.kinds)
         if not 0 <= self.val_fraction < 1:
             raise ValueError("val_fraction: must be in [0, 1)")
         if self.bundled not in BUNDLED_SETS:
