@@ -13,6 +13,7 @@ import re
 import threading
 from dataclasses import dataclass, field
 
+from backend.datasets.verifiable import THINK_SYSTEM
 from backend.serving.sampling import SamplingParams
 from backend.tool_loop import Tools, label_message, run_turn
 from models.chat_format import END_TOOL_CALL, TOOL_CALL, call_json
@@ -28,6 +29,7 @@ SYSTEM_PRESETS = {
                   '<tool_call>{"name":"search","arguments":{"query":"your words"}}</tool_call>. Use Python for '
                   "arithmetic, counting and spelling instead of answering from memory. Think between <think> and "
                   "</think> before you answer."),
+    "Think (R1-Zero's template)": THINK_SYSTEM,  # the prompt the family's thinker was trained under
 }
 
 EMILY = ("Emily buys 3 apples and 2 oranges. Each orange costs $2. The total cost of all the fruit is $13. "

@@ -14,6 +14,13 @@ from models.chat_format import TOOL_ARG, render_chat
 from models.tokenizers import get_encoding
 
 
+def test_the_think_preset_is_the_prompt_the_thinkers_were_trained_under():
+    """family-think thinks in <think> blocks under the system prompt of its SFT rows and its GRPO prompts (measured:
+    with SmolLM2's default prompt it answers without them); Chat offers that prompt as a preset."""
+    from backend.train.sft import reasoning_rows
+    assert cs.SYSTEM_PRESETS["Think (R1-Zero's template)"] == reasoning_rows(1, seed=0)[0]["messages"][0]["content"]
+
+
 @pytest.mark.parametrize("demo", cs.DEMOS, ids=lambda d: d.title)
 def test_presets_are_well_formed(demo):
     assert demo.system in cs.SYSTEM_PRESETS and demo.note and demo.user

@@ -50,6 +50,12 @@ class Problem:
         return asdict(self)
 
 
+# R1-Zero's template, in chat form: GRPO's and the reasoning SFT set's system prompt, and a Chat preset.
+THINK_SYSTEM = ("A conversation between User and Assistant. The user asks a question, and the Assistant solves it. "
+                "The assistant first thinks about the reasoning process in the mind and then provides the user "
+                "with the answer. The reasoning process is enclosed within <think> </think>, followed by the "
+                "answer, i.e., <think> reasoning process here </think> The answer is 42.")
+
 ANSWER_IS = re.compile(r"answer\s*(?:is|:)\s*\**\$?\s*(-?\d[\d,]*(?:\.\d+)?|[A-Za-z]+)", re.I)
 
 

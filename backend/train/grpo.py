@@ -42,14 +42,11 @@ from typing import Callable
 
 import torch
 
+from backend.datasets.verifiable import THINK_SYSTEM
 from backend.jobs.kinds import JobContext, Outcome, trainer
 from backend.train.common import (FineTuneConfig, FineTuneRun, amp_for, check_finite, check_parent, default_name_for,
                                   load_parent, make_opt)
 
-THINK_SYSTEM = ("A conversation between User and Assistant. The user asks a question, and the Assistant solves it. "
-                "The assistant first thinks about the reasoning process in the mind and then provides the user "
-                "with the answer. The reasoning process is enclosed within <think> </think>, followed by the "
-                "answer, i.e., <think> reasoning process here </think> The answer is 42.")  # R1-Zero's template, in chat form
 PLAIN_SYSTEM = "You are a helpful assistant. Solve the problem and end with 'The answer is N.'"
 
 
