@@ -254,15 +254,16 @@ def sample_groups(engine, prompts: list[list[int]], n: int, max_tokens: int, tem
 
 def policy_optimization(kind: str, cfg: PolicyConfig, ctx: JobContext, train_prompts: list, heldout: list,
                         render: Callable, reward_fn: Callable, evaluate: Callable, describe: str,
-                        opened: str = "") -> Outcome:
+                        open_think: bool = False) -> Outcome:
     """The loop GRPO and RLHF share.
 
     render(item) -> chat messages; reward_fn(items, texts) -> (rewards tensor, metrics dict);
     evaluate(engine, heldout, prompt_ids) -> (metrics dict with "held_out_accuracy" or other numbers, a sample
-    (prompt, text)). opened: a tag every answer starts inside ("<think>"): the prompt ends with it, and the texts
-    that reward_fn and evaluate see begin with it.
+    (prompt, text)). open_think: every answer starts inside <think>: the prompt ends with it, and the texts that
+    reward_fn sees begin with it (evaluate adds it to its own).
     """
-    from models.chat_format import render_chat
+    from models.chat_format import THINK, render_chat
+    opened = THINK if open_think else ""
     run = FineTuneRun(kind, cfg, ctx)
     server = None
     try:
@@ -288,7 +289,7 @@ def policy_optimization(kind: str, cfg: PolicyConfig, ctx: JobContext, train_pro
         sample_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "auto": amp}[cfg.sample_dtype]
         cpu0 = time.process_time()  # CPU seconds (user+sys, all threads) of this run: a load-independent budget
         prompt_ids = lambda item: render_chat(render(item), enc, add_generation_prompt=True,  # noqa: E731
-                                              open_think=bool(opened)).ids
+                                              open_think=open_think).ids
         run.emit({"step": run.step, "start": run.name, "kind": kind, "parent_model": cfg.parent_model,
                   "group_size": cfg.group_size, "beta": cfg.beta, "clip_eps": cfg.clip_eps, "peak_lr": cfg.lr,
                   "train_prompts": len(train_prompts), "held_out": len(heldout), "device": str(run.device),
@@ -465,9 +466,11 @@ def grpo_problems(cfg: GRPOConfig, app, snapshot_hash):
 
 def run_grpo(cfg: GRPOConfig, ctx: JobContext) -> Outcome:
     from backend.datasets.verifiable import format_ok
+    from models.chat_format import THINK
     cfg = dataclasses.replace(cfg, **PRESETS[cfg.preset])
     train, heldout = grpo_problems(cfg, ctx.app, ctx.snapshot_hash)
     system = THINK_SYSTEM if cfg.think else PLAIN_SYSTEM
+    opened = THINK if cfg.think and cfg.open_think else ""  # the answers start inside <think> (open_think)
 
     def render(p):
         return [{"role": "system", "content": system}, {"role": "user", "content": p.question}]
@@ -492,9 +495,8 @@ def run_grpo(cfg: GRPOConfig, ctx: JobContext) -> Outcome:
                  "held_out_length": round(sum(len(c.token_ids) for c in comps) / len(comps), 2)},
                 (problems[0].question, texts[0]))
 
-    opened = "<think>" if cfg.think and cfg.open_think else ""
     return policy_optimization("grpo", cfg, ctx, train, heldout, render, reward_fn, evaluate,
-                               f"GRPO of {cfg.parent_model} on {'+'.join(cfg.kinds)} problems", opened)
+                               f"GRPO of {cfg.parent_model} on {'+'.join(cfg.kinds)} problems", bool(opened))
 
 
 trainer("grpo", GRPOConfig, "GRPO with verifiable rewards (accuracy + format), group-normalised advantages, KL to the parent",
