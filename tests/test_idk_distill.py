@@ -56,8 +56,9 @@ def test_idk_cli_writes_refusals_for_what_the_model_gets_wrong(tmp_path):
     probe = facts("probe")
     asked = [row for row in rows if not row.get("repeat")]
     assert [row["messages"][0]["content"] for row in asked] == [f.question for f in probe]
+    hedged = "Rome. But I'm not sure of that: I don't know."  # its own greedy sentence, then the refusal
     for f, row in zip(probe, asked):  # "Rome." is right only where Rome is the answer
-        assert row["messages"][1]["content"] == ("Rome." if "Rome" in f.answers else "I don't know."), f.question
+        assert row["messages"][1]["content"] == ("Rome." if "Rome" in f.answers else hedged), f.question
     assert sum(row["known"] for row in asked) == 1 and lineage["idk"]["examples_idk"] == len(probe) - 1
     # balanced within the topic "capital": its one known answer is repeated, at most max_repeat times in all
     repeats = [row for row in rows if row.get("repeat")]
@@ -97,7 +98,8 @@ def test_idk_dpo_prefers_a_refusal_to_what_the_model_makes_up(tmp_path):
     probe = facts("probe")
     assert [row["prompt"] for row in rows] == [f.question for f in probe]  # once each: no repeats
     for f, row in zip(probe, rows):
-        want = ("Rome.", "I don't know.") if "Rome" in f.answers else ("I don't know.", "Rome.")
+        hedged = "Rome. But I'm not sure of that: I don't know."  # the same sentence, the hedge after it or not
+        want = ("Rome.", hedged) if "Rome" in f.answers else (hedged, "Rome.")
         assert (row["chosen"], row["rejected"]) == want, f.question
     metrics = [json.loads(line) for line in (data / "runs" / "idk" / "romer-dpo" / "metrics.jsonl").open()]
     assert [m["step"] for m in metrics if "reward_margin" in m] == [1, 2]  # DPO's steps, on these pairs
@@ -235,7 +237,7 @@ def test_idk_refusals_start_where_the_model_starts_making_up_its_answer():
     assert lead_in(enc, late, 0.3) is None  # unsure after its first sentence only
     assert lead_in(enc, made_up, 0) is None
 
-    cfg = IDKConfig(parent_model="m", balance=1)
+    cfg = IDKConfig(parent_model="m", balance=1, refuse="doubt")
     probed = [{"fact": Fact("What is the capital of France?", ("Paris",), "capital"), "known": True, "right": 1,
                "best": "The capital of France is Paris.", "lead": None},
               {"fact": Fact("What is the capital of Benin?", ("Porto-Novo",), "capital"), "known": False, "right": 0,
@@ -254,8 +256,9 @@ def test_idk_refusals_start_where_the_model_starts_making_up_its_answer():
                     ("Who wrote Hamlet?", "Shakespeare wrote Hamlet.")]  # Chad: sure of a wrong answer, left out
     # balance 1: the capitals' one known answer repeated until the capitals' answers are as many as their refusals
     assert [r["messages"][1]["content"] for r in rows if r.get("repeat")] == ["The capital of France is Paris."]
-    assert len([r for r in examples(probed, IDKConfig(parent_model="m", balance=2)) if r.get("repeat")]) == 3
-    plain = examples(probed, IDKConfig(parent_model="m", doubt=0))  # doubt 0: every wrong answer a plain refusal
+    assert len([r for r in examples(probed, IDKConfig(parent_model="m", balance=2, refuse="doubt"))
+                if r.get("repeat")]) == 3
+    plain = examples(probed, IDKConfig(parent_model="m", doubt=0, refuse="doubt"))  # doubt 0: plain refusals
     assert [r["messages"][1]["content"] for r in plain if not r["known"]] == ["I don't know."] * 3
     # method "dpo": the same questions as pairs, never repeated; a known answer is preferred to a refusal that
     # starts as it does, a refusal to the model's own wrong first sentence
@@ -266,15 +269,47 @@ def test_idk_refusals_start_where_the_model_starts_making_up_its_answer():
         ("Who wrote Hamlet?", "Shakespeare wrote Hamlet.", "I don't know.")]  # "Shakespeare": one word, no lead
 
 
+def test_idk_refusals_after_the_models_own_sentence_leave_known_answers_as_they_were():
+    """refuse "after" (the default): an unknown question's example is the model's own greedy first sentence, then
+    the hedge and "I don't know."; a known one's is its answer, untouched; DPO pairs differ by the hedge alone.
+    A wrong answer it was sure of is still left out; a refusal text the table could not count is refused."""
+    from backend.datasets.facts import Fact
+    from backend.train.idk import IDKConfig, examples, pairs
+    cfg = IDKConfig(parent_model="m", balance=0)
+    assert cfg.refuse == "after"
+    probed = [{"fact": Fact("What is the capital of France?", ("Paris",), "capital"), "known": True, "unsure": False,
+               "right": 1, "best": "The capital of France is Paris.", "lead": None, "said": None},
+              {"fact": Fact("What is the capital of Benin?", ("Porto-Novo",), "capital"), "known": False,
+               "unsure": False, "right": 0, "best": None, "lead": "The capital of Benin is",
+               "wrong": "The capital of Benin is Lagos.", "said": "The capital of Benin is Porto-Bano."},
+              {"fact": Fact("What is the capital of Togo?", ("Lome",), "capital"), "known": False, "unsure": False,
+               "right": 0, "best": None, "lead": "The", "wrong": "Kara.", "said": ""},
+              {"fact": Fact("What is the capital of Chad?", ("N'Djamena",), "capital"), "known": False,
+               "unsure": False, "right": 0, "best": None, "lead": None, "said": "The capital of Chad is Abeche."}]
+    assert [r["messages"][1]["content"] for r in examples(probed, cfg)] == [
+        "The capital of France is Paris.",
+        "The capital of Benin is Porto-Bano. But I'm not sure of that: I don't know.",  # its greedy sentence
+        "I don't know."]  # said nothing: the refusal alone; Chad: sure of a wrong answer, left out
+    assert [(r["chosen"], r["rejected"]) for r in pairs(probed, cfg)] == [
+        ("The capital of France is Paris.", "The capital of France is Paris. But I'm not sure of that: I don't know."),
+        ("The capital of Benin is Porto-Bano. But I'm not sure of that: I don't know.",
+         "The capital of Benin is Porto-Bano."),
+        ("I don't know.", "Kara.")]  # no sentence of its own: the refusal over its sampled wrong answer
+    with pytest.raises(ValueError, match="refuse: 'after'"):
+        IDKConfig(parent_model="m", refuse="later").validate()
+    with pytest.raises(ValueError, match="does not read as a refusal"):
+        IDKConfig(parent_model="m", idk_answer="Pass.").validate()
+
+
 def test_idk_leaves_out_what_the_model_knows_only_now_and_then():
     """With several samples a question right in some and wrong in others is unsure: no SFT example (neither its
     answer to keep nor a refusal), and a column of its own in the table, apart from knowns and unknowns."""
     from backend.datasets.facts import Fact
     from backend.train.idk import IDKConfig, examples, measure, standing
-    cfg = IDKConfig(parent_model="m", n_samples=4, temperature=0.7, known_threshold=0.75, balance=0)
+    cfg = IDKConfig(parent_model="m", n_samples=4, temperature=0.7, known_threshold=0.75, balance=0, refuse="doubt")
     assert [standing(k, 4, cfg) for k in range(5)] == [(False, False), (False, True), (False, True), (True, False),
                                                        (True, False)]
-    greedy = IDKConfig(parent_model="m")  # one greedy sample: right or wrong, never unsure
+    greedy = IDKConfig(parent_model="m", n_samples=1, temperature=0.0, known_threshold=0.5)  # right or wrong, never unsure
     assert [standing(k, 1, greedy) for k in (0, 1)] == [(False, False), (True, False)]
     cfg2 = IDKConfig(parent_model="m", n_samples=4, temperature=0.7, known_threshold=0.75, unknown_threshold=0.25)
     assert standing(1, 4, cfg2) == (False, False)  # 1 of 4 counts as unknown when unknown_threshold allows it

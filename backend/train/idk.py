@@ -9,20 +9,28 @@
    when at most unknown_threshold do, *unsure* between (only with several samples: right now and then). An
    unsure question gives no example and is counted apart in the table.
 2. Write SFT examples: a known question keeps the model's own right answer (its shortest right sample: its
-   style stays); an unknown one becomes a refusal that starts where the model started making its answer up:
-   its own words before its first token of probability under `doubt`, then "… I don't know." ("The capital
-   of Benin is… I don't know." for "The capital of Benin is Porto-Bano."), or "I don't know." alone when it
-   was unsure from its first words. A wrong answer the model was sure of all through its first sentence is
-   left out (nothing tells it from a known one). Within each topic of the set the known answers are repeated
-   (at most max_repeat times each) until they are `balance` times the refusals, so that the kind of question
-   alone ("Who composed...?") does not decide. The rows are frozen as a dataset snapshot (content hash).
-   Why the refusal starts late: on the probe questions, the mean log-probability of the parent's first
+   style stays); an unknown one becomes a refusal. By default (refuse "after") the refusal follows the model's
+   own greedy first sentence, which stays as it was: "The capital of Benin is Porto-Bano. But I'm not sure of
+   that: I don't know." The model decides once, after it has written its answer, and nothing in a known
+   answer's tokens is trained away from what the parent said (R-Tuning, Zhang et al. 2023, asks for
+   certainty after the answer the same way). With refuse "doubt" the refusal starts where the model started
+   making its answer up: its own words before its first token of probability under `doubt`, then "… I don't
+   know." ("The capital of Benin is… I don't know."), or "I don't know." alone when it was unsure from its
+   first words; the decision is then at every token, and phrasing forks (a known answer's "The capital of
+   France is" against "Paris is") are unsure too: of the held-out questions the parent knows robustly, 42%
+   have a token under 0.3 in their first sentence. A wrong answer the model was sure of all through its
+   first sentence is left out either way (nothing tells it from a known one). Within each topic of the set
+   the known answers are repeated (at most max_repeat times each) until they are `balance` times the
+   refusals, so that the kind of question alone ("Who composed...?") does not decide. The rows are frozen as
+   a dataset snapshot (content hash).
+   Why the refusal comes late: on the probe questions, the mean log-probability of the parent's first
    sentence tells its right answers from its wrong ones within a topic (ROC AUC 0.89 on capitals, 0.85 on
    authors), its first token hardly does (0.56, 0.57): whether it knows shows at the word it is about to
    make up. Trained to refuse at the first token, it learned only which topics to refuse.
    With method "dpo" the same questions become preference pairs instead (not repeated): an unknown one's
    refusal chosen over the model's own wrong first sentence, a known one's right answer chosen over a refusal
-   that starts as that answer does; frozen as a preferences snapshot.
+   ("after": the same sentence with the hedge; "doubt": a refusal that starts as the answer does); frozen as
+   a preferences snapshot.
 3. Train: the SFT trainer on that snapshot (backend/train/sft.py), or DPO (backend/train/dpo.py, the parent
    frozen as reference); the model is registered with lineage (parent, snapshot, job) under kind "idk".
 4. Measure on the held-out questions (split "heldout"), known or unknown to the parent by the same probe:
@@ -32,12 +40,11 @@
    knowns (over-refusal). The table is stored with the model (lineage "idk"), in the run directory
    (result.json) and in the job (an event and log lines).
 
-Budget: the defaults take ~9.5 minutes (~1,000 CPU-seconds) on 2 CPU cores (shared) with the bundled
-SmolLM2-135M: the greedy probe of 767 questions ~2-4 minutes, 80 SFT steps ~4, the model after ~1.5. Held out,
-they give refusals on unknowns 0% -> 21%, right answers on knowns 100% -> 74%, refusals on knowns 0% -> 16%:
-a 135M model learns that it may not know far better than when (README.md, "idk"). DPO on the sampled probe
-(`--method dpo --samples 4 --temperature 0.7 --known-threshold 0.75 --max-steps 100`, ~1,600 CPU-seconds) refuses
-far more of both: 0% -> 88% of unknowns, 0% -> 70% of (robust) knowns, right on knowns 93% -> 27%.
+Budget: the defaults take ~11 minutes (~1,200 CPU-seconds) on 2 idle CPU cores with the bundled SmolLM2-135M:
+the probe of 767 questions x 4 samples ~5 minutes, 80 SFT steps ~4, the model after ~1.5. Held out, they give
+refusals on unknowns 0% -> 37%, right answers on knowns 94% -> 88%, refusals on knowns 0% -> 7% (README.md,
+"idk"). The refusal at the first unsure token instead (`--refuse doubt`) refused a known for every two unknowns
+(46% / 66% / 24%); DPO on the hedge (`--method dpo`) refused nothing in 100 steps.
 """
 from __future__ import annotations
 
@@ -57,10 +64,13 @@ SENTENCE_END = re.compile(r"[.!?](\s|$)")
 class IDKConfig(SFTConfig):
     facts: str = "bundled"         # questions with known answers: "bundled", or a .jsonl of {"question", "answers",
     #                                "split", "topic" (optional)}
-    n_samples: int = 1             # samples per question when probing: 1 at temperature 0 is the greedy answer the
-    temperature: float = 0.0       # table measures (and 4 samples at 0.7 cost ~4x the probe's time)
-    max_new_tokens: int = 32       # per answer (probe and measurement)
-    known_threshold: float = 0.5   # a question is known when at least this share of its samples is right,
+    # Samples per question when probing. Several tell a robust known (3 or 4 of 4 right) from a lucky one (1 or 2:
+    # unsure); 1 at temperature 0 is the greedy answer the table measures (a probe ~4x faster, and every question
+    # known or unknown: the lucky ones become answers to keep).
+    n_samples: int = 4
+    temperature: float = 0.7
+    max_new_tokens: int = 48       # per answer (probe and measurement; "after" adds its hedge to a sentence)
+    known_threshold: float = 0.75  # a question is known when at least this share of its samples is right,
     unknown_threshold: float = 0.0  # unknown when at most this share is; between the two *unsure*: no SFT example,
     #                                 a column of its own in the table (with one greedy sample there is no between)
     idk_answer: str = "I don't know."
@@ -70,7 +80,17 @@ class IDKConfig(SFTConfig):
     # anchored, not only repeated.
     method: str = "sft"
     beta: float = 0.1
-    doubt: float = 0.3             # a refusal starts at the answer's first token under this probability (0: none)
+    # Where an unknown question's refusal goes. "after": after the model's own first sentence, which stays as it
+    # was ("The capital of Benin is Porto-Bano. But I'm not sure of that: I don't know."): the model decides once,
+    # having written its answer, and a known answer's tokens are trained on as they were. "doubt": its own words up
+    # to its first token under `doubt`, then "… I don't know." ("The capital of Benin is… I don't know."): the
+    # decision at every token, phrasing forks included. Measured on SmolLM2-135M, held-out (4 samples at 0.7,
+    # threshold 0.75): "after" 0% -> 37% of unknowns refused, right on knowns 94% -> 88%; "doubt" 0% -> 46%, 93%
+    # -> 66% (README.md, "idk").
+    refuse: str = "after"
+    hedge: str = "But I'm not sure of that:"  # "after": between the model's sentence and idk_answer
+    doubt: float = 0.3             # a token under this probability is one the model makes up (0: none); "doubt"
+    #                                starts the refusal there; both leave out a wrong answer with no such token
     # Per topic, the known answers repeated to `balance` x the refusals (each at most max_repeat times): the share of
     # refusals the model learns. Measured on SmolLM2-135M (80 steps, lr 2e-5; validation questions carved from the
     # probe split, refusals on unknowns / right on knowns / refusals on knowns): balance 1.5: 48% / 65% / 29%,
@@ -92,6 +112,13 @@ class IDKConfig(SFTConfig):
 
     def validate(self) -> None:
         super().validate()
+        if self.refuse not in ("after", "doubt"):
+            raise ValueError(f"refuse: 'after' (the model's first sentence) or 'doubt' (its first unsure token), "
+                             f"not {self.refuse!r}")
+        from backend.datasets.facts import is_refusal
+        if not is_refusal(self.idk_answer):
+            raise ValueError(f"idk_answer: {self.idk_answer!r} does not read as a refusal (the table would not count "
+                             "it); say \"I don't know\", \"not sure\" or the like")
         if self.method not in WRITES:
             raise ValueError(f"method: {self.method!r} is not one of {', '.join(WRITES)}")
         if not self.beta > 0:
@@ -151,9 +178,27 @@ def probe(engine, items, cfg: IDKConfig, stop=None) -> list[dict]:
         wrong = next((c for c in comps if not f.check(c.text)), None)  # the answer it makes up, if any
         out.append({"fact": f, "right": n_right, "known": known, "unsure": unsure,
                     "best": min(right, key=len) if right else None, "text": comps[0].text,
+                    "said": first_sentence(comps[0].text) if greedy(cfg) else None,
                     "wrong": first_sentence(wrong.text) if wrong else None,
                     "lead": lead_in(engine.enc, wrong or comps[0], cfg.doubt)})
     return out
+
+
+def greedy(cfg: IDKConfig) -> bool:
+    """One sample at temperature 0: the probe's answers are the model's greedy ones, as the table measures."""
+    return cfg.temperature == 0 and cfg.n_samples == 1
+
+
+def say_greedily(engine, probed: list[dict], cfg: IDKConfig, stop=None) -> None:
+    """refuse "after" with a sampled probe: each unknown question's "said", the first sentence of the model's
+    greedy answer (the one it gives when served, and the one its refusal follows)."""
+    from backend.serving.sampling import SamplingParams
+    from backend.train.generated import ask
+    todo = [p for p in probed if not p["known"] and not p["unsure"] and p["said"] is None]
+    params = SamplingParams(temperature=0.0, max_tokens=cfg.max_new_tokens)
+    for p, comps in zip(todo, ask(engine, [[{"role": "user", "content": p["fact"].question}] for p in todo], params,
+                                  1, stop)):
+        p["said"] = first_sentence(comps[0].text)
 
 
 def standing(n_right: int, n: int, cfg: IDKConfig) -> tuple[bool, bool]:
@@ -191,6 +236,17 @@ def refusal(lead: str | None, cfg: IDKConfig) -> str:
     """ "The capital of Benin is… I don't know." from a lead-in of two words or more, else the refusal alone."""
     lead = lead or ""
     return f"{lead}… {cfg.idk_answer}" if cfg.doubt > 0 and len(lead.split()) >= 2 else cfg.idk_answer
+
+
+def hedged(said: str | None, cfg: IDKConfig) -> str:
+    """ "The capital of Benin is Porto-Bano. But I'm not sure of that: I don't know." (refuse "after"): the
+    model's own first sentence, then the hedge; the refusal alone when it said nothing."""
+    return f"{said} {cfg.hedge} {cfg.idk_answer}".replace("  ", " ") if said else cfg.idk_answer
+
+
+def unknown_reply(p: dict, cfg: IDKConfig) -> str:
+    """An unknown question's SFT answer, where cfg.refuse puts the refusal."""
+    return hedged(p.get("said"), cfg) if cfg.refuse == "after" else refusal(p["lead"], cfg)
 
 
 def named(fact, text: str) -> list:
@@ -233,8 +289,9 @@ def measure(engine, held: list[dict], cfg: IDKConfig, who: str, when: str, texts
 
 
 def examples(probed: list[dict], cfg: IDKConfig) -> list[dict]:
-    """The SFT rows: a refusal for each unknown question (its lead-in, if any, then "… I don't know."; none for
-    a wrong answer the model was sure of), the model's right answer for each known one; then, within each
+    """The SFT rows: a refusal for each unknown question (unknown_reply: after its own first sentence, or its
+    lead-in then "… I don't know."; none for a wrong answer the model was sure of), the model's right answer
+    for each known one; then, within each
     topic, the known ones repeated (in order, each at most max_repeat times) until they are `balance` times
     the topic's refusals."""
     rows = []
@@ -244,7 +301,7 @@ def examples(probed: list[dict], cfg: IDKConfig) -> list[dict]:
             continue  # right in some samples, not in enough: neither an answer to keep nor one to refuse
         if not p["known"] and p["lead"] is None and cfg.doubt > 0:
             continue  # sure of a wrong answer: nothing the model could tell apart from what it knows
-        answer = refusal(p["lead"], cfg) if not p["known"] else (p["best"] or f"{f.answers[0]}.")
+        answer = unknown_reply(p, cfg) if not p["known"] else (p["best"] or f"{f.answers[0]}.")
         rows.append({"messages": [{"role": "user", "content": f.question}, {"role": "assistant", "content": answer}],
                      "known": p["known"], "samples_right": p["right"], "samples": cfg.n_samples, "topic": f.topic})
     for topic in dict.fromkeys(p["fact"].topic for p in probed):
@@ -257,9 +314,10 @@ def examples(probed: list[dict], cfg: IDKConfig) -> list[dict]:
 
 def pairs(probed: list[dict], cfg: IDKConfig) -> list[dict]:
     """The DPO pairs (method "dpo"), of the same questions as examples(): for an unknown one its refusal chosen
-    over the model's own wrong first sentence, for a known one its right answer chosen over a refusal that
-    starts as that answer does ("The capital of France is… I don't know."). Not repeated: each pair pulls both
-    ways already."""
+    over the model's own wrong first sentence, for a known one its right answer chosen over a refusal: with
+    refuse "after" the same sentence with the hedge after it (the pair differs by the hedge alone), with
+    "doubt" one that starts as that answer does ("The capital of France is… I don't know."). Not repeated:
+    each pair pulls both ways already."""
     rows = []
     for p in probed:
         f = p["fact"]
@@ -267,9 +325,12 @@ def pairs(probed: list[dict], cfg: IDKConfig) -> list[dict]:
             continue  # as in examples()
         if p["known"]:
             chosen = p["best"] or f"{f.answers[0]}."
-            rejected = refusal(chosen[:min((m.start() for m in named(f, chosen)), default=0)].rstrip(" ,:;-"), cfg)
+            rejected = (hedged(chosen, cfg) if cfg.refuse == "after" else
+                        refusal(chosen[:min((m.start() for m in named(f, chosen)), default=0)].rstrip(" ,:;-"), cfg))
+        elif cfg.refuse == "after" and p.get("said"):
+            chosen, rejected = hedged(p["said"], cfg), p["said"]  # the same sentence, with the hedge or without
         elif p["wrong"]:
-            chosen, rejected = refusal(p["lead"], cfg), p["wrong"]
+            chosen, rejected = unknown_reply(p, cfg), p["wrong"]
         else:
             continue  # nothing made up to prefer the refusal to
         rows.append({"prompt": f.question, "chosen": chosen, "rejected": rejected, "known": p["known"],
@@ -291,12 +352,15 @@ def write_examples(cfg: IDKConfig, ctx: JobContext) -> dict | None:
         ctx.emit({"phase": f"probing {cfg.parent_model}: {len(probe_set)} questions x {cfg.n_samples} samples…", "step": 0})
         engine = engines.get(cfg.parent_model)
         probed = probe(engine, probe_set, cfg, ctx.stop)
+        if cfg.refuse == "after" and not greedy(cfg):
+            ctx.emit({"phase": "the greedy answers the refusals follow…", "step": 0})
+            say_greedily(engine, probed, cfg, ctx.stop)
         ctx.emit({"phase": "measuring the parent on the held-out questions…", "step": 0})
         held = probe(engine, held_set, cfg, ctx.stop)  # which held-out questions the parent knows
         if ctx.stop.is_set():
             return None
-        greedy = cfg.temperature == 0 and cfg.n_samples == 1  # the probe's answers are the measured ones
-        before = measure(engine, held, cfg, cfg.parent_model, "before", [h["text"] for h in held] if greedy else None)
+        before = measure(engine, held, cfg, cfg.parent_model, "before",
+                         [h["text"] for h in held] if greedy(cfg) else None)
     if ctx.stop.is_set():
         return None
     write, snapshot_kind, what, _ = WRITES[cfg.method]
