@@ -241,7 +241,7 @@ def refusal(lead: str | None, cfg: IDKConfig) -> str:
 def hedged(said: str | None, cfg: IDKConfig) -> str:
     """ "The capital of Benin is Porto-Bano. But I'm not sure of that: I don't know." (refuse "after"): the
     model's own first sentence, then the hedge; the refusal alone when it said nothing."""
-    return f"{said} {cfg.hedge} {cfg.idk_answer}".replace("  ", " ") if said else cfg.idk_answer
+    return " ".join(t for t in (said, cfg.hedge, cfg.idk_answer) if t) if said else cfg.idk_answer
 
 
 def unknown_reply(p: dict, cfg: IDKConfig) -> str:
