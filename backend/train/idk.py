@@ -92,14 +92,15 @@ class IDKConfig(SFTConfig):
     doubt: float = 0.3             # a token under this probability is one the model makes up (0: none); "doubt"
     #                                starts the refusal there; both leave out a wrong answer with no such token
     # Per topic, the known answers repeated to `balance` x the refusals (each at most max_repeat times): the share of
-    # refusals the model learns. Measured on SmolLM2-135M (80 steps, lr 2e-5; validation questions carved from the
-    # probe split, refusals on unknowns / right on knowns / refusals on knowns): balance 1.5: 48% / 65% / 29%,
-    # 2: 30% / 77% / 12%. Plain refusals ("I don't know." alone, balance over all topics) learned only topics.
+    # refusals the model learns. Measured on SmolLM2-135M (the defaults, held-out refusals on unknowns / right on
+    # knowns / refusals on knowns): balance 2: 37% / 88% / 7%; 1: 39% / 79% / 16%. With "doubt" on a greedy probe
+    # (validation questions carved from the probe split): 1.5: 48% / 65% / 29%, 2: 30% / 77% / 12%; plain
+    # refusals ("I don't know." alone, balance over all topics) learned only topics.
     balance: float = 2.0
     max_repeat: int = 4
-    # SFT: ~550 short examples (510 probe questions), 4 rows of 128 tokens (~10 examples) a step: 80 steps ~1.5
-    # epochs. More steps or a higher lr refuse more of both (lr 3e-5, 100 steps, balance 1.5: 64% / 48% / 42%);
-    # LoRA r=16 at lr 1e-4 hardly refused (10% / 77% / 10%).
+    # SFT: ~570 short examples (510 probe questions), 4 rows of 128 tokens (~10 examples) a step: 80 steps ~1.5
+    # epochs. With "doubt", more steps or a higher lr refused more of both (lr 3e-5, 100 steps, balance 1.5: 64% /
+    # 48% / 42%); LoRA r=16 at lr 1e-4 hardly refused (10% / 77% / 10%).
     max_steps: int = 80
     batch_size: int = 4
     seq_len: int = 128
