@@ -42,8 +42,8 @@
 
 Budget: the defaults take ~11 minutes (~1,200 CPU-seconds) on 2 idle CPU cores with the bundled SmolLM2-135M:
 the probe of 767 questions x 4 samples ~5 minutes, 80 SFT steps ~4, the model after ~1.5. Held out, they give
-refusals on unknowns 0% -> 37%, right answers on knowns 94% -> 88%, refusals on knowns 0% -> 7% (README.md,
-"idk"). The refusal at the first unsure token instead (`--refuse doubt`) refused a known for every two unknowns
+refusals on unknowns 0% -> 37%, right answers on knowns 94% -> 88%, refusals on knowns 0% -> 7% (seed 1: 37%,
+92% -> 78%, 7%; README.md, "idk"). The refusal at the first unsure token instead (`--refuse doubt`) refused a known for every two unknowns
 (46% / 66% / 24%); DPO on the hedge (`--method dpo`) refused nothing in 100 steps.
 """
 from __future__ import annotations
@@ -85,8 +85,8 @@ class IDKConfig(SFTConfig):
     # having written its answer, and a known answer's tokens are trained on as they were. "doubt": its own words up
     # to its first token under `doubt`, then "… I don't know." ("The capital of Benin is… I don't know."): the
     # decision at every token, phrasing forks included. Measured on SmolLM2-135M, held-out (4 samples at 0.7,
-    # threshold 0.75): "after" 0% -> 37% of unknowns refused, right on knowns 94% -> 88%; "doubt" 0% -> 46%, 93%
-    # -> 66% (README.md, "idk").
+    # threshold 0.75): "after" 0% -> 37% of unknowns refused, right on knowns 94% -> 88% (seed 1: 37%, 92% -> 78%);
+    # "doubt" 0% -> 46%, 93% -> 66% (README.md, "idk").
     refuse: str = "after"
     hedge: str = "But I'm not sure of that:"  # "after": between the model's sentence and idk_answer
     doubt: float = 0.3             # a token under this probability is one the model makes up (0: none); "doubt"
