@@ -470,7 +470,8 @@ def run_grpo(cfg: GRPOConfig, ctx: JobContext) -> Outcome:
     cfg = dataclasses.replace(cfg, **PRESETS[cfg.preset])
     train, heldout = grpo_problems(cfg, ctx.app, ctx.snapshot_hash)
     system = THINK_SYSTEM if cfg.think else PLAIN_SYSTEM
-    opened = THINK if cfg.think and cfg.open_think else ""  # the answers start inside <think> (open_think)
+    open_think = cfg.think and cfg.open_think  # the answers start inside <think>
+    opened = THINK if open_think else ""
 
     def render(p):
         return [{"role": "system", "content": system}, {"role": "user", "content": p.question}]
@@ -496,7 +497,7 @@ def run_grpo(cfg: GRPOConfig, ctx: JobContext) -> Outcome:
                 (problems[0].question, texts[0]))
 
     return policy_optimization("grpo", cfg, ctx, train, heldout, render, reward_fn, evaluate,
-                               f"GRPO of {cfg.parent_model} on {'+'.join(cfg.kinds)} problems", bool(opened))
+                               f"GRPO of {cfg.parent_model} on {'+'.join(cfg.kinds)} problems", open_think)
 
 
 trainer("grpo", GRPOConfig, "GRPO with verifiable rewards (accuracy + format), group-normalised advantages, KL to the parent",
