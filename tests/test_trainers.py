@@ -550,3 +550,41 @@ def test_bad_configs_name_the_field(app):
         parse_config("dpo", {"beta": 0})
     with pytest.raises(ValueError, match="unknown sft config key 'epochs'"):
         parse_config("sft", {"epochs": 3})
+
+
+def test_anchored_sft_learns_the_new_tokens_and_holds_the_parents_own_where_they_were():
+    """SFT's `anchor`: a target the parent already predicts is trained on with KL to the parent, not
+    cross-entropy. Plain SFT on the parent's own words sharpens them (its distribution there moves); anchored
+    SFT learns the new token as well and leaves the parent's words' distribution nearly where it was."""
+    import copy
+
+    import torch.nn.functional as F
+
+    from backend.train.common import anchored_lm_loss
+    parent = make_tiny_model(64, seed=3)
+    x = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        greedy = parent(x).argmax(-1)
+    y = greedy.clone()
+    y[:, -1] = (greedy[:, -1] + 1) % 64  # the last target is new to the parent, the others are its own
+    with torch.no_grad():  # at the start the KL is 0: the loss is the new tokens' cross-entropy alone
+        new_ce = F.cross_entropy(parent(x)[:, -1], y[:, -1], reduction="sum") / y.numel()
+        assert torch.allclose(anchored_lm_loss(parent, parent, x, y, None, 1.0), new_ce, atol=1e-5)
+
+    def trained(loss):
+        model = copy.deepcopy(parent).train()
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        for _ in range(40):
+            loss(model).backward()
+            opt.step()
+            opt.zero_grad()
+        with torch.no_grad():
+            logp = F.log_softmax(model.eval()(x), -1)
+            ref = F.log_softmax(parent(x), -1)
+        kl_own = float((ref.exp() * (ref - logp)).sum(-1)[:, :-1].mean())
+        return kl_own, float(logp[:, -1].gather(-1, y[:, -1:]).exp().mean())
+
+    plain_kl, plain_new = trained(lambda m: masked_lm_loss(m, x, y))
+    anchored_kl, anchored_new = trained(lambda m: anchored_lm_loss(m, parent, x, y, None, 1.0))
+    assert plain_new > 0.5 and anchored_new > 0.5  # both learn what is new
+    assert anchored_kl < plain_kl / 3, (anchored_kl, plain_kl)

@@ -217,6 +217,25 @@ def masked_lm_loss(model: Transformer, x: torch.Tensor, y: torch.Tensor, doc_ids
     return F.cross_entropy(logits.float(), y[keep])
 
 
+def anchored_lm_loss(model: Transformer, ref: Transformer, x: torch.Tensor, y: torch.Tensor,
+                     doc_ids: torch.Tensor | None, weight: float) -> torch.Tensor:
+    """masked_lm_loss where the target is new to `ref` (the frozen parent); where it is ref's own greedy token,
+    weight x KL(ref || model) instead. What the parent already says is held where it was, its whole distribution,
+    neither sharpened nor drifted: only the new tokens are learned (self-distillation against forgetting, as in
+    SDFT, Yang et al. 2024). The KL is 0 at the start and grows only as the model drifts. The mean over targets,
+    as masked_lm_loss."""
+    keep = y != IGNORE
+    if not keep.any():
+        return masked_lm_loss(model, x, y, doc_ids)
+    logp = F.log_softmax(model.lm_head(model(x, doc_ids=doc_ids, return_hidden=True)[keep]).float(), -1)
+    with torch.no_grad():
+        ref_logp = F.log_softmax(ref.lm_head(ref(x, doc_ids=doc_ids, return_hidden=True)[keep]).float(), -1)
+    target = y[keep]
+    ce = -logp.gather(-1, target[:, None]).squeeze(-1)
+    kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1)
+    return torch.where(ref_logp.argmax(-1) == target, weight * kl, ce).mean()
+
+
 def token_logprobs_of(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """log p(target) per position without materialising a second [B, T, V] tensor (log_softmax)."""
     logits = logits.float()

@@ -23,6 +23,7 @@ The end-to-end check (held-out questions through the real tool loop, tuned vs un
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import random
 from dataclasses import dataclass
@@ -30,8 +31,9 @@ from dataclasses import dataclass
 import torch
 
 from backend.jobs.kinds import JobContext, Outcome, trainer
-from backend.train.common import (FineTuneConfig, FineTuneRun, amp_for, check_finite, check_parent, default_name_for,
-                                  extend_for_tokens, load_parent, make_opt, masked_lm_loss, pack_examples)
+from backend.train.common import (FineTuneConfig, FineTuneRun, amp_for, anchored_lm_loss, check_finite, check_parent,
+                                  default_name_for, extend_for_tokens, load_parent, make_opt, masked_lm_loss,
+                                  pack_examples)
 
 
 @dataclass
@@ -50,6 +52,10 @@ class SFTConfig(FineTuneConfig):
     protocol_check: int = 20      # bundled data: held-out tool questions checked for a well-formed call at the end
     lora_rank: int = 0            # 0: full fine-tune; >0: LoRA adapters of this rank (backend/train/lora.py)
     lora_alpha: float = 16.0
+    # >0: a target token the parent already predicts (its argmax) is trained on with anchor x KL(parent || model)
+    # instead of cross-entropy (common.anchored_lm_loss): the parent's own words are held, only new ones learned.
+    # Costs a forward of the frozen parent per step.
+    anchor: float = 0.0
 
     def validate(self) -> None:
         super().validate()
@@ -63,6 +69,8 @@ class SFTConfig(FineTuneConfig):
             raise ValueError("val_fraction: must be in [0, 1)")
         if self.bundled not in BUNDLED_SETS:
             raise ValueError(f"bundled: one of {', '.join(BUNDLED_SETS)}, not {self.bundled!r}")
+        if self.anchor < 0:
+            raise ValueError("anchor: the KL weight must be >= 0 (0 turns it off)")
         if self.n_examples < 2 or self.lora_rank < 0:
             raise ValueError("n_examples must be at least 2 and lora_rank not negative")
         if self.lora_rank and self.parallel == "fsdp":
@@ -255,8 +263,11 @@ def run_sft(cfg: SFTConfig, ctx: JobContext, kind: str = "sft", describe: str | 
         torch.manual_seed(cfg.seed)
         parent, enc, spec = load_parent(run.app, cfg.parent_model, run.device)
         tok_name, enc = sft_tokenizer(spec.tokenizer, enc, cfg.tool_tokens, run.app.data_dir)
-        model = run.model_to_train(lambda: extend_with_tags(parent, enc)).to(run.device).train()
-        del parent
+        grown = extend_with_tags(parent, enc)
+        # the frozen parent the anchor holds to (a copy: when not resuming, `grown` is the model trained)
+        ref = copy.deepcopy(grown).to(run.device).eval().requires_grad_(False) if cfg.anchor else None
+        model = run.model_to_train(lambda: grown).to(run.device).train()
+        del parent, grown
         lora = None
         if cfg.lora_rank:
             from backend.train.lora import add_lora
@@ -301,7 +312,8 @@ def run_sft(cfg: SFTConfig, ctx: JobContext, kind: str = "sft", describe: str | 
             k = int((y != -100).sum())
             targets, ntok = d.sum(k, int((doc >= 0).sum()))
             with amp_context(run.device, amp):
-                loss = step(lambda m: masked_lm_loss(m, x, y, doc))  # the mean over this rank's targets
+                loss = step(lambda m: anchored_lm_loss(m, ref, x, y, doc, cfg.anchor) if ref is not None
+                            else masked_lm_loss(m, x, y, doc))  # the mean over this rank's targets
             # weighed by this rank's share of the batch's targets: the ranks' averaged gradient is the global mean's
             (loss * (k * d.world / max(targets, 1))).backward()
             if cfg.grad_clip:
