@@ -18,6 +18,9 @@ with the new tokens.
 Data: dataset "bundled" = the tool-use conversations of backend/datasets/tool_use.py (n_examples of them,
 mix of arithmetic/counting/spelling by python call, search calls, identity); "snapshot" = the job's SFT
 snapshot ({"messages": [...]} rows); or a .jsonl file of such rows. Full fine-tune, or LoRA (lora_rank > 0).
+`anchor` > 0: a target token the parent already predicts (its greedy token there) is trained on with
+anchor x KL(parent || model) instead of cross-entropy, the new ones as usual: the parent's own words stay where
+they were (not sharpened, not drifted), a forward of the frozen parent per step (common.anchored_lm_loss).
 The end-to-end check (held-out questions through the real tool loop, tuned vs untuned, tools run):
 `python -m backend.bench tool_sft`.
 """
