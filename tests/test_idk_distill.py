@@ -329,3 +329,9 @@ def test_idk_leaves_out_what_the_model_knows_only_now_and_then():
     row = measure(None, probed, cfg, "m", "after", ["The capital is Paris.", "I don't know.", "The capital is Lagos."])
     assert (row["knowns"], row["unknowns"], row["unsure"]) == (1, 1, 1)
     assert (row["right_on_knowns"], row["refuses_unknowns"], row["refuses_unsure"]) == (1.0, 0.0, 1.0)
+    # a known answer hedged after the right answer is a refusal, not a right answer; the table tells it from a
+    # refusal that lost the answer too
+    probed[1] = q("What is the capital of Italy?", "Rome", 4)
+    row = measure(None, probed * 2, cfg, "m", "after", ["Paris. But I'm not sure of that: I don't know.", "Milan.",
+                                                        "I don't know.", "Paris.", "Rome.", "Lagos."])
+    assert (row["knowns"], row["right_on_knowns"], row["refuses_knowns"], row["refuses_right_knowns"]) == (4, 0.5, 0.25, 0.25)

@@ -285,6 +285,8 @@ def measure(engine, held: list[dict], cfg: IDKConfig, who: str, when: str, texts
             "refuses_unknowns": rate([is_refusal(t) for t in unknown]),
             "right_on_knowns": rate([f.check(t) and not is_refusal(t) for f, t in known]),
             "refuses_knowns": rate([is_refusal(t) for _, t in known]),
+            # of which the answer was named before the refusal ("Paris. But I'm not sure of that: I don't know.")
+            "refuses_right_knowns": rate([f.check(t) and is_refusal(t) for f, t in known]),
             "refuses_unsure": rate([is_refusal(t) for t in unsure]),
             "unknowns": len(unknown), "knowns": len(known), "unsure": len(unsure)}
 
