@@ -44,7 +44,8 @@ Budget: the defaults take ~11 minutes (~1,200 CPU-seconds) on 2 idle CPU cores w
 the probe of 767 questions x 4 samples ~5 minutes, 80 SFT steps ~4, the model after ~1.5. Held out, they give
 refusals on unknowns 0% -> 37%, right answers on knowns 94% -> 88%, refusals on knowns 0% -> 7% (seed 1: 37%,
 92% -> 78%, 7%; README.md, "idk"; re-measured 2026-12-07 on a seed-0 probe that split the set its own way,
-45%, 95% -> 75%, 17%: a run lands where its last batches leave it, README.md has the table of what was tried). The refusal at the first unsure token instead (`--refuse doubt`) refused a known for every two unknowns
+45%, 95% -> 75%, 17%: a run lands where its last batches leave it, README.md has the table of what was tried).
+The refusal at the first unsure token instead (`--refuse doubt`) refused a known for every two unknowns
 (46% / 66% / 24%); DPO on the hedge (`--method dpo`) refused nothing in 100 steps.
 """
 from __future__ import annotations
