@@ -159,6 +159,30 @@ def test_a_stopped_sft_run_keeps_a_checkpoint_and_resume_continues_the_step_coun
     assert next(e for e in events if "start" in e)["resumed"] is True
 
 
+def test_an_anchored_sft_job_trains_resumes_and_registers(app):
+    """anchor > 0 through the trainer: the frozen parent beside the model, on a fresh run and on a resumed one
+    (where the model trained is the checkpoint's, the anchor still the parent)."""
+    import threading
+    stop = threading.Event()
+    events: list = []
+
+    def emit(e):
+        events.append(e)
+        if e.get("step") == 2 and "loss" in e:
+            stop.set()
+    cfg = parse_config("sft", {"parent_model": "tiny", "threads": 1, "max_steps": 4, "batch_size": 2, "seq_len": 256,
+                               "n_examples": 20, "lr": 1e-3, "name": "sft-anchor", "protocol_check": 0, "anchor": 1.0},
+                       app)
+    assert get_trainer("sft").run(cfg, JobContext(app, emit=emit, stop=stop)).step == 2
+    out = get_trainer("sft").run(cfg, JobContext(app, emit=events.append, resume=True))
+    assert out.reason == "max_steps" and ModelRegistry(app).get(out.model)
+    starts = [e for e in events if "start" in e]
+    assert [s["anchor"] for s in starts] == [1.0, 1.0] and starts[1]["resumed"] is True
+    assert all(math.isfinite(x) for x in losses(events))
+    with pytest.raises(ValueError, match="anchor"):
+        parse_config("sft", {"anchor": -1}, app)
+
+
 def test_sft_with_lora_keeps_the_parent_weights_until_merged(app):
     from backend.train.lora import add_lora, merged_copy
     model = make_tiny_model(300, dim=32, n_layers=1, hidden_dim=64, n_heads=2, n_kv_heads=1).train()

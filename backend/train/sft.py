@@ -296,7 +296,7 @@ def run_sft(cfg: SFTConfig, ctx: JobContext, kind: str = "sft", describe: str | 
                   "tokenizer": tok_name, "vocab_size": model.cfg.vocab_size, "params": n_params,
                   "conversations": len(train), "held_out": len(val), "device": str(run.device),
                   "precision": str(amp or torch.float32), "packing": "block-diagonal" if cfg.pack else "one per row",
-                  "lora_rank": cfg.lora_rank, "resumed": state is not None})
+                  "lora_rank": cfg.lora_rank, "anchor": cfg.anchor, "resumed": state is not None})
         if val_batches and state is None:
             full = d.full_model(model)
             if d.is_main:
