@@ -34,7 +34,11 @@ def test_sample_solutions_see_them_marked_and_the_vote(site):
     with open_tab(server, "Practice", "#practice-sample", height=1800) as page:
         log_in(page, "ann", people["ann"][1])
 
-        page.locator("#practice-new").click()  # a generated problem fills the form
+        # a generated problem fills the form; the field is emptied first, so that the wait below is for the reply
+        # (the tab opens with a problem of its own: waiting on that one raced the reply under load, which then
+        # overwrote the question and answer typed next)
+        page.locator("#practice-question textarea").fill("")
+        page.locator("#practice-new").click()
         page.wait_for_function("() => document.querySelector('#practice-question textarea').value.length > 10",
                                timeout=30_000)
         assert re.fullmatch(r"\d+", page.locator("#practice-answer input, #practice-answer textarea").first.input_value())
@@ -50,7 +54,7 @@ def test_sample_solutions_see_them_marked_and_the_vote(site):
             assert "answer: 7" in right.nth(i).inner_text() and RIGHT in right.nth(i).inner_text()
         wrong_texts = [page.locator("#practice-cards .pg-practice-card.wrong").nth(i).inner_text()
                        for i in range(8 - right.count())]
-        assert all("answer: 5" in t and WRONG in t or "no answer stated" in t for t in wrong_texts)
+        assert all("answer: 5" in t and WRONG in t or "no answer stated" in t for t in wrong_texts), wrong_texts
 
         summary = page.locator("#practice-summary").inner_text()
         assert f"{right.count()} of 8 right" in summary and "Majority vote of all 8" in summary
