@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 
 import httpx
 import pytest
@@ -147,10 +148,12 @@ def test_one_user_cannot_take_every_sandbox_slot(live, sandbox_required):
     t.start()
     try:
         with httpx.Client(timeout=60) as c:
-            for _ in range(100):  # until the first call holds lea's sandbox slot
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:  # until the first call holds lea's sandbox slot
                 r = c.post(url, json={"code": "print(1)"}, headers=bearer(people["lea"][2]))
                 if r.status_code == 429:
                     break
+                time.sleep(0.2)  # a probe that got the slot leaves the slow call a moment to take it (no livelock)
             assert r.status_code == 429 and "already have 1 sandbox request" in r.json()["detail"]
             assert r.headers["Retry-After"] == "1"
             other = c.post(url, json={"code": "print(2)"}, headers=bearer(people["lea2"][2]))
