@@ -1,6 +1,6 @@
 """idk variants on one probe: probe the parent once per seed (cached), then for each variant write its examples,
-train and measure the held-out table, as `python -m backend.train idk` does (the same functions: probe,
-say_greedily, examples, train_on, measure). Each variant then costs its SFT and measurement (~5 minutes for
+train and measure the held-out table, as `python -m backend.train idk` does (the same functions:
+probe_parent, examples, train_on, measure). Each variant then costs its SFT and measurement (~5 minutes for
 SmolLM2-135M on 2 cores) instead of the whole run (~11).
 
     PYTHONPATH=. .venv/bin/python scripts/idk_sweep.py --data-dir /work/idk/data --seed 0 anchor=1 anchor=1,balance=4
@@ -46,13 +46,7 @@ def main() -> None:
     if cache.exists():
         probed, held, before = pickle.loads(cache.read_bytes())
     else:
-        probe_set, held_set = idk.questions(cfg)
-        with serving(app) as engines:
-            engine = engines.get(cfg.parent_model)
-            probed = idk.probe(engine, probe_set, cfg)
-            idk.say_greedily(engine, probed, cfg)
-            held = idk.probe(engine, held_set, cfg)
-            before = idk.measure(engine, held, cfg, cfg.parent_model, "before")
+        probed, held, before = idk.probe_parent(cfg, ctx)
         cache.write_bytes(pickle.dumps((probed, held, before)))
     print("BEFORE", json.dumps(before), flush=True)
     for variant in a.variants:

@@ -296,9 +296,8 @@ def measure(engine, held: list[dict], cfg: IDKConfig, who: str, when: str, texts
 def examples(probed: list[dict], cfg: IDKConfig) -> list[dict]:
     """The SFT rows: a refusal for each unknown question (unknown_reply: after its own first sentence, or its
     lead-in then "… I don't know."; none for a wrong answer the model was sure of), the model's right answer
-    for each known one; then, within each
-    topic, the known ones repeated (in order, each at most max_repeat times) until they are `balance` times
-    the topic's refusals."""
+    for each known one; then, within each topic, the known ones repeated (in order, each at most max_repeat
+    times) until they are `balance` times the topic's refusals."""
     rows = []
     for p in probed:
         f = p["fact"]
@@ -348,10 +347,10 @@ def pairs(probed: list[dict], cfg: IDKConfig) -> list[dict]:
 WRITES = {"sft": (examples, "sft", "examples", SFTConfig), "dpo": (pairs, "preferences", "pairs", DPOConfig)}
 
 
-def write_examples(cfg: IDKConfig, ctx: JobContext) -> dict | None:
-    """Probe the parent, write the SFT examples as a snapshot and measure the parent on the held-out questions
-    (one process: rank 0 under torchrun). None when stopped meanwhile."""
-    from backend.train.generated import freeze, serving
+def probe_parent(cfg: IDKConfig, ctx: JobContext) -> tuple[list[dict], list[dict], dict] | None:
+    """(the probe questions probed, the held-out ones probed, the parent's "before" row); None when stopped
+    meanwhile. scripts/idk_sweep.py caches it to train several variants on one probe."""
+    from backend.train.generated import serving
     probe_set, held_set = questions(cfg)
     with serving(ctx.app) as engines:
         ctx.emit({"phase": f"probing {cfg.parent_model}: {len(probe_set)} questions x {cfg.n_samples} samples…", "step": 0})
@@ -366,8 +365,17 @@ def write_examples(cfg: IDKConfig, ctx: JobContext) -> dict | None:
             return None
         before = measure(engine, held, cfg, cfg.parent_model, "before",
                          [h["text"] for h in held] if greedy(cfg) else None)
-    if ctx.stop.is_set():
+    return None if ctx.stop.is_set() else (probed, held, before)
+
+
+def write_examples(cfg: IDKConfig, ctx: JobContext) -> dict | None:
+    """Probe the parent, write the SFT examples as a snapshot and measure the parent on the held-out questions
+    (one process: rank 0 under torchrun). None when stopped meanwhile."""
+    from backend.train.generated import freeze
+    probing = probe_parent(cfg, ctx)
+    if probing is None:
         return None
+    probed, held, before = probing
     write, snapshot_kind, what, _ = WRITES[cfg.method]
     rows = write(probed, cfg)
     n_unknown, n_idk = sum(not p["known"] and not p["unsure"] for p in probed), sum(not r["known"] for r in rows)
