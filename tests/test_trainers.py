@@ -140,7 +140,10 @@ def test_sft_loss_falls_registers_the_tools_tokenizer_and_lineage(app):
     assert spec.lineage["tool_call_wellformed"] == check["tool_call_wellformed"]
 
 
-def test_a_stopped_sft_run_keeps_a_checkpoint_and_resume_continues_the_step_count(app):
+@pytest.mark.parametrize("anchor", [0.0, 1.0])
+def test_a_stopped_sft_run_keeps_a_checkpoint_and_resume_continues_the_step_count(app, anchor):
+    """Also with an anchor: the frozen parent beside the model on a fresh run and on a resumed one (where the
+    model trained is the checkpoint's, the anchor still the parent)."""
     import threading
     stop = threading.Event()
     events: list = []
@@ -150,35 +153,17 @@ def test_a_stopped_sft_run_keeps_a_checkpoint_and_resume_continues_the_step_coun
         if e.get("step") == 3 and "loss" in e:
             stop.set()
     cfg = parse_config("sft", {"parent_model": "tiny", "threads": 1, "max_steps": 6, "batch_size": 2, "seq_len": 256,
-                               "n_examples": 20, "lr": 1e-3, "name": "sft-resume", "protocol_check": 0}, app)
+                               "n_examples": 20, "lr": 1e-3, "name": f"sft-resume-{anchor:g}", "protocol_check": 0,
+                               "anchor": anchor}, app)
     out = get_trainer("sft").run(cfg, JobContext(app, emit=emit, stop=stop))
     assert (out.reason, out.step) == ("stopped", 3) and out.checkpoint.endswith("ckpt-0000003")
+    assert next(e for e in events if "start" in e)["anchor"] == anchor
     events.clear()
     out = get_trainer("sft").run(cfg, JobContext(app, emit=events.append, resume=True))
     assert out.reason == "max_steps" and [e["step"] for e in events if "loss" in e] == [4, 5, 6]
-    assert next(e for e in events if "start" in e)["resumed"] is True
-
-
-def test_an_anchored_sft_job_trains_resumes_and_registers(app):
-    """anchor > 0 through the trainer: the frozen parent beside the model, on a fresh run and on a resumed one
-    (where the model trained is the checkpoint's, the anchor still the parent)."""
-    import threading
-    stop = threading.Event()
-    events: list = []
-
-    def emit(e):
-        events.append(e)
-        if e.get("step") == 2 and "loss" in e:
-            stop.set()
-    cfg = parse_config("sft", {"parent_model": "tiny", "threads": 1, "max_steps": 4, "batch_size": 2, "seq_len": 256,
-                               "n_examples": 20, "lr": 1e-3, "name": "sft-anchor", "protocol_check": 0, "anchor": 1.0},
-                       app)
-    assert get_trainer("sft").run(cfg, JobContext(app, emit=emit, stop=stop)).step == 2
-    out = get_trainer("sft").run(cfg, JobContext(app, emit=events.append, resume=True))
-    assert out.reason == "max_steps" and ModelRegistry(app).get(out.model)
-    starts = [e for e in events if "start" in e]
-    assert [s["anchor"] for s in starts] == [1.0, 1.0] and starts[1]["resumed"] is True
-    assert all(math.isfinite(x) for x in losses(events))
+    start = next(e for e in events if "start" in e)
+    assert start["resumed"] is True and start["anchor"] == anchor
+    assert all(math.isfinite(x) for x in losses(events)) and ModelRegistry(app).get(out.model)
     with pytest.raises(ValueError, match="anchor"):
         parse_config("sft", {"anchor": -1}, app)
 
