@@ -70,6 +70,7 @@ def test_the_cli_prints_a_card_with_every_row_and_stores_it(data):
     assert [x["key"] for x in card["rows"]] == KEYS and card["config"]["limit"] == 2
     assert all(0 <= card["values"][k] <= 1 for k in ("problems", "tool_calls", "tool_answers", "idk", "identity"))
     assert card["values"]["bpb"] > 0 and card["rows"][0]["n"] == 2 and card["rows"][0]["samples"]
+    assert re.search(r"under the (plain|think) prompt .*(think|plain) prompt \d/2", card["rows"][0]["detail"])  # both
 
     # A base model: the chat rows are n/a (it continues text), bits per byte is measured.
     r = cli(data, "tiny-base", "--limit", "1")

@@ -5,8 +5,9 @@ server of a remote model), greedy (temperature 0), so a card is repeatable and t
 Each row is {"key", "label", "unit", "value" (None: n/a), "n", "detail", "note"?, "samples", "seconds"}.
 
   problems      held-out verifiable problems (backend/datasets/verifiable.py: apples, count, spell; the GRPO
-                trainer's held-out seed), the Practice tab's plain prompt; graded by Problem.check (the answer
-                must be stated, as the GRPO reward wants), the lenient count in the detail
+                trainer's held-out seed), under each of the Practice tab's prompts (plain, think), the better
+                one counting (a thinking model is graded as it was trained); graded by Problem.check (the answer
+                must be stated, as the GRPO reward wants), the other prompt and the lenient count in the detail
   tool_calls    held-out tool questions (backend/datasets/tool_use.py split "heldout", every kind but identity)
   tool_answers  through the real tool loop (backend.tool_loop.run_turn, python sandbox and search index),
                 scored as backend/bench/tool_sft.py scores them: a call the loop accepts; the right answer
@@ -128,16 +129,23 @@ def by_kind(kinds: list[str], oks: list[bool]) -> str:
 
 # -- the rows ----------------------------------------------------------------------------------------
 def problems_row(pg, engine, cfg: EvalConfig, cancel) -> list[dict]:
+    """Asked under both of the Practice tab's prompts, plain and think (R1-Zero's, which a thinking model was
+    trained under and a plain one was not): the row is the prompt that suits the model better, the detail
+    gives both."""
     from backend.datasets.verifiable import problems
-    from backend.practice import system_prompt
+    from backend.practice import TEMPLATES, system_prompt
     probs = problems(cfg.limit, seed=PROBLEM_SEED, kinds=PROBLEM_KINDS)
-    system = system_prompt("plain")
-    texts = answers(engine, [[{"role": "system", "content": system}, {"role": "user", "content": p.question}]
-                             for p in probs], cfg.max_tokens, cancel)
-    right = [p.check(t) for p, t in zip(probs, texts)]
+    tried = {}
+    for template in TEMPLATES:
+        texts = answers(engine, [[{"role": "system", "content": system_prompt(template)},
+                                  {"role": "user", "content": p.question}] for p in probs], cfg.max_tokens, cancel)
+        tried[template] = texts, [p.check(t) for p, t in zip(probs, texts)]
+    best = max(TEMPLATES, key=lambda t: sum(tried[t][1]))  # the first (plain) on a tie
+    texts, right = tried[best]
     lenient = [p.check(t, lenient=True) for p, t in zip(probs, texts)]
-    detail = (f"{sum(right)}/{len(right)} right ({by_kind([p.kind for p in probs], right)}); "
-              f"{sum(lenient)} if the last number or word counts")
+    others = ", ".join(f"{t} prompt {sum(r)}/{len(r)}" for t, (_, r) in tried.items() if t != best)
+    detail = (f"{sum(right)}/{len(right)} right under the {best} prompt ({by_kind([p.kind for p in probs], right)}; "
+              f"{others}); {sum(lenient)} if the last number or word counts")
     samples = [{"q": p.question, "a": t, "ok": r} for p, t, r in zip(probs, texts, right)]
     return [row("problems", share(right), len(right), detail, samples)]
 
