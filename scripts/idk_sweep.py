@@ -28,7 +28,8 @@ def fields(cfg, variant: str) -> dict:
     out = {}
     for part in variant.split(","):
         k, _, v = part.partition("=")
-        out[k] = type(getattr(cfg, k))(v)
+        kind = type(getattr(cfg, k))
+        out[k] = v.lower() in ("1", "true", "yes") if kind is bool else kind(v)
     return out
 
 
@@ -42,7 +43,8 @@ def main() -> None:
     app = AppConfig(data_dir=a.data_dir)
     cfg = parse_config("idk", {"parent_model": a.model, "seed": a.seed}, app)
     ctx = JobContext(app, emit=lambda ev: None, stop=threading.Event())
-    cache = Path(a.data_dir) / f"idk-probe-{a.model}-seed{a.seed}.pkl"  # a scratch file of this script's own
+    # a scratch file of this script's own; v2: the greedy answers and their sureness (idk.say_greedily) in it
+    cache = Path(a.data_dir) / f"idk-probe-{a.model}-seed{a.seed}-v2.pkl"
     if cache.exists():
         probed, held, before = pickle.loads(cache.read_bytes())
     else:
@@ -51,7 +53,7 @@ def main() -> None:
     print("BEFORE", json.dumps(before), flush=True)
     for variant in a.variants:
         c = dataclasses.replace(cfg, **fields(cfg, variant))
-        c.name = f"idk-sweep-s{a.seed}-" + "".join(ch if ch.isalnum() else "-" for ch in variant)
+        c.name = (f"idk-sweep-s{a.seed}-" + "".join(ch if ch.isalnum() else "-" for ch in variant.lower()))[:64]
         c.validate()
         t = time.time()
         write, kind, _, trainer_cfg = idk.WRITES[c.method]

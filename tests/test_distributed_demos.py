@@ -42,7 +42,7 @@ def data(tmp_path_factory):
 
 
 IDK = {"parent_model": "romer", "n_samples": 2, "max_new_tokens": 6, "max_steps": 3, "batch_size": 2,
-       "seq_len": 192, "eval_every": 1, "lr": 1e-3, "warmup_steps": 0, "threads": 1, "doubt": 0}
+       "seq_len": 192, "eval_every": 1, "lr": 1e-3, "warmup_steps": 0, "threads": 1, "doubt": 0, "sure_quantile": 0}
 DISTILL = {"parent_model": "student", "teacher": "thinker", "kinds": ["count"], "n_problems": 30, "n_samples": 2,
            "teacher_max_tokens": 16, "n_heldout": 2, "eval_tokens": 4, "max_steps": 2, "batch_size": 2,
            "seq_len": 1024, "lr": 1e-3, "warmup_steps": 0, "threads": 1}

@@ -9,6 +9,8 @@
 """
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import subprocess
 import sys
@@ -34,7 +36,10 @@ def test_idk_cli_writes_refusals_for_what_the_model_gets_wrong(tmp_path):
     register_scripted(data, "romer", ["Rome."], {"\n": "Rome.", "Rome.": "<|im_end|>"}, tools=False)
     r = subprocess.run([sys.executable, "-m", "backend.train", "idk", "--model", "romer", "--data-dir", str(data),
                         "--samples", "2", "--max-steps", "2", "--batch-size", "2", "--seq-len", "128",
-                        "--max-new-tokens", "6", "--threads", "1", "--name", "romer-idk", "--doubt", "0"],
+                        "--max-new-tokens", "6", "--threads", "1", "--name", "romer-idk", "--doubt", "0",
+                        # it is as sure of "Rome." everywhere: under the default cut nothing would tell an unknown
+                        # from its known one (every question an answer, test_idk_refusals_after... checks that)
+                        "--sure-quantile", "0"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     lines = r.stdout.splitlines()
@@ -81,7 +86,7 @@ def test_idk_dpo_prefers_a_refusal_to_what_the_model_makes_up(tmp_path):
     register_scripted(data, "romer", ["Rome."], {"\n": "Rome.", "Rome.": "<|im_end|>"}, tools=False)
     r = subprocess.run([sys.executable, "-m", "backend.train", "idk", "--model", "romer", "--data-dir", str(data),
                         "--method", "dpo", "--max-steps", "2", "--batch-size", "2", "--max-new-tokens", "6",
-                        "--threads", "1", "--name", "romer-dpo", "--doubt", "0"],
+                        "--threads", "1", "--name", "romer-dpo", "--doubt", "0", "--sure-quantile", "0"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     app = AppConfig(data_dir=data)
@@ -220,7 +225,7 @@ def test_idk_refusals_start_where_the_model_starts_making_up_its_answer():
 
     from backend.datasets.facts import Fact
     from backend.serving.engine import Completion
-    from backend.train.idk import IDKConfig, examples, lead_in, pairs
+    from backend.train.idk import IDKConfig, examples, lead_in, pairs, sureness
     enc = byte_encoding()
 
     def answer(text, unsure_at=None):  # one token per byte; sure of each but the one starting at unsure_at
@@ -236,6 +241,11 @@ def test_idk_refusals_start_where_the_model_starts_making_up_its_answer():
     late = answer("Benin is in Africa. Its capital is Lagos.", "Lagos")
     assert lead_in(enc, late, 0.3) is None  # unsure after its first sentence only
     assert lead_in(enc, made_up, 0) is None
+    # sureness: the mean log-probability of the first sentence's tokens; what follows it does not count
+    n = len("The capital of Benin is Porto-Bano.")
+    assert sureness(enc, made_up) == pytest.approx((math.log(0.1) - 0.01 * (n - 1)) / n)
+    assert sureness(enc, answer("The capital of Benin is Porto-Bano. Or Lagos.", "Lagos")) == pytest.approx(-0.01)
+    assert sureness(enc, Completion(0, "Paris.", enc.encode_ordinary("Paris."))) is None  # no logprobs asked
 
     cfg = IDKConfig(parent_model="m", balance=1, refuse="doubt")
     probed = [{"fact": Fact("What is the capital of France?", ("Paris",), "capital"), "known": True, "right": 1,
@@ -272,11 +282,15 @@ def test_idk_refusals_start_where_the_model_starts_making_up_its_answer():
 def test_idk_refusals_after_the_models_own_sentence_leave_known_answers_as_they_were():
     """refuse "after" (the default): an unknown question's example is the model's own greedy first sentence, then
     the hedge and "I don't know."; a known one's is its answer, untouched; DPO pairs differ by the hedge alone.
-    A wrong answer it was sure of is still left out; a refusal text the table could not count is refused."""
+    A wrong answer it was sure of is still left out (or, answer_sure, kept as it was said), and so is one surer
+    than sure_quantile of the known ones; known_reply "greedy" keeps a known one's own greedy answer whole; a
+    refusal text the table could not count is refused."""
     from backend.datasets.facts import Fact
-    from backend.train.idk import IDKConfig, examples, pairs
-    cfg = IDKConfig(parent_model="m", balance=0)
-    assert cfg.refuse == "after"
+    from backend.train.idk import IDKConfig, examples, finished, pairs, sure_cut
+    defaults = IDKConfig(parent_model="m")
+    assert (defaults.refuse, defaults.sure_quantile, defaults.known_reply, defaults.answer_sure, defaults.anchor) == (
+        "after", 0.05, "greedy", True, 1.0)
+    cfg = IDKConfig(parent_model="m", balance=0, sure_quantile=0, known_reply="best", answer_sure=False)
     probed = [{"fact": Fact("What is the capital of France?", ("Paris",), "capital"), "known": True, "unsure": False,
                "right": 1, "best": "The capital of France is Paris.", "lead": None, "said": None},
               {"fact": Fact("What is the capital of Benin?", ("Porto-Novo",), "capital"), "known": False,
@@ -295,6 +309,38 @@ def test_idk_refusals_after_the_models_own_sentence_leave_known_answers_as_they_
         ("The capital of Benin is Porto-Bano. But I'm not sure of that: I don't know.",
          "The capital of Benin is Porto-Bano."),
         ("I don't know.", "Kara.")]  # no sentence of its own: the refusal over its sampled wrong answer
+    # sure_quantile: an unknown answer the model was surer of than of its least sure known ones is left out too
+    sure = {"France": -0.1, "Benin": -1.0, "Togo": -0.3, "Chad": -2.0}
+    for p in probed:
+        p["sure"] = next(v for k, v in sure.items() if k in p["fact"].question)
+    probed.append({**probed[0], "fact": Fact("What is the capital of Peru?", ("Lima",), "capital"),
+                   "best": "The capital of Peru is Lima.", "sure": -0.6})
+    assert sure_cut(probed, cfg) == float("inf")  # sure_quantile 0: every unknown refused, as above
+    picky = dataclasses.replace(cfg, sure_quantile=0.4)
+    assert sure_cut(probed, picky) == -0.6  # the knowns' 0.4 quantile: Peru's -0.6 of (-0.6, -0.1)
+    assert [r["messages"][0]["content"] for r in examples(probed, picky)] == [
+        "What is the capital of France?", "What is the capital of Benin?",  # Togo (-0.3): surer than the cut
+        "What is the capital of Peru?"]
+    assert [r["prompt"] for r in pairs(probed, picky)] == [r["messages"][0]["content"] for r in examples(probed, picky)]
+    with pytest.raises(ValueError, match="sure_quantile"):
+        IDKConfig(parent_model="m", sure_quantile=1).validate()
+    # known_reply "greedy": a known question's own greedy answer, whole, when it names the answer (else its right
+    # sample); answer_sure: an unknown left out (Chad: no unsure token) is trained on as it said it, unhedged
+    probed[0]["greedy"] = finished("The capital of France is Paris. It lies on the Seine, which")
+    assert probed[0]["greedy"] == "The capital of France is Paris."  # cut by max_new_tokens: to its last sentence
+    probed[3]["greedy"] = "The capital of Chad is Abeche. It is in the east."
+    probed[4]["greedy"] = "The capital of Peru is Cusco."  # wrong, though the samples knew: its right sample stays
+    own = IDKConfig(parent_model="m", balance=0)  # the defaults: the cut at the knowns' 0.05 (Peru's -0.6)
+    assert [(r["messages"][1]["content"], r["refusal"]) for r in examples(probed, own)] == [
+        ("The capital of France is Paris.", False),
+        ("The capital of Benin is Porto-Bano. But I'm not sure of that: I don't know.", True),
+        ("The capital of Chad is Abeche. It is in the east.", False),  # Togo: surer than the cut, and said nothing
+        ("The capital of Peru is Lima.", False)]
+    # the balance counts those answers too: 1 refusal wants 5 answers, 3 are there, the 2 more repeat known ones
+    repeats = [r for r in examples(probed, dataclasses.replace(own, balance=5)) if r.get("repeat")]
+    assert len(repeats) == 2 and all(r["known"] for r in repeats)
+    with pytest.raises(ValueError, match="known_reply"):
+        IDKConfig(parent_model="m", known_reply="longest").validate()
     with pytest.raises(ValueError, match="refuse: 'after'"):
         IDKConfig(parent_model="m", refuse="later").validate()
     with pytest.raises(ValueError, match="does not read as a refusal"):

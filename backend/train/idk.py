@@ -8,19 +8,24 @@
    measures); a question is *known* when at least known_threshold of the samples name the answer, *unknown*
    when at most unknown_threshold do, *unsure* between (only with several samples: right now and then). An
    unsure question gives no example and is counted apart in the table.
-2. Write SFT examples: a known question keeps the model's own right answer (its shortest right sample: its
-   style stays); an unknown one becomes a refusal. By default (refuse "after") the refusal follows the model's
-   own greedy first sentence, which stays as it was: "The capital of Benin is Porto-Bano. But I'm not sure of
-   that: I don't know." The model decides once, after it has written its answer, and nothing in a known
-   answer's tokens is trained away from what the parent said (R-Tuning, Zhang et al. 2023, asks for
-   certainty after the answer the same way). With refuse "doubt" the refusal starts where the model started
+2. Write SFT examples. The model's greedy answer to each question is asked too, with how sure it was of its
+   first sentence (sureness(): the mean log-probability of its tokens). A known question keeps the model's
+   own greedy answer, whole, when that names the answer (`known_reply` "greedy"; else its shortest right
+   sample). By default (refuse "after") an unknown one becomes the model's own greedy first sentence, as it
+   said it, then a hedge: "The capital of Benin is Porto-Bano. But I'm not sure of that: I don't know." The
+   model decides once, after it has written its answer (R-Tuning, Zhang et al. 2023, asks for certainty
+   after the answer the same way), and, with the SFT `anchor` (on by default: KL to the parent on the tokens
+   it already predicts), nothing in the answers is learned anew: only where the hedge goes. It is hedged only
+   where the model could tell: an unknown it was surer of than of all but `sure_quantile` (5%) of the known
+   ones gets no hedge; it is trained on as it said it (`answer_sure`), like a wrong answer with no token
+   under `doubt`: "no hedge here", so that a topic that is mostly unknown does not teach "hedge this topic".
+   With refuse "doubt" the refusal starts where the model started
    making its answer up: its own words before its first token of probability under `doubt`, then "… I don't
    know." ("The capital of Benin is… I don't know."), or "I don't know." alone when it was unsure from its
    first words; the decision is then at every token, and phrasing forks (a known answer's "The capital of
    France is" against "Paris is") are unsure too: of the held-out questions the parent knows robustly, 42%
-   have a token under 0.3 in their first sentence. A wrong answer the model was sure of all through its
-   first sentence is left out either way (nothing tells it from a known one). Within each topic of the set
-   the known answers are repeated (at most max_repeat times each) until they are `balance` times the
+   have a token under 0.3 in their first sentence. Within each topic of the set
+   the known answers are repeated (at most max_repeat times each) until the answers are `balance` times the
    refusals, so that the kind of question alone ("Who composed...?") does not decide. The rows are frozen as
    a dataset snapshot (content hash).
    Why the refusal comes late: on the probe questions, the mean log-probability of the parent's first
@@ -40,13 +45,16 @@
    knowns (over-refusal). The table is stored with the model (lineage "idk"), in the run directory
    (result.json) and in the job (an event and log lines).
 
-Budget: the defaults take ~11 minutes (~1,200 CPU-seconds) on 2 idle CPU cores with the bundled SmolLM2-135M:
-the probe of 767 questions x 4 samples ~5 minutes, 80 SFT steps ~4, the model after ~1.5. Held out, they give
-refusals on unknowns 0% -> 37%, right answers on knowns 94% -> 88%, refusals on knowns 0% -> 7% (seed 1: 37%,
-92% -> 78%, 7%; README.md, "idk"; re-measured 2026-12-07 on a seed-0 probe that split the set its own way,
-45%, 95% -> 75%, 17%: a run lands where its last batches leave it, README.md has the table of what was tried).
-The refusal at the first unsure token instead (`--refuse doubt`) refused a known for every two unknowns
-(46% / 66% / 24%); DPO on the hedge (`--method dpo`) refused nothing in 100 steps.
+Budget: the defaults take ~8 minutes (920 CPU-seconds, peak RSS 4.3 GB) on 2 idle CPU cores with the bundled
+SmolLM2-135M: the probe of 767 questions x 4 samples and the greedy answers ~3 minutes, 80 anchored SFT steps
+~4, the model after ~1. Held out, refusals on unknowns / right answers on knowns / refusals on knowns went
+0% / 94% / 0% -> 26% / 94% / 1% (the CLI, seed 0: 67 known, 120 unknown, 70 unsure). On three more probes
+(scripts/idk_sweep.py, whose samples split the set their own way; README.md, "idk", has the table of what
+was tried): 0% / 95% / 0% -> 25% / 91% / 3% (seed 0), 0% / 92% / 0% -> 27% / 87% / 7% (seed 1), 0% / 93% /
+0% -> 27% / 88% / 5% (seed 2), where the recipe before (every unknown hedged, known answers as their
+shortest right sample, no anchor) gave 45% / 75% / 17%, 37% / 78% / 7% and 48% / 78% / 15%: knowns fell
+14-20 points, now 0-5. The refusal at the first unsure token instead (`--refuse doubt`) refused a known for
+every two unknowns (46% / 66% / 24%); DPO on the hedge (`--method dpo`) refused nothing in 100 steps.
 """
 from __future__ import annotations
 
@@ -87,22 +95,38 @@ class IDKConfig(SFTConfig):
     # having written its answer, and a known answer's tokens are trained on as they were. "doubt": its own words up
     # to its first token under `doubt`, then "… I don't know." ("The capital of Benin is… I don't know."): the
     # decision at every token, phrasing forks included. Measured on SmolLM2-135M, held-out (4 samples at 0.7,
-    # threshold 0.75): "after" 0% -> 37% of unknowns refused, right on knowns 94% -> 88% (seed 1: 37%, 92% -> 78%);
-    # "doubt" 0% -> 46%, 93% -> 66% (README.md, "idk").
+    # threshold 0.75, every unknown refused, no anchor): "after" 0% -> 37% of unknowns refused, right on knowns
+    # 94% -> 88% (seed 1: 37%, 92% -> 78%); "doubt" 0% -> 46%, 93% -> 66% (README.md, "idk").
     refuse: str = "after"
     hedge: str = "But I'm not sure of that:"  # "after": between the model's sentence and idk_answer
     doubt: float = 0.3             # a token under this probability is one the model makes up (0: none); "doubt"
-    #                                starts the refusal there; both leave out a wrong answer with no such token
+    #                                starts the refusal there; a wrong answer with no such token gets no refusal
+    # The hedge follows what the model can tell: an unknown question is refused only when the model was less sure
+    # of its greedy first sentence (sureness(): the mean log-probability of its tokens) than of all but this share
+    # of the known questions' ones; one it was surer of is no refusal example, as nothing tells it from a known
+    # one (0: every unknown refused). On seed 1's probe a cut at the knowns' 5% leaves 34% of the unknowns under
+    # it (49% of the held-out ones): about what a hedge that keeps knowns can refuse. 0.05 measured 25% / 91% /
+    # 3% (seed 0) and 27% / 87% / 7% (seed 1) where 0.1 gave 32% / 88% / 8% and 31% / 84% / 10% (README.md).
+    sure_quantile: float = 0.05
+    # A known question's example: "greedy", its own greedy answer, whole (to its last finished sentence), when
+    # that names the answer, else its shortest right sample; "best", that sample always (its phrasing is new to
+    # the model, and a sentence that ends there teaches it to stop there: answers drifted and were cut short).
+    known_reply: str = "greedy"
+    # The unknowns that get no refusal (surer than the cut, or no token under `doubt`) are trained on as the
+    # model said them, greedy and unhedged: "no hedge here" within topics that are mostly unknown (composers,
+    # painters), so that a topic alone does not decide. With the anchor their words are the parent's own.
+    answer_sure: bool = True
     # Per topic, the known answers repeated to `balance` x the refusals (each at most max_repeat times): the share of
-    # refusals the model learns. Measured on SmolLM2-135M (the defaults, held-out refusals on unknowns / right on
-    # knowns / refusals on knowns): balance 2: 37% / 88% / 7%; 1: 39% / 79% / 16%. With "doubt" on a greedy probe
+    # refusals the model learns. Measured on SmolLM2-135M (the recipe before sure_quantile and the anchor,
+    # held-out refusals on unknowns / right on knowns / refusals on knowns): balance 2: 37% / 88% / 7%; 1: 39% /
+    # 79% / 16%. With "doubt" on a greedy probe
     # (validation questions carved from the probe split): 1.5: 48% / 65% / 29%, 2: 30% / 77% / 12%; plain
     # refusals ("I don't know." alone, balance over all topics) learned only topics.
     balance: float = 2.0
     max_repeat: int = 4
-    # SFT: ~570 short examples (510 probe questions), 4 rows of 128 tokens (~10 examples) a step: 80 steps ~1.5
-    # epochs. With "doubt", more steps or a higher lr refused more of both (lr 3e-5, 100 steps, balance 1.5: 64% /
-    # 48% / 42%); LoRA r=16 at lr 1e-4 hardly refused (10% / 77% / 10%).
+    # SFT: ~300-600 examples (510 probe questions), 4 rows of 128 tokens a step: 80 steps ~1-2 epochs. With
+    # "doubt", more steps or a higher lr refused more of both (lr 3e-5, 100 steps, balance 1.5: 64% / 48% /
+    # 42%); LoRA r=16 at lr 1e-4 hardly refused (10% / 77% / 10%).
     max_steps: int = 80
     batch_size: int = 4
     seq_len: int = 128
@@ -112,6 +136,10 @@ class IDKConfig(SFTConfig):
     checkpoint_every: int = 1000
     tool_tokens: bool = False
     protocol_check: int = 0
+    # The SFT anchor (sft.py): a token the parent already predicts is held by KL to it, so the answers the
+    # examples keep (its own greedy ones) stay as they were and what is learned is where the hedge goes. Without
+    # it the knowns answered wrong after SFT rose 2-7 points in every run, with it -2 to +1 in most.
+    anchor: float = 1.0
 
     def validate(self) -> None:
         super().validate()
@@ -132,6 +160,11 @@ class IDKConfig(SFTConfig):
             raise ValueError("known_threshold: a share in (0, 1]")
         if not 0 <= self.unknown_threshold < self.known_threshold:
             raise ValueError("unknown_threshold: a share in [0, known_threshold)")
+        if self.known_reply not in ("best", "greedy"):
+            raise ValueError(f"known_reply: 'best' (its shortest right sample) or 'greedy' (its own greedy answer), "
+                             f"not {self.known_reply!r}")
+        if not 0 <= self.sure_quantile < 1:
+            raise ValueError("sure_quantile: a share of the known questions in [0, 1)")
         if self.balance < 0 or self.max_repeat < 1 or not 0 <= self.doubt < 1:
             raise ValueError("balance must be >= 0, max_repeat at least 1 and doubt a probability in [0, 1)")
         if self.temperature < 0 or self.max_new_tokens < 1:
@@ -182,6 +215,8 @@ def probe(engine, items, cfg: IDKConfig, stop=None) -> list[dict]:
         out.append({"fact": f, "right": n_right, "known": known, "unsure": unsure,
                     "best": min(right, key=len) if right else None, "text": comps[0].text,
                     "said": first_sentence(comps[0].text) if greedy(cfg) else None,
+                    "greedy": finished(comps[0].text) if greedy(cfg) else None,
+                    "sure": sureness(engine.enc, comps[0]) if greedy(cfg) else None,
                     "wrong": first_sentence(wrong.text) if wrong else None,
                     "lead": lead_in(engine.enc, wrong or comps[0], cfg.doubt)})
     return out
@@ -193,15 +228,46 @@ def greedy(cfg: IDKConfig) -> bool:
 
 
 def say_greedily(engine, probed: list[dict], cfg: IDKConfig, stop=None) -> None:
-    """refuse "after" with a sampled probe: each unknown question's "said", the first sentence of the model's
-    greedy answer (the one it gives when served, and the one its refusal follows)."""
+    """refuse "after" with a sampled probe: each question's "said", the first sentence of the model's greedy
+    answer (the one it gives when served, and the one an unknown's refusal follows), and how "sure" it was of it."""
     from backend.serving.sampling import SamplingParams
     from backend.train.generated import ask
-    todo = [p for p in probed if not p["known"] and not p["unsure"] and p["said"] is None]
-    params = SamplingParams(temperature=0.0, max_tokens=cfg.max_new_tokens)
+    todo = [p for p in probed if not p["unsure"] and p.get("sure") is None]
+    params = SamplingParams(temperature=0.0, max_tokens=cfg.max_new_tokens, logprobs=0)
     for p, comps in zip(todo, ask(engine, [[{"role": "user", "content": p["fact"].question}] for p in todo], params,
                                   1, stop)):
-        p["said"] = first_sentence(comps[0].text)
+        p["said"], p["sure"] = first_sentence(comps[0].text), sureness(engine.enc, comps[0])
+        p["greedy"] = finished(comps[0].text)
+
+
+def sureness(enc, comp) -> float | None:
+    """The mean log-probability of the tokens of an answer's first sentence (None without logprobs). Of the greedy
+    answers of SmolLM2-135M it tells the questions the model knows from those it does not (ROC AUC 0.83 on the
+    held-out questions, 0.80 on the probe's, seed 1)."""
+    ids, lps = comp.token_ids, comp.logprobs
+    if not lps:
+        return None
+    n = next((i for i in range(1, len(ids) + 1) if SENTENCE_END.search(enc.decode(ids[:i]).strip() + " ")), len(ids))
+    return sum(lps[:n]) / n
+
+
+def sure_cut(probed: list[dict], cfg: IDKConfig) -> float:
+    """The sureness under which an unknown answer is refused: the sure_quantile quantile of the known ones'
+    (infinite with sure_quantile 0: every unknown)."""
+    known = sorted(p["sure"] for p in probed if p["known"] and p.get("sure") is not None)
+    if cfg.refuse != "after" or cfg.sure_quantile == 0 or not known:
+        return float("inf")
+    return known[int(cfg.sure_quantile * len(known))]
+
+
+def left_out(p: dict, cfg: IDKConfig, cut: float) -> bool:
+    """No example for an unsure question (right in some samples, not in enough), nor for a wrong answer the model
+    was sure of (no token under `doubt`, or, "after", surer than the cut): nothing tells it from a known one."""
+    if p.get("unsure"):
+        return True
+    if p["known"]:
+        return False
+    return (p["lead"] is None and cfg.doubt > 0) or (p.get("sure") is not None and p["sure"] >= cut)
 
 
 def standing(n_right: int, n: int, cfg: IDKConfig) -> tuple[bool, bool]:
@@ -226,6 +292,13 @@ def lead_in(enc, comp, doubt: float) -> str | None:
     if not more[len(text):len(text) + 1].isspace():
         text = text[:max(text.rfind(" "), 0)]  # the uncertain token goes on a word: that word goes too
     return text.rstrip(" ,:;-")
+
+
+def finished(text: str) -> str:
+    """Up to the end of its last finished sentence (all of it when none ends): an answer cut by max_new_tokens."""
+    text = text.strip()
+    ends = [m.start() + 1 for m in SENTENCE_END.finditer(text)]
+    return text[:ends[-1]] if ends else text
 
 
 def first_sentence(text: str) -> str:
@@ -293,26 +366,43 @@ def measure(engine, held: list[dict], cfg: IDKConfig, who: str, when: str, texts
             "unknowns": len(unknown), "knowns": len(known), "unsure": len(unsure)}
 
 
+def own_answer(p: dict, cfg: IDKConfig) -> str | None:
+    """known_reply "greedy": the model's whole greedy answer (to its last finished sentence)."""
+    return p.get("greedy") if cfg.known_reply == "greedy" else None
+
+
+def known_reply(p: dict, cfg: IDKConfig) -> str:
+    """A known question's SFT answer: its greedy answer when it names the answer (known_reply "greedy"), else its
+    shortest right sample, else the answer itself."""
+    mine = own_answer(p, cfg)
+    return mine if mine and p["fact"].check(mine) else (p["best"] or f"{p['fact'].answers[0]}.")
+
+
 def examples(probed: list[dict], cfg: IDKConfig) -> list[dict]:
     """The SFT rows: a refusal for each unknown question (unknown_reply: after its own first sentence, or its
-    lead-in then "… I don't know."; none for a wrong answer the model was sure of), the model's right answer
-    for each known one; then, within each topic, the known ones repeated (in order, each at most max_repeat
-    times) until they are `balance` times the topic's refusals."""
-    rows = []
+    lead-in then "… I don't know."), none for a wrong answer the model was sure of (left_out: with answer_sure
+    it is kept as said, unhedged), the model's right answer for each known one (known_reply); then, within
+    each topic, the known ones repeated (in order, each at most max_repeat times) until the topic's answers
+    are `balance` times its refusals."""
+    rows, cut = [], sure_cut(probed, cfg)
     for p in probed:
         f = p["fact"]
-        if p.get("unsure"):
-            continue  # right in some samples, not in enough: neither an answer to keep nor one to refuse
-        if not p["known"] and p["lead"] is None and cfg.doubt > 0:
-            continue  # sure of a wrong answer: nothing the model could tell apart from what it knows
-        answer = unknown_reply(p, cfg) if not p["known"] else (p["best"] or f"{f.answers[0]}.")
+        if left_out(p, cfg, cut):
+            if not (cfg.answer_sure and not p.get("unsure") and not p["known"] and p.get("said")):
+                continue
+            answer, refuses = own_answer(p, cfg) or p["said"], False  # sure of a wrong answer: as it said it
+        else:
+            refuses = not p["known"]
+            answer = unknown_reply(p, cfg) if refuses else known_reply(p, cfg)
         rows.append({"messages": [{"role": "user", "content": f.question}, {"role": "assistant", "content": answer}],
-                     "known": p["known"], "samples_right": p["right"], "samples": cfg.n_samples, "topic": f.topic})
+                     "known": p["known"], "refusal": refuses, "samples_right": p["right"], "samples": cfg.n_samples,
+                     "topic": f.topic})
     for topic in dict.fromkeys(p["fact"].topic for p in probed):
         mine = [r for r in rows if r["topic"] == topic]
         known = [r for r in mine if r["known"]]
-        want = min(round(cfg.balance * (len(mine) - len(known))), cfg.max_repeat * len(known))
-        rows += [{**known[i % len(known)], "repeat": True} for i in range(max(0, want - len(known)))]
+        n_refusals = sum(r["refusal"] for r in mine)
+        want = min(round(cfg.balance * n_refusals), len(mine) - n_refusals - len(known) + cfg.max_repeat * len(known))
+        rows += [{**known[i % len(known)], "repeat": True} for i in range(max(0, want - (len(mine) - n_refusals)))]
     return rows
 
 
@@ -322,10 +412,10 @@ def pairs(probed: list[dict], cfg: IDKConfig) -> list[dict]:
     refuse "after" the same sentence with the hedge after it (the pair differs by the hedge alone), with
     "doubt" one that starts as that answer does ("The capital of France is… I don't know."). Not repeated:
     each pair pulls both ways already."""
-    rows = []
+    rows, cut = [], sure_cut(probed, cfg)
     for p in probed:
         f = p["fact"]
-        if p.get("unsure") or (not p["known"] and p["lead"] is None and cfg.doubt > 0):
+        if left_out(p, cfg, cut):
             continue  # as in examples()
         if p["known"]:
             chosen = p["best"] or f"{f.answers[0]}."
@@ -357,7 +447,7 @@ def probe_parent(cfg: IDKConfig, ctx: JobContext) -> tuple[list[dict], list[dict
         engine = engines.get(cfg.parent_model)
         probed = probe(engine, probe_set, cfg, ctx.stop)
         if cfg.refuse == "after" and not greedy(cfg):
-            ctx.emit({"phase": "the greedy answers the refusals follow…", "step": 0})
+            ctx.emit({"phase": "the greedy answers, and how sure of them the model is…", "step": 0})
             say_greedily(engine, probed, cfg, ctx.stop)
         ctx.emit({"phase": "measuring the parent on the held-out questions…", "step": 0})
         held = probe(engine, held_set, cfg, ctx.stop)  # which held-out questions the parent knows
@@ -378,16 +468,20 @@ def write_examples(cfg: IDKConfig, ctx: JobContext) -> dict | None:
     probed, held, before = probing
     write, snapshot_kind, what, _ = WRITES[cfg.method]
     rows = write(probed, cfg)
-    n_unknown, n_idk = sum(not p["known"] and not p["unsure"] for p in probed), sum(not r["known"] for r in rows)
+    n_unknown = sum(not p["known"] and not p["unsure"] for p in probed)
+    n_idk = sum(r.get("refusal", not r["known"]) for r in rows)  # a DPO pair's chosen reply refuses an unknown
     n_unsure = sum(p["unsure"] for p in probed)
     ctx.emit({"log": f"probe: {len(probed) - n_unknown - n_unsure} of {len(probed)} questions known, {n_unsure} "
                      f"unsure (left out), {n_unknown} answered wrong -> {n_idk} \"{cfg.idk_answer}\" {what} "
-                     f"({n_unknown - n_idk} sure of a wrong answer left out), {len(rows) - n_idk} answer {what}"
+                     f"({n_unknown - n_idk} sure of a wrong answer: "
+                     f"{'kept as said, unhedged' if cfg.answer_sure else 'left out'}), "
+                     f"{len(rows) - n_idk} answer {what}"
                      + (" (known ones repeated to balance)" if any(r.get("repeat") for r in rows) else ""), "step": 0})
     snap = freeze(ctx.app, "idk", rows, f"idk-{cfg.parent_model}"[:200],
                   {"parent_model": cfg.parent_model, "n_samples": cfg.n_samples, "temperature": cfg.temperature,
                    "known_threshold": cfg.known_threshold, "unknown_threshold": cfg.unknown_threshold,
                    "facts": cfg.facts, "doubt": cfg.doubt, "balance": cfg.balance, "max_repeat": cfg.max_repeat,
+                   "sure_quantile": cfg.sure_quantile, "known_reply": cfg.known_reply, "answer_sure": cfg.answer_sure,
                    "method": cfg.method},
                   snapshot_kind)
     ctx.emit({"log": f"snapshot {snap['hash']} ({snap['rows']} examples)", "step": 0})
