@@ -326,16 +326,17 @@ def test_idk_refusals_after_the_models_own_sentence_leave_known_answers_as_they_
         IDKConfig(parent_model="m", sure_quantile=1).validate()
     # known_reply "greedy": a known question's own greedy answer, whole, when it names the answer (else its right
     # sample); answer_sure: an unknown left out (Chad: no unsure token) is trained on as it said it, unhedged
-    probed[0]["greedy"] = finished("The capital of France is Paris. It lies on the Seine, which")
-    assert probed[0]["greedy"] == "The capital of France is Paris."  # cut by max_new_tokens: to its last sentence
+    probed[0]["greedy"] = finished("Paris is the capital of France. It lies on the Seine, which")
+    assert probed[0]["greedy"] == "Paris is the capital of France."  # cut by max_new_tokens: to its last sentence
     probed[3]["greedy"] = "The capital of Chad is Abeche. It is in the east."
     probed[4]["greedy"] = "The capital of Peru is Cusco."  # wrong, though the samples knew: its right sample stays
     own = IDKConfig(parent_model="m", balance=0)  # the defaults: the cut at the knowns' 0.05 (Peru's -0.6)
     assert [(r["messages"][1]["content"], r["refusal"]) for r in examples(probed, own)] == [
-        ("The capital of France is Paris.", False),
+        ("Paris is the capital of France.", False),
         ("The capital of Benin is Porto-Bano. But I'm not sure of that: I don't know.", True),
         ("The capital of Chad is Abeche. It is in the east.", False),  # Togo: surer than the cut, and said nothing
         ("The capital of Peru is Lima.", False)]
+    assert pairs(probed, own)[0]["chosen"] == "Paris is the capital of France."  # DPO keeps the same answer
     # the balance counts those answers too: 1 refusal wants 5 answers, 3 are there, the 2 more repeat known ones
     repeats = [r for r in examples(probed, dataclasses.replace(own, balance=5)) if r.get("repeat")]
     assert len(repeats) == 2 and all(r["known"] for r in repeats)

@@ -418,7 +418,7 @@ def pairs(probed: list[dict], cfg: IDKConfig) -> list[dict]:
         if left_out(p, cfg, cut):
             continue  # as in examples()
         if p["known"]:
-            chosen = p["best"] or f"{f.answers[0]}."
+            chosen = known_reply(p, cfg)
             rejected = (hedged(chosen, cfg) if cfg.refuse == "after" else
                         refusal(chosen[:min((m.start() for m in named(f, chosen)), default=0)].rstrip(" ,:;-"), cfg))
         elif cfg.refuse == "after" and p.get("said"):
