@@ -48,10 +48,10 @@
 Budget: the defaults take ~8 minutes (920 CPU-seconds, peak RSS 4.3 GB) on 2 idle CPU cores with the bundled
 SmolLM2-135M: the probe of 767 questions x 4 samples and the greedy answers ~3 minutes, 80 anchored SFT steps
 ~4, the model after ~1. Held out, refusals on unknowns / right answers on knowns / refusals on knowns went
-0% / 94% / 0% -> 26% / 94% / 1% (the CLI, seed 0: 67 known, 120 unknown, 70 unsure). On three more probes
-(scripts/idk_sweep.py, whose samples split the set their own way; README.md, "idk", has the table of what
-was tried): 0% / 95% / 0% -> 25% / 91% / 3% (seed 0), 0% / 92% / 0% -> 27% / 87% / 7% (seed 1), 0% / 93% /
-0% -> 27% / 88% / 5% (seed 2), where the recipe before (every unknown hedged, known answers as their
+0% / 94% / 0% -> 26% / 94% / 1% (the CLI, its default seed 1337: 67 known, 120 unknown, 70 unsure). On
+three more seeds (scripts/idk_sweep.py; README.md, "idk", has the table of what was tried): 0% / 95% / 0% ->
+25% / 91% / 3% (seed 0), 0% / 92% / 0% -> 27% / 87% / 7% (seed 1), 0% / 93% / 0% -> 27% / 88% / 5% (seed
+2), where the recipe before (every unknown hedged, known answers as their
 shortest right sample, no anchor) gave 45% / 75% / 17%, 37% / 78% / 7% and 48% / 78% / 15%: knowns fell
 14-20 points, now 0-5. The refusal at the first unsure token instead (`--refuse doubt`) refused a known for
 every two unknowns (46% / 66% / 24%); DPO on the hedge (`--method dpo`) refused nothing in 100 steps.
