@@ -388,7 +388,7 @@ def examples(probed: list[dict], cfg: IDKConfig) -> list[dict]:
     for p in probed:
         f = p["fact"]
         if left_out(p, cfg, cut):
-            if not (cfg.answer_sure and not p.get("unsure") and not p["known"] and p.get("said")):
+            if p.get("unsure") or not (cfg.answer_sure and p.get("said")):
                 continue
             answer, refuses = own_answer(p, cfg) or p["said"], False  # sure of a wrong answer: as it said it
         else:
@@ -401,8 +401,9 @@ def examples(probed: list[dict], cfg: IDKConfig) -> list[dict]:
         mine = [r for r in rows if r["topic"] == topic]
         known = [r for r in mine if r["known"]]
         n_refusals = sum(r["refusal"] for r in mine)
-        want = min(round(cfg.balance * n_refusals), len(mine) - n_refusals - len(known) + cfg.max_repeat * len(known))
-        rows += [{**known[i % len(known)], "repeat": True} for i in range(max(0, want - (len(mine) - n_refusals)))]
+        missing = round(cfg.balance * n_refusals) - (len(mine) - n_refusals)  # answers short of balance x refusals
+        rows += [{**known[i % len(known)], "repeat": True}
+                 for i in range(max(0, min(missing, (cfg.max_repeat - 1) * len(known))))]
     return rows
 
 
